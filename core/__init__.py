@@ -1,0 +1,46 @@
+"""Tether: federated function execution for research computing.
+
+The base package is the client: :class:`Executor` (a ``concurrent.futures.Executor`` that runs
+on a remote endpoint), :class:`Client` (the REST API) and the typed errors.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .client import Client
+from .errors import (
+    AuthError,
+    ConfigError,
+    EndpointOffline,
+    InvalidResourceSpecification,
+    PayloadTooLarge,
+    SerializationError,
+    TaskCancelled,
+    TaskFailed,
+    TaskRejected,
+    TetherError,
+    UnknownEndpoint,
+    VersionMismatch,
+)
+from .executor import Executor
+from .futures import TetherFuture
+
+__all__ = [
+    "AuthError",
+    "Client",
+    "ConfigError",
+    "EndpointOffline",
+    "Executor",
+    "InvalidResourceSpecification",
+    "PayloadTooLarge",
+    "SerializationError",
+    "TaskCancelled",
+    "TaskFailed",
+    "TaskRejected",
+    "TetherError",
+    "TetherFuture",
+    "UnknownEndpoint",
+    "VersionMismatch",
+    "__version__",
+]

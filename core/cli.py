@@ -1,0 +1,275 @@
+"""The ``tether`` command line: ``tether service ...`` and ``tether endpoint ...``.
+
+Command bodies import the service/endpoint packages lazily, so the client-only install still
+has a working ``tether`` that explains which extra to install.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .config import service_file, tether_home
+from .errors import TetherError
+
+app = typer.Typer(help="Tether: federated function execution for research computing.", no_args_is_help=True,
+                  add_completion=False)
+service_app = typer.Typer(help="Run the relay service.", no_args_is_help=True)
+endpoint_app = typer.Typer(help="Configure and run endpoints.", no_args_is_help=True)
+app.add_typer(service_app, name="service")
+app.add_typer(endpoint_app, name="endpoint")
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _need(extra: str, module: str) -> None:
+    try:
+        __import__(module)
+    except ImportError as exc:
+        _fail(f"this command needs the '{extra}' extra: pip install 'tether[{extra}]' ({exc})")
+
+
+# --- service --------------------------------------------------------------------------------
+@service_app.command("start")
+def service_start(
+    port: int = typer.Option(8421, help="port to listen on (0: any free port)"),
+    host: str = typer.Option("127.0.0.1", help="address to bind"),
+    detach: bool = typer.Option(False, "--detach", "-d", help="run in the background"),
+    db_url: str = typer.Option(None, help="SQLAlchemy URL of the store (default: SQLite in TETHER_HOME)"),
+    max_payload_bytes: int = typer.Option(None, help="largest task argument/result accepted"),
+    log_level: str = typer.Option("warning"),
+) -> None:
+    """Start the embedded service (SQLite, one process) and write $TETHER_HOME/service.json."""
+    _need("service", "tether.service.server")
+    args = ["--host", host, "--port", str(port), "--log-level", log_level]
+    if db_url:
+        args += ["--db-url", db_url]
+    if max_payload_bytes:
+        args += ["--max-payload-bytes", str(max_payload_bytes)]
+    if not detach:
+        from tether.service.server import main as server_main
+
+        server_main(args)
+        return
+    home = tether_home()
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_path = home / "service.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "tether.service.server", *args], stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        info = _service_info()
+        if info.get("pid") == proc.pid and _healthy(info["url"]):
+            console.print(f"Tether service running at [bold]{info['url']}[/] (pid {proc.pid}); "
+                          f"credentials in {service_file()}")
+            return
+        if proc.poll() is not None:
+            tail = "\n  ".join(log_path.read_text(errors="replace").splitlines()[-10:])
+            _fail(f"the service exited with code {proc.returncode}; last lines of {log_path}:\n  {tail}")
+        time.sleep(0.05)
+    _fail(f"the service did not come up within 60s; see {log_path}")
+
+
+def _service_info() -> dict[str, Any]:
+    try:
+        return json.loads(service_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _healthy(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url + "/healthz", timeout=1, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@service_app.command("stop")
+def service_stop() -> None:
+    """Stop the service started from this TETHER_HOME."""
+    info = _service_info()
+    pid = info.get("pid")
+    if not pid:
+        _fail(f"no service recorded in {service_file()}")
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        console.print("the service was not running")
+        return
+    for _ in range(200):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    console.print(f"stopped the service (pid {pid})")
+
+
+@service_app.command("status")
+def service_status() -> None:
+    """Is the service of this TETHER_HOME up?"""
+    info = _service_info()
+    if not info:
+        _fail(f"no service recorded in {service_file()}; run 'tether service start'")
+    state = "[green]up[/]" if _healthy(info["url"]) else "[red]down[/]"
+    console.print(f"{info['url']}: {state} (pid {info.get('pid')})")
+
+
+@service_app.command("user-add")
+def service_user_add(name: str, db_url: str = typer.Option(None)) -> None:
+    """Create a user (or give an existing one a new token) and print the token once."""
+    _need("service", "tether.service.store")
+    from tether.service.store import Store
+
+    url = db_url or os.environ.get("TETHER_DB_URL") or f"sqlite:///{tether_home() / 'service' / 'tether.db'}"
+    (tether_home() / "service").mkdir(parents=True, exist_ok=True, mode=0o700)
+    user_id, token = Store(url).create_user(name)
+    console.print(f"user {name} ({user_id})\ntoken: {token}")
+
+
+# --- endpoint -------------------------------------------------------------------------------
+def _endpoint_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    _need("endpoint", "tether.endpoint.manage")
+    try:
+        return fn(*args, **kwargs)
+    except TetherError as exc:
+        _fail(str(exc))
+
+
+@endpoint_app.command("configure")
+def endpoint_configure(
+    name: str,
+    engine: str = typer.Option("process", help="thread | process"),
+    workers: int = typer.Option(None, help="tasks that run at once (default: CPU count)"),
+    force: bool = typer.Option(False, help="overwrite an existing config.yaml"),
+) -> None:
+    """Create $TETHER_HOME/endpoints/NAME/config.yaml."""
+    from tether.endpoint import manage
+
+    path = _endpoint_call(manage.configure, name, engine, workers, force)
+    console.print(f"configured endpoint [bold]{name}[/]: {path}\nstart it with: tether endpoint start {name}")
+
+
+@endpoint_app.command("start")
+def endpoint_start(name: str, detach: bool = typer.Option(False, "--detach", "-d", help="run in the background")) -> None:
+    """Register (once) and run the endpoint; prints its endpoint id."""
+    from tether.endpoint import manage
+
+    cred = _endpoint_call(manage.ensure_registered, name)
+    if detach:
+        status = _endpoint_call(manage.start_detached, name)
+        console.print(f"endpoint [bold]{name}[/] started (pid {status['pid']})")
+        print(cred["endpoint_id"])
+        return
+    print(cred["endpoint_id"], flush=True)
+    from tether.endpoint.daemon import run_daemon
+
+    raise typer.Exit(_endpoint_call(run_daemon, name))
+
+
+@endpoint_app.command("stop")
+def endpoint_stop(name: str) -> None:
+    """Stop a running endpoint (its unfinished tasks run again at the next start)."""
+    from tether.endpoint import manage
+
+    if _endpoint_call(manage.stop, name):
+        console.print(f"stopped endpoint {name}")
+    else:
+        console.print(f"endpoint {name} was not running")
+
+
+@endpoint_app.command("restart")
+def endpoint_restart(name: str) -> None:
+    """Stop, then start in the background."""
+    from tether.endpoint import manage
+
+    _endpoint_call(manage.stop, name)
+    cred = _endpoint_call(manage.ensure_registered, name)
+    status = _endpoint_call(manage.start_detached, name)
+    console.print(f"endpoint [bold]{name}[/] restarted (pid {status['pid']})")
+    print(cred["endpoint_id"])
+
+
+@endpoint_app.command("list")
+def endpoint_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Endpoints configured in this TETHER_HOME."""
+    from tether.endpoint import manage
+
+    rows = _endpoint_call(manage.list_endpoints)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("name", "endpoint id", "engine", "state", "pid")
+    for r in rows:
+        color = "green" if r["state"] == "connected" else "yellow" if r["pid"] else "dim"
+        table.add_row(r["name"], r["endpoint_id"] or "(not registered)", str(r["engine"]),
+                      f"[{color}]{r['state']}[/]", str(r["pid"] or ""))
+    console.print(table)
+
+
+@endpoint_app.command("status")
+def endpoint_status(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Daemon state, capacity and versions, locally and as the service sees it."""
+    from tether.endpoint import manage
+
+    info = _endpoint_call(manage.status, name)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    svc = info.get("service") or {}
+    cap = (svc.get("status") or {}).get("capacity") or info["local"].get("capacity") or {}
+    ver = (svc.get("status") or {}).get("versions") or info["local"].get("versions") or {}
+    table = Table(show_header=False)
+    table.add_row("endpoint", f"{name} ({info.get('endpoint_id', 'not registered')})")
+    table.add_row("daemon", f"running, pid {info['pid']}" if info["running"] else "stopped")
+    if "service" in info:
+        table.add_row("service", "[green]online[/]" if svc.get("online") else "[red]offline[/]")
+    elif "service_error" in info:
+        table.add_row("service", f"[red]unreachable[/]: {info['service_error']}")
+    for key in ("engine", "workers_total", "workers_idle", "tasks_queued", "tasks_running"):
+        if key in cap:
+            table.add_row(key.replace("_", " "), str(cap[key]))
+    if info["local"]:
+        table.add_row("results spooled", str(info["local"].get("spooled", 0)))
+    if ver:
+        table.add_row("versions", ", ".join(f"{k} {v}" for k, v in ver.items() if k != "platform"))
+    console.print(table)
+
+
+@endpoint_app.command("delete")
+def endpoint_delete(name: str, yes: bool = typer.Option(False, "--yes", "-y", help="do not ask")) -> None:
+    """Stop the endpoint, delete it from the service and remove its local state."""
+    from tether.endpoint import manage
+
+    if not yes and not typer.confirm(f"delete endpoint {name} and its local state?"):
+        raise typer.Exit(1)
+    _endpoint_call(manage.delete, name)
+    console.print(f"deleted endpoint {name}")
+
+
+def main() -> None:
+    try:
+        app()
+    except TetherError as exc:
+        _fail(str(exc))
+
+
+if __name__ == "__main__":
+    main()

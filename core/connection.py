@@ -1,0 +1,332 @@
+"""One WebSocket per client process (per service and identity), shared by every Executor in it.
+
+A background thread runs an asyncio loop that owns the socket. User threads hand it tasks
+through a deque and one wake-up call; the loop drains whatever has accumulated into one
+SUBMIT frame (so batches form by themselves under load, and a lone task goes out at once),
+keeps every frame that the service has not acknowledged, and after a reconnect resends those
+(task ids make that idempotent) and re-subscribes to every task still pending. Results are
+pushed by the service, never polled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from websockets.exceptions import ConnectionClosed
+
+from .config import ServiceInfo
+from .errors import (
+    AuthError,
+    PayloadTooLarge,
+    SerializationError,
+    TaskRejected,
+    TetherError,
+    UnknownEndpoint,
+    task_failed,
+)
+from .futures import TetherFuture
+from .protocol import (
+    CLIENT_WS_PATH,
+    CLOSE_AUTH_FAILED,
+    Msg,
+    ProtocolError,
+    TaskState,
+    decode,
+    encode,
+)
+from .serialize import deserialize
+from .transport import Backoff, open_ws
+
+log = logging.getLogger("tether.client")
+
+
+class Connection:
+    """The process-wide link to one service for one token. Get it with :meth:`Connection.get`."""
+
+    _instances: dict[tuple[int, str, str], Connection] = {}
+    _lock = threading.Lock()
+
+    @classmethod
+    def get(cls, info: ServiceInfo) -> Connection:
+        key = (os.getpid(), info.url, info.token)  # a forked child gets its own connection
+        with cls._lock:
+            conn = cls._instances.get(key)
+            if conn is None or conn._closed:
+                conn = cls._instances[key] = cls(info)
+            return conn
+
+    def __init__(self, info: ServiceInfo, batch_size: int = 512):
+        self.info = info
+        self.batch_size = batch_size
+        self.futures: dict[str, TetherFuture] = {}
+        self.max_payload: int | None = None
+        self.fatal: TetherError | None = None
+        self._outbox: collections.deque[dict[str, Any]] = collections.deque()
+        self._functions_to_send: dict[str, bytes] = {}
+        self._known_functions: set[str] = set()
+        self._unacked: dict[int, dict[str, Any]] = {}
+        self._refs = itertools.count(1)
+        self._control: collections.deque[bytes] = collections.deque()
+        self._collected: list[str] = []
+        self._wake_pending = False
+        self._closed = False
+        self._ws: Any = None
+        self._connected = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="tether-connection", daemon=True)
+        self._thread.start()
+
+    # --- called from user threads ------------------------------------------------------------
+    def submit(self, task: dict[str, Any], future: TetherFuture, function_body: bytes | None) -> None:
+        """Queue a task; the background loop sends it with whatever else is waiting."""
+        if self.fatal is not None:
+            raise self.fatal
+        if self.max_payload is not None and len(task["payload"]) > self.max_payload:
+            raise PayloadTooLarge(
+                f"arguments serialize to {len(task['payload'])} bytes; this service accepts at most "
+                f"{self.max_payload} bytes per task"
+            )
+        fid = task["function"]
+        if function_body is not None and fid not in self._known_functions:
+            self._functions_to_send[fid] = function_body
+        self.futures[task["id"]] = future
+        self._outbox.append(task)
+        self._wake()
+
+    def watch(self, futures: list[TetherFuture]) -> None:
+        """Follow tasks submitted elsewhere (a reloaded task group)."""
+        for fut in futures:
+            self.futures.setdefault(fut.task_id, fut)
+        self.send_control(encode(Msg.SUBSCRIBE, ids=[f.task_id for f in futures]))
+
+    def cancel(self, task_id: str) -> None:
+        self.futures.pop(task_id, None)
+        self.send_control(encode(Msg.CANCEL, ids=[task_id]))
+
+    def send_control(self, frame: bytes) -> None:
+        self._control.append(frame)
+        self._wake()
+
+    def known_function(self, fid: str) -> bool:
+        return fid in self._known_functions
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+    def _wake(self) -> None:
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                self._loop.call_soon_threadsafe(self._flush)
+            except RuntimeError:  # loop closed at interpreter exit
+                pass
+
+    # --- the background loop -----------------------------------------------------------------
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.create_task(self._maintain())
+        try:
+            self._loop.run_forever()
+        finally:
+            self._closed = True
+
+    async def _maintain(self) -> None:
+        backoff = Backoff()
+        url = self.info.ws_url + CLIENT_WS_PATH
+        headers = {"Authorization": f"Bearer {self.info.token}"}
+        warned = False
+        while not self._closed:
+            try:
+                ws = await open_ws(url, headers)
+            except (OSError, TimeoutError, ConnectionClosed) as exc:
+                if not warned:
+                    log.warning("cannot reach Tether service at %s (%s); retrying", self.info.url, exc)
+                    warned = True
+                await asyncio.sleep(backoff.next())
+                continue
+            except Exception as exc:  # noqa: BLE001 - e.g. HTTP rejection
+                log.warning("connection to %s failed: %s; retrying", self.info.url, exc)
+                await asyncio.sleep(backoff.next())
+                continue
+            try:
+                welcome = decode(await ws.recv())
+                if welcome["t"] == Msg.ERROR:
+                    self._fail_all(AuthError(welcome.get("message", "authentication failed")))
+                    await ws.close()
+                    return
+                self.max_payload = welcome.get("max_payload")
+                backoff.reset()
+                warned = False
+                self._ws = ws
+                await self._resume()
+                self._connected.set()
+                self._wake_pending = False
+                self._flush()
+                async for frame in ws:
+                    self._handle(frame)
+            except ConnectionClosed as exc:
+                if exc.rcvd is not None and exc.rcvd.code == CLOSE_AUTH_FAILED:
+                    self._fail_all(AuthError(exc.rcvd.reason or "authentication failed"))
+                    return
+            except (OSError, ProtocolError) as exc:
+                log.warning("connection to %s lost: %s", self.info.url, exc)
+            finally:
+                self._ws = None
+                self._connected.clear()
+            if not self._closed:
+                log.info("reconnecting to %s", self.info.url)
+                await asyncio.sleep(backoff.next())
+
+    async def _resume(self) -> None:
+        """After (re)connecting: resend unacknowledged batches, re-follow every pending task."""
+        for ref, frame in sorted(self._unacked.items()):
+            await self._ws.send(encode(Msg.SUBMIT, ref=ref, **frame))
+        unacked_ids = {t["id"] for frame in self._unacked.values() for t in frame["tasks"]}
+        queued_ids = {t["id"] for t in self._outbox}
+        follow = [tid for tid in self.futures if tid not in unacked_ids and tid not in queued_ids]
+        for start in range(0, len(follow), 10_000):
+            await self._ws.send(encode(Msg.SUBSCRIBE, ids=follow[start : start + 10_000]))
+
+    def _flush(self) -> None:
+        """Drain queued control frames and tasks into frames on the socket (runs on the loop)."""
+        self._wake_pending = False
+        ws = self._ws
+        if ws is None:
+            return  # sent by _resume once connected
+        while self._control:
+            self._loop.create_task(self._send(self._control.popleft()))
+        while self._outbox:
+            tasks = []
+            size = 0
+            while self._outbox and len(tasks) < self.batch_size and size < 8 * 1024 * 1024:
+                t = self._outbox.popleft()
+                tasks.append(t)
+                size += len(t["payload"])
+            functions = {}
+            for t in tasks:
+                body = self._functions_to_send.pop(t["function"], None)
+                if body is not None:
+                    functions[t["function"]] = body
+            ref = next(self._refs)
+            self._unacked[ref] = {"tasks": tasks, "functions": functions}
+            self._loop.create_task(self._send(encode(Msg.SUBMIT, ref=ref, tasks=tasks, functions=functions)))
+
+    async def _send(self, frame: bytes) -> None:
+        ws = self._ws
+        if ws is None:
+            return
+        try:
+            await ws.send(frame)
+        except ConnectionClosed:
+            pass  # _maintain reconnects; unacked batches are resent from there
+
+    def _handle(self, frame: bytes) -> None:
+        msg = decode(frame)
+        kind = msg["t"]
+        if kind == Msg.RESULT:
+            self._on_results(msg["results"])
+        elif kind == Msg.STATUS:
+            for tid, state, ts in msg["updates"]:
+                fut = self.futures.get(tid)
+                if fut is None:
+                    continue
+                fut._record(state, ts)
+                if state == TaskState.RUNNING:
+                    fut._mark_running()
+        elif kind == Msg.SUBMIT_ACK:
+            self._on_ack(msg)
+        elif kind == Msg.ERROR:
+            self._on_error(msg)
+
+    def _on_ack(self, msg: dict[str, Any]) -> None:
+        batch = self._unacked.pop(msg.get("ref"), None)
+        if batch is not None:
+            self._known_functions.update(batch["functions"])
+        ts = msg.get("ts")
+        for tid in msg.get("accepted", ()):
+            fut = self.futures.get(tid)
+            if fut is not None and fut.state == TaskState.RECEIVED:
+                fut._record(TaskState.RECEIVED.value, ts)
+                fut._record(TaskState.WAITING.value, ts)
+        for tid, reason in (msg.get("rejected") or {}).items():
+            fut = self.futures.pop(tid, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(_rejection(reason))
+
+    def _on_error(self, msg: dict[str, Any]) -> None:
+        text = msg.get("message", "error from service")
+        if msg.get("ref") is not None:
+            batch = self._unacked.pop(msg["ref"], None)
+            for t in batch["tasks"] if batch else ():
+                fut = self.futures.pop(t["id"], None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(TaskRejected(text))
+        for tid in msg.get("ids") or ():
+            fut = self.futures.pop(tid, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(TetherError(f"task {tid}: {text}"))
+        if msg.get("ref") is None and not msg.get("ids"):
+            log.warning("service: %s", text)
+
+    def _on_results(self, results: list[dict[str, Any]]) -> None:
+        for r in results:
+            tid = r["id"]
+            fut = self.futures.pop(tid, None)
+            self._collected.append(tid)
+            if fut is None or fut.done():
+                continue
+            for state, ts in (r.get("times") or {}).items():
+                fut._record(state, ts)
+            state = r["state"]
+            fut._record(state, None)
+            if state == TaskState.SUCCESS:
+                try:
+                    fut.set_result(deserialize(r["data"]))
+                except SerializationError as exc:
+                    fut.set_exception(exc)
+            elif state == TaskState.CANCELLED:
+                fut._cancelled_remotely()
+            else:
+                original = None
+                if r.get("data"):
+                    try:
+                        original = deserialize(r["data"])
+                    except Exception:  # noqa: BLE001 - the text form below is enough
+                        original = None
+                fut.set_exception(task_failed(r.get("error") or {}, original, tid))
+        if self._collected:
+            self.send_control(encode(Msg.COLLECTED, ids=self._collected))
+            self._collected = []
+
+    def _fail_all(self, exc: TetherError) -> None:
+        self.fatal = exc
+        self._closed = True
+        futures, self.futures = self.futures, {}
+        for fut in futures.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._connected.set()
+
+
+def _rejection(reason: str) -> TetherError:
+    """Turn the service's reason for refusing a task into the matching typed error."""
+    if "PayloadTooLarge" in reason:
+        return PayloadTooLarge(reason)
+    if "UnknownEndpoint" in reason:
+        return UnknownEndpoint(reason)
+    return TaskRejected(reason)
+
+
+__all__ = ["Connection", "time"]

@@ -1,0 +1,103 @@
+"""Typed, catchable errors raised by the client. Every message says what is wrong and what to do."""
+
+from __future__ import annotations
+
+import builtins
+import concurrent.futures
+from typing import Any
+
+
+class TetherError(Exception):
+    """Base of every error Tether raises on purpose."""
+
+
+class AuthError(TetherError):
+    """The service refused the credentials (missing, wrong or revoked token)."""
+
+
+class ConfigError(TetherError):
+    """A configuration (file, environment, argument) is missing or wrong."""
+
+
+class EndpointOffline(TetherError):
+    """The endpoint is not connected to the service."""
+
+
+class UnknownEndpoint(TetherError):
+    """The endpoint id does not exist, or is not visible to this identity."""
+
+
+class PayloadTooLarge(TetherError):
+    """An argument or result is larger than the service accepts."""
+
+
+class InvalidResourceSpecification(TetherError, ValueError):
+    """A resource specification has unknown keys or values that cannot be satisfied."""
+
+
+class SerializationError(TetherError):
+    """A function, its arguments or its result could not be (de)serialized."""
+
+
+class VersionMismatch(SerializationError):
+    """Client and endpoint run different Python versions, which pickled code does not survive."""
+
+
+class TaskRejected(TetherError):
+    """The service refused to accept a task at submission (the message says why)."""
+
+
+class TaskCancelled(TetherError, concurrent.futures.CancelledError):
+    """The task was cancelled before it produced a result (also a ``concurrent.futures.CancelledError``)."""
+
+
+class TaskFailed(TetherError):
+    """The task raised on the endpoint. Carries the remote type name, message and traceback."""
+
+    def __init__(self, remote_type: str, message: str, remote_traceback: str = "", task_id: str = ""):
+        self.remote_type = remote_type
+        self.remote_message = message
+        self.remote_traceback = remote_traceback
+        self.task_id = task_id
+        super().__init__(remote_type, message)
+
+    def __str__(self) -> str:
+        text = f"{self.remote_type}: {self.remote_message}"
+        if self.remote_traceback:
+            text += "\n\nRemote traceback (task %s):\n%s" % (self.task_id, self.remote_traceback.rstrip())
+        return text
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (TaskFailed, (self.remote_type, self.remote_message, self.remote_traceback, self.task_id))
+
+
+_hybrids: dict[type, type] = {}
+
+
+def task_failed(error: dict[str, Any], original: BaseException | None, task_id: str) -> TaskFailed:
+    """Build the exception a failed future raises.
+
+    Where the remote exception type is known here, the result is an instance of a class that
+    derives from both :class:`TaskFailed` and that type, so ``except ZeroDivisionError`` and
+    ``except TaskFailed`` both catch it, and the remote traceback is in its text.
+    """
+    type_name = error.get("type") or "Exception"
+    args = (type_name, error.get("message", ""), error.get("traceback", ""), task_id)
+    if isinstance(original, Exception):
+        remote_cls: Any = type(original)
+    else:  # the exception did not unpickle here; builtin types can still be matched by name
+        module, _, name = type_name.rpartition(".")
+        remote_cls = getattr(builtins, name, None) if module in ("", "builtins") else None
+    if isinstance(remote_cls, type) and issubclass(remote_cls, Exception) and not issubclass(remote_cls, TaskFailed):
+        hybrid = _hybrids.get(remote_cls)
+        if hybrid is None:
+            try:
+                hybrid = type(remote_cls.__name__, (TaskFailed, remote_cls), {"__module__": "tether.remote"})
+            except TypeError:  # incompatible layouts (some C exception types)
+                hybrid = TaskFailed
+            _hybrids[remote_cls] = hybrid
+        try:
+            return hybrid(*args)
+        except Exception:  # a constructor that insists on its own signature
+            pass
+    return TaskFailed(*args)

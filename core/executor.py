@@ -1,0 +1,185 @@
+"""``tether.Executor``: a ``concurrent.futures.Executor`` whose workers are a remote endpoint."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from .config import find_service
+from .connection import Connection
+from .errors import TetherError
+from .futures import TetherFuture
+from .serialize import function_id, serialize
+
+
+class _FunctionCache:
+    """Serialized bodies of recently submitted functions, so a hot loop serializes each once.
+
+    Keyed by ``id(fn)`` with a strong reference kept, so an id cannot be reused while cached.
+    """
+
+    def __init__(self, size: int = 256):
+        self.size = size
+        self._items: OrderedDict[int, tuple[Any, str, bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, fn: Any) -> tuple[str, bytes]:
+        key = id(fn)
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None and item[0] is fn:
+                self._items.move_to_end(key)
+                return item[1], item[2]
+        body = serialize(fn)
+        fid = function_id(body)
+        with self._lock:
+            self._items[key] = (fn, fid, body)
+            if len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return fid, body
+
+
+class Executor(concurrent.futures.Executor):
+    """Run Python callables on a Tether endpoint.
+
+    Args:
+        endpoint_id: where tasks run.
+        service, token: the service; by default from ``TETHER_SERVICE_URL``/``TETHER_TOKEN`` or
+            ``$TETHER_HOME/service.json``.
+        task_group_id: tasks are recorded under this group (a new one by default), so another
+            process can ``Executor(task_group_id=G).reload()`` them.
+        resource_specification: per-task resources (MPI ranks, ...), passed to the endpoint.
+        user_endpoint_config: values for a multi-user endpoint's config template.
+        batch_size: most tasks in one submission frame. Batches form by themselves under load;
+            ``batch_interval`` (seconds) additionally lets the client wait to fill one.
+    """
+
+    def __init__(
+        self,
+        endpoint_id: str | None = None,
+        *,
+        service: str | None = None,
+        token: str | None = None,
+        task_group_id: str | None = None,
+        resource_specification: dict[str, Any] | None = None,
+        user_endpoint_config: dict[str, Any] | None = None,
+        batch_size: int = 512,
+        batch_interval: float = 0.0,
+    ):
+        self.endpoint_id = endpoint_id
+        self.task_group_id = task_group_id or str(uuid.uuid4())
+        self.resource_specification = resource_specification
+        self.user_endpoint_config = user_endpoint_config
+        self.batch_size = batch_size
+        self.batch_interval = batch_interval
+        self._info = find_service(service, token)
+        self._conn = Connection.get(self._info)
+        self._conn.batch_size = batch_size
+        self._functions = _FunctionCache()
+        self._futures: set[TetherFuture] = set()
+        self._futures_lock = threading.Lock()
+        self._shutdown = False
+
+    # --- submission ----------------------------------------------------------------------------
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TetherFuture:
+        """Submit ``fn(*args, **kwargs)``; registers ``fn`` with the service the first time."""
+        fid, body = self._functions.get(fn)
+        return self._submit(fid, None if self._conn.known_function(fid) else body, args, kwargs, fn)
+
+    def submit_to_registered_function(
+        self, function_id: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> TetherFuture:
+        """Submit to a function registered earlier (``register_function``), by its id."""
+        return self._submit(function_id, None, tuple(args), dict(kwargs or {}), None)
+
+    def register_function(self, fn: Callable[..., Any]) -> str:
+        """Register ``fn`` with the service now and return its id (a content hash)."""
+        from .client import Client
+
+        fid, body = self._functions.get(fn)
+        Client(service=self._info.url, token=self._info.token).register_function_body(body)
+        return fid
+
+    def _submit(self, fid: str, body: bytes | None, args: tuple, kwargs: dict, fn: Any) -> TetherFuture:
+        if self._shutdown:
+            raise RuntimeError("cannot submit to an Executor after shutdown()")
+        if self.endpoint_id is None:
+            raise TetherError("Executor has no endpoint_id: pass Executor(endpoint_id=...) to submit tasks")
+        self._check_call(fn, args, kwargs)
+        task = {
+            "id": str(uuid.uuid4()),
+            "function": fid,
+            "endpoint": self.endpoint_id,
+            "payload": serialize((args, kwargs)),
+            "group": self.task_group_id,
+            "spec": self.resource_specification,
+            "uec": self.user_endpoint_config,
+        }
+        fut = TetherFuture(task["id"], on_cancel=self._conn.cancel)
+        self._track(fut)
+        self._conn.submit(task, fut, body)
+        return fut
+
+    def _check_call(self, fn: Any, args: tuple, kwargs: dict) -> None:
+        """Hook for callables that can validate their arguments before anything is sent."""
+        check = getattr(fn, "validate_call", None)
+        if callable(check):
+            check(args, kwargs, self.resource_specification)
+
+    def _track(self, fut: TetherFuture) -> None:
+        with self._futures_lock:
+            self._futures.add(fut)
+        fut.add_done_callback(self._untrack)
+
+    def _untrack(self, fut: concurrent.futures.Future) -> None:
+        with self._futures_lock:
+            self._futures.discard(fut)  # type: ignore[arg-type]
+
+    # --- fire and forget -----------------------------------------------------------------------
+    def reload(self) -> list[TetherFuture]:
+        """Futures for every task of this executor's task group, finished or not.
+
+        Use it from a new process: ``Executor(endpoint_id=E, task_group_id=G).reload()``.
+        """
+        from .client import Client
+
+        client = Client(service=self._info.url, token=self._info.token)
+        existing = self._conn.futures
+        futures = []
+        for item in client.get_task_group(self.task_group_id):
+            tid = item["task_id"]
+            fut = existing.get(tid) or TetherFuture(tid, on_cancel=self._conn.cancel)
+            fut._record(item["state"], None)
+            futures.append(fut)
+        fresh = [f for f in futures if f.task_id not in existing]
+        for fut in fresh:
+            self._track(fut)
+        if fresh:
+            self._conn.watch(fresh)
+        return futures
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting tasks; optionally cancel pending ones and wait for the rest.
+
+        The process-wide connection stays up for other executors; nothing is lost if the
+        process exits with tasks pending: their results stay with the service for ``reload``.
+        """
+        self._shutdown = True
+        with self._futures_lock:
+            futures = list(self._futures)
+        if cancel_futures:
+            for fut in futures:
+                fut.cancel()
+        if wait:
+            concurrent.futures.wait(futures)
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown(wait=True)

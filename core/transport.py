@@ -1,0 +1,51 @@
+"""The WebSocket transport the client and the endpoint share: one way to open a connection,
+one reconnect policy. Both only ever connect *outbound*, so a site firewall needs nothing open."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+
+from .protocol import DEFAULT_MAX_FRAME
+
+
+async def open_ws(url: str, headers: dict[str, str], max_size: int = DEFAULT_MAX_FRAME) -> ClientConnection:
+    """Open a WebSocket with the settings Tether needs.
+
+    Compression is off (payloads are pickles; deflate costs more than it saves on a LAN),
+    proxies from the environment are ignored (the service is addressed directly), and pings
+    detect a dead peer in about a minute even when no task is flowing.
+    """
+    kwargs: dict[str, Any] = {
+        "additional_headers": headers,
+        "max_size": max_size,
+        "compression": None,
+        "ping_interval": 20,
+        "ping_timeout": 60,
+        "open_timeout": 10,
+        "close_timeout": 2,
+        "max_queue": 256,
+    }
+    try:
+        return await connect(url, proxy=None, **kwargs)
+    except TypeError:  # websockets < 15 has no proxy support (and so no proxy argument)
+        return await connect(url, **kwargs)
+
+
+class Backoff:
+    """Exponential backoff with jitter, so a restarted service is not hit by every peer at once."""
+
+    def __init__(self, initial: float = 0.05, maximum: float = 5.0):
+        self.initial = initial
+        self.maximum = maximum
+        self.current = initial
+
+    def next(self) -> float:
+        delay = self.current * (0.5 + random.random())
+        self.current = min(self.current * 2, self.maximum)
+        return delay
+
+    def reset(self) -> None:
+        self.current = self.initial

@@ -1,0 +1,144 @@
+"""Endpoint configuration: ``$TETHER_HOME/endpoints/NAME/config.yaml``, validated in words.
+
+A mistake in the file is reported as ``<file>: <key>: <what is wrong>`` with a suggestion for
+misspelt keys, before the endpoint connects anywhere.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from tether.config import tether_home
+from tether.errors import ConfigError
+
+ENGINE_TYPES = ("thread", "process")
+
+#: The schema of config.yaml. Engines that need more keys (Parsl's) extend ``engine``.
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "display_name": {"type": "string"},
+        "engine": {
+            "type": "object",
+            "required": ["type"],
+            "properties": {
+                "type": {"enum": list(ENGINE_TYPES)},
+                "workers": {"type": "integer", "minimum": 1, "maximum": 4096},
+                "prefetch": {"type": "integer", "minimum": 0, "maximum": 1000},
+            },
+            "additionalProperties": False,
+        },
+        "heartbeat_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
+        "retries_on_worker_loss": {"type": "integer", "minimum": 0, "maximum": 100},
+        "keep_sandboxes": {"type": "boolean"},
+        "allowed_serialization_methods": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        "allowed_functions": {"type": ["array", "null"], "items": {"type": "string"}},
+        "max_result_bytes": {"type": "integer", "minimum": 1},
+    },
+}
+
+
+@dataclass
+class EndpointConfig:
+    """A validated endpoint configuration (defaults fill what the file leaves out)."""
+
+    name: str
+    engine: dict[str, Any] = field(default_factory=lambda: {"type": "process", "workers": os.cpu_count() or 1})
+    heartbeat_s: float = 5.0
+    retries_on_worker_loss: int = 0
+    keep_sandboxes: bool = False
+    allowed_serialization_methods: list[str] = field(default_factory=lambda: ["cloudpickle"])
+    allowed_functions: list[str] | None = None
+    max_result_bytes: int | None = None
+    display_name: str | None = None
+
+    @property
+    def dir(self) -> Path:
+        return endpoint_dir(self.name)
+
+
+def endpoint_dir(name: str) -> Path:
+    return tether_home() / "endpoints" / name
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "(top level)"
+
+
+def _explain(error: jsonschema.ValidationError, schema_props: dict[str, Any]) -> str:
+    """One readable sentence for a jsonschema error, with 'did you mean' for unknown keys."""
+    if error.validator == "additionalProperties":
+        allowed = list((error.schema.get("properties") or {}).keys())
+        extras = [k for k in error.instance if k not in allowed]
+        parts = []
+        for key in extras:
+            close = difflib.get_close_matches(key, allowed, n=2)
+            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+            parts.append(f"unknown key {key!r}{hint}")
+        return "; ".join(parts) + f". Allowed keys: {', '.join(allowed)}"
+    if error.validator == "enum":
+        close = difflib.get_close_matches(str(error.instance), [str(e) for e in error.validator_value], n=2)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        return f"{error.instance!r} is not one of {', '.join(map(str, error.validator_value))}{hint}"
+    return error.message
+
+
+def validate(data: Any, source: str, schema: dict[str, Any] = SCHEMA) -> None:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the file must hold a YAML mapping (key: value lines), not {type(data).__name__}")
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"{source}: {_key_path(e)}: {_explain(e, schema)}" for e in errors]
+        raise ConfigError("invalid endpoint configuration\n  " + "\n  ".join(lines))
+
+
+def load_config(name: str) -> EndpointConfig:
+    path = endpoint_dir(name) / "config.yaml"
+    if not path.exists():
+        raise ConfigError(f"endpoint {name!r} is not configured ({path} is missing); run 'tether endpoint configure {name}'")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    validate(data, str(path))
+    cfg = EndpointConfig(name=name)
+    for key, value in data.items():
+        if key == "engine":
+            cfg.engine = {"workers": os.cpu_count() or 1, **value}
+        else:
+            setattr(cfg, key, value)
+    return cfg
+
+
+def write_default_config(name: str, engine: str = "process", workers: int | None = None) -> Path:
+    """Write a commented config.yaml for a new endpoint."""
+    if engine not in ENGINE_TYPES:
+        raise ConfigError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINE_TYPES)}")
+    d = endpoint_dir(name)
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = d / "config.yaml"
+    workers = workers or os.cpu_count() or 1
+    path.write_text(
+        f"""# Tether endpoint {name!r}. Reference: docs/endpoint-admin.md
+engine:
+  type: {engine}          # thread | process
+  workers: {workers}            # tasks that run at once
+heartbeat_s: 5           # how often capacity and versions are reported to the service
+retries_on_worker_loss: 0   # re-run a task whose worker process died under it
+keep_sandboxes: false    # keep each task's sandbox directory even when it is empty
+allowed_serialization_methods: [cloudpickle]
+allowed_functions: null  # or a list of function ids this endpoint will run
+"""
+    )
+    return path

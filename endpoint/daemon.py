@@ -1,0 +1,290 @@
+"""The endpoint daemon: one outbound WebSocket to the service, an engine that runs the tasks,
+and a spool that keeps results until the service has them.
+
+``python -m tether.endpoint.daemon NAME`` runs it (``tether endpoint start`` does that);
+the credential in ``$TETHER_HOME/endpoints/NAME/credential.json`` is the endpoint's own, issued
+at registration, never the owner's token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import platform
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from websockets.exceptions import ConnectionClosed
+
+from tether import __version__
+from tether.config import write_secret
+from tether.errors import ConfigError
+from tether.protocol import CLOSE_AUTH_FAILED, ENDPOINT_WS_PATH, Msg, ProtocolError, decode, encode
+from tether.serialize import PY_VERSION
+from tether.transport import Backoff, open_ws
+
+from .config import EndpointConfig, load_config
+from .engines import TaskSpec, make_engine
+from .execute import failure
+from .spool import ResultSpool
+
+log = logging.getLogger("tether.endpoint")
+
+RESULT_CHUNK = 500
+
+
+class CredentialRejected(RuntimeError):
+    pass
+
+
+def versions() -> dict[str, str]:
+    """What the endpoint runs, for the heartbeat and for mismatch messages on the client side."""
+    out = {"python": PY_VERSION, "python_full": platform.python_version(), "tether": __version__,
+           "platform": platform.platform()}
+    for mod in ("cloudpickle", "parsl", "dask", "distributed"):
+        module = sys.modules.get(mod)
+        if module is None and mod == "cloudpickle":
+            import cloudpickle as module  # noqa: F811
+        if module is not None:
+            out[mod] = getattr(module, "__version__", "?")
+    return out
+
+
+def read_credential(directory: Path) -> dict[str, str]:
+    path = directory / "credential.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} is missing: register the endpoint with 'tether endpoint start'") from None
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+
+
+class EndpointDaemon:
+    def __init__(self, config: EndpointConfig, credential: dict[str, str]):
+        self.config = config
+        self.endpoint_id = credential["endpoint_id"]
+        self.secret = credential["secret"]
+        self.service_url = credential["service_url"].rstrip("/")
+        self.dir = config.dir
+        self.sandbox_root = self.dir / "tasks"
+        self.sandbox_root.mkdir(parents=True, exist_ok=True)
+        self.spool = ResultSpool(self.dir / "spool")
+        self.inflight: set[str] = set()
+        self.functions: dict[str, bytes] = {}
+        self.allowed_functions = set(config.allowed_functions) if config.allowed_functions is not None else None
+        self.allowed_methods = frozenset(config.allowed_serialization_methods)
+        self.max_result = config.max_result_bytes
+        self.ws: Any = None
+        self.stopping = asyncio.Event()
+        self._running_buf: list[str] = []
+        self._result_buf: list[dict[str, Any]] = []
+        self._flush_scheduled = False
+        self.connected_since: float | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        self.engine = make_engine(
+            self.config.engine, self._on_running, self._on_result,
+            allowed_methods=self.allowed_methods, retries_on_worker_loss=self.config.retries_on_worker_loss,
+        )
+        await self.engine.start()
+        self._write_status("starting")
+        link = asyncio.create_task(self._link())
+        beat = asyncio.create_task(self._heartbeats())
+        stop = asyncio.create_task(self.stopping.wait())
+        done, _ = await asyncio.wait({link, stop}, return_when=asyncio.FIRST_COMPLETED)
+        code = 0
+        if link in done and link.exception() is not None:
+            exc = link.exception()
+            log.error("%s", exc)
+            print(f"tether endpoint {self.config.name}: {exc}", file=sys.stderr)
+            code = 2
+        for task in (link, beat, stop):
+            task.cancel()
+        await self.engine.stop()
+        if self.ws is not None:
+            await self.ws.close()
+        self._write_status("stopped")
+        return code
+
+    def _write_status(self, state: str) -> None:
+        status = {
+            "pid": os.getpid(), "state": state, "endpoint_id": self.endpoint_id, "service": self.service_url,
+            "connected_since": self.connected_since, "updated": time.time(),
+            "capacity": self.engine.capacity() if state != "stopped" else {}, "versions": versions(),
+            "inflight": len(self.inflight), "spooled": len(self.spool),
+        }
+        tmp = self.dir / "status.json.tmp"
+        tmp.write_text(json.dumps(status))
+        os.replace(tmp, self.dir / "status.json")
+
+    # --- the link to the service ----------------------------------------------------------------
+    async def _link(self) -> None:
+        self._backoff = backoff = Backoff(maximum=10.0)
+        url = self.service_url.replace("http", "ws", 1) + ENDPOINT_WS_PATH
+        headers = {"Authorization": f"Bearer {self.secret}", "X-Tether-Endpoint": self.endpoint_id}
+        while not self.stopping.is_set():
+            try:
+                ws = await open_ws(url, headers)
+            except Exception as exc:  # noqa: BLE001 - refused, DNS, timeout: all mean "try later"
+                log.warning("cannot reach service %s: %s", self.service_url, exc)
+                await asyncio.sleep(backoff.next())
+                continue
+            try:
+                await self._session(ws)
+            except ConnectionClosed as exc:
+                if exc.rcvd is not None and exc.rcvd.code == CLOSE_AUTH_FAILED:
+                    raise CredentialRejected(
+                        f"the service rejected this endpoint's credential ({exc.rcvd.reason}); "
+                        f"run 'tether endpoint start {self.config.name}' to register again"
+                    ) from None
+                log.warning("connection to service lost (%s); reconnecting", exc)
+            except (OSError, ProtocolError) as exc:
+                log.warning("connection to service failed (%s); reconnecting", exc)
+            finally:
+                self.ws = None
+                self.connected_since = None
+                self._write_status("disconnected")
+            if self.stopping.is_set():
+                return
+            await asyncio.sleep(backoff.next())
+
+    async def _session(self, ws: Any) -> None:
+        await ws.send(encode(Msg.HELLO, versions=versions(), capacity=self.engine.capacity(),
+                             inflight=list(self.inflight), spooled=self.spool.ids()))
+        welcome = decode(await ws.recv())
+        if welcome["t"] == Msg.ERROR:
+            raise CredentialRejected(f"service refused the endpoint: {welcome.get('message')}")
+        self.ws = ws
+        self.connected_since = time.time()
+        self._backoff.reset()
+        log.info("connected to %s as endpoint %s", self.service_url, self.endpoint_id)
+        self._write_status("connected")
+        pending = self.spool.pending()
+        for start in range(0, len(pending), RESULT_CHUNK):  # results from before the cut go first
+            await ws.send(encode(Msg.RESULT, results=pending[start : start + RESULT_CHUNK]))
+        async for frame in ws:
+            msg = decode(frame)
+            kind = msg["t"]
+            if kind == Msg.TASKS:
+                self._on_tasks(msg)
+            elif kind == Msg.RESULT_ACK:
+                self.spool.ack(msg.get("ids") or [])
+            elif kind == Msg.CANCEL:
+                for tid in msg.get("ids") or []:
+                    if tid in self.inflight:
+                        self.engine.cancel(tid)
+            elif kind == Msg.STOP:
+                log.info("stop requested by the service")
+                self.stopping.set()
+                return
+            elif kind == Msg.ERROR:
+                log.warning("service: %s", msg.get("message"))
+
+    def _on_tasks(self, msg: dict[str, Any]) -> None:
+        self.functions.update(msg.get("functions") or {})
+        received = []
+        for t in msg.get("tasks") or []:
+            tid = t["id"]
+            received.append(tid)
+            if tid in self.inflight or tid in self.spool:
+                continue  # a re-dispatch of a task we already hold: at-least-once, not twice at once
+            fid = t["function"]
+            if self.allowed_functions is not None and fid not in self.allowed_functions:
+                self._on_result(failure(tid, PermissionError(
+                    f"function {fid} is not in this endpoint's allowed_functions")))
+                continue
+            self.inflight.add(tid)
+            self.engine.submit(TaskSpec(tid, fid, self.functions.get(fid), t["payload"], t.get("spec"),
+                                        self.sandbox_root / tid))
+        if received and self.ws is not None:
+            asyncio.ensure_future(self._send(encode(Msg.RECEIVED, ids=received)))
+
+    # --- engine callbacks (on the loop) ----------------------------------------------------------
+    def _on_running(self, task_id: str, ts: float) -> None:
+        if task_id in self.inflight:
+            self._running_buf.append(task_id)
+            self._schedule_flush()
+
+    def _on_result(self, result: dict[str, Any]) -> None:
+        tid = result["id"]
+        if tid in self.spool:
+            return
+        self.inflight.discard(tid)
+        data = result.get("data")
+        if self.max_result is not None and data is not None and len(data) > self.max_result and result["state"] == "success":
+            result = failure(tid, ValueError(
+                f"result is {len(data)} bytes, over this endpoint's max_result_bytes ({self.max_result}) (PayloadTooLarge)"))
+        self._result_buf.append(result)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Spool then send what the engine produced since the last loop iteration, as one frame each."""
+        self._flush_scheduled = False
+        if self._running_buf:
+            ids, self._running_buf = self._running_buf, []
+            asyncio.ensure_future(self._send(encode(Msg.RUNNING, ids=ids, ts=time.time())))
+        if self._result_buf:
+            results, self._result_buf = self._result_buf, []
+            self.spool.write(results)
+            for start in range(0, len(results), RESULT_CHUNK):
+                asyncio.ensure_future(self._send(encode(Msg.RESULT, results=results[start : start + RESULT_CHUNK])))
+
+    async def _send(self, frame: bytes) -> None:
+        ws = self.ws
+        if ws is None:
+            return  # spooled results are resent on reconnect; states are re-derived
+        try:
+            await ws.send(frame)
+        except ConnectionClosed:
+            pass
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_s)
+            self._write_status("connected" if self.ws is not None else "disconnected")
+            if self.ws is not None:
+                await self._send(encode(Msg.HEARTBEAT, capacity=self.engine.capacity(), versions=versions()))
+
+
+def run_daemon(name: str) -> int:
+    config = load_config(name)
+    credential = read_credential(config.dir)
+    logging.basicConfig(
+        level=os.environ.get("TETHER_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    (config.dir / "daemon.pid").write_text(str(os.getpid()))
+    try:
+        return asyncio.run(EndpointDaemon(config, credential).run())
+    finally:
+        (config.dir / "daemon.pid").unlink(missing_ok=True)
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m tether.endpoint.daemon NAME")
+    try:
+        sys.exit(run_daemon(sys.argv[1]))
+    except ConfigError as exc:
+        sys.exit(f"tether endpoint: {exc}")
+
+
+__all__ = ["EndpointDaemon", "run_daemon", "write_secret"]
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The engine interface: what the endpoint daemon needs from anything that runs tasks.
+
+Engines are driven from the daemon's asyncio loop and report back through two callbacks,
+which they must invoke *on that loop*: ``on_running(task_id, ts)`` when a task starts and
+``on_result(record)`` with a RESULT record (see :mod:`tether.protocol`) when it ends, for
+success, failure and cancellation alike. The thread and process engines live here; the
+Parsl-based engines (htex, mpi) implement the same interface.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+OnRunning = Callable[[str, float], None]
+OnResult = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TaskSpec:
+    """A task as the daemon hands it to an engine."""
+
+    id: str
+    function_id: str
+    function_body: bytes | None
+    payload: bytes
+    spec: dict[str, Any] | None
+    sandbox: Path
+
+
+class Engine(abc.ABC):
+    """Runs tasks. Subclasses must not block the loop in any method."""
+
+    def __init__(self, config: dict[str, Any], on_running: OnRunning, on_result: OnResult,
+                 allowed_methods: frozenset[str] | None = None, retries_on_worker_loss: int = 0):
+        self.config = config
+        self.on_running = on_running
+        self.on_result = on_result
+        self.allowed_methods = allowed_methods
+        self.retries_on_worker_loss = retries_on_worker_loss
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Stop at once: kill what runs (the service re-dispatches it to the next run)."""
+
+    @abc.abstractmethod
+    def submit(self, task: TaskSpec) -> None: ...
+
+    @abc.abstractmethod
+    def cancel(self, task_id: str) -> None:
+        """Cancel: a queued task must never start; a running one is killed. Report a cancelled result."""
+
+    @abc.abstractmethod
+    def capacity(self) -> dict[str, Any]:
+        """Heartbeat figures: workers_total, workers_idle, tasks_queued, tasks_running (+ engine extras)."""
+
+
+def cancelled_record(task_id: str, ts: float, detail: str = "cancelled by its owner") -> dict[str, Any]:
+    return {
+        "id": task_id,
+        "state": "cancelled",
+        "data": None,
+        "error": {"type": "TaskCancelled", "message": detail, "traceback": ""},
+        "times": {"cancelled": ts},
+    }
+
+
+def make_engine(config: dict[str, Any], on_running: OnRunning, on_result: OnResult, **kwargs: Any) -> Engine:
+    """Build the engine named by ``config['type']``."""
+    kind = config.get("type", "process")
+    if kind == "thread":
+        from .thread import ThreadEngine
+
+        return ThreadEngine(config, on_running, on_result, **kwargs)
+    if kind == "process":
+        from .process import ProcessEngine
+
+        return ProcessEngine(config, on_running, on_result, **kwargs)
+    raise ValueError(f"unknown engine type {kind!r}")

@@ -1,0 +1,90 @@
+"""Run one task: deserialize its function and arguments, call it in its sandbox, serialize the
+outcome. Shared by every engine (threads, worker processes, Parsl workers), so a task behaves
+the same wherever it runs."""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from tether.errors import SerializationError
+from tether.protocol import TaskState
+from tether.serialize import deserialize, serialize
+
+_functions: dict[str, Any] = {}
+
+
+def load_function(fid: str, body: bytes | None, allowed_methods: frozenset[str] | None = None) -> Any:
+    """The callable for a function id, deserialized once per process."""
+    fn = _functions.get(fid)
+    if fn is None:
+        if body is None:
+            raise SerializationError(f"function {fid} was not sent to this worker")
+        fn = _functions[fid] = deserialize(body, allowed_methods)
+    return fn
+
+
+def error_record(exc: BaseException) -> dict[str, str]:
+    return {
+        "type": _qualname(type(exc)),
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(exc)),
+    }
+
+
+def _qualname(cls: type) -> str:
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def failure(task_id: str, exc: BaseException, times: dict[str, float] | None = None) -> dict[str, Any]:
+    """A failed-result record; the exception itself travels too when it pickles."""
+    try:
+        data: bytes | None = serialize(exc)
+    except Exception:  # noqa: BLE001 - the text form is enough
+        data = None
+    times = dict(times or {})
+    times[TaskState.FAILED.value] = time.time()
+    return {"id": task_id, "state": TaskState.FAILED.value, "data": data, "error": error_record(exc), "times": times}
+
+
+def run_task(
+    task_id: str,
+    fid: str,
+    body: bytes | None,
+    payload: bytes,
+    sandbox: str | None,
+    allowed_methods: frozenset[str] | None = None,
+    chdir: bool = True,
+) -> dict[str, Any]:
+    """Execute and return a RESULT record (never raises: a failure is a result too)."""
+    started = time.time()
+    times = {TaskState.RUNNING.value: started}
+    try:
+        fn = load_function(fid, body, allowed_methods)
+        args, kwargs = deserialize(payload, allowed_methods)
+    except BaseException as exc:  # noqa: BLE001
+        return failure(task_id, exc, times)
+    previous = None
+    if sandbox is not None and chdir:
+        Path(sandbox).mkdir(parents=True, exist_ok=True)
+        previous = os.getcwd()
+        os.chdir(sandbox)
+        os.environ["TETHER_TASK_ID"] = task_id
+    try:
+        value = fn(*args, **kwargs)
+        data = serialize(value)
+    except BaseException as exc:  # noqa: BLE001 - SystemExit in user code is a task failure, not ours
+        return failure(task_id, exc, times)
+    finally:
+        if previous is not None:
+            os.chdir(previous)
+            os.environ.pop("TETHER_TASK_ID", None)
+            try:
+                os.rmdir(sandbox)  # only succeeds when the task left nothing behind
+            except OSError:
+                pass
+    times[TaskState.SUCCESS.value] = time.time()
+    return {"id": task_id, "state": TaskState.SUCCESS.value, "data": data, "error": None, "times": times}

@@ -1,0 +1,187 @@
+"""What ``tether endpoint ...`` does: configure, register, start/stop daemons, report status.
+
+The daemon runs as ``python -m tether.endpoint.daemon NAME`` (no dependence on a console
+script being on PATH); ``daemon.pid`` and ``status.json`` in the endpoint's directory tell
+the CLI what it is doing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tether.client import Client
+from tether.config import tether_home, write_secret
+from tether.errors import ConfigError, TetherError
+
+from .config import endpoint_dir, load_config, write_default_config
+
+
+def configure(name: str, engine: str = "process", workers: int | None = None, force: bool = False) -> Path:
+    path = endpoint_dir(name) / "config.yaml"
+    if path.exists() and not force:
+        raise ConfigError(f"endpoint {name!r} is already configured ({path}); edit it, or pass --force to overwrite")
+    return write_default_config(name, engine, workers)
+
+
+def credential_path(name: str) -> Path:
+    return endpoint_dir(name) / "credential.json"
+
+
+def ensure_registered(name: str, service: str | None = None, token: str | None = None) -> dict[str, str]:
+    """Register with the service using the owner's token, once; keep the endpoint's own credential."""
+    load_config(name)  # a broken config is reported before anything else happens
+    client = Client(service, token)
+    path = credential_path(name)
+    previous: dict[str, str] = {}
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous.get("service_url") == client.info.url:
+            return previous
+    with client:
+        reg = client.register_endpoint(name, previous.get("endpoint_id"))
+    cred = {"endpoint_id": reg["endpoint_id"], "secret": reg["secret"], "service_url": client.info.url}
+    write_secret(path, json.dumps(cred))
+    return cred
+
+
+def daemon_pid(name: str) -> int | None:
+    """PID of the running daemon, or None (stale pid files are ignored)."""
+    try:
+        pid = int((endpoint_dir(name) / "daemon.pid").read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+def local_status(name: str) -> dict[str, Any]:
+    try:
+        return json.loads((endpoint_dir(name) / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def start_detached(name: str, timeout: float = 60.0) -> dict[str, Any]:
+    """Start the daemon in the background and wait until it is connected to the service."""
+    if daemon_pid(name):
+        raise TetherError(f"endpoint {name!r} is already running (pid {daemon_pid(name)})")
+    d = endpoint_dir(name)
+    log_path = d / "endpoint.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tether.endpoint.daemon", name],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = local_status(name)
+        if status.get("pid") == proc.pid and status.get("state") == "connected":
+            return status
+        code = proc.poll()
+        if code is not None:
+            tail = log_path.read_text(errors="replace").splitlines()[-15:]
+            raise TetherError(f"endpoint {name!r} exited with code {code}; last lines of {log_path}:\n  "
+                              + "\n  ".join(tail))
+        time.sleep(0.05)
+    raise TetherError(f"endpoint {name!r} (pid {proc.pid}) did not connect to the service within {timeout:.0f}s; "
+                      f"see {log_path}")
+
+
+def stop(name: str, timeout: float = 20.0) -> bool:
+    """SIGTERM the daemon and wait for it to exit (SIGKILL after ``timeout``). False if not running."""
+    pid = daemon_pid(name)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if daemon_pid(name) is None or not _alive(pid):
+            return True
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie child of ours still answers kill(0); reap it if it is ours
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def list_endpoints() -> list[dict[str, Any]]:
+    root = tether_home() / "endpoints"
+    out = []
+    for d in sorted(root.iterdir()) if root.exists() else []:
+        if not (d / "config.yaml").exists():
+            continue
+        name = d.name
+        try:
+            engine = load_config(name).engine.get("type")
+        except ConfigError:
+            engine = "(invalid config)"
+        cred = json.loads((d / "credential.json").read_text()) if (d / "credential.json").exists() else {}
+        pid = daemon_pid(name)
+        status = local_status(name)
+        out.append({
+            "name": name,
+            "endpoint_id": cred.get("endpoint_id"),
+            "engine": engine,
+            "state": (status.get("state") or "running") if pid else "stopped",
+            "pid": pid,
+        })
+    return out
+
+
+def status(name: str) -> dict[str, Any]:
+    """Local view (daemon, spool, capacity) merged with the service's view when reachable."""
+    if not (endpoint_dir(name) / "config.yaml").exists():
+        raise ConfigError(f"no endpoint named {name!r} under {tether_home() / 'endpoints'}")
+    pid = daemon_pid(name)
+    local = local_status(name) if pid else {}
+    info: dict[str, Any] = {"name": name, "running": pid is not None, "pid": pid, "local": local}
+    cred_file = credential_path(name)
+    if cred_file.exists():
+        cred = json.loads(cred_file.read_text())
+        info["endpoint_id"] = cred["endpoint_id"]
+        try:
+            with Client(cred["service_url"]) as client:
+                info["service"] = client.get_endpoint_status(cred["endpoint_id"])
+        except (TetherError, ConfigError) as exc:
+            info["service_error"] = str(exc)
+    return info
+
+
+def delete(name: str) -> None:
+    d = endpoint_dir(name)
+    if not d.exists():
+        raise ConfigError(f"no endpoint named {name!r} under {tether_home() / 'endpoints'}")
+    stop(name)
+    cred_file = credential_path(name)
+    if cred_file.exists():
+        cred = json.loads(cred_file.read_text())
+        try:
+            with Client(cred["service_url"]) as client:
+                client.delete_endpoint(cred["endpoint_id"])
+        except (TetherError, ConfigError):
+            pass  # the service may be gone; the local state goes regardless
+    shutil.rmtree(d)

@@ -1,0 +1,351 @@
+"""The relay: moves tasks from clients to endpoints and results back, storing each step first.
+
+Transport-free on purpose: a session is anything with ``async send(bytes)``, so the WebSocket
+routes stay thin and the durable lifecycle lives in one place:
+
+* a task is stored before its submission is acknowledged;
+* the endpoint acknowledges receipt (``dispatched``) and start (``running``);
+* a result is stored before the endpoint is told to drop it from its spool;
+* on (re)connection an endpoint is sent every open task it does not already hold, so tasks
+  that were in the hands of an endpoint that died run again (at-least-once execution);
+* a result for a task that already has one is dropped (exactly-once results per task id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from tether.protocol import TERMINAL_STATES, Msg, ProtocolError, TaskState, encode, require
+
+from .store import Store
+
+log = logging.getLogger("tether.service.relay")
+
+DISPATCH_CHUNK = 1000
+
+
+class Sender(Protocol):
+    async def send(self, frame: bytes) -> None: ...
+
+
+class ClientSession:
+    """One connected client process of one user."""
+
+    def __init__(self, sender: Sender, user_id: str):
+        self.sender = sender
+        self.user_id = user_id
+        self.watching: set[str] = set()
+
+    async def send(self, frame: bytes) -> None:
+        await self.sender.send(frame)
+
+
+class EndpointSession:
+    """One connected endpoint process."""
+
+    def __init__(self, sender: Sender, endpoint: dict[str, Any]):
+        self.sender = sender
+        self.endpoint_id: str = endpoint["id"]
+        self.owner_id: str = endpoint["owner_id"]
+        self.sent_functions: set[str] = set()
+        self.status: dict[str, Any] = {}
+        self.connected_at = time.time()
+
+    async def send(self, frame: bytes) -> None:
+        await self.sender.send(frame)
+
+
+class Relay:
+    def __init__(self, store: Store, max_payload: int):
+        self.store = store
+        self.max_payload = max_payload
+        self.endpoints: dict[str, EndpointSession] = {}
+        self.watchers: dict[str, set[ClientSession]] = defaultdict(set)
+        self.recent_failures: list[dict[str, Any]] = []
+        self.counters: dict[str, int] = defaultdict(int)
+
+    # --- helpers -------------------------------------------------------------------------------
+    def online(self, endpoint_id: str) -> bool:
+        return endpoint_id in self.endpoints
+
+    def watch(self, session: ClientSession, ids: Iterable[str]) -> None:
+        for tid in ids:
+            self.watchers[tid].add(session)
+            session.watching.add(tid)
+
+    async def _fan_out(self, ids_to_item: dict[str, Any], msg: Msg, key: str, drop: bool = False) -> None:
+        """Send each item to the sessions watching its task, one frame per session."""
+        per_session: dict[ClientSession, list[Any]] = defaultdict(list)
+        for tid, item in ids_to_item.items():
+            sessions = self.watchers.pop(tid, None) if drop else self.watchers.get(tid)
+            for s in sessions or ():
+                per_session[s].append(item)
+                if drop:
+                    s.watching.discard(tid)
+        for session, items in per_session.items():
+            await _safe_send(session, encode(msg, **{key: items}))
+
+    async def _push_status(self, ids: Iterable[str], state: TaskState, ts: float) -> None:
+        await self._fan_out({tid: [tid, state.value, ts] for tid in ids}, Msg.STATUS, "updates")
+
+    async def _push_results(self, results: list[dict[str, Any]]) -> None:
+        await self._fan_out(
+            {r["id"]: {k: r.get(k) for k in ("id", "state", "data", "error", "times")} for r in results},
+            Msg.RESULT,
+            "results",
+            drop=True,
+        )
+
+    # --- clients -------------------------------------------------------------------------------
+    def client_disconnected(self, session: ClientSession) -> None:
+        for tid in session.watching:
+            group = self.watchers.get(tid)
+            if group is not None:
+                group.discard(session)
+                if not group:
+                    del self.watchers[tid]
+        session.watching.clear()
+
+    def validate_submission(
+        self, user_id: str, batch: list[Any], functions: dict[str, bytes]
+    ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+        """Split a submitted batch into tasks to accept and {task_id: reason} to reject."""
+        accepted: list[dict[str, Any]] = []
+        rejected: dict[str, str] = {}
+        endpoint_ok: dict[str, str | None] = {}
+        for task in batch:
+            if not isinstance(task, dict) or not isinstance(task.get("id"), str):
+                raise ProtocolError("every task must be a map with a string 'id'")
+            tid = task["id"]
+            ep = task.get("endpoint")
+            if not isinstance(ep, str) or not isinstance(task.get("function"), str):
+                rejected[tid] = "task needs string fields 'endpoint' and 'function'"
+                continue
+            if not isinstance(task.get("payload"), bytes):
+                rejected[tid] = "task payload must be bytes (serialized arguments)"
+                continue
+            if ep not in endpoint_ok:
+                endpoint_ok[ep] = self._endpoint_problem(user_id, ep)
+            if endpoint_ok[ep]:
+                rejected[tid] = endpoint_ok[ep]  # type: ignore[assignment]
+                continue
+            if len(task["payload"]) > self.max_payload:
+                rejected[tid] = (
+                    f"arguments are {len(task['payload'])} bytes, over this service's limit of "
+                    f"{self.max_payload} bytes (PayloadTooLarge)"
+                )
+                continue
+            fid = task["function"]
+            if fid not in functions and self.store.get_function(user_id, fid) is None:
+                rejected[tid] = f"function {fid} is not registered; submit it with its body first"
+                continue
+            accepted.append(task)
+        return accepted, rejected
+
+    def _endpoint_problem(self, user_id: str, endpoint_id: str) -> str | None:
+        session = self.endpoints.get(endpoint_id)
+        owner = session.owner_id if session else None
+        if owner is None:
+            ep = self.store.get_endpoint(endpoint_id)
+            owner = ep["owner_id"] if ep else None
+        if owner is None or owner != user_id:
+            return f"unknown endpoint {endpoint_id}: no endpoint with this id is visible to you (UnknownEndpoint)"
+        return None
+
+    async def submit(self, session: ClientSession | None, user_id: str, msg: dict[str, Any]) -> dict[str, Any]:
+        """Store, acknowledge and dispatch a batch of tasks; returns the acknowledgement fields."""
+        batch = require(msg, "tasks", list)
+        functions = msg.get("functions") or {}
+        if not isinstance(functions, dict) or not all(isinstance(b, bytes) for b in functions.values()):
+            raise ProtocolError("'functions' must map function ids to serialized bodies (bytes)")
+        accepted, rejected = self.validate_submission(user_id, batch, functions)
+        self.store.add_functions(user_id, functions)
+        if accepted:
+            self.store.insert_tasks(user_id, accepted)
+            self.counters["submitted"] += len(accepted)
+        if session is not None:
+            self.watch(session, (t["id"] for t in accepted))
+        by_endpoint: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for t in accepted:
+            t["owner"] = user_id
+            by_endpoint[t["endpoint"]].append(t)
+        ack = {"accepted": [t["id"] for t in accepted], "rejected": rejected, "ts": time.time()}
+        if session is not None:
+            await _safe_send(session, encode(Msg.SUBMIT_ACK, ref=msg.get("ref"), **ack))
+        for endpoint_id, items in by_endpoint.items():
+            ep = self.endpoints.get(endpoint_id)
+            if ep is not None:
+                await self._dispatch(ep, items)
+        return ack
+
+    async def subscribe(self, session: ClientSession, ids: list[str]) -> None:
+        """Watch tasks (e.g. a reloaded task group); current state or result is sent at once."""
+        rows = self.store.get_tasks(session.user_id, ids) if ids else []
+        known = {r.id for r in rows}
+        unknown = [i for i in ids if i not in known]
+        if unknown:
+            await _safe_send(
+                session,
+                encode(Msg.ERROR, message="unknown task ids (never submitted by you, or purged)", ids=unknown),
+            )
+        results, updates = [], []
+        self.watch(session, known)
+        for r in rows:
+            if r.state in TERMINAL_STATES:
+                results.append(row_to_result(r))
+            else:
+                ts = r.t_running or r.t_dispatched or r.t_waiting or r.t_received
+                updates.append([r.id, r.state, ts])
+        if updates:
+            await _safe_send(session, encode(Msg.STATUS, updates=updates))
+        if results:
+            await self._push_results(results)
+
+    async def cancel(self, user_id: str, ids: list[str]) -> list[str]:
+        rows = self.store.cancel(user_id, ids)
+        if not rows:
+            return []
+        now = time.time()
+        err = {"type": "TaskCancelled", "message": "cancelled by its owner", "traceback": ""}
+        await self._push_results(
+            [{"id": r.id, "state": TaskState.CANCELLED.value, "data": None, "error": err, "times": {"cancelled": now}}
+             for r in rows]
+        )
+        per_endpoint: dict[str, list[str]] = defaultdict(list)
+        for r in rows:
+            if r.state != TaskState.WAITING.value or r.endpoint_id in self.endpoints:
+                per_endpoint[r.endpoint_id].append(r.id)
+        for endpoint_id, tids in per_endpoint.items():
+            ep = self.endpoints.get(endpoint_id)
+            if ep is not None:
+                await _safe_send(ep, encode(Msg.CANCEL, ids=tids))
+        self.counters["cancelled"] += len(rows)
+        return [r.id for r in rows]
+
+    def collected(self, user_id: str, ids: list[str]) -> None:
+        self.store.mark_collected(user_id, ids)
+
+    # --- endpoints -----------------------------------------------------------------------------
+    async def endpoint_connected(self, session: EndpointSession, hello: dict[str, Any]) -> None:
+        old = self.endpoints.get(session.endpoint_id)
+        self.endpoints[session.endpoint_id] = session
+        if old is not None and old is not session:
+            log.info("endpoint %s reconnected; dropping its previous connection", session.endpoint_id)
+        session.status = {"versions": hello.get("versions") or {}, "capacity": hello.get("capacity") or {}}
+        self.store.save_endpoint_status(session.endpoint_id, {**session.status, "online": True})
+        held = set(hello.get("inflight") or []) | set(hello.get("spooled") or [])
+        rows = self.store.open_tasks_for_endpoint(session.endpoint_id, exclude=held)
+        if rows:
+            log.info("endpoint %s: dispatching %d open tasks", session.endpoint_id, len(rows))
+            items = [
+                {
+                    "id": r.id,
+                    "function": r.function_id,
+                    "payload": r.payload,
+                    "spec": _loads(r.spec),
+                    "uec": _loads(r.uec),
+                    "group": r.group_id,
+                    "owner": r.owner_id,
+                }
+                for r in rows
+            ]
+            await self._dispatch(session, items)
+
+    def endpoint_disconnected(self, session: EndpointSession) -> None:
+        if self.endpoints.get(session.endpoint_id) is session:
+            del self.endpoints[session.endpoint_id]
+            self.store.save_endpoint_status(session.endpoint_id, {**session.status, "online": False})
+
+    async def _dispatch(self, ep: EndpointSession, items: list[dict[str, Any]]) -> None:
+        for start in range(0, len(items), DISPATCH_CHUNK):
+            chunk = items[start : start + DISPATCH_CHUNK]
+            bodies: dict[str, bytes] = {}
+            out = []
+            for t in chunk:
+                fid = t["function"]
+                if fid not in ep.sent_functions and fid not in bodies:
+                    body = self.store.get_function(t["owner"], fid)
+                    if body is not None:
+                        bodies[fid] = body
+                out.append({"id": t["id"], "function": fid, "payload": t["payload"], "spec": t.get("spec"),
+                            "uec": t.get("uec")})
+            ep.sent_functions.update(bodies)
+            await _safe_send(ep, encode(Msg.TASKS, tasks=out, functions=bodies))
+
+    async def endpoint_message(self, session: EndpointSession, msg: dict[str, Any]) -> None:
+        kind = msg["t"]
+        if kind == Msg.RECEIVED:
+            ids = require(msg, "ids", list)
+            now = time.time()
+            self.store.set_state(ids, TaskState.DISPATCHED, now)
+            await self._push_status(ids, TaskState.DISPATCHED, now)
+        elif kind == Msg.RUNNING:
+            ids = require(msg, "ids", list)
+            ts = msg.get("ts") or time.time()
+            self.store.set_state(ids, TaskState.RUNNING, ts)
+            await self._push_status(ids, TaskState.RUNNING, ts)
+        elif kind == Msg.RESULT:
+            results = require(msg, "results", list)
+            fresh = self.store.store_results(results)
+            await _safe_send(session, encode(Msg.RESULT_ACK, ids=[r["id"] for r in results]))
+            self.counters["results"] += len(fresh)
+            for r in fresh:
+                if r["state"] == TaskState.FAILED.value:
+                    self.counters["failed"] += 1
+                    self.recent_failures.append(
+                        {"id": r["id"], "endpoint": session.endpoint_id, "error": r.get("error"), "ts": time.time()}
+                    )
+            del self.recent_failures[:-50]
+            await self._push_results(fresh)
+        elif kind == Msg.HEARTBEAT:
+            session.status = {
+                "versions": msg.get("versions") or session.status.get("versions", {}),
+                "capacity": msg.get("capacity") or {},
+            }
+            self.store.save_endpoint_status(session.endpoint_id, {**session.status, "online": True})
+        else:
+            raise ProtocolError(f"'{kind}' is not a message an endpoint may send")
+
+    async def stop_endpoint(self, endpoint_id: str) -> bool:
+        ep = self.endpoints.get(endpoint_id)
+        if ep is None:
+            return False
+        await _safe_send(ep, encode(Msg.STOP))
+        return True
+
+
+def _loads(text: str | None) -> Any:
+    import json
+
+    return json.loads(text) if text else None
+
+
+def row_to_result(row: Any) -> dict[str, Any]:
+    """A stored task row as a RESULT record."""
+    import json
+
+    from .store import transitions
+
+    return {
+        "id": row.id,
+        "state": row.state,
+        "data": row.result,
+        "error": json.loads(row.error) if row.error else None,
+        "times": transitions(row),
+    }
+
+
+async def _safe_send(session: Any, frame: bytes) -> None:
+    """Send, tolerating a peer that went away: its state is durable, it will catch up on reconnect."""
+    try:
+        await session.send(frame)
+    except Exception as exc:  # noqa: BLE001 - any transport error means the peer is gone
+        log.debug("send to %r failed: %s", session, exc)
+
+
+__all__ = ["Relay", "ClientSession", "EndpointSession", "row_to_result", "asyncio"]

@@ -1,0 +1,88 @@
+"""Run the service: bind, make sure the local identity exists, write service.json, serve.
+
+``python -m tether.service.server`` is what ``tether service start --detach`` launches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from tether.config import service_file, tether_home, write_secret
+
+from .app import Settings, create_app
+
+LOCAL_USER = "local"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def serve(host: str = "127.0.0.1", port: int = 8421, db_url: str | None = None,
+          max_payload_bytes: int | None = None, log_level: str = "warning") -> None:
+    """Serve until SIGTERM/SIGINT. The embedded default needs nothing but a writable TETHER_HOME."""
+    home = tether_home()
+    (home / "service").mkdir(parents=True, exist_ok=True, mode=0o700)
+    settings = Settings(db_url=db_url or os.environ.get("TETHER_DB_URL") or f"sqlite:///{home / 'service' / 'tether.db'}")
+    if max_payload_bytes:
+        settings.max_payload_bytes = max_payload_bytes
+    app = create_app(settings)
+
+    # the local identity keeps its token across restarts, so clients and tests reconnect seamlessly
+    previous = _read_json(service_file())
+    _, token = app.state.store.create_user(LOCAL_USER, previous.get("token"))
+
+    # proto must be IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on such sockets, and
+    # without it Nagle + delayed ACKs add ~40 ms to every small frame
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sys.exit(f"tether service: cannot listen on {host}:{port}: {exc.strerror}; choose another --port")
+    bound_port = sock.getsockname()[1]
+    url_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    url = f"http://{url_host}:{bound_port}"
+    write_secret(service_file(), json.dumps({"url": url, "token": token, "pid": os.getpid()}))
+
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.WARNING),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        ws="websockets",
+        ws_max_size=settings.max_payload_bytes + 1024 * 1024,
+        ws_ping_interval=20,
+        ws_ping_timeout=60,
+        lifespan="on",
+        access_log=False,
+    )
+    server = uvicorn.Server(config)
+    print(f"tether service listening on {url} (state in {home})", flush=True)
+    server.run(sockets=[sock])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tether.service.server")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8421)
+    parser.add_argument("--db-url", default=None)
+    parser.add_argument("--max-payload-bytes", type=int, default=None)
+    parser.add_argument("--log-level", default="warning")
+    args = parser.parse_args(argv)
+    serve(args.host, args.port, args.db_url, args.max_payload_bytes, args.log_level)
+
+
+if __name__ == "__main__":
+    main()
