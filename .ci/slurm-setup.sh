@@ -12,8 +12,8 @@ log() { echo "[slurm-setup] $*" >&2; }
 [ "$(id -u)" = 0 ] || { log "must run as root"; exit 1; }
 
 # --- 1. packages (apt-get update only when something is missing, so re-runs are fast) ---
-PKGS="munge slurmctld slurmd slurm-client"
-if [ "$(dpkg-query -W -f='${db:Status-Status}\n' $PKGS 2>/dev/null | grep -c '^installed$')" = 4 ]; then
+PKGS=(munge slurmctld slurmd slurm-client)   # slurm-client: sbatch/srun/squeue/sacct/sinfo
+if [ "$(dpkg-query -W -f='${db:Status-Status}\n' "${PKGS[@]}" 2>/dev/null | grep -c '^installed$')" = 4 ]; then
   log "packages already installed"
 else
   # Without systemd, postinst would run /etc/init.d scripts before slurm.conf exists and
@@ -21,11 +21,12 @@ else
   ADDED_POLICY=0
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; ADDED_POLICY=1
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
   fi
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
-  apt-get install -y -q --no-install-recommends $PKGS
-  [ "$ADDED_POLICY" = 1 ] && rm -f /usr/sbin/policy-rc.d
+  apt-get install -y -q --no-install-recommends "${PKGS[@]}"
+  if [ "$ADDED_POLICY" = 1 ]; then rm -f /usr/sbin/policy-rc.d; trap - EXIT; fi
 fi
 
 # --- 2. host name must resolve (slurmd/srun look it up); append to /etc/hosts if not ---
@@ -95,16 +96,20 @@ EOF
 CHANGED=0
 if ! cmp -s "$NEW" "$CONF"; then install -m 0644 "$NEW" "$CONF"; CHANGED=1; log "wrote $CONF"; fi
 rm -f "$NEW"
-# Slurm 22.05 has no CgroupPlugin=disabled; with proctrack/linuxproc + task/none it never
-# loads a cgroup plugin, and a cgroup.conf is harmless. Keep it minimal for newer Slurms.
-if [ ! -e /etc/slurm/cgroup.conf ]; then
-  printf '# cgroups unused (proctrack/linuxproc, task/none)\nCgroupAutomount=no\n' > /etc/slurm/cgroup.conf
+# Verified: Slurm 22.05 with linuxproc+task/none never touches cgroups and needs no
+# cgroup.conf. 24.05+ may init cgroups anyway; there "CgroupPlugin=disabled" exists
+# (22.05/23.02 reject that value, so only write it for >= 24).
+CG='# cgroups unused here (ProctrackType=proctrack/linuxproc, TaskPlugin=task/none)'
+[ "$(sinfo -V | grep -o '[0-9]\+' | head -1)" -ge 24 ] && CG="$CG"$'\nCgroupPlugin=disabled'
+if [ "$(cat /etc/slurm/cgroup.conf 2>/dev/null)" != "$CG" ]; then
+  printf '%s\n' "$CG" > /etc/slurm/cgroup.conf; CHANGED=1
 fi
 
 # --- 6. daemons: pidfile-based liveness, start directly (no systemd) ---
 alive() { # $1=pidfile $2=comm
   local p; p=$(cat "$1" 2>/dev/null) || return 1
-  [ -n "$p" ] && [ "$(cat /proc/"$p"/comm 2>/dev/null)" = "$2" ]
+  [ -n "$p" ] && [ "$(cat /proc/"$p"/comm 2>/dev/null)" = "$2" ] &&
+    ! grep -q '^State:.*Z' /proc/"$p"/status 2>/dev/null   # zombie = dead
 }
 stop() { # $1=pidfile $2=comm
   alive "$1" "$2" || return 0
@@ -133,7 +138,7 @@ while [ $SECONDS -lt $end ]; do
       if [ "$STARTED" = 1 ] && ! timeout $((end - SECONDS + 1)) srun -N1 -n1 -t 1 -Q -J setup-probe true; then
         log "srun probe failed"; break; fi
       log "node $H is $state (${SECONDS}s)"; sinfo >&2; exit 0 ;;
-    down*|drain*|drained*) scontrol update NodeName="$H" State=RESUME 2>/dev/null || true ;;
+    down*|drain*) scontrol update NodeName="$H" State=RESUME 2>/dev/null || true ;;
   esac
   sleep 1
 done

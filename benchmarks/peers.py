@@ -21,7 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -260,7 +260,7 @@ def tether_stack(workers: int = 2) -> Iterator[Submit]:
 
 
 #: Name -> context-manager factory, in the order bench_noop.py runs them.
-PEERS: dict[str, Callable[[int], Any]] = {
+PEERS: dict[str, Callable[[int], AbstractContextManager[Submit]]] = {
     "tether": tether_stack,
     "process_pool": process_pool,
     "parsl_htex": parsl_htex,

@@ -11,6 +11,7 @@ pushed by the service, never polled.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import itertools
 import logging
@@ -61,6 +62,15 @@ class Connection:
             if conn is None or conn._closed:
                 conn = cls._instances[key] = cls(info)
             return conn
+
+    @classmethod
+    def close_all(cls, url: str | None = None) -> None:
+        """Close this process's connections (to ``url`` only, if given), e.g. before a service stops."""
+        with cls._lock:
+            for key, conn in list(cls._instances.items()):
+                if url is None or key[1] == url.rstrip("/"):
+                    conn.close()
+                    del cls._instances[key]
 
     def __init__(self, info: ServiceInfo, batch_size: int = 512):
         self.info = info
@@ -121,9 +131,21 @@ class Connection:
         return self._connected.wait(timeout)
 
     def close(self) -> None:
+        """Stop the background loop; pending futures stay pending (their results stay on the service)."""
         self._closed = True
         if self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._loop.stop)
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
+            self._thread.join(timeout=5)
+
+    async def _shutdown(self) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+        current = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks() if t is not current]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        self._loop.stop()
 
     def _wake(self) -> None:
         if not self._wake_pending:
@@ -205,8 +227,6 @@ class Connection:
         ws = self._ws
         if ws is None:
             return  # sent by _resume once connected
-        while self._control:
-            self._loop.create_task(self._send(self._control.popleft()))
         while self._outbox:
             tasks = []
             size = 0
@@ -222,6 +242,9 @@ class Connection:
             ref = next(self._refs)
             self._unacked[ref] = {"tasks": tasks, "functions": functions}
             self._loop.create_task(self._send(encode(Msg.SUBMIT, ref=ref, tasks=tasks, functions=functions)))
+        # control frames (cancel, subscribe) after the tasks they may refer to: frames arrive in order
+        while self._control:
+            self._loop.create_task(self._send(self._control.popleft()))
 
     async def _send(self, frame: bytes) -> None:
         ws = self._ws
@@ -318,6 +341,9 @@ class Connection:
             if not fut.done():
                 fut.set_exception(exc)
         self._connected.set()
+
+
+atexit.register(Connection.close_all)  # close sockets cleanly instead of dying mid-frame at exit
 
 
 def _rejection(reason: str) -> TetherError:

@@ -39,7 +39,7 @@ class Msg(StrEnum):
     # endpoint data plane
     HELLO = "hello"  # E->S: {"versions", "inflight": [ids], "spooled": [ids]}
     TASKS = "tasks"  # S->E: {"tasks": [TASK], "functions": {fid: bytes}}
-    RECEIVED = "received"  # E->S: {"ids": [...]}: tasks are in the endpoint's hands
+    RECEIVED = "received"  # E->S: {"ids": [...], "ts": float}: tasks are in the endpoint's hands
     RUNNING = "running"  # E->S: {"ids": [...], "ts": float}: tasks started
     RESULT_ACK = "result_ack"  # S->E: {"ids": [...]}: results are stored; drop them from the spool
     HEARTBEAT = "heartbeat"  # E->S: {"capacity": {...}, "versions": {...}}

@@ -192,6 +192,7 @@ class EndpointDaemon:
 
     def _on_tasks(self, msg: dict[str, Any]) -> None:
         self.functions.update(msg.get("functions") or {})
+        now = time.time()
         received = []
         for t in msg.get("tasks") or []:
             tid = t["id"]
@@ -207,7 +208,7 @@ class EndpointDaemon:
             self.engine.submit(TaskSpec(tid, fid, self.functions.get(fid), t["payload"], t.get("spec"),
                                         self.sandbox_root / tid))
         if received and self.ws is not None:
-            asyncio.ensure_future(self._send(encode(Msg.RECEIVED, ids=received)))
+            asyncio.ensure_future(self._send(encode(Msg.RECEIVED, ids=received, ts=now)))
 
     # --- engine callbacks (on the loop) ----------------------------------------------------------
     def _on_running(self, task_id: str, ts: float) -> None:

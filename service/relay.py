@@ -281,9 +281,9 @@ class Relay:
         kind = msg["t"]
         if kind == Msg.RECEIVED:
             ids = require(msg, "ids", list)
-            now = time.time()
-            self.store.set_state(ids, TaskState.DISPATCHED, now)
-            await self._push_status(ids, TaskState.DISPATCHED, now)
+            ts = msg.get("ts") or time.time()
+            self.store.set_state(ids, TaskState.DISPATCHED, ts)
+            await self._push_status(ids, TaskState.DISPATCHED, ts)
         elif kind == Msg.RUNNING:
             ids = require(msg, "ids", list)
             ts = msg.get("ts") or time.time()

@@ -1,0 +1,69 @@
+"""Shared fixtures: real service and endpoint processes in a private TETHER_HOME."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+from tether import Executor
+from tether.local import LocalStack, local_stack
+
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS))
+import helpers  # noqa: E402  (tests/helpers.py: functions that run on the endpoint)
+
+# the endpoint's workers cannot import the tests package: ship test helpers by value
+cloudpickle.register_pickle_by_value(helpers)
+
+#: a payload limit low enough to test PayloadTooLarge cheaply
+TEST_MAX_PAYLOAD = 4 * 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """One service + one process-engine endpoint (2 workers) for the tests that only submit."""
+    with local_stack(tmp_path_factory.mktemp("home"), engine="process", workers=2,
+                     service_args=("--max-payload-bytes", str(TEST_MAX_PAYLOAD))) as s:
+        yield s
+
+
+@pytest.fixture
+def fresh_stack(tmp_path: Path) -> Iterator[LocalStack]:
+    """A stack of its own, for tests that kill or reconfigure things."""
+    with local_stack(tmp_path / "home", engine="process", workers=2) as s:
+        yield s
+
+
+@pytest.fixture
+def executor(stack: LocalStack) -> Iterator[Executor]:
+    with Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token) as ex:
+        yield ex
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30, what: str = "condition") -> object:
+    """Poll a condition that no event announces (a file appearing, a process exiting)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except OSError:
+        return False

@@ -1,0 +1,67 @@
+"""Functions the tests run on the endpoint (shipped by value, see conftest)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def add(a: int, b: int = 0) -> int:
+    return a + b
+
+
+def fail_with(exc: BaseException) -> None:
+    raise exc
+
+
+class CustomError(Exception):
+    """An exception type that only exists in the tests (travels by value)."""
+
+
+def raise_custom(msg: str) -> None:
+    raise CustomError(msg)
+
+
+def sleep_then(seconds: float, value: object = None) -> object:
+    time.sleep(seconds)
+    return value
+
+
+def touch_then_sleep(marker: str, seconds: float) -> str:
+    """Record that the task started (and its pid and a child's pid), then sleep."""
+    child = subprocess.Popen(["sleep", str(seconds + 60)])
+    Path(marker).write_text(f"{os.getpid()} {child.pid}")
+    time.sleep(seconds)
+    return "finished"
+
+
+def touch(marker: str) -> str:
+    Path(marker).write_text("ran")
+    return "ran"
+
+
+def task_env() -> dict:
+    return {"task_id": os.environ.get("TETHER_TASK_ID"), "cwd": os.getcwd(), "pid": os.getpid()}
+
+
+def write_in_sandbox(name: str) -> str:
+    Path(name).write_text("kept")
+    return str(Path(name).resolve())
+
+
+def die_hard() -> None:
+    os._exit(17)
+
+
+def blob(n: int) -> bytes:
+    return b"x" * n
+
+
+def identity(x: object) -> object:
+    return x
