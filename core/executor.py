@@ -120,8 +120,8 @@ class Executor(concurrent.futures.Executor):
             "uec": self.user_endpoint_config,
         }
         fut = TetherFuture(task["id"], on_cancel=self._conn.cancel)
+        self._conn.submit(task, fut, body)  # may raise (PayloadTooLarge, AuthError): then nothing is tracked
         self._track(fut)
-        self._conn.submit(task, fut, body)
         return fut
 
     def _check_call(self, fn: Any, args: tuple, kwargs: dict) -> None:

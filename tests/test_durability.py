@@ -1,0 +1,95 @@
+"""Nothing lost: SIGKILL the endpoint or the service in the middle of a batch, restart it, and
+every future resolves exactly once with the right value."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections import Counter
+
+import helpers
+from conftest import wait_for
+
+from tether import Executor
+from tether.local import LocalStack
+
+N = 60
+
+
+def _submit_batch(stack: LocalStack) -> tuple[Executor, list]:
+    ex = Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token)
+    futures = [ex.submit(helpers.sleep_then, 0.05, i) for i in range(N)]
+    return ex, futures
+
+
+def _resolutions(futures: list) -> Counter:
+    """Count how often each future's done-callback fires (exactly once each, or a bug)."""
+    counts: Counter = Counter()
+    lock = threading.Lock()
+
+    def seen(f) -> None:
+        with lock:
+            counts[f.task_id] += 1
+
+    for f in futures:
+        f.add_done_callback(seen)
+    return counts
+
+
+def _stored_results(stack: LocalStack) -> Counter:
+    db = sqlite3.connect(stack.home / "service" / "tether.db")
+    try:
+        return Counter(state for (state,) in db.execute("SELECT state FROM tasks"))
+    finally:
+        db.close()
+
+
+def test_endpoint_killed_mid_batch_loses_nothing(fresh_stack: LocalStack) -> None:
+    ex, futures = _submit_batch(fresh_stack)
+    counts = _resolutions(futures)
+    wait_for(lambda: sum(f.done() for f in futures) >= 5, what="some results before the kill")
+    fresh_stack.kill_endpoint()  # SIGKILL: no goodbye, results in flight, tasks half-run
+    done_at_kill = sum(f.done() for f in futures)
+    assert done_at_kill < N, "the batch finished before the kill; the test proves nothing"
+    fresh_stack.start_endpoint()
+    assert [f.result(timeout=90) for f in futures] == list(range(N))
+    assert all(counts[f.task_id] == 1 for f in futures)
+    assert _stored_results(fresh_stack)["success"] == N
+    ex.shutdown()
+
+
+def test_service_killed_mid_batch_loses_nothing(fresh_stack: LocalStack) -> None:
+    ex, futures = _submit_batch(fresh_stack)
+    counts = _resolutions(futures)
+    wait_for(lambda: sum(f.done() for f in futures) >= 5, what="some results before the kill")
+    fresh_stack.kill_service()
+    assert sum(f.done() for f in futures) < N, "the batch finished before the kill; the test proves nothing"
+    fresh_stack.start_service()  # same port, same database: client and endpoint reconnect by themselves
+    assert [f.result(timeout=90) for f in futures] == list(range(N))
+    assert all(counts[f.task_id] == 1 for f in futures)
+    assert _stored_results(fresh_stack)["success"] == N
+    ex.shutdown()
+
+
+def test_results_spooled_while_service_is_down_are_delivered(fresh_stack: LocalStack) -> None:
+    ex = Executor(endpoint_id=fresh_stack.endpoint_id, service=fresh_stack.service_url, token=fresh_stack.token)
+    futures = [ex.submit(helpers.sleep_then, 1.5, i) for i in range(4)]
+    wait_for(lambda: all(f.running() for f in futures[:2]), what="tasks to start")
+    fresh_stack.kill_service()
+    spool = fresh_stack.endpoint_dir() / "spool"
+    wait_for(lambda: len(list(spool.glob("*.spool"))) >= 1, what="results to land in the endpoint's spool")
+    fresh_stack.start_service()
+    assert [f.result(timeout=90) for f in futures] == [0, 1, 2, 3]
+    wait_for(lambda: not list(spool.glob("*.spool")), what="the spool to empty once the service has the results")
+    ex.shutdown()
+
+
+def test_tasks_wait_for_an_offline_endpoint(fresh_stack: LocalStack) -> None:
+    fresh_stack.stop_endpoint()
+    ex = Executor(endpoint_id=fresh_stack.endpoint_id, service=fresh_stack.service_url, token=fresh_stack.token)
+    futures = [ex.submit(helpers.square, i) for i in range(10)]
+    wait_for(lambda: all(f.state == "waiting-for-endpoint" for f in futures), what="tasks to be stored")
+    assert not any(f.done() for f in futures)
+    fresh_stack.start_endpoint()
+    assert [f.result(timeout=60) for f in futures] == [i * i for i in range(10)]
+    ex.shutdown()
