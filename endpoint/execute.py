@@ -5,8 +5,10 @@ the same wherever it runs."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,26 @@ from tether.protocol import TaskState
 from tether.serialize import deserialize, serialize
 
 _functions: dict[str, Any] = {}
+_local = threading.local()
+
+
+@dataclass
+class TaskContext:
+    """What a running task may know about itself (read with :func:`current_task`).
+
+    ``spec`` is the task's resource specification; ``engine`` holds engine facts a task may need
+    (e.g. the MPI launcher and the nodes of the block for MPIFunction).
+    """
+
+    task_id: str
+    sandbox: str | None
+    spec: dict[str, Any] | None = None
+    engine: dict[str, Any] = field(default_factory=dict)
+
+
+def current_task() -> TaskContext | None:
+    """The context of the task running in this thread, or None outside a task."""
+    return getattr(_local, "task", None)
 
 
 def load_function(fid: str, body: bytes | None, allowed_methods: frozenset[str] | None = None) -> Any:
@@ -58,8 +80,19 @@ def run_task(
     sandbox: str | None,
     allowed_methods: frozenset[str] | None = None,
     chdir: bool = True,
+    spec: dict[str, Any] | None = None,
+    engine: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Execute and return a RESULT record (never raises: a failure is a result too)."""
+    _local.task = TaskContext(task_id, sandbox, spec, engine or {})
+    try:
+        return _run(task_id, fid, body, payload, sandbox, allowed_methods, chdir)
+    finally:
+        _local.task = None
+
+
+def _run(task_id: str, fid: str, body: bytes | None, payload: bytes, sandbox: str | None,
+         allowed_methods: frozenset[str] | None, chdir: bool) -> dict[str, Any]:
     started = time.time()
     times = {TaskState.RUNNING.value: started}
     try:

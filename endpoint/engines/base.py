@@ -45,6 +45,10 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def start(self) -> None: ...
 
+    def engine_info(self) -> dict[str, Any]:
+        """Facts handed to every task of this engine (see ``execute.TaskContext.engine``)."""
+        return {"type": self.config.get("type")}
+
     @abc.abstractmethod
     async def stop(self) -> None:
         """Stop at once: kill what runs (the service re-dispatches it to the next run)."""

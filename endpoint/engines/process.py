@@ -56,7 +56,7 @@ class ProcessEngine(Engine):
 
     def _spawn(self) -> _Worker:
         parent, child = self.ctx.Pipe()
-        proc = self.ctx.Process(target=worker_main, args=(child, self.allowed_methods), daemon=True,
+        proc = self.ctx.Process(target=worker_main, args=(child, self.allowed_methods, self.engine_info()), daemon=True,
                                 name="tether-worker")
         proc.start()
         child.close()  # so the worker's death shows as EOF on our end
@@ -104,7 +104,7 @@ class ProcessEngine(Engine):
             worker.functions.add(task.function_id)
             worker.assigned.append(task)
             try:
-                worker.conn.send(("task", task.id, task.function_id, body, task.payload, str(task.sandbox)))
+                worker.conn.send(("task", task.id, task.function_id, body, task.payload, str(task.sandbox), task.spec))
             except (OSError, ValueError):
                 self._worker_died(worker)
 

@@ -17,7 +17,7 @@ from typing import Any
 from tether.endpoint.execute import run_task
 
 
-def main(conn: Connection, allowed_methods: frozenset[str] | None) -> None:
+def main(conn: Connection, allowed_methods: frozenset[str] | None, engine_info: dict[str, Any] | None = None) -> None:
     try:
         os.setsid()
     except OSError:  # already a group leader
@@ -48,6 +48,7 @@ def main(conn: Connection, allowed_methods: frozenset[str] | None) -> None:
         with ready:
             while not queue:
                 ready.wait()
-            _, task_id, fid, body, payload, sandbox = queue.popleft()
+            _, task_id, fid, body, payload, sandbox, spec = queue.popleft()
         conn.send(("running", task_id, time.time()))
-        conn.send(("result", run_task(task_id, fid, body, payload, sandbox, allowed_methods)))
+        conn.send(("result", run_task(task_id, fid, body, payload, sandbox, allowed_methods,
+                                      spec=spec, engine=engine_info)))
