@@ -1,9 +1,11 @@
 """The result spool: results are on disk before they are sent, and leave it only when the
 service says it has stored them. An endpoint killed at any moment loses no result.
 
-One file per batch of results (a batch is what one loop iteration produced), so the cost is
-one small write per batch rather than per task; a file is deleted when every result in it has
-been acknowledged.
+The spool is an append-only log in segments: a batch of results costs one ``write`` to an
+open file (creating a file per batch cost more than running a no-op task). Acknowledgements
+are kept in memory only; a segment is deleted once every result in it is acknowledged. After
+a crash every result still in a segment is sent again, and the service drops the ones it
+already has (results are exactly-once per task id there), so nothing is lost or doubled.
 """
 
 from __future__ import annotations
@@ -13,74 +15,99 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import msgpack
 
 log = logging.getLogger("tether.endpoint.spool")
 
+SEGMENT_BYTES = 64 * 1024 * 1024
+TRUNCATE_BYTES = 1024 * 1024
+
+
+class _Segment:
+    def __init__(self, path: Path, fh: BinaryIO | None):
+        self.path = path
+        self.fh = fh
+        self.pending: set[str] = set()
+        self.size = 0
+
 
 class ResultSpool:
-    def __init__(self, directory: Path, fsync: bool = False):
+    def __init__(self, directory: Path, fsync: bool = False, segment_bytes: int = SEGMENT_BYTES):
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.fsync = fsync
+        self.segment_bytes = segment_bytes
         self._results: dict[str, dict[str, Any]] = {}
-        self._file_of: dict[str, Path] = {}
-        self._pending_in_file: dict[Path, set[str]] = {}
+        self._segment_of: dict[str, _Segment] = {}
         self._seq = itertools.count()
+        self._current: _Segment | None = None
         self._load()
 
     def _load(self) -> None:
         for path in sorted(self.dir.glob("*.spool")):
+            segment = _Segment(path, None)
             try:
-                results = msgpack.unpackb(path.read_bytes(), raw=False)
-            except Exception as exc:  # noqa: BLE001 - a torn write from a crash mid-write
-                log.warning("spool file %s is unreadable (%s); its results will be recomputed", path, exc)
+                with open(path, "rb") as fh:
+                    for record in msgpack.Unpacker(fh, raw=False):
+                        self._remember(segment, record)
+            except Exception as exc:  # noqa: BLE001 - a torn tail from a crash mid-write
+                log.warning("spool segment %s ends in a partial record (%s); kept what precedes it", path, exc)
+            if not segment.pending:
                 path.unlink(missing_ok=True)
-                continue
-            self._index(path, results)
         if self._results:
             log.info("spool: %d results from a previous run await the service", len(self._results))
 
-    def _index(self, path: Path, results: list[dict[str, Any]]) -> None:
-        ids = set()
-        for r in results:
-            if r["id"] in self._results:
-                continue
-            self._results[r["id"]] = r
-            self._file_of[r["id"]] = path
-            ids.add(r["id"])
-        if ids:
-            self._pending_in_file[path] = ids
-        else:
-            path.unlink(missing_ok=True)
+    def _remember(self, segment: _Segment, record: dict[str, Any]) -> None:
+        tid = record["id"]
+        if tid in self._results:
+            return
+        self._results[tid] = record
+        self._segment_of[tid] = segment
+        segment.pending.add(tid)
+
+    def _segment(self) -> _Segment:
+        if self._current is None or self._current.size >= self.segment_bytes:
+            path = self.dir / f"{time.time_ns():020d}-{os.getpid()}-{next(self._seq)}.spool"
+            self._current = _Segment(path, open(path, "ab"))
+        return self._current
 
     def write(self, results: list[dict[str, Any]]) -> None:
-        """Persist a batch (atomically: written to a temporary name, then renamed)."""
-        path = self.dir / f"{time.time_ns():020d}-{os.getpid()}-{next(self._seq)}.spool"
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(msgpack.packb(results, use_bin_type=True))
-            if self.fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        self._index(path, results)
+        """Append a batch; it is on disk (in the page cache, or fsynced if asked) on return."""
+        segment = self._segment()
+        data = b"".join(msgpack.packb(r, use_bin_type=True) for r in results)
+        assert segment.fh is not None
+        segment.fh.write(data)
+        segment.fh.flush()
+        if self.fsync:
+            os.fsync(segment.fh.fileno())
+        segment.size += len(data)
+        for r in results:
+            self._remember(segment, r)
 
     def ack(self, ids: list[str]) -> None:
-        """The service stored these: forget them, deleting files that became empty."""
+        """The service stored these: forget them, deleting segments that became fully acknowledged."""
         for tid in ids:
             self._results.pop(tid, None)
-            path = self._file_of.pop(tid, None)
-            if path is None:
+            segment = self._segment_of.pop(tid, None)
+            if segment is None:
                 continue
-            pending = self._pending_in_file.get(path)
-            if pending is not None:
-                pending.discard(tid)
-                if not pending:
-                    del self._pending_in_file[path]
-                    path.unlink(missing_ok=True)
+            segment.pending.discard(tid)
+            if not segment.pending:
+                self._drop(segment)
+
+    def _drop(self, segment: _Segment) -> None:
+        if segment is self._current:
+            # keep the open file; empty it once it is worth a syscall (a crash before that only
+            # re-sends results the service already has, and it drops those)
+            if segment.size >= TRUNCATE_BYTES and segment.fh is not None:
+                segment.fh.truncate(0)
+                segment.size = 0
+            return
+        if segment.fh is not None:
+            segment.fh.close()
+        segment.path.unlink(missing_ok=True)
 
     def __contains__(self, task_id: str) -> bool:
         return task_id in self._results

@@ -144,9 +144,11 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        purger = asyncio.create_task(_purge_loop())
+        background = [asyncio.create_task(_purge_loop()), asyncio.create_task(relay.flush_loop())]
         yield
-        purger.cancel()
+        for task in background:
+            task.cancel()
+        relay.flush_deferred()
         store.close()
 
     async def _purge_loop() -> None:
@@ -168,7 +170,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.store = store
     app.state.relay = relay
 
-    def current_user(request: Request) -> str:
+    async def current_user(request: Request) -> str:
+        """Authenticate. Async on purpose: sync dependencies run in a thread pool, and the store's
+        single connection must only be used from the event loop."""
         token = _bearer(request.headers.get("authorization"))
         if not token:
             raise HTTPException(401, "missing credentials: send 'Authorization: Bearer <token>'")
@@ -191,7 +195,7 @@ def create_app(settings: Settings) -> FastAPI:
             status={k: v for k, v in status.items() if k != "online"},
         )
 
-    def task_info(row: Any) -> TaskInfo:
+    def task_info(row: Any) -> TaskInfo:  # callers flush deferred states first
         res = row_to_result(row)
         return TaskInfo(
             task_id=row.id, state=row.state, endpoint_id=row.endpoint_id, group_id=row.group_id,
@@ -200,11 +204,11 @@ def create_app(settings: Settings) -> FastAPI:
         )
 
     @app.get("/healthz", tags=["operations"])
-    def healthz() -> dict[str, Any]:
+    async def healthz() -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "protocol": PROTOCOL_VERSION, "uptime_s": time.time() - started}
 
     @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
-    def metrics() -> str:
+    async def metrics() -> str:
         lines = [
             "# HELP tether_endpoints_online Endpoints connected to this service replica.",
             "# TYPE tether_endpoints_online gauge",
@@ -217,11 +221,11 @@ def create_app(settings: Settings) -> FastAPI:
         return "\n".join(lines) + "\n"
 
     @app.get("/v1/whoami", response_model=WhoAmI, tags=["auth"])
-    def whoami(user: str = Depends(current_user)) -> WhoAmI:
+    async def whoami(user: str = Depends(current_user)) -> WhoAmI:
         return WhoAmI(user_id=user, name=store.user_name(user))
 
     @app.post("/v1/endpoints", response_model=EndpointCredential, tags=["endpoints"])
-    def register_endpoint(body: EndpointRegistration, user: str = Depends(current_user)) -> EndpointCredential:
+    async def register_endpoint(body: EndpointRegistration, user: str = Depends(current_user)) -> EndpointCredential:
         if body.endpoint_id:
             ep = store.get_endpoint(body.endpoint_id)
             if ep is not None and ep["owner_id"] != user:
@@ -230,15 +234,15 @@ def create_app(settings: Settings) -> FastAPI:
         return EndpointCredential(endpoint_id=eid, secret=secret)
 
     @app.get("/v1/endpoints", response_model=list[EndpointInfo], tags=["endpoints"])
-    def list_endpoints(user: str = Depends(current_user)) -> list[EndpointInfo]:
+    async def list_endpoints(user: str = Depends(current_user)) -> list[EndpointInfo]:
         return [endpoint_info(ep) for ep in store.list_endpoints(user)]
 
     @app.get("/v1/endpoints/{endpoint_id}", response_model=EndpointInfo, tags=["endpoints"])
-    def get_endpoint(endpoint_id: str, user: str = Depends(current_user)) -> EndpointInfo:
+    async def get_endpoint(endpoint_id: str, user: str = Depends(current_user)) -> EndpointInfo:
         return endpoint_info(own_endpoint(endpoint_id, user))
 
     @app.get("/v1/endpoints/{endpoint_id}/status", response_model=EndpointInfo, tags=["endpoints"])
-    def endpoint_status(endpoint_id: str, user: str = Depends(current_user)) -> EndpointInfo:
+    async def endpoint_status(endpoint_id: str, user: str = Depends(current_user)) -> EndpointInfo:
         return endpoint_info(own_endpoint(endpoint_id, user))
 
     @app.post("/v1/endpoints/{endpoint_id}/stop", tags=["endpoints"])
@@ -254,7 +258,7 @@ def create_app(settings: Settings) -> FastAPI:
         return {"endpoint_id": endpoint_id, "deleted": True}
 
     @app.post("/v1/functions", response_model=FunctionInfo, tags=["functions"])
-    def register_function(body: FunctionRegistration, user: str = Depends(current_user)) -> FunctionInfo:
+    async def register_function(body: FunctionRegistration, user: str = Depends(current_user)) -> FunctionInfo:
         from tether.serialize import function_id
 
         try:
@@ -266,7 +270,7 @@ def create_app(settings: Settings) -> FastAPI:
         return FunctionInfo(function_id=fid)
 
     @app.get("/v1/functions/{function_id}", response_model=FunctionInfo, tags=["functions"])
-    def get_function(function_id: str, user: str = Depends(current_user)) -> FunctionInfo:
+    async def get_function(function_id: str, user: str = Depends(current_user)) -> FunctionInfo:
         if store.get_function(user, function_id) is None:
             raise HTTPException(404, f"unknown function {function_id}")
         return FunctionInfo(function_id=function_id)
@@ -286,14 +290,16 @@ def create_app(settings: Settings) -> FastAPI:
         return BatchAck(accepted=ack["accepted"], rejected=ack["rejected"])
 
     @app.get("/v1/tasks/{task_id}", response_model=TaskInfo, tags=["tasks"])
-    def get_task(task_id: str, user: str = Depends(current_user)) -> TaskInfo:
+    async def get_task(task_id: str, user: str = Depends(current_user)) -> TaskInfo:
+        relay.flush_deferred()
         rows = store.get_tasks(user, [task_id])
         if not rows:
             raise HTTPException(404, f"unknown task {task_id}")
         return task_info(rows[0])
 
     @app.post("/v1/tasks/status", response_model=dict[str, TaskInfo], tags=["tasks"])
-    def batch_status(body: TaskIds, user: str = Depends(current_user)) -> dict[str, TaskInfo]:
+    async def batch_status(body: TaskIds, user: str = Depends(current_user)) -> dict[str, TaskInfo]:
+        relay.flush_deferred()
         return {r.id: task_info(r) for r in store.get_tasks(user, body.task_ids)}
 
     @app.post("/v1/tasks/{task_id}/cancel", tags=["tasks"])
@@ -303,12 +309,13 @@ def create_app(settings: Settings) -> FastAPI:
         return {"task_id": task_id, "cancelled": bool(await relay.cancel(user, [task_id]))}
 
     @app.get("/v1/task_groups/{group_id}", response_model=GroupInfo, tags=["tasks"])
-    def get_group(group_id: str, user: str = Depends(current_user)) -> GroupInfo:
+    async def get_group(group_id: str, user: str = Depends(current_user)) -> GroupInfo:
+        relay.flush_deferred()
         rows = store.group_task_ids(user, group_id)
         return GroupInfo(group_id=group_id, tasks=[{"task_id": r.id, "state": r.state} for r in rows])
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def index() -> str:
+    async def index() -> str:
         return (
             "<h1>Tether service</h1><p>API: <a href='/docs'>/docs</a> · "
             "<a href='/openapi.json'>/openapi.json</a> · <a href='/healthz'>/healthz</a> · "

@@ -68,6 +68,29 @@ class Relay:
         self.watchers: dict[str, set[ClientSession]] = defaultdict(set)
         self.recent_failures: list[dict[str, Any]] = []
         self.counters: dict[str, int] = defaultdict(int)
+        # State changes that are not worth a commit each (a lost one is re-derived: the task is
+        # re-dispatched, or its result carries the times): written in bulk by flush_deferred().
+        self._deferred: dict[TaskState, dict[str, float]] = {TaskState.DISPATCHED: {}, TaskState.RUNNING: {}}
+        self._deferred_collected: dict[str, list[str]] = defaultdict(list)
+
+    def flush_deferred(self) -> None:
+        """Write deferred state changes and collection marks (one transaction per kind)."""
+        for state, stamps in self._deferred.items():
+            if stamps:
+                self._deferred[state] = {}
+                self.store.set_state(stamps.items(), state)
+        if self._deferred_collected:
+            pending, self._deferred_collected = self._deferred_collected, defaultdict(list)
+            for user_id, ids in pending.items():
+                self.store.mark_collected(user_id, ids)
+
+    async def flush_loop(self, interval: float = 0.2) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.flush_deferred()
+            except Exception:  # noqa: BLE001 - a failed flush is retried by the next state change
+                log.exception("writing deferred task states failed")
 
     # --- helpers -------------------------------------------------------------------------------
     def online(self, endpoint_id: str) -> bool:
@@ -185,6 +208,7 @@ class Relay:
 
     async def subscribe(self, session: ClientSession, ids: list[str]) -> None:
         """Watch tasks (e.g. a reloaded task group); current state or result is sent at once."""
+        self.flush_deferred()
         rows = self.store.get_tasks(session.user_id, ids) if ids else []
         known = {r.id for r in rows}
         unknown = [i for i in ids if i not in known]
@@ -228,7 +252,7 @@ class Relay:
         return [r.id for r in rows]
 
     def collected(self, user_id: str, ids: list[str]) -> None:
-        self.store.mark_collected(user_id, ids)
+        self._deferred_collected[user_id].extend(ids)
 
     # --- endpoints -----------------------------------------------------------------------------
     async def endpoint_connected(self, session: EndpointSession, hello: dict[str, Any]) -> None:
@@ -282,15 +306,21 @@ class Relay:
         if kind == Msg.RECEIVED:
             ids = require(msg, "ids", list)
             ts = msg.get("ts") or time.time()
-            self.store.set_state(ids, TaskState.DISPATCHED, ts)
+            self._deferred[TaskState.DISPATCHED].update(dict.fromkeys(ids, ts))
             await self._push_status(ids, TaskState.DISPATCHED, ts)
         elif kind == Msg.RUNNING:
             ids = require(msg, "ids", list)
             ts = msg.get("ts") or time.time()
-            self.store.set_state(ids, TaskState.RUNNING, ts)
+            self._deferred[TaskState.RUNNING].update(dict.fromkeys(ids, ts))
             await self._push_status(ids, TaskState.RUNNING, ts)
         elif kind == Msg.RESULT:
             results = require(msg, "results", list)
+            for r in results:  # the result's row carries the times not yet written
+                times = r.setdefault("times", {})
+                for state, stamps in self._deferred.items():
+                    ts = stamps.pop(r["id"], None)
+                    if ts is not None:
+                        times.setdefault(state.value, ts)
             fresh = self.store.store_results(results)
             await _safe_send(session, encode(Msg.RESULT_ACK, ids=[r["id"] for r in results]))
             self.counters["results"] += len(fresh)
@@ -348,4 +378,4 @@ async def _safe_send(session: Any, frame: bytes) -> None:
         log.debug("send to %r failed: %s", session, exc)
 
 
-__all__ = ["Relay", "ClientSession", "EndpointSession", "row_to_result", "asyncio"]
+__all__ = ["Relay", "ClientSession", "EndpointSession", "row_to_result"]

@@ -293,15 +293,17 @@ class Store:
         with self._conn.begin():
             self._insert_ignore(tasks, rows)
 
-    def set_state(self, ids: Iterable[str], state: TaskState, ts: float | None = None) -> None:
-        """Move open tasks to a non-terminal state (a terminal task never moves again)."""
-        params = [{"b_id": i, "b_ts": ts or time.time()} for i in ids]
+    def set_state(self, stamps: Iterable[tuple[str, float]], state: TaskState) -> None:
+        """Move open tasks to a non-terminal state at the given times (terminal tasks never move again)."""
+        params = [{"b_id": i, "b_ts": ts} for i, ts in stamps]
         if not params:
             return
         col = _TIME_COLUMN[state]
         stmt = (
             update(tasks)
-            .where(and_(tasks.c.id == bindparam("b_id"), tasks.c.state.in_(_OPEN_STATES)))
+            # "open" as t_done IS NULL (every terminal write sets t_done): an IN list cannot be
+            # used in an executemany statement
+            .where(and_(tasks.c.id == bindparam("b_id"), tasks.c.t_done.is_(None)))
             .values({"state": state.value, col: bindparam("b_ts")})
         )
         with self._conn.begin():
@@ -312,7 +314,7 @@ class Store:
         ids = [r["id"] for r in results]
         with self._conn.begin():
             open_rows = self._conn.execute(
-                select(tasks.c.id, tasks.c.owner_id, tasks.c.t_running).where(
+                select(tasks.c.id, tasks.c.owner_id, tasks.c.t_dispatched, tasks.c.t_running).where(
                     and_(tasks.c.id.in_(ids), tasks.c.state.in_(_OPEN_STATES))
                 )
             ).all()
@@ -329,6 +331,7 @@ class Store:
                             "b_state": r["state"],
                             "b_result": r.get("data"),
                             "b_error": json.dumps(r["error"]) if r.get("error") else None,
+                            "b_dispatched": times.get(TaskState.DISPATCHED.value) or open_ids[r["id"]].t_dispatched,
                             "b_running": times.get(TaskState.RUNNING.value) or open_ids[r["id"]].t_running,
                             "b_done": times.get(r["state"]) or now,
                         }
@@ -340,6 +343,7 @@ class Store:
                         state=bindparam("b_state"),
                         result=bindparam("b_result"),
                         error=bindparam("b_error"),
+                        t_dispatched=bindparam("b_dispatched"),
                         t_running=bindparam("b_running"),
                         t_done=bindparam("b_done"),
                         payload=None,  # the arguments are not needed once a result exists

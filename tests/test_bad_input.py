@@ -79,7 +79,8 @@ def test_config_with_a_wrong_key_is_reported_with_file_key_and_hint(stack, tmp_p
     assert out.returncode != 0
     text = " ".join(out.stderr.split())
     assert str(cfg_dir / "config.yaml") in text
-    assert "engine.type: 'proces' is not one of thread, process (did you mean 'process'?)" in text
+    assert "engine.type: 'proces' is not one of thread, process" in text
+    assert "(did you mean 'process'?)" in text
     assert "unknown key 'wokers' (did you mean 'workers'?)" in text
     assert "unknown key 'heartbeat' (did you mean 'heartbeat_s'?)" in text
 

@@ -3,6 +3,7 @@ every future resolves exactly once with the right value."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections import Counter
@@ -77,10 +78,13 @@ def test_results_spooled_while_service_is_down_are_delivered(fresh_stack: LocalS
     wait_for(lambda: all(f.running() for f in futures[:2]), what="tasks to start")
     fresh_stack.kill_service()
     spool = fresh_stack.endpoint_dir() / "spool"
-    wait_for(lambda: len(list(spool.glob("*.spool"))) >= 1, what="results to land in the endpoint's spool")
+    wait_for(lambda: sum(p.stat().st_size for p in spool.glob("*.spool")) > 0,
+             what="results to land in the endpoint's spool")
     fresh_stack.start_service()
     assert [f.result(timeout=90) for f in futures] == [0, 1, 2, 3]
-    wait_for(lambda: not list(spool.glob("*.spool")), what="the spool to empty once the service has the results")
+    status = fresh_stack.endpoint_dir() / "status.json"
+    wait_for(lambda: json.loads(status.read_text()).get("spooled") == 0, timeout=30,
+             what="the spool to empty once the service has the results")
     ex.shutdown()
 
 
