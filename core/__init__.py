@@ -25,6 +25,7 @@ from .errors import (
 )
 from .executor import Executor
 from .futures import TetherFuture
+from .shell import MPIFunction, ShellCommandFailed, ShellFunction, ShellResult
 
 __all__ = [
     "AuthError",
@@ -33,8 +34,12 @@ __all__ = [
     "EndpointOffline",
     "Executor",
     "InvalidResourceSpecification",
+    "MPIFunction",
     "PayloadTooLarge",
     "SerializationError",
+    "ShellCommandFailed",
+    "ShellFunction",
+    "ShellResult",
     "TaskCancelled",
     "TaskFailed",
     "TaskRejected",

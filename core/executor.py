@@ -13,6 +13,7 @@ from .config import find_service
 from .connection import Connection
 from .errors import TetherError
 from .futures import TetherFuture
+from .resources import validate_resource_specification
 from .serialize import function_id, serialize
 
 
@@ -126,6 +127,8 @@ class Executor(concurrent.futures.Executor):
 
     def _check_call(self, fn: Any, args: tuple, kwargs: dict) -> None:
         """Hook for callables that can validate their arguments before anything is sent."""
+        if self.resource_specification is not None:
+            validate_resource_specification(self.resource_specification)
         check = getattr(fn, "validate_call", None)
         if callable(check):
             check(args, kwargs, self.resource_specification)

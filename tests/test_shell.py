@@ -1,0 +1,175 @@
+"""ShellFunction against a real service and endpoint: streams, exit codes, walltime, templates,
+check=True, the sandbox, and that cancelling (or losing) the task kills the command's processes."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from conftest import pid_alive, wait_for
+from tether import (
+    Executor,
+    ShellCommandFailed,
+    ShellFunction,
+    ShellResult,
+    TaskCancelled,
+    TaskFailed,
+    TetherError,
+)
+from tether.local import local_stack
+from tether.protocol import TaskState
+from tether.shell import ShellTemplateError, _tail
+
+#: starts a background sleep, publishes its pid atomically, waits for it
+SLEEPER = ShellFunction("sleep 300 & echo $! > {p}.tmp; mv {p}.tmp {p}; wait")
+
+
+def test_stdout_stderr_and_exit_code(executor: Executor) -> None:
+    fn = ShellFunction("echo {x}; echo oops >&2; exit 3", walltime=60)
+    r = executor.submit(fn, x=42).result(timeout=30)
+    assert isinstance(r, ShellResult)
+    assert (r.returncode, r.stdout, r.stderr) == (3, "42\n", "oops\n")
+    assert r.cmd == "echo 42; echo oops >&2; exit 3"
+    assert r.exception_name == "subprocess.CalledProcessError"
+
+    ok = executor.submit(ShellFunction("printf 'a b\\nc'")).result(timeout=30)
+    assert (ok.returncode, ok.stdout, ok.stderr, ok.exception_name) == (0, "a b\nc", "", None)
+
+
+def test_walltime_kills_the_whole_process_group(executor: Executor, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pids"
+    # a child of the shell (not exec'd) and a grandchild: both must die
+    cmd = "sleep 100 & echo $! > {pidfile}.1; bash -c 'sleep 100 & echo $! > {pidfile}.2; wait'; wait"
+    started = time.monotonic()
+    r = executor.submit(ShellFunction(cmd, walltime=1), pidfile=str(pidfile)).result(timeout=30)
+    elapsed = time.monotonic() - started
+    assert r.returncode == 124
+    assert r.exception_name == "subprocess.TimeoutExpired"
+    assert elapsed < 10, f"walltime of 1 s took {elapsed:.1f} s"
+    for suffix in (".1", ".2"):
+        pid = int(Path(f"{pidfile}{suffix}").read_text())
+        wait_for(lambda pid=pid: not pid_alive(pid), timeout=10, what=f"sleep {pid} to die")
+
+
+def test_walltime_escalates_to_sigkill(executor: Executor, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    r = executor.submit(ShellFunction("trap '' TERM; echo $$ > {p}; exec sleep 100", walltime=0.5),
+                        p=str(pidfile)).result(timeout=30)
+    assert r.returncode == 124
+    pid = int(pidfile.read_text())
+    wait_for(lambda: not pid_alive(pid), timeout=10, what="the TERM-ignoring command to be killed")
+
+
+def test_missing_template_key_fails_at_submit(executor: Executor) -> None:
+    fn = ShellFunction("cp {src} {dst}")
+    with pytest.raises(KeyError) as info:
+        executor.submit(fn, src="a", other="b")
+    assert isinstance(info.value, TetherError) and isinstance(info.value, ShellTemplateError)
+    text = str(info.value)
+    assert "dst" in text and "given: other, src" in text
+
+    with pytest.raises(ShellTemplateError, match="keyword arguments only"):
+        executor.submit(fn, "a", "b")
+
+
+def test_malformed_template_is_an_error_at_construction() -> None:
+    with pytest.raises(ValueError, match=r"\{\{"):
+        ShellFunction("for i in {1..3}; do echo $i; done")
+    with pytest.raises(ValueError, match="walltime"):
+        ShellFunction("true", walltime=0)
+    # doubled braces are literal
+    assert ShellFunction("echo ${{HOME}} {x}").format((), {"x": 1}) == "echo ${HOME} 1"
+
+
+def test_check_true_failure_shows_returncode_and_stderr_tail(executor: Executor) -> None:
+    fn = ShellFunction("echo fine; for i in $(seq 1 50); do echo line$i >&2; done; exit 7", check=True)
+    fut = executor.submit(fn)
+    with pytest.raises(ShellCommandFailed) as info:
+        fut.result(timeout=30)
+    exc = info.value
+    assert isinstance(exc, TaskFailed)
+    text = str(exc)
+    assert "returncode 7" in text
+    assert "line50" in text and "line31" in text and "line30\n" not in text  # the last 20 lines
+    assert fut.state == TaskState.FAILED
+
+    # check=True and success: a plain result
+    assert executor.submit(ShellFunction("true", check=True)).result(timeout=30).returncode == 0
+
+
+def test_snippet_lines_keeps_the_last_lines(executor: Executor) -> None:
+    fn = ShellFunction("seq 1 {n}; seq 1 3 >&2", snippet_lines=10)
+    r = executor.submit(fn, n=200000).result(timeout=60)
+    assert r.stdout.splitlines() == [str(i) for i in range(199991, 200001)]
+    assert r.stderr == "1\n2\n3\n"
+    none = executor.submit(ShellFunction("echo hidden", snippet_lines=0)).result(timeout=30)
+    assert (none.stdout, none.returncode) == ("", 0)
+
+
+def test_runs_in_the_task_sandbox_with_task_id(executor: Executor, stack) -> None:
+    fn = ShellFunction("pwd; echo $TETHER_TASK_ID; echo $GREETING; touch made-here", env={"GREETING": "hi"})
+    fut = executor.submit(fn)
+    r = fut.result(timeout=30)
+    cwd, task_id, greeting = r.stdout.splitlines()
+    assert task_id == fut.task_id
+    assert greeting == "hi"
+    sandbox = stack.endpoint_dir() / "tasks" / fut.task_id
+    assert Path(cwd).resolve() == sandbox.resolve()
+    assert (sandbox / "made-here").exists()
+
+    sub = executor.submit(ShellFunction("pwd", cwd="work/dir")).result(timeout=30)
+    assert sub.stdout.strip().endswith(os.path.join("work", "dir"))
+
+
+def test_cancel_kills_the_running_command(executor: Executor, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    fut = executor.submit(SLEEPER, p=str(pidfile))
+    wait_for(pidfile.exists, timeout=30, what="the command to start")
+    pid = int(pidfile.read_text())
+    assert pid_alive(pid)
+    assert fut.cancel()
+    with pytest.raises(TaskCancelled):
+        fut.result(timeout=30)
+    wait_for(lambda: not pid_alive(pid), timeout=15, what="the cancelled command's sleep to die")
+    # the endpoint still works afterwards
+    assert executor.submit(ShellFunction("echo {x}"), x="after").result(timeout=30).stdout == "after\n"
+
+
+def test_stopping_the_endpoint_kills_running_commands(fresh_stack, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    with Executor(endpoint_id=fresh_stack.endpoint_id, service=fresh_stack.service_url,
+                  token=fresh_stack.token) as ex:
+        fut = ex.submit(SLEEPER, p=str(pidfile))
+        wait_for(pidfile.exists, timeout=30, what="the command to start")
+        pid = int(pidfile.read_text())
+        fresh_stack.kill_endpoint()  # SIGKILL: the daemon cannot clean up; the lifeline must
+        wait_for(lambda: not pid_alive(pid), timeout=15, what="the orphaned command to die")
+        fut.cancel()
+
+
+def test_thread_engine_runs_shell_functions_in_their_sandbox(tmp_path: Path) -> None:
+    with local_stack(tmp_path / "home", engine="thread", workers=2) as s:
+        with Executor(endpoint_id=s.endpoint_id, service=s.service_url, token=s.token) as ex:
+            futs = [ex.submit(ShellFunction("pwd; echo $TETHER_TASK_ID; exit {i}"), i=i) for i in range(4)]
+            for i, fut in enumerate(futs):
+                r = fut.result(timeout=30)
+                assert r.returncode == i
+                cwd, tid = r.stdout.split()
+                assert tid == fut.task_id and Path(cwd).name == fut.task_id
+            r = ex.submit(ShellFunction("sleep 100", walltime=0.5)).result(timeout=30)
+            assert r.returncode == 124
+
+
+def test_tail_reads_from_the_end(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(b"".join(b"%d\n" % i for i in range(100000)))
+    assert _tail(str(p), 3, block=7) == ("99997\n99998\n99999\n", True)
+    p.write_bytes(b"a\nb")
+    assert _tail(str(p), 2) == ("a\nb", False)
+    assert _tail(str(p), 1) == ("b", True)
+    p.write_bytes(b"")
+    assert _tail(str(p), 5) == ("", False)
+    p.write_bytes("é\n".encode() * 3)
+    assert _tail(str(p), 2, block=3) == ("é\né\n", True)
