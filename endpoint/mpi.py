@@ -97,6 +97,12 @@ def mpi_environment(spec: dict[str, Any] | None, engine: dict[str, Any] | None =
     if kind not in LOCAL_ENGINES and os.environ.get("PARSL_MPI_PREFIX"):
         # Parsl's MPIExecutor placed this task on nodes of its block and said how to launch on them
         return {"TETHER_MPI_PREFIX": os.environ["PARSL_MPI_PREFIX"]}
+    if engine.get("parsl_mpi_env"):
+        raise InvalidResourceSpecification(
+            f"the {kind} engine did not give this task an MPI launch prefix (PARSL_MPI_PREFIX is not set "
+            f"in the worker); its resource_specification was {spec!r}. Ask for ranks with 'num_ranks' or "
+            f"'ranks_per_node', and check that the engine runs Parsl's MPIExecutor"
+        )
     layout: MPILayout = check_mpi_specification(spec)
     hosts = list(engine.get("mpi_hosts") or ["localhost"])
     if layout.num_nodes > len(hosts):

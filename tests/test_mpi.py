@@ -147,6 +147,10 @@ def test_parsl_engine_prefix_from_the_environment_wins(monkeypatch: pytest.Monke
     monkeypatch.setenv("PARSL_MPI_PREFIX", "mpiexec -n 8 -ppn 4 -hosts a,b")
     assert mpi_environment({"num_nodes": 2, "num_ranks": 8}, {"type": "mpi"}) == {
         "TETHER_MPI_PREFIX": "mpiexec -n 8 -ppn 4 -hosts a,b"}
+    monkeypatch.delenv("PARSL_MPI_PREFIX")
+    with pytest.raises(InvalidResourceSpecification, match="did not give this task an MPI launch prefix"):
+        mpi_environment({"num_ranks": 2}, {"type": "mpi", "parsl_mpi_env": True})
+    monkeypatch.setenv("PARSL_MPI_PREFIX", "stale")
     # the local engines never inherit a stale prefix: they compose their own
     if _mpi_missing() is None:
         env = mpi_environment({"num_ranks": 2}, {"type": "process"})
