@@ -72,9 +72,11 @@ class Connection:
                     conn.close()
                     del cls._instances[key]
 
-    def __init__(self, info: ServiceInfo, batch_size: int = 512):
+    def __init__(self, info: ServiceInfo, batch_size: int = 512, batch_interval: float = 0.002):
         self.info = info
         self.batch_size = batch_size
+        self.batch_interval = batch_interval
+        self._last_send = 0.0
         self.futures: dict[str, TetherFuture] = {}
         self.max_payload: int | None = None
         self.fatal: TetherError | None = None
@@ -138,7 +140,9 @@ class Connection:
             self._thread.join(timeout=5)
 
     async def _shutdown(self) -> None:
+        self._send_collected()
         if self._ws is not None:
+            await asyncio.sleep(0)  # let the frame queued above go out
             await self._ws.close()
         current = asyncio.current_task()
         pending = [t for t in asyncio.all_tasks() if t is not current]
@@ -151,14 +155,27 @@ class Connection:
         if not self._wake_pending:
             self._wake_pending = True
             try:
-                self._loop.call_soon_threadsafe(self._flush)
+                self._loop.call_soon_threadsafe(self._woken)
             except RuntimeError:  # loop closed at interpreter exit
                 pass
+
+    def _woken(self) -> None:
+        """Send now if the line was quiet; if a batch just left, gather for ``batch_interval``.
+
+        A lone task goes out at once (latency); a stream of submissions becomes a few large
+        frames (throughput: each frame is a commit at the service and a syscall on each side).
+        """
+        wait = self.batch_interval - (self._loop.time() - self._last_send)
+        if wait > 0:
+            self._loop.call_later(wait, self._flush)
+        else:
+            self._flush()
 
     # --- the background loop -----------------------------------------------------------------
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         self._loop.create_task(self._maintain())
+        self._loop.create_task(self._collect_loop())
         try:
             self._loop.run_forever()
         finally:
@@ -227,6 +244,8 @@ class Connection:
         ws = self._ws
         if ws is None:
             return  # sent by _resume once connected
+        if self._outbox:
+            self._last_send = self._loop.time()
         while self._outbox:
             tasks = []
             size = 0
@@ -329,9 +348,19 @@ class Connection:
                     except Exception:  # noqa: BLE001 - the text form below is enough
                         original = None
                 fut.set_exception(task_failed(r.get("error") or {}, original, tid))
+        if len(self._collected) >= 1000:
+            self._send_collected()
+
+    def _send_collected(self) -> None:
+        """Tell the service which results the user has (its retention clock starts); batched."""
         if self._collected:
             self.send_control(encode(Msg.COLLECTED, ids=self._collected))
             self._collected = []
+
+    async def _collect_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            self._send_collected()
 
     def _fail_all(self, exc: TetherError) -> None:
         self.fatal = exc

@@ -27,6 +27,7 @@ from .store import Store
 log = logging.getLogger("tether.service.relay")
 
 DISPATCH_CHUNK = 1000
+STATUS_WINDOW = 0.005  # seconds a client's state updates are gathered before they are sent
 
 
 class Sender(Protocol):
@@ -34,15 +35,46 @@ class Sender(Protocol):
 
 
 class ClientSession:
-    """One connected client process of one user."""
+    """One connected client process of one user.
+
+    State updates and results for it are buffered and sent once per event-loop iteration, as
+    at most one STATUS and one RESULT frame: under load, many endpoint frames collapse into a
+    few client frames (each frame is a syscall; syscalls, not Python, bound throughput here).
+    """
 
     def __init__(self, sender: Sender, user_id: str):
         self.sender = sender
         self.user_id = user_id
         self.watching: set[str] = set()
+        self._updates: list[Any] = []
+        self._results: list[Any] = []
+        self._scheduled = False
 
     async def send(self, frame: bytes) -> None:
         await self.sender.send(frame)
+
+    def push(self, key: str, items: list[Any]) -> None:
+        if key == "updates":
+            # state changes are not worth a frame each: gathered for STATUS_WINDOW
+            if not self._updates:
+                asyncio.get_running_loop().call_later(STATUS_WINDOW, self._flush_updates)
+            self._updates.extend(items)
+            return
+        self._results.extend(items)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_results)
+
+    def _flush_updates(self) -> None:
+        if self._updates:
+            updates, self._updates = self._updates, []
+            asyncio.ensure_future(_safe_send(self, encode(Msg.STATUS, updates=updates)))
+
+    def _flush_results(self) -> None:
+        self._scheduled = False
+        if self._results:
+            results, self._results = self._results, []
+            asyncio.ensure_future(_safe_send(self, encode(Msg.RESULT, results=results)))
 
 
 class EndpointSession:
@@ -101,8 +133,8 @@ class Relay:
             self.watchers[tid].add(session)
             session.watching.add(tid)
 
-    async def _fan_out(self, ids_to_item: dict[str, Any], msg: Msg, key: str, drop: bool = False) -> None:
-        """Send each item to the sessions watching its task, one frame per session."""
+    def _fan_out(self, ids_to_item: dict[str, Any], key: str, drop: bool = False) -> None:
+        """Queue each item for the sessions watching its task."""
         per_session: dict[ClientSession, list[Any]] = defaultdict(list)
         for tid, item in ids_to_item.items():
             sessions = self.watchers.pop(tid, None) if drop else self.watchers.get(tid)
@@ -111,15 +143,14 @@ class Relay:
                 if drop:
                     s.watching.discard(tid)
         for session, items in per_session.items():
-            await _safe_send(session, encode(msg, **{key: items}))
+            session.push(key, items)
 
-    async def _push_status(self, ids: Iterable[str], state: TaskState, ts: float) -> None:
-        await self._fan_out({tid: [tid, state.value, ts] for tid in ids}, Msg.STATUS, "updates")
+    def _push_status(self, ids: Iterable[str], state: TaskState, ts: float) -> None:
+        self._fan_out({tid: [tid, state.value, ts] for tid in ids}, "updates")
 
-    async def _push_results(self, results: list[dict[str, Any]]) -> None:
-        await self._fan_out(
+    def _push_results(self, results: list[dict[str, Any]]) -> None:
+        self._fan_out(
             {r["id"]: {k: r.get(k) for k in ("id", "state", "data", "error", "times")} for r in results},
-            Msg.RESULT,
             "results",
             drop=True,
         )
@@ -186,6 +217,7 @@ class Relay:
         functions = msg.get("functions") or {}
         if not isinstance(functions, dict) or not all(isinstance(b, bytes) for b in functions.values()):
             raise ProtocolError("'functions' must map function ids to serialized bodies (bytes)")
+        self.counters["submit_frames"] += 1
         accepted, rejected = self.validate_submission(user_id, batch, functions)
         self.store.add_functions(user_id, functions)
         if accepted:
@@ -228,7 +260,7 @@ class Relay:
         if updates:
             await _safe_send(session, encode(Msg.STATUS, updates=updates))
         if results:
-            await self._push_results(results)
+            self._push_results(results)
 
     async def cancel(self, user_id: str, ids: list[str]) -> list[str]:
         rows = self.store.cancel(user_id, ids)
@@ -236,7 +268,7 @@ class Relay:
             return []
         now = time.time()
         err = {"type": "TaskCancelled", "message": "cancelled by its owner", "traceback": ""}
-        await self._push_results(
+        self._push_results(
             [{"id": r.id, "state": TaskState.CANCELLED.value, "data": None, "error": err, "times": {"cancelled": now}}
              for r in rows]
         )
@@ -307,14 +339,15 @@ class Relay:
             ids = require(msg, "ids", list)
             ts = msg.get("ts") or time.time()
             self._deferred[TaskState.DISPATCHED].update(dict.fromkeys(ids, ts))
-            await self._push_status(ids, TaskState.DISPATCHED, ts)
+            self._push_status(ids, TaskState.DISPATCHED, ts)
         elif kind == Msg.RUNNING:
             ids = require(msg, "ids", list)
             ts = msg.get("ts") or time.time()
             self._deferred[TaskState.RUNNING].update(dict.fromkeys(ids, ts))
-            await self._push_status(ids, TaskState.RUNNING, ts)
+            self._push_status(ids, TaskState.RUNNING, ts)
         elif kind == Msg.RESULT:
             results = require(msg, "results", list)
+            self.counters["result_frames"] += 1
             for r in results:  # the result's row carries the times not yet written
                 times = r.setdefault("times", {})
                 for state, stamps in self._deferred.items():
@@ -331,7 +364,7 @@ class Relay:
                         {"id": r["id"], "endpoint": session.endpoint_id, "error": r.get("error"), "ts": time.time()}
                     )
             del self.recent_failures[:-50]
-            await self._push_results(fresh)
+            self._push_results(fresh)
         elif kind == Msg.HEARTBEAT:
             session.status = {
                 "versions": msg.get("versions") or session.status.get("versions", {}),

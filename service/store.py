@@ -30,6 +30,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    func,
     select,
     update,
 )
@@ -145,6 +146,7 @@ class Store:
         self._conn = self.engine.connect()
         self._token_cache: dict[str, str | None] = {}
         self._function_cache: dict[tuple[str, str], bytes] = {}
+        self._open: set[str] = set()  # ids of tasks known to have no result yet (see store_results)
 
     def close(self) -> None:
         self._conn.close()
@@ -292,6 +294,7 @@ class Store:
         ]
         with self._conn.begin():
             self._insert_ignore(tasks, rows)
+        self._open.update(r["id"] for r in rows)
 
     def set_state(self, stamps: Iterable[tuple[str, float]], state: TaskState) -> None:
         """Move open tasks to a non-terminal state at the given times (terminal tasks never move again)."""
@@ -310,16 +313,24 @@ class Store:
             self._conn.execute(stmt, params)
 
     def store_results(self, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Store results of open tasks; returns the rows actually stored (duplicates are dropped)."""
-        ids = [r["id"] for r in results]
+        """Store results of open tasks; returns those actually stored (duplicates are dropped).
+
+        Which tasks are open is known from memory for tasks this process inserted or loaded
+        (the hot path: no SELECT); others (after a restart) are looked up. The UPDATE itself is
+        guarded by ``t_done IS NULL``, so a stored result is never overwritten.
+        """
+        unknown = [r["id"] for r in results if r["id"] not in self._open]
         with self._conn.begin():
-            open_rows = self._conn.execute(
-                select(tasks.c.id, tasks.c.owner_id, tasks.c.t_dispatched, tasks.c.t_running).where(
-                    and_(tasks.c.id.in_(ids), tasks.c.state.in_(_OPEN_STATES))
-                )
-            ).all()
-            open_ids = {r.id: r for r in open_rows}
-            fresh = [r for r in results if r["id"] in open_ids]
+            if unknown:
+                rows = self._conn.execute(
+                    select(tasks.c.id).where(and_(tasks.c.id.in_(unknown), tasks.c.t_done.is_(None)))
+                ).all()
+                self._open.update(r.id for r in rows)
+            fresh = []
+            for r in results:
+                if r["id"] in self._open:
+                    self._open.discard(r["id"])
+                    fresh.append(r)
             if fresh:
                 now = time.time()
                 params = []
@@ -331,27 +342,25 @@ class Store:
                             "b_state": r["state"],
                             "b_result": r.get("data"),
                             "b_error": json.dumps(r["error"]) if r.get("error") else None,
-                            "b_dispatched": times.get(TaskState.DISPATCHED.value) or open_ids[r["id"]].t_dispatched,
-                            "b_running": times.get(TaskState.RUNNING.value) or open_ids[r["id"]].t_running,
+                            "b_dispatched": times.get(TaskState.DISPATCHED.value),
+                            "b_running": times.get(TaskState.RUNNING.value),
                             "b_done": times.get(r["state"]) or now,
                         }
                     )
                 self._conn.execute(
                     update(tasks)
-                    .where(tasks.c.id == bindparam("b_id"))
+                    .where(and_(tasks.c.id == bindparam("b_id"), tasks.c.t_done.is_(None)))
                     .values(
                         state=bindparam("b_state"),
                         result=bindparam("b_result"),
                         error=bindparam("b_error"),
-                        t_dispatched=bindparam("b_dispatched"),
-                        t_running=bindparam("b_running"),
+                        t_dispatched=func.coalesce(bindparam("b_dispatched"), tasks.c.t_dispatched),
+                        t_running=func.coalesce(bindparam("b_running"), tasks.c.t_running),
                         t_done=bindparam("b_done"),
                         payload=None,  # the arguments are not needed once a result exists
                     ),
                     params,
                 )
-        for r in fresh:
-            r["owner"] = open_ids[r["id"]].owner_id
         return fresh
 
     def open_tasks_for_endpoint(self, endpoint_id: str, exclude: set[str], limit: int = 100_000) -> list[Any]:
@@ -363,6 +372,7 @@ class Store:
             .limit(limit)
         ).all()
         self._conn.commit()
+        self._open.update(r.id for r in rows)
         return [r for r in rows if r.id not in exclude]
 
     def get_tasks(self, owner: str, ids: list[str]) -> list[Any]:
@@ -389,6 +399,7 @@ class Store:
                     and_(tasks.c.id.in_(ids), tasks.c.owner_id == owner, tasks.c.state.in_(_OPEN_STATES))
                 )
             ).all()
+            self._open.difference_update(r.id for r in rows)
             if rows:
                 self._conn.execute(
                     update(tasks)
@@ -421,8 +432,6 @@ class Store:
         return res.rowcount or 0
 
     def count_by_state(self) -> dict[str, int]:
-        from sqlalchemy import func
-
         rows = self._conn.execute(select(tasks.c.state, func.count()).group_by(tasks.c.state)).all()
         self._conn.commit()
         return {r[0]: r[1] for r in rows}

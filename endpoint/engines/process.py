@@ -36,7 +36,6 @@ class _Worker:
     proc: Any
     conn: Any
     assigned: collections.deque = field(default_factory=collections.deque)  # TaskSpecs, in order
-    running: str | None = None
     functions: set[str] = field(default_factory=set)
     alive: bool = True
 
@@ -103,6 +102,8 @@ class ProcessEngine(Engine):
             body = None if task.function_id in worker.functions else task.function_body
             worker.functions.add(task.function_id)
             worker.assigned.append(task)
+            if len(worker.assigned) == 1:  # an idle worker starts it at once
+                self.on_running(task.id, time.time())
             try:
                 worker.conn.send(("task", task.id, task.function_id, body, task.payload, str(task.sandbox), task.spec))
             except (OSError, ValueError):
@@ -111,24 +112,19 @@ class ProcessEngine(Engine):
     def _readable(self, w: _Worker) -> None:
         try:
             while w.alive and w.conn.poll():
-                msg = w.conn.recv()
-                if msg[0] == "running":
-                    self._on_started(w, msg[1], msg[2])
-                else:
-                    self._on_finished(w, msg[1])
+                self._on_finished(w, w.conn.recv()[1])
         except (EOFError, OSError):
             self._worker_died(w)
             return
         self._assign()
 
-    def _on_started(self, w: _Worker, task_id: str, ts: float) -> None:
-        w.running = task_id
-        self.on_running(task_id, ts)
-
     def _on_finished(self, w: _Worker, result: dict[str, Any]) -> None:
-        w.running = None
+        """A worker runs its assigned tasks in order, so when one ends the next one starts:
+        that is when RUNNING is reported (saving the worker a message per task)."""
         if w.assigned and w.assigned[0].id == result["id"]:
             w.assigned.popleft()
+            if w.assigned:
+                self.on_running(w.assigned[0].id, time.time())
         else:  # cancelled while queued on the worker, raced with its start
             for t in list(w.assigned):
                 if t.id == result["id"]:
@@ -142,7 +138,7 @@ class ProcessEngine(Engine):
         self._kill(w)
         code = w.proc.exitcode
         how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
-        lost = w.assigned.popleft() if (w.running and w.assigned) else None
+        lost = w.assigned.popleft() if w.assigned else None  # the head was running
         for t in reversed(w.assigned):  # not started: simply run elsewhere
             self.queue.appendleft(t)
         if lost is not None:
@@ -172,7 +168,7 @@ class ProcessEngine(Engine):
             for t in w.assigned:
                 if t.id != task_id:
                     continue
-                if w.running == task_id or (w.assigned[0].id == task_id):
+                if w.assigned[0].id == task_id:
                     # running (or about to): kill the process group, requeue the worker's other tasks
                     w.assigned.remove(t)
                     for other in reversed(w.assigned):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import os
 import threading
-import time
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -49,6 +48,5 @@ def main(conn: Connection, allowed_methods: frozenset[str] | None, engine_info: 
             while not queue:
                 ready.wait()
             _, task_id, fid, body, payload, sandbox, spec = queue.popleft()
-        conn.send(("running", task_id, time.time()))
         conn.send(("result", run_task(task_id, fid, body, payload, sandbox, allowed_methods,
                                       spec=spec, engine=engine_info)))
