@@ -55,8 +55,10 @@ class Executor(concurrent.futures.Executor):
             process can ``Executor(task_group_id=G).reload()`` them.
         resource_specification: per-task resources (MPI ranks, ...), passed to the endpoint.
         user_endpoint_config: values for a multi-user endpoint's config template.
-        batch_size: most tasks in one submission frame. Batches form by themselves under load;
-            ``batch_interval`` (seconds) additionally lets the client wait to fill one.
+        batch_size: most tasks in one submission frame.
+        batch_interval: seconds the client gathers submissions into one frame while they
+            stream in; a task submitted after a quiet spell is sent at once. Both settings
+            apply to the process-wide connection (the last Executor created sets them).
     """
 
     def __init__(
@@ -69,7 +71,7 @@ class Executor(concurrent.futures.Executor):
         resource_specification: dict[str, Any] | None = None,
         user_endpoint_config: dict[str, Any] | None = None,
         batch_size: int = 512,
-        batch_interval: float = 0.0,
+        batch_interval: float = 0.002,
     ):
         self.endpoint_id = endpoint_id
         self.task_group_id = task_group_id or str(uuid.uuid4())
@@ -80,6 +82,7 @@ class Executor(concurrent.futures.Executor):
         self._info = find_service(service, token)
         self._conn = Connection.get(self._info)
         self._conn.batch_size = batch_size
+        self._conn.batch_interval = batch_interval
         self._functions = _FunctionCache()
         self._futures: set[TetherFuture] = set()
         self._futures_lock = threading.Lock()
