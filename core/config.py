@@ -17,7 +17,7 @@ from .errors import ConfigError
 
 
 def tether_home() -> Path:
-    return Path(os.environ.get("TETHER_HOME") or Path.home() / ".tether").expanduser()
+    return Path(os.environ.get("TETHER_HOME") or Path.home() / ".tether").expanduser().absolute()
 
 
 def service_file() -> Path:

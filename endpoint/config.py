@@ -38,7 +38,7 @@ SCHEMA: dict[str, Any] = {
         },
         "heartbeat_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
         "retries_on_worker_loss": {"type": "integer", "minimum": 0, "maximum": 100},
-        "keep_sandboxes": {"type": "boolean"},
+        "python_sandbox": {"type": "boolean"},
         "allowed_serialization_methods": {"type": "array", "items": {"type": "string"}, "minItems": 1},
         "allowed_functions": {"type": ["array", "null"], "items": {"type": "string"}},
         "max_result_bytes": {"type": "integer", "minimum": 1},
@@ -54,7 +54,9 @@ class EndpointConfig:
     engine: dict[str, Any] = field(default_factory=lambda: {"type": "process", "workers": os.cpu_count() or 1})
     heartbeat_s: float = 5.0
     retries_on_worker_loss: int = 0
-    keep_sandboxes: bool = False
+    #: run each Python function in a directory of its own (shell commands always get one);
+    #: off by default because a mkdir+rmdir per task is a large share of a short task's cost
+    python_sandbox: bool = False
     allowed_serialization_methods: list[str] = field(default_factory=lambda: ["cloudpickle"])
     allowed_functions: list[str] | None = None
     max_result_bytes: int | None = None
@@ -136,7 +138,7 @@ engine:
   workers: {workers}            # tasks that run at once
 heartbeat_s: 5           # how often capacity and versions are reported to the service
 retries_on_worker_loss: 0   # re-run a task whose worker process died under it
-keep_sandboxes: false    # keep each task's sandbox directory even when it is empty
+python_sandbox: false    # true: each Python function runs in tasks/<task id>/ (shell commands always do)
 allowed_serialization_methods: [cloudpickle]
 allowed_functions: null  # or a list of function ids this endpoint will run
 """

@@ -98,6 +98,7 @@ class EndpointDaemon:
         self.engine = make_engine(
             self.config.engine, self._on_running, self._on_result,
             allowed_methods=self.allowed_methods, retries_on_worker_loss=self.config.retries_on_worker_loss,
+            python_sandbox=self.config.python_sandbox,
         )
         await self.engine.start()
         self._write_status("starting")
@@ -287,6 +288,9 @@ def run_daemon(name: str) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     (config.dir / "daemon.pid").write_text(str(os.getpid()))
+    # tasks (and the worker processes, which inherit it) start in the endpoint's tasks/ directory
+    (config.dir / "tasks").mkdir(parents=True, exist_ok=True)
+    os.chdir(config.dir / "tasks")
     try:
         return asyncio.run(EndpointDaemon(config, credential).run())
     finally:

@@ -82,17 +82,22 @@ def run_task(
     chdir: bool = True,
     spec: dict[str, Any] | None = None,
     engine: dict[str, Any] | None = None,
+    set_env: bool = True,
 ) -> dict[str, Any]:
-    """Execute and return a RESULT record (never raises: a failure is a result too)."""
+    """Execute and return a RESULT record (never raises: a failure is a result too).
+
+    ``chdir``: run in ``sandbox`` (created, and removed again if the task left it empty);
+    ``set_env``: put ``TETHER_TASK_ID`` in the environment (not in shared-process engines).
+    """
     _local.task = TaskContext(task_id, sandbox, spec, engine or {})
     try:
-        return _run(task_id, fid, body, payload, sandbox, allowed_methods, chdir)
+        return _run(task_id, fid, body, payload, sandbox, allowed_methods, chdir, set_env)
     finally:
         _local.task = None
 
 
 def _run(task_id: str, fid: str, body: bytes | None, payload: bytes, sandbox: str | None,
-         allowed_methods: frozenset[str] | None, chdir: bool) -> dict[str, Any]:
+         allowed_methods: frozenset[str] | None, chdir: bool, set_env: bool) -> dict[str, Any]:
     started = time.time()
     times = {TaskState.RUNNING.value: started}
     try:
@@ -101,20 +106,22 @@ def _run(task_id: str, fid: str, body: bytes | None, payload: bytes, sandbox: st
     except BaseException as exc:  # noqa: BLE001
         return failure(task_id, exc, times)
     previous = None
+    if set_env:
+        os.environ["TETHER_TASK_ID"] = task_id
     if sandbox is not None and chdir:
         Path(sandbox).mkdir(parents=True, exist_ok=True)
         previous = os.getcwd()
         os.chdir(sandbox)
-        os.environ["TETHER_TASK_ID"] = task_id
     try:
         value = fn(*args, **kwargs)
         data = serialize(value)
     except BaseException as exc:  # noqa: BLE001 - SystemExit in user code is a task failure, not ours
         return failure(task_id, exc, times)
     finally:
+        if set_env:
+            os.environ.pop("TETHER_TASK_ID", None)
         if previous is not None:
             os.chdir(previous)
-            os.environ.pop("TETHER_TASK_ID", None)
             try:
                 os.rmdir(sandbox)  # only succeeds when the task left nothing behind
             except OSError:

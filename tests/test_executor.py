@@ -79,13 +79,28 @@ def test_states_and_transitions(executor: Executor) -> None:
     assert times == sorted(times)
 
 
-def test_task_runs_in_its_sandbox_with_task_id(executor: Executor, stack) -> None:
+def test_task_knows_its_id_and_runs_in_the_tasks_directory(executor: Executor, stack) -> None:
     fut = executor.submit(helpers.task_env)
     env = fut.result(timeout=30)
     assert env["task_id"] == fut.task_id
-    assert Path(env["cwd"]) == stack.endpoint_dir() / "tasks" / fut.task_id
-    kept = executor.submit(helpers.write_in_sandbox, "out.txt").result(timeout=30)
-    assert Path(kept).read_text() == "kept"
+    assert Path(env["cwd"]) == stack.endpoint_dir() / "tasks"
+    assert executor.submit(helpers.task_env).result(timeout=30)["task_id"] != fut.task_id
+
+
+def test_python_sandbox_gives_each_task_a_directory(fresh_stack) -> None:
+    config = fresh_stack.endpoint_dir() / "config.yaml"
+    fresh_stack.stop_endpoint()
+    config.write_text(config.read_text().replace("python_sandbox: false", "python_sandbox: true"))
+    fresh_stack.start_endpoint()
+    with Executor(endpoint_id=fresh_stack.endpoint_id, service=fresh_stack.service_url,
+                  token=fresh_stack.token) as ex:
+        fut = ex.submit(helpers.task_env)
+        assert Path(fut.result(timeout=30)["cwd"]) == fresh_stack.endpoint_dir() / "tasks" / fut.task_id
+        kept = ex.submit(helpers.write_in_sandbox, "out.txt")
+        assert Path(kept.result(timeout=30)) == fresh_stack.endpoint_dir() / "tasks" / kept.task_id / "out.txt"
+        empty = ex.submit(helpers.square, 2)
+        assert empty.result(timeout=30) == 4
+        assert not (fresh_stack.endpoint_dir() / "tasks" / empty.task_id).exists()  # empty sandboxes go
 
 
 def test_cancel_running_task_kills_its_process_and_children(executor: Executor, tmp_path: Path) -> None:

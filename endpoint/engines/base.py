@@ -35,8 +35,10 @@ class Engine(abc.ABC):
     """Runs tasks. Subclasses must not block the loop in any method."""
 
     def __init__(self, config: dict[str, Any], on_running: OnRunning, on_result: OnResult,
-                 allowed_methods: frozenset[str] | None = None, retries_on_worker_loss: int = 0):
+                 allowed_methods: frozenset[str] | None = None, retries_on_worker_loss: int = 0,
+                 python_sandbox: bool = False):
         self.config = config
+        self.python_sandbox = python_sandbox  # chdir into TaskSpec.sandbox for Python functions
         self.on_running = on_running
         self.on_result = on_result
         self.allowed_methods = allowed_methods

@@ -55,7 +55,8 @@ class ProcessEngine(Engine):
 
     def _spawn(self) -> _Worker:
         parent, child = self.ctx.Pipe()
-        proc = self.ctx.Process(target=worker_main, args=(child, self.allowed_methods, self.engine_info()), daemon=True,
+        proc = self.ctx.Process(target=worker_main, args=(child, self.allowed_methods, self.engine_info(),
+                                                           self.python_sandbox), daemon=True,
                                 name="tether-worker")
         proc.start()
         child.close()  # so the worker's death shows as EOF on our end

@@ -40,7 +40,8 @@ class ThreadEngine(Engine):
         ts = time.time()
         self.loop.call_soon_threadsafe(self._started, task.id, ts)
         result = run_task(task.id, task.function_id, task.function_body, task.payload, str(task.sandbox),
-                          self.allowed_methods, chdir=False, spec=task.spec, engine=self.engine_info())
+                          self.allowed_methods, chdir=False, spec=task.spec, engine=self.engine_info(),
+                          set_env=False)
         self.loop.call_soon_threadsafe(self._finished, result)
 
     def _started(self, task_id: str, ts: float) -> None:

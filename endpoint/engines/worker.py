@@ -16,7 +16,8 @@ from typing import Any
 from tether.endpoint.execute import run_task
 
 
-def main(conn: Connection, allowed_methods: frozenset[str] | None, engine_info: dict[str, Any] | None = None) -> None:
+def main(conn: Connection, allowed_methods: frozenset[str] | None, engine_info: dict[str, Any] | None = None,
+         python_sandbox: bool = False) -> None:
     try:
         os.setsid()
     except OSError:  # already a group leader
@@ -49,4 +50,4 @@ def main(conn: Connection, allowed_methods: frozenset[str] | None, engine_info: 
                 ready.wait()
             _, task_id, fid, body, payload, sandbox, spec = queue.popleft()
         conn.send(("result", run_task(task_id, fid, body, payload, sandbox, allowed_methods,
-                                      spec=spec, engine=engine_info)))
+                                      chdir=python_sandbox, spec=spec, engine=engine_info)))
