@@ -162,11 +162,13 @@ class Connection:
     def _woken(self) -> None:
         """Send now if the line was quiet; if a batch just left, gather for ``batch_interval``.
 
-        A lone task goes out at once (latency); a stream of submissions becomes a few large
-        frames (throughput: each frame is a commit at the service and a syscall on each side).
+        A lone task goes out at once (latency); a stream of submissions, while earlier tasks
+        are still in flight, becomes a few large frames (throughput: each frame is a commit at
+        the service and a syscall on each side).
         """
         wait = self.batch_interval - (self._loop.time() - self._last_send)
-        if wait > 0:
+        in_flight = len(self.futures) > len(self._outbox)
+        if wait > 0 and in_flight:
             self._loop.call_later(wait, self._flush)
         else:
             self._flush()

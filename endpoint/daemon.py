@@ -86,7 +86,7 @@ class EndpointDaemon:
         self._running_buf: list[str] = []
         self._running_since = 0.0
         self._result_buf: list[dict[str, Any]] = []
-        self._flush_scheduled = False
+        self._flush_handle: asyncio.TimerHandle | None = None
         self._last_flush = 0.0
         self.connected_since: float | None = None
 
@@ -242,17 +242,17 @@ class EndpointDaemon:
         ``FLUSH_WINDOW`` carries them all (throughput: every frame costs a spool write, a
         syscall and a commit at the service).
         """
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop = asyncio.get_running_loop()
-            if self.inflight and loop.time() - self._last_flush < FLUSH_WINDOW:
-                loop.call_later(FLUSH_WINDOW, self._flush)
-            else:
-                loop.call_soon(self._flush)
+        loop = asyncio.get_running_loop()
+        linger = bool(self.inflight) and loop.time() - self._last_flush < FLUSH_WINDOW
+        if self._flush_handle is not None:
+            if linger or self._flush_handle.when() <= loop.time():
+                return  # the pending flush takes this too
+            self._flush_handle.cancel()  # the burst is over: a lingering flush goes now
+        self._flush_handle = loop.call_at(loop.time() + (FLUSH_WINDOW if linger else 0), self._flush)
 
     def _flush(self) -> None:
         """Spool then send what the engine produced since the last flush, as one frame each."""
-        self._flush_scheduled = False
+        self._flush_handle = None
         self._last_flush = asyncio.get_running_loop().time()
         if self._running_buf:
             ids, self._running_buf = self._running_buf, []
