@@ -144,7 +144,7 @@ class Store:
         self.engine = make_engine(url)
         metadata.create_all(self.engine)
         self._conn = self.engine.connect()
-        self._token_cache: dict[str, str | None] = {}
+        self._token_cache: dict[str, str] = {}
         self._function_cache: dict[tuple[str, str], bytes] = {}
         self._open: set[str] = set()  # ids of tasks known to have no result yet (see store_results)
 
@@ -181,12 +181,17 @@ class Store:
         return user_id, token
 
     def user_by_token(self, token: str) -> str | None:
+        """The user a token belongs to. Only hits are cached: a user added by ``tether service
+        user-add`` (another process, same database) is recognised at once."""
         key = _hash(token)
-        if key not in self._token_cache:
+        user = self._token_cache.get(key)
+        if user is None:
             row = self._conn.execute(select(users.c.id).where(users.c.token_hash == key)).first()
             self._conn.commit()
-            self._token_cache[key] = row.id if row else None
-        return self._token_cache[key]
+            if row is None:
+                return None
+            user = self._token_cache[key] = row.id
+        return user
 
     def user_name(self, user_id: str) -> str | None:
         row = self._conn.execute(select(users.c.name).where(users.c.id == user_id)).first()

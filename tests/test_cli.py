@@ -1,0 +1,113 @@
+"""The command line as a user types it, against real processes in a private TETHER_HOME."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import helpers
+import pytest
+from conftest import pid_alive, wait_for
+
+from tether import Client, Executor, UnknownEndpoint
+from tether.local import LocalStack
+
+
+def tether(env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "tether.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+    if check:
+        assert proc.returncode == 0, f"tether {' '.join(args)}: {proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def test_service_json_is_private_and_complete(stack: LocalStack) -> None:
+    path = stack.home / "service.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    info = json.loads(path.read_text())
+    assert info["url"].startswith("http://127.0.0.1:") and len(info["token"]) >= 32
+    cred = stack.endpoint_dir() / "credential.json"
+    assert stat.S_IMODE(cred.stat().st_mode) == 0o600
+    assert json.loads(cred.read_text())["secret"] != info["token"]  # the endpoint has its own credential
+
+
+def test_client_finds_service_from_environment_or_home(stack: LocalStack) -> None:
+    script = (f"from tether import Executor\n"
+              f"print(Executor(endpoint_id={stack.endpoint_id!r}).submit(pow, 3, 3).result(timeout=30))")
+    env = dict(stack.env)  # TETHER_HOME only: service.json is found there
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "27", out.stderr
+    env = {k: v for k, v in stack.env.items() if k != "TETHER_HOME"}
+    env.update(TETHER_SERVICE_URL=stack.service_url, TETHER_TOKEN=stack.token, HOME=str(stack.home / "nohome"))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "27", out.stderr
+
+
+def test_no_service_configured_is_explained(tmp_path: Path) -> None:
+    env = {**os.environ, "TETHER_HOME": str(tmp_path)}
+    env.pop("TETHER_SERVICE_URL", None)
+    out = subprocess.run([sys.executable, "-c", "from tether import Executor; Executor('x')"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "tether service start" in out.stderr and "TETHER_SERVICE_URL" in out.stderr
+
+
+def test_endpoint_list_and_status(stack: LocalStack) -> None:
+    rows = json.loads(tether(stack.env, "endpoint", "list", "--json").stdout)
+    [row] = [r for r in rows if r["name"] == stack.endpoint_name]
+    assert row["endpoint_id"] == stack.endpoint_id and row["state"] == "connected" and row["engine"] == "process"
+    status = json.loads(tether(stack.env, "endpoint", "status", stack.endpoint_name, "--json").stdout)
+    assert status["running"] and status["service"]["online"]
+    cap = status["service"]["status"]["capacity"]
+    assert cap["workers_total"] == 2 and cap["engine"] == "process"
+    versions = status["service"]["status"]["versions"]
+    assert versions["python"] == f"{sys.version_info.major}.{sys.version_info.minor}" and "tether" in versions
+    table = tether(stack.env, "endpoint", "status", stack.endpoint_name).stdout
+    assert "online" in table and "workers total" in table
+
+
+def test_endpoint_lifecycle_stop_restart_delete(fresh_stack: LocalStack) -> None:
+    env = fresh_stack.env
+    pid = fresh_stack.endpoint_pid()
+    out = tether(env, "endpoint", "stop", fresh_stack.endpoint_name).stdout
+    assert "stopped" in out
+    wait_for(lambda: not pid_alive(pid), what="the endpoint daemon to exit")
+    client = Client(fresh_stack.service_url, fresh_stack.token)
+    wait_for(lambda: not client.get_endpoint(fresh_stack.endpoint_id)["online"], what="the service to see it offline")
+    out = tether(env, "endpoint", "restart", fresh_stack.endpoint_name).stdout
+    assert fresh_stack.endpoint_id in out  # same identity after a restart
+    with Executor(endpoint_id=fresh_stack.endpoint_id, service=fresh_stack.service_url, token=fresh_stack.token) as ex:
+        assert ex.submit(helpers.square, 6).result(timeout=30) == 36
+    tether(env, "endpoint", "delete", fresh_stack.endpoint_name, "--yes")
+    assert not fresh_stack.endpoint_dir().exists()
+    with pytest.raises(UnknownEndpoint):
+        client.get_endpoint(fresh_stack.endpoint_id)
+    out = tether(env, "endpoint", "status", "nope", check=False)
+    assert out.returncode != 0 and "no endpoint named 'nope'" in out.stderr
+
+
+def test_endpoint_stop_from_the_service(fresh_stack: LocalStack) -> None:
+    pid = fresh_stack.endpoint_pid()
+    Client(fresh_stack.service_url, fresh_stack.token).stop_endpoint(fresh_stack.endpoint_id)
+    wait_for(lambda: not pid_alive(pid), what="the endpoint to stop when the service asks")
+
+
+def test_users_see_only_their_own_work(stack: LocalStack, executor: Executor) -> None:
+    fut = executor.submit(helpers.square, 9)
+    assert fut.result(timeout=30) == 81
+    out = tether(stack.env, "service", "user-add", "mallory").stdout
+    token = out.split("token:")[1].strip()
+    other = Client(stack.service_url, token)
+    assert other.whoami()["name"] == "mallory"
+    assert other.list_endpoints() == []
+    with pytest.raises(UnknownEndpoint):
+        other.get_endpoint(stack.endpoint_id)
+    with pytest.raises(Exception, match="unknown task"):
+        other.get_task(fut.task_id)
+    with Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=token) as ex:
+        with pytest.raises(UnknownEndpoint):
+            ex.submit(helpers.square, 2).result(timeout=30)
