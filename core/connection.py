@@ -17,7 +17,7 @@ import itertools
 import logging
 import os
 import threading
-import time
+import warnings
 from typing import Any
 
 from websockets.exceptions import ConnectionClosed
@@ -42,7 +42,7 @@ from .protocol import (
     decode,
     encode,
 )
-from .serialize import deserialize
+from .serialize import PY_VERSION, deserialize
 from .transport import Backoff, open_ws
 
 log = logging.getLogger("tether.client")
@@ -87,6 +87,7 @@ class Connection:
         self._refs = itertools.count(1)
         self._control: collections.deque[bytes] = collections.deque()
         self._collected: list[str] = []
+        self._warned: set[Any] = set()
         self._wake_pending = False
         self._closed = False
         self._ws: Any = None
@@ -295,6 +296,8 @@ class Connection:
             self._on_error(msg)
 
     def _on_ack(self, msg: dict[str, Any]) -> None:
+        for endpoint_id, brief in (msg.get("endpoints") or {}).items():
+            self._check_endpoint(endpoint_id, brief)
         batch = self._unacked.pop(msg.get("ref"), None)
         if batch is not None:
             self._known_functions.update(batch["functions"])
@@ -308,6 +311,19 @@ class Connection:
             fut = self.futures.pop(tid, None)
             if fut is not None and not fut.done():
                 fut.set_exception(_rejection(reason))
+
+    def _check_endpoint(self, endpoint_id: str, brief: dict[str, Any]) -> None:
+        """Say once, in words, what will go wrong on an endpoint before its tasks fail."""
+        python = brief.get("python")
+        if python and python != PY_VERSION and endpoint_id not in self._warned:
+            self._warned.add(endpoint_id)
+            text = (f"endpoint {endpoint_id} runs Python {python} but this client runs Python {PY_VERSION}: "
+                    "functions pickled here will fail to load there. Use the same Python minor version.")
+            log.warning(text)
+            warnings.warn(text, RuntimeWarning, stacklevel=2)
+        if not brief.get("online") and ("offline", endpoint_id) not in self._warned:
+            self._warned.add(("offline", endpoint_id))
+            log.info("endpoint %s is offline: tasks wait for it (state waiting-for-endpoint)", endpoint_id)
 
     def _on_error(self, msg: dict[str, Any]) -> None:
         text = msg.get("message", "error from service")
@@ -386,4 +402,4 @@ def _rejection(reason: str) -> TetherError:
     return TaskRejected(reason)
 
 
-__all__ = ["Connection", "time"]
+__all__ = ["Connection"]

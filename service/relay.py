@@ -201,6 +201,16 @@ class Relay:
             accepted.append(task)
         return accepted, rejected
 
+    def _endpoint_brief(self, endpoint_id: str) -> dict[str, Any]:
+        """Online state and Python version, so the client can warn of a mismatch before any task runs."""
+        session = self.endpoints.get(endpoint_id)
+        if session is not None:
+            status = session.status
+        else:
+            ep = self.store.get_endpoint(endpoint_id)
+            status = _loads(ep["status"]) if ep and ep.get("status") else {}
+        return {"online": session is not None, "python": (status.get("versions") or {}).get("python")}
+
     def _endpoint_problem(self, user_id: str, endpoint_id: str) -> str | None:
         session = self.endpoints.get(endpoint_id)
         owner = session.owner_id if session else None
@@ -229,7 +239,8 @@ class Relay:
         for t in accepted:
             t["owner"] = user_id
             by_endpoint[t["endpoint"]].append(t)
-        ack = {"accepted": [t["id"] for t in accepted], "rejected": rejected, "ts": time.time()}
+        ack = {"accepted": [t["id"] for t in accepted], "rejected": rejected, "ts": time.time(),
+               "endpoints": {eid: self._endpoint_brief(eid) for eid in by_endpoint}}
         if session is not None:
             await _safe_send(session, encode(Msg.SUBMIT_ACK, ref=msg.get("ref"), **ack))
         for endpoint_id, items in by_endpoint.items():

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import helpers
 import httpx
 import msgpack
 import pytest
-from conftest import TEST_MAX_PAYLOAD
+from conftest import TEST_MAX_PAYLOAD, wait_for
 
 from tether import AuthError, Client, Executor, PayloadTooLarge, UnknownEndpoint
 from tether.protocol import CLIENT_WS_PATH, Msg, decode, encode
@@ -95,3 +96,38 @@ def test_rest_validation_errors_say_what_is_wrong(stack) -> None:
         assert r.status_code == 422 and "base64" in r.json()["detail"]
         assert http.get("/v1/tasks/unknown").status_code == 404
         assert http.get("/healthz").json()["status"] == "ok"
+
+
+def test_python_version_mismatch_is_reported_before_any_task_runs(stack) -> None:
+    """A (scripted) endpoint that says it runs Python 3.9: the client warns at submit, in words."""
+    from tether.protocol import ENDPOINT_WS_PATH
+    from tether.serialize import PY_VERSION
+
+    cred = Client(stack.service_url, stack.token).register_endpoint("old-python")
+    url = stack.service_url.replace("http", "ws", 1) + ENDPOINT_WS_PATH
+    connected = threading.Event()
+    done = threading.Event()
+
+    async def old_endpoint() -> None:
+        ws = await open_ws(url, {"Authorization": f"Bearer {cred['secret']}", "X-Tether-Endpoint": cred["endpoint_id"]})
+        await ws.send(encode(Msg.HELLO, versions={"python": "3.9"}, inflight=[], spooled=[]))
+        assert decode(await ws.recv())["t"] == Msg.WELCOME
+        connected.set()
+        await asyncio.get_running_loop().run_in_executor(None, done.wait, 30)
+        await ws.close()
+
+    thread = threading.Thread(target=asyncio.run, args=(old_endpoint(),))
+    thread.start()
+    try:
+        assert connected.wait(30)
+        ex = Executor(endpoint_id=cred["endpoint_id"], service=stack.service_url, token=stack.token)
+        with pytest.warns(RuntimeWarning) as record:
+            fut = ex.submit(helpers.square, 2)
+            wait_for(lambda: fut.state == "waiting-for-endpoint" or record, what="the submission to be acknowledged")
+            wait_for(lambda: len(record) > 0, what="the version warning")
+        text = str(record[0].message)
+        assert "Python 3.9" in text and f"Python {PY_VERSION}" in text
+        fut.cancel()
+    finally:
+        done.set()
+        thread.join(30)
