@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field
 
 from tether import __version__
@@ -33,6 +33,7 @@ from tether.protocol import (
     require,
 )
 
+from .metrics import make_registry, render
 from .relay import ClientSession, EndpointSession, Relay, row_to_result
 from .store import Store, transitions
 
@@ -207,18 +208,13 @@ def create_app(settings: Settings) -> FastAPI:
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "protocol": PROTOCOL_VERSION, "uptime_s": time.time() - started}
 
-    @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
-    async def metrics() -> str:
-        lines = [
-            "# HELP tether_endpoints_online Endpoints connected to this service replica.",
-            "# TYPE tether_endpoints_online gauge",
-            f"tether_endpoints_online {len(relay.endpoints)}",
-            "# HELP tether_tasks_total Tasks handled by this replica since it started.",
-            "# TYPE tether_tasks_total counter",
-        ]
-        for name, value in sorted(relay.counters.items()):
-            lines.append(f'tether_tasks_total{{event="{name}"}} {value}')
-        return "\n".join(lines) + "\n"
+    registry = make_registry(relay)
+
+    @app.get("/metrics", tags=["operations"], response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus exposition: endpoints online, their workers, task events."""
+        body, headers = render(registry)
+        return Response(body, headers=headers)
 
     @app.get("/v1/whoami", response_model=WhoAmI, tags=["auth"])
     async def whoami(user: str = Depends(current_user)) -> WhoAmI:

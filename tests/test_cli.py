@@ -111,3 +111,15 @@ def test_users_see_only_their_own_work(stack: LocalStack, executor: Executor) ->
     with Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=token) as ex:
         with pytest.raises(UnknownEndpoint):
             ex.submit(helpers.square, 2).result(timeout=30)
+
+
+def test_metrics_and_openapi(stack: LocalStack, executor: Executor) -> None:
+    import httpx
+
+    executor.submit(helpers.square, 1).result(timeout=30)
+    text = httpx.get(stack.service_url + "/metrics", trust_env=False).text
+    assert "tether_endpoints_online 1.0" in text
+    assert 'tether_task_events_total{event="results"}' in text
+    assert f'tether_endpoint_workers{{endpoint="{stack.endpoint_id}",kind="workers_total"}} 2.0' in text
+    spec = httpx.get(stack.service_url + "/openapi.json", trust_env=False).json()
+    assert {"/v1/endpoints", "/v1/tasks/{task_id}", "/v1/task_groups/{group_id}", "/v1/whoami"} <= set(spec["paths"])

@@ -179,3 +179,20 @@ def test_task_group_reload_from_a_new_process(stack) -> None:
 def test_submit_to_registered_function(executor: Executor) -> None:
     fid = executor.register_function(helpers.add)
     assert executor.submit_to_registered_function(fid, (2,), {"b": 3}).result(timeout=30) == 5
+
+
+def test_thread_engine_runs_tasks_and_cancels_queued_ones(tmp_path: Path) -> None:
+    from tether.local import local_stack
+
+    with local_stack(tmp_path / "home", engine="thread", workers=1) as st:
+        with Executor(endpoint_id=st.endpoint_id, service=st.service_url, token=st.token) as ex:
+            assert list(ex.map(helpers.square, range(20))) == [i * i for i in range(20)]
+            with pytest.raises(ZeroDivisionError):
+                ex.submit(helpers.fail_with, ZeroDivisionError("x")).result(timeout=30)
+            blocker = ex.submit(helpers.sleep_then, 1.0, "b")
+            marker = tmp_path / "never"
+            queued = ex.submit(helpers.touch, str(marker))
+            assert queued.cancel()
+            assert blocker.result(timeout=30) == "b"
+            assert ex.submit(helpers.square, 3).result(timeout=30) == 9
+            assert not marker.exists()

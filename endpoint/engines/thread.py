@@ -36,6 +36,7 @@ class ThreadEngine(Engine):
 
     def _run(self, task: TaskSpec) -> None:
         if task.id in self.cancelled:
+            self.cancelled.discard(task.id)
             return
         ts = time.time()
         self.loop.call_soon_threadsafe(self._started, task.id, ts)
@@ -51,12 +52,14 @@ class ThreadEngine(Engine):
 
     def _finished(self, result: dict[str, Any]) -> None:
         self.running.discard(result["id"])
-        if result["id"] not in self.cancelled:
+        if result["id"] in self.cancelled:
+            self.cancelled.discard(result["id"])  # already reported as cancelled
+        else:
             self.on_result(result)
 
     def cancel(self, task_id: str) -> None:
-        self.cancelled.add(task_id)
         if task_id in self.queued or task_id in self.running:
+            self.cancelled.add(task_id)
             self.queued.discard(task_id)
             self.on_result(cancelled_record(task_id, time.time()))
 
