@@ -76,6 +76,12 @@ class ClientSession:
             results, self._results = self._results, []
             asyncio.ensure_future(_safe_send(self, encode(Msg.RESULT, results=results)))
 
+    async def send_results_now(self) -> None:
+        """Send buffered results in this coroutine (the scheduled flush then finds nothing)."""
+        if self._results:
+            results, self._results = self._results, []
+            await _safe_send(self, encode(Msg.RESULT, results=results))
+
 
 class EndpointSession:
     """One connected endpoint process."""
@@ -133,8 +139,8 @@ class Relay:
             self.watchers[tid].add(session)
             session.watching.add(tid)
 
-    def _fan_out(self, ids_to_item: dict[str, Any], key: str, drop: bool = False) -> None:
-        """Queue each item for the sessions watching its task."""
+    def _fan_out(self, ids_to_item: dict[str, Any], key: str, drop: bool = False) -> set[ClientSession]:
+        """Queue each item for the sessions watching its task; returns the sessions concerned."""
         per_session: dict[ClientSession, list[Any]] = defaultdict(list)
         for tid, item in ids_to_item.items():
             sessions = self.watchers.pop(tid, None) if drop else self.watchers.get(tid)
@@ -144,12 +150,13 @@ class Relay:
                     s.watching.discard(tid)
         for session, items in per_session.items():
             session.push(key, items)
+        return set(per_session)
 
     def _push_status(self, ids: Iterable[str], state: TaskState, ts: float) -> None:
         self._fan_out({tid: [tid, state.value, ts] for tid in ids}, "updates")
 
-    def _push_results(self, results: list[dict[str, Any]]) -> None:
-        self._fan_out(
+    def _push_results(self, results: list[dict[str, Any]]) -> set[ClientSession]:
+        return self._fan_out(
             {r["id"]: {k: r.get(k) for k in ("id", "state", "data", "error", "times")} for r in results},
             "results",
             drop=True,
@@ -230,23 +237,23 @@ class Relay:
         self.counters["submit_frames"] += 1
         accepted, rejected = self.validate_submission(user_id, batch, functions)
         self.store.add_functions(user_id, functions)
-        if accepted:
-            self.store.insert_tasks(user_id, accepted)
-            self.counters["submitted"] += len(accepted)
         if session is not None:
             self.watch(session, (t["id"] for t in accepted))
         by_endpoint: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for t in accepted:
             t["owner"] = user_id
             by_endpoint[t["endpoint"]].append(t)
-        ack = {"accepted": [t["id"] for t in accepted], "rejected": rejected, "ts": time.time(),
-               "endpoints": {eid: self._endpoint_brief(eid) for eid in by_endpoint}}
-        if session is not None:
-            await _safe_send(session, encode(Msg.SUBMIT_ACK, ref=msg.get("ref"), **ack))
+        if accepted:  # stored before anything else sees it: a result can never overtake its task
+            self.store.insert_tasks(user_id, accepted)
+            self.counters["submitted"] += len(accepted)
         for endpoint_id, items in by_endpoint.items():
             ep = self.endpoints.get(endpoint_id)
             if ep is not None:
                 await self._dispatch(ep, items)
+        ack = {"accepted": [t["id"] for t in accepted], "rejected": rejected, "ts": time.time(),
+               "endpoints": {eid: self._endpoint_brief(eid) for eid in by_endpoint}}
+        if session is not None:
+            await _safe_send(session, encode(Msg.SUBMIT_ACK, ref=msg.get("ref"), **ack))
         return ack
 
     async def subscribe(self, session: ClientSession, ids: list[str]) -> None:
@@ -365,7 +372,16 @@ class Relay:
                     ts = stamps.pop(r["id"], None)
                     if ts is not None:
                         times.setdefault(state.value, ts)
-            fresh = self.store.store_results(results)
+            # Push first, store second, acknowledge third: the client has its result a commit
+            # sooner, and the endpoint keeps it spooled until it is stored.
+            fresh = self.store.claim_results(results)
+            for client in self._push_results(fresh):
+                await client.send_results_now()
+            try:
+                self.store.write_results(fresh)
+            except Exception:
+                self.store.unclaim(fresh)  # not acknowledged: the endpoint sends them again
+                raise
             await _safe_send(session, encode(Msg.RESULT_ACK, ids=[r["id"] for r in results]))
             self.counters["results"] += len(fresh)
             for r in fresh:
@@ -375,7 +391,6 @@ class Relay:
                         {"id": r["id"], "endpoint": session.endpoint_id, "error": r.get("error"), "ts": time.time()}
                     )
             del self.recent_failures[:-50]
-            self._push_results(fresh)
         elif kind == Msg.HEARTBEAT:
             session.status = {
                 "versions": msg.get("versions") or session.status.get("versions", {}),

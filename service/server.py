@@ -29,6 +29,15 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+def _ws_implementation() -> str:
+    """uvicorn's sans-I/O websockets protocol where it exists (the legacy one is deprecated)."""
+    try:
+        import uvicorn.protocols.websockets.websockets_sansio_impl  # noqa: F401
+    except ImportError:
+        return "websockets"
+    return "websockets-sansio"
+
+
 def serve(host: str = "127.0.0.1", port: int = 8421, db_url: str | None = None,
           max_payload_bytes: int | None = None, log_level: str = "warning") -> None:
     """Serve until SIGTERM/SIGINT. The embedded default needs nothing but a writable TETHER_HOME."""
@@ -61,7 +70,7 @@ def serve(host: str = "127.0.0.1", port: int = 8421, db_url: str | None = None,
     config = uvicorn.Config(
         app,
         log_level=log_level,
-        ws="websockets",
+        ws=_ws_implementation(),
         ws_max_size=settings.max_payload_bytes + 1024 * 1024,
         ws_ping_interval=20,
         ws_ping_timeout=60,

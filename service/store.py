@@ -146,7 +146,7 @@ class Store:
         self._conn = self.engine.connect()
         self._token_cache: dict[str, str] = {}
         self._function_cache: dict[tuple[str, str], bytes] = {}
-        self._open: set[str] = set()  # ids of tasks known to have no result yet (see store_results)
+        self._open: set[str] = set()  # ids of tasks known to have no result yet (see claim_results)
 
     def close(self) -> None:
         self._conn.close()
@@ -317,25 +317,34 @@ class Store:
         with self._conn.begin():
             self._conn.execute(stmt, params)
 
-    def store_results(self, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Store results of open tasks; returns those actually stored (duplicates are dropped).
+    def claim_results(self, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The results that are the first for their task (duplicates are dropped); store them
+        with :meth:`write_results`.
 
         Which tasks are open is known from memory for tasks this process inserted or loaded
-        (the hot path: no SELECT); others (after a restart) are looked up. The UPDATE itself is
-        guarded by ``t_done IS NULL``, so a stored result is never overwritten.
+        (the hot path: no SELECT); others (after a restart) are looked up.
         """
         unknown = [r["id"] for r in results if r["id"] not in self._open]
+        if unknown:
+            rows = self._conn.execute(
+                select(tasks.c.id).where(and_(tasks.c.id.in_(unknown), tasks.c.t_done.is_(None)))
+            ).all()
+            self._conn.commit()
+            self._open.update(r.id for r in rows)
+        fresh = []
+        for r in results:
+            if r["id"] in self._open:
+                self._open.discard(r["id"])
+                fresh.append(r)
+        return fresh
+
+    def unclaim(self, results: list[dict[str, Any]]) -> None:
+        self._open.update(r["id"] for r in results)
+
+    def write_results(self, fresh: list[dict[str, Any]]) -> None:
+        """Store claimed results. The UPDATE is guarded by ``t_done IS NULL``: a stored result
+        is never overwritten."""
         with self._conn.begin():
-            if unknown:
-                rows = self._conn.execute(
-                    select(tasks.c.id).where(and_(tasks.c.id.in_(unknown), tasks.c.t_done.is_(None)))
-                ).all()
-                self._open.update(r.id for r in rows)
-            fresh = []
-            for r in results:
-                if r["id"] in self._open:
-                    self._open.discard(r["id"])
-                    fresh.append(r)
             if fresh:
                 now = time.time()
                 params = []
@@ -366,7 +375,6 @@ class Store:
                     ),
                     params,
                 )
-        return fresh
 
     def open_tasks_for_endpoint(self, endpoint_id: str, exclude: set[str], limit: int = 100_000) -> list[Any]:
         rows = self._conn.execute(

@@ -55,7 +55,8 @@ def test_endpoint_killed_mid_batch_loses_nothing(fresh_stack: LocalStack) -> Non
     fresh_stack.start_endpoint()
     assert [f.result(timeout=90) for f in futures] == list(range(N))
     assert all(counts[f.task_id] == 1 for f in futures)
-    assert _stored_results(fresh_stack)["success"] == N
+    # results reach clients before their commit (the endpoint keeps them until it): wait for it
+    wait_for(lambda: _stored_results(fresh_stack)["success"] == N, what="every result to be stored once")
     ex.shutdown()
 
 
@@ -68,7 +69,8 @@ def test_service_killed_mid_batch_loses_nothing(fresh_stack: LocalStack) -> None
     fresh_stack.start_service()  # same port, same database: client and endpoint reconnect by themselves
     assert [f.result(timeout=90) for f in futures] == list(range(N))
     assert all(counts[f.task_id] == 1 for f in futures)
-    assert _stored_results(fresh_stack)["success"] == N
+    # results reach clients before their commit (the endpoint keeps them until it): wait for it
+    wait_for(lambda: _stored_results(fresh_stack)["success"] == N, what="every result to be stored once")
     ex.shutdown()
 
 
