@@ -234,6 +234,7 @@ class Relay:
         functions = msg.get("functions") or {}
         if not isinstance(functions, dict) or not all(isinstance(b, bytes) for b in functions.values()):
             raise ProtocolError("'functions' must map function ids to serialized bodies (bytes)")
+        received = time.time()
         self.counters["submit_frames"] += 1
         accepted, rejected = self.validate_submission(user_id, batch, functions)
         self.store.add_functions(user_id, functions)
@@ -244,13 +245,13 @@ class Relay:
             t["owner"] = user_id
             by_endpoint[t["endpoint"]].append(t)
         if accepted:  # stored before anything else sees it: a result can never overtake its task
-            self.store.insert_tasks(user_id, accepted)
+            self.store.insert_tasks(user_id, accepted, received)
             self.counters["submitted"] += len(accepted)
         for endpoint_id, items in by_endpoint.items():
             ep = self.endpoints.get(endpoint_id)
             if ep is not None:
                 await self._dispatch(ep, items)
-        ack = {"accepted": [t["id"] for t in accepted], "rejected": rejected, "ts": time.time(),
+        ack = {"accepted": [t["id"] for t in accepted], "rejected": rejected, "ts": received,
                "endpoints": {eid: self._endpoint_brief(eid) for eid in by_endpoint}}
         if session is not None:
             await _safe_send(session, encode(Msg.SUBMIT_ACK, ref=msg.get("ref"), **ack))

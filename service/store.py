@@ -278,9 +278,9 @@ class Store:
         return body
 
     # --- tasks -------------------------------------------------------------------------------
-    def insert_tasks(self, owner: str, batch: list[dict[str, Any]]) -> None:
+    def insert_tasks(self, owner: str, batch: list[dict[str, Any]], now: float | None = None) -> None:
         """Store a batch of submitted tasks (idempotent by task id) as waiting-for-endpoint."""
-        now = time.time()
+        now = now or time.time()
         rows = [
             {
                 "id": t["id"],
