@@ -12,6 +12,9 @@ from .errors import TaskCancelled
 from .protocol import TaskState
 
 
+_ORDER = {state.value: i for i, state in enumerate(TaskState)}
+
+
 class TetherFuture(concurrent.futures.Future):
     """Future of one remote task.
 
@@ -32,9 +35,12 @@ class TetherFuture(concurrent.futures.Future):
         return f"<TetherFuture {self.task_id} {self.state}>"
 
     def _record(self, state: str, ts: float | None) -> None:
-        if ts is not None:
-            self.transitions.setdefault(state, ts)
-        self.state = state
+        if ts is not None and state not in self.transitions:
+            self.transitions[state] = ts
+            # reports arrive out of order (a result carries times that status updates lacked)
+            self.transitions = dict(sorted(self.transitions.items(), key=lambda kv: _ORDER.get(kv[0], len(_ORDER))))
+        if _ORDER.get(state, 0) >= _ORDER.get(self.state, 0):  # never backwards
+            self.state = state
 
     def _mark_running(self) -> None:
         with self._condition:

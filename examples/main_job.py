@@ -10,7 +10,7 @@ import math
 import statistics
 import time
 
-from tether import Executor, TaskFailed
+from tether import Executor, ShellFunction, TaskFailed
 from tether.local import local_stack
 
 
@@ -41,24 +41,26 @@ def main() -> None:
         print(f"  service  {stack.service_url}\n  endpoint {stack.endpoint_id}\n  state    {stack.home}")
         with Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token) as ex:
             t0 = time.perf_counter()
-            print("pow(2, 10)          =", ex.submit(pow, 2, 10).result())
-            print("map(str.upper)      =", list(ex.map(str.upper, ["a", "b", "c"])))
+            print("pow(2, 10)           =", ex.submit(pow, 2, 10).result())
+            print("map(str.upper)       =", list(ex.map(str.upper, ["a", "b", "c"])))
             estimates = list(ex.map(monte_carlo_pi, [200_000] * 8, range(8)))
-            print(f"pi (8 tasks)        = {statistics.mean(estimates):.4f} (± {statistics.stdev(estimates):.4f})")
+            print(f"pi (8 tasks)         = {statistics.mean(estimates):.4f} (± {statistics.stdev(estimates):.4f})")
             info = ex.submit(where_am_i).result()
-            print(f"ran in              = pid {info['pid']} on {info['host']}, task {info['task']}")
+            print(f"ran in               = pid {info['pid']} on {info['host']}, task {info['task']}")
+            shell = ex.submit(ShellFunction("echo {greeting} from $(hostname)"), greeting="hello").result()
+            print(f"shell command        = exit {shell.returncode}, stdout {shell.stdout.split()}")
             fut = ex.submit(fails, -1.0)
             try:
                 fut.result()
             except ValueError as exc:  # the remote type is preserved ...
                 assert isinstance(exc, TaskFailed)  # ... and it is a TaskFailed too, with the remote traceback
-                print(f"log(-1) raised      = {exc.remote_type}: {exc.remote_message}")
+                print(f"log(-1) raised       = {exc.remote_type}: {exc.remote_message}")
             print(f"task {fut.task_id[:8]} went through: {', '.join(fut.transitions)}")
             n = 2000
             t1 = time.perf_counter()
             total = sum(f.result() for f in [ex.submit(abs, -i) for i in range(n)])
             dt = time.perf_counter() - t1
-            print(f"{n} small tasks      = sum {total} in {dt:.2f}s ({n / dt:,.0f} tasks/s)")
+            print(f"{n} small tasks     = sum {total} in {dt:.2f}s ({n / dt:,.0f} tasks/s)")
             print(f"all done in {time.perf_counter() - t0:.2f}s; shutting down")
     print("service and endpoint stopped.")
 
