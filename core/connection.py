@@ -83,6 +83,8 @@ class Connection:
         self._outbox: collections.deque[dict[str, Any]] = collections.deque()
         self._functions_to_send: dict[str, bytes] = {}
         self._known_functions: set[str] = set()
+        self._reregistered: set[str] = set()
+        self._bodies: dict[str, bytes] = {}  # every function submitted here, to re-register if the service forgot
         self._unacked: dict[int, dict[str, Any]] = {}
         self._refs = itertools.count(1)
         self._control: collections.deque[bytes] = collections.deque()
@@ -107,8 +109,10 @@ class Connection:
                 f"{self.max_payload} bytes per task"
             )
         fid = task["function"]
-        if function_body is not None and fid not in self._known_functions:
-            self._functions_to_send[fid] = function_body
+        if function_body is not None:
+            self._bodies.setdefault(fid, function_body)
+            if fid not in self._known_functions:
+                self._functions_to_send[fid] = function_body
         self.futures[task["id"]] = future
         self._outbox.append(task)
         self._wake()
@@ -307,10 +311,23 @@ class Connection:
             if fut is not None and fut.state == TaskState.RECEIVED:
                 fut._record(TaskState.RECEIVED.value, ts)
                 fut._record(TaskState.WAITING.value, ts)
+        retry = []
         for tid, reason in (msg.get("rejected") or {}).items():
+            task = next((t for t in batch["tasks"] if t["id"] == tid), None) if batch else None
+            if "(UnknownFunction)" in reason and task is not None and task["function"] in self._bodies \
+                    and tid not in self._reregistered:
+                # the service lost the function (its database was replaced): register it again, once
+                self._reregistered.add(tid)
+                self._known_functions.discard(task["function"])
+                self._functions_to_send[task["function"]] = self._bodies[task["function"]]
+                retry.append(task)
+                continue
             fut = self.futures.pop(tid, None)
             if fut is not None and not fut.done():
                 fut.set_exception(_rejection(reason))
+        if retry:
+            self._outbox.extend(retry)
+            self._flush()
 
     def _check_endpoint(self, endpoint_id: str, brief: dict[str, Any]) -> None:
         """Say once, in words, what will go wrong on an endpoint before its tasks fail."""

@@ -203,7 +203,7 @@ class Relay:
                 continue
             fid = task["function"]
             if fid not in functions and self.store.get_function(user_id, fid) is None:
-                rejected[tid] = f"function {fid} is not registered; submit it with its body first"
+                rejected[tid] = f"function {fid} is not registered; submit it with its body first (UnknownFunction)"
                 continue
             accepted.append(task)
         return accepted, rejected

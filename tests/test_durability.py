@@ -99,3 +99,16 @@ def test_tasks_wait_for_an_offline_endpoint(fresh_stack: LocalStack) -> None:
     fresh_stack.start_endpoint()
     assert [f.result(timeout=60) for f in futures] == [i * i for i in range(10)]
     ex.shutdown()
+
+
+def test_a_service_that_forgot_a_function_gets_it_again(fresh_stack: LocalStack) -> None:
+    with Executor(endpoint_id=fresh_stack.endpoint_id, service=fresh_stack.service_url,
+                  token=fresh_stack.token) as ex:
+        assert ex.submit(helpers.square, 3).result(timeout=30) == 9  # the client now knows it is registered
+        fresh_stack.kill_service()
+        db = sqlite3.connect(fresh_stack.home / "service" / "tether.db")
+        with db:
+            db.execute("DELETE FROM functions")
+        db.close()
+        fresh_stack.start_service()
+        assert ex.submit(helpers.square, 4).result(timeout=60) == 16
