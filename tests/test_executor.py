@@ -196,3 +196,16 @@ def test_thread_engine_runs_tasks_and_cancels_queued_ones(tmp_path: Path) -> Non
             assert blocker.result(timeout=30) == "b"
             assert ex.submit(helpers.square, 3).result(timeout=30) == 9
             assert not marker.exists()
+
+
+def test_endpoint_runs_only_allowed_functions(fresh_stack) -> None:
+    with Executor(endpoint_id=fresh_stack.endpoint_id, service=fresh_stack.service_url,
+                  token=fresh_stack.token) as ex:
+        allowed = ex.register_function(helpers.square)
+        config = fresh_stack.endpoint_dir() / "config.yaml"
+        fresh_stack.stop_endpoint()
+        config.write_text(config.read_text().replace("allowed_functions: null", f"allowed_functions: [{allowed}]"))
+        fresh_stack.start_endpoint()
+        assert ex.submit(helpers.square, 5).result(timeout=30) == 25
+        with pytest.raises(PermissionError, match="not in this endpoint's allowed_functions"):
+            ex.submit(helpers.add, 1, 2).result(timeout=30)
