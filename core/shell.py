@@ -244,6 +244,10 @@ class ShellFunction:
                     stdin=subprocess.DEVNULL, stdout=out_fd, stderr=err_fd, cwd=workdir, env=env,
                     start_new_session=True, pass_fds=(life_r,), close_fds=True,
                 )
+            except OSError as exc:  # no /bin/bash, a cwd that does not exist: say which
+                _unlink(out_path, err_path)
+                raise type(exc)(exc.errno, f"cannot start the command in {workdir}: {exc.strerror}",
+                                exc.filename) from None
             finally:
                 os.close(life_r)
                 os.close(out_fd)
@@ -262,11 +266,7 @@ class ShellFunction:
         out, out_trimmed = _tail(out_path, self.snippet_lines)
         err, err_trimmed = _tail(err_path, self.snippet_lines)
         if not (out_trimmed or err_trimmed):  # the result holds everything: nothing to keep
-            for path in (out_path, err_path):
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+            _unlink(out_path, err_path)
         name = TIMEOUT_NAME if timed_out else (FAILED_NAME if returncode != 0 else None)
         result = ShellResult(cmd, returncode, out, err, name)
         if self.check and returncode != 0:
@@ -325,6 +325,14 @@ def _kill_group(proc: subprocess.Popen[bytes], grace: float) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+
+
+def _unlink(*paths: str) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def _group_alive(pgid: int) -> bool:

@@ -162,6 +162,21 @@ def test_thread_engine_runs_shell_functions_in_their_sandbox(tmp_path: Path) -> 
             assert r.returncode == 124
 
 
+def test_missing_cwd_fails_in_words(executor: Executor, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="cannot start the command in .*nowhere"):
+        executor.submit(ShellFunction("true", cwd=str(tmp_path / "nowhere"))).result(timeout=30)
+
+
+def test_same_command_same_function_id() -> None:
+    from tether.serialize import function_id, serialize
+
+    a, b = ShellFunction("echo {x}", walltime=5), ShellFunction("echo {x}", walltime=5)
+    assert function_id(serialize(a)) == function_id(serialize(b))
+    assert function_id(serialize(a)) != function_id(serialize(ShellFunction("echo {x}", walltime=6)))
+    assert a.__name__ == "ShellFunction: echo {x}"
+    assert ShellFunction("true", name="noop").__name__ == "noop"
+
+
 def test_tail_reads_from_the_end(tmp_path: Path) -> None:
     p = tmp_path / "f"
     p.write_bytes(b"".join(b"%d\n" % i for i in range(100000)))
