@@ -14,11 +14,12 @@ from typing import Any
 
 import jsonschema
 import yaml
-
 from tether.config import tether_home
 from tether.errors import ConfigError
 
-ENGINE_TYPES = ("thread", "process")
+ENGINE_TYPES = ("thread", "process", "htex", "mpi")
+#: Engines built on Parsl: their keys are checked against the installed Parsl (see engines/parsl_engine.py).
+PARSL_ENGINE_TYPES = ("htex", "mpi")
 
 #: The schema of config.yaml. Engines that need more keys (Parsl's) extend ``engine``.
 SCHEMA: dict[str, Any] = {
@@ -29,12 +30,19 @@ SCHEMA: dict[str, Any] = {
         "engine": {
             "type": "object",
             "required": ["type"],
-            "properties": {
-                "type": {"enum": list(ENGINE_TYPES)},
-                "workers": {"type": "integer", "minimum": 1, "maximum": 4096},
-                "prefetch": {"type": "integer", "minimum": 0, "maximum": 1000},
+            "properties": {"type": {"enum": list(ENGINE_TYPES)}},
+            # the Parsl engines: executor/provider keys are checked against Parsl itself (validate_engine);
+            # every other type (thread, process, or a misspelt one): exactly these keys
+            "if": {"properties": {"type": {"enum": list(PARSL_ENGINE_TYPES)}}, "required": ["type"]},
+            "then": {"properties": {"provider": {"type": ["object", "string"]}}},
+            "else": {
+                "properties": {
+                    "type": {},  # checked once, above
+                    "workers": {"type": "integer", "minimum": 1, "maximum": 4096},
+                    "prefetch": {"type": "integer", "minimum": 0, "maximum": 1000},
+                },
+                "additionalProperties": False,
             },
-            "additionalProperties": False,
         },
         "heartbeat_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
         "retries_on_worker_loss": {"type": "integer", "minimum": 0, "maximum": 100},
@@ -114,10 +122,18 @@ def load_config(name: str) -> EndpointConfig:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     validate(data, str(path))
+    engine = data.get("engine") or {}
+    if engine.get("type") in PARSL_ENGINE_TYPES:
+        from .engines.parsl_engine import validate_engine
+
+        validate_engine(engine, str(path))
     cfg = EndpointConfig(name=name)
     for key, value in data.items():
         if key == "engine":
-            cfg.engine = {"workers": os.cpu_count() or 1, **value}
+            if value.get("type") in PARSL_ENGINE_TYPES:  # where Parsl keeps its run directory; the file, for messages
+                cfg.engine = {**value, "_endpoint_dir": str(endpoint_dir(name)), "_source": str(path)}
+            else:
+                cfg.engine = {"workers": os.cpu_count() or 1, **value}
         else:
             setattr(cfg, key, value)
     return cfg
@@ -131,6 +147,9 @@ def write_default_config(name: str, engine: str = "process", workers: int | None
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = d / "config.yaml"
     workers = workers or os.cpu_count() or 1
+    if engine in PARSL_ENGINE_TYPES:
+        path.write_text(_parsl_template(name, engine, workers))
+        return path
     path.write_text(
         f"""# Tether endpoint {name!r}. Reference: docs/endpoint-admin.md
 engine:
@@ -144,3 +163,35 @@ allowed_functions: null  # or a list of function ids this endpoint will run
 """
     )
     return path
+
+
+def _parsl_template(name: str, engine: str, workers: int) -> str:
+    """A starting config for the htex/mpi engines: one block on this host; the admin guide has Slurm and PBS."""
+    if engine == "mpi":
+        body = """engine:
+  type: mpi               # Parsl MPIExecutor: tasks get PARSL_MPI_PREFIX for mpiexec/srun/aprun
+  mpi_launcher: mpiexec   # mpiexec | srun | aprun
+  max_workers_per_block: 1   # MPI tasks that run at once per block
+  provider:
+    type: LocalProvider   # any class in parsl.providers, with its keyword arguments
+    init_blocks: 1
+    max_blocks: 1
+    launcher: {type: SimpleLauncher}   # the mpi engine needs SimpleLauncher
+"""
+    else:
+        body = f"""engine:
+  type: htex              # Parsl HighThroughputExecutor
+  max_workers_per_node: {workers}
+  provider:
+    type: LocalProvider   # any class in parsl.providers (SlurmProvider, PBSProProvider, ...), with its arguments
+    init_blocks: 1
+    min_blocks: 0
+    max_blocks: 1
+"""
+    return f"""# Tether endpoint {name!r}. Reference: docs/endpoint-admin.md
+{body}heartbeat_s: 5
+retries_on_worker_loss: 0
+python_sandbox: false
+allowed_serialization_methods: [cloudpickle]
+allowed_functions: null
+"""

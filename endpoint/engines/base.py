@@ -88,4 +88,8 @@ def make_engine(config: dict[str, Any], on_running: OnRunning, on_result: OnResu
         from .process import ProcessEngine
 
         return ProcessEngine(config, on_running, on_result, **kwargs)
+    if kind in ("htex", "mpi"):
+        from .parsl_engine import HtexEngine, MPIEngine
+
+        return (HtexEngine if kind == "htex" else MPIEngine)(config, on_running, on_result, **kwargs)
     raise ValueError(f"unknown engine type {kind!r}")

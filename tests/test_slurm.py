@@ -1,0 +1,201 @@
+"""The ``htex`` engine with Parsl's SlurmProvider against a REAL Slurm: functions and a shell command
+run through pilot jobs that Slurm schedules (init_blocks: 0, so the first task makes the block),
+and Slurm's own tools (squeue while it runs, ``sacct -c`` after) saw the pilot job.
+
+Outside CI these tests skip with a message saying what is missing; with ``CI`` set they must run
+(``.ci/run`` calls ``.ci/slurm-setup.sh``, which installs and starts a one-node Slurm).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cloudpickle
+import helpers
+import pytest
+from conftest import wait_for
+from parsl_stack import engine_stack, service_capacity
+from tether import Executor, TaskFailed
+from tether.local import LocalStack
+
+# functions below run on the pilot job's workers, which cannot import this module
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+PARTITION = "debug"
+
+SLURM_HTEX = f"""
+engine:
+  type: htex
+  max_workers_per_node: 2
+  heartbeat_period: 2
+  provider:
+    type: SlurmProvider
+    partition: {PARTITION}
+    nodes_per_block: 1
+    init_blocks: 0
+    min_blocks: 0
+    max_blocks: 1
+    walltime: "00:10:00"
+    exclusive: false
+    launcher: {{type: SrunLauncher}}
+heartbeat_s: 0.5
+"""
+
+
+def _slurm_missing() -> str | None:
+    if shutil.which("sinfo") is None:
+        return (
+            "sinfo not found: Slurm is not installed; .ci/slurm-setup.sh installs and starts a one-node Slurm"
+        )
+    try:
+        out = subprocess.run(
+            ["sinfo", "-h", "-p", PARTITION, "-o", "%T"], capture_output=True, text=True, timeout=20
+        )
+    except subprocess.TimeoutExpired:
+        return "sinfo did not answer within 20 s: slurmctld is not running; run .ci/slurm-setup.sh (as root)"
+    if out.returncode != 0:
+        return (f"Slurm is installed but not usable (sinfo: {out.stderr.strip()}); "
+                f"run .ci/slurm-setup.sh (as root)")
+    states = out.stdout.split()
+    if not states:
+        return f"Slurm has no partition {PARTITION!r}; .ci/slurm-setup.sh configures it"
+    if not any(s.rstrip("*~#") in ("idle", "mixed", "allocated", "completing") for s in states):
+        return (f"no usable node in Slurm partition {PARTITION!r} (states: {', '.join(states)}); "
+                f"see /var/log/slurm")
+    if shutil.which("sbatch") is None or shutil.which("squeue") is None:
+        return "sbatch/squeue not found: install Slurm's client tools (.ci/slurm-setup.sh does)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm_ready() -> None:
+    missing = _slurm_missing()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set, so the Slurm tests must run, but: {missing}", pytrace=False)
+        pytest.skip(missing)
+
+
+@pytest.fixture(scope="module")
+def slurm_stack(slurm_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    with engine_stack(tmp_path_factory.mktemp("slurm"), SLURM_HTEX) as stack:
+        yield stack
+
+
+def slurm_job() -> dict:
+    """Runs on the pilot job: what Slurm told the worker about its job."""
+    return {k: os.environ.get(k) for k in ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_JOB_PARTITION")} | {
+        "pid": os.getpid(),
+        "task": os.environ.get("TETHER_TASK_ID"),
+    }
+
+
+def squeue(job_id: str) -> list[str]:
+    out = subprocess.run(
+        ["squeue", "-h", "-j", job_id, "-o", "%j|%T|%P"], capture_output=True, text=True, timeout=30
+    )
+    return out.stdout.split() if out.returncode == 0 else []
+
+
+def sacct_completed(job_id: str) -> list[str]:
+    """Finished jobs as Slurm's job-completion log has them (no slurmdbd here, hence ``-c``)."""
+    out = subprocess.run(
+        ["sacct", "-c", "-P", "-n", "-o", "JobID,JobName,State,Partition"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    return [line for line in out.stdout.splitlines() if line.split("|")[0] == job_id]
+
+
+@pytest.mark.timeout(300)
+def test_functions_and_shell_run_in_slurm_pilot_jobs(slurm_stack: LocalStack) -> None:
+    with Executor(
+        endpoint_id=slurm_stack.endpoint_id, service=slurm_stack.service_url, token=slurm_stack.token
+    ) as ex:
+        t0 = time.monotonic()
+        job = ex.submit(slurm_job).result(timeout=240)  # no block yet: this one makes Slurm start the pilot
+        first = time.monotonic() - t0
+        print(f"\ntime to first result with init_blocks=0 on Slurm: {first:.2f} s")
+        assert job["SLURM_JOB_ID"], job
+        assert job["SLURM_JOB_NAME"].startswith("parsl.tether-htex.block-"), job
+        assert job["SLURM_JOB_PARTITION"] == PARTITION
+        name, state, partition = squeue(job["SLURM_JOB_ID"])[0].split("|")
+        assert (name, state, partition) == (job["SLURM_JOB_NAME"], "RUNNING", PARTITION)
+
+        assert list(ex.map(helpers.square, range(10))) == [i * i for i in range(10)]
+        with pytest.raises(helpers.CustomError, match="from slurm"):
+            ex.submit(helpers.raise_custom, "from slurm").result(timeout=60)
+
+        try:
+            from tether import ShellFunction
+        except ImportError:  # the shell functions land separately: a subprocess inside Python then
+            ShellFunction = None
+        if ShellFunction is not None:
+            r = ex.submit(
+                ShellFunction("echo job=$SLURM_JOB_ID x={x}; echo oops >&2; exit 3", walltime=60), x=42
+            ).result(timeout=60)
+            assert (r.returncode, r.stdout, r.stderr) == (3, f"job={job['SLURM_JOB_ID']} x=42\n", "oops\n")
+        else:
+            out = ex.submit(subprocess.check_output, ["bash", "-c", "echo job=$SLURM_JOB_ID"], text=True)
+            assert out.result(timeout=60) == f"job={job['SLURM_JOB_ID']}\n"
+
+        lat = []
+        for i in range(20):
+            t = time.perf_counter()
+            assert ex.submit(helpers.identity, i).result(timeout=60) == i
+            lat.append((time.perf_counter() - t) * 1000)
+        lat.sort()
+        print(
+            f"no-op round trip through htex+SlurmProvider, block up: "
+            f"p50 {lat[10]:.1f} ms, min {lat[0]:.1f} ms"
+        )
+
+        cap = wait_for(
+            lambda: (c := service_capacity(slurm_stack)).get("managers") == 1 and c,
+            timeout=30,
+            what="a heartbeat that reports the pilot job's manager",
+        )
+        assert cap["provider"] == "SlurmProvider" and cap["blocks"] == 1 and cap["workers_total"] == 2
+
+    # stopping the endpoint cancels the pilot job; Slurm's completion log has it
+    slurm_stack.stop_endpoint()
+    wait_for(
+        lambda: not any("RUNNING" in line for line in squeue(job["SLURM_JOB_ID"])),
+        timeout=60,
+        what="the pilot job to end when the endpoint stops",
+    )
+    rows = wait_for(
+        lambda: sacct_completed(job["SLURM_JOB_ID"]),
+        timeout=60,
+        what=f"sacct -c to list pilot job {job['SLURM_JOB_ID']}",
+    )
+    jobid, name, state, partition = rows[0].split("|")
+    assert name == job["SLURM_JOB_NAME"] and partition == PARTITION
+    assert state in ("CANCELLED", "COMPLETED"), rows
+
+
+@pytest.mark.timeout(300)
+def test_worker_lost_in_a_pilot_job_fails_the_task_in_words(slurm_ready: None, tmp_path: Path) -> None:
+    with engine_stack(tmp_path / "home", SLURM_HTEX) as stack:
+        with Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token) as ex:
+            assert ex.submit(helpers.square, 3).result(timeout=240) == 9
+            with pytest.raises(TaskFailed, match=r"Parsl worker running this task .* died"):
+                ex.submit(helpers.die_hard).result(timeout=60)
+            assert ex.submit(helpers.square, 4).result(timeout=60) == 16
+
+
+def test_skip_message_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # no Slurm tools here
+    if shutil.which("sinfo"):
+        pytest.skip("sinfo is in the venv's bin")
+    assert _slurm_missing() == (
+        "sinfo not found: Slurm is not installed; .ci/slurm-setup.sh installs and starts a one-node Slurm"
+    )
