@@ -228,6 +228,9 @@ class Connection:
                     return
             except (OSError, ProtocolError) as exc:
                 log.warning("connection to %s lost: %s", self.info.url, exc)
+            except Exception:  # noqa: BLE001 - a bug must cost a reconnect, never a silent hang
+                log.exception("unexpected error on the connection to %s; reconnecting", self.info.url)
+                await ws.close()
             finally:
                 self._ws = None
                 self._connected.clear()
@@ -241,7 +244,7 @@ class Connection:
             await self._ws.send(encode(Msg.SUBMIT, ref=ref, **frame))
         unacked_ids = {t["id"] for frame in self._unacked.values() for t in frame["tasks"]}
         queued_ids = {t["id"] for t in self._outbox}
-        follow = [tid for tid in self.futures if tid not in unacked_ids and tid not in queued_ids]
+        follow = [tid for tid in list(self.futures) if tid not in unacked_ids and tid not in queued_ids]
         for start in range(0, len(follow), 10_000):
             await self._ws.send(encode(Msg.SUBSCRIBE, ids=follow[start : start + 10_000]))
 

@@ -154,6 +154,11 @@ class EndpointDaemon:
                 log.warning("connection to service lost (%s); reconnecting", exc)
             except (OSError, ProtocolError) as exc:
                 log.warning("connection to service failed (%s); reconnecting", exc)
+            except CredentialRejected:
+                raise
+            except Exception:  # noqa: BLE001 - a bug must cost a reconnect, never a dead endpoint
+                log.exception("unexpected error on the link to the service; reconnecting")
+                await ws.close()
             finally:
                 self.ws = None
                 self.connected_since = None
