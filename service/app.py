@@ -33,6 +33,7 @@ from tether.protocol import (
     require,
 )
 
+from .dashboard import DASHBOARD_HTML
 from .metrics import make_registry, render
 from .relay import ClientSession, EndpointSession, Relay, row_to_result
 from .store import Store, transitions
@@ -118,6 +119,12 @@ class BatchAck(BaseModel):
 class GroupInfo(BaseModel):
     group_id: str
     tasks: list[dict[str, str]]
+
+
+class DashboardInfo(BaseModel):
+    endpoints: list[EndpointInfo]
+    task_counts: dict[str, int]
+    recent_failures: list[dict[str, Any]]
 
 
 def _bearer(value: str | None) -> str | None:
@@ -310,13 +317,23 @@ def create_app(settings: Settings) -> FastAPI:
         rows = store.group_task_ids(user, group_id)
         return GroupInfo(group_id=group_id, tasks=[{"task_id": r.id, "state": r.state} for r in rows])
 
+    @app.get("/v1/dashboard", response_model=DashboardInfo, tags=["operations"])
+    async def dashboard_data(user: str = Depends(current_user)) -> DashboardInfo:
+        """What the dashboard shows: your endpoints, your task counts, your recent failures."""
+        relay.flush_deferred()
+        failures = [
+            {"task_id": r.id, "endpoint_id": r.endpoint_id, "ts": r.t_done,
+             "error": (json.loads(r.error) if r.error else {}).get("type", "?") + ": "
+             + (json.loads(r.error) if r.error else {}).get("message", "")[:300]}
+            for r in store.recent_failures(user)
+        ]
+        return DashboardInfo(endpoints=[endpoint_info(ep) for ep in store.list_endpoints(user)],
+                             task_counts=store.count_by_state(user), recent_failures=failures)
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def index() -> str:
-        return (
-            "<h1>Tether service</h1><p>API: <a href='/docs'>/docs</a> · "
-            "<a href='/openapi.json'>/openapi.json</a> · <a href='/healthz'>/healthz</a> · "
-            "<a href='/metrics'>/metrics</a></p>"
-        )
+    @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
+    async def dashboard() -> str:
+        return DASHBOARD_HTML
 
     # --- WebSockets ----------------------------------------------------------------------------
     async def refuse(ws: WebSocket, code: int, message: str) -> None:

@@ -444,7 +444,19 @@ class Store:
             )
         return res.rowcount or 0
 
-    def count_by_state(self) -> dict[str, int]:
-        rows = self._conn.execute(select(tasks.c.state, func.count()).group_by(tasks.c.state)).all()
+    def count_by_state(self, owner: str) -> dict[str, int]:
+        rows = self._conn.execute(
+            select(tasks.c.state, func.count()).where(tasks.c.owner_id == owner).group_by(tasks.c.state)
+        ).all()
         self._conn.commit()
         return {r[0]: r[1] for r in rows}
+
+    def recent_failures(self, owner: str, limit: int = 20) -> list[Any]:
+        rows = self._conn.execute(
+            select(tasks.c.id, tasks.c.endpoint_id, tasks.c.error, tasks.c.t_done)
+            .where(and_(tasks.c.owner_id == owner, tasks.c.state == TaskState.FAILED.value))
+            .order_by(tasks.c.t_done.desc())
+            .limit(limit)
+        ).all()
+        self._conn.commit()
+        return rows

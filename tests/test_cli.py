@@ -123,3 +123,23 @@ def test_metrics_and_openapi(stack: LocalStack, executor: Executor) -> None:
     assert f'tether_endpoint_workers{{endpoint="{stack.endpoint_id}",kind="workers_total"}} 2.0' in text
     spec = httpx.get(stack.service_url + "/openapi.json", trust_env=False).json()
     assert {"/v1/endpoints", "/v1/tasks/{task_id}", "/v1/task_groups/{group_id}", "/v1/whoami"} <= set(spec["paths"])
+
+
+def test_dashboard_shows_only_your_endpoints_tasks_and_failures(stack: LocalStack, executor: Executor) -> None:
+    import httpx
+
+    with pytest.raises(ValueError):
+        executor.submit(helpers.fail_with, ValueError("dashboard-visible")).result(timeout=30)
+    page = httpx.get(stack.service_url + "/dashboard", trust_env=False)
+    assert page.status_code == 200 and "/v1/dashboard" in page.text
+    assert httpx.get(stack.service_url + "/v1/dashboard", trust_env=False).status_code == 401
+    data = httpx.get(stack.service_url + "/v1/dashboard", headers={"Authorization": f"Bearer {stack.token}"},
+                     trust_env=False).json()
+    [ep] = [e for e in data["endpoints"] if e["endpoint_id"] == stack.endpoint_id]
+    assert ep["online"] and ep["status"]["capacity"]["workers_total"] == 2
+    assert data["task_counts"]["failed"] >= 1 and data["task_counts"]["success"] >= 1
+    assert any("dashboard-visible" in f["error"] for f in data["recent_failures"])
+    token = tether(stack.env, "service", "user-add", "eve").stdout.split("token:")[1].strip()
+    other = httpx.get(stack.service_url + "/v1/dashboard", headers={"Authorization": f"Bearer {token}"},
+                      trust_env=False).json()
+    assert other == {"endpoints": [], "task_counts": {}, "recent_failures": []}
