@@ -24,6 +24,7 @@ from websockets.exceptions import ConnectionClosed
 from tether import __version__
 from tether.config import write_secret
 from tether.errors import ConfigError
+from tether.logs import configure_logging
 from tether.protocol import CLOSE_AUTH_FAILED, ENDPOINT_WS_PATH, Msg, ProtocolError, decode, encode
 from tether.serialize import PY_VERSION
 from tether.transport import Backoff, open_ws
@@ -288,10 +289,7 @@ class EndpointDaemon:
 def run_daemon(name: str) -> int:
     config = load_config(name)
     credential = read_credential(config.dir)
-    logging.basicConfig(
-        level=os.environ.get("TETHER_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging("INFO")
     (config.dir / "daemon.pid").write_text(str(os.getpid()))
     # tasks (and the worker processes, which inherit it) start in the endpoint's tasks/ directory
     (config.dir / "tasks").mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import socket
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 import uvicorn
 
 from tether.config import service_file, tether_home, write_secret
+from tether.logs import configure_logging
 
 from .app import Settings, create_app
 
@@ -65,11 +65,11 @@ def serve(host: str = "127.0.0.1", port: int = 8421, db_url: str | None = None,
     url = f"http://{url_host}:{bound_port}"
     write_secret(service_file(), json.dumps({"url": url, "token": token, "pid": os.getpid()}))
 
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.WARNING),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level)
     config = uvicorn.Config(
         app,
         log_level=log_level,
+        log_config=None,  # uvicorn's loggers go through ours (text or JSON, see tether.logs)
         ws=_ws_implementation(),
         ws_max_size=settings.max_payload_bytes + 1024 * 1024,
         ws_ping_interval=20,

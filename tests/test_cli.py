@@ -143,3 +143,21 @@ def test_dashboard_shows_only_your_endpoints_tasks_and_failures(stack: LocalStac
     other = httpx.get(stack.service_url + "/v1/dashboard", headers={"Authorization": f"Bearer {token}"},
                       trust_env=False).json()
     assert other == {"endpoints": [], "task_counts": {}, "recent_failures": []}
+
+
+def test_json_logs(tmp_path: Path) -> None:
+    env = {**os.environ, "TETHER_HOME": str(tmp_path), "TETHER_LOG_FORMAT": "json"}
+    stack = LocalStack(home=tmp_path, env=env)
+    stack.start_service("--log-level", "info")
+    try:
+        stack.configure_endpoint("thread", 1)
+        stack.start_endpoint()
+    finally:
+        stack.stop_endpoint()
+        stack.stop_service()
+    for log in (tmp_path / "service.log", stack.endpoint_dir() / "endpoint.log"):
+        entries = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        assert entries, f"no JSON log lines in {log}"
+        assert all({"ts", "level", "logger", "message"} <= set(e) for e in entries)
+    endpoint_log = (stack.endpoint_dir() / "endpoint.log").read_text()
+    assert '"logger": "tether.endpoint"' in endpoint_log and "connected to" in endpoint_log
