@@ -20,13 +20,18 @@ class RelayCollector:
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily("tether_endpoints_online", "Endpoints connected to this service replica.",
                                 value=len(self.relay.endpoints))
-        workers = GaugeMetricFamily("tether_endpoint_workers", "Workers of connected endpoints (last heartbeat).",
-                                    labels=["endpoint", "kind"])
-        for endpoint_id, session in self.relay.endpoints.items():
+        # summed over endpoints: /metrics is unauthenticated, so it names no endpoint or user
+        workers = GaugeMetricFamily("tether_endpoint_workers", "Workers and tasks of connected endpoints "
+                                    "(last heartbeats, summed).", labels=["kind"])
+        kinds = ("workers_total", "workers_idle", "tasks_queued", "tasks_running")
+        totals = dict.fromkeys(kinds, 0)
+        for session in self.relay.endpoints.values():
             capacity = session.status.get("capacity") or {}
-            for kind in ("workers_total", "workers_idle", "tasks_queued", "tasks_running"):
+            for kind in kinds:
                 if isinstance(capacity.get(kind), int):
-                    workers.add_metric([endpoint_id, kind], capacity[kind])
+                    totals[kind] += capacity[kind]
+        for kind, value in totals.items():
+            workers.add_metric([kind], value)
         yield workers
         events = CounterMetricFamily("tether_task_events", "Task events handled by this replica since it started.",
                                      labels=["event"])
