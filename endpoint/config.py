@@ -40,6 +40,8 @@ SCHEMA: dict[str, Any] = {
                     "type": {},  # checked once, above
                     "workers": {"type": "integer", "minimum": 1, "maximum": 4096},
                     "prefetch": {"type": "integer", "minimum": 0, "maximum": 1000},
+                    # how MPIFunction starts ranks on this host (see endpoint/mpi.py)
+                    "mpi_launcher": {"enum": ["mpiexec", "srun", "aprun"]},
                 },
                 "additionalProperties": False,
             },

@@ -6,8 +6,9 @@ Contract with the engines:
   friends in ``os.environ`` for the nodes it allocated to the task: they are used as they are;
 * otherwise (the one-host ``thread``/``process`` engines, or ``htex`` without MPI mode) the
   prefix is composed here from the task's resource specification and the engine's facts
-  (``TaskContext.engine``): ``mpi_launcher`` (``mpiexec``, the default, ``srun`` or ``aprun``)
-  and ``mpi_hosts`` (default ``["localhost"]``).
+  (``TaskContext.engine``): ``mpi_launcher`` (``mpiexec``, the default, ``srun`` or ``aprun``;
+  the thread/process engines take it from their config) and ``mpi_hosts`` (default
+  ``["localhost"]`` for mpiexec, this host's name for srun/aprun).
 
 The variables are those Parsl's worker sets (``process_worker_pool._init_mpi_env``):
 ``PARSL_NUM_NODES``, ``PARSL_RANKS_PER_NODE``, ``PARSL_NUM_RANKS``, ``PARSL_LAUNCHER_OPTIONS``,
@@ -20,6 +21,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -104,7 +106,9 @@ def mpi_environment(spec: dict[str, Any] | None, engine: dict[str, Any] | None =
             f"'ranks_per_node', and check that the engine runs Parsl's MPIExecutor"
         )
     layout: MPILayout = check_mpi_specification(spec)
-    hosts = list(engine.get("mpi_hosts") or ["localhost"])
+    launcher = engine.get("mpi_launcher") or "mpiexec"
+    # mpiexec (Hydra) knows "localhost" is here; srun and aprun want the node's name
+    hosts = list(engine.get("mpi_hosts") or ["localhost" if launcher == "mpiexec" else socket.gethostname()])
     if layout.num_nodes > len(hosts):
         where = "this host only" if len(hosts) == 1 else f"{len(hosts)} hosts ({', '.join(hosts)})"
         raise InvalidResourceSpecification(
@@ -112,7 +116,6 @@ def mpi_environment(spec: dict[str, Any] | None, engine: dict[str, Any] | None =
             f"{kind or 'engine'} engine runs tasks on {where}; multi-node MPI needs an endpoint with an "
             f"'mpi' engine (Parsl's MPIExecutor inside a batch job)"
         )
-    launcher = engine.get("mpi_launcher") or "mpiexec"
     if launcher not in LAUNCHERS:
         raise InvalidResourceSpecification(
             f"the engine's mpi_launcher {launcher!r} is not one of {', '.join(LAUNCHERS)}"

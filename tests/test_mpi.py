@@ -146,6 +146,27 @@ def test_no_launcher_is_a_clear_error() -> None:
         mpi_environment({"num_ranks": 2}, {"type": "process", "mpi_launcher": "mpirun-x"})
 
 
+def test_local_engines_take_mpi_launcher_from_their_config(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tether.endpoint.config import validate
+    from tether.endpoint.engines.process import ProcessEngine
+    from tether.errors import ConfigError
+
+    validate({"engine": {"type": "process", "mpi_launcher": "srun"}}, "config.yaml")
+    with pytest.raises(ConfigError, match="engine.mpi_launcher.*did you mean 'srun'"):
+        validate({"engine": {"type": "process", "mpi_launcher": "srn"}}, "config.yaml")
+    info = ProcessEngine({"type": "process", "mpi_launcher": "srun"}, print, print).engine_info()
+    assert info == {"type": "process", "mpi_launcher": "srun"}
+    assert ProcessEngine({"type": "process"}, print, print).engine_info() == {"type": "process"}
+    # srun from the config: a fake srun on PATH receives the prefix
+    fake = tmp_path / "srun"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    env = mpi_environment({"num_ranks": 2}, info)
+    assert env["PARSL_MPI_PREFIX"].startswith(f"{fake} --ntasks 2 --ntasks-per-node 2 --nodelist ")
+    assert "localhost" not in env["PARSL_MPI_NODELIST"]
+
+
 def test_parsl_engine_prefix_from_the_environment_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PARSL_MPI_PREFIX", "mpiexec -n 8 -ppn 4 -hosts a,b")
     assert mpi_environment({"num_nodes": 2, "num_ranks": 8}, {"type": "mpi"}) == {

@@ -49,7 +49,10 @@ class Engine(abc.ABC):
 
     def engine_info(self) -> dict[str, Any]:
         """Facts handed to every task of this engine (see ``execute.TaskContext.engine``)."""
-        return {"type": self.config.get("type")}
+        info = {"type": self.config.get("type")}
+        if self.config.get("mpi_launcher"):  # for MPIFunction (endpoint/mpi.py)
+            info["mpi_launcher"] = self.config["mpi_launcher"]
+        return info
 
     @abc.abstractmethod
     async def stop(self) -> None:
