@@ -349,3 +349,19 @@ engine:
                 timeout=60
             )
             assert env["PARSL_NUM_RANKS"] == "2" and env["PARSL_MPI_PREFIX"].startswith("mpiexec -n 2")
+
+
+def test_interchange_death_fails_tasks_in_words_not_a_hang(tmp_path: Path) -> None:
+    with engine_stack(tmp_path / "home", HTEX_LOCAL % 0) as stack:
+        with Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token) as ex:
+            assert ex.submit(helpers.square, 3).result(timeout=60) == 9
+            daemon = psutil.Process(stack.endpoint_pid())
+            (interchange,) = [p for p in daemon.children() if "interchange" in " ".join(p.cmdline())]
+            running = ex.submit(helpers.sleep_then, 30)
+            wait_for(running.running, timeout=30, what="the task to run")
+            interchange.kill()
+            with pytest.raises(TaskFailed, match=r"interchange process .* exited"):
+                running.result(timeout=30)
+            with pytest.raises(TaskFailed, match=r"Restart the endpoint"):
+                ex.submit(helpers.square, 4).result(timeout=30)
+            ex.shutdown(wait=False, cancel_futures=True)

@@ -385,6 +385,14 @@ def launch_commands() -> tuple[str, list[str]]:
     return launch, [sys.executable, "-m", "parsl.executors.high_throughput.interchange"]
 
 
+def _describe(exc: BaseException) -> str:
+    from parsl.executors.errors import BadStateException
+
+    if isinstance(exc, BadStateException):
+        return f"the engine failed: {getattr(exc, 'reason', exc)}"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _guard_scale_in(executor: Any) -> None:
     """Parsl's HTEX ``scale_in(0, max_idletime=...)`` kills one idle block anyway (its loop only stops
     at ``len == blocks``), and htex_auto_scale asks for exactly that whenever a block has more slots
@@ -545,6 +553,8 @@ class ParslEngine(Engine):
             if self._stop.is_set():
                 return
             with self._scale_lock:
+                if self._interchange_died():
+                    return
                 try:
                     ex = self.executor
                     ex.poll_facade()
@@ -555,6 +565,21 @@ class ParslEngine(Engine):
                 if self.executor.bad_state_is_set and self.failed_state is None:
                     self.failed_state = str(self.executor.executor_exception)
                     log.error("the %s engine failed: %s", self.kind, self.failed_state)
+
+    def _interchange_died(self) -> bool:
+        """Parsl does not watch its interchange; without it every task would wait forever. Fail them all."""
+        proc = self.executor.interchange_proc
+        code = proc.poll() if proc is not None else None
+        if code is None:
+            return False
+        self.failed_state = (
+            f"Parsl's interchange process (pid {proc.pid}) exited with code {code}; see "
+            f"{self.run_dir / self.executor.label / 'interchange.log'}. Restart the endpoint"
+        )
+        log.error("the %s engine failed: %s", self.kind, self.failed_state)
+        if not self.executor.bad_state_is_set:
+            self.executor.set_bad_state_and_fail_all(RuntimeError(self.failed_state))
+        return True
 
     async def stop(self) -> None:
         if not hasattr(self, "executor"):
@@ -579,6 +604,13 @@ class ParslEngine(Engine):
             try:
                 if not ex.bad_state_is_set:
                     ex.scale_in_facade(len(ex.status_facade))  # cancels the batch jobs (pilot jobs)
+                else:  # Parsl's scale-in asks the (maybe dead) interchange first: cancel the jobs directly
+                    from parsl.jobs.states import TERMINAL_STATES
+
+                    live = [ex.blocks_to_job_id[b] for b, st in ex.status_facade.items()
+                            if st.state not in TERMINAL_STATES and b in ex.blocks_to_job_id]
+                    if live:
+                        ex.provider.cancel(live)
             except Exception:  # noqa: BLE001
                 log.exception("scaling in at stop failed")
             try:
@@ -690,7 +722,7 @@ class ParslEngine(Engine):
                 lost + (f" (tried {entry.tries + 1} times)" if entry.tries else "")
             )
         else:
-            err = RuntimeError(f"the {self.kind} engine could not run this task: {type(exc).__name__}: {exc}")
+            err = RuntimeError(f"the {self.kind} engine could not run this task: {_describe(exc)}")
         self.on_result(failure(task_id, err))
 
     def _loss_message(self, exc: BaseException) -> str | None:
