@@ -177,6 +177,17 @@ def test_same_command_same_function_id() -> None:
     assert ShellFunction("true", name="noop").__name__ == "noop"
 
 
+def test_called_outside_a_task_runs_in_cwd_and_walltime_check(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    r = ShellFunction("pwd; echo ${{TETHER_TASK_ID:-none}}")()
+    assert r.stdout.split() == [str(tmp_path.resolve()), "none"]
+    assert list(tmp_path.iterdir()) == []  # capture files removed: the result holds everything
+    with pytest.raises(ShellCommandFailed, match="walltime of 0.3 s") as info:
+        ShellFunction("echo partial; sleep 30", walltime=0.3, check=True)()
+    assert info.value.result.returncode == 124 and info.value.result.stdout == "partial\n"
+
+
 def test_tail_reads_from_the_end(tmp_path: Path) -> None:
     p = tmp_path / "f"
     p.write_bytes(b"".join(b"%d\n" % i for i in range(100000)))
