@@ -213,7 +213,7 @@ class ShellFunction:
     def __call__(self, **kwargs: Any) -> ShellResult:
         return self._execute(self.format((), kwargs), {})
 
-    def _execute(self, cmd: str, extra_env: Mapping[str, str]) -> ShellResult:
+    def _execute(self, cmd: str, extra_env: Mapping[str, str], unset: tuple[str, ...] = ()) -> ShellResult:
         task = _current_task()
         sandbox = Path(task.sandbox) if task is not None and task.sandbox else Path.cwd()
         sandbox.mkdir(parents=True, exist_ok=True)
@@ -224,6 +224,8 @@ class ShellFunction:
             if not cwd.is_absolute():
                 workdir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
+        for name in unset:
+            env.pop(name, None)
         env.update(self.env)
         env.update(extra_env)
         if task is not None:
@@ -295,7 +297,9 @@ class MPIFunction(ShellFunction):
         cmd = self.format((), kwargs)
         task = _current_task()
         env = mpi_environment(task.spec if task else None, task.engine if task else {})
-        return self._execute(f"$PARSL_MPI_PREFIX {cmd}", env)
+        # Unbuffered Python ranks write a line in pieces that interleave with other ranks'
+        # ("0" "1" "\n" "\n"); buffered, each line is written whole. The user's env= still wins.
+        return self._execute(f"$PARSL_MPI_PREFIX {cmd}", env, unset=("PYTHONUNBUFFERED",))
 
 
 # --- helpers ---------------------------------------------------------------------------------

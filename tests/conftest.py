@@ -21,6 +21,10 @@ import helpers  # noqa: E402  (tests/helpers.py: functions that run on the endpo
 # the endpoint's workers cannot import the tests package: ship test helpers by value
 cloudpickle.register_pickle_by_value(helpers)
 
+# endpoints started by the tests run with PYTHONUNBUFFERED set, as in many container images, so
+# the tests see what it does to output (see test_mpi_issue_example)
+os.environ["PYTHONUNBUFFERED"] = "1"
+
 #: a payload limit low enough to test PayloadTooLarge cheaply
 TEST_MAX_PAYLOAD = 4 * 1024 * 1024
 
