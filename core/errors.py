@@ -72,6 +72,7 @@ class TaskFailed(TetherError):
 
 
 _hybrids: dict[type, type] = {}
+_TASK_FAILED_FIELDS = frozenset({"remote_type", "remote_message", "remote_traceback", "task_id"})
 
 
 def task_failed(error: dict[str, Any], original: BaseException | None, task_id: str) -> TaskFailed:
@@ -97,7 +98,13 @@ def task_failed(error: dict[str, Any], original: BaseException | None, task_id: 
                 hybrid = TaskFailed
             _hybrids[remote_cls] = hybrid
         try:
-            return hybrid(*args)
+            exc = hybrid(*args)
         except Exception:  # a constructor that insists on its own signature
             pass
+        else:
+            if original is not None:  # keep what the remote exception carried (e.g. .result)
+                for key, value in vars(original).items():
+                    if key not in _TASK_FAILED_FIELDS:
+                        setattr(exc, key, value)
+            return exc
     return TaskFailed(*args)

@@ -94,6 +94,7 @@ def test_check_true_failure_shows_returncode_and_stderr_tail(executor: Executor)
     assert "returncode 7" in text
     assert "line50" in text and "line31" in text and "line30\n" not in text  # the last 20 lines
     assert fut.state == TaskState.FAILED
+    assert exc.returncode == 7 and exc.result.stdout == "fine\n"  # the remote exception's fields survive
 
     # check=True and success: a plain result
     assert executor.submit(ShellFunction("true", check=True)).result(timeout=30).returncode == 0
