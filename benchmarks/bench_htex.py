@@ -58,9 +58,10 @@ def noop(x: object = None) -> object:
 
 @contextmanager
 def executor(config: str):
-    with tempfile.TemporaryDirectory(prefix="bench-htex-") as tmp, engine_stack(Path(tmp) / "home", config) as st:
-        with Executor(endpoint_id=st.endpoint_id, service=st.service_url, token=st.token) as ex:
-            yield ex
+    with tempfile.TemporaryDirectory(prefix="bench-htex-") as tmp:
+        with engine_stack(Path(tmp) / "home", config) as st:
+            with Executor(endpoint_id=st.endpoint_id, service=st.service_url, token=st.token) as ex:
+                yield ex
 
 
 def latency(ex: Executor, n: int, warmup: int) -> dict:
