@@ -29,12 +29,14 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: heartbeat_period 1: Parsl notices a dead worker within a second (its default is 30 s)
+#: Parsl notices a dead worker within heartbeat_period (its default is 30 s) and a silent worker pool
+#: after heartbeat_threshold (120 s)
 HTEX_LOCAL = """
 engine:
   type: htex
   max_workers_per_node: 2
   heartbeat_period: 1
+  heartbeat_threshold: 5
   provider: {type: LocalProvider, init_blocks: 1, min_blocks: 0, max_blocks: 1}
 heartbeat_s: 0.5
 retries_on_worker_loss: %d
@@ -46,6 +48,15 @@ def die_once(marker: str) -> str:
     if not os.path.exists(marker):
         Path(marker).write_text(str(os.getpid()))
         os._exit(9)
+    return "second try"
+
+
+def die_with_pool_once(marker: str, seconds: float) -> str:
+    """Kill our worker pool (the manager: as if the node or the batch job were lost) the first time."""
+    if not os.path.exists(marker):
+        Path(marker).write_text("")
+        os.kill(os.getppid(), 9)
+        time.sleep(seconds)
     return "second try"
 
 
@@ -167,6 +178,13 @@ def test_worker_lost_mid_task_is_retried_when_configured(tmp_path: Path) -> None
             # retried once only: a task that always kills its worker fails, saying how often it was tried
             with pytest.raises(TaskFailed, match=r"died.*tried 2 times"):
                 ex.submit(helpers.die_hard).result(timeout=90)
+            # a whole block lost mid-task (its worker pool killed): the task runs again on a new block,
+            # and the engine goes on (Parsl's own handler would fail every later task)
+            pool = psutil.Process(ex.submit(worker_pid).result(timeout=60)).parent()
+            fut = ex.submit(die_with_pool_once, str(tmp_path / "pool-died"), 30)
+            assert fut.result(timeout=120) == "second try"
+            assert not pool.is_running() or pool.status() == psutil.STATUS_ZOMBIE
+            assert ex.submit(helpers.square, 6).result(timeout=60) == 36
         run_dir = stack.endpoint_dir() / "parsl"
         pools = [
             p

@@ -199,3 +199,15 @@ def test_skip_message_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> 
     assert _slurm_missing() == (
         "sinfo not found: Slurm is not installed; .ci/slurm-setup.sh installs and starts a one-node Slurm"
     )
+
+
+@pytest.mark.timeout(300)
+def test_a_block_slurm_refuses_fails_tasks_in_words_not_a_hang(slurm_ready: None, tmp_path: Path) -> None:
+    config = SLURM_HTEX.replace(f"partition: {PARTITION}", "partition: no-such-partition")
+    with engine_stack(tmp_path / "home", config) as stack:
+        with Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token) as ex:
+            refused = r"blocks failed before their worker pools connected"
+            with pytest.raises(TaskFailed, match=refused) as info:
+                ex.submit(helpers.square, 3).result(timeout=120)
+            assert "partition" in str(info.value).lower()  # sbatch's own complaint reaches the user
+            ex.shutdown(wait=False, cancel_futures=True)

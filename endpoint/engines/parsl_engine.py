@@ -393,6 +393,47 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+#: Give up after this many blocks in a row failed without their worker pool ever connecting.
+BLOCK_FAILURES_TO_GIVE_UP = 3
+
+
+def tolerant_block_errors(executor: Any, status: dict[str, Any]) -> None:
+    """Parsl's default block error handler fails the executor for good once every block it launched
+    has failed; one lost node or one pilot job killed then ends a daemon that should outlive them.
+    Here a block that ran and died is simply replaced by the scaling strategy (its tasks fail as lost,
+    or are retried), and the engine gives up only when the last few blocks all failed before any
+    worker pool connected: a wrong partition, account or ``worker_init``, which retrying cannot fix."""
+    from parsl.jobs.states import JobState
+
+    def key(block_id: str) -> tuple[int, str]:
+        return (int(block_id), "") if block_id.isdigit() else (1 << 60, block_id)
+
+    ids = sorted(status, key=key)[-BLOCK_FAILURES_TO_GIVE_UP:]
+    if len(ids) < BLOCK_FAILURES_TO_GIVE_UP or any(
+        not status[b].terminal or status[b].state == JobState.SCALED_IN for b in ids
+    ):
+        return
+    try:
+        connected = set(executor.connected_blocks())
+    except Exception:  # noqa: BLE001 - cannot tell: do not give up
+        return
+    if connected.intersection(ids):
+        return
+    recent = [status[b] for b in ids]
+    try:
+        from parsl.jobs.error_handlers import _get_error
+
+        error: Exception = _get_error(dict(enumerate(recent)))
+    except Exception:  # noqa: BLE001 - a private helper of Parsl's; the gist is enough
+        error = RuntimeError("; ".join(s.message or f"exit code {s.exit_code}" for s in recent))
+    executor.set_bad_state_and_fail_all(
+        RuntimeError(
+            f"the last {len(recent)} blocks failed before their worker pools connected (check the provider "
+            f"settings and worker_init; the jobs' output is in parsl/submit_scripts/): {error}"
+        )
+    )
+
+
 def _guard_scale_in(executor: Any) -> None:
     """Parsl's HTEX ``scale_in(0, max_idletime=...)`` kills one idle block anyway (its loop only stops
     at ``len == blocks``), and htex_auto_scale asks for exactly that whenever a block has more slots
@@ -504,6 +545,7 @@ class ParslEngine(Engine):
         else:
             kwargs.setdefault("interchange_launch_cmd", interchange)
         label = f"tether-{self.kind}"
+        kwargs.setdefault("block_error_handler", tolerant_block_errors)  # true/false in the YAML: Parsl's own
         try:
             executor = cls(label=label, provider=provider, **kwargs)
         except Exception as exc:  # noqa: BLE001
@@ -607,13 +649,22 @@ class ParslEngine(Engine):
                 else:  # Parsl's scale-in asks the (maybe dead) interchange first: cancel the jobs directly
                     from parsl.jobs.states import TERMINAL_STATES
 
-                    live = [ex.blocks_to_job_id[b] for b, st in ex.status_facade.items()
-                            if st.state not in TERMINAL_STATES and b in ex.blocks_to_job_id]
+                    live = [
+                        ex.blocks_to_job_id[b]
+                        for b, st in ex.status_facade.items()
+                        if st.state not in TERMINAL_STATES and b in ex.blocks_to_job_id
+                    ]
                     if live:
                         ex.provider.cancel(live)
             except Exception:  # noqa: BLE001
                 log.exception("scaling in at stop failed")
             try:
+                for pipe in ("outgoing_q", "incoming_q"):  # stop means now: drop unsent task messages
+                    sock = getattr(getattr(ex, pipe, None), "zmq_socket", None)
+                    if sock is not None:
+                        import zmq
+
+                        sock.setsockopt(zmq.LINGER, 0)
                 ex.shutdown()
             except Exception:  # noqa: BLE001
                 log.exception("executor shutdown failed")
