@@ -96,6 +96,10 @@ def slurm_job() -> dict:
     }
 
 
+def parsl_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k.startswith("PARSL_")}
+
+
 def squeue(job_id: str) -> list[str]:
     out = subprocess.run(
         ["squeue", "-h", "-j", job_id, "-o", "%j|%T|%P"], capture_output=True, text=True, timeout=30
@@ -210,4 +214,47 @@ def test_a_block_slurm_refuses_fails_tasks_in_words_not_a_hang(slurm_ready: None
             with pytest.raises(TaskFailed, match=refused) as info:
                 ex.submit(helpers.square, 3).result(timeout=120)
             assert "partition" in str(info.value).lower()  # sbatch's own complaint reaches the user
+            ex.shutdown(wait=False, cancel_futures=True)
+
+
+SLURM_MPI = f"""
+engine:
+  type: mpi
+  mpi_launcher: srun
+  max_workers_per_block: 1
+  heartbeat_period: 2
+  provider:
+    type: SlurmProvider
+    partition: {PARTITION}
+    nodes_per_block: 1
+    init_blocks: 0
+    max_blocks: 1
+    walltime: "00:10:00"
+    exclusive: false
+    scheduler_options: "#SBATCH --ntasks-per-node=2"
+    launcher: {{type: SimpleLauncher}}
+"""
+
+
+@pytest.mark.timeout(300)
+def test_mpi_engine_runs_mpi_functions_with_srun_in_the_pilot_job(slurm_ready: None, tmp_path: Path) -> None:
+    try:
+        import mpi4py  # noqa: F401
+        from tether import MPIFunction
+    except ImportError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"{exc} (pip install -e '.[test]')")
+    code = "from mpi4py import MPI; c = MPI.COMM_WORLD; print(c.rank, c.size)"
+    rank = MPIFunction(f"{sys.executable} -c '{code}'", env={"PYTHONUNBUFFERED": ""}, walltime=120)
+    with engine_stack(tmp_path / "home", SLURM_MPI) as stack:
+        with Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token) as ex:
+            ex.resource_specification = {"num_nodes": 1, "num_ranks": 2}
+            r = ex.submit(rank).result(timeout=240)
+            assert r.returncode == 0, r.stderr
+            assert sorted(r.stdout.split("\n")[:-1]) == ["0 2", "1 2"]
+            job = ex.submit(slurm_job).result(timeout=60)
+            assert job["SLURM_JOB_NAME"].startswith("parsl.tether-mpi.block-")
+            env = ex.submit(parsl_env).result(timeout=60)  # what Parsl's MPI mode gives a task
+            assert env["PARSL_MPI_PREFIX"].startswith("srun --ntasks 2 --ntasks-per-node 2 --nodelist "), env
             ex.shutdown(wait=False, cancel_futures=True)
