@@ -27,8 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from parsl_stack import engine_stack  # noqa: E402
 from tether import Executor  # noqa: E402
+
+from parsl_stack import engine_stack  # noqa: E402
 
 LOCAL = """
 engine:

@@ -168,7 +168,9 @@ def endpoint_configure(
 
 
 @endpoint_app.command("start")
-def endpoint_start(name: str, detach: bool = typer.Option(False, "--detach", "-d", help="run in the background")) -> None:
+def endpoint_start(
+    name: str, detach: bool = typer.Option(False, "--detach", "-d", help="run in the background")
+) -> None:
     """Register (once) and run the endpoint; prints its endpoint id."""
     from tether.endpoint import manage
 

@@ -64,7 +64,7 @@ class TaskFailed(TetherError):
     def __str__(self) -> str:
         text = f"{self.remote_type}: {self.remote_message}"
         if self.remote_traceback:
-            text += "\n\nRemote traceback (task %s):\n%s" % (self.task_id, self.remote_traceback.rstrip())
+            text += f"\n\nRemote traceback (task {self.task_id}):\n{self.remote_traceback.rstrip()}"
         return text
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -11,7 +11,6 @@ from typing import Any
 from .errors import TaskCancelled
 from .protocol import TaskState
 
-
 _ORDER = {state.value: i for i, state in enumerate(TaskState)}
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import jsonschema
 import yaml
+
 from tether.config import tether_home
 from tether.errors import ConfigError
 
@@ -118,7 +119,9 @@ def validate(data: Any, source: str, schema: dict[str, Any] = SCHEMA) -> None:
 def load_config(name: str) -> EndpointConfig:
     path = endpoint_dir(name) / "config.yaml"
     if not path.exists():
-        raise ConfigError(f"endpoint {name!r} is not configured ({path} is missing); run 'tether endpoint configure {name}'")
+        raise ConfigError(
+            f"endpoint {name!r} is not configured ({path} is missing); run 'tether endpoint configure {name}'"
+        )
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

@@ -234,9 +234,11 @@ class EndpointDaemon:
             return
         self.inflight.discard(tid)
         data = result.get("data")
-        if self.max_result is not None and data is not None and len(data) > self.max_result and result["state"] == "success":
+        too_big = self.max_result is not None and data is not None and len(data) > self.max_result
+        if too_big and result["state"] == "success":
             result = failure(tid, ValueError(
-                f"result is {len(data)} bytes, over this endpoint's max_result_bytes ({self.max_result}) (PayloadTooLarge)"))
+                f"result is {len(data)} bytes, over this endpoint's max_result_bytes ({self.max_result})"
+                " (PayloadTooLarge)"))
         self._result_buf.append(result)
         self._schedule_flush()
 

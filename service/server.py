@@ -43,7 +43,8 @@ def serve(host: str = "127.0.0.1", port: int = 8421, db_url: str | None = None,
     """Serve until SIGTERM/SIGINT. The embedded default needs nothing but a writable TETHER_HOME."""
     home = tether_home()
     (home / "service").mkdir(parents=True, exist_ok=True, mode=0o700)
-    settings = Settings(db_url=db_url or os.environ.get("TETHER_DB_URL") or f"sqlite:///{home / 'service' / 'tether.db'}")
+    default_db = f"sqlite:///{home / 'service' / 'tether.db'}"
+    settings = Settings(db_url=db_url or os.environ.get("TETHER_DB_URL") or default_db)
     if max_payload_bytes:
         settings.max_payload_bytes = max_payload_bytes
     app = create_app(settings)

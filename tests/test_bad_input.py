@@ -8,15 +8,16 @@ import sys
 import threading
 from pathlib import Path
 
-import helpers
 import httpx
 import msgpack
 import pytest
-from conftest import TEST_MAX_PAYLOAD, wait_for
 
 from tether import AuthError, Client, Executor, PayloadTooLarge, UnknownEndpoint
 from tether.protocol import CLIENT_WS_PATH, Msg, decode, encode
 from tether.transport import open_ws
+
+import helpers
+from conftest import TEST_MAX_PAYLOAD, wait_for
 
 
 def test_wrong_token_is_an_auth_error(stack) -> None:

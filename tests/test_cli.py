@@ -9,12 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import helpers
 import pytest
-from conftest import pid_alive, wait_for
 
 from tether import Client, Executor, UnknownEndpoint
 from tether.local import LocalStack
+
+import helpers
+from conftest import pid_alive, wait_for
 
 
 def tether(env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -8,11 +8,11 @@ import sqlite3
 import threading
 from collections import Counter
 
-import helpers
-from conftest import wait_for
-
 from tether import Executor
 from tether.local import LocalStack
+
+import helpers
+from conftest import wait_for
 
 N = 60
 

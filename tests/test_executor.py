@@ -9,12 +9,13 @@ import textwrap
 import time
 from pathlib import Path
 
-import helpers
 import pytest
-from conftest import pid_alive, wait_for
 
 from tether import Executor, TaskCancelled, TaskFailed
 from tether.protocol import TaskState
+
+import helpers
+from conftest import pid_alive, wait_for
 
 
 def test_submit_and_map(executor: Executor) -> None:

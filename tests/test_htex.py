@@ -13,14 +13,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import cloudpickle
-import helpers
 import psutil
 import pytest
 import yaml
-from conftest import pid_alive, wait_for
-from parsl_stack import endpoint_status, engine_stack, service_capacity
+
 from tether import Executor, TaskCancelled, TaskFailed
 from tether.local import LocalStack
+
+import helpers
+from conftest import pid_alive, wait_for
+from parsl_stack import endpoint_status, engine_stack, service_capacity
 
 pytest.importorskip("parsl", reason="the htex engine needs Parsl: pip install -e '.[test]'")
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import pid_alive, wait_for
+
 from tether import (
     Executor,
     ShellCommandFailed,
@@ -21,6 +21,8 @@ from tether import (
 from tether.local import local_stack
 from tether.protocol import TaskState
 from tether.shell import ShellTemplateError, _tail
+
+from conftest import pid_alive, wait_for
 
 #: starts a background sleep, publishes its pid atomically, waits for it
 SLEEPER = ShellFunction("sleep 300 & echo $! > {p}.tmp; mv {p}.tmp {p}; wait")
