@@ -17,12 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import cloudpickle
-import helpers
 import pytest
-from conftest import wait_for
-from parsl_stack import engine_stack, service_capacity
+
 from tether import Executor, TaskFailed
 from tether.local import LocalStack
+
+import helpers
+from conftest import wait_for
+from parsl_stack import engine_stack, service_capacity
 
 # functions below run on the pilot job's workers, which cannot import this module
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -240,6 +242,7 @@ engine:
 def test_mpi_engine_runs_mpi_functions_with_srun_in_the_pilot_job(slurm_ready: None, tmp_path: Path) -> None:
     try:
         import mpi4py  # noqa: F401
+
         from tether import MPIFunction
     except ImportError as exc:
         if os.environ.get("CI"):
