@@ -114,10 +114,12 @@ def run_in_worker(
     engine: dict[str, Any],
     control_dir: str | None,
     notify: tuple[list[str], int, bytes] | None,
+    attempt: int = 0,
 ) -> dict[str, Any] | None:
     """Runs on a Parsl worker: claim the task, honour a cancel that came first, run, report RUNNING.
 
-    The claim is ``control_dir/TASK.run`` (``host pid``), flock-ed while the task runs; the engine
+    The claim is ``control_dir/TASK.ATTEMPT.run`` (``host pid``), flock-ed while the task runs (one
+    file per attempt: the worker of a lost attempt may still be running somewhere); the engine
     writes ``TASK.cancel`` *before* it looks at the claim, and the worker looks for ``TASK.cancel``
     *after* it made the claim, so one side always sees the other: the task never starts, or the
     engine sees it running (lock held) and kills this worker. Outside the lock (between tasks,
@@ -126,33 +128,37 @@ def run_in_worker(
     from tether.endpoint.execute import run_task
 
     claim = None
+    path = ""
     if control_dir:
         base = os.path.join(control_dir, task_id)
+        path = f"{base}.{attempt}.run"
         try:
-            claim = open(base + ".run", "w")  # noqa: SIM115 - held for the task's duration
             import fcntl
 
-            fcntl.flock(claim, fcntl.LOCK_EX)
+            claim = open(path, "w")  # noqa: SIM115 - held for the task's duration
+            fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
             claim.write(f"{socket.gethostname()} {os.getpid()}")
             claim.flush()
         except OSError:
-            claim = None  # no shared filesystem here: cancel cannot reach this worker
+            if claim is not None:
+                claim.close()
+            claim = None  # no (lockable) shared filesystem here: cancel cannot reach this worker
         if os.path.exists(base + ".cancel"):
-            _release(claim, base)
+            _release(claim, path)
             return None  # cancelled before it started: never run it
     _notify(notify, task_id)
     try:
         return run_task(task_id, fid, body, payload, sandbox, allowed_methods, spec=spec, engine=engine)
     finally:
         if claim is not None:
-            _release(claim, base)
+            _release(claim, path)
 
 
-def _release(claim: Any, base: str) -> None:
+def _release(claim: Any, path: str) -> None:
     if claim is None:
         return
     try:
-        os.unlink(base + ".run")
+        os.unlink(path)
     except OSError:
         pass
     claim.close()  # drops the lock
@@ -633,7 +639,8 @@ class ParslEngine(Engine):
         except Exception:  # noqa: BLE001
             pass
         for tid in list(self.tasks):
-            self._kill_claimed(self.control_dir / (tid + ".run"))
+            for attempt in range(self.tasks[tid].tries + 1):
+                self._kill_claimed(self.control_dir / f"{tid}.{attempt}.run")
         try:
             await asyncio.wait_for(asyncio.to_thread(self._shutdown_parsl), timeout=60)
         except TimeoutError:
@@ -721,6 +728,7 @@ class ParslEngine(Engine):
                 self.engine_info(),
                 str(self.control_dir),
                 self._notify,
+                entry.tries,
             )
         except Exception as exc:  # noqa: BLE001 - a bad spec, a serialization error, a dead executor
             from tether.endpoint.execute import failure
@@ -822,7 +830,8 @@ class ParslEngine(Engine):
                 Path(str(base) + ".cancel").write_text("")
             except OSError as exc:
                 log.warning("cannot write cancel marker for %s: %s", task_id, exc)
-            self._kill_claimed(Path(str(base) + ".run"))
+            for attempt in range(entry.tries + 1):  # an earlier, lost attempt may still run too
+                self._kill_claimed(Path(f"{base}.{attempt}.run"))
         self.on_result(cancelled_record(task_id, time.time()))
 
     def _kill_claimed(self, claim: Path) -> None:
