@@ -391,6 +391,27 @@ def launch_commands() -> tuple[str, list[str]]:
     return launch, [sys.executable, "-m", "parsl.executors.high_throughput.interchange"]
 
 
+def _host_addresses() -> set[str]:
+    """The addresses workers may reach this host at, as Parsl's default finds them, minus its last
+    resort: asking api.ipify.org over the internet (a third party, and up to 30 s on a login node
+    without outside DNS) for an address that compute nodes behind NAT could not use anyway."""
+    import psutil
+    from parsl import addresses
+
+    found: set[str] = set()
+    for interface in psutil.net_if_addrs():
+        try:
+            found.add(addresses.address_by_interface(interface))
+        except Exception:  # noqa: BLE001 - no IPv4 address on it
+            continue
+    for finder in (addresses.address_by_hostname, addresses.address_by_route):
+        try:
+            found.add(finder())
+        except Exception:  # noqa: BLE001
+            continue
+    return found or {"127.0.0.1"}
+
+
 def _describe(exc: BaseException) -> str:
     from parsl.executors.errors import BadStateException
 
@@ -550,6 +571,9 @@ class ParslEngine(Engine):
             self._prepare_local_mpi(provider)
         else:
             kwargs.setdefault("interchange_launch_cmd", interchange)
+        probe = "address" not in kwargs
+        if probe:  # constructed with a placeholder, then given this host's addresses (see _host_addresses)
+            kwargs["address"] = "127.0.0.1"
         label = f"tether-{self.kind}"
         kwargs.setdefault("block_error_handler", tolerant_block_errors)  # true/false in the YAML: Parsl's own
         try:
@@ -561,6 +585,9 @@ class ParslEngine(Engine):
         if self.kind == "mpi":
             # MPIExecutor types interchange_launch_cmd as str, HTEX needs a list: set it after construction
             executor.interchange_launch_cmd = interchange
+        if probe:
+            executor.address = None  # the interchange listens on every interface, as Parsl's default
+            executor.all_addresses = _host_addresses()
         executor.run_id = str(uuid.uuid4())
         executor.run_dir = str(self.run_dir)
         if hasattr(provider, "script_dir"):
