@@ -370,6 +370,10 @@ engine:
                 timeout=60
             )
             assert env["PARSL_NUM_RANKS"] == "2" and env["PARSL_MPI_PREFIX"].startswith("mpiexec -n 2")
+            # more nodes than a block has: a message at once (Parsl itself would keep it queued forever)
+            ex.resource_specification = {"num_nodes": 2, "num_ranks": 2}
+            with pytest.raises(Exception, match=r"num_nodes=2 is more than a block .* \(nodes_per_block=1\)"):
+                ex.submit(rank).result(timeout=30)
 
 
 def test_interchange_death_fails_tasks_in_words_not_a_hang(tmp_path: Path) -> None:

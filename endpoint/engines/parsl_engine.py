@@ -726,6 +726,14 @@ class ParslEngine(Engine):
             k: spec[k] for k in ("num_nodes", "ranks_per_node", "num_ranks", "launcher_options") if k in spec
         }
         nodes = int(out.setdefault("num_nodes", 1))
+        per_block = int(getattr(self.executor.provider, "nodes_per_block", 1) or 1)
+        if nodes > per_block:  # Parsl would keep it in its backlog forever
+            from tether.errors import InvalidResourceSpecification
+
+            raise InvalidResourceSpecification(
+                f"num_nodes={nodes} is more than a block of this endpoint has (nodes_per_block={per_block}); "
+                f"ask for at most {per_block} node(s), or raise the provider's nodes_per_block"
+            )
         if "num_ranks" in out and "ranks_per_node" not in out:
             out["ranks_per_node"] = -(-int(out["num_ranks"]) // nodes)  # ceil: Parsl would make it a float
         out.setdefault("ranks_per_node", 1)
