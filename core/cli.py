@@ -156,7 +156,7 @@ def _endpoint_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
 @endpoint_app.command("configure")
 def endpoint_configure(
     name: str,
-    engine: str = typer.Option("process", help="thread | process"),
+    engine: str = typer.Option("process", help="thread | process | htex | mpi (Parsl; see docs/endpoint-admin.md)"),
     workers: int = typer.Option(None, help="tasks that run at once (default: CPU count)"),
     force: bool = typer.Option(False, help="overwrite an existing config.yaml"),
 ) -> None:

@@ -115,6 +115,7 @@ def run_in_worker(
     control_dir: str | None,
     notify: tuple[list[str], int, bytes] | None,
     attempt: int = 0,
+    python_sandbox: bool = False,
 ) -> dict[str, Any] | None:
     """Runs on a Parsl worker: claim the task, honour a cancel that came first, run, report RUNNING.
 
@@ -147,8 +148,14 @@ def run_in_worker(
             _release(claim, path)
             return None  # cancelled before it started: never run it
     _notify(notify, task_id)
+    if not python_sandbox and sandbox:
+        try:  # as on the local engines: Python functions start in the endpoint's tasks/ directory
+            os.chdir(os.path.dirname(sandbox))
+        except OSError:
+            pass  # not shared with this node: stay where the worker pool started
     try:
-        return run_task(task_id, fid, body, payload, sandbox, allowed_methods, spec=spec, engine=engine)
+        return run_task(task_id, fid, body, payload, sandbox, allowed_methods, chdir=python_sandbox, spec=spec,
+                        engine=engine)
     finally:
         if claim is not None:
             _release(claim, path)
@@ -764,6 +771,7 @@ class ParslEngine(Engine):
                 str(self.control_dir),
                 self._notify,
                 entry.tries,
+                self.python_sandbox,
             )
         except Exception as exc:  # noqa: BLE001 - a bad spec, a serialization error, a dead executor
             from tether.endpoint.execute import failure
