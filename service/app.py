@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
@@ -49,7 +49,6 @@ class Settings:
     max_payload_bytes: int = 64 * 1024 * 1024
     result_retention_s: float = 7 * 24 * 3600
     purge_interval_s: float = 600
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # --- REST models ----------------------------------------------------------------------------------

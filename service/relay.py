@@ -104,7 +104,6 @@ class Relay:
         self.max_payload = max_payload
         self.endpoints: dict[str, EndpointSession] = {}
         self.watchers: dict[str, set[ClientSession]] = defaultdict(set)
-        self.recent_failures: list[dict[str, Any]] = []
         self.counters: dict[str, int] = defaultdict(int)
         # State changes that are not worth a commit each (a lost one is re-derived: the task is
         # re-dispatched, or its result carries the times): written in bulk by flush_deferred().
@@ -385,13 +384,7 @@ class Relay:
                 raise
             await _safe_send(session, encode(Msg.RESULT_ACK, ids=[r["id"] for r in results]))
             self.counters["results"] += len(fresh)
-            for r in fresh:
-                if r["state"] == TaskState.FAILED.value:
-                    self.counters["failed"] += 1
-                    self.recent_failures.append(
-                        {"id": r["id"], "endpoint": session.endpoint_id, "error": r.get("error"), "ts": time.time()}
-                    )
-            del self.recent_failures[:-50]
+            self.counters["failed"] += sum(r["state"] == TaskState.FAILED.value for r in fresh)
         elif kind == Msg.HEARTBEAT:
             session.status = {
                 "versions": msg.get("versions") or session.status.get("versions", {}),
