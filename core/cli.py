@@ -20,6 +20,7 @@ from rich.table import Table
 
 from .config import service_file, tether_home
 from .errors import TetherError
+from .processes import alive, signal_and_wait
 
 app = typer.Typer(help="Tether: federated function execution for research computing.", no_args_is_help=True,
                   add_completion=False)
@@ -108,17 +109,11 @@ def service_stop() -> None:
     pid = info.get("pid")
     if not pid:
         _fail(f"no service recorded in {service_file()}")
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
+    if not alive(pid):
         console.print("the service was not running")
         return
-    for _ in range(200):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
+    if not signal_and_wait(pid, signal.SIGTERM, 10):
+        _fail(f"the service (pid {pid}) did not exit within 10 s of SIGTERM")
     console.print(f"stopped the service (pid {pid})")
 
 

@@ -20,12 +20,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import TetherError
+from .processes import signal_and_wait
 
 
 def _cli(env: dict[str, str], *args: str, timeout: float = 120) -> str:
@@ -61,7 +61,7 @@ class LocalStack:
         return int(self._service_json()["pid"])
 
     def kill_service(self, sig: int = signal.SIGKILL) -> None:
-        _kill_and_wait(self.service_pid(), sig)
+        signal_and_wait(self.service_pid(), sig, 10)
 
     def stop_service(self) -> None:
         with contextlib.suppress(Exception):
@@ -88,7 +88,7 @@ class LocalStack:
     def kill_endpoint(self, sig: int = signal.SIGKILL, name: str | None = None) -> None:
         pid = self.endpoint_pid(name)
         if pid:
-            _kill_and_wait(pid, sig)
+            signal_and_wait(pid, sig, 10)
 
     def stop_endpoint(self, name: str | None = None) -> None:
         with contextlib.suppress(Exception):
@@ -96,26 +96,6 @@ class LocalStack:
 
     def endpoint_dir(self, name: str | None = None) -> Path:
         return self.home / "endpoints" / (name or self.endpoint_name)
-
-
-def _kill_and_wait(pid: int, sig: int, timeout: float = 10) -> None:
-    """Signal a process and wait until it is gone (also kills the worker processes of an endpoint)."""
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        except ChildProcessError:
-            pass
-        time.sleep(0.02)
 
 
 @contextlib.contextmanager

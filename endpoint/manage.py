@@ -20,6 +20,7 @@ from typing import Any
 from tether.client import Client
 from tether.config import tether_home, write_secret
 from tether.errors import ConfigError, TetherError
+from tether.processes import signal_and_wait
 
 from .config import endpoint_dir, load_config, write_default_config
 
@@ -105,27 +106,9 @@ def stop(name: str, timeout: float = 20.0) -> bool:
     pid = daemon_pid(name)
     if pid is None:
         return False
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if daemon_pid(name) is None or not _alive(pid):
-            return True
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
+    if not signal_and_wait(pid, signal.SIGTERM, timeout):
+        signal_and_wait(pid, signal.SIGKILL, 5)
     return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie child of ours still answers kill(0); reap it if it is ours
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        return done == 0
-    except ChildProcessError:
-        return True
 
 
 def list_endpoints() -> list[dict[str, Any]]:
