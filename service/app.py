@@ -320,12 +320,11 @@ def create_app(settings: Settings) -> FastAPI:
     async def dashboard_data(user: str = Depends(current_user)) -> DashboardInfo:
         """What the dashboard shows: your endpoints, your task counts, your recent failures."""
         relay.flush_deferred()
-        failures = [
-            {"task_id": r.id, "endpoint_id": r.endpoint_id, "ts": r.t_done,
-             "error": (json.loads(r.error) if r.error else {}).get("type", "?") + ": "
-             + (json.loads(r.error) if r.error else {}).get("message", "")[:300]}
-            for r in store.recent_failures(user)
-        ]
+        failures = []
+        for r in store.recent_failures(user):
+            error = json.loads(r.error) if r.error else {}
+            failures.append({"task_id": r.id, "endpoint_id": r.endpoint_id, "ts": r.t_done,
+                             "error": f"{error.get('type', '?')}: {error.get('message', '')[:300]}"})
         return DashboardInfo(endpoints=[endpoint_info(ep) for ep in store.list_endpoints(user)],
                              task_counts=store.count_by_state(user), recent_failures=failures)
 

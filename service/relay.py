@@ -73,8 +73,7 @@ class ClientSession:
     def _flush_results(self) -> None:
         self._scheduled = False
         if self._results:
-            results, self._results = self._results, []
-            asyncio.ensure_future(_safe_send(self, encode(Msg.RESULT, results=results)))
+            asyncio.ensure_future(self.send_results_now())
 
     async def send_results_now(self) -> None:
         """Send buffered results in this coroutine (the scheduled flush then finds nothing)."""

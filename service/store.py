@@ -36,7 +36,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 
-from tether.protocol import TERMINAL_STATES, TaskState
+from tether.protocol import TaskState
 
 metadata = MetaData()
 
@@ -95,7 +95,9 @@ tasks = Table(
     Index("ix_tasks_owner_group", "owner_id", "group_id"),
 )
 
-_OPEN_STATES = [s.value for s in TaskState if s not in TERMINAL_STATES]
+#: A task is open (has no result yet) while t_done is NULL: every terminal write sets t_done. One
+#: definition everywhere, and unlike a state IN (...) list it also works in executemany statements.
+_OPEN = tasks.c.t_done.is_(None)
 _TIME_COLUMN = {
     TaskState.RECEIVED: "t_received",
     TaskState.WAITING: "t_waiting",
@@ -309,9 +311,7 @@ class Store:
         col = _TIME_COLUMN[state]
         stmt = (
             update(tasks)
-            # "open" as t_done IS NULL (every terminal write sets t_done): an IN list cannot be
-            # used in an executemany statement
-            .where(and_(tasks.c.id == bindparam("b_id"), tasks.c.t_done.is_(None)))
+            .where(and_(tasks.c.id == bindparam("b_id"), _OPEN))
             .values({"state": state.value, col: bindparam("b_ts")})
         )
         with self._conn.begin():
@@ -327,7 +327,7 @@ class Store:
         unknown = [r["id"] for r in results if r["id"] not in self._open]
         if unknown:
             rows = self._conn.execute(
-                select(tasks.c.id).where(and_(tasks.c.id.in_(unknown), tasks.c.t_done.is_(None)))
+                select(tasks.c.id).where(and_(tasks.c.id.in_(unknown), _OPEN))
             ).all()
             self._conn.commit()
             self._open.update(r.id for r in rows)
@@ -363,7 +363,7 @@ class Store:
                     )
                 self._conn.execute(
                     update(tasks)
-                    .where(and_(tasks.c.id == bindparam("b_id"), tasks.c.t_done.is_(None)))
+                    .where(and_(tasks.c.id == bindparam("b_id"), _OPEN))
                     .values(
                         state=bindparam("b_state"),
                         result=bindparam("b_result"),
@@ -380,7 +380,7 @@ class Store:
         rows = self._conn.execute(
             select(tasks.c.id, tasks.c.owner_id, tasks.c.function_id, tasks.c.payload, tasks.c.spec, tasks.c.uec,
                    tasks.c.group_id)
-            .where(and_(tasks.c.endpoint_id == endpoint_id, tasks.c.state.in_(_OPEN_STATES)))
+            .where(and_(tasks.c.endpoint_id == endpoint_id, _OPEN))
             .order_by(tasks.c.t_received)
             .limit(limit)
         ).all()
@@ -409,14 +409,14 @@ class Store:
         with self._conn.begin():
             rows = self._conn.execute(
                 select(tasks.c.id, tasks.c.endpoint_id, tasks.c.state).where(
-                    and_(tasks.c.id.in_(ids), tasks.c.owner_id == owner, tasks.c.state.in_(_OPEN_STATES))
+                    and_(tasks.c.id.in_(ids), tasks.c.owner_id == owner, _OPEN)
                 )
             ).all()
             self._open.difference_update(r.id for r in rows)
             if rows:
                 self._conn.execute(
                     update(tasks)
-                    .where(and_(tasks.c.id.in_([r.id for r in rows]), tasks.c.state.in_(_OPEN_STATES)))
+                    .where(and_(tasks.c.id.in_([r.id for r in rows]), _OPEN))
                     .values(
                         state=TaskState.CANCELLED.value,
                         t_done=time.time(),
