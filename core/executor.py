@@ -94,6 +94,25 @@ class Executor(concurrent.futures.Executor):
         fid, body = self._functions.get(fn)
         return self._submit(fid, None if self._conn.known_function(fid) else body, args, kwargs, fn)
 
+    def submit_task(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        resource_specification: dict[str, Any] | None = None,
+        user_endpoint_config: dict[str, Any] | None = None,
+    ) -> TetherFuture:
+        """Submit ``fn(*args, **kwargs)`` with this call's own resource specification and user
+        endpoint config (the Executor's defaults otherwise).
+
+        Plugins (Parsl, Dask, Snakemake) use this: per-task options travel with the task, so
+        no shared attribute is swapped around a submit (which races between threads).
+        """
+        fid, body = self._functions.get(fn)
+        return self._submit(fid, None if self._conn.known_function(fid) else body, tuple(args), dict(kwargs or {}),
+                            fn, resource_specification, user_endpoint_config)
+
     def submit_to_registered_function(
         self, function_id: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> TetherFuture:
@@ -108,33 +127,36 @@ class Executor(concurrent.futures.Executor):
         Client(service=self._info.url, token=self._info.token).register_function_body(body)
         return fid
 
-    def _submit(self, fid: str, body: bytes | None, args: tuple, kwargs: dict, fn: Any) -> TetherFuture:
+    def _submit(self, fid: str, body: bytes | None, args: tuple, kwargs: dict, fn: Any,
+                spec: dict[str, Any] | None = None, uec: dict[str, Any] | None = None) -> TetherFuture:
+        spec = spec if spec is not None else self.resource_specification
+        uec = uec if uec is not None else self.user_endpoint_config
         if self._shutdown:
             raise RuntimeError("cannot submit to an Executor after shutdown()")
         if self.endpoint_id is None:
             raise TetherError("Executor has no endpoint_id: pass Executor(endpoint_id=...) to submit tasks")
-        self._check_call(fn, args, kwargs)
+        self._check_call(fn, args, kwargs, spec)
         task = {
             "id": str(uuid.uuid4()),
             "function": fid,
             "endpoint": self.endpoint_id,
             "payload": serialize((args, kwargs)),
             "group": self.task_group_id,
-            "spec": self.resource_specification,
-            "uec": self.user_endpoint_config,
+            "spec": spec,
+            "uec": uec,
         }
         fut = TetherFuture(task["id"], on_cancel=self._conn.cancel)
         self._conn.submit(task, fut, body)  # may raise (PayloadTooLarge, AuthError): then nothing is tracked
         self._track(fut)
         return fut
 
-    def _check_call(self, fn: Any, args: tuple, kwargs: dict) -> None:
+    def _check_call(self, fn: Any, args: tuple, kwargs: dict, spec: dict[str, Any] | None) -> None:
         """Hook for callables that can validate their arguments before anything is sent."""
-        if self.resource_specification is not None:
-            validate_resource_specification(self.resource_specification)
+        if spec is not None:
+            validate_resource_specification(spec)
         check = getattr(fn, "validate_call", None)
         if callable(check):
-            check(args, kwargs, self.resource_specification)
+            check(args, kwargs, spec)
 
     def _track(self, fut: TetherFuture) -> None:
         with self._futures_lock:
