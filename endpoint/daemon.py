@@ -9,6 +9,7 @@ at registration, never the owner's token.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -44,16 +45,22 @@ class CredentialRejected(RuntimeError):
     pass
 
 
+@functools.lru_cache(maxsize=1)
 def versions() -> dict[str, str]:
-    """What the endpoint runs, for the heartbeat and for mismatch messages on the client side."""
+    """What the endpoint runs, for the heartbeat and for mismatch messages on the client side.
+
+    Installed versions (not only imported modules): the plugins compare the endpoint's Parsl,
+    Dask and Snakemake with the submitting side's before the first task runs.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
     out = {"python": PY_VERSION, "python_full": platform.python_version(), "tether": __version__,
            "platform": platform.platform()}
-    for mod in ("cloudpickle", "parsl", "dask", "distributed"):
-        module = sys.modules.get(mod)
-        if module is None and mod == "cloudpickle":
-            import cloudpickle as module  # noqa: F811
-        if module is not None:
-            out[mod] = getattr(module, "__version__", "?")
+    for dist in ("cloudpickle", "parsl", "dask", "distributed", "snakemake"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
     return out
 
 
