@@ -127,16 +127,40 @@ def service_status() -> None:
     console.print(f"{info['url']}: {state} (pid {info.get('pid')})")
 
 
-@service_app.command("user-add")
-def service_user_add(name: str, db_url: str = typer.Option(None)) -> None:
-    """Create a user (or give an existing one a new token) and print the token once."""
+def _store(db_url: str | None) -> Any:
+    """The store of this TETHER_HOME's service (or ``--db-url``), for user administration."""
     _need("service", "tether.service.store")
     from tether.service.store import Store
 
     url = db_url or os.environ.get("TETHER_DB_URL") or f"sqlite:///{tether_home() / 'service' / 'tether.db'}"
     (tether_home() / "service").mkdir(parents=True, exist_ok=True, mode=0o700)
-    user_id, token = Store(url).create_user(name)
-    console.print(f"user {name} ({user_id})\ntoken: {token}")
+    return Store(url)
+
+
+@service_app.command("user-add")
+def service_user_add(
+    name: str,
+    db_url: str = typer.Option(None),
+    as_json: bool = typer.Option(False, "--json", help="print {user_id, name, token} as JSON"),
+) -> None:
+    """Create a user, or rotate an existing user's token, and print the token once.
+
+    A rotated token replaces the old one at once: a running service refuses the old token
+    within a second, connections made with it included.
+    """
+    user_id, token = _store(db_url).create_user(name)
+    if as_json:
+        print(json.dumps({"user_id": user_id, "name": name, "token": token}))
+    else:
+        console.print(f"user {name} ({user_id})\ntoken: {token}", highlight=False)
+
+
+@service_app.command("token-revoke")
+def service_token_revoke(name: str, db_url: str = typer.Option(None)) -> None:
+    """Revoke a user's token (until 'user-add NAME' issues a new one); effective at once."""
+    if not _store(db_url).revoke_user_token(name):
+        _fail(f"no user named {name!r}")
+    console.print(f"revoked the token of {name}; open connections with it are closed within a second")
 
 
 # --- endpoint -------------------------------------------------------------------------------
@@ -259,6 +283,16 @@ def endpoint_delete(name: str, yes: bool = typer.Option(False, "--yes", "-y", he
         raise typer.Exit(1)
     _endpoint_call(manage.delete, name)
     console.print(f"deleted endpoint {name}")
+
+
+@endpoint_app.command("rotate-credential")
+def endpoint_rotate_credential(name: str) -> None:
+    """Replace the endpoint's credential with a new one: the old one stops working at once and a
+    running endpoint reconnects with the new one."""
+    from tether.endpoint import manage
+
+    cred = _endpoint_call(manage.rotate_credential, name)
+    console.print(f"endpoint [bold]{name}[/] ({cred['endpoint_id']}) has a new credential; the old one is void")
 
 
 def main() -> None:

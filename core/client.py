@@ -112,7 +112,7 @@ class Client:
         return deserialize(base64.b64decode(info["result"]))
 
     def get_batch_status(self, task_ids: list[str]) -> dict[str, Any]:
-        return self._call("POST", "/v1/tasks/status", json={"task_ids": task_ids})
+        return self._call("POST", "/v1/batch_status", json={"task_ids": task_ids})
 
     def cancel_task(self, task_id: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/tasks/{task_id}/cancel")

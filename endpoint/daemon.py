@@ -122,7 +122,9 @@ class EndpointDaemon:
         self.allowed_functions = set(config.allowed_functions) if config.allowed_functions is not None else None
         # arguments: the methods the administrator allows; function bodies: the same, except
         # that functions on the allow-list (checked by hash) may be pickled code
-        self.allowed_methods = frozenset(config.allowed_serialization_methods)
+        # (JSON runs no code, so an endpoint that accepts pickles accepts JSON too)
+        methods = set(config.allowed_serialization_methods)
+        self.allowed_methods = frozenset(methods | ({"json"} if "cloudpickle" in methods else set()))
         self.engine_methods = self.allowed_methods | ({"cloudpickle"} if self.allowed_functions is not None else set())
         self.refused_functions: dict[str, str] = {}
         self.max_result = config.max_result_bytes
@@ -193,7 +195,9 @@ class EndpointDaemon:
             except ConnectionClosed as exc:
                 code = exc.rcvd.code if exc.rcvd is not None else None
                 if code in (CLOSE_AUTH_FAILED, CLOSE_CREDENTIAL_ROTATED):
-                    if self._reload_credential():
+                    # rotated: 'tether endpoint rotate-credential' writes the new one just after
+                    patience = 15.0 if code == CLOSE_CREDENTIAL_ROTATED else 0.0
+                    if await self._await_new_credential(patience):
                         log.info("credential rotated; reconnecting with the new one")
                         headers = self._headers()
                         continue
@@ -219,6 +223,14 @@ class EndpointDaemon:
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.secret}", "X-Tether-Endpoint": self.endpoint_id}
+
+    async def _await_new_credential(self, patience: float) -> bool:
+        deadline = time.monotonic() + patience
+        while not self._reload_credential():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.1)
+        return True
 
     def _reload_credential(self) -> bool:
         """Pick up a credential rotated by ``tether endpoint rotate-credential``; True if it changed."""

@@ -46,9 +46,23 @@ def ensure_registered(name: str, service: str | None = None, token: str | None =
         previous = json.loads(path.read_text())
         if previous.get("service_url") == client.info.url:
             return previous
-    with client:
-        reg = client.register_endpoint(name, previous.get("endpoint_id"))
+    with client:  # a new service: a new endpoint there (ids are the service's to issue)
+        reg = client.register_endpoint(name)
     cred = {"endpoint_id": reg["endpoint_id"], "secret": reg["secret"], "service_url": client.info.url}
+    write_secret(path, json.dumps(cred))
+    return cred
+
+
+def rotate_credential(name: str) -> dict[str, str]:
+    """Get a new credential for a registered endpoint and store it (0600). The service voids the
+    old one at once; a running daemon is disconnected, rereads the file and reconnects."""
+    path = credential_path(name)
+    if not path.exists():
+        raise ConfigError(f"endpoint {name!r} is not registered yet: run 'tether endpoint start {name}' first")
+    previous = json.loads(path.read_text())
+    with Client(previous["service_url"]) as client:
+        reg = client.register_endpoint(name, previous["endpoint_id"])
+    cred = {"endpoint_id": reg["endpoint_id"], "secret": reg["secret"], "service_url": previous["service_url"]}
     write_secret(path, json.dumps(cred))
     return cred
 

@@ -72,6 +72,9 @@ class Settings:
 
 
 # --- REST models ----------------------------------------------------------------------------------
+#: standard base64 (RFC 4648, padded): what the payload fields must be
+BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+Base64Str = Annotated[str, Field(pattern=BASE64_PATTERN)]
 IdStr = Annotated[str, Field(pattern=ID_PATTERN)]
 FunctionIdStr = Annotated[str, Field(pattern=FUNCTION_ID_PATTERN)]
 PathId = Annotated[str, Path(pattern=ID_PATTERN)]
@@ -116,7 +119,7 @@ class EndpointAction(BaseModel):
 
 
 class FunctionRegistration(BaseModel):
-    function: str = Field(description="base64 of the serialized function (tether.serialize)")
+    function: Base64Str = Field(description="base64 of the serialized function (tether.serialize)")
 
 
 class FunctionInfo(BaseModel):
@@ -141,7 +144,7 @@ class RestTask(BaseModel):
     task_id: IdStr
     endpoint_id: IdStr
     function_id: FunctionIdStr
-    payload: str = Field(description="base64 of serialized (args, kwargs)")
+    payload: Base64Str = Field(description="base64 of serialized (args, kwargs)")
     group_id: IdStr | None = None
     resource_specification: dict[str, Any] | None = None
 
@@ -189,7 +192,7 @@ class Health(BaseModel):
 
 
 _DESCRIPTIONS = {
-    400: "The request is malformed (the detail says how)",
+    400: "The request body is not valid JSON, or not valid base64 where base64 is due",
     401: "Missing, unknown or revoked token",
     404: "No such object visible to you",
     409: "The id is taken (by another user, or by something deleted)",
@@ -362,7 +365,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def whoami(user: str = Depends(current_user)) -> WhoAmI:
         return WhoAmI(user_id=user, name=store.user_name(user))
 
-    @app.post("/v1/endpoints", response_model=EndpointCredential, tags=["endpoints"], responses=_errors(404, 409))
+    @app.post("/v1/endpoints", response_model=EndpointCredential, tags=["endpoints"], responses=_errors(400, 404, 409))
     async def register_endpoint(body: EndpointRegistration, user: str = Depends(current_user)) -> EndpointCredential:
         """Register a new endpoint, or rotate the credential of one of yours (``endpoint_id``):
         the old credential stops working and its connection is closed at once."""
@@ -435,7 +438,7 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(404, f"unknown task {task_id}")
         return task_info(rows[0])
 
-    @app.post("/v1/tasks/status", response_model=dict[str, TaskInfo], tags=["tasks"], responses=_errors())
+    @app.post("/v1/batch_status", response_model=dict[str, TaskInfo], tags=["tasks"], responses=_errors(400))
     async def batch_status(body: TaskIds, user: str = Depends(current_user)) -> dict[str, TaskInfo]:
         relay.flush_deferred()
         return {r.id: task_info(r) for r in store.get_tasks(user, body.task_ids)}
