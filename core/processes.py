@@ -11,7 +11,8 @@ from fnmatch import fnmatchcase
 
 
 def alive(pid: int) -> bool:
-    """True while ``pid`` runs. A zombie child of ours still answers ``kill(0)``: it is reaped here."""
+    """True while ``pid`` runs. A zombie still answers ``kill(0)``: a child of ours is reaped here;
+    another's counts as gone (its parent may never reap it: PID 1 in many containers does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -20,8 +21,17 @@ def alive(pid: int) -> bool:
         return True
     try:
         return os.waitpid(pid, os.WNOHANG)[0] == 0
-    except ChildProcessError:  # not our child: kill(0) answered, so it runs
-        return True
+    except ChildProcessError:  # not our child: kill(0) answered, so it runs, unless it is a zombie
+        return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return False  # no procfs: trust kill(0)
+    return stat[stat.rfind(b")") + 2:][:1] == b"Z"
 
 
 def signal_and_wait(pid: int, sig: int, timeout: float) -> bool:
