@@ -12,15 +12,16 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from .config import service_file, tether_home
+from .config import service_file, tether_home, write_secret
 from .errors import TetherError
-from .processes import alive, signal_and_wait
+from .ids import InvalidIdentifier, check_name
+from .processes import SERVICE_COMMANDS, is_recorded_process, signal_and_wait
 
 app = typer.Typer(help="Tether: federated function execution for research computing.", no_args_is_help=True,
                   add_completion=False)
@@ -102,15 +103,38 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def _service_pid(info: dict[str, Any]) -> int | None:
+    """The pid in service.json if that process still is the service; else None, and the stale pid
+    is dropped from service.json (url and token stay: a restarted service keeps its token).
+
+    The pid may have been reused by any process since the service died: it is only believed if
+    that process runs the service and started before service.json was written."""
+    pid = info.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        return None
+    path = service_file()
+    try:
+        written = path.stat().st_mtime
+    except OSError:
+        return None
+    if is_recorded_process(pid, SERVICE_COMMANDS, written):
+        return pid
+    if _service_info() == info:  # not rewritten meanwhile by a service starting now
+        write_secret(path, json.dumps({k: v for k, v in info.items() if k != "pid"}))
+    return None
+
+
 @service_app.command("stop")
 def service_stop() -> None:
     """Stop the service started from this TETHER_HOME."""
     info = _service_info()
-    pid = info.get("pid")
-    if not pid:
+    recorded = info.get("pid")
+    if not recorded:
         _fail(f"no service recorded in {service_file()}")
-    if not alive(pid):
-        console.print("the service was not running")
+    pid = _service_pid(info)
+    if pid is None:
+        console.print(f"the service was not running (pid {recorded} in {service_file()} is gone or is "
+                      f"another process now; left alone)")
         return
     if not signal_and_wait(pid, signal.SIGTERM, 10):
         _fail(f"the service (pid {pid}) did not exit within 10 s of SIGTERM")
@@ -124,7 +148,9 @@ def service_status() -> None:
     if not info:
         _fail(f"no service recorded in {service_file()}; run 'tether service start'")
     state = "[green]up[/]" if _healthy(info["url"]) else "[red]down[/]"
-    console.print(f"{info['url']}: {state} (pid {info.get('pid')})")
+    pid = _service_pid(info)
+    process = f"pid {pid}" if pid else "no service process of this TETHER_HOME runs here"
+    console.print(f"{info['url']}: {state} ({process})")
 
 
 def _store(db_url: str | None) -> Any:
@@ -164,6 +190,18 @@ def service_token_revoke(name: str, db_url: str = typer.Option(None)) -> None:
 
 
 # --- endpoint -------------------------------------------------------------------------------
+def _endpoint_name(name: str) -> str:
+    """Checked as it enters: a name becomes a directory, so '..', 'a/b' or '/x' must never pass."""
+    try:
+        check_name(name)
+    except InvalidIdentifier as exc:
+        _fail(f"{exc}; it names a directory under {tether_home() / 'endpoints'}")
+    return name
+
+
+EndpointName = Annotated[str, typer.Argument(callback=_endpoint_name, help="the endpoint's name", show_default=False)]
+
+
 def _endpoint_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     _need("endpoint", "tether.endpoint.manage")
     try:
@@ -174,7 +212,7 @@ def _endpoint_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 @endpoint_app.command("configure")
 def endpoint_configure(
-    name: str,
+    name: EndpointName,
     engine: str = typer.Option("process", help="thread | process | htex | mpi (Parsl; see docs/endpoint-admin.md)"),
     workers: int = typer.Option(None, help="tasks that run at once (default: CPU count)"),
     force: bool = typer.Option(False, help="overwrite an existing config.yaml"),
@@ -188,7 +226,7 @@ def endpoint_configure(
 
 @endpoint_app.command("start")
 def endpoint_start(
-    name: str, detach: bool = typer.Option(False, "--detach", "-d", help="run in the background")
+    name: EndpointName, detach: bool = typer.Option(False, "--detach", "-d", help="run in the background")
 ) -> None:
     """Register (once) and run the endpoint; prints its endpoint id."""
     from tether.endpoint import manage
@@ -206,7 +244,7 @@ def endpoint_start(
 
 
 @endpoint_app.command("stop")
-def endpoint_stop(name: str) -> None:
+def endpoint_stop(name: EndpointName) -> None:
     """Stop a running endpoint (its unfinished tasks run again at the next start)."""
     from tether.endpoint import manage
 
@@ -217,7 +255,7 @@ def endpoint_stop(name: str) -> None:
 
 
 @endpoint_app.command("restart")
-def endpoint_restart(name: str) -> None:
+def endpoint_restart(name: EndpointName) -> None:
     """Stop, then start in the background."""
     from tether.endpoint import manage
 
@@ -246,7 +284,7 @@ def endpoint_list(as_json: bool = typer.Option(False, "--json")) -> None:
 
 
 @endpoint_app.command("status")
-def endpoint_status(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+def endpoint_status(name: EndpointName, as_json: bool = typer.Option(False, "--json")) -> None:
     """Daemon state, capacity and versions, locally and as the service sees it."""
     from tether.endpoint import manage
 
@@ -275,7 +313,7 @@ def endpoint_status(name: str, as_json: bool = typer.Option(False, "--json")) ->
 
 
 @endpoint_app.command("delete")
-def endpoint_delete(name: str, yes: bool = typer.Option(False, "--yes", "-y", help="do not ask")) -> None:
+def endpoint_delete(name: EndpointName, yes: bool = typer.Option(False, "--yes", "-y", help="do not ask")) -> None:
     """Stop the endpoint, delete it from the service and remove its local state."""
     from tether.endpoint import manage
 

@@ -9,6 +9,7 @@ imported by the client, the service, the endpoint and the CLI, keeps a peer from
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import TetherError
@@ -53,12 +54,15 @@ def is_valid_id(value: object) -> bool:
     return isinstance(value, str) and _ID.fullmatch(value) is not None
 
 
-def child_path(root: Path, name: str, kind: str = "id") -> Path:
-    """``root / name``, refused unless ``name`` is a valid id and the result stays inside ``root``.
+def child_path(root: Path, name: str, kind: str = "id",
+               check: Callable[[object, str], str] = check_id) -> Path:
+    """``root / name``, refused unless ``name`` is valid and the result stays inside ``root``.
 
-    The second check is belt and braces: the pattern already excludes separators and dot-names.
+    ``check`` is the rule ``name`` must follow: :func:`check_id` for ids, :func:`check_name` for
+    endpoint names (which may be longer). The second check is belt and braces: both patterns
+    already exclude separators and dot-names.
     """
-    check_id(name, kind)
+    check(name, kind)
     path = root / name
     if path.parent != root or name in (".", ".."):
         raise InvalidIdentifier(f"invalid {kind} {name!r}: it would leave {root}")

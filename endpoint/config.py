@@ -17,6 +17,7 @@ import yaml
 
 from tether.config import tether_home
 from tether.errors import ConfigError
+from tether.ids import check_name, child_path
 
 ENGINE_TYPES = ("thread", "process", "htex", "mpi")
 #: Engines built on Parsl: their keys are checked against the installed Parsl (see engines/parsl_engine.py).
@@ -79,7 +80,9 @@ class EndpointConfig:
 
 
 def endpoint_dir(name: str) -> Path:
-    return tether_home() / "endpoints" / name
+    """``$TETHER_HOME/endpoints/NAME``; a name that could leave that directory (``..``, ``a/b``, an
+    absolute path) is refused here, where it becomes a path, whatever checked it before."""
+    return child_path(tether_home() / "endpoints", name, "endpoint name", check=check_name)
 
 
 def _key_path(error: jsonschema.ValidationError) -> str:

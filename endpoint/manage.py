@@ -2,13 +2,13 @@
 
 The daemon runs as ``python -m tether.endpoint.daemon NAME`` (no dependence on a console
 script being on PATH); ``daemon.pid`` and ``status.json`` in the endpoint's directory tell
-the CLI what it is doing.
+the CLI what it is doing. A pid from ``daemon.pid`` is signalled only after checking that it
+still is that daemon (see :func:`tether.processes.is_recorded_process`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -20,7 +20,8 @@ from typing import Any
 from tether.client import Client
 from tether.config import tether_home, write_secret
 from tether.errors import ConfigError, TetherError
-from tether.processes import signal_and_wait
+from tether.ids import check_name
+from tether.processes import endpoint_commands, is_recorded_process, signal_and_wait
 
 from .config import endpoint_dir, load_config, write_default_config
 
@@ -68,18 +69,26 @@ def rotate_credential(name: str) -> dict[str, str]:
 
 
 def daemon_pid(name: str) -> int | None:
-    """PID of the running daemon, or None (stale pid files are ignored)."""
+    """PID of the running daemon, or None.
+
+    A pid file whose process is gone, or whose pid now belongs to another process (the daemon
+    was killed and the pid reused), is stale: it is removed, and that process is never signalled.
+    """
+    path = endpoint_dir(name) / "daemon.pid"
     try:
-        pid = int((endpoint_dir(name) / "daemon.pid").read_text())
+        text = path.read_text()
+        pid = int(text)
+        written = path.stat().st_mtime
     except (OSError, ValueError):
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
+    if is_recorded_process(pid, endpoint_commands(check_name(name)), written):
         return pid
-    return pid
+    try:  # stale; remove it unless a daemon starting right now has just rewritten it
+        if path.read_text() == text:
+            path.unlink()
+    except OSError:
+        pass
+    return None
 
 
 def local_status(name: str) -> dict[str, Any]:
@@ -129,9 +138,9 @@ def list_endpoints() -> list[dict[str, Any]]:
     root = tether_home() / "endpoints"
     out = []
     for d in sorted(root.iterdir()) if root.exists() else []:
-        if not (d / "config.yaml").exists():
-            continue
         name = d.name
+        if not (d / "config.yaml").exists() or not _valid_name(name):
+            continue  # not made by 'tether endpoint configure'
         try:
             engine = load_config(name).engine.get("type")
         except ConfigError:
@@ -147,6 +156,14 @@ def list_endpoints() -> list[dict[str, Any]]:
             "pid": pid,
         })
     return out
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        check_name(name)
+    except TetherError:
+        return False
+    return True
 
 
 def status(name: str) -> dict[str, Any]:
