@@ -40,8 +40,9 @@ log = logging.getLogger("tether.parsl")
 
 #: the key of a ``parsl_resource_specification`` that carries a multi-user endpoint's template values
 USER_ENDPOINT_CONFIG = "user_endpoint_config"
-#: engines that run each task in a process of its own (Parsl's resource monitor can follow its tree)
-_PROCESS_ENGINES = ("process", "htex", "mpi")
+#: engines whose workers may start Parsl's resource monitor (a child process following the task's tree).
+#: Not the process engine: its workers are daemonic multiprocessing processes, which may not have children.
+_MONITORABLE_ENGINES = ("htex", "mpi")
 #: seconds an endpoint's online state is trusted before ``require_online`` asks the service again
 _ONLINE_TTL = 2.0
 
@@ -179,10 +180,12 @@ class TetherExecutor(ParslExecutor):
         super().shutdown()
 
     def monitor_resources(self) -> bool:
-        """Whether Parsl's per-task resource monitor makes sense on this endpoint: only where each task
-        has a process of its own (process, htex, mpi engines). On the thread engine all tasks share the
-        endpoint's process, and forking a monitor from it is what Parsl's ThreadPoolExecutor avoids too."""
-        return self.engine in _PROCESS_ENGINES
+        """Whether Parsl's per-task resource monitor can run on this endpoint: on the Parsl engines
+        (htex, mpi), whose workers are Parsl's own. Not on the thread engine (all tasks share one
+        process: forking a monitor there is what Parsl's ThreadPoolExecutor avoids too), nor on the
+        process engine (its daemonic workers may not start the monitor's process). Task states and
+        try start/end times reach the monitoring database either way."""
+        return self.engine in _MONITORABLE_ENGINES
 
     # --- submission ----------------------------------------------------------------------------
     def submit(self, func: Any, resource_specification: dict[str, Any], *args: Any, **kwargs: Any) -> Future:
