@@ -465,3 +465,37 @@ def test_monitoring_reaches_the_database(stack: LocalStack, tmp_path: Path) -> N
     assert running == 6  # the endpoint-side wrapper's first message came back with each result
     assert db.execute("SELECT task_status_name FROM status WHERE task_id = ? ORDER BY timestamp DESC",
                       (tid,)).fetchone()[0] == "exec_done"
+
+
+HTEX_ENDPOINT = """
+engine:
+  type: htex
+  max_workers_per_node: 2
+  heartbeat_period: 1
+  provider: {type: LocalProvider, init_blocks: 1, min_blocks: 0, max_blocks: 1}
+heartbeat_s: 0.5
+"""
+
+
+def test_on_an_htex_endpoint_with_resource_monitoring(tmp_path: Path) -> None:
+    """The endpoint hands apps to Parsl's own HighThroughputExecutor: Parsl's resource monitor runs
+    around each app there, and its messages reach this DFK's monitoring database with the results."""
+    from parsl.monitoring import MonitoringHub
+
+    from parsl_stack import engine_stack
+
+    with engine_stack(tmp_path / "home", HTEX_ENDPOINT) as st:
+        wait_for(lambda: Client(st.service_url, st.token).get_endpoint(st.endpoint_id)["status"]
+                 .get("capacity", {}).get("engine") == "htex", 60, "the htex endpoint's first heartbeat")
+        ex = tether_executor(st, working_dir=str(tmp_path / "wd"))
+        with loaded(tmp_path, ex, monitoring=MonitoringHub(resource_monitoring_interval=0.2)):
+            assert ex.monitor_resources()
+            assert add(add(1, 2), 3).result(timeout=120) == 6
+            assert shell("sleep 0.6; echo in-wd", stdout="wd.out").result(timeout=60) == 0
+            with pytest.raises(ZeroDivisionError):
+                divide(1, 0).result(timeout=60)
+    assert (tmp_path / "wd" / "wd.out").read_text() == "in-wd\n"
+    db = sqlite3.connect(tmp_path / "runinfo" / "monitoring.db")
+    assert db.execute("SELECT COUNT(*) FROM try WHERE task_try_time_running IS NOT NULL").fetchone()[0] == 4
+    resources = db.execute("SELECT COUNT(DISTINCT task_id), MAX(psutil_process_time_user) FROM resource").fetchone()
+    assert resources[0] == 4 and resources[1] is not None
