@@ -31,6 +31,7 @@ from tether.parsl import TetherExecutor, version_problems
 
 import helpers
 from conftest import pid_alive, wait_for
+from parsl_stack import engine_stack
 
 # apps defined here run on the endpoint's workers, which cannot import this module
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -293,9 +294,7 @@ def test_unknown_and_offline_endpoints_fail_their_apps_in_words(stack: LocalStac
     good = tether_executor(stack, label="good")
     unknown = tether_executor(stack, label="unknown", endpoint_id="00000000-0000-0000-0000-000000000000")
     strict = tether_executor(stack, label="strict", endpoint_id=offline, require_online=True)
-    with pytest.warns(RuntimeWarning) as record:
-        dfk = parsl.load(Config(executors=[good, unknown, strict], run_dir=str(tmp_path / "runinfo")))
-    try:
+    with pytest.warns(RuntimeWarning) as record, loaded(tmp_path, good, unknown, strict):
         texts = " | ".join(str(w.message) for w in record)
         assert "'unknown'" in texts and "cannot be used" in texts and "'strict'" in texts and "offline" in texts
 
@@ -316,9 +315,6 @@ def test_unknown_and_offline_endpoints_fail_their_apps_in_words(stack: LocalStac
         with pytest.raises(EndpointOffline, match="is offline and executor 'strict' has require_online=True"):
             on_offline().result(timeout=60)
         assert [on_good(i).result(timeout=60) for i in range(3)] == [0, 1, 2]
-    finally:
-        dfk.cleanup()
-        parsl.clear()
 
 
 def test_a_function_the_endpoint_refuses_fails_that_app(stack: LocalStack, tmp_path: Path) -> None:
@@ -361,6 +357,31 @@ def test_two_executors_same_endpoint_different_user_endpoint_config(stack: Local
         labels = {f.task_record["executor"] for f in futures}
         assert labels == {"small", "large"}
         assert (a.user_endpoint_config, b.user_endpoint_config) == ({"WORKERS": 1}, {"WORKERS": 8})  # never swapped
+
+
+@needs_mpi
+def test_on_a_thread_endpoint(stack: LocalStack, tmp_path: Path) -> None:
+    """Tasks share one process there: MPI apps still get their own environment; working_dir (a
+    process-wide current directory) is refused in words; no resource monitor."""
+    with extra_endpoint(stack, "threads", "engine: {type: thread, workers: 2}\n") as thread_id:
+        plain = tether_executor(stack, label="threads", endpoint_id=thread_id)
+        moving = tether_executor(stack, label="moving", endpoint_id=thread_id, working_dir=str(tmp_path / "wd"))
+        with loaded(tmp_path, plain, moving):
+            assert not plain.monitor_resources()
+
+            @bash_app(executors=["threads"])
+            def ring_here(parsl_resource_specification={}, stdout=None) -> str:  # noqa: B006
+                return f"$PARSL_MPI_PREFIX {PY} -c 'from mpi4py import MPI; print(MPI.COMM_WORLD.size)'"
+
+            @python_app(executors=["moving"])
+            def moved() -> str:
+                return os.getcwd()
+
+            out = tmp_path / "ring.out"
+            ring_here(parsl_resource_specification={"num_ranks": 2}, stdout=str(out)).result(timeout=90)
+            assert out.read_text().split() == ["2", "2"]
+            with pytest.raises(RuntimeError, match="working_dir=.*needs an endpoint engine that runs each task"):
+                moved().result(timeout=60)
 
 
 # --- retries and cancel ----------------------------------------------------------------------
@@ -427,10 +448,9 @@ def test_parsl_version_mismatch_is_reported_before_the_first_app(stack: LocalSta
         "Metadata-Version: 2.1\nName: parsl\nVersion: 2020.1.1\n")
     with extra_endpoint(stack, "old-parsl", env={"PYTHONPATH": str(fake)}) as old_id:
         ex = tether_executor(stack, endpoint_id=old_id)
-        with pytest.warns(RuntimeWarning, match=r"runs Parsl 2020\.1\.1 but this client runs Parsl \d"):
-            dfk = parsl.load(Config(executors=[ex], run_dir=str(tmp_path / "runinfo")))
-        dfk.cleanup()
-        parsl.clear()
+        with pytest.warns(RuntimeWarning, match=r"runs Parsl 2020\.1\.1 but this client runs Parsl \d"), \
+                loaded(tmp_path, ex):
+            pass
     assert any("2020.1.1" in p for p in ex.endpoint_problems)
 
 
@@ -482,8 +502,6 @@ def test_on_an_htex_endpoint_with_resource_monitoring(tmp_path: Path) -> None:
     around each app there, and its messages reach this DFK's monitoring database with the results."""
     from parsl.monitoring import MonitoringHub
 
-    from parsl_stack import engine_stack
-
     with engine_stack(tmp_path / "home", HTEX_ENDPOINT) as st:
         wait_for(lambda: Client(st.service_url, st.token).get_endpoint(st.endpoint_id)["status"]
                  .get("capacity", {}).get("engine") == "htex", 60, "the htex endpoint's first heartbeat")
@@ -499,3 +517,46 @@ def test_on_an_htex_endpoint_with_resource_monitoring(tmp_path: Path) -> None:
     assert db.execute("SELECT COUNT(*) FROM try WHERE task_try_time_running IS NOT NULL").fetchone()[0] == 4
     resources = db.execute("SELECT COUNT(DISTINCT task_id), MAX(psutil_process_time_user) FROM resource").fetchone()
     assert resources[0] == 4 and resources[1] is not None
+
+
+SLURM_ENDPOINT = """
+engine:
+  type: htex
+  max_workers_per_node: 2
+  heartbeat_period: 2
+  provider:
+    type: SlurmProvider
+    partition: debug
+    nodes_per_block: 1
+    init_blocks: 1
+    max_blocks: 1
+    walltime: "00:10:00"
+    exclusive: false
+    launcher: {type: SrunLauncher}
+heartbeat_s: 0.5
+"""
+
+
+@pytest.mark.timeout(240)
+def test_apps_run_in_a_slurm_pilot_job(tmp_path: Path) -> None:
+    """A Parsl script on this side; its apps in a Slurm job started by the endpoint's htex engine."""
+    from test_slurm import _slurm_missing
+
+    missing = _slurm_missing()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set, so the Slurm tests must run, but: {missing}", pytrace=False)
+        pytest.skip(missing)
+
+    @python_app
+    def slurm_job() -> str | None:
+        return os.environ.get("SLURM_JOB_ID")
+
+    with engine_stack(tmp_path / "home", SLURM_ENDPOINT) as st, loaded(tmp_path, tether_executor(st), retries=1):
+        assert slurm_job().result(timeout=200)  # ran inside the pilot job
+        out = tmp_path / "hello.out"
+        assert shell("echo $SLURM_JOB_ID", stdout=str(out)).result(timeout=60) == 0
+        assert out.read_text().strip().isdigit()
+        with pytest.raises(BashExitFailure):
+            shell("exit 2").result(timeout=60)
+        assert sum(f.result(timeout=120) for f in [add(i, 1) for i in range(200)]) == sum(range(1, 201))
