@@ -405,7 +405,7 @@ def test_cancel_kills_a_running_app_and_does_not_retry_it(stack: LocalStack, tmp
     ex = tether_executor(stack)
     with loaded(tmp_path, ex, retries=2):
         fut = shell(f"sleep 300 & echo $$ $! > {pids}; wait")
-        wait_for(pids.exists, 60, "the bash app to start")
+        wait_for(lambda: pids.exists() and len(pids.read_text().split()) == 2, 60, "the bash app to start")
         shell_pid, sleep_pid = map(int, pids.read_text().split())
         assert ex.cancel(fut)
         with pytest.raises(TaskCancelled):
