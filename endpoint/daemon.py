@@ -430,8 +430,11 @@ def run_daemon(name: str) -> int:
     # tasks (and the worker processes, which inherit it) start in the endpoint's tasks/ directory
     (config.dir / "tasks").mkdir(parents=True, exist_ok=True)
     os.chdir(config.dir / "tasks")
+    daemon_class = EndpointDaemon
+    if config.multi_user:
+        from .multi_user import MultiUserDaemon as daemon_class
     try:
-        return asyncio.run(EndpointDaemon(config, credential).run())
+        return asyncio.run(daemon_class(config, credential).run())
     finally:
         (config.dir / "daemon.pid").unlink(missing_ok=True)
 
