@@ -213,7 +213,8 @@ _DESCRIPTIONS = {
     400: "The request body is not valid JSON, or not valid base64 where base64 is due",
     401: "Missing, unknown or revoked token",
     404: "No such object visible to you",
-    409: "The id is taken (by another user, or by something deleted)",
+    409: "The id is taken (by another user, or by something deleted), or the endpoint is not of the kind the "
+         "request needs",
 }
 
 
@@ -414,13 +415,13 @@ def create_app(settings: Settings) -> FastAPI:
         return endpoint_info(own_endpoint(endpoint_id, user, admitted=True))
 
     @app.put("/v1/endpoints/{endpoint_id}/policy", response_model=EndpointPolicy, tags=["endpoints"],
-             responses=_errors(400, 404))
+             responses=_errors(400, 404, 409))
     async def set_policy(endpoint_id: PathId, body: EndpointPolicy,
                          user: str = Depends(current_user)) -> EndpointPolicy:
         """Who may send tasks to your multi-user endpoint."""
         ep = own_endpoint(endpoint_id, user)
         if not ep.get("multi_user"):
-            raise HTTPException(400, f"endpoint {endpoint_id} is not a multi-user endpoint; only those have a policy")
+            raise HTTPException(409, f"endpoint {endpoint_id} is not a multi-user endpoint; only those have a policy")
         store.set_policy(endpoint_id, body.model_dump())
         return body
 
