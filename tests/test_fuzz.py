@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgpack
@@ -93,39 +93,35 @@ _frames = st.builds(
     st.sampled_from([PROTOCOL_VERSION, PROTOCOL_VERSION, PROTOCOL_VERSION, 1, "2"]),
     st.dictionaries(st.sampled_from(sorted(_fields)), st.just(None), max_size=4).flatmap(
         lambda keys: st.fixed_dictionaries({k: _fields[k] for k in keys})),
-) | st.binary(max_size=24)
+) | st.binary(max_size=24) | st.builds(  # well-formed id frames, so both verdicts are exercised
+    lambda t, ids: msgpack.packb({"t": t, "v": PROTOCOL_VERSION, "ids": ids}),
+    st.sampled_from(["subscribe", "cancel", "collected", "received", "running"]),
+    st.lists(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,10}", fullmatch=True), max_size=3),
+)
 
 
-def _answers_every_refusal(peer: RawPeer, decoder: FrameDecoder, frame: bytes, barrier: object,
-                           seen: list[bool]) -> None:
-    try:
-        decoder.decode(frame)
-        refused = False
-    except ProtocolError:
-        refused = True
-    seen.append(refused)
-    peer.send(frame)
-    replies = barrier()
-    if refused:
-        errors = [m for m in replies if isinstance(m, Error) and m.code == ErrorCode.MALFORMED]
-        assert errors and errors[0].message, f"no error frame for a refused frame {frame!r}: {replies}"
+def _fuzz_session(peer: RawPeer, decoder: FrameDecoder, barrier: Callable[[], list[object]]) -> None:
+    """Send hypothesis-shaped frames on one session: each one the protocol refuses must be
+    answered with an error frame in words before the barrier's answer, and the session must
+    stay up throughout (the barrier needs it)."""
+    seen: list[bool] = []
 
-
-_FUZZ = settings(max_examples=120, deadline=None, derandomize=True,
-                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-
-
-def test_every_refused_client_frame_is_answered_in_words(lone_service: LocalStack) -> None:
-    peer = raw_client(lone_service.service_url, lone_service.token)
-    decoder = FrameDecoder(CLIENT_FRAMES, "a client")
-    counter = iter(range(10**9))
-
-    @_FUZZ
+    @settings(max_examples=120, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
     @given(frame=_frames)
     def check(frame: bytes) -> None:
-        _answers_every_refusal(peer, decoder, frame, lambda: peer.barrier(str(next(counter))), seen)
+        try:
+            decoder.decode(frame)
+            refused = False
+        except ProtocolError:
+            refused = True
+        seen.append(refused)
+        peer.send(frame)
+        replies = barrier()
+        if refused:
+            errors = [m for m in replies if isinstance(m, Error) and m.code == ErrorCode.MALFORMED]
+            assert errors and errors[0].message, f"no error frame for a refused frame {frame!r}: {replies}"
 
-    seen: list[bool] = []
     try:
         check()
     finally:
@@ -133,12 +129,17 @@ def test_every_refused_client_frame_is_answered_in_words(lone_service: LocalStac
     assert sum(seen) > 30 and not all(seen), "the fuzzer must try both refused and accepted frames"
 
 
+def test_every_refused_client_frame_is_answered_in_words(lone_service: LocalStack) -> None:
+    peer = raw_client(lone_service.service_url, lone_service.token)
+    counter = iter(range(10**9))
+    _fuzz_session(peer, FrameDecoder(CLIENT_FRAMES, "a client"), lambda: peer.barrier(str(next(counter))))
+
+
 def test_every_refused_endpoint_frame_is_answered_in_words(lone_service: LocalStack) -> None:
     cred = Client(lone_service.service_url, lone_service.token).register_endpoint("fuzzed")
     peer = raw_endpoint(lone_service.service_url, cred["endpoint_id"], cred["secret"])
     peer.send(Hello())
     assert isinstance(peer.recv(), Welcome)
-    decoder = FrameDecoder(ENDPOINT_FRAMES, "an endpoint")
     counter = iter(range(10**9))
 
     def barrier() -> list[object]:
@@ -147,14 +148,4 @@ def test_every_refused_endpoint_frame_is_answered_in_words(lone_service: LocalSt
         _, before = peer.recv_until(lambda m: isinstance(m, Error) and marker in (m.ids or []))
         return before
 
-    @_FUZZ
-    @given(frame=_frames)
-    def check(frame: bytes) -> None:
-        _answers_every_refusal(peer, decoder, frame, barrier, seen)
-
-    seen: list[bool] = []
-    try:
-        check()
-    finally:
-        peer.close()
-    assert sum(seen) > 30 and not all(seen), "the fuzzer must try both refused and accepted frames"
+    _fuzz_session(peer, FrameDecoder(ENDPOINT_FRAMES, "an endpoint"), barrier)

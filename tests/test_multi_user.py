@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import yaml
 
@@ -81,6 +82,10 @@ def cluster(stack: LocalStack):
     endpoint_id = stack.start_endpoint("cluster")
     yield endpoint_id, tokens
     stack.stop_endpoint("cluster")
+    # stopping the multi-user endpoint stops every user endpoint it started
+    uids = {pwd.getpwnam(local).pw_uid for local in USERS.values()}
+    wait_for(lambda: not [p for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real in uids],
+             what="the user endpoints to stop with their multi-user endpoint")
 
 
 def _executor(stack: LocalStack, endpoint_id: str, token: str, **config: object) -> Executor:
@@ -140,8 +145,11 @@ def test_refusals_reach_the_user_as_task_errors(stack, cluster, user: str, confi
     with pytest.raises(TaskFailed, match="could not start your user endpoint") as info:
         _executor(stack, endpoint_id, tokens[user], **config).submit(helpers.square, 2).result(timeout=60)
     assert words in str(info.value)
-    lines = (stack.endpoint_dir("cluster") / "audit.log").read_text()
-    assert '"event": "refused"' in lines and f'"identity": "{user}"' in lines
+    events = [json.loads(line) for line in (stack.endpoint_dir("cluster") / "audit.log").read_text().splitlines()]
+    mine = [e for e in events if e.get("identity") == user]
+    assert any(e["event"] == "refused" for e in mine)
+    if user != "alice":  # refused before any process started
+        assert not any(e["event"] == "started" for e in mine)
 
 
 def test_idle_user_endpoints_stop_and_start_again_on_demand(stack, cluster) -> None:
