@@ -63,14 +63,14 @@ def check_versions(endpoint_versions: dict[str, str], endpoint_name: str) -> Non
             f"pickled between the two sides and need the same versions: install matching ones on either side")
 
 
-def _seconds(value: float | str | None, what: str) -> float | None:
+def _seconds(value: float | str | None, what: str, zero_ok: bool = False) -> float | None:
     if value is None:
         return None
     try:
         seconds = dask.utils.parse_timedelta(value, default="s")
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"{what} must be seconds or a duration like '55m', not {value!r}") from None
-    if seconds is None or seconds <= 0:
+    if seconds is None or seconds < 0 or (seconds == 0 and not zero_ok):
         raise ValueError(f"{what} must be positive, not {value!r}")
     return float(seconds)
 
@@ -148,7 +148,8 @@ class TetherCluster(SpecCluster):
         self.tether = Executor(endpoint_id=self.endpoint_id, service=service, token=token,
                                user_endpoint_config=user_endpoint_config,
                                resource_specification=resource_specification)
-        self.concurrency = concurrency or self._concurrency_from_capacity()
+        self._early_logs: list[str] = []  # Cluster._log works once the base class is set up
+        self.concurrency = concurrency or (self._concurrency_from_capacity() if mode == "proxy" else 0)
 
         scheduler_options = dict(scheduler_options or {})
         if mode == "proxy":
@@ -164,7 +165,7 @@ class TetherCluster(SpecCluster):
             options = {"tether_executor": self.tether, "nthreads": worker_nthreads,
                        "memory_limit": worker_memory_limit,
                        "lifetime": _seconds(lifetime, "lifetime"),
-                       "lifetime_stagger": _seconds(lifetime_stagger, "lifetime_stagger") or 0.0,
+                       "lifetime_stagger": _seconds(lifetime_stagger, "lifetime_stagger", zero_ok=True) or 0.0,
                        "lifetime_restart": lifetime_restart,
                        "death_timeout": _seconds(death_timeout, "death_timeout"),
                        "extra_args": tuple(worker_extra_args), "log": self._log}
@@ -176,6 +177,8 @@ class TetherCluster(SpecCluster):
             self.tether.shutdown(wait=False, cancel_futures=True)
             self._rest.close()
             raise
+        for message in self._early_logs:
+            self._log(message)
         if mode == "workers" and n_workers:
             self.scale(n_workers)
 
@@ -201,7 +204,8 @@ class TetherCluster(SpecCluster):
     def _concurrency_from_capacity(self) -> int:
         total = int(self.capacity.get("workers_total") or 0)
         if total <= 0:
-            self._log(f"endpoint reports no workers yet (elastic blocks?): {DEFAULT_CONCURRENCY} tasks in flight")
+            self._early_logs.append(f"endpoint reports no workers yet (elastic blocks?): {DEFAULT_CONCURRENCY} "
+                                    f"tasks in flight")
             return DEFAULT_CONCURRENCY
         return max(1, math.ceil(total * self.oversubscribe))
 
@@ -229,14 +233,16 @@ class TetherCluster(SpecCluster):
     async def _start(self) -> None:
         await super()._start()
         if self.mode == "workers":
-            # reconcile: a worker whose task ended (failed, or lost after its lifetime) is started again
+            # reconcile: a worker whose task ended cleanly (its lifetime) but has no successor is started again
             self.periodic_callbacks["tether-reconcile"] = pc = PeriodicCallback(self._reconcile, 2000)
             pc.start()
 
     async def _reconcile(self) -> None:
         if self.status != Status.running:
             return
-        gone = [n for n, w in self.workers.items() if isinstance(w, EndpointWorker) and w.status == Status.closed]
+        # only workers that ended cleanly: one that failed (cannot reach the scheduler) would fail again
+        gone = [n for n, w in self.workers.items()
+                if isinstance(w, EndpointWorker) and w.status == Status.closed and w.error is None]
         for n in gone:
             del self.workers[n]
         if gone:

@@ -35,14 +35,48 @@ cloudpickle.register_pickle_by_value(remote)
 
 logger = logging.getLogger("tether.dask")
 
-#: modules whose functions need the worker they run on (shuffle plugins, actors, worker_client)
-_WORKER_BOUND_MODULES = ("distributed.",)
+#: code from these packages needs the worker it runs on (P2P shuffle plugins, actors, worker_client)
+_WORKER_BOUND_PACKAGE = "distributed"
 
 
-def _module_of(fn: Any) -> str:
+@functools.lru_cache(maxsize=4096)
+def _cached_worker_bound(fn: Any) -> bool:
+    return _worker_bound(fn, depth=0)
+
+
+def _worker_bound(fn: Any, depth: int) -> bool:
+    """Does ``fn`` come from ``distributed``, import from it, or close over a function that does?
+
+    dask's P2P wrappers (``_shuffle_transfer``, ``assign_index_merge_transfer``) live in dask but
+    import or capture ``distributed.shuffle`` functions: this finds them without a list of names.
+    """
     while isinstance(fn, functools.partial):
         fn = fn.func
-    return getattr(fn, "__module__", None) or ""
+    module = getattr(fn, "__module__", None) or ""
+    if module == _WORKER_BOUND_PACKAGE or module.startswith(_WORKER_BOUND_PACKAGE + "."):
+        return True
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return False
+    if any(n == _WORKER_BOUND_PACKAGE or n.startswith(_WORKER_BOUND_PACKAGE + ".") for n in code.co_names):
+        return True
+    if depth < 2:
+        for cell in getattr(fn, "__closure__", None) or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if callable(value) and _worker_bound(value, depth + 1):
+                return True
+    return False
+
+
+def needs_worker(fn: Any) -> bool:
+    """Whether a task function must run on a Dask worker (here) rather than on the endpoint."""
+    try:
+        return _cached_worker_bound(fn)
+    except TypeError:  # unhashable callable
+        return _worker_bound(fn, depth=0)
 
 
 class _ProxyFuture(concurrent.futures.Future):
@@ -86,7 +120,7 @@ class EndpointTaskExecutor(concurrent.futures.Executor):
     def _needs_worker(self, task: Any) -> bool:
         if self.worker is not None and task.key in self.worker.state.actors:  # an actor lives where it is made
             return True
-        return any(_module_of(fn).startswith(_WORKER_BOUND_MODULES) for fn in functions_in(task))
+        return any(needs_worker(fn) for fn in functions_in(task))
 
     def _submit_remote(self, task: Any, data: dict, time_delay: float) -> _ProxyFuture:
         start = time()

@@ -27,11 +27,15 @@ def _raised_for_want_of_a_worker(exc: BaseException | None) -> bool:
     import distributed.worker as dw
 
     codes = {dw.get_worker.__code__, dw.get_client.__code__, dw.secede.__code__}
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code in codes:
-            return True
-        tb = tb.tb_next
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:  # the chain too: P2P wraps get_worker's error
+        seen.add(id(exc))
+        tb = exc.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code in codes:
+                return True
+            tb = tb.tb_next
+        exc = exc.__cause__ or exc.__context__
     return False
 
 
@@ -76,7 +80,7 @@ def run_dask_worker(scheduler: str, name: str, *, nthreads: int, memory_limit: s
     scheduler gives up after ``death_timeout`` seconds, and this task fails saying so.
     """
     log = Path(os.getcwd(), "dask-worker.log")
-    cmd = [sys.executable, "-m", "distributed.cli.dask_worker", scheduler, "--name", name,
+    cmd = [sys.executable, "-m", "distributed.cli.dask_worker", scheduler, "--name", str(name),
            "--nthreads", str(nthreads), "--memory-limit", str(memory_limit), "--local-directory", os.getcwd(),
            "--death-timeout", f"{death_timeout}s", "--nanny" if nanny else "--no-nanny"]
     if lifetime:

@@ -49,6 +49,7 @@ class EndpointWorker(ProcessInterface):
         self.lifetime_restart = lifetime_restart
         self.task: TetherFuture | None = None
         self.runs: list[dict[str, Any]] = []  # what each finished run reported (host, log tail)
+        self.error: BaseException | None = None  # why the last run failed, if it did
         self._log = log or logger.info
         self._supervisor: asyncio.Task | None = None
 
@@ -74,6 +75,7 @@ class EndpointWorker(ProcessInterface):
             except (TaskCancelled, asyncio.CancelledError):
                 return
             except Exception as exc:  # the worker process failed (cannot reach the scheduler, crashed)
+                self.error = exc
                 self._log(f"Dask worker {self.name} failed on the endpoint (task {task.task_id}): {exc}")
                 break
             self.runs.append(info)
