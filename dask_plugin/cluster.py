@@ -109,7 +109,7 @@ class TetherCluster(SpecCluster):
         service: str | None = None,
         token: str | None = None,
         concurrency: int | None = None,
-        oversubscribe: int = 2,
+        oversubscribe: int = 4,
         n_workers: int = 0,
         worker_nthreads: int = 1,
         worker_memory_limit: str = "auto",

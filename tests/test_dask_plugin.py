@@ -139,7 +139,8 @@ def test_concurrency_follows_the_endpoint_capacity(proxy, stack: LocalStack, tmp
         "capacity"]["workers_total"]
     assert workers_total == 2
     threads = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values())
-    assert threads == cluster.concurrency == 2 * workers_total  # not this machine's core count
+    assert threads == cluster.concurrency == cluster.oversubscribe * workers_total  # not this machine's core count
+    assert cluster.oversubscribe == 4
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     pids = client.gather([client.submit(rendezvous, a, b, 20), client.submit(rendezvous, b, a, 20)])
     assert len(set(pids)) == 2 and os.getpid() not in pids  # two endpoint workers at once
