@@ -18,13 +18,13 @@ from typing import Any
 
 import distributed
 import distributed.worker as _worker
-from dask._task_spec import GraphNode, Task
 from distributed.exceptions import Reschedule
 
 from tether.errors import TetherError
 
-#: ``distributed`` releases whose worker internals this module was read against
-CHECKED_VERSIONS = ("2024.12.1", "2025.1.0", "2026.8.0")
+#: ``distributed`` releases whose worker internals this module was read and tested against; other
+#: releases are accepted when :func:`check_supported` finds the same shape
+CHECKED_VERSIONS = ("2026.8.0",)
 
 _EXPECTED = {
     "_run_task_simple": ["task", "data", "time_delay"],
@@ -49,6 +49,10 @@ def check_supported() -> None:
             problems.append(f"distributed.worker.{name}{tuple(found)} (expected {tuple(params)})")
     if not hasattr(_worker, "_worker_cvar"):
         problems.append("distributed.worker._worker_cvar is gone")
+    try:
+        from dask._task_spec import GraphNode, Task  # noqa: F401  (tasks as objects: dask >= 2024.12)
+    except ImportError:
+        problems.append("dask._task_spec (GraphNode, Task) is missing: dask is older than 2024.12")
     if problems:
         raise UnsupportedDistributed(
             f"tether.dask does not support distributed {distributed.__version__}: "
@@ -59,6 +63,8 @@ def check_supported() -> None:
 
 
 check_supported()
+
+from dask._task_spec import GraphNode, Task  # noqa: E402  (checked just above)
 
 #: what ``Worker.execute`` submits to a non-thread-pool executor
 run_task_simple: Callable[[GraphNode, dict, float], dict[str, Any]] = _worker._run_task_simple

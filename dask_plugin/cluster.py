@@ -179,6 +179,8 @@ class TetherCluster(SpecCluster):
             raise
         for message in self._early_logs:
             self._log(message)
+        self._log(f"{self._endpoint_summary()}; versions match"
+                  + (f"; {self.concurrency} tasks in flight" if mode == "proxy" else ""))
         if mode == "workers" and n_workers:
             self.scale(n_workers)
 

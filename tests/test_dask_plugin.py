@@ -192,7 +192,7 @@ def test_cluster_surface(proxy, stack: LocalStack) -> None:
     page = cluster._repr_html_()
     assert "Endpoint" in page and stack.endpoint_id in page and "2 total" in page
     logs = cluster.get_logs()
-    assert "Scheduler" in logs
+    assert "Scheduler" in logs and "versions match" in logs["Cluster"] and stack.endpoint_id in logs["Cluster"]
     assert cluster.dashboard_link is None or cluster.dashboard_link.startswith("http")
     with pytest.warns(UserWarning, match="endpoint's capacity"):
         cluster.scale(10)
