@@ -16,6 +16,7 @@ Two modes (see ``docs/dask.md``):
 from __future__ import annotations
 
 import asyncio
+import datetime
 import html
 import logging
 import math
@@ -177,10 +178,10 @@ class TetherCluster(SpecCluster):
             self.tether.shutdown(wait=False, cancel_futures=True)
             self._rest.close()
             raise
-        for message in self._early_logs:
-            self._log(message)
-        self._log(f"{self._endpoint_summary()}; versions match"
-                  + (f"; {self.concurrency} tasks in flight" if mode == "proxy" else ""))
+        # routine facts go to get_logs() only (Cluster._log also prints, which is for problems)
+        for message in [*self._early_logs, f"{self._endpoint_summary()}; versions match"
+                        + (f"; {self.concurrency} tasks in flight" if mode == "proxy" else "")]:
+            self._cluster_manager_logs.append((datetime.datetime.now(), message))
         if mode == "workers" and n_workers:
             self.scale(n_workers)
 
