@@ -216,12 +216,37 @@ def endpoint_configure(
     engine: str = typer.Option("process", help="thread | process | htex | mpi (Parsl; see docs/endpoint-admin.md)"),
     workers: int = typer.Option(None, help="tasks that run at once (default: CPU count)"),
     force: bool = typer.Option(False, help="overwrite an existing config.yaml"),
+    multi_user: bool = typer.Option(False, "--multi-user", help="an endpoint that runs each user's tasks as their "
+                                    "own local account (start it as root; see docs/multi-user.md)"),
 ) -> None:
-    """Create $TETHER_HOME/endpoints/NAME/config.yaml."""
+    """Create $TETHER_HOME/endpoints/NAME/config.yaml (and, with --multi-user, the identity
+    mapping, the user config template and its schema)."""
     from tether.endpoint import manage
 
-    path = _endpoint_call(manage.configure, name, engine, workers, force)
-    console.print(f"configured endpoint [bold]{name}[/]: {path}\nstart it with: tether endpoint start {name}")
+    path = _endpoint_call(manage.configure, name, engine, workers, force, multi_user)
+    extra = ""
+    if multi_user:
+        extra = ("\nedit identity_mapping.json, user_config_template.yaml.j2 and user_config_schema.json beside it; "
+                 f"preview with: tether endpoint render-user-config {name} --user NAME --config '{{}}'")
+    console.print(f"configured endpoint [bold]{name}[/]: {path}{extra}\nstart it with: tether endpoint start {name}")
+
+
+@endpoint_app.command("render-user-config")
+def endpoint_render_user_config(
+    name: EndpointName,
+    user: str = typer.Option(..., help="the identity's user name (as the service knows it)"),
+    config: str = typer.Option("{}", help="the user_endpoint_config, as JSON"),
+) -> None:
+    """Show the config.yaml a multi-user endpoint would give USER's endpoint for CONFIG."""
+    from tether.endpoint import manage
+
+    try:
+        values = json.loads(config)
+    except ValueError as exc:
+        _fail(f"--config is not valid JSON: {exc}")
+    if not isinstance(values, dict):
+        _fail("--config must be a JSON object, e.g. '{\"workers\": 2}'")
+    print(_endpoint_call(manage.render_user_config, name, user, values), end="")
 
 
 @endpoint_app.command("start")
@@ -232,6 +257,7 @@ def endpoint_start(
     from tether.endpoint import manage
 
     cred = _endpoint_call(manage.ensure_registered, name)
+    _endpoint_call(manage.apply_policy, name, cred)
     if detach:
         status = _endpoint_call(manage.start_detached, name)
         console.print(f"endpoint [bold]{name}[/] started (pid {status['pid']})")
@@ -261,6 +287,7 @@ def endpoint_restart(name: EndpointName) -> None:
 
     _endpoint_call(manage.stop, name)
     cred = _endpoint_call(manage.ensure_registered, name)
+    _endpoint_call(manage.apply_policy, name, cred)
     status = _endpoint_call(manage.start_detached, name)
     console.print(f"endpoint [bold]{name}[/] restarted (pid {status['pid']})")
     print(cred["endpoint_id"])

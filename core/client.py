@@ -58,8 +58,17 @@ class Client:
         return self._call("GET", "/v1/whoami")
 
     # endpoints
-    def register_endpoint(self, name: str, endpoint_id: str | None = None) -> dict[str, str]:
-        return self._call("POST", "/v1/endpoints", json={"name": name, "endpoint_id": endpoint_id})
+    def register_endpoint(self, name: str, endpoint_id: str | None = None, multi_user: bool = False) -> dict[str, str]:
+        return self._call("POST", "/v1/endpoints", json={"name": name, "endpoint_id": endpoint_id,
+                                                         "multi_user": multi_user})
+
+    def set_endpoint_policy(self, endpoint_id: str, public: bool = False, users: list[str] | None = None) -> dict:
+        """Who may send tasks to your multi-user endpoint: everyone (``public``) or these user names/ids."""
+        return self._call("PUT", f"/v1/endpoints/{endpoint_id}/policy", json={"public": public, "users": users or []})
+
+    def list_user_endpoints(self, endpoint_id: str) -> list[dict[str, Any]]:
+        """User endpoint processes of a multi-user endpoint (all for its owner, yours otherwise)."""
+        return self._call("GET", f"/v1/endpoints/{endpoint_id}/user_endpoints")
 
     def list_endpoints(self) -> list[dict[str, Any]]:
         return self._call("GET", "/v1/endpoints")

@@ -63,6 +63,7 @@ class ErrorCode(StrEnum):
     NOT_DISPATCHED = "not_dispatched"  # an endpoint reported on a task not dispatched to it
     PAYLOAD_TOO_LARGE = "payload_too_large"
     INVALID_REQUEST = "invalid_request"
+    USER_ENDPOINT_FAILED = "user_endpoint_failed"  # a multi-user endpoint could not start the user's endpoint
 
 
 # --- field types ------------------------------------------------------------------------------
@@ -272,11 +273,52 @@ class Stop(Frame, tag="stop"):
     """S->E: the owner asked the endpoint to shut down."""
 
 
+# --- multi-user endpoints ----------------------------------------------------------------------
+class Identity(Struct):
+    """Who submitted: the service's user id and user name (what identity mapping rules see)."""
+
+    id: str
+    username: str
+
+
+class StartUserEndpoint(Frame, tag="start_user_endpoint"):
+    """S->E (multi-user endpoint): start (or restart) the user endpoint process
+    ``user_endpoint_id`` for ``identity`` with ``config``, authenticated by ``secret`` (a
+    credential for that user endpoint only; the multi-user endpoint hands it over on a pipe)."""
+
+    user_endpoint_id: Id
+    identity: Identity
+    config: dict[str, Any]
+    secret: Annotated[str, Meta(max_length=256)]
+
+
+class UserEndpointStarted(Frame, tag="user_endpoint_started"):
+    """E->S: a user endpoint process runs, as this local account."""
+
+    user_endpoint_id: Id
+    local_user: ShortStr
+    uid: int
+
+
+class UserEndpointFailed(Frame, tag="user_endpoint_failed"):
+    """E->S: a user endpoint could not be started; its waiting tasks fail with ``message``."""
+
+    user_endpoint_id: Id
+    message: ShortStr
+
+
+class Audit(Frame, tag="audit"):
+    """S->E (multi-user endpoint): task events of its user endpoints, for its audit log:
+    ``[user endpoint id, task id, state, unix time]``."""
+
+    events: list[tuple[str, str, str, float]]
+
+
 # What each side accepts from its peer: anything else is refused as "not a message X may send".
 CLIENT_FRAMES = Submit | Subscribe | Cancel | Collected
-ENDPOINT_FRAMES = Hello | Received | Running | Results | Heartbeat
+ENDPOINT_FRAMES = Hello | Received | Running | Results | Heartbeat | UserEndpointStarted | UserEndpointFailed
 TO_CLIENT_FRAMES = Welcome | Error | SubmitAck | Status | Results
-TO_ENDPOINT_FRAMES = Welcome | Error | Tasks | Cancel | ResultAck | Stop
+TO_ENDPOINT_FRAMES = Welcome | Error | Tasks | Cancel | ResultAck | Stop | StartUserEndpoint | Audit
 
 
 class ProtocolError(ValueError):

@@ -136,17 +136,16 @@ class EndpointDaemon:
         self._flush_handle: asyncio.TimerHandle | None = None
         self._last_flush = 0.0
         self.connected_since: float | None = None
+        #: stop after this many seconds without a task (user endpoints of a multi-user endpoint)
+        self.idle_exit_s: float | None = None
+        self._last_activity = time.monotonic()
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        self.engine = make_engine(
-            self.config.engine, self._on_running, self._on_result,
-            allowed_methods=frozenset(self.engine_methods), retries_on_worker_loss=self.config.retries_on_worker_loss,
-            python_sandbox=self.config.python_sandbox,
-        )
+        self.engine = self._make_engine()
         await self.engine.start()
         self._write_status("starting")
         link = asyncio.create_task(self._link())
@@ -161,11 +160,27 @@ class EndpointDaemon:
             code = 2
         for task in (link, beat, stop):
             task.cancel()
+        await self._before_stop()
         await self.engine.stop()
         if self.ws is not None:
             await self.ws.close()
         self._write_status("stopped")
         return code
+
+    def _make_engine(self) -> Any:
+        return make_engine(
+            self.config.engine, self._on_running, self._on_result,
+            allowed_methods=frozenset(self.engine_methods), retries_on_worker_loss=self.config.retries_on_worker_loss,
+            python_sandbox=self.config.python_sandbox,
+        )
+
+    async def _before_stop(self) -> None:
+        """Hook: what a subclass must do before the engine stops (the multi-user endpoint stops
+        its user endpoints)."""
+
+    def _on_frame(self, msg: Any) -> None:
+        """Hook: frames only some endpoints act on (multi-user ones); others log them."""
+        log.warning("ignoring a '%s' frame: this endpoint does not act on it", msg.__struct_config__.tag)
 
     def _write_status(self, state: str) -> None:
         status = {
@@ -275,6 +290,8 @@ class EndpointDaemon:
                 return
             elif isinstance(msg, Error):
                 log.warning("service: %s (%s)", msg.message, msg.code)
+            else:
+                self._on_frame(msg)
 
     def _accept_functions(self, bodies: dict[str, bytes]) -> None:
         """Keep function bodies whose id is their hash; remember why others are refused."""
@@ -303,6 +320,7 @@ class EndpointDaemon:
                               "accepts only for functions in its allowed_functions")
 
     def _on_tasks(self, msg: Tasks) -> None:
+        self._last_activity = time.monotonic()
         self._accept_functions(msg.functions)
         now = time.time()
         received = []
@@ -387,9 +405,21 @@ class EndpointDaemon:
     async def _heartbeats(self) -> None:
         while True:
             await asyncio.sleep(self.config.heartbeat_s)
+            if self._idle_for_too_long():
+                log.info("no task for %.0f s: stopping (idle_exit_s)", self.idle_exit_s)
+                self.stopping.set()
+                return
             self._write_status("connected" if self.ws is not None else "disconnected")
             if self.ws is not None:
                 await self._send(encode(Heartbeat(capacity=self.engine.capacity(), versions=versions())))
+
+
+    def _idle_for_too_long(self) -> bool:
+        if self.idle_exit_s is None or self.inflight or len(self.spool):
+            if self.inflight:
+                self._last_activity = time.monotonic()
+            return False
+        return time.monotonic() - self._last_activity > self.idle_exit_s
 
 
 def run_daemon(name: str) -> int:
@@ -400,8 +430,11 @@ def run_daemon(name: str) -> int:
     # tasks (and the worker processes, which inherit it) start in the endpoint's tasks/ directory
     (config.dir / "tasks").mkdir(parents=True, exist_ok=True)
     os.chdir(config.dir / "tasks")
+    daemon_class = EndpointDaemon
+    if config.multi_user:
+        from .multi_user import MultiUserDaemon as daemon_class
     try:
-        return asyncio.run(EndpointDaemon(config, credential).run())
+        return asyncio.run(daemon_class(config, credential).run())
     finally:
         (config.dir / "daemon.pid").unlink(missing_ok=True)
 

@@ -26,11 +26,62 @@ from tether.processes import endpoint_commands, is_recorded_process, signal_and_
 from .config import endpoint_dir, load_config, write_default_config
 
 
-def configure(name: str, engine: str = "process", workers: int | None = None, force: bool = False) -> Path:
+def configure(name: str, engine: str = "process", workers: int | None = None, force: bool = False,
+              multi_user: bool = False) -> Path:
     path = endpoint_dir(name) / "config.yaml"
     if path.exists() and not force:
         raise ConfigError(f"endpoint {name!r} is already configured ({path}); edit it, or pass --force to overwrite")
+    if multi_user:
+        return write_multi_user_config(name)
     return write_default_config(name, engine, workers)
+
+
+def write_multi_user_config(name: str) -> Path:
+    """config.yaml plus the three files an administrator edits: identity mapping, user config
+    template and its schema (all 0600: they say who runs as whom)."""
+    from .identity import DEFAULT_MAPPING
+    from .user_config import DEFAULT_SCHEMA, DEFAULT_TEMPLATE
+
+    d = endpoint_dir(name)
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    files = {
+        "config.yaml": f"""# Tether multi-user endpoint {name!r}. Reference: docs/multi-user.md
+multi_user: true
+allowed_users: ["*"]           # who may send tasks: "*" (every user of the service) or user names/ids
+identity_mapping: identity_mapping.json         # identity -> local account (globus-identity-mapping rules)
+user_config_template: user_config_template.yaml.j2   # each user endpoint's config.yaml
+user_config_schema: user_config_schema.json     # what users may put in user_endpoint_config
+min_uid: 1000                  # accounts under this uid (and root) are refused
+idle_timeout_s: 600            # a user endpoint with no task for this long stops (restarted on demand)
+audit_log: audit.log
+heartbeat_s: 5
+""",
+        "identity_mapping.json": json.dumps(DEFAULT_MAPPING, indent=2) + "\n",
+        "user_config_template.yaml.j2": DEFAULT_TEMPLATE,
+        "user_config_schema.json": json.dumps(DEFAULT_SCHEMA, indent=2) + "\n",
+    }
+    for filename, text in files.items():
+        write_secret(d / filename, text)
+    return d / "config.yaml"
+
+
+def render_user_config(name: str, user: str, values: dict[str, Any], identity_id: str | None = None) -> str:
+    """What a user endpoint's config.yaml would be for ``user`` with ``values`` (for checking a
+    template and schema before users hit them). Raises ConfigError in words."""
+    from .identity import IdentityMapper, MappingRefused
+    from .user_config import UserConfigRefused, user_endpoint_config
+
+    config = load_config(name)
+    if not config.multi_user:
+        raise ConfigError(f"endpoint {name!r} is not a multi-user endpoint")
+    identity = {"id": identity_id or user, "username": user}
+    try:
+        account = IdentityMapper(config.dir / config.identity_mapping, config.min_uid).local_account(identity)
+        text, _ = user_endpoint_config(config.dir, config.user_config_template, config.user_config_schema, values,
+                                       account, identity, name, f"u-{name}")
+    except (MappingRefused, UserConfigRefused) as exc:
+        raise ConfigError(str(exc)) from None
+    return text
 
 
 def credential_path(name: str) -> Path:
@@ -48,10 +99,20 @@ def ensure_registered(name: str, service: str | None = None, token: str | None =
         if previous.get("service_url") == client.info.url:
             return previous
     with client:  # a new service: a new endpoint there (ids are the service's to issue)
-        reg = client.register_endpoint(name)
+        reg = client.register_endpoint(name, multi_user=load_config(name).multi_user)
     cred = {"endpoint_id": reg["endpoint_id"], "secret": reg["secret"], "service_url": client.info.url}
     write_secret(path, json.dumps(cred))
     return cred
+
+
+def apply_policy(name: str, cred: dict[str, str]) -> None:
+    """Tell the service who may use a multi-user endpoint (``allowed_users`` in its config)."""
+    config = load_config(name)
+    if not config.multi_user:
+        return
+    users = [u for u in config.allowed_users if u != "*"]
+    with Client(cred["service_url"]) as client:
+        client.set_endpoint_policy(cred["endpoint_id"], public="*" in config.allowed_users, users=users)
 
 
 def rotate_credential(name: str) -> dict[str, str]:

@@ -96,6 +96,24 @@ class EndpointRegistration(BaseModel):
     name: str = Field(min_length=1, max_length=128, pattern=NAME_PATTERN)
     endpoint_id: IdStr | None = Field(default=None, description="re-register (rotate the credential of) this endpoint "
                                       "of yours; omit to register a new endpoint (the service makes its id)")
+    multi_user: bool = Field(default=False, description="a multi-user endpoint: runs each admitted user's tasks "
+                             "in a user endpoint process under that user's local account")
+
+
+class EndpointPolicy(BaseModel):
+    """Who may send tasks to a multi-user endpoint (its owner always may)."""
+
+    public: bool = Field(default=False, description="every user of this service")
+    users: list[Annotated[str, Field(max_length=255)]] = Field(default_factory=list, max_length=10_000,
+                                                               description="user names or ids")
+
+
+class UserEndpointInfo(BaseModel):
+    endpoint_id: str
+    user: str | None = Field(description="the user it serves (shown to the multi-user endpoint's owner)")
+    local_user: str | None = Field(description="the local account it runs as (shown to its owner)")
+    online: bool
+    config: dict[str, Any]
 
 
 class EndpointCredential(BaseModel):
@@ -195,7 +213,8 @@ _DESCRIPTIONS = {
     400: "The request body is not valid JSON, or not valid base64 where base64 is due",
     401: "Missing, unknown or revoked token",
     404: "No such object visible to you",
-    409: "The id is taken (by another user, or by something deleted)",
+    409: "The id is taken (by another user, or by something deleted), or the endpoint is not of the kind the "
+         "request needs",
 }
 
 
@@ -322,9 +341,10 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(401, "invalid token: it is unknown to this service or was revoked")
         return user
 
-    def own_endpoint(endpoint_id: str, user: str) -> dict[str, Any]:
+    def own_endpoint(endpoint_id: str, user: str, admitted: bool = False) -> dict[str, Any]:
+        """The endpoint if ``user`` owns it (or, with ``admitted``, may send it tasks); else 404."""
         ep = store.get_endpoint(endpoint_id)
-        if ep is None or ep["owner_id"] != user:
+        if ep is None or not (ep["owner_id"] == user or (admitted and relay._admitted(user, ep))):
             raise HTTPException(404, f"unknown endpoint {endpoint_id}")
         if ep["deleted_at"] is not None:
             raise HTTPException(404, f"unknown endpoint {endpoint_id}: it was deleted")
@@ -370,7 +390,7 @@ def create_app(settings: Settings) -> FastAPI:
         """Register a new endpoint, or rotate the credential of one of yours (``endpoint_id``):
         the old credential stops working and its connection is closed at once."""
         try:
-            eid, secret = store.register_endpoint(user, body.name, body.endpoint_id)
+            eid, secret = store.register_endpoint(user, body.name, body.endpoint_id, body.multi_user)
         except KeyError:
             raise HTTPException(404, f"unknown endpoint {body.endpoint_id}; omit endpoint_id to register a new "
                                      "endpoint") from None
@@ -387,12 +407,36 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/v1/endpoints/{endpoint_id}", response_model=EndpointInfo, tags=["endpoints"], responses=_errors(404))
     async def get_endpoint(endpoint_id: PathId, user: str = Depends(current_user)) -> EndpointInfo:
-        return endpoint_info(own_endpoint(endpoint_id, user))
+        return endpoint_info(own_endpoint(endpoint_id, user, admitted=True))
 
     @app.get("/v1/endpoints/{endpoint_id}/status", response_model=EndpointInfo, tags=["endpoints"],
              responses=_errors(404))
     async def endpoint_status(endpoint_id: PathId, user: str = Depends(current_user)) -> EndpointInfo:
-        return endpoint_info(own_endpoint(endpoint_id, user))
+        return endpoint_info(own_endpoint(endpoint_id, user, admitted=True))
+
+    @app.put("/v1/endpoints/{endpoint_id}/policy", response_model=EndpointPolicy, tags=["endpoints"],
+             responses=_errors(400, 404, 409))
+    async def set_policy(endpoint_id: PathId, body: EndpointPolicy,
+                         user: str = Depends(current_user)) -> EndpointPolicy:
+        """Who may send tasks to your multi-user endpoint."""
+        ep = own_endpoint(endpoint_id, user)
+        if not ep.get("multi_user"):
+            raise HTTPException(409, f"endpoint {endpoint_id} is not a multi-user endpoint; only those have a policy")
+        store.set_policy(endpoint_id, body.model_dump())
+        return body
+
+    @app.get("/v1/endpoints/{endpoint_id}/user_endpoints", response_model=list[UserEndpointInfo],
+             tags=["endpoints"], responses=_errors(404))
+    async def user_endpoints(endpoint_id: PathId, user: str = Depends(current_user)) -> list[UserEndpointInfo]:
+        """The user endpoint processes of a multi-user endpoint: all of them for its owner, your own
+        for anyone else it admits."""
+        ep = own_endpoint(endpoint_id, user, admitted=True)
+        owner_view = ep["owner_id"] == user
+        rows = store.user_endpoints(endpoint_id, None if owner_view else user)
+        return [UserEndpointInfo(endpoint_id=r["id"], user=store.user_name(r["owner_id"]) if owner_view else None,
+                                 local_user=r["local_user"] if owner_view or r["owner_id"] == user else None,
+                                 online=r["id"] in relay.endpoints, config=json.loads(r["user_config"] or "{}"))
+                for r in rows]
 
     @app.post("/v1/endpoints/{endpoint_id}/stop", response_model=EndpointAction, tags=["endpoints"],
               responses=_errors(404))

@@ -31,6 +31,7 @@ from tether.protocol import (
     CLOSE_CREDENTIAL_ROTATED,
     MAX_IDS,
     TERMINAL_STATES,
+    Audit,
     Cancel,
     Collected,
     EndpointBrief,
@@ -38,12 +39,14 @@ from tether.protocol import (
     ErrorCode,
     ErrorInfo,
     Heartbeat,
+    Identity,
     Received,
     Refusal,
     Result,
     ResultAck,
     Results,
     Running,
+    StartUserEndpoint,
     Status,
     Stop,
     Submit,
@@ -52,6 +55,8 @@ from tether.protocol import (
     Task,
     Tasks,
     TaskState,
+    UserEndpointFailed,
+    UserEndpointStarted,
     encode,
 )
 from tether.serialize import function_id
@@ -63,6 +68,7 @@ log = logging.getLogger("tether.service.relay")
 DISPATCH_CHUNK = 1000
 STATUS_WINDOW = 0.005  # seconds a client's state updates are gathered before they are sent
 RESULT_CHUNK = 1000  # results per frame to a client
+START_RETRY_S = 30.0  # a user endpoint asked for and not connected by then is asked for again
 
 
 class Sender(Protocol):
@@ -128,6 +134,8 @@ class EndpointSession:
         self.endpoint_id: str = endpoint["id"]
         self.owner_id: str = endpoint["owner_id"]
         self.secret_hash: str = endpoint["secret_hash"]
+        self.multi_user: bool = bool(endpoint.get("multi_user"))
+        self.parent_id: str | None = endpoint.get("parent_id")
         self.sent_functions: set[str] = set()
         self.status: dict[str, Any] = {}
         self.connected_at = time.time()
@@ -149,6 +157,7 @@ class Relay:
         # re-dispatched, or its result carries the times): written in bulk by flush_deferred().
         self._deferred: dict[TaskState, dict[str, float]] = {TaskState.DISPATCHED: {}, TaskState.RUNNING: {}}
         self._deferred_collected: dict[str, list[str]] = defaultdict(list)
+        self._start_requested: dict[str, float] = {}  # user endpoint id -> when its start was asked for
 
     def flush_deferred(self) -> None:
         """Write deferred state changes and collection marks (one transaction per kind)."""
@@ -236,17 +245,26 @@ class Relay:
         session.watching.clear()
 
     def _endpoint_refusal(self, user_id: str, endpoint_id: str) -> Refusal | None:
-        """Why ``user_id`` may not send tasks to ``endpoint_id``, or None if they may."""
+        """Why ``user_id`` may not send tasks to ``endpoint_id``, or None if they may: it is
+        theirs, or a multi-user endpoint whose policy admits them."""
         session = self.endpoints.get(endpoint_id)
-        if session is not None and session.owner_id == user_id:
+        if session is not None and session.owner_id == user_id and not session.multi_user:
             return None
         ep = self.store.get_endpoint(endpoint_id)
-        if ep is None or ep["owner_id"] != user_id:
+        if ep is None or not (ep["owner_id"] == user_id or self._admitted(user_id, ep)):
             return Refusal(ErrorCode.UNKNOWN_ENDPOINT,
                            f"unknown endpoint {endpoint_id}: no endpoint with this id is visible to you")
         if ep["deleted_at"] is not None:
             return Refusal(ErrorCode.ENDPOINT_DELETED, f"endpoint {endpoint_id} was deleted by its owner")
         return None
+
+    def _admitted(self, user_id: str, ep: dict[str, Any]) -> bool:
+        """Whether a multi-user endpoint's policy lets ``user_id`` (or their name) send it tasks."""
+        if not ep.get("multi_user") or not ep.get("policy"):
+            return False
+        policy = json.loads(ep["policy"])
+        users = policy.get("users") or []
+        return bool(policy.get("public")) or user_id in users or self.store.user_name(user_id) in users
 
     def validate_submission(self, user_id: str, msg: Submit) -> tuple[list[Task], dict[str, Refusal], dict[str, bytes]]:
         """Split a submission into (tasks to store, {task id: refusal}, function bodies to keep)."""
@@ -292,6 +310,7 @@ class Relay:
         self.counters["submit_frames"] += 1
         candidates, rejected, bodies = self.validate_submission(user_id, msg)
         self.store.add_functions(user_id, bodies)
+        user_endpoints = self._route_to_user_endpoints(user_id, candidates)
         # stored before anything else sees it: a result can never overtake its task
         inserted, resubmitted, taken = self.store.insert_tasks(user_id, candidates, received)
         for tid in taken:
@@ -308,6 +327,8 @@ class Relay:
             ep = self.endpoints.get(endpoint_id)
             if ep is not None:
                 await self._dispatch(ep, user_id, items)
+            elif endpoint_id in user_endpoints:
+                await self._start_user_endpoint(endpoint_id)
         briefs = {eid: self._endpoint_brief(eid) for eid in {t.endpoint for t in candidates}}
         ack = SubmitAck(ref=msg.ref, accepted=accepted, rejected=rejected, ts=received, endpoints=briefs)
         if session is not None:
@@ -315,6 +336,40 @@ class Relay:
             if resubmitted:  # sent again after a reconnect: the client may have missed its news
                 await self._send_current(session, self.store.get_tasks(user_id, resubmitted))
         return ack
+
+    def _route_to_user_endpoints(self, user_id: str, batch: list[Task]) -> set[str]:
+        """Point tasks for a multi-user endpoint at the user endpoint that runs this user's tasks
+        with this config (one per user and config); returns the user endpoint ids."""
+        parents: dict[str, dict[str, Any] | None] = {}
+        routed: set[str] = set()
+        for t in batch:
+            if t.endpoint not in parents:
+                ep = self.store.get_endpoint(t.endpoint)
+                parents[t.endpoint] = ep if ep is not None and ep.get("multi_user") else None
+            parent = parents[t.endpoint]
+            if parent is not None:
+                t.endpoint = self.store.user_endpoint_for(parent, user_id, self.store.user_name(user_id) or user_id,
+                                                          t.uec)
+                routed.add(t.endpoint)
+        return routed
+
+    async def _start_user_endpoint(self, user_endpoint_id: str, force: bool = False) -> None:
+        """Ask the multi-user endpoint to start a user endpoint, with a fresh credential for it
+        (once per START_RETRY_S; if the parent is offline, when it connects)."""
+        child = self.store.get_endpoint(user_endpoint_id)
+        if child is None or child["parent_id"] is None or user_endpoint_id in self.endpoints:
+            return
+        parent = self.endpoints.get(child["parent_id"])
+        asked = self._start_requested.get(user_endpoint_id)
+        if parent is None or (not force and asked is not None and time.monotonic() - asked < START_RETRY_S):
+            return
+        self._start_requested[user_endpoint_id] = time.monotonic()
+        identity = Identity(id=child["owner_id"], username=self.store.user_name(child["owner_id"]) or "")
+        log.info("asking multi-user endpoint %s to start user endpoint %s for %s", parent.endpoint_id,
+                 user_endpoint_id, identity.username)
+        await _safe_send(parent, encode(StartUserEndpoint(
+            user_endpoint_id=user_endpoint_id, identity=identity, config=json.loads(child["user_config"] or "{}"),
+            secret=self.store.new_secret(user_endpoint_id))))
 
     def _endpoint_brief(self, endpoint_id: str) -> EndpointBrief:
         """Online state and versions, so the client can warn of a mismatch before any task runs."""
@@ -390,6 +445,11 @@ class Relay:
             await _safe_close(old, CLOSE_CREDENTIAL_ROTATED, "replaced by a newer connection of this endpoint")
         session.status = {"versions": hello.versions, "capacity": hello.capacity}
         self.store.save_endpoint_status(session.endpoint_id, {**session.status, "online": True})
+        self._start_requested.pop(session.endpoint_id, None)
+        if session.multi_user:  # user endpoints with work waiting for them: start them now
+            for child in self.store.user_endpoints_with_open_tasks(session.endpoint_id):
+                await self._start_user_endpoint(child["id"], force=True)
+            return
         held = set(hello.inflight) | set(hello.spooled)
         rows = self.store.open_tasks_for_endpoint(session.endpoint_id, exclude=held)
         if rows:
@@ -444,8 +504,11 @@ class Relay:
             ts = msg.ts or time.time()
             self._deferred[state].update(dict.fromkeys(mine, ts))
             self._push_status(mine, state, ts)
+            await self._audit(session, [(tid, state.value, ts) for tid in mine])
         elif isinstance(msg, Results):
             await self._store_results(session, msg.results)
+        elif isinstance(msg, UserEndpointStarted | UserEndpointFailed):
+            await self._user_endpoint_report(session, msg)
         elif isinstance(msg, Heartbeat):
             session.status = {"versions": msg.versions or session.status.get("versions", {}),
                               "capacity": msg.capacity}
@@ -473,8 +536,34 @@ class Relay:
         # foreign and duplicate results are acknowledged too: they will never be stored, and the
         # endpoint must not send them again forever
         await _safe_send(session, encode(ResultAck(ids=[r.id for r in results])))
+        await self._audit(session, [(r.id, r.state, r.times.get(r.state) or time.time()) for r in fresh])
         self.counters["results"] += len(fresh)
         self.counters["failed"] += sum(r.state == TaskState.FAILED.value for r in fresh)
+
+    async def _audit(self, session: EndpointSession, events: list[tuple[str, str, float]]) -> None:
+        """Tell a user endpoint's parent what happened to its tasks (the parent keeps the audit log)."""
+        parent = self.endpoints.get(session.parent_id) if session.parent_id and events else None
+        if parent is not None:
+            await _safe_send(parent, encode(Audit(events=[(session.endpoint_id, tid, state, ts)
+                                                          for tid, state, ts in events])))
+
+    async def _user_endpoint_report(self, session: EndpointSession, msg: Any) -> None:
+        """A multi-user endpoint reports on one of *its* user endpoints (others are refused)."""
+        child = self.store.get_endpoint(msg.user_endpoint_id)
+        if child is None or child["parent_id"] != session.endpoint_id:
+            await self._refuse_reports(session, msg.__struct_config__.tag, [msg.user_endpoint_id])
+            return
+        if isinstance(msg, UserEndpointStarted):
+            self.store.set_local_user(msg.user_endpoint_id, msg.local_user)
+            return
+        self._start_requested.pop(msg.user_endpoint_id, None)
+        log.warning("user endpoint %s could not start: %s", msg.user_endpoint_id, msg.message)
+        error = {"type": "UserEndpointFailed", "code": ErrorCode.USER_ENDPOINT_FAILED.value,
+                 "message": f"the multi-user endpoint could not start your user endpoint: {msg.message}"}
+        rows = self.store.fail_open_tasks(msg.user_endpoint_id, error)
+        info = ErrorInfo(type=error["type"], message=error["message"], code=error["code"])
+        now = time.time()
+        self._push_results(Result(id=r.id, state="failed", error=info, times={"failed": now}) for r in rows)
 
     async def stop_endpoint(self, endpoint_id: str) -> bool:
         ep = self.endpoints.get(endpoint_id)

@@ -71,6 +71,13 @@ endpoints = Table(
     Column("status", Text),  # JSON of the last heartbeat
     # a deleted endpoint stays as a tombstone: its id is never issued again, to anyone
     Column("deleted_at", Float),
+    # multi-user endpoints: who may send tasks ({"public": bool, "users": [names or ids]})
+    Column("multi_user", Boolean),
+    Column("policy", Text),
+    # a user endpoint: its multi-user parent, the user's config, the local account it runs as
+    Column("parent_id", String(64), index=True),
+    Column("user_config", Text),
+    Column("local_user", String(255)),
 )
 
 functions = Table(
@@ -254,7 +261,8 @@ class Store:
         return row.name if row else None
 
     # --- endpoints ---------------------------------------------------------------------------
-    def register_endpoint(self, owner: str, name: str, endpoint_id: str | None = None) -> tuple[str, str]:
+    def register_endpoint(self, owner: str, name: str, endpoint_id: str | None = None,
+                          multi_user: bool = False) -> tuple[str, str]:
         """Register a new endpoint (the service makes its id), or re-issue the credential of an
         endpoint the owner has (the old credential stops working).
 
@@ -267,15 +275,61 @@ class Store:
                 row = conn.execute(select(endpoints).where(endpoints.c.id == endpoint_id)).first()
                 if row is None:
                     raise KeyError(endpoint_id)
-                if row.owner_id != owner or row.deleted_at is not None:
+                if row.owner_id != owner or row.deleted_at is not None or row.parent_id is not None:
                     raise EndpointIdTaken(endpoint_id)
                 conn.execute(update(endpoints).where(endpoints.c.id == endpoint_id)
-                             .values(secret_hash=_hash(secret), name=name))
+                             .values(secret_hash=_hash(secret), name=name, multi_user=multi_user))
                 return endpoint_id, secret
             endpoint_id = str(uuid.uuid4())
             conn.execute(endpoints.insert().values(
-                id=endpoint_id, owner_id=owner, name=name, secret_hash=_hash(secret), created_at=time.time()))
+                id=endpoint_id, owner_id=owner, name=name, secret_hash=_hash(secret), created_at=time.time(),
+                multi_user=multi_user))
         return endpoint_id, secret
+
+    def set_policy(self, endpoint_id: str, policy: dict[str, Any]) -> None:
+        with self._tx() as conn:
+            conn.execute(update(endpoints).where(endpoints.c.id == endpoint_id).values(policy=json.dumps(policy)))
+
+    def user_endpoint_for(self, parent: dict[str, Any], user_id: str, user_name: str,
+                          config: dict[str, Any] | None) -> str:
+        """The id of the user endpoint that runs ``user_id``'s tasks with ``config`` on the
+        multi-user endpoint ``parent`` (made on first use; one per user and config)."""
+        canonical = json.dumps(config or {}, sort_keys=True, separators=(",", ":"))
+        child_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"tether:{parent['id']}:{user_id}:{canonical}"))
+        with self._tx():
+            self._insert(endpoints, [{
+                "id": child_id, "owner_id": user_id, "name": f"{parent['name']}.{user_name}"[:255],
+                "secret_hash": "unset", "created_at": time.time(), "parent_id": parent["id"],
+                "user_config": canonical,
+            }])
+        return child_id
+
+    def new_secret(self, endpoint_id: str) -> str:
+        """A fresh credential for an endpoint (the previous one stops working)."""
+        secret = secrets.token_urlsafe(32)
+        with self._tx() as conn:
+            conn.execute(update(endpoints).where(endpoints.c.id == endpoint_id).values(secret_hash=_hash(secret)))
+        return secret
+
+    def set_local_user(self, endpoint_id: str, local_user: str) -> None:
+        with self._tx() as conn:
+            conn.execute(update(endpoints).where(endpoints.c.id == endpoint_id).values(local_user=local_user))
+
+    def user_endpoints(self, parent_id: str, owner: str | None = None) -> list[dict[str, Any]]:
+        """The user endpoints of a multi-user endpoint (only ``owner``'s, when given)."""
+        cond = and_(endpoints.c.parent_id == parent_id, endpoints.c.deleted_at.is_(None))
+        if owner is not None:
+            cond = and_(cond, endpoints.c.owner_id == owner)
+        with self._tx() as conn:
+            rows = conn.execute(select(endpoints).where(cond).order_by(endpoints.c.created_at)).all()
+        return [dict(r._mapping) for r in rows]
+
+    def user_endpoints_with_open_tasks(self, parent_id: str) -> list[dict[str, Any]]:
+        with self._tx() as conn:
+            busy = select(tasks.c.endpoint_id).where(_OPEN).distinct()
+            rows = conn.execute(select(endpoints).where(and_(endpoints.c.parent_id == parent_id,
+                                                             endpoints.c.id.in_(busy)))).all()
+        return [dict(r._mapping) for r in rows]
 
     def endpoint_by_secret(self, endpoint_id: str, secret: str) -> dict[str, Any] | None:
         ep = self.get_endpoint(endpoint_id)
@@ -303,7 +357,8 @@ class Store:
     def list_endpoints(self, owner: str) -> list[dict[str, Any]]:
         with self._tx() as conn:
             rows = conn.execute(
-                select(endpoints).where(and_(endpoints.c.owner_id == owner, endpoints.c.deleted_at.is_(None)))
+                select(endpoints).where(and_(endpoints.c.owner_id == owner, endpoints.c.deleted_at.is_(None),
+                                             endpoints.c.parent_id.is_(None)))
                 .order_by(endpoints.c.created_at)
             ).all()
         return [dict(r._mapping) for r in rows]
@@ -314,16 +369,23 @@ class Store:
                          .values(status=json.dumps(status), last_seen=time.time()))
 
     def delete_endpoint(self, endpoint_id: str, error: dict[str, Any]) -> list[Any]:
-        """Delete an endpoint (kept as a tombstone, its credential void) and fail its open tasks
-        with ``error``; returns the failed rows (id, owner_id)."""
-        now = time.time()
+        """Delete an endpoint and its user endpoints (kept as tombstones, their credentials void)
+        and fail their open tasks with ``error``; returns the failed rows (id, owner_id)."""
         with self._tx() as conn:
-            conn.execute(update(endpoints).where(endpoints.c.id == endpoint_id)
-                         .values(deleted_at=now, secret_hash="deleted", status=None))
+            ids = [endpoint_id, *(r.id for r in conn.execute(
+                select(endpoints.c.id).where(endpoints.c.parent_id == endpoint_id)))]
+            conn.execute(update(endpoints).where(endpoints.c.id.in_(ids))
+                         .values(deleted_at=time.time(), secret_hash="deleted", status=None))
+        return [row for eid in ids for row in self.fail_open_tasks(eid, error)]
+
+    def fail_open_tasks(self, endpoint_id: str, error: dict[str, Any]) -> list[Any]:
+        """Fail every open task of an endpoint with ``error``; returns the rows (id, owner_id)."""
+        with self._tx() as conn:
             rows = conn.execute(select(tasks.c.id, tasks.c.owner_id)
                                 .where(and_(tasks.c.endpoint_id == endpoint_id, _OPEN))).all()
             conn.execute(update(tasks).where(and_(tasks.c.endpoint_id == endpoint_id, _OPEN))
-                         .values(state=TaskState.FAILED.value, t_done=now, payload=None, error=json.dumps(error)))
+                         .values(state=TaskState.FAILED.value, t_done=time.time(), payload=None,
+                                 error=json.dumps(error)))
         for r in rows:
             self._open.pop(r.id, None)
         return rows
