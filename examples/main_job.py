@@ -66,6 +66,8 @@ def main() -> None:
             print(f"all done in {time.perf_counter() - t0:.2f}s")
         print("a Parsl workflow on the same endpoint (tether.parsl.TetherExecutor):")
         parsl_workflow.run(stack)
+        import dask_workflow  # examples/dask_workflow.py: a Dask computation on the same endpoint
+        dask_workflow.run(stack)
         print("shutting down")
     print("service and endpoint stopped.")
 
