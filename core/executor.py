@@ -59,10 +59,11 @@ class Executor(concurrent.futures.Executor):
         user_endpoint_config: values for a multi-user endpoint's config template.
         data_serializer: how arguments travel: ``"cloudpickle"`` (any Python object) or
             ``"json"`` (plain data only; endpoints that refuse pickled arguments accept it).
-        batch_size: most tasks in one submission frame.
+        batch_size: most tasks in one submission frame (default 512).
         batch_interval: seconds the client gathers submissions into one frame while they
-            stream in; a task submitted after a quiet spell is sent at once. Both settings
-            apply to the process-wide connection (the last Executor created sets them).
+            stream in (default 0.002); a task submitted after a quiet spell is sent at once.
+            Both apply to the process-wide connection, and only when given: an Executor that
+            does not set them leaves another's settings alone.
     """
 
     def __init__(
@@ -74,8 +75,8 @@ class Executor(concurrent.futures.Executor):
         task_group_id: str | None = None,
         resource_specification: dict[str, Any] | None = None,
         user_endpoint_config: dict[str, Any] | None = None,
-        batch_size: int = 512,
-        batch_interval: float = 0.002,
+        batch_size: int | None = None,
+        batch_interval: float | None = None,
         data_serializer: str = "cloudpickle",
     ):
         # ids are checked where they enter: they become file names on the endpoint
@@ -90,8 +91,10 @@ class Executor(concurrent.futures.Executor):
         self.batch_interval = batch_interval
         self._info = find_service(service, token)
         self._conn = Connection.get(self._info)
-        self._conn.batch_size = batch_size
-        self._conn.batch_interval = batch_interval
+        if batch_size is not None:  # only when asked: the connection is shared by every Executor here
+            self._conn.batch_size = batch_size
+        if batch_interval is not None:
+            self._conn.batch_interval = batch_interval
         self._functions = _FunctionCache()
         self._futures: set[TetherFuture] = set()
         self._futures_lock = threading.Lock()

@@ -92,8 +92,8 @@ class TetherExecutor(ParslExecutor):
         working_dir: str | None = None,
         storage_access: list[Staging] | None = None,
         require_online: bool = False,
-        batch_size: int = 512,
-        batch_interval: float = 0.002,
+        batch_size: int | None = None,
+        batch_interval: float | None = None,
     ):
         super().__init__()
         if not isinstance(endpoint_id, str) or not endpoint_id:

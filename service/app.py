@@ -152,6 +152,8 @@ class TaskInfo(BaseModel):
     transitions: dict[str, float]
     result: str | None = Field(default=None, description="base64 of the serialized result, when finished")
     error: dict[str, Any] | None = None
+    resource_specification: dict[str, Any] | None = None
+    user_endpoint_config: dict[str, Any] | None = None
 
 
 class TaskIds(BaseModel):
@@ -365,6 +367,8 @@ def create_app(settings: Settings) -> FastAPI:
             transitions=transitions(row),
             result=base64.b64encode(row.result).decode() if row.result else None,
             error=to_builtins(res.error) if res.error else None,
+            resource_specification=json.loads(row.spec) if row.spec else None,
+            user_endpoint_config=json.loads(row.uec) if row.uec else None,
         )
 
     @app.get("/healthz", response_model=Health, tags=["operations"])
