@@ -18,16 +18,14 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Path, Request, WebSocket, WebSocketDisconnect
+from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from tether import __version__
-from tether.ids import FUNCTION_ID_PATTERN, ID_PATTERN, NAME_PATTERN
 from tether.protocol import (
     CLIENT_FRAMES,
     CLIENT_WS_PATH,
@@ -36,8 +34,6 @@ from tether.protocol import (
     CLOSE_PROTOCOL,
     ENDPOINT_FRAMES,
     ENDPOINT_WS_PATH,
-    MAX_BATCH,
-    MAX_IDS,
     PROTOCOL_VERSION,
     Error,
     ErrorCode,
@@ -54,6 +50,30 @@ from tether.serialize import function_id
 
 from .dashboard import DASHBOARD_HTML
 from .metrics import make_registry, render
+from .models import (
+    BatchAck,
+    DashboardInfo,
+    EndpointAction,
+    EndpointCredential,
+    EndpointInfo,
+    EndpointPolicy,
+    EndpointRegistration,
+    FunctionInfo,
+    FunctionRegistration,
+    GroupInfo,
+    GroupTask,
+    Health,
+    PathFunctionId,
+    PathId,
+    RestBatch,
+    RestRefusal,
+    TaskCancelResult,
+    TaskIds,
+    TaskInfo,
+    UserEndpointInfo,
+    WhoAmI,
+)
+from .models import error_responses as _errors
 from .relay import ClientSession, EndpointSession, Relay, row_to_result
 from .store import EndpointIdTaken, Store, credential_hash, transitions
 
@@ -69,160 +89,6 @@ class Settings:
     result_retention_s: float = 7 * 24 * 3600
     purge_interval_s: float = 600
     credential_check_s: float = 1.0
-
-
-# --- REST models ----------------------------------------------------------------------------------
-#: standard base64 (RFC 4648, padded): what the payload fields must be
-BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
-Base64Str = Annotated[str, Field(pattern=BASE64_PATTERN)]
-IdStr = Annotated[str, Field(pattern=ID_PATTERN)]
-FunctionIdStr = Annotated[str, Field(pattern=FUNCTION_ID_PATTERN)]
-PathId = Annotated[str, Path(pattern=ID_PATTERN)]
-PathFunctionId = Annotated[str, Path(pattern=FUNCTION_ID_PATTERN)]
-
-
-class ErrorDetail(BaseModel):
-    """Every error the service itself raises: what is wrong, in words."""
-
-    detail: str
-
-
-class WhoAmI(BaseModel):
-    user_id: str
-    name: str | None
-
-
-class EndpointRegistration(BaseModel):
-    name: str = Field(min_length=1, max_length=128, pattern=NAME_PATTERN)
-    endpoint_id: IdStr | None = Field(default=None, description="re-register (rotate the credential of) this endpoint "
-                                      "of yours; omit to register a new endpoint (the service makes its id)")
-    multi_user: bool = Field(default=False, description="a multi-user endpoint: runs each admitted user's tasks "
-                             "in a user endpoint process under that user's local account")
-
-
-class EndpointPolicy(BaseModel):
-    """Who may send tasks to a multi-user endpoint (its owner always may)."""
-
-    public: bool = Field(default=False, description="every user of this service")
-    users: list[Annotated[str, Field(max_length=255)]] = Field(default_factory=list, max_length=10_000,
-                                                               description="user names or ids")
-
-
-class UserEndpointInfo(BaseModel):
-    endpoint_id: str
-    user: str | None = Field(description="the user it serves (shown to the multi-user endpoint's owner)")
-    local_user: str | None = Field(description="the local account it runs as (shown to its owner)")
-    online: bool
-    config: dict[str, Any]
-
-
-class EndpointCredential(BaseModel):
-    endpoint_id: str
-    secret: str = Field(description="the endpoint's own credential; keep it in a 0600 file")
-
-
-class EndpointInfo(BaseModel):
-    endpoint_id: str
-    name: str
-    online: bool
-    last_seen: float | None
-    status: dict[str, Any]
-
-
-class EndpointAction(BaseModel):
-    endpoint_id: str
-    stop_sent: bool | None = None
-    deleted: bool | None = None
-    tasks_failed: int | None = None
-
-
-class FunctionRegistration(BaseModel):
-    function: Base64Str = Field(description="base64 of the serialized function (tether.serialize)")
-
-
-class FunctionInfo(BaseModel):
-    function_id: str
-
-
-class TaskInfo(BaseModel):
-    task_id: str
-    state: str
-    endpoint_id: str
-    group_id: str | None
-    transitions: dict[str, float]
-    result: str | None = Field(default=None, description="base64 of the serialized result, when finished")
-    error: dict[str, Any] | None = None
-    resource_specification: dict[str, Any] | None = None
-    user_endpoint_config: dict[str, Any] | None = None
-
-
-class TaskIds(BaseModel):
-    task_ids: list[IdStr] = Field(max_length=MAX_IDS)
-
-
-class RestTask(BaseModel):
-    task_id: IdStr
-    endpoint_id: IdStr
-    function_id: FunctionIdStr
-    payload: Base64Str = Field(description="base64 of serialized (args, kwargs)")
-    group_id: IdStr | None = None
-    resource_specification: dict[str, Any] | None = None
-
-
-class RestBatch(BaseModel):
-    tasks: list[RestTask] = Field(max_length=MAX_BATCH)
-
-
-class RestRefusal(BaseModel):
-    code: str = Field(description="a tether.protocol.ErrorCode")
-    message: str
-
-
-class BatchAck(BaseModel):
-    accepted: list[str]
-    rejected: dict[str, RestRefusal]
-
-
-class TaskCancelResult(BaseModel):
-    task_id: str
-    cancelled: bool
-
-
-class GroupTask(BaseModel):
-    task_id: str
-    state: str
-
-
-class GroupInfo(BaseModel):
-    group_id: str
-    tasks: list[GroupTask]
-
-
-class DashboardInfo(BaseModel):
-    endpoints: list[EndpointInfo]
-    task_counts: dict[str, int]
-    recent_failures: list[dict[str, Any]]
-
-
-class Health(BaseModel):
-    status: str
-    version: str
-    protocol: int
-    uptime_s: float
-
-
-_DESCRIPTIONS = {
-    400: "The request body is not valid JSON, or not valid base64 where base64 is due",
-    401: "Missing, unknown or revoked token",
-    404: "No such object visible to you",
-    409: "The id is taken (by another user, or by something deleted), or the endpoint is not of the kind the "
-         "request needs",
-}
-
-
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI entries for the error answers a route gives (401 for every authenticated route)."""
-    return {code: {"model": ErrorDetail, "description": _DESCRIPTIONS[code]} for code in sorted({401, *codes})}
 
 
 def _bearer(value: str | None) -> str | None:
