@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -54,10 +55,21 @@ def service_start(
     db_url: str = typer.Option(None, help="SQLAlchemy URL of the store (default: SQLite in TETHER_HOME)"),
     max_payload_bytes: int = typer.Option(None, help="largest task argument/result accepted"),
     log_level: str = typer.Option("warning"),
+    tls_cert: str = typer.Option(None, help="PEM certificate: serve https/wss only"),
+    tls_key: str = typer.Option(None, help="PEM private key of --tls-cert"),
+    tls_ca: str = typer.Option(None, help="CA bundle that signed --tls-cert, recorded in service.json for local "
+                               "clients (a private CA or a self-signed certificate)"),
+    allow_insecure_http: bool = typer.Option(False, "--allow-insecure-http",
+                                             help="listen beyond loopback without TLS (trusted networks only)"),
 ) -> None:
     """Start the embedded service (SQLite, one process) and write $TETHER_HOME/service.json."""
     _need("service", "tether.service.server")
     args = ["--host", host, "--port", str(port), "--log-level", log_level]
+    for flag, value in (("--tls-cert", tls_cert), ("--tls-key", tls_key), ("--tls-ca", tls_ca)):
+        if value:
+            args += [flag, str(Path(value).resolve())]
+    if allow_insecure_http:
+        args.append("--allow-insecure-http")
     if db_url:
         args += ["--db-url", db_url]
     if max_payload_bytes:
@@ -76,7 +88,7 @@ def service_start(
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         info = _service_info()
-        if info.get("pid") == proc.pid and _healthy(info["url"]):
+        if info.get("pid") == proc.pid and _healthy(info["url"], info.get("ca_file")):
             console.print(f"Tether service running at [bold]{info['url']}[/] (pid {proc.pid}); "
                           f"credentials in {service_file()}")
             return
@@ -94,11 +106,14 @@ def _service_info() -> dict[str, Any]:
         return {}
 
 
-def _healthy(url: str) -> bool:
+def _healthy(url: str, ca_file: str | None = None) -> bool:
     import httpx
 
+    from .config import ServiceInfo
+
+    verify = ServiceInfo(url, "", ca_file).ssl_context() or True
     try:
-        return httpx.get(url + "/healthz", timeout=1, trust_env=False).status_code == 200
+        return httpx.get(url + "/healthz", timeout=1, trust_env=False, verify=verify).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -147,7 +162,7 @@ def service_status() -> None:
     info = _service_info()
     if not info:
         _fail(f"no service recorded in {service_file()}; run 'tether service start'")
-    state = "[green]up[/]" if _healthy(info["url"]) else "[red]down[/]"
+    state = "[green]up[/]" if _healthy(info["url"], info.get("ca_file")) else "[red]down[/]"
     pid = _service_pid(info)
     process = f"pid {pid}" if pid else "no service process of this TETHER_HOME runs here"
     console.print(f"{info['url']}: {state} ({process})")

@@ -23,6 +23,7 @@ class Client:
             headers={"Authorization": f"Bearer {self.info.token}"},
             timeout=timeout,
             trust_env=False,
+            verify=self.info.ssl_context() or True,
         )
 
     def close(self) -> None:
@@ -38,7 +39,11 @@ class Client:
         try:
             resp = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise TetherError(f"cannot reach the Tether service at {self.info.url}: {exc}") from exc
+            hint = ""
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                hint = ("; its TLS certificate is not signed by a CA this client trusts: set TETHER_CA_FILE to the "
+                        "CA bundle that signed it")
+            raise TetherError(f"cannot reach the Tether service at {self.info.url}: {exc}{hint}") from exc
         if resp.status_code < 400:
             return resp.json()
         try:

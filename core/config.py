@@ -9,8 +9,10 @@ for, and is only ever sent there (see :func:`find_service`).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import ssl
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,15 @@ def write_secret(path: Path, text: str) -> None:
 class ServiceInfo:
     url: str
     token: str
+    #: a CA bundle that signs the service's certificate, when it is not in the system's (a
+    #: private CA or a self-signed certificate); None: the system CA bundle
+    ca_file: str | None = None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """How an https:// service's certificate is verified (always verified: no opt-out)."""
+        if not self.url.startswith("https://"):
+            return None
+        return ssl.create_default_context(cafile=self.ca_file) if self.ca_file else ssl.create_default_context()
 
     @property
     def ws_url(self) -> str:
@@ -145,7 +156,34 @@ def find_service(service: str | None = None, token: str | None = None) -> Servic
             tok = file_token
     if not tok:
         raise ConfigError(_no_token_message(url, env_url, env_token, file_url, path))
-    return ServiceInfo(url.rstrip("/"), tok)
+    check_transport(url)
+    ca_file = os.environ.get("TETHER_CA_FILE") or None
+    if ca_file is None and file_url and same_service(file_url, url) and isinstance(data.get("ca_file"), str):
+        ca_file = data["ca_file"]
+    return ServiceInfo(url.rstrip("/"), tok, ca_file)
+
+
+def _loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_transport(url: str) -> None:
+    """Refuse to send credentials over plain http beyond this host, unless explicitly allowed
+    (``TETHER_ALLOW_INSECURE_HTTP=1``, for a network you trust, e.g. a test cluster)."""
+    parts = urlsplit(url)
+    if parts.scheme == "http" and not _loopback(parts.hostname) and os.environ.get("TETHER_ALLOW_INSECURE_HTTP") != "1":
+        raise ConfigError(
+            f"refusing to send credentials over plain http to {url}: tokens would cross the network "
+            "unencrypted. Use an https:// URL (tether service start --tls-cert ... --tls-key ...), or set "
+            "TETHER_ALLOW_INSECURE_HTTP=1 if this network is trusted"
+        )
 
 
 def _no_token_message(url: str, env_url: str | None, env_token: str | None, file_url: str | None,

@@ -16,6 +16,7 @@ import collections
 import itertools
 import logging
 import os
+import ssl
 import threading
 import warnings
 from typing import Any
@@ -69,12 +70,12 @@ _frames = FrameDecoder(TO_CLIENT_FRAMES, "the service")
 class Connection:
     """The process-wide link to one service for one token. Get it with :meth:`Connection.get`."""
 
-    _instances: dict[tuple[int, str, str], Connection] = {}
+    _instances: dict[tuple[int, str, str, str | None], Connection] = {}
     _lock = threading.Lock()
 
     @classmethod
     def get(cls, info: ServiceInfo) -> Connection:
-        key = (os.getpid(), info.url, info.token)  # a forked child gets its own connection
+        key = (os.getpid(), info.url, info.token, info.ca_file)  # a forked child gets its own connection
         with cls._lock:
             conn = cls._instances.get(key)
             if conn is None or conn._closed:
@@ -216,7 +217,12 @@ class Connection:
         warned = False
         while not self._closed:
             try:
-                ws = await open_ws(url, headers)
+                ws = await open_ws(url, headers, ssl_context=self.info.ssl_context())
+            except ssl.SSLCertVerificationError as exc:  # retrying cannot help: say so at once
+                self._fail_all(TetherError(
+                    f"the TLS certificate of {self.info.url} cannot be verified ({exc.verify_message}); if it is "
+                    "signed by a private CA, set TETHER_CA_FILE to that CA's bundle"))
+                return
             except (OSError, TimeoutError, ConnectionClosed) as exc:
                 if not warned:
                     log.warning("cannot reach Tether service at %s (%s); retrying", self.info.url, exc)

@@ -23,7 +23,7 @@ from typing import Any
 from websockets.exceptions import ConnectionClosed
 
 from tether import __version__
-from tether.config import write_secret
+from tether.config import ServiceInfo, write_secret
 from tether.errors import ConfigError, SerializationError
 from tether.ids import InvalidIdentifier, child_path
 from tether.logs import configure_logging
@@ -113,6 +113,8 @@ class EndpointDaemon:
         self.endpoint_id = credential["endpoint_id"]
         self.secret = credential["secret"]
         self.service_url = credential["service_url"].rstrip("/")
+        # how the service's certificate is verified (https only): the CA it was registered with
+        self.ssl_context = ServiceInfo(self.service_url, "", credential.get("ca_file")).ssl_context()
         self.dir = config.dir
         self.sandbox_root = self.dir / "tasks"
         self.sandbox_root.mkdir(parents=True, exist_ok=True)
@@ -200,7 +202,7 @@ class EndpointDaemon:
         headers = self._headers()
         while not self.stopping.is_set():
             try:
-                ws = await open_ws(url, headers)
+                ws = await open_ws(url, headers, ssl_context=self.ssl_context)
             except Exception as exc:  # noqa: BLE001 - refused, DNS, timeout: all mean "try later"
                 log.warning("cannot reach service %s: %s", self.service_url, exc)
                 await asyncio.sleep(backoff.next())

@@ -100,7 +100,8 @@ def ensure_registered(name: str, service: str | None = None, token: str | None =
             return previous
     with client:  # a new service: a new endpoint there (ids are the service's to issue)
         reg = client.register_endpoint(name, multi_user=load_config(name).multi_user)
-    cred = {"endpoint_id": reg["endpoint_id"], "secret": reg["secret"], "service_url": client.info.url}
+    cred = {"endpoint_id": reg["endpoint_id"], "secret": reg["secret"], "service_url": client.info.url,
+            "ca_file": client.info.ca_file}
     write_secret(path, json.dumps(cred))
     return cred
 
@@ -124,7 +125,7 @@ def rotate_credential(name: str) -> dict[str, str]:
     previous = json.loads(path.read_text())
     with Client(previous["service_url"]) as client:
         reg = client.register_endpoint(name, previous["endpoint_id"])
-    cred = {"endpoint_id": reg["endpoint_id"], "secret": reg["secret"], "service_url": previous["service_url"]}
+    cred = {**previous, "secret": reg["secret"]}
     write_secret(path, json.dumps(cred))
     return cred
 

@@ -81,6 +81,7 @@ class MultiUserDaemon(EndpointDaemon):
     def __init__(self, config: EndpointConfig, credential: dict[str, str]):
         super().__init__(config, credential)
         self.children: dict[str, UserEndpoint] = {}
+        self.ca_file = credential.get("ca_file")
         self.mapper = IdentityMapper(self.dir / config.identity_mapping, config.min_uid)
         self.logs_dir = self.dir / "user_endpoints"
         self.logs_dir.mkdir(mode=0o700, exist_ok=True)
@@ -144,6 +145,7 @@ class MultiUserDaemon(EndpointDaemon):
                                             self.config.name, name)
         start_doc = {
             "endpoint_id": user_endpoint_id, "secret": secret, "service_url": self.service_url, "name": name,
+            "ca_file": self.ca_file,
             "config_yaml": text, "idle_exit_s": self.config.idle_timeout_s, "local_user": account.name,
         }
         env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}

@@ -52,7 +52,8 @@ def main() -> None:
     (directory / "tasks").mkdir(parents=True, exist_ok=True, mode=0o700)
     (directory / "config.yaml").write_text(doc["config_yaml"])  # for the user to read; not a secret
     config = parse_config(name, doc["config_yaml"], str(directory / "config.yaml"))
-    credential = {"endpoint_id": doc["endpoint_id"], "secret": doc["secret"], "service_url": doc["service_url"]}
+    credential = {"endpoint_id": doc["endpoint_id"], "secret": doc["secret"], "service_url": doc["service_url"],
+                  "ca_file": doc.get("ca_file")}
     os.chdir(directory / "tasks")
     daemon = EndpointDaemon(config, credential)  # the credential stays in memory only
     daemon.idle_exit_s = doc.get("idle_exit_s")

@@ -39,8 +39,23 @@ def _ws_implementation() -> str:
 
 
 def serve(host: str = "127.0.0.1", port: int = 8421, db_url: str | None = None,
-          max_payload_bytes: int | None = None, log_level: str = "warning") -> None:
-    """Serve until SIGTERM/SIGINT. The embedded default needs nothing but a writable TETHER_HOME."""
+          max_payload_bytes: int | None = None, log_level: str = "warning", tls_cert: str | None = None,
+          tls_key: str | None = None, tls_ca: str | None = None, allow_insecure_http: bool = False) -> None:
+    """Serve until SIGTERM/SIGINT. The embedded default needs nothing but a writable TETHER_HOME.
+
+    With ``tls_cert``/``tls_key`` the service speaks https/wss only. Without them it refuses to
+    listen beyond loopback (tokens would cross the network in clear) unless
+    ``allow_insecure_http`` says the network is trusted.
+    """
+    if bool(tls_cert) != bool(tls_key):
+        sys.exit("tether service: give both --tls-cert and --tls-key (PEM files), or neither")
+    for path in (tls_cert, tls_key, tls_ca):
+        if path and not Path(path).is_file():
+            sys.exit(f"tether service: {path} is not a file")
+    loopback_only = host in ("127.0.0.1", "::1", "localhost")
+    if not tls_cert and not loopback_only and not allow_insecure_http:
+        sys.exit(f"tether service: refusing to listen on {host} without TLS (tokens would cross the network in "
+                 "clear); pass --tls-cert and --tls-key, or --allow-insecure-http on a network you trust")
     home = tether_home()
     (home / "service").mkdir(parents=True, exist_ok=True, mode=0o700)
     default_db = f"sqlite:///{home / 'service' / 'tether.db'}"
@@ -63,8 +78,11 @@ def serve(host: str = "127.0.0.1", port: int = 8421, db_url: str | None = None,
         sys.exit(f"tether service: cannot listen on {host}:{port}: {exc.strerror}; choose another --port")
     bound_port = sock.getsockname()[1]
     url_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    url = f"http://{url_host}:{bound_port}"
-    write_secret(service_file(), json.dumps({"url": url, "token": token, "pid": os.getpid()}))
+    url = f"{'https' if tls_cert else 'http'}://{url_host}:{bound_port}"
+    info = {"url": url, "token": token, "pid": os.getpid()}
+    if tls_ca:  # local clients verify the certificate against this CA (a private CA, a self-signed cert)
+        info["ca_file"] = str(Path(tls_ca).resolve())
+    write_secret(service_file(), json.dumps(info))
 
     configure_logging(log_level)
     config = uvicorn.Config(
@@ -77,6 +95,8 @@ def serve(host: str = "127.0.0.1", port: int = 8421, db_url: str | None = None,
         ws_ping_timeout=60,
         lifespan="on",
         access_log=False,
+        ssl_certfile=tls_cert,
+        ssl_keyfile=tls_key,
     )
     server = uvicorn.Server(config)
     print(f"tether service listening on {url} (state in {home})", flush=True)
@@ -90,8 +110,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--db-url", default=None)
     parser.add_argument("--max-payload-bytes", type=int, default=None)
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--tls-cert", default=None)
+    parser.add_argument("--tls-key", default=None)
+    parser.add_argument("--tls-ca", default=None)
+    parser.add_argument("--allow-insecure-http", action="store_true")
     args = parser.parse_args(argv)
-    serve(args.host, args.port, args.db_url, args.max_payload_bytes, args.log_level)
+    serve(args.host, args.port, args.db_url, args.max_payload_bytes, args.log_level, args.tls_cert, args.tls_key,
+          args.tls_ca, args.allow_insecure_http)
 
 
 if __name__ == "__main__":
