@@ -61,6 +61,10 @@ def service_start(
                                "clients (a private CA or a self-signed certificate)"),
     allow_insecure_http: bool = typer.Option(False, "--allow-insecure-http",
                                              help="listen beyond loopback without TLS (trusted networks only)"),
+    globus_client_id: str = typer.Option(None, help="accept Globus Auth tokens: this service's Globus client id"),
+    globus_client_secret_file: str = typer.Option(None, help="file (mode 0600) holding that client's secret"),
+    globus_scope: str = typer.Option(None, help="the scope Globus tokens must carry"),
+    globus_auth_url: str = typer.Option(None, help="Globus Auth's base URL (default: production Globus Auth)"),
 ) -> None:
     """Start the embedded service (SQLite, one process) and write $TETHER_HOME/service.json."""
     _need("service", "tether.service.server")
@@ -70,6 +74,14 @@ def service_start(
             args += [flag, str(Path(value).resolve())]
     if allow_insecure_http:
         args.append("--allow-insecure-http")
+    if globus_client_id:
+        args += ["--globus-client-id", globus_client_id]
+    if globus_client_secret_file:
+        args += ["--globus-client-secret-file", str(Path(globus_client_secret_file).resolve())]
+    if globus_scope:
+        args += ["--globus-scope", globus_scope]
+    if globus_auth_url:
+        args += ["--globus-auth-url", globus_auth_url]
     if db_url:
         args += ["--db-url", db_url]
     if max_payload_bytes:

@@ -48,6 +48,7 @@ from tether.protocol import (
 )
 from tether.serialize import function_id
 
+from .auth import Authenticator, GlobusSettings
 from .dashboard import DASHBOARD_HTML
 from .metrics import make_registry, render
 from .models import (
@@ -75,7 +76,7 @@ from .models import (
 )
 from .models import error_responses as _errors
 from .relay import ClientSession, EndpointSession, Relay, row_to_result
-from .store import EndpointIdTaken, Store, credential_hash, transitions
+from .store import EndpointIdTaken, Store, transitions
 
 log = logging.getLogger("tether.service")
 
@@ -89,6 +90,8 @@ class Settings:
     result_retention_s: float = 7 * 24 * 3600
     purge_interval_s: float = 600
     credential_check_s: float = 1.0
+    #: Globus Auth: accept Globus access tokens as well as the service's own (None: only its own)
+    globus: GlobusSettings | None = None
 
 
 def _bearer(value: str | None) -> str | None:
@@ -149,7 +152,8 @@ async def _serve_frames(ws: WebSocket, session: Any, decoder: FrameDecoder,
 
 def create_app(settings: Settings) -> FastAPI:
     store = Store(settings.db_url)
-    relay = Relay(store, settings.max_payload_bytes)
+    authenticator = Authenticator(store, settings.globus)
+    relay = Relay(store, settings.max_payload_bytes, authenticator)
     started = time.time()
     client_frames = FrameDecoder(CLIENT_FRAMES, "a client")
     endpoint_frames = FrameDecoder(ENDPOINT_FRAMES, "an endpoint")
@@ -204,9 +208,9 @@ def create_app(settings: Settings) -> FastAPI:
         token = _bearer(request.headers.get("authorization"))
         if not token:
             raise HTTPException(401, "missing credentials: send 'Authorization: Bearer <token>'")
-        user = store.user_by_token(token)
+        user = await authenticator.user_for(token)
         if user is None:
-            raise HTTPException(401, "invalid token: it is unknown to this service or was revoked")
+            raise HTTPException(401, "invalid token: it is unknown to this service, was revoked, or has expired")
         return user
 
     def own_endpoint(endpoint_id: str, user: str, admitted: bool = False) -> dict[str, Any]:
@@ -395,13 +399,13 @@ def create_app(settings: Settings) -> FastAPI:
     @app.websocket(CLIENT_WS_PATH)
     async def client_ws(ws: WebSocket) -> None:
         token = _bearer(ws.headers.get("authorization"))
-        user = store.user_by_token(token) if token else None
+        user = await authenticator.user_for(token) if token else None
         if user is None or token is None:
             await refuse(ws, CLOSE_AUTH_FAILED, ErrorCode.AUTH_FAILED,
                          "invalid or missing token: authentication failed")
             return
         await ws.accept()
-        session = ClientSession(_WSSender(ws), user, credential_hash(token))
+        session = ClientSession(_WSSender(ws), user, token)
         relay.client_connected(session)
         try:
             await session.send(encode(Welcome(user_id=user, max_payload=settings.max_payload_bytes,

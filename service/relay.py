@@ -61,7 +61,7 @@ from tether.protocol import (
 )
 from tether.serialize import function_id
 
-from .store import Store, transitions
+from .store import Store, credential_hash, transitions
 
 log = logging.getLogger("tether.service.relay")
 
@@ -85,10 +85,11 @@ class ClientSession:
     few client frames (each frame is a syscall; syscalls, not Python, bound throughput here).
     """
 
-    def __init__(self, sender: Sender, user_id: str, token_hash: str = ""):
+    def __init__(self, sender: Sender, user_id: str, token: str = ""):
         self.sender = sender
         self.user_id = user_id
-        self.token_hash = token_hash
+        self.token = token  # kept to re-check it (revoked, rotated, expired at Globus) while connected
+        self.token_hash = credential_hash(token) if token else ""
         self.watching: set[str] = set()
         self._updates: list[Any] = []
         self._results: list[Result] = []
@@ -146,8 +147,9 @@ class EndpointSession:
 
 
 class Relay:
-    def __init__(self, store: Store, max_payload: int):
+    def __init__(self, store: Store, max_payload: int, authenticator: Any = None):
         self.store = store
+        self.authenticator = authenticator  # service.auth.Authenticator: re-checks Globus tokens
         self.max_payload = max_payload
         self.endpoints: dict[str, EndpointSession] = {}
         self.clients: set[ClientSession] = set()
@@ -192,6 +194,8 @@ class Relay:
         if self.clients:
             valid = self.store.valid_token_hashes(s.token_hash for s in self.clients)
             for session in [s for s in self.clients if s.token_hash not in valid]:
+                if self.authenticator is not None and await self.authenticator.still_valid(session.token):
+                    continue  # a Globus token (cached answer, re-asked when it expires)
                 log.info("closing a connection of user %s: its token was revoked or rotated", session.user_id)
                 self.clients.discard(session)
                 await _safe_close(session, CLOSE_AUTH_FAILED, "token revoked or rotated; get a new one")

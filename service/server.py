@@ -18,6 +18,7 @@ from tether.config import service_file, tether_home, write_secret
 from tether.logs import configure_logging
 
 from .app import Settings, create_app
+from .auth import GlobusSettings
 
 LOCAL_USER = "local"
 
@@ -40,7 +41,8 @@ def _ws_implementation() -> str:
 
 def serve(host: str = "127.0.0.1", port: int = 8421, db_url: str | None = None,
           max_payload_bytes: int | None = None, log_level: str = "warning", tls_cert: str | None = None,
-          tls_key: str | None = None, tls_ca: str | None = None, allow_insecure_http: bool = False) -> None:
+          tls_key: str | None = None, tls_ca: str | None = None, allow_insecure_http: bool = False,
+          globus: GlobusSettings | None = None) -> None:
     """Serve until SIGTERM/SIGINT. The embedded default needs nothing but a writable TETHER_HOME.
 
     With ``tls_cert``/``tls_key`` the service speaks https/wss only. Without them it refuses to
@@ -59,7 +61,7 @@ def serve(host: str = "127.0.0.1", port: int = 8421, db_url: str | None = None,
     home = tether_home()
     (home / "service").mkdir(parents=True, exist_ok=True, mode=0o700)
     default_db = f"sqlite:///{home / 'service' / 'tether.db'}"
-    settings = Settings(db_url=db_url or os.environ.get("TETHER_DB_URL") or default_db)
+    settings = Settings(db_url=db_url or os.environ.get("TETHER_DB_URL") or default_db, globus=globus)
     if max_payload_bytes:
         settings.max_payload_bytes = max_payload_bytes
     app = create_app(settings)
@@ -114,9 +116,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tls-key", default=None)
     parser.add_argument("--tls-ca", default=None)
     parser.add_argument("--allow-insecure-http", action="store_true")
+    parser.add_argument("--globus-client-id", default=None)
+    parser.add_argument("--globus-client-secret-file", default=None)
+    parser.add_argument("--globus-scope", default=None)
+    parser.add_argument("--globus-auth-url", default=None)
     args = parser.parse_args(argv)
+    globus = None
+    if args.globus_client_id:
+        if not args.globus_client_secret_file:
+            sys.exit("tether service: --globus-client-id needs --globus-client-secret-file (a 0600 file)")
+        try:
+            globus = GlobusSettings.from_files(args.globus_client_id, args.globus_client_secret_file,
+                                               args.globus_scope, args.globus_auth_url)
+        except (OSError, ValueError) as exc:
+            sys.exit(f"tether service: {exc}")
     serve(args.host, args.port, args.db_url, args.max_payload_bytes, args.log_level, args.tls_cert, args.tls_key,
-          args.tls_ca, args.allow_insecure_http)
+          args.tls_ca, args.allow_insecure_http, globus)
 
 
 if __name__ == "__main__":

@@ -245,6 +245,17 @@ class Store:
             row = conn.execute(select(users.c.id).where(users.c.token_hash == _hash(token))).first()
         return row.id if row else None
 
+    def user_for_identity(self, identity_id: str, username: str) -> str:
+        """The service user of a Globus identity (made on first sight): its id is the identity
+        id, its name the Globus username (suffixed if a local user already has that name)."""
+        with self._tx() as conn:
+            if conn.execute(select(users.c.id).where(users.c.id == identity_id)).first() is None:
+                taken = conn.execute(select(users.c.id).where(users.c.name == username)).first() is not None
+                name = f"{username}#{identity_id[:8]}" if taken else username
+                conn.execute(users.insert().values(id=identity_id, name=name, token_hash="globus",
+                                                   created_at=time.time()))
+        return identity_id
+
     def valid_token_hashes(self, hashes: Iterable[str]) -> set[str]:
         """Which of these token hashes still authenticate someone (for open connections)."""
         wanted = list(set(hashes))
