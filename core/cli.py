@@ -387,6 +387,55 @@ def endpoint_rotate_credential(name: str) -> None:
     console.print(f"endpoint [bold]{name}[/] ({cred['endpoint_id']}) has a new credential; the old one is void")
 
 
+# --- identity ----------------------------------------------------------------------------
+@app.command("login")
+def login_command(
+    service: str = typer.Option(..., help="the service URL"),
+    globus_client_id: str = typer.Option(..., help="the Globus native app's client id (from the service's admin)"),
+    scope: str = typer.Option(..., help="the service's Globus scope"),
+    globus_auth_url: str = typer.Option(None, help="Globus Auth's base URL (default: production Globus Auth)"),
+) -> None:
+    """Log in with Globus Auth (native-app flow) for a service that accepts Globus tokens."""
+    from .login import login
+
+    def ask(url: str) -> str:
+        console.print(f"Open this URL, log in, and paste the authorization code here:\n\n  {url}\n", highlight=False)
+        return typer.prompt("Authorization code")
+
+    try:
+        data = login(service, globus_client_id, scope, ask, globus_auth_url)
+    except TetherError as exc:
+        _fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - globus-sdk's errors: say what Globus said
+        _fail(f"Globus Auth refused the login: {exc}")
+    console.print(f"logged in to {service} (token valid for {int(data['expires_at_seconds'] - time.time())} s, "
+                  "refreshed automatically)")
+
+
+@app.command("logout")
+def logout_command(service: str = typer.Option(..., help="the service URL")) -> None:
+    """Revoke and forget your Globus tokens for a service."""
+    from .login import logout
+
+    if not logout(service):
+        _fail(f"not logged in to {service}")
+    console.print(f"logged out of {service}")
+
+
+@app.command("whoami")
+def whoami_command(service: str = typer.Option(None, help="the service URL (default: as the client finds it)"),
+                   as_json: bool = typer.Option(False, "--json")) -> None:
+    """Who the service thinks you are."""
+    from .client import Client
+
+    with Client(service) as client:
+        me = client.whoami()
+    if as_json:
+        print(json.dumps(me))
+    else:
+        console.print(f"{me['name']} ({me['user_id']}) at {client.info.url}", highlight=False)
+
+
 def main() -> None:
     try:
         app()

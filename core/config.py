@@ -154,6 +154,10 @@ def find_service(service: str | None = None, token: str | None = None) -> Servic
             tok = env_token
         else:
             tok = file_token
+    if not tok:  # a Globus login for exactly this service ('tether login')
+        from .login import login_token
+
+        tok = login_token(url)
     if not tok:
         raise ConfigError(_no_token_message(url, env_url, env_token, file_url, path))
     check_transport(url)
@@ -197,4 +201,5 @@ def _no_token_message(url: str, env_url: str | None, env_token: str | None, file
         known.append(f"{path} holds a token for {file_url}")
     why = f" ({'; '.join(known)}; a token is only sent to the service it belongs to)" if known else ""
     return (f"no token for the service {url}{why}: pass token=... (Executor(..., service=URL, token=...), "
-            f"Client(URL, token=...)), or set TETHER_TOKEN together with TETHER_SERVICE_URL={url}")
+            f"Client(URL, token=...)), set TETHER_TOKEN together with TETHER_SERVICE_URL={url}, or, for a "
+            f"service that accepts Globus Auth, 'tether login --service {url} ...'")

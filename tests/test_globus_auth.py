@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,20 +33,43 @@ SCOPE = "https://auth.globus.org/scopes/tether/all"
 ALICE = {"sub": "2b9c6c3e-0c4a-4f63-9d55-7c2f5f8e1a10", "username": "alice@example.org"}
 
 
+NATIVE_APP = "0e3f5b2a-native-app"
+
+
 class FakeGlobusAuth(BaseHTTPRequestHandler):
+    """Globus Auth's three token routes, as globus-sdk calls them."""
+
     tokens: dict[str, dict] = {}
     calls: list[str] = []
+    codes: dict[str, str] = {}  # authorization code -> the access token it yields
+    revoked: list[str] = []
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's name
-        expected = "Basic " + base64.b64encode(f"{CLIENT_ID}:{SECRET}".encode()).decode()
-        if self.headers.get("Authorization") != expected:
-            self._answer(401, {"error": "invalid_client"})
-            return
-        form = parse_qs(self.rfile.read(int(self.headers.get("Content-Length", 0))).decode())
-        token = form.get("token", [""])[0]
-        self.calls.append(token)
-        info = self.tokens.get(token)
-        self._answer(200, {"active": False} if info is None else {"active": True, **info})
+        form = {k: v[0] for k, v in parse_qs(self.rfile.read(int(self.headers.get("Content-Length", 0))).decode())
+                .items()}
+        if self.path.rstrip("/").endswith("/v2/oauth2/token/introspect"):
+            expected = "Basic " + base64.b64encode(f"{CLIENT_ID}:{SECRET}".encode()).decode()
+            if self.headers.get("Authorization") != expected:
+                self._answer(401, {"error": "invalid_client"})
+                return
+            token = form.get("token", "")
+            self.calls.append(token)
+            info = self.tokens.get(token)
+            self._answer(200, {"active": False} if info is None else {"active": True, **info})
+        elif self.path.rstrip("/").endswith("/v2/oauth2/token/revoke"):
+            self.revoked.append(form.get("token", ""))
+            self.tokens.pop(form.get("token", ""), None)
+            self._answer(200, {"active": False})
+        elif self.path.rstrip("/").endswith("/v2/oauth2/token"):
+            access = self.codes.get(form.get("code", ""))
+            if form.get("grant_type") != "authorization_code" or form.get("client_id") != NATIVE_APP or not access:
+                self._answer(400, {"error": "invalid_grant"})
+                return
+            self._answer(200, {"access_token": access, "expires_in": 3600, "resource_server": CLIENT_ID,
+                               "scope": SCOPE, "token_type": "Bearer", "refresh_token": access + "-refresh",
+                               "state": "_default", "other_tokens": []})
+        else:
+            self._answer(404, {"error": "not_found"})
 
     def _answer(self, code: int, body: dict) -> None:
         data = json.dumps(body).encode()
@@ -69,6 +94,7 @@ def globus_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Loc
     env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
     env["TETHER_HOME"] = str(home)
     stack = LocalStack(home=home, env=env)
+    FakeGlobusAuth.auth_url = f"http://127.0.0.1:{server.server_port}/"
     stack.start_service("--globus-client-id", CLIENT_ID, "--globus-client-secret-file", str(secret),
                         "--globus-scope", SCOPE, "--globus-auth-url", f"http://127.0.0.1:{server.server_port}/")
     try:
@@ -118,3 +144,38 @@ def test_a_globus_user_runs_tasks_on_their_endpoint(globus_stack, tmp_path: Path
         assert ex.submit(helpers.square, 9).result(timeout=60) == 81
     finally:
         bob.stop_endpoint("bobs")
+
+
+def test_login_whoami_logout_with_the_native_app_flow(globus_stack, tmp_path: Path) -> None:
+    """``tether login`` as a user runs it: a URL to open, a code pasted back, tokens kept by
+    globus-sdk's storage and used for that service only; ``logout`` revokes them."""
+    stack, auth = globus_stack
+    auth.codes["code-from-browser"] = "carol-token"
+    auth.tokens["carol-token"] = {"sub": "11111111-2222-4333-8444-555555555555", "username": "carol@example.org",
+                                  "scope": SCOPE, "exp": time.time() + 3600}
+    env = {k: v for k, v in stack.env.items() if not k.startswith("TETHER_")}
+    env["TETHER_HOME"] = str(tmp_path / "carol-home")
+
+    def tether(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "tether.cli", *args], env=env, input=stdin, capture_output=True,
+                              text=True, timeout=60)
+
+    out = tether("login", "--service", stack.service_url, "--globus-client-id", NATIVE_APP, "--scope", SCOPE,
+                 "--globus-auth-url", auth.auth_url, stdin="code-from-browser\n")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "v2/oauth2/authorize" in out.stdout and f"logged in to {stack.service_url}" in out.stdout
+    for name in ("logins.json", "globus_tokens.json"):
+        assert oct((tmp_path / "carol-home" / name).stat().st_mode & 0o777) == "0o600"
+    me = tether("whoami", "--service", stack.service_url, "--json")
+    assert me.returncode == 0, me.stderr
+    assert json.loads(me.stdout)["name"] == "carol@example.org"
+    other = tether("whoami", "--service", "https://elsewhere.example.org")
+    assert other.returncode != 0 and "no token for the service https://elsewhere.example.org" in " ".join(
+        other.stderr.split())
+    bad = tether("login", "--service", stack.service_url, "--globus-client-id", NATIVE_APP, "--scope", SCOPE,
+                 "--globus-auth-url", auth.auth_url, stdin="wrong-code\n")
+    assert bad.returncode != 0 and "Globus Auth refused the login" in " ".join(bad.stderr.split())
+    assert tether("logout", "--service", stack.service_url).returncode == 0
+    assert "carol-token" in auth.revoked
+    gone = tether("whoami", "--service", stack.service_url)
+    assert gone.returncode != 0 and "tether login" in " ".join(gone.stderr.split())
