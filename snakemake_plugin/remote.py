@@ -1,0 +1,46 @@
+"""What runs on the endpoint for each Snakemake job.
+
+This module is shipped by value with every task (see ``register_pickle_by_value`` in the
+executor), so an endpoint needs Tether and Snakemake but not this plugin. Keep it to the
+standard library and ``tether``: anything imported at module level must exist on the endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+
+from tether.shell import ShellFunction, ShellResult
+
+#: the variable the job command names its interpreter by (see Executor.get_python_executable)
+PYTHON_VAR = "TETHER_PYTHON"
+
+
+def run_snakemake_job(cmd: str, workdir: str | None, walltime: float | None, mpi: bool,
+                      env: Mapping[str, str], snippet_lines: int) -> ShellResult:
+    """Run one ``python -m snakemake ...`` job command under bash, as a ShellFunction would.
+
+    The job runs with the endpoint's own environment first on ``PATH`` (as if its virtualenv
+    were activated): ``$TETHER_PYTHON`` and ``python`` are the endpoint's interpreter, which has
+    Snakemake, and ``mpiexec`` from the ``mpich`` wheel is found. With ``mpi`` the job also gets
+    Parsl's MPI variables (``$PARSL_MPI_PREFIX``, ``$PARSL_NUM_RANKS``, ...) for the ranks its
+    resource specification asked for; the rule's own command starts the ranks.
+    """
+    job_env = {PYTHON_VAR: sys.executable}
+    bindir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if bindir not in path.split(os.pathsep):
+        job_env["PATH"] = os.pathsep.join(p for p in (bindir, path) if p)
+    if mpi:
+        from tether.endpoint.execute import current_task
+        from tether.endpoint.mpi import mpi_environment
+
+        task = current_task()
+        job_env.update(mpi_environment(task.spec if task else None, task.engine if task else None))
+    job_env.update(env)
+    # the command is literal text, not a template: braces in Snakemake's arguments stay as they are
+    literal = cmd.replace("{", "{{").replace("}", "}}")
+    shell = ShellFunction(literal, walltime=walltime, cwd=workdir, env=job_env, snippet_lines=snippet_lines,
+                          name="snakemake job")
+    return shell()
