@@ -69,8 +69,10 @@ class Executor(RemoteExecutor):
     """Submits each job as a Tether task; finished tasks wake the status loop (no polling)."""
 
     def __init__(self, workflow: Any, logger: Any):
-        # set before super().__init__, which starts the status loop that waits on it
-        self._wakeup = threading.Event()
+        # set before super().__init__, which starts the status loop that uses them
+        self._status_loop: asyncio.AbstractEventLoop | None = None
+        self._status_event: asyncio.Event | None = None
+        self._cancelling = False
         super().__init__(workflow, logger)
 
     def __post_init__(self) -> None:
@@ -143,13 +145,22 @@ class Executor(RemoteExecutor):
         if error is not None:
             raise error
 
-    def _on_done(self, _: Future) -> None:
-        self._wakeup.set()
+    def _on_done(self, _: Future | None) -> None:
+        """A task finished (on the client's connection thread): wake the status loop."""
+        loop, event = self._status_loop, self._status_event
+        if loop is not None and event is not None:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the status loop has ended
+                pass
 
     # --- status ------------------------------------------------------------------------------
     async def check_active_jobs(
         self, active_jobs: list[SubmittedJobInfo]
     ) -> AsyncGenerator[SubmittedJobInfo, None]:
+        if self._status_event is None:  # first round, on the status loop's own thread
+            self._status_event = asyncio.Event()
+            self._status_loop = asyncio.get_running_loop()
         for info in active_jobs:
             future: tether.TetherFuture = info.aux["future"]
             if not future.done():
@@ -161,7 +172,8 @@ class Executor(RemoteExecutor):
         try:
             result: ShellResult = future.result()
         except TaskCancelled:
-            self.report_job_error(info, msg=f"Tether task {future.task_id} was cancelled.\n")
+            if not self._cancelling:  # cancelled by someone else (the REST API, another process)
+                self.report_job_error(info, msg=f"Tether task {future.task_id} was cancelled.\n")
             return
         except Exception as exc:  # noqa: BLE001 - the task failed on the endpoint: say why, in its words
             log = self._write_log(info, None, exc)  # with the remote traceback, if any
@@ -199,13 +211,31 @@ class Executor(RemoteExecutor):
     async def sleep(self) -> None:
         """Until a task finishes (pushed by the service), or the status interval passes."""
         timeout = max(float(self.next_seconds_between_status_checks or 0), 0.5)
-        await asyncio.to_thread(self._wakeup.wait, timeout)
-        self._wakeup.clear()
+        event = self._status_event
+        if event is None:
+            return
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            pass
+        event.clear()  # before the next check_active_jobs, which sees every task done by now
 
     # --- cancellation and shutdown -----------------------------------------------------------
     def cancel_jobs(self, active_jobs: list[SubmittedJobInfo]) -> None:
-        """Ctrl-C: kill the jobs on their endpoints, and make sure the service heard it before we exit."""
+        """Ctrl-C: kill the jobs on their endpoints, and make sure the service heard it before we exit.
+
+        The work runs in a thread of its own, so a second Ctrl-C (users press it again) interrupts
+        only the wait here; the interpreter still finishes the thread before it exits.
+        """
         futures = [info.aux["future"] for info in active_jobs if info.aux and "future" in info.aux]
+        if not futures:
+            return
+        self._cancelling = True
+        worker = threading.Thread(target=self._cancel, args=(futures,), name="tether-cancel")
+        worker.start()
+        worker.join()
+
+    def _cancel(self, futures: list[tether.TetherFuture]) -> None:
         for future in futures:
             future.cancel()  # local state now, and a cancel frame on the connection
         for future in futures:  # the frame may not leave before the process exits: confirm over REST
@@ -213,13 +243,12 @@ class Executor(RemoteExecutor):
                 self._client.cancel_task(future.task_id)
             except TetherError as exc:
                 self.logger.warning(f"Tether: could not cancel task {future.task_id}: {exc}")
-        if futures:
-            self.logger.info(f"Tether: cancelled {len(futures)} running job(s) on their endpoints")
+        self.logger.info(f"Tether: cancelled {len(futures)} job(s) on their endpoints")
 
     def shutdown(self) -> None:
         with self.lock:
             self.wait = False
-        self._wakeup.set()  # the status loop is waiting in sleep(): let it see wait=False now
+        self._on_done(None)  # the status loop may be waiting in sleep(): let it see wait=False now
         super().shutdown()
         for ex in self._executors.values():
             ex.shutdown(wait=False)

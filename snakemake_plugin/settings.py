@@ -9,7 +9,7 @@ from typing import Optional
 
 from snakemake_interface_executor_plugins.settings import ExecutorSettingsBase
 
-OptionalStr = Optional[str]  # noqa: UP007 - see the module docstring
+OptionalStr = Optional[str]  # noqa: UP007, UP045 - see the module docstring
 
 
 @dataclass
