@@ -25,7 +25,8 @@ def run_snakemake_job(cmd: str, workdir: str | None, walltime: float | None, mpi
     were activated): ``$TETHER_PYTHON`` and ``python`` are the endpoint's interpreter, which has
     Snakemake, and ``mpiexec`` from the ``mpich`` wheel is found. With ``mpi`` the job also gets
     Parsl's MPI variables (``$PARSL_MPI_PREFIX``, ``$PARSL_NUM_RANKS``, ...) for the ranks its
-    resource specification asked for; the rule's own command starts the ranks.
+    resource specification asked for (the rule's own command starts the ranks), and runs without
+    ``PYTHONUNBUFFERED``, like an MPIFunction.
     """
     job_env = {PYTHON_VAR: sys.executable}
     bindir = os.path.dirname(sys.executable)
@@ -39,6 +40,10 @@ def run_snakemake_job(cmd: str, workdir: str | None, walltime: float | None, mpi
         task = current_task()
         job_env.update(mpi_environment(task.spec if task else None, task.engine if task else None))
     job_env.update(env)
+    if mpi and "PYTHONUNBUFFERED" not in env:
+        # as MPIFunction does: unbuffered Python ranks write a line in pieces that interleave with
+        # other ranks' ("0" "1" "\n" "\n"); buffered, each rank's line is written whole
+        cmd = f"unset PYTHONUNBUFFERED; {cmd}"
     # the command is literal text, not a template: braces in Snakemake's arguments stay as they are
     literal = cmd.replace("{", "{{").replace("}", "}}")
     shell = ShellFunction(literal, walltime=walltime, cwd=workdir, env=job_env, snippet_lines=snippet_lines,
