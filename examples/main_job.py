@@ -62,6 +62,8 @@ def main() -> None:
             dt = time.perf_counter() - t1
             print(f"{n} small tasks     = sum {total} in {dt:.2f}s ({n / dt:,.0f} tasks/s)")
             print(f"all done in {time.perf_counter() - t0:.2f}s; shutting down")
+        import snakemake_workflow  # examples/snakemake_workflow.py: a workflow through --executor tether
+        snakemake_workflow.run(stack)
     print("service and endpoint stopped.")
 
 
