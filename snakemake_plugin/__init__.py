@@ -97,8 +97,9 @@ class Executor(RemoteExecutor):
 
     # --- submission --------------------------------------------------------------------------
     def get_python_executable(self) -> str:
-        # the endpoint's interpreter (it has Snakemake), whatever its path: see remote.py
-        return f"${remote.PYTHON_VAR}"
+        # the endpoint's interpreter (it has Snakemake), whatever its path, followed by "-m snakemake"
+        # in the command: it runs Snakemake through remote.SNAKEMAKE_MAIN (a second faster per job)
+        return f'"${remote.PYTHON_VAR}" -c "${remote.MAIN_VAR}"'
 
     def run_job(self, job: JobExecutorInterface) -> None:
         what = f"group {job.groupid}" if job.is_group() else f"rule {job.name}"
@@ -115,8 +116,9 @@ class Executor(RemoteExecutor):
 
     def _submit(self, job: JobExecutorInterface, sub: Submission) -> tether.TetherFuture:
         shared_io = SharedFSUsage.INPUT_OUTPUT in self.workflow.storage_settings.shared_fs_usage
-        args = (self.format_job_exec(job), os.getcwd() if shared_io else None, sub.walltime, sub.mpi, {},
-                SNIPPET_LINES)
+        cmd = self.format_job_exec(job)
+        self.logger.debug(f"Tether job command: {cmd}")
+        args = (cmd, os.getcwd() if shared_io else None, sub.walltime, sub.mpi, {}, SNIPPET_LINES)
         return self._executor(sub.endpoint_id).submit_task(
             remote.run_snakemake_job, args, resource_specification=sub.resource_specification,
             user_endpoint_config=sub.user_endpoint_config)
