@@ -22,26 +22,24 @@ from collections.abc import AsyncGenerator
 from concurrent.futures import Future
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import cloudpickle
 from snakemake_interface_common.exceptions import WorkflowError
 from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
 from snakemake_interface_executor_plugins.executors.remote import RemoteExecutor
 from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 from snakemake_interface_executor_plugins.settings import CommonSettings, SharedFSUsage
 
-import tether
-from tether.errors import TaskCancelled, TetherError
-from tether.shell import TIMEOUT_NAME, ShellResult
-
-from . import remote
-from .endpoints import check_endpoint
 from .settings import ExecutorSettings
-from .submission import Submission, parse_user_endpoint_config, submission_for
 
-# the endpoint runs the job function without this plugin installed: ship its module by value
-cloudpickle.register_pickle_by_value(remote)
+# Every ``snakemake`` process imports every installed executor plugin, each remote job's too, so
+# Tether itself (~0.1 s of imports) is imported only by the process that uses this executor: in
+# __post_init__ and the methods below.
+if TYPE_CHECKING:
+    import tether
+    from tether.shell import ShellResult
+
+    from .submission import Submission
 
 #: lines of the job's stdout and stderr kept in its log file (and in the task's result)
 SNIPPET_LINES = 1000
@@ -76,13 +74,22 @@ class Executor(RemoteExecutor):
         super().__init__(workflow, logger)
 
     def __post_init__(self) -> None:
+        import cloudpickle
+
+        import tether
+
+        from . import remote
+        from .submission import parse_user_endpoint_config
+
+        # the endpoint runs the job function without this plugin installed: ship its module by value
+        cloudpickle.register_pickle_by_value(remote)
         settings: ExecutorSettings = self.workflow.executor_settings or ExecutorSettings()
         self._settings = settings
         self._default_uec = parse_user_endpoint_config(settings.user_endpoint_config,
                                                        "--tether-user-endpoint-config")
         try:
             self._client = tether.Client(service=settings.service, token=settings.token)
-        except TetherError as exc:
+        except tether.TetherError as exc:
             raise WorkflowError(f"Tether: {exc}") from None
         # one task group per run: 'tether' tools and the dashboard show a run's tasks together
         self._group = str(uuid.uuid4())
@@ -97,11 +104,17 @@ class Executor(RemoteExecutor):
 
     # --- submission --------------------------------------------------------------------------
     def get_python_executable(self) -> str:
+        from . import remote
+
         # the endpoint's interpreter (it has Snakemake), whatever its path, followed by "-m snakemake"
         # in the command: it runs Snakemake through remote.SNAKEMAKE_MAIN (a second faster per job)
         return f'"${remote.PYTHON_VAR}" -c "${remote.MAIN_VAR}"'
 
     def run_job(self, job: JobExecutorInterface) -> None:
+        from tether import TetherError
+
+        from .submission import submission_for
+
         what = f"group {job.groupid}" if job.is_group() else f"rule {job.name}"
         try:
             sub = submission_for(what, job.resources, self._settings.endpoint_id, self._default_uec)
@@ -115,6 +128,8 @@ class Executor(RemoteExecutor):
         self.report_job_submission(info)
 
     def _submit(self, job: JobExecutorInterface, sub: Submission) -> tether.TetherFuture:
+        from . import remote
+
         shared_io = SharedFSUsage.INPUT_OUTPUT in self.workflow.storage_settings.shared_fs_usage
         cmd = self.format_job_exec(job)
         self.logger.debug(f"Tether job command: {cmd}")
@@ -124,6 +139,8 @@ class Executor(RemoteExecutor):
             user_endpoint_config=sub.user_endpoint_config)
 
     def _executor(self, endpoint_id: str) -> tether.Executor:
+        import tether
+
         ex = self._executors.get(endpoint_id)
         if ex is None:
             ex = self._executors[endpoint_id] = tether.Executor(
@@ -133,6 +150,8 @@ class Executor(RemoteExecutor):
 
     def _endpoint_ready(self, endpoint_id: str) -> None:
         """Check an endpoint once (first use); raise the same error for each of its jobs."""
+        from .endpoints import check_endpoint
+
         with self._checked_lock:
             if endpoint_id not in self._checked:
                 try:
@@ -171,6 +190,9 @@ class Executor(RemoteExecutor):
                 self._report(info, future)
 
     def _report(self, info: SubmittedJobInfo, future: tether.TetherFuture) -> None:
+        from tether import TaskCancelled, TaskFailed
+        from tether.shell import TIMEOUT_NAME
+
         try:
             result: ShellResult = future.result()
         except TaskCancelled:
@@ -179,7 +201,7 @@ class Executor(RemoteExecutor):
             return
         except Exception as exc:  # noqa: BLE001 - the task failed on the endpoint: say why, in its words
             log = self._write_log(info, None, exc)  # with the remote traceback, if any
-            why = f"{exc.remote_type}: {exc.remote_message}" if isinstance(exc, tether.TaskFailed) else str(exc)
+            why = f"{exc.remote_type}: {exc.remote_message}" if isinstance(exc, TaskFailed) else str(exc)
             self.report_job_error(info, msg=f"Tether task {future.task_id} failed: {why}\n", aux_logs=[str(log)])
             return
         log = self._write_log(info, result, None)
@@ -238,6 +260,8 @@ class Executor(RemoteExecutor):
         worker.join()
 
     def _cancel(self, futures: list[tether.TetherFuture]) -> None:
+        from tether import TetherError
+
         for future in futures:
             future.cancel()  # local state now, and a cancel frame on the connection
         for future in futures:  # the frame may not leave before the process exits: confirm over REST
