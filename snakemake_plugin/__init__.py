@@ -133,7 +133,7 @@ class Executor(RemoteExecutor):
         shared_io = SharedFSUsage.INPUT_OUTPUT in self.workflow.storage_settings.shared_fs_usage
         cmd = self.format_job_exec(job)
         self.logger.debug(f"Tether job command: {cmd}")
-        args = (cmd, os.getcwd() if shared_io else None, sub.walltime, sub.mpi, {}, SNIPPET_LINES)
+        args = (cmd, os.getcwd() if shared_io else None, sub.walltime, sub.mpi, SNIPPET_LINES)
         return self._executor(sub.endpoint_id).submit_task(
             remote.run_snakemake_job, args, resource_specification=sub.resource_specification,
             user_endpoint_config=sub.user_endpoint_config)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
 
 from tether.shell import ShellFunction, ShellResult
 
@@ -40,7 +39,7 @@ runpy.run_module("snakemake", run_name="__main__", alter_sys=True)
 
 
 def run_snakemake_job(cmd: str, workdir: str | None, walltime: float | None, mpi: bool,
-                      env: Mapping[str, str], snippet_lines: int) -> ShellResult:
+                      snippet_lines: int) -> ShellResult:
     """Run one ``python -m snakemake ...`` job command under bash, as a ShellFunction would.
 
     The job runs with the endpoint's own environment first on ``PATH`` (as if its virtualenv
@@ -61,8 +60,6 @@ def run_snakemake_job(cmd: str, workdir: str | None, walltime: float | None, mpi
 
         task = current_task()
         job_env.update(mpi_environment(task.spec if task else None, task.engine if task else None))
-    job_env.update(env)
-    if mpi and "PYTHONUNBUFFERED" not in env:
         # as MPIFunction does: unbuffered Python ranks write a line in pieces that interleave with
         # other ranks' ("0" "1" "\n" "\n"); buffered, each rank's line is written whole
         cmd = f"unset PYTHONUNBUFFERED; {cmd}"
