@@ -153,6 +153,8 @@ def test_ctrl_c_cancels_remote_jobs(snake: SnakeStack, tmp_path: Path) -> None:
     assert not (wf / "sleeper.txt").exists()
 
 
+@pytest.mark.skipif(shutil.which("rsync") is None and not os.environ.get("CI"),
+                    reason="rsync not found: snakemake-storage-plugin-fs copies with it (apt-get install rsync)")
 def test_no_shared_file_system(snake: SnakeStack, tmp_path: Path) -> None:
     """Jobs run in their task sandboxes; sources, inputs and outputs go through a storage plugin."""
     wf = _workflow("no_shared_fs", tmp_path)
