@@ -68,6 +68,8 @@ def main() -> None:
         parsl_workflow.run(stack)
         import dask_workflow  # examples/dask_workflow.py: a Dask computation on the same endpoint
         dask_workflow.run(stack)
+        import snakemake_workflow  # examples/snakemake_workflow.py: a workflow through --executor tether
+        snakemake_workflow.run(stack)
         print("shutting down")
     print("service and endpoint stopped.")
 

@@ -1,0 +1,166 @@
+"""A 200-job workflow of trivial rules, through the Tether plugin and through its peers, in one run.
+
+Usage::
+
+    python benchmarks/bench_snakemake_plugin.py [--n 200] [--only local,tether,grouped,slurm,tether-slurm]
+
+- ``local``: Snakemake's own local executor (``--cores 2``): the ceiling, no remote jobs at all;
+- ``tether``: ``--executor tether`` on a local process endpoint with 2 workers (one
+  ``python -m snakemake`` per job, as every remote executor does);
+- ``grouped``: the same with ``--group-components`` (20 rules per remote job), Snakemake's own
+  answer to per-job overhead;
+- ``slurm``: ``snakemake-executor-plugin-slurm`` on the one-node Slurm (``.ci/slurm-setup.sh``);
+- ``tether-slurm``: ``--executor tether`` on an endpoint whose htex engine gets workers from the
+  same Slurm (one pilot job; the Snakemake jobs are tasks inside it).
+
+Prints wall time, jobs per second, the per-job cost and ratios against the local executor and the
+slurm plugin measured in the same run. Never passes or fails on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from tether.local import LocalStack, local_stack  # noqa: E402
+
+from parsl_stack import engine_stack  # noqa: E402
+
+SNAKEFILE = """
+N = int(config.get("count", 200))
+
+rule all:
+    input: expand("out/{i}.txt", i=range(N))
+
+rule trivial:
+    output: "out/{i}.txt"
+    shell: "echo {wildcards.i} > {output}"
+"""
+
+SLURM_PARTITION = "debug"
+SLURM_HTEX = f"""
+engine:
+  type: htex
+  max_workers_per_node: 2
+  provider:
+    type: SlurmProvider
+    partition: {SLURM_PARTITION}
+    nodes_per_block: 1
+    init_blocks: 1
+    min_blocks: 0
+    max_blocks: 1
+    walltime: "00:30:00"
+    exclusive: false
+    launcher: {{type: SrunLauncher}}
+"""
+
+
+def slurm_missing() -> str | None:
+    """Why the Slurm peers cannot run here, or None."""
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return "Slurm is not installed (run .ci/slurm-setup.sh as root)"
+    out = subprocess.run(["sinfo", "-h", "-p", SLURM_PARTITION, "-o", "%T"], capture_output=True, text=True,
+                         timeout=20)
+    if out.returncode != 0 or not any(s.rstrip("*~#") in ("idle", "mixed") for s in out.stdout.split()):
+        return f"no usable node in Slurm partition {SLURM_PARTITION!r} ({out.stderr.strip() or out.stdout.strip()})"
+    try:
+        import snakemake_executor_plugin_slurm  # noqa: F401
+    except ImportError:
+        return "snakemake-executor-plugin-slurm is not installed (pip install -e '.[bench]')"
+    return None
+
+
+def run_workflow(n: int, args: list[str], env: dict[str, str] | None = None) -> float:
+    """Run the workflow in a fresh directory; return its wall time (seconds)."""
+    with tempfile.TemporaryDirectory(prefix="bench-smk-", dir=os.getcwd()) as tmp:
+        wd = Path(tmp)
+        (wd / "Snakefile").write_text(SNAKEFILE)
+        cmd = [sys.executable, "-m", "snakemake", "all", "--config", f"count={n}", *args]
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, cwd=wd, env=env or dict(os.environ), capture_output=True, text=True,
+                             stdin=subprocess.DEVNULL, timeout=3600)
+        elapsed = time.perf_counter() - t0
+        made = len(list((wd / "out").glob("*.txt"))) if (wd / "out").is_dir() else 0
+        if out.returncode != 0 or made != n:
+            raise RuntimeError(f"snakemake {' '.join(args)} failed (exit {out.returncode}, {made}/{n} outputs):\n"
+                               f"{out.stderr[-3000:]}")
+    return elapsed
+
+
+def tether_env(stack: LocalStack) -> dict[str, str]:
+    return dict(os.environ, TETHER_SERVICE_URL=stack.service_url, TETHER_TOKEN=stack.token)
+
+
+@contextmanager
+def process_endpoint() -> Iterator[LocalStack]:
+    with local_stack(engine="process", workers=2) as stack:
+        yield stack
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=200, help="jobs in the workflow")
+    ap.add_argument("--only", default="local,tether,grouped,slurm,tether-slurm")
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    n = args.n
+    results: dict[str, float] = {}
+    skipped: dict[str, str] = {}
+
+    def record(name: str, seconds: float) -> None:
+        results[name] = seconds
+        print(f"{name:<14} {seconds:7.1f} s  {n / seconds:6.1f} jobs/s", flush=True)
+
+    if "local" in only:
+        record("local", run_workflow(n, ["--cores", "2"]))
+    if only & {"tether", "grouped"}:
+        with process_endpoint() as stack:
+            base = ["--executor", "tether", "--tether-endpoint-id", stack.endpoint_id, "--jobs", "16"]
+            if "tether" in only:
+                record("tether", run_workflow(n, base, tether_env(stack)))
+            if "grouped" in only:
+                grouping = ["--groups", "trivial=g", "--group-components", "g=20"]
+                record("grouped", run_workflow(n, [*base, *grouping], tether_env(stack)))
+    missing = slurm_missing() if only & {"slurm", "tether-slurm"} else None
+    if "slurm" in only:
+        if missing:
+            skipped["slurm"] = missing
+        else:
+            record("slurm", run_workflow(n, [
+                "--executor", "slurm", "--jobs", "16", "--default-resources", f"slurm_partition={SLURM_PARTITION}",
+                "runtime=10", "mem_mb=100", "--seconds-between-status-checks", "1", "--slurm-status-command",
+                "squeue"]))
+    if "tether-slurm" in only:
+        if missing:
+            skipped["tether-slurm"] = missing
+        else:
+            with tempfile.TemporaryDirectory(prefix="bench-smk-home-") as home:
+                with engine_stack(Path(home) / "home", SLURM_HTEX) as stack:
+                    record("tether-slurm", run_workflow(n, [
+                        "--executor", "tether", "--tether-endpoint-id", stack.endpoint_id, "--jobs", "16"],
+                        tether_env(stack)))
+
+    print(f"\n{n} trivial jobs, 2 cores; ratios are wall-time speedups (higher is faster):")
+    for name, seconds in results.items():
+        parts = [f"{name:<14} per job {seconds / n * 1000:7.0f} ms"]
+        for peer in ("local", "slurm"):
+            if peer in results and peer != name:
+                parts.append(f"{results[peer] / seconds:5.2f}x {peer}")
+        print("   ".join(parts))
+    for name, why in skipped.items():
+        print(f"{name:<14} skipped: {why}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""The Snakemake executor plugin through the real ``snakemake`` CLI and Snakemake's own plugin test
+harness, against a real service and two real endpoints (process engine): shell, ``run:`` and
+``script:`` rules, threads and resources, a group, an MPI rule with 4 ranks, ``--retries``, a rule
+sent to another endpoint, a failing rule and one past its runtime (both reported with their
+stderr), Ctrl-C killing the remote job, the no-shared-file-system path through a storage plugin,
+and bad input refused in words.
+
+Snakemake finds executor plugins by listing installed packages, so these tests also prove the
+plugin is found from the README's editable install.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Optional
+
+import pytest
+from snakemake.common.tests import TestWorkflowsLocalStorageBase
+from snakemake_interface_common.exceptions import WorkflowError
+from snakemake_interface_executor_plugins.settings import ExecutorSettingsBase
+
+from snakemake_executor_plugin_tether import ExecutorSettings
+from snakemake_executor_plugin_tether.endpoints import check_endpoint
+from snakemake_executor_plugin_tether.submission import submission_for
+from tether import Client
+from tether.endpoint.mpi import MPILauncherNotFound, find_launcher
+from tether.local import LocalStack, local_stack
+
+from conftest import pid_alive, wait_for
+
+WORKFLOWS = Path(__file__).parent / "snakemake"
+
+
+def _mpi_missing() -> str | None:
+    try:
+        find_launcher("mpiexec")
+    except MPILauncherNotFound as exc:
+        return f"{exc} (pip install '.[test]' installs the mpich wheel)"
+    if importlib.util.find_spec("mpi4py") is None:
+        return "mpi4py is not installed (pip install '.[test]')"
+    return None
+
+
+# the issue's workflow has an MPI rule: outside CI a machine without MPI skips it, saying why
+_MPI_MISSING = _mpi_missing()
+needs_mpi = pytest.mark.skipif(_MPI_MISSING is not None and not os.environ.get("CI"), reason=_MPI_MISSING or "")
+
+
+class SnakeStack:
+    """A service, a 4-worker endpoint and a 1-worker second endpoint, and how to run snakemake at them."""
+
+    def __init__(self, stack: LocalStack, second_id: str):
+        self.stack = stack
+        self.endpoint_id = stack.endpoint_id
+        self.second_id = second_id
+        self.env = dict(stack.env, TETHER_SERVICE_URL=stack.service_url, TETHER_TOKEN=stack.token)
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "snakemake", "--executor", "tether", "--tether-endpoint-id",
+                self.endpoint_id, *args]
+
+    def run(self, workdir: Path, *args: str, timeout: float = 100) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.command(*args), cwd=workdir, env=self.env, capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def client(self) -> Client:
+        return Client(service=self.stack.service_url, token=self.stack.token)
+
+
+@pytest.fixture(scope="module")
+def snake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SnakeStack]:
+    with local_stack(tmp_path_factory.mktemp("snakehome"), engine="process", workers=4) as stack:
+        stack.configure_endpoint("process", 1, name="second")
+        try:
+            yield SnakeStack(stack, stack.start_endpoint("second"))
+        finally:
+            stack.stop_endpoint("second")
+
+
+def _workflow(name: str, tmp_path: Path) -> Path:
+    workdir = tmp_path / name
+    shutil.copytree(WORKFLOWS / name, workdir)
+    return workdir
+
+
+def test_snakemake_finds_the_plugin(snake: SnakeStack) -> None:
+    """An editable install is invisible to Snakemake's plugin listing unless we make it visible."""
+    out = subprocess.run([sys.executable, "-m", "snakemake", "--help"], capture_output=True, text=True,
+                         timeout=60, env=snake.env)
+    assert out.returncode == 0, out.stderr
+    assert "--tether-endpoint-id" in out.stdout
+    assert "SNAKEMAKE_TETHER_ENDPOINT_ID" in out.stdout
+
+
+@needs_mpi
+@pytest.mark.timeout(240)
+def test_issue_workflow(snake: SnakeStack, tmp_path: Path) -> None:
+    """Every kind of rule the issue names, in one run (the runtime=1 rule makes it last a minute)."""
+    wf = _workflow("workflow", tmp_path)
+    out = snake.run(wf, "all", "fails.txt", "too_slow.txt", "--jobs", "6", "--retries", "1", "--keep-going",
+                    "--config", f"second_endpoint={snake.second_id}", timeout=200)
+    assert out.returncode == 1, out.stderr  # two rules fail on purpose; everything else is made
+
+    shell = (wf / "shell.txt").read_text().splitlines()
+    assert shell[0] == "hello" and re.fullmatch(r"task=[0-9a-f-]{36}", shell[1]), shell
+    assert (wf / "run.txt").read_text().startswith("HELLO\nTASK=")
+    assert (wf / "script.txt").read_text() == "2 lines, threads=1\n"
+    threads, mem_mb, runtime = (wf / "threads.txt").read_text().split()
+    assert (int(threads), mem_mb, runtime) == (min(2, os.cpu_count() or 1), "100", "5")
+    assert sorted((wf / "ring.txt").read_text().split()) == ["0", "1", "2", "3"]  # 4 MPI ranks
+    grouped = (wf / "grouped/b.txt").read_text().split("\n")
+    assert grouped[0].split()[0] == "a" and grouped[1].split()[0] == "b"
+    assert grouped[0].split()[1] == grouped[1].split()[1]  # the group ran as one task
+    assert (wf / "flaky.txt").read_text() == "ok\n"  # failed once, retried
+    assert f"endpoints{os.sep}second{os.sep}" in (wf / "second.txt").read_text()
+
+    err = out.stderr
+    assert "Error in rule fails" in err and "The job exited with code 1 on Tether endpoint" in err
+    assert "this rule fails on purpose" in err  # the job's stderr tail, in the main output
+    assert "Error in rule too_slow" in err and "killed at its walltime of 60 s (resources: runtime=1 min)" in err
+    assert not (wf / "fails.txt").exists() and not (wf / "too_slow.txt").exists()
+    logs = re.findall(r"log: (\.snakemake/tether_logs/rule_fails/\S+\.log)", err)
+    assert logs and "this rule fails on purpose" in (wf / logs[0]).read_text()
+
+
+def test_ctrl_c_cancels_remote_jobs(snake: SnakeStack, tmp_path: Path) -> None:
+    wf = _workflow("workflow", tmp_path)
+    pidfile = wf / "sleeper.pid"
+    proc = subprocess.Popen(snake.command("--jobs", "1", "sleeper.txt"), cwd=wf, env=snake.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 60, "the remote job to start")
+        remote_pid = int(pidfile.read_text())
+        assert pid_alive(remote_pid)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert "Terminating processes on user request" in err and "Tether: cancelled 1 job(s)" in err
+    wait_for(lambda: not pid_alive(remote_pid), 30, "the remote job's process to be killed")
+    group = re.search(r"tasks of group ([0-9a-f-]{36})", err).group(1)
+    with snake.client() as client:
+        assert [t["state"] for t in client.get_task_group(group)] == ["cancelled"]
+    assert not (wf / "sleeper.txt").exists()
+
+
+@pytest.mark.skipif(shutil.which("rsync") is None and not os.environ.get("CI"),
+                    reason="rsync not found: snakemake-storage-plugin-fs copies with it (apt-get install rsync)")
+def test_no_shared_file_system(snake: SnakeStack, tmp_path: Path) -> None:
+    """Jobs run in their task sandboxes; sources, inputs and outputs go through a storage plugin."""
+    wf = _workflow("no_shared_fs", tmp_path)
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    out = snake.run(wf, "--jobs", "2", "--shared-fs-usage", "none", "--default-storage-provider", "fs",
+                    "--default-storage-prefix", str(storage))
+    assert out.returncode == 0, out.stderr
+    lines = (storage / "b.txt").read_text().splitlines()
+    assert [line.split()[0] for line in lines] == ["a", "b"]
+    for line in lines:  # each job ran in its own sandbox on the endpoint, not in the workflow directory
+        where = line.split(" ran in ")[1]
+        assert f"{os.sep}tasks{os.sep}" in where and not where.startswith(str(wf))
+    assert not (wf / "a.txt").exists() and not (wf / "b.txt").exists()
+
+
+def test_unknown_endpoint_is_refused_before_any_job(snake: SnakeStack, tmp_path: Path) -> None:
+    wf = _workflow("workflow", tmp_path)
+    cmd = snake.command("--jobs", "1", "shell.txt")
+    cmd[cmd.index("--tether-endpoint-id") + 1] = "00000000-0000-0000-0000-000000000000"
+    out = subprocess.run(cmd, cwd=wf, env=snake.env, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "Tether endpoint 00000000-0000-0000-0000-000000000000 does not exist" in out.stderr
+    assert not (wf / "shell.txt").exists()
+
+
+def test_unsatisfiable_mpi_request_fails_in_words(snake: SnakeStack, tmp_path: Path) -> None:
+    """Two nodes from a one-host endpoint: the endpoint refuses, the rule fails with its reason."""
+    wf = _workflow("workflow", tmp_path)
+    out = snake.run(wf, "ring.txt", "--jobs", "1", "--set-resources", "ring:nodes=2")
+    assert out.returncode != 0
+    assert "Error in rule ring" in out.stderr
+    assert "asks for num_nodes=2" in out.stderr and "this host only" in out.stderr
+
+
+@pytest.mark.parametrize(("resources", "message"), [
+    ({"tasks": 0}, "resources tasks=0 must be a positive integer (the number of MPI ranks)"),
+    ({"tasks": "many"}, "resources tasks='many' must be a positive integer"),
+    ({"tasks": 5, "nodes": 2, "tasks_per_node": 2}, "cannot be satisfied: resource_specification: num_ranks=5"),
+    ({"runtime": -1}, "resources runtime=-1 must be a positive number of minutes"),
+    ({"tether_user_endpoint_config": "{nope"}, "tether_user_endpoint_config is not valid JSON"),
+    ({"tether_user_endpoint_config": "[1]"}, "must be a JSON object"),
+])
+def test_bad_resources_are_errors_in_words(resources: dict, message: str) -> None:
+    with pytest.raises(WorkflowError, match=re.escape(message)):
+        submission_for("rule r", resources, "some-endpoint", None)
+
+
+def test_resources_map_to_a_submission() -> None:
+    sub = submission_for("rule r", {"runtime": 90, "tasks": 8, "nodes": 2, "mpi": "mpiexec",
+                                    "tether_endpoint_id": "other", "tether_user_endpoint_config": '{"q": "debug"}'},
+                         "default", {"q": "normal"})
+    assert (sub.endpoint_id, sub.walltime, sub.user_endpoint_config) == ("other", 5400.0, {"q": "debug"})
+    assert sub.resource_specification == {"num_ranks": 8, "num_nodes": 2} and sub.mpi
+    plain = submission_for("rule r", {"mem_mb": 100, "_cores": 2}, "default", None)
+    assert (plain.endpoint_id, plain.walltime, plain.resource_specification) == ("default", None, None)
+    assert not plain.mpi
+    with pytest.raises(WorkflowError, match="has no Tether endpoint: pass --tether-endpoint-id"):
+        submission_for("rule r", {}, None, None)
+
+
+def test_snakemake_version_mismatch_is_reported_in_words(snake: SnakeStack) -> None:
+    """The endpoint's real report, against a submitting side that would run another Snakemake."""
+    with snake.client() as client:
+        assert check_endpoint(client, snake.endpoint_id).online
+        with pytest.raises(WorkflowError, match=r"runs Snakemake \d+\.\d+\.\d+ but this workflow runs Snakemake "
+                                                r"8\.0\.0: a job command written by one"):
+            check_endpoint(client, snake.endpoint_id, local_snakemake="8.0.0")
+
+
+class TestSnakemakeHarness(TestWorkflowsLocalStorageBase):
+    """Snakemake's own executor plugin tests (simple and group workflows), in this process."""
+
+    __test__ = True
+
+    @pytest.fixture(autouse=True)
+    def _use_stack(self, snake: SnakeStack) -> None:
+        self.snake = snake
+
+    def get_executor(self) -> str:
+        return "tether"
+
+    def get_executor_settings(self) -> Optional[ExecutorSettingsBase]:  # noqa: UP045 - the harness's signature
+        stack = self.snake.stack
+        return ExecutorSettings(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token)
