@@ -12,15 +12,17 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from .config import service_file, tether_home
+from .config import service_file, tether_home, write_secret
 from .errors import TetherError
-from .processes import alive, signal_and_wait
+from .ids import InvalidIdentifier, check_name
+from .processes import SERVICE_COMMANDS, is_recorded_process, signal_and_wait
 
 app = typer.Typer(help="Tether: federated function execution for research computing.", no_args_is_help=True,
                   add_completion=False)
@@ -53,10 +55,33 @@ def service_start(
     db_url: str = typer.Option(None, help="SQLAlchemy URL of the store (default: SQLite in TETHER_HOME)"),
     max_payload_bytes: int = typer.Option(None, help="largest task argument/result accepted"),
     log_level: str = typer.Option("warning"),
+    tls_cert: str = typer.Option(None, help="PEM certificate: serve https/wss only"),
+    tls_key: str = typer.Option(None, help="PEM private key of --tls-cert"),
+    tls_ca: str = typer.Option(None, help="CA bundle that signed --tls-cert, recorded in service.json for local "
+                               "clients (a private CA or a self-signed certificate)"),
+    allow_insecure_http: bool = typer.Option(False, "--allow-insecure-http",
+                                             help="listen beyond loopback without TLS (trusted networks only)"),
+    globus_client_id: str = typer.Option(None, help="accept Globus Auth tokens: this service's Globus client id"),
+    globus_client_secret_file: str = typer.Option(None, help="file (mode 0600) holding that client's secret"),
+    globus_scope: str = typer.Option(None, help="the scope Globus tokens must carry"),
+    globus_auth_url: str = typer.Option(None, help="Globus Auth's base URL (default: production Globus Auth)"),
 ) -> None:
     """Start the embedded service (SQLite, one process) and write $TETHER_HOME/service.json."""
     _need("service", "tether.service.server")
     args = ["--host", host, "--port", str(port), "--log-level", log_level]
+    for flag, value in (("--tls-cert", tls_cert), ("--tls-key", tls_key), ("--tls-ca", tls_ca)):
+        if value:
+            args += [flag, str(Path(value).resolve())]
+    if allow_insecure_http:
+        args.append("--allow-insecure-http")
+    if globus_client_id:
+        args += ["--globus-client-id", globus_client_id]
+    if globus_client_secret_file:
+        args += ["--globus-client-secret-file", str(Path(globus_client_secret_file).resolve())]
+    if globus_scope:
+        args += ["--globus-scope", globus_scope]
+    if globus_auth_url:
+        args += ["--globus-auth-url", globus_auth_url]
     if db_url:
         args += ["--db-url", db_url]
     if max_payload_bytes:
@@ -75,7 +100,7 @@ def service_start(
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         info = _service_info()
-        if info.get("pid") == proc.pid and _healthy(info["url"]):
+        if info.get("pid") == proc.pid and _healthy(info["url"], info.get("ca_file")):
             console.print(f"Tether service running at [bold]{info['url']}[/] (pid {proc.pid}); "
                           f"credentials in {service_file()}")
             return
@@ -93,24 +118,50 @@ def _service_info() -> dict[str, Any]:
         return {}
 
 
-def _healthy(url: str) -> bool:
+def _healthy(url: str, ca_file: str | None = None) -> bool:
     import httpx
 
+    from .config import ServiceInfo
+
+    verify = ServiceInfo(url, "", ca_file).ssl_context() or True
     try:
-        return httpx.get(url + "/healthz", timeout=1, trust_env=False).status_code == 200
+        return httpx.get(url + "/healthz", timeout=1, trust_env=False, verify=verify).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def _service_pid(info: dict[str, Any]) -> int | None:
+    """The pid in service.json if that process still is the service; else None, and the stale pid
+    is dropped from service.json (url and token stay: a restarted service keeps its token).
+
+    The pid may have been reused by any process since the service died: it is only believed if
+    that process runs the service and started before service.json was written."""
+    pid = info.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        return None
+    path = service_file()
+    try:
+        written = path.stat().st_mtime
+    except OSError:
+        return None
+    if is_recorded_process(pid, SERVICE_COMMANDS, written):
+        return pid
+    if _service_info() == info:  # not rewritten meanwhile by a service starting now
+        write_secret(path, json.dumps({k: v for k, v in info.items() if k != "pid"}))
+    return None
 
 
 @service_app.command("stop")
 def service_stop() -> None:
     """Stop the service started from this TETHER_HOME."""
     info = _service_info()
-    pid = info.get("pid")
-    if not pid:
+    recorded = info.get("pid")
+    if not recorded:
         _fail(f"no service recorded in {service_file()}")
-    if not alive(pid):
-        console.print("the service was not running")
+    pid = _service_pid(info)
+    if pid is None:
+        console.print(f"the service was not running (pid {recorded} in {service_file()} is gone or is "
+                      f"another process now; left alone)")
         return
     if not signal_and_wait(pid, signal.SIGTERM, 10):
         _fail(f"the service (pid {pid}) did not exit within 10 s of SIGTERM")
@@ -123,23 +174,61 @@ def service_status() -> None:
     info = _service_info()
     if not info:
         _fail(f"no service recorded in {service_file()}; run 'tether service start'")
-    state = "[green]up[/]" if _healthy(info["url"]) else "[red]down[/]"
-    console.print(f"{info['url']}: {state} (pid {info.get('pid')})")
+    state = "[green]up[/]" if _healthy(info["url"], info.get("ca_file")) else "[red]down[/]"
+    pid = _service_pid(info)
+    process = f"pid {pid}" if pid else "no service process of this TETHER_HOME runs here"
+    console.print(f"{info['url']}: {state} ({process})")
 
 
-@service_app.command("user-add")
-def service_user_add(name: str, db_url: str = typer.Option(None)) -> None:
-    """Create a user (or give an existing one a new token) and print the token once."""
+def _store(db_url: str | None) -> Any:
+    """The store of this TETHER_HOME's service (or ``--db-url``), for user administration."""
     _need("service", "tether.service.store")
     from tether.service.store import Store
 
     url = db_url or os.environ.get("TETHER_DB_URL") or f"sqlite:///{tether_home() / 'service' / 'tether.db'}"
     (tether_home() / "service").mkdir(parents=True, exist_ok=True, mode=0o700)
-    user_id, token = Store(url).create_user(name)
-    console.print(f"user {name} ({user_id})\ntoken: {token}")
+    return Store(url)
+
+
+@service_app.command("user-add")
+def service_user_add(
+    name: str,
+    db_url: str = typer.Option(None),
+    as_json: bool = typer.Option(False, "--json", help="print {user_id, name, token} as JSON"),
+) -> None:
+    """Create a user, or rotate an existing user's token, and print the token once.
+
+    A rotated token replaces the old one at once: a running service refuses the old token
+    within a second, connections made with it included.
+    """
+    user_id, token = _store(db_url).create_user(name)
+    if as_json:
+        print(json.dumps({"user_id": user_id, "name": name, "token": token}))
+    else:
+        console.print(f"user {name} ({user_id})\ntoken: {token}", highlight=False)
+
+
+@service_app.command("token-revoke")
+def service_token_revoke(name: str, db_url: str = typer.Option(None)) -> None:
+    """Revoke a user's token (until 'user-add NAME' issues a new one); effective at once."""
+    if not _store(db_url).revoke_user_token(name):
+        _fail(f"no user named {name!r}")
+    console.print(f"revoked the token of {name}; open connections with it are closed within a second")
 
 
 # --- endpoint -------------------------------------------------------------------------------
+def _endpoint_name(name: str) -> str:
+    """Checked as it enters: a name becomes a directory, so '..', 'a/b' or '/x' must never pass."""
+    try:
+        check_name(name)
+    except InvalidIdentifier as exc:
+        _fail(f"{exc}; it names a directory under {tether_home() / 'endpoints'}")
+    return name
+
+
+EndpointName = Annotated[str, typer.Argument(callback=_endpoint_name, help="the endpoint's name", show_default=False)]
+
+
 def _endpoint_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     _need("endpoint", "tether.endpoint.manage")
     try:
@@ -150,26 +239,52 @@ def _endpoint_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 @endpoint_app.command("configure")
 def endpoint_configure(
-    name: str,
+    name: EndpointName,
     engine: str = typer.Option("process", help="thread | process | htex | mpi (Parsl; see docs/endpoint-admin.md)"),
     workers: int = typer.Option(None, help="tasks that run at once (default: CPU count)"),
     force: bool = typer.Option(False, help="overwrite an existing config.yaml"),
+    multi_user: bool = typer.Option(False, "--multi-user", help="an endpoint that runs each user's tasks as their "
+                                    "own local account (start it as root; see docs/multi-user.md)"),
 ) -> None:
-    """Create $TETHER_HOME/endpoints/NAME/config.yaml."""
+    """Create $TETHER_HOME/endpoints/NAME/config.yaml (and, with --multi-user, the identity
+    mapping, the user config template and its schema)."""
     from tether.endpoint import manage
 
-    path = _endpoint_call(manage.configure, name, engine, workers, force)
-    console.print(f"configured endpoint [bold]{name}[/]: {path}\nstart it with: tether endpoint start {name}")
+    path = _endpoint_call(manage.configure, name, engine, workers, force, multi_user)
+    extra = ""
+    if multi_user:
+        extra = ("\nedit identity_mapping.json, user_config_template.yaml.j2 and user_config_schema.json beside it; "
+                 f"preview with: tether endpoint render-user-config {name} --user NAME --config '{{}}'")
+    console.print(f"configured endpoint [bold]{name}[/]: {path}{extra}\nstart it with: tether endpoint start {name}")
+
+
+@endpoint_app.command("render-user-config")
+def endpoint_render_user_config(
+    name: EndpointName,
+    user: str = typer.Option(..., help="the identity's user name (as the service knows it)"),
+    config: str = typer.Option("{}", help="the user_endpoint_config, as JSON"),
+) -> None:
+    """Show the config.yaml a multi-user endpoint would give USER's endpoint for CONFIG."""
+    from tether.endpoint import manage
+
+    try:
+        values = json.loads(config)
+    except ValueError as exc:
+        _fail(f"--config is not valid JSON: {exc}")
+    if not isinstance(values, dict):
+        _fail("--config must be a JSON object, e.g. '{\"workers\": 2}'")
+    print(_endpoint_call(manage.render_user_config, name, user, values), end="")
 
 
 @endpoint_app.command("start")
 def endpoint_start(
-    name: str, detach: bool = typer.Option(False, "--detach", "-d", help="run in the background")
+    name: EndpointName, detach: bool = typer.Option(False, "--detach", "-d", help="run in the background")
 ) -> None:
     """Register (once) and run the endpoint; prints its endpoint id."""
     from tether.endpoint import manage
 
     cred = _endpoint_call(manage.ensure_registered, name)
+    _endpoint_call(manage.apply_policy, name, cred)
     if detach:
         status = _endpoint_call(manage.start_detached, name)
         console.print(f"endpoint [bold]{name}[/] started (pid {status['pid']})")
@@ -182,7 +297,7 @@ def endpoint_start(
 
 
 @endpoint_app.command("stop")
-def endpoint_stop(name: str) -> None:
+def endpoint_stop(name: EndpointName) -> None:
     """Stop a running endpoint (its unfinished tasks run again at the next start)."""
     from tether.endpoint import manage
 
@@ -193,12 +308,13 @@ def endpoint_stop(name: str) -> None:
 
 
 @endpoint_app.command("restart")
-def endpoint_restart(name: str) -> None:
+def endpoint_restart(name: EndpointName) -> None:
     """Stop, then start in the background."""
     from tether.endpoint import manage
 
     _endpoint_call(manage.stop, name)
     cred = _endpoint_call(manage.ensure_registered, name)
+    _endpoint_call(manage.apply_policy, name, cred)
     status = _endpoint_call(manage.start_detached, name)
     console.print(f"endpoint [bold]{name}[/] restarted (pid {status['pid']})")
     print(cred["endpoint_id"])
@@ -222,7 +338,7 @@ def endpoint_list(as_json: bool = typer.Option(False, "--json")) -> None:
 
 
 @endpoint_app.command("status")
-def endpoint_status(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+def endpoint_status(name: EndpointName, as_json: bool = typer.Option(False, "--json")) -> None:
     """Daemon state, capacity and versions, locally and as the service sees it."""
     from tether.endpoint import manage
 
@@ -251,7 +367,7 @@ def endpoint_status(name: str, as_json: bool = typer.Option(False, "--json")) ->
 
 
 @endpoint_app.command("delete")
-def endpoint_delete(name: str, yes: bool = typer.Option(False, "--yes", "-y", help="do not ask")) -> None:
+def endpoint_delete(name: EndpointName, yes: bool = typer.Option(False, "--yes", "-y", help="do not ask")) -> None:
     """Stop the endpoint, delete it from the service and remove its local state."""
     from tether.endpoint import manage
 
@@ -259,6 +375,65 @@ def endpoint_delete(name: str, yes: bool = typer.Option(False, "--yes", "-y", he
         raise typer.Exit(1)
     _endpoint_call(manage.delete, name)
     console.print(f"deleted endpoint {name}")
+
+
+@endpoint_app.command("rotate-credential")
+def endpoint_rotate_credential(name: str) -> None:
+    """Replace the endpoint's credential with a new one: the old one stops working at once and a
+    running endpoint reconnects with the new one."""
+    from tether.endpoint import manage
+
+    cred = _endpoint_call(manage.rotate_credential, name)
+    console.print(f"endpoint [bold]{name}[/] ({cred['endpoint_id']}) has a new credential; the old one is void")
+
+
+# --- identity ----------------------------------------------------------------------------
+@app.command("login")
+def login_command(
+    service: str = typer.Option(..., help="the service URL"),
+    globus_client_id: str = typer.Option(..., help="the Globus native app's client id (from the service's admin)"),
+    scope: str = typer.Option(..., help="the service's Globus scope"),
+    globus_auth_url: str = typer.Option(None, help="Globus Auth's base URL (default: production Globus Auth)"),
+) -> None:
+    """Log in with Globus Auth (native-app flow) for a service that accepts Globus tokens."""
+    from .login import login
+
+    def ask(url: str) -> str:
+        console.print(f"Open this URL, log in, and paste the authorization code here:\n\n  {url}\n", highlight=False)
+        return typer.prompt("Authorization code")
+
+    try:
+        data = login(service, globus_client_id, scope, ask, globus_auth_url)
+    except TetherError as exc:
+        _fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - globus-sdk's errors: say what Globus said
+        _fail(f"Globus Auth refused the login: {exc}")
+    console.print(f"logged in to {service} (token valid for {int(data['expires_at_seconds'] - time.time())} s, "
+                  "refreshed automatically)")
+
+
+@app.command("logout")
+def logout_command(service: str = typer.Option(..., help="the service URL")) -> None:
+    """Revoke and forget your Globus tokens for a service."""
+    from .login import logout
+
+    if not logout(service):
+        _fail(f"not logged in to {service}")
+    console.print(f"logged out of {service}")
+
+
+@app.command("whoami")
+def whoami_command(service: str = typer.Option(None, help="the service URL (default: as the client finds it)"),
+                   as_json: bool = typer.Option(False, "--json")) -> None:
+    """Who the service thinks you are."""
+    from .client import Client
+
+    with Client(service) as client:
+        me = client.whoami()
+    if as_json:
+        print(json.dumps(me))
+    else:
+        console.print(f"{me['name']} ({me['user_id']}) at {client.info.url}", highlight=False)
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ class Client:
             headers={"Authorization": f"Bearer {self.info.token}"},
             timeout=timeout,
             trust_env=False,
+            verify=self.info.ssl_context() or True,
         )
 
     def close(self) -> None:
@@ -38,7 +39,11 @@ class Client:
         try:
             resp = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise TetherError(f"cannot reach the Tether service at {self.info.url}: {exc}") from exc
+            hint = ""
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                hint = ("; its TLS certificate is not signed by a CA this client trusts: set TETHER_CA_FILE to the "
+                        "CA bundle that signed it")
+            raise TetherError(f"cannot reach the Tether service at {self.info.url}: {exc}{hint}") from exc
         if resp.status_code < 400:
             return resp.json()
         try:
@@ -58,8 +63,17 @@ class Client:
         return self._call("GET", "/v1/whoami")
 
     # endpoints
-    def register_endpoint(self, name: str, endpoint_id: str | None = None) -> dict[str, str]:
-        return self._call("POST", "/v1/endpoints", json={"name": name, "endpoint_id": endpoint_id})
+    def register_endpoint(self, name: str, endpoint_id: str | None = None, multi_user: bool = False) -> dict[str, str]:
+        return self._call("POST", "/v1/endpoints", json={"name": name, "endpoint_id": endpoint_id,
+                                                         "multi_user": multi_user})
+
+    def set_endpoint_policy(self, endpoint_id: str, public: bool = False, users: list[str] | None = None) -> dict:
+        """Who may send tasks to your multi-user endpoint: everyone (``public``) or these user names/ids."""
+        return self._call("PUT", f"/v1/endpoints/{endpoint_id}/policy", json={"public": public, "users": users or []})
+
+    def list_user_endpoints(self, endpoint_id: str) -> list[dict[str, Any]]:
+        """User endpoint processes of a multi-user endpoint (all for its owner, yours otherwise)."""
+        return self._call("GET", f"/v1/endpoints/{endpoint_id}/user_endpoints")
 
     def list_endpoints(self) -> list[dict[str, Any]]:
         return self._call("GET", "/v1/endpoints")
@@ -112,7 +126,7 @@ class Client:
         return deserialize(base64.b64decode(info["result"]))
 
     def get_batch_status(self, task_ids: list[str]) -> dict[str, Any]:
-        return self._call("POST", "/v1/tasks/status", json={"task_ids": task_ids})
+        return self._call("POST", "/v1/batch_status", json={"task_ids": task_ids})
 
     def cancel_task(self, task_id: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/tasks/{task_id}/cancel")

@@ -16,6 +16,7 @@ import collections
 import itertools
 import logging
 import os
+import ssl
 import threading
 import warnings
 from typing import Any
@@ -36,27 +37,45 @@ from .futures import TetherFuture
 from .protocol import (
     CLIENT_WS_PATH,
     CLOSE_AUTH_FAILED,
-    Msg,
+    MAX_IDS,
+    TO_CLIENT_FRAMES,
+    Cancel,
+    Collected,
+    EndpointBrief,
+    Error,
+    ErrorCode,
+    FrameDecoder,
     ProtocolError,
+    Refusal,
+    Result,
+    Results,
+    Status,
+    Submit,
+    SubmitAck,
+    Subscribe,
+    Task,
     TaskState,
-    decode,
+    Welcome,
     encode,
+    to_builtins,
 )
 from .serialize import PY_VERSION, deserialize
 from .transport import Backoff, open_ws
 
 log = logging.getLogger("tether.client")
 
+_frames = FrameDecoder(TO_CLIENT_FRAMES, "the service")
+
 
 class Connection:
     """The process-wide link to one service for one token. Get it with :meth:`Connection.get`."""
 
-    _instances: dict[tuple[int, str, str], Connection] = {}
+    _instances: dict[tuple[int, str, str, str | None], Connection] = {}
     _lock = threading.Lock()
 
     @classmethod
     def get(cls, info: ServiceInfo) -> Connection:
-        key = (os.getpid(), info.url, info.token)  # a forked child gets its own connection
+        key = (os.getpid(), info.url, info.token, info.ca_file)  # a forked child gets its own connection
         with cls._lock:
             conn = cls._instances.get(key)
             if conn is None or conn._closed:
@@ -80,12 +99,13 @@ class Connection:
         self.futures: dict[str, TetherFuture] = {}
         self.max_payload: int | None = None
         self.fatal: TetherError | None = None
-        self._outbox: collections.deque[dict[str, Any]] = collections.deque()
+        self._outbox: collections.deque[Task] = collections.deque()
         self._functions_to_send: dict[str, bytes] = {}
         self._known_functions: set[str] = set()
         self._reregistered: set[str] = set()
         self._bodies: dict[str, bytes] = {}  # every function submitted here, to re-register if the service forgot
-        self._unacked: dict[int, dict[str, Any]] = {}
+        self._unacked: dict[int, Submit] = {}
+        self.endpoint_versions: dict[str, dict[str, str]] = {}  # from the service, for plugins' checks
         self._refs = itertools.count(1)
         self._control: collections.deque[bytes] = collections.deque()
         self._collected: list[str] = []
@@ -99,21 +119,21 @@ class Connection:
         self._thread.start()
 
     # --- called from user threads ------------------------------------------------------------
-    def submit(self, task: dict[str, Any], future: TetherFuture, function_body: bytes | None) -> None:
+    def submit(self, task: Task, future: TetherFuture, function_body: bytes | None) -> None:
         """Queue a task; the background loop sends it with whatever else is waiting."""
         if self.fatal is not None:
             raise self.fatal
-        if self.max_payload is not None and len(task["payload"]) > self.max_payload:
+        if self.max_payload is not None and len(task.payload) > self.max_payload:
             raise PayloadTooLarge(
-                f"arguments serialize to {len(task['payload'])} bytes; this service accepts at most "
+                f"arguments serialize to {len(task.payload)} bytes; this service accepts at most "
                 f"{self.max_payload} bytes per task"
             )
-        fid = task["function"]
+        fid = task.function
         if function_body is not None:
             self._bodies.setdefault(fid, function_body)
             if fid not in self._known_functions:
                 self._functions_to_send[fid] = function_body
-        self.futures[task["id"]] = future
+        self.futures[task.id] = future
         self._outbox.append(task)
         self._wake()
 
@@ -121,11 +141,13 @@ class Connection:
         """Follow tasks submitted elsewhere (a reloaded task group)."""
         for fut in futures:
             self.futures.setdefault(fut.task_id, fut)
-        self.send_control(encode(Msg.SUBSCRIBE, ids=[f.task_id for f in futures]))
+        ids = [f.task_id for f in futures]
+        for start in range(0, len(ids), MAX_IDS):
+            self.send_control(encode(Subscribe(ids=ids[start : start + MAX_IDS])))
 
     def cancel(self, task_id: str) -> None:
         self.futures.pop(task_id, None)
-        self.send_control(encode(Msg.CANCEL, ids=[task_id]))
+        self.send_control(encode(Cancel(ids=[task_id])))
 
     def send_control(self, frame: bytes) -> None:
         self._control.append(frame)
@@ -195,7 +217,12 @@ class Connection:
         warned = False
         while not self._closed:
             try:
-                ws = await open_ws(url, headers)
+                ws = await open_ws(url, headers, ssl_context=self.info.ssl_context())
+            except ssl.SSLCertVerificationError as exc:  # retrying cannot help: say so at once
+                self._fail_all(TetherError(
+                    f"the TLS certificate of {self.info.url} cannot be verified ({exc.verify_message}); if it is "
+                    "signed by a private CA, set TETHER_CA_FILE to that CA's bundle"))
+                return
             except (OSError, TimeoutError, ConnectionClosed) as exc:
                 if not warned:
                     log.warning("cannot reach Tether service at %s (%s); retrying", self.info.url, exc)
@@ -207,12 +234,14 @@ class Connection:
                 await asyncio.sleep(backoff.next())
                 continue
             try:
-                welcome = decode(await ws.recv())
-                if welcome["t"] == Msg.ERROR:
-                    self._fail_all(AuthError(welcome.get("message", "authentication failed")))
+                welcome = _frames.decode(await ws.recv())
+                if isinstance(welcome, Error):
+                    self._fail_all(AuthError(welcome.message or "authentication failed"))
                     await ws.close()
                     return
-                self.max_payload = welcome.get("max_payload")
+                if not isinstance(welcome, Welcome):
+                    raise ProtocolError(f"expected 'welcome' from the service, got '{welcome.__struct_config__.tag}'")
+                self.max_payload = welcome.max_payload
                 backoff.reset()
                 warned = False
                 self._ws = ws
@@ -240,13 +269,13 @@ class Connection:
 
     async def _resume(self) -> None:
         """After (re)connecting: resend unacknowledged batches, re-follow every pending task."""
-        for ref, frame in sorted(self._unacked.items()):
-            await self._ws.send(encode(Msg.SUBMIT, ref=ref, **frame))
-        unacked_ids = {t["id"] for frame in self._unacked.values() for t in frame["tasks"]}
-        queued_ids = {t["id"] for t in self._outbox}
+        for frame in [self._unacked[ref] for ref in sorted(self._unacked)]:
+            await self._ws.send(encode(frame))
+        unacked_ids = {t.id for frame in self._unacked.values() for t in frame.tasks}
+        queued_ids = {t.id for t in self._outbox}
         follow = [tid for tid in list(self.futures) if tid not in unacked_ids and tid not in queued_ids]
-        for start in range(0, len(follow), 10_000):
-            await self._ws.send(encode(Msg.SUBSCRIBE, ids=follow[start : start + 10_000]))
+        for start in range(0, len(follow), MAX_IDS):
+            await self._ws.send(encode(Subscribe(ids=follow[start : start + MAX_IDS])))
 
     def _flush(self) -> None:
         """Drain queued control frames and tasks into frames on the socket (runs on the loop)."""
@@ -262,15 +291,15 @@ class Connection:
             while self._outbox and len(tasks) < self.batch_size and size < 8 * 1024 * 1024:
                 t = self._outbox.popleft()
                 tasks.append(t)
-                size += len(t["payload"])
+                size += len(t.payload)
             functions = {}
             for t in tasks:
-                body = self._functions_to_send.pop(t["function"], None)
+                body = self._functions_to_send.pop(t.function, None)
                 if body is not None:
-                    functions[t["function"]] = body
-            ref = next(self._refs)
-            self._unacked[ref] = {"tasks": tasks, "functions": functions}
-            self._loop.create_task(self._send(encode(Msg.SUBMIT, ref=ref, tasks=tasks, functions=functions)))
+                    functions[t.function] = body
+            frame = Submit(ref=next(self._refs), tasks=tasks, functions=functions)
+            self._unacked[frame.ref] = frame
+            self._loop.create_task(self._send(encode(frame)))
         # control frames (cancel, subscribe) after the tasks they may refer to: frames arrive in order
         while self._control:
             self._loop.create_task(self._send(self._control.popleft()))
@@ -285,115 +314,113 @@ class Connection:
             pass  # _maintain reconnects; unacked batches are resent from there
 
     def _handle(self, frame: bytes) -> None:
-        msg = decode(frame)
-        kind = msg["t"]
-        if kind == Msg.RESULT:
-            self._on_results(msg["results"])
-        elif kind == Msg.STATUS:
-            for tid, state, ts in msg["updates"]:
+        msg = _frames.decode(frame)
+        if isinstance(msg, Results):
+            self._on_results(msg.results)
+        elif isinstance(msg, Status):
+            for tid, state, ts in msg.updates:
                 fut = self.futures.get(tid)
                 if fut is None:
                     continue
                 fut._record(state, ts)
                 if state == TaskState.RUNNING:
                     fut._mark_running()
-        elif kind == Msg.SUBMIT_ACK:
+        elif isinstance(msg, SubmitAck):
             self._on_ack(msg)
-        elif kind == Msg.ERROR:
+        elif isinstance(msg, Error):
             self._on_error(msg)
 
-    def _on_ack(self, msg: dict[str, Any]) -> None:
-        for endpoint_id, brief in (msg.get("endpoints") or {}).items():
+    def _on_ack(self, msg: SubmitAck) -> None:
+        for endpoint_id, brief in msg.endpoints.items():
             self._check_endpoint(endpoint_id, brief)
-        batch = self._unacked.pop(msg.get("ref"), None)
+        batch = self._unacked.pop(msg.ref, None) if msg.ref is not None else None
         if batch is not None:
-            self._known_functions.update(batch["functions"])
-        ts = msg.get("ts")
-        for tid in msg.get("accepted", ()):
+            self._known_functions.update(batch.functions)
+        for tid in msg.accepted:
             fut = self.futures.get(tid)
             if fut is not None and fut.state == TaskState.RECEIVED:
-                fut._record(TaskState.RECEIVED.value, ts)
-                fut._record(TaskState.WAITING.value, ts)
+                fut._record(TaskState.RECEIVED.value, msg.ts)
+                fut._record(TaskState.WAITING.value, msg.ts)
         retry = []
-        for tid, reason in (msg.get("rejected") or {}).items():
-            task = next((t for t in batch["tasks"] if t["id"] == tid), None) if batch else None
-            if "(UnknownFunction)" in reason and task is not None and task["function"] in self._bodies \
+        for tid, refusal in msg.rejected.items():
+            task = next((t for t in batch.tasks if t.id == tid), None) if batch else None
+            if refusal.code == ErrorCode.UNKNOWN_FUNCTION and task is not None and task.function in self._bodies \
                     and tid not in self._reregistered:
                 # the service lost the function (its database was replaced): register it again, once
                 self._reregistered.add(tid)
-                self._known_functions.discard(task["function"])
-                self._functions_to_send[task["function"]] = self._bodies[task["function"]]
+                self._known_functions.discard(task.function)
+                self._functions_to_send[task.function] = self._bodies[task.function]
                 retry.append(task)
                 continue
             fut = self.futures.pop(tid, None)
             if fut is not None and not fut.done():
-                fut.set_exception(_rejection(reason))
+                fut.set_exception(_rejection(refusal))
         if retry:
             self._outbox.extend(retry)
             self._flush()
 
-    def _check_endpoint(self, endpoint_id: str, brief: dict[str, Any]) -> None:
+    def _check_endpoint(self, endpoint_id: str, brief: EndpointBrief) -> None:
         """Say once, in words, what will go wrong on an endpoint before its tasks fail."""
-        python = brief.get("python")
+        self.endpoint_versions[endpoint_id] = brief.versions
+        python = brief.python
         if python and python != PY_VERSION and endpoint_id not in self._warned:
             self._warned.add(endpoint_id)
             text = (f"endpoint {endpoint_id} runs Python {python} but this client runs Python {PY_VERSION}: "
                     "functions pickled here will fail to load there. Use the same Python minor version.")
             log.warning(text)
             warnings.warn(text, RuntimeWarning, stacklevel=2)
-        if not brief.get("online") and ("offline", endpoint_id) not in self._warned:
+        if not brief.online and ("offline", endpoint_id) not in self._warned:
             self._warned.add(("offline", endpoint_id))
             log.info("endpoint %s is offline: tasks wait for it (state waiting-for-endpoint)", endpoint_id)
 
-    def _on_error(self, msg: dict[str, Any]) -> None:
-        text = msg.get("message", "error from service")
-        if msg.get("ref") is not None:
-            batch = self._unacked.pop(msg["ref"], None)
-            for t in batch["tasks"] if batch else ():
-                fut = self.futures.pop(t["id"], None)
+    def _on_error(self, msg: Error) -> None:
+        text = msg.message or "error from service"
+        if msg.ref is not None:
+            batch = self._unacked.pop(msg.ref, None)
+            for t in batch.tasks if batch else ():
+                fut = self.futures.pop(t.id, None)
                 if fut is not None and not fut.done():
                     fut.set_exception(TaskRejected(text))
-        for tid in msg.get("ids") or ():
+        for tid in msg.ids or ():
             fut = self.futures.pop(tid, None)
             if fut is not None and not fut.done():
-                fut.set_exception(TetherError(f"task {tid}: {text}"))
-        if msg.get("ref") is None and not msg.get("ids"):
+                fut.set_exception(_rejection(Refusal(msg.code, f"task {tid}: {text}")))
+        if msg.ref is None and not msg.ids:
             log.warning("service: %s", text)
 
-    def _on_results(self, results: list[dict[str, Any]]) -> None:
+    def _on_results(self, results: list[Result]) -> None:
         for r in results:
-            tid = r["id"]
+            tid = r.id
             fut = self.futures.pop(tid, None)
             self._collected.append(tid)
             if fut is None or fut.done():
                 continue
-            for state, ts in (r.get("times") or {}).items():
+            for state, ts in r.times.items():
                 fut._record(state, ts)
-            state = r["state"]
-            fut._record(state, None)
-            if state == TaskState.SUCCESS:
+            fut._record(r.state, None)
+            if r.state == TaskState.SUCCESS:
                 try:
-                    fut.set_result(deserialize(r["data"]))
+                    fut.set_result(deserialize(r.data) if r.data is not None else None)
                 except SerializationError as exc:
                     fut.set_exception(exc)
-            elif state == TaskState.CANCELLED:
+            elif r.state == TaskState.CANCELLED:
                 fut._cancelled_remotely()
             else:
                 original = None
-                if r.get("data"):
+                if r.data:
                     try:
-                        original = deserialize(r["data"])
+                        original = deserialize(r.data)
                     except Exception:  # noqa: BLE001 - the text form below is enough
                         original = None
-                fut.set_exception(task_failed(r.get("error") or {}, original, tid))
+                fut.set_exception(task_failed(to_builtins(r.error) if r.error else {}, original, tid))
         if len(self._collected) >= 1000:
             self._send_collected()
 
     def _send_collected(self) -> None:
         """Tell the service which results the user has (its retention clock starts); batched."""
-        if self._collected:
-            self.send_control(encode(Msg.COLLECTED, ids=self._collected))
-            self._collected = []
+        collected, self._collected = self._collected, []
+        for start in range(0, len(collected), MAX_IDS):
+            self.send_control(encode(Collected(ids=collected[start : start + MAX_IDS])))
 
     async def _collect_loop(self) -> None:
         while True:
@@ -413,13 +440,14 @@ class Connection:
 atexit.register(Connection.close_all)  # close sockets cleanly instead of dying mid-frame at exit
 
 
-def _rejection(reason: str) -> TetherError:
-    """Turn the service's reason for refusing a task into the matching typed error."""
-    if "PayloadTooLarge" in reason:
-        return PayloadTooLarge(reason)
-    if "UnknownEndpoint" in reason:
-        return UnknownEndpoint(reason)
-    return TaskRejected(reason)
+def _rejection(refusal: Refusal) -> TetherError:
+    """Turn the service's refusal of a task into the matching typed error (by code, not by text)."""
+    cls = {
+        ErrorCode.PAYLOAD_TOO_LARGE: PayloadTooLarge,
+        ErrorCode.UNKNOWN_ENDPOINT: UnknownEndpoint,
+        ErrorCode.ENDPOINT_DELETED: UnknownEndpoint,
+    }.get(refusal.code, TaskRejected)
+    return cls(refusal.message)
 
 
 __all__ = ["Connection"]

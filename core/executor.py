@@ -13,8 +13,10 @@ from .config import find_service
 from .connection import Connection
 from .errors import TetherError
 from .futures import TetherFuture
+from .ids import check_function_id, check_id
+from .protocol import Task
 from .resources import validate_resource_specification
-from .serialize import function_id, serialize
+from .serialize import DATA_METHODS, function_id, serialize
 
 
 class _FunctionCache:
@@ -55,10 +57,13 @@ class Executor(concurrent.futures.Executor):
             process can ``Executor(task_group_id=G).reload()`` them.
         resource_specification: per-task resources (MPI ranks, ...), passed to the endpoint.
         user_endpoint_config: values for a multi-user endpoint's config template.
-        batch_size: most tasks in one submission frame.
+        data_serializer: how arguments travel: ``"cloudpickle"`` (any Python object) or
+            ``"json"`` (plain data only; endpoints that refuse pickled arguments accept it).
+        batch_size: most tasks in one submission frame (default 512).
         batch_interval: seconds the client gathers submissions into one frame while they
-            stream in; a task submitted after a quiet spell is sent at once. Both settings
-            apply to the process-wide connection (the last Executor created sets them).
+            stream in (default 0.002); a task submitted after a quiet spell is sent at once.
+            Both apply to the process-wide connection, and only when given: an Executor that
+            does not set them leaves another's settings alone.
     """
 
     def __init__(
@@ -70,19 +75,26 @@ class Executor(concurrent.futures.Executor):
         task_group_id: str | None = None,
         resource_specification: dict[str, Any] | None = None,
         user_endpoint_config: dict[str, Any] | None = None,
-        batch_size: int = 512,
-        batch_interval: float = 0.002,
+        batch_size: int | None = None,
+        batch_interval: float | None = None,
+        data_serializer: str = "cloudpickle",
     ):
-        self.endpoint_id = endpoint_id
-        self.task_group_id = task_group_id or str(uuid.uuid4())
+        # ids are checked where they enter: they become file names on the endpoint
+        self.endpoint_id = check_id(endpoint_id, "endpoint id") if endpoint_id is not None else None
+        self.task_group_id = check_id(task_group_id, "task group id") if task_group_id else str(uuid.uuid4())
+        if data_serializer not in DATA_METHODS:
+            raise TetherError(f"unknown data_serializer {data_serializer!r}; choose one of {', '.join(DATA_METHODS)}")
+        self.data_serializer = data_serializer
         self.resource_specification = resource_specification
         self.user_endpoint_config = user_endpoint_config
         self.batch_size = batch_size
         self.batch_interval = batch_interval
         self._info = find_service(service, token)
         self._conn = Connection.get(self._info)
-        self._conn.batch_size = batch_size
-        self._conn.batch_interval = batch_interval
+        if batch_size is not None:  # only when asked: the connection is shared by every Executor here
+            self._conn.batch_size = batch_size
+        if batch_interval is not None:
+            self._conn.batch_interval = batch_interval
         self._functions = _FunctionCache()
         self._futures: set[TetherFuture] = set()
         self._futures_lock = threading.Lock()
@@ -117,7 +129,7 @@ class Executor(concurrent.futures.Executor):
         self, function_id: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> TetherFuture:
         """Submit to a function registered earlier (``register_function``), by its id."""
-        return self._submit(function_id, None, tuple(args), dict(kwargs or {}), None)
+        return self._submit(check_function_id(function_id), None, tuple(args), dict(kwargs or {}), None)
 
     def register_function(self, fn: Callable[..., Any]) -> str:
         """Register ``fn`` with the service now and return its id (a content hash)."""
@@ -136,16 +148,10 @@ class Executor(concurrent.futures.Executor):
         if self.endpoint_id is None:
             raise TetherError("Executor has no endpoint_id: pass Executor(endpoint_id=...) to submit tasks")
         self._check_call(fn, args, kwargs, spec)
-        task = {
-            "id": str(uuid.uuid4()),
-            "function": fid,
-            "endpoint": self.endpoint_id,
-            "payload": serialize((args, kwargs)),
-            "group": self.task_group_id,
-            "spec": spec,
-            "uec": uec,
-        }
-        fut = TetherFuture(task["id"], on_cancel=self._conn.cancel)
+        task = Task(id=str(uuid.uuid4()), function=fid, endpoint=self.endpoint_id,
+                    payload=serialize((args, kwargs), self.data_serializer), group=self.task_group_id,
+                    spec=spec, uec=uec)
+        fut = TetherFuture(task.id, on_cancel=self._conn.cancel)
         self._conn.submit(task, fut, body)  # may raise (PayloadTooLarge, AuthError): then nothing is tracked
         self._track(fut)
         return fut

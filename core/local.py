@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import TetherError
-from .processes import signal_and_wait
+from .ids import check_name, child_path
+from .processes import SERVICE_COMMANDS, endpoint_commands, is_recorded_process, signal_and_wait
 
 
 def _cli(env: dict[str, str], *args: str, timeout: float = 120) -> str:
@@ -48,6 +49,9 @@ class LocalStack:
     endpoint_id: str = ""
     port: int = 0
 
+    def __post_init__(self) -> None:
+        check_name(self.endpoint_name)
+
     def _service_json(self) -> dict:
         return json.loads((self.home / "service.json").read_text())
 
@@ -61,41 +65,55 @@ class LocalStack:
         return int(self._service_json()["pid"])
 
     def kill_service(self, sig: int = signal.SIGKILL) -> None:
-        signal_and_wait(self.service_pid(), sig, 10)
+        """Signal the service (a test's kill switch); a stale pid in service.json is left alone."""
+        pid, written = self.service_pid(), _mtime(self.home / "service.json")
+        if is_recorded_process(pid, SERVICE_COMMANDS, written):
+            signal_and_wait(pid, sig, 10)
 
     def stop_service(self) -> None:
         with contextlib.suppress(Exception):
             _cli(self.env, "service", "stop", timeout=30)
 
     def configure_endpoint(self, engine: str = "process", workers: int = 2, name: str | None = None) -> None:
-        _cli(self.env, "endpoint", "configure", name or self.endpoint_name, "--engine", engine,
+        _cli(self.env, "endpoint", "configure", check_name(name or self.endpoint_name), "--engine", engine,
              "--workers", str(workers), "--force")
 
     def start_endpoint(self, name: str | None = None) -> str:
-        out = _cli(self.env, "endpoint", "start", name or self.endpoint_name, "--detach")
+        out = _cli(self.env, "endpoint", "start", check_name(name or self.endpoint_name), "--detach")
         endpoint_id = out.strip().splitlines()[-1].strip()
         if name is None or name == self.endpoint_name:
             self.endpoint_id = endpoint_id
         return endpoint_id
 
     def endpoint_pid(self, name: str | None = None) -> int | None:
-        path = self.home / "endpoints" / (name or self.endpoint_name) / "daemon.pid"
+        """The pid in the endpoint's daemon.pid (as written; :meth:`kill_endpoint` verifies it)."""
+        path = self.endpoint_dir(name) / "daemon.pid"
         try:
             return int(path.read_text())
         except (OSError, ValueError):
             return None
 
     def kill_endpoint(self, sig: int = signal.SIGKILL, name: str | None = None) -> None:
-        pid = self.endpoint_pid(name)
-        if pid:
+        """Signal the endpoint daemon (a test's kill switch); a stale pid file is left alone."""
+        name = name or self.endpoint_name
+        pid, written = self.endpoint_pid(name), _mtime(self.endpoint_dir(name) / "daemon.pid")
+        if pid and is_recorded_process(pid, endpoint_commands(name), written):
             signal_and_wait(pid, sig, 10)
 
     def stop_endpoint(self, name: str | None = None) -> None:
         with contextlib.suppress(Exception):
-            _cli(self.env, "endpoint", "stop", name or self.endpoint_name, timeout=30)
+            _cli(self.env, "endpoint", "stop", check_name(name or self.endpoint_name), timeout=30)
 
     def endpoint_dir(self, name: str | None = None) -> Path:
-        return self.home / "endpoints" / (name or self.endpoint_name)
+        return child_path(self.home / "endpoints", name or self.endpoint_name, "endpoint name", check=check_name)
+
+
+def _mtime(path: Path) -> float:
+    """When a pid file was written; 0 (no process qualifies) if it is gone."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 @contextlib.contextmanager

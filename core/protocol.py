@@ -1,49 +1,36 @@
 """The one wire protocol that the client, the service and the endpoint all speak.
 
-Every WebSocket frame is a binary msgpack map ``{"v": PROTOCOL_VERSION, "t": <type>, ...}``.
-Keeping the message types, the task states and the frame codec in this single module means
-the three components cannot drift apart: a change here is a change everywhere.
+Every WebSocket frame is a binary msgpack map ``{"t": <type>, "v": PROTOCOL_VERSION, ...}``.
+Each frame type is a typed record (a ``msgspec.Struct``), and each receiving side decodes with
+the union of the frames its peer may send: a frame is validated once, where it enters (types,
+id patterns, list bounds), and no handler ever indexes a raw dict that a peer shaped. The
+records are also the encoding, so validation costs nothing extra on the hot path.
 
-Records carried inside frames are plain dicts (not classes) because msgpack encodes them
-directly and the hot path (thousands of tasks per second) cannot afford per-record objects.
-Their keys are documented on the ``*_KEYS`` tuples below.
+Refusals travel as :class:`ErrorCode` values, never as text to be recognised by substring.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any, Literal
 
-import msgpack
+import msgspec
+from msgspec import Meta, Struct
+
+from .ids import FUNCTION_ID_PATTERN, ID_PATTERN
 
 #: Bumped on any incompatible change to frames or records. Peers refuse other versions in words.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 #: Largest frame a peer accepts unless the service announces otherwise (bytes).
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
-
-
-class Msg(StrEnum):
-    """Frame types. Direction is noted as C (client), S (service), E (endpoint)."""
-
-    WELCOME = "welcome"  # S->C, S->E: session accepted, with limits and identity
-    ERROR = "error"  # any direction: a request was refused; carries "message" and maybe "ref"
-    # client data plane
-    SUBMIT = "submit"  # C->S: {"ref", "tasks": [TASK], "functions": {fid: bytes}}
-    SUBMIT_ACK = "submit_ack"  # S->C: {"ref", "accepted": [ids], "rejected": {id: message}}
-    SUBSCRIBE = "subscribe"  # C->S: {"ids": [...]}: push me state changes and results of these
-    CANCEL = "cancel"  # C->S and S->E: {"ids": [...]}
-    STATUS = "status"  # S->C: {"updates": [[id, state, ts], ...]}
-    RESULT = "result"  # S->C: {"results": [RESULT]}; E->S: the same, results to store
-    COLLECTED = "collected"  # C->S: {"ids": [...]}: results handed to the user; retention starts
-    # endpoint data plane
-    HELLO = "hello"  # E->S: {"versions", "inflight": [ids], "spooled": [ids]}
-    TASKS = "tasks"  # S->E: {"tasks": [TASK], "functions": {fid: bytes}}
-    RECEIVED = "received"  # E->S: {"ids": [...], "ts": float}: tasks are in the endpoint's hands
-    RUNNING = "running"  # E->S: {"ids": [...], "ts": float}: tasks started
-    RESULT_ACK = "result_ack"  # S->E: {"ids": [...]}: results are stored; drop them from the spool
-    HEARTBEAT = "heartbeat"  # E->S: {"capacity": {...}, "versions": {...}}
-    STOP = "stop"  # S->E: the owner asked the endpoint to shut down
+#: Most ids in one frame (subscribe, cancel, collected, received, running, result_ack): a peer
+#: splits longer lists, so no single frame can stall a receiver's event loop.
+MAX_IDS = 10_000
+#: Most tasks or results in one frame.
+MAX_BATCH = 10_000
+#: Most ids an endpoint reports as held (in flight or spooled) when it connects.
+MAX_HELD = 1_000_000
 
 
 class TaskState(StrEnum):
@@ -60,61 +47,340 @@ class TaskState(StrEnum):
 
 TERMINAL_STATES = frozenset({TaskState.SUCCESS, TaskState.FAILED, TaskState.CANCELLED})
 
-#: A task as it travels client -> service -> endpoint.
-#: id: client-made uuid (so resubmission after a reconnect is idempotent); function: content hash;
-#: endpoint; payload: serialized (args, kwargs); group: task group id; spec: resource specification;
-#: uec: user endpoint config.
-TASK_KEYS = ("id", "function", "endpoint", "payload", "group", "spec", "uec")
 
-#: A result as it travels endpoint -> service -> client.
-#: id; state: success | failed | cancelled; data: serialized return value (success) or exception
-#: (failed, when picklable); error: {"type", "message", "traceback"} for failed/cancelled;
-#: times: {state: ts} transitions seen by the endpoint.
-RESULT_KEYS = ("id", "state", "data", "error", "times")
+class ErrorCode(StrEnum):
+    """Why something was refused; the message beside it says it in words."""
+
+    MALFORMED = "malformed"  # the frame does not match the protocol
+    INTERNAL = "internal"  # the receiver failed (a bug, logged there); the session goes on
+    AUTH_FAILED = "auth_failed"
+    UNKNOWN_ENDPOINT = "unknown_endpoint"  # no such endpoint visible to the sender
+    ENDPOINT_DELETED = "endpoint_deleted"  # the task's endpoint was deleted by its owner
+    UNKNOWN_FUNCTION = "unknown_function"  # not registered by the sender
+    FUNCTION_ID_MISMATCH = "function_id_mismatch"  # a function id that is not its body's hash
+    UNKNOWN_TASK = "unknown_task"  # never submitted by the sender, or purged
+    ID_CONFLICT = "id_conflict"  # the id is already used by another owner
+    NOT_DISPATCHED = "not_dispatched"  # an endpoint reported on a task not dispatched to it
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    INVALID_REQUEST = "invalid_request"
+    USER_ENDPOINT_FAILED = "user_endpoint_failed"  # a multi-user endpoint could not start the user's endpoint
+
+
+# --- field types ------------------------------------------------------------------------------
+Id = Annotated[str, Meta(pattern=ID_PATTERN)]
+FunctionId = Annotated[str, Meta(pattern=FUNCTION_ID_PATTERN)]
+IdList = Annotated[list[Id], Meta(max_length=MAX_IDS)]
+Timestamp = Annotated[float, Meta(ge=0)]
+Count = Annotated[int, Meta(ge=0)]
+Scalar = int | float | str | bool | None
+ShortStr = Annotated[str, Meta(max_length=4096)]
+
+
+# --- records carried inside frames ------------------------------------------------------------
+class Task(Struct, omit_defaults=True):
+    """A task as it travels client -> service -> endpoint.
+
+    ``id`` is made by the client (a uuid), so resubmission after a reconnect is idempotent;
+    ``function`` is the content hash of its body; ``payload`` the serialized (args, kwargs);
+    ``spec`` the resource specification; ``uec`` the user endpoint config.
+    """
+
+    id: Id
+    function: FunctionId
+    endpoint: Id
+    payload: bytes
+    group: Id | None = None
+    spec: dict[str, Any] | None = None
+    uec: dict[str, Any] | None = None
+
+
+class ErrorInfo(Struct, omit_defaults=True):
+    """What went wrong with a task: the remote exception's type name, message and traceback."""
+
+    type: str
+    message: str
+    traceback: str = ""
+    code: str | None = None  # an ErrorCode when the service or endpoint refused the task
+
+
+class Result(Struct, omit_defaults=True):
+    """A task's outcome as it travels endpoint -> service -> client.
+
+    ``data``: the serialized return value (success) or exception (failed, when it pickles);
+    ``times``: ``{state: unix time}`` of the transitions the endpoint saw.
+    """
+
+    id: Id
+    state: Literal["success", "failed", "cancelled"]
+    data: bytes | None = None
+    error: ErrorInfo | None = None
+    times: dict[str, Timestamp] = {}
+
+
+class Refusal(Struct):
+    """Why one task of a submission was not accepted."""
+
+    code: ErrorCode
+    message: str
+
+
+class EndpointBrief(Struct, omit_defaults=True):
+    """Enough about an endpoint for the client to warn, before any task runs, of what will fail."""
+
+    online: bool
+    python: str | None = None
+    versions: dict[str, str] = {}
+
+
+Capacity = Annotated[dict[Annotated[str, Meta(max_length=64)], Scalar], Meta(max_length=64)]
+Versions = Annotated[dict[Annotated[str, Meta(max_length=64)], ShortStr], Meta(max_length=64)]
+#: heartbeat figures that must be counts (the dashboard and /metrics add them up)
+CAPACITY_COUNTS = ("workers_total", "workers_idle", "tasks_queued", "tasks_running")
+
+
+def _check_capacity(capacity: dict[str, Any]) -> None:
+    for key in CAPACITY_COUNTS:
+        value = capacity.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"capacity '{key}' must be a count (an integer >= 0), got {value!r}")
+
+
+# --- frames ----------------------------------------------------------------------------------
+class Frame(Struct, tag_field="t", kw_only=True):
+    """Base of every frame: the type tag ``t`` and the protocol version ``v``."""
+
+    v: int = PROTOCOL_VERSION
+
+
+class Welcome(Frame, tag="welcome"):
+    """S->C, S->E: the session is accepted; the limits that apply to it."""
+
+    version: str = ""
+    user_id: str | None = None
+    endpoint_id: str | None = None
+    max_payload: int | None = None
+    max_ids: int = MAX_IDS
+
+
+class Error(Frame, tag="error"):
+    """Any direction: a request was refused. ``ref``/``ids`` say which; ``fatal``: the session ends."""
+
+    code: ErrorCode = ErrorCode.MALFORMED
+    message: str = ""
+    ref: int | None = None
+    ids: list[str] | None = None
+    fatal: bool = False
+
+
+class Submit(Frame, tag="submit"):
+    """C->S: tasks, and the bodies of functions the service does not have yet."""
+
+    ref: int
+    tasks: Annotated[list[Task], Meta(max_length=MAX_BATCH)]
+    functions: dict[FunctionId, bytes] = {}
+
+
+class SubmitAck(Frame, tag="submit_ack"):
+    """S->C: which tasks of submission ``ref`` are stored (accepted) and which are refused, why."""
+
+    ref: int | None
+    accepted: list[str] = []
+    rejected: dict[str, Refusal] = {}
+    ts: float = 0.0
+    endpoints: dict[str, EndpointBrief] = {}
+
+
+class Subscribe(Frame, tag="subscribe"):
+    """C->S: push me state changes and results of these tasks (a reloaded task group)."""
+
+    ids: IdList
+
+
+class Cancel(Frame, tag="cancel"):
+    """C->S and S->E: cancel these tasks."""
+
+    ids: IdList
+
+
+class Status(Frame, tag="status"):
+    """S->C: ``[task id, state, unix time]`` for each change."""
+
+    updates: list[tuple[str, str, float | None]]
+
+
+class Results(Frame, tag="result"):
+    """E->S: results to store; S->C: results of tasks the client watches."""
+
+    results: Annotated[list[Result], Meta(max_length=MAX_BATCH)]
+
+
+class Collected(Frame, tag="collected"):
+    """C->S: results handed to the user; their retention period starts."""
+
+    ids: IdList
+
+
+class Hello(Frame, tag="hello"):
+    """E->S, first frame: what the endpoint runs and which tasks it already holds."""
+
+    versions: Versions = {}
+    capacity: Capacity = {}
+    inflight: Annotated[list[Id], Meta(max_length=MAX_HELD)] = []
+    spooled: Annotated[list[Id], Meta(max_length=MAX_HELD)] = []
+
+    def __post_init__(self) -> None:
+        _check_capacity(self.capacity)
+
+
+class Tasks(Frame, tag="tasks"):
+    """S->E: tasks to run, and function bodies the endpoint has not been sent yet."""
+
+    tasks: Annotated[list[Task], Meta(max_length=MAX_BATCH)]
+    functions: dict[FunctionId, bytes] = {}
+
+
+class Received(Frame, tag="received"):
+    """E->S: these tasks are in the endpoint's hands."""
+
+    ids: IdList
+    ts: Timestamp | None = None
+
+
+class Running(Frame, tag="running"):
+    """E->S: these tasks started."""
+
+    ids: IdList
+    ts: Timestamp | None = None
+
+
+class ResultAck(Frame, tag="result_ack"):
+    """S->E: these results are stored (or refused for good): drop them from the spool."""
+
+    ids: IdList
+
+
+class Heartbeat(Frame, tag="heartbeat"):
+    """E->S: capacity and versions, every few seconds."""
+
+    capacity: Capacity = {}
+    versions: Versions = {}
+
+    def __post_init__(self) -> None:
+        _check_capacity(self.capacity)
+
+
+class Stop(Frame, tag="stop"):
+    """S->E: the owner asked the endpoint to shut down."""
+
+
+# --- multi-user endpoints ----------------------------------------------------------------------
+class Identity(Struct):
+    """Who submitted: the service's user id and user name (what identity mapping rules see)."""
+
+    id: str
+    username: str
+
+
+class StartUserEndpoint(Frame, tag="start_user_endpoint"):
+    """S->E (multi-user endpoint): start (or restart) the user endpoint process
+    ``user_endpoint_id`` for ``identity`` with ``config``, authenticated by ``secret`` (a
+    credential for that user endpoint only; the multi-user endpoint hands it over on a pipe)."""
+
+    user_endpoint_id: Id
+    identity: Identity
+    config: dict[str, Any]
+    secret: Annotated[str, Meta(max_length=256)]
+
+
+class UserEndpointStarted(Frame, tag="user_endpoint_started"):
+    """E->S: a user endpoint process runs, as this local account."""
+
+    user_endpoint_id: Id
+    local_user: ShortStr
+    uid: int
+
+
+class UserEndpointFailed(Frame, tag="user_endpoint_failed"):
+    """E->S: a user endpoint could not be started; its waiting tasks fail with ``message``."""
+
+    user_endpoint_id: Id
+    message: ShortStr
+
+
+class Audit(Frame, tag="audit"):
+    """S->E (multi-user endpoint): task events of its user endpoints, for its audit log:
+    ``[user endpoint id, task id, state, unix time]``."""
+
+    events: list[tuple[str, str, str, float]]
+
+
+# What each side accepts from its peer: anything else is refused as "not a message X may send".
+CLIENT_FRAMES = Submit | Subscribe | Cancel | Collected
+ENDPOINT_FRAMES = Hello | Received | Running | Results | Heartbeat | UserEndpointStarted | UserEndpointFailed
+TO_CLIENT_FRAMES = Welcome | Error | SubmitAck | Status | Results
+TO_ENDPOINT_FRAMES = Welcome | Error | Tasks | Cancel | ResultAck | Stop | StartUserEndpoint | Audit
 
 
 class ProtocolError(ValueError):
     """A frame that cannot be understood; the message says what is wrong with it."""
 
 
-def encode(msg_type: Msg | str, **fields: Any) -> bytes:
+class _Envelope(Struct):
+    """Just the type and version, to explain a frame the full decoder refused."""
+
+    t: Any = None
+    v: Any = None
+
+
+_encoder = msgspec.msgpack.Encoder()
+_envelope = msgspec.msgpack.Decoder(_Envelope)
+
+
+class FrameDecoder:
+    """Decodes and validates the frames one peer may send (``sender`` names it in messages)."""
+
+    def __init__(self, frames: Any, sender: str):
+        self._decoder = msgspec.msgpack.Decoder(frames)
+        self._sender = sender
+        self._tags = {cls.__struct_config__.tag for cls in frames.__args__}
+
+    def decode(self, frame: bytes | str | None) -> Any:
+        if not isinstance(frame, bytes | bytearray | memoryview):
+            raise ProtocolError("text frame received; Tether frames are binary msgpack maps")
+        try:
+            msg = self._decoder.decode(frame)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise ProtocolError(self._explain(frame, exc)) from None
+        if msg.v != PROTOCOL_VERSION:
+            raise ProtocolError(_version_message(msg.v))
+        return msg
+
+    def _explain(self, frame: bytes, exc: Exception) -> str:
+        try:
+            env = _envelope.decode(frame)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return f"frame is not a msgpack map ({exc})"
+        if env.v != PROTOCOL_VERSION:
+            return _version_message(env.v)
+        if env.t not in self._tags:
+            expected = ", ".join(sorted(self._tags))
+            return f"{env.t!r} is not a message {self._sender} may send (expected one of {expected})"
+        return f"'{env.t}' frame: {exc}"
+
+
+def _version_message(version: Any) -> str:
+    return (f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION}); "
+            "upgrade the older of client, service and endpoint")
+
+
+def encode(frame: Frame) -> bytes:
     """Pack one frame."""
-    fields["v"] = PROTOCOL_VERSION
-    fields["t"] = str(msg_type)
-    return msgpack.packb(fields, use_bin_type=True)
+    return _encoder.encode(frame)
 
 
-def decode(frame: bytes | str) -> dict[str, Any]:
-    """Unpack and check one frame, raising :class:`ProtocolError` with a readable reason."""
-    if isinstance(frame, str):
-        raise ProtocolError("text frame received; Tether frames are binary msgpack maps")
-    try:
-        msg = msgpack.unpackb(frame, raw=False, strict_map_key=False)
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise ProtocolError(f"frame is not valid msgpack ({type(exc).__name__}: {exc})") from None
-    if not isinstance(msg, dict):
-        raise ProtocolError(f"frame must be a msgpack map, got {type(msg).__name__}")
-    version = msg.get("v")
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION}); "
-            "upgrade the older of client, service and endpoint"
-        )
-    msg_type = msg.get("t")
-    try:
-        Msg(msg_type)
-    except ValueError:
-        raise ProtocolError(f"unknown message type {msg_type!r}") from None
-    return msg
-
-
-def require(msg: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
-    """Fetch a field of a decoded frame, raising ProtocolError if missing or of the wrong type."""
-    value = msg.get(key)
-    if not isinstance(value, kind):
-        expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ProtocolError(f"'{msg.get('t')}' frame needs field '{key}' of type {expected}")
-    return value
+def to_builtins(record: Any) -> Any:
+    """A record as plain dicts and lists (for JSON, logs and the REST API)."""
+    return msgspec.to_builtins(record)
 
 
 # WebSocket routes and close codes, shared so both sides agree.
@@ -123,3 +389,4 @@ ENDPOINT_WS_PATH = "/v1/ws/endpoint"
 CLOSE_AUTH_FAILED = 4401
 CLOSE_PROTOCOL = 4400
 CLOSE_STOPPED = 4000
+CLOSE_CREDENTIAL_ROTATED = 4402  # the endpoint's credential was replaced: reread it and reconnect

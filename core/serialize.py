@@ -3,11 +3,16 @@
 The header (``tether:1;method=cloudpickle;py=3.11\n``) lets the receiving side refuse a payload
 it cannot trust or understand *in words*: a different Python minor version (pickled code objects
 do not survive that) or a method the endpoint's administrator did not allow.
+
+Two methods: ``cloudpickle`` (anything, including code: loading it runs code) and ``json``
+(plain data only: loading it runs nothing). An endpoint that accepts only registered functions
+on ``json`` arguments never unpickles anything a submitter shaped.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 import sys
 from typing import Any
@@ -20,10 +25,24 @@ PY_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 DEFAULT_METHOD = "cloudpickle"
 _MAGIC = b"tether:1;"
 _HEADER = f"tether:1;method={DEFAULT_METHOD};py={PY_VERSION}\n".encode()
+_JSON_HEADER = f"tether:1;method=json;py={PY_VERSION}\n".encode()
+#: methods a client may choose for arguments (functions are always cloudpickle)
+DATA_METHODS = ("cloudpickle", "json")
 
 
-def serialize(obj: Any) -> bytes:
-    """Serialize with cloudpickle (functions from ``__main__`` and notebooks travel by value)."""
+def serialize(obj: Any, method: str = DEFAULT_METHOD) -> bytes:
+    """Serialize with cloudpickle (functions from ``__main__`` and notebooks travel by value),
+    or with ``method="json"`` for plain data (lists, dicts, str, numbers, bool, None)."""
+    if method == "json":
+        try:
+            return _JSON_HEADER + json.dumps(obj, allow_nan=False, separators=(",", ":")).encode()
+        except (TypeError, ValueError) as exc:
+            raise SerializationError(
+                f"cannot serialize as JSON: {exc}. With data_serializer='json' arguments must be plain data "
+                "(lists, dicts, strings, numbers, booleans, None); use the default 'cloudpickle' for other objects."
+            ) from None
+    if method != DEFAULT_METHOD:
+        raise SerializationError(f"unknown serialization method {method!r}; choose one of {', '.join(DATA_METHODS)}")
     try:
         return _HEADER + cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
@@ -54,6 +73,11 @@ def deserialize(data: bytes, allowed_methods: frozenset[str] | None = None) -> A
         raise SerializationError(
             f"serialization method {method!r} is not allowed here (allowed: {', '.join(sorted(allowed_methods))})"
         )
+    if method == "json":
+        try:
+            return json.loads(memoryview(data)[offset:].tobytes())
+        except ValueError as exc:
+            raise SerializationError(f"cannot deserialize JSON payload: {exc}") from None
     if method != DEFAULT_METHOD:
         raise SerializationError(f"unknown serialization method {method!r}")
     their_py = fields.get("py", "?")
@@ -67,6 +91,11 @@ def deserialize(data: bytes, allowed_methods: frozenset[str] | None = None) -> A
         return pickle.loads(memoryview(data)[offset:])
     except Exception as exc:
         raise SerializationError(f"cannot deserialize payload: {type(exc).__name__}: {exc}") from exc
+
+
+def method_of(data: bytes) -> str:
+    """The serialization method a payload's header names (SerializationError if it has none)."""
+    return parse_header(data)[0].get("method", "?")
 
 
 def function_id(body: bytes) -> str:

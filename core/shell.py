@@ -9,6 +9,11 @@ lines of stdout and stderr)::
         r = ex.submit(ShellFunction("echo {x}; echo oops >&2; exit 3"), x=42).result()
         r.returncode, r.stdout, r.stderr          # 3, '42\\n', 'oops\\n'
 
+Template values are inserted as they are (as in Globus Compute), so a value is shell code:
+``ShellFunction("ls {d}")`` called with ``d="; rm -rf ~"`` runs ``rm -rf ~``. Quote values that
+come from anyone else: ``ShellFunction("ls {d}", quote=True)`` quotes every value
+(``shlex.quote``), ``{d!q}`` quotes one.
+
 ``MPIFunction`` launches its command with the endpoint's MPI launcher (``$PARSL_MPI_PREFIX``),
 with as many ranks as the Executor's ``resource_specification`` asks for.
 
@@ -23,6 +28,7 @@ nothing a task started outlives a cancel.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import string
 import subprocess
@@ -100,6 +106,41 @@ class ShellResult:
         return f"Command {self.cmd!r} returned with exit status: {self.returncode}"
 
 
+#: conversions a template field may carry: Python's three, and q (shell-quote the value)
+_CONVERSIONS = (None, "s", "r", "a", "q")
+
+
+class _Quote:
+    """A value marked by ``{name!q}``: quoted after its format spec is applied."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+
+class _ShellFormatter(string.Formatter):
+    """``str.format`` plus the ``!q`` conversion, and quoting of every value when ``quote_all``.
+
+    A value is quoted after its format spec (``{x:>8}`` pads, then quotes) and only once, even
+    when ``!q`` and ``quote_all`` meet.
+    """
+
+    def __init__(self, quote_all: bool):
+        self.quote_all = quote_all
+
+    def convert_field(self, value: Any, conversion: str | None) -> Any:
+        if conversion == "q":
+            return _Quote(value)
+        return super().convert_field(value, conversion)
+
+    def format_field(self, value: Any, format_spec: str) -> str:
+        if isinstance(value, _Quote):
+            return shlex.quote(format(value.value, format_spec))
+        text = format(value, format_spec)
+        return shlex.quote(text) if self.quote_all else text
+
+
 def _template_fields(cmd: str) -> list[str]:
     """The top-level names a template uses; positional or malformed fields are errors in words."""
     hint = "write a literal brace as {{ or }} (e.g. '${{HOME}}', 'awk \"{{print $1}}\"')"
@@ -108,9 +149,14 @@ def _template_fields(cmd: str) -> list[str]:
     except ValueError as exc:
         raise ValueError(f"ShellFunction command template {cmd!r} is malformed ({exc}); {hint}") from None
     names = []
-    for _, field, _, _ in parsed:
+    for _, field, _, conversion in parsed:
         if field is None:
             continue
+        if conversion not in _CONVERSIONS:
+            raise ValueError(
+                f"ShellFunction command template {cmd!r} has the field {{{field}!{conversion}}}: the conversion "
+                f"must be !q (shell-quote the value), !s, !r or !a; {hint}"
+            )
         top = field.split(".", 1)[0].split("[", 1)[0]
         if not top.isidentifier():
             raise ValueError(
@@ -127,7 +173,12 @@ class ShellFunction:
 
     Args:
         cmd: a command template: ``"{name}"`` fields are filled with the call's keyword arguments
-            (``str.format``); write literal braces as ``{{`` and ``}}``.
+            (``str.format``); write literal braces as ``{{`` and ``}}``. ``{name!q}`` inserts the
+            value shell-quoted (``shlex.quote``): one word, never code.
+        quote: shell-quote every value (as ``!q`` does). Off by default, as in Globus Compute:
+            an unquoted value is shell code, so ``"ls {d}"`` with ``d="; rm -rf ~"`` runs
+            ``rm -rf ~``. Turn it on (or use ``!q``) for any value you did not write yourself;
+            leave it off only where a value is meant to be code (``"{flags}"`` as several words).
         walltime: seconds after which the command's whole process group is killed (SIGTERM, then
             SIGKILL after a grace period); the result then has ``returncode`` 124.
         snippet_lines: how many of the last lines of stdout and of stderr the result carries.
@@ -153,6 +204,7 @@ class ShellFunction:
         check: bool = False,
         env: Mapping[str, Any] | None = None,
         cwd: str | os.PathLike[str] | None = None,
+        quote: bool = False,
     ):
         if not isinstance(cmd, str) or not cmd.strip():
             raise TypeError(f"ShellFunction needs a command string, not {cmd!r}")
@@ -171,6 +223,7 @@ class ShellFunction:
         self.check = check
         self.env = {str(k): str(v) for k, v in (env or {}).items()}
         self.cwd = os.fspath(cwd) if cwd is not None else None
+        self.quote = bool(quote)
 
     @property
     def __name__(self) -> str:
@@ -202,7 +255,7 @@ class ShellFunction:
                 f"{', '.join(missing)}; given: {given}"
             )
         try:
-            return self.cmd.format(**kwargs)
+            return _ShellFormatter(getattr(self, "quote", False)).vformat(self.cmd, (), kwargs)
         except Exception as exc:  # noqa: BLE001 - attribute/index/format-spec errors, in words
             raise ShellTemplateError(
                 f"{name} command template {self.cmd!r} cannot be formatted with {sorted(kwargs)}: "

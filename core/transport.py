@@ -4,6 +4,7 @@ one reconnect policy. Both only ever connect *outbound*, so a site firewall need
 from __future__ import annotations
 
 import random
+import ssl
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -11,7 +12,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from .protocol import DEFAULT_MAX_FRAME
 
 
-async def open_ws(url: str, headers: dict[str, str], max_size: int = DEFAULT_MAX_FRAME) -> ClientConnection:
+async def open_ws(url: str, headers: dict[str, str], max_size: int = DEFAULT_MAX_FRAME,
+                  ssl_context: ssl.SSLContext | None = None) -> ClientConnection:
     """Open a WebSocket with the settings Tether needs.
 
     Compression is off (payloads are pickles; deflate costs more than it saves on a LAN),
@@ -28,6 +30,8 @@ async def open_ws(url: str, headers: dict[str, str], max_size: int = DEFAULT_MAX
         "close_timeout": 2,
         "max_queue": 256,
     }
+    if ssl_context is not None:  # wss://: the certificate is verified against this context's CAs
+        kwargs["ssl"] = ssl_context
     try:
         return await connect(url, proxy=None, **kwargs)
     except TypeError:  # websockets < 15 has no proxy support (and so no proxy argument)

@@ -17,6 +17,7 @@ import yaml
 
 from tether.config import tether_home
 from tether.errors import ConfigError
+from tether.ids import check_name, child_path
 
 ENGINE_TYPES = ("thread", "process", "htex", "mpi")
 #: Engines built on Parsl: their keys are checked against the installed Parsl (see engines/parsl_engine.py).
@@ -53,6 +54,15 @@ SCHEMA: dict[str, Any] = {
         "allowed_serialization_methods": {"type": "array", "items": {"type": "string"}, "minItems": 1},
         "allowed_functions": {"type": ["array", "null"], "items": {"type": "string"}},
         "max_result_bytes": {"type": "integer", "minimum": 1},
+        # multi-user endpoints (docs/multi-user.md)
+        "multi_user": {"type": "boolean"},
+        "identity_mapping": {"type": "string", "minLength": 1},
+        "user_config_template": {"type": "string", "minLength": 1},
+        "user_config_schema": {"type": "string", "minLength": 1},
+        "min_uid": {"type": "integer", "minimum": 1},
+        "idle_timeout_s": {"type": "number", "exclusiveMinimum": 0},
+        "allowed_users": {"type": "array", "items": {"type": "string", "minLength": 1}},
+        "audit_log": {"type": "string", "minLength": 1},
     },
 }
 
@@ -72,6 +82,15 @@ class EndpointConfig:
     allowed_functions: list[str] | None = None
     max_result_bytes: int | None = None
     display_name: str | None = None
+    # multi-user endpoints: files are relative to the endpoint's directory
+    multi_user: bool = False
+    identity_mapping: str = "identity_mapping.json"
+    user_config_template: str = "user_config_template.yaml.j2"
+    user_config_schema: str = "user_config_schema.json"
+    min_uid: int = 1000
+    idle_timeout_s: float = 600.0
+    allowed_users: list[str] = field(default_factory=list)  # ["*"]: every user of the service
+    audit_log: str = "audit.log"
 
     @property
     def dir(self) -> Path:
@@ -79,7 +98,9 @@ class EndpointConfig:
 
 
 def endpoint_dir(name: str) -> Path:
-    return tether_home() / "endpoints" / name
+    """``$TETHER_HOME/endpoints/NAME``; a name that could leave that directory (``..``, ``a/b``, an
+    absolute path) is refused here, where it becomes a path, whatever checked it before."""
+    return child_path(tether_home() / "endpoints", name, "endpoint name", check=check_name)
 
 
 def _key_path(error: jsonschema.ValidationError) -> str:
@@ -122,8 +143,13 @@ def load_config(name: str) -> EndpointConfig:
         raise ConfigError(
             f"endpoint {name!r} is not configured ({path} is missing); run 'tether endpoint configure {name}'"
         )
+    return parse_config(name, path.read_text(), str(path))
+
+
+def parse_config(name: str, text: str, path: str) -> EndpointConfig:
+    """Validate YAML text as endpoint ``name``'s configuration (``path`` names it in messages)."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     validate(data, str(path))

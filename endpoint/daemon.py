@@ -23,11 +23,33 @@ from typing import Any
 from websockets.exceptions import ConnectionClosed
 
 from tether import __version__
-from tether.config import write_secret
-from tether.errors import ConfigError
+from tether.config import ServiceInfo, write_secret
+from tether.errors import ConfigError, SerializationError
+from tether.ids import InvalidIdentifier, child_path
 from tether.logs import configure_logging
-from tether.protocol import CLOSE_AUTH_FAILED, ENDPOINT_WS_PATH, Msg, ProtocolError, decode, encode
-from tether.serialize import PY_VERSION
+from tether.protocol import (
+    CLOSE_AUTH_FAILED,
+    CLOSE_CREDENTIAL_ROTATED,
+    ENDPOINT_WS_PATH,
+    MAX_IDS,
+    TO_ENDPOINT_FRAMES,
+    Cancel,
+    Error,
+    ErrorCode,
+    FrameDecoder,
+    Heartbeat,
+    Hello,
+    ProtocolError,
+    Received,
+    ResultAck,
+    Results,
+    Running,
+    Stop,
+    Tasks,
+    Welcome,
+    encode,
+)
+from tether.serialize import PY_VERSION, function_id, method_of
 from tether.transport import Backoff, open_ws
 
 from .config import EndpointConfig, load_config
@@ -41,8 +63,19 @@ RESULT_CHUNK = 500
 FLUSH_WINDOW = 0.005  # seconds; see EndpointDaemon._schedule_flush
 
 
+_frames = FrameDecoder(TO_ENDPOINT_FRAMES, "the service")
+
+
 class CredentialRejected(RuntimeError):
     pass
+
+
+class TaskRefused(Exception):
+    """A task this endpoint will not run; the message says why (sent back as the task's error)."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code = code
 
 
 @functools.lru_cache(maxsize=1)
@@ -80,6 +113,8 @@ class EndpointDaemon:
         self.endpoint_id = credential["endpoint_id"]
         self.secret = credential["secret"]
         self.service_url = credential["service_url"].rstrip("/")
+        # how the service's certificate is verified (https only): the CA it was registered with
+        self.ssl_context = ServiceInfo(self.service_url, "", credential.get("ca_file")).ssl_context()
         self.dir = config.dir
         self.sandbox_root = self.dir / "tasks"
         self.sandbox_root.mkdir(parents=True, exist_ok=True)
@@ -87,7 +122,13 @@ class EndpointDaemon:
         self.inflight: set[str] = set()
         self.functions: dict[str, bytes] = {}
         self.allowed_functions = set(config.allowed_functions) if config.allowed_functions is not None else None
-        self.allowed_methods = frozenset(config.allowed_serialization_methods)
+        # arguments: the methods the administrator allows; function bodies: the same, except
+        # that functions on the allow-list (checked by hash) may be pickled code
+        # (JSON runs no code, so an endpoint that accepts pickles accepts JSON too)
+        methods = set(config.allowed_serialization_methods)
+        self.allowed_methods = frozenset(methods | ({"json"} if "cloudpickle" in methods else set()))
+        self.engine_methods = self.allowed_methods | ({"cloudpickle"} if self.allowed_functions is not None else set())
+        self.refused_functions: dict[str, str] = {}
         self.max_result = config.max_result_bytes
         self.ws: Any = None
         self.stopping = asyncio.Event()
@@ -97,17 +138,16 @@ class EndpointDaemon:
         self._flush_handle: asyncio.TimerHandle | None = None
         self._last_flush = 0.0
         self.connected_since: float | None = None
+        #: stop after this many seconds without a task (user endpoints of a multi-user endpoint)
+        self.idle_exit_s: float | None = None
+        self._last_activity = time.monotonic()
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        self.engine = make_engine(
-            self.config.engine, self._on_running, self._on_result,
-            allowed_methods=self.allowed_methods, retries_on_worker_loss=self.config.retries_on_worker_loss,
-            python_sandbox=self.config.python_sandbox,
-        )
+        self.engine = self._make_engine()
         await self.engine.start()
         self._write_status("starting")
         link = asyncio.create_task(self._link())
@@ -122,11 +162,27 @@ class EndpointDaemon:
             code = 2
         for task in (link, beat, stop):
             task.cancel()
+        await self._before_stop()
         await self.engine.stop()
         if self.ws is not None:
             await self.ws.close()
         self._write_status("stopped")
         return code
+
+    def _make_engine(self) -> Any:
+        return make_engine(
+            self.config.engine, self._on_running, self._on_result,
+            allowed_methods=frozenset(self.engine_methods), retries_on_worker_loss=self.config.retries_on_worker_loss,
+            python_sandbox=self.config.python_sandbox,
+        )
+
+    async def _before_stop(self) -> None:
+        """Hook: what a subclass must do before the engine stops (the multi-user endpoint stops
+        its user endpoints)."""
+
+    def _on_frame(self, msg: Any) -> None:
+        """Hook: frames only some endpoints act on (multi-user ones); others log them."""
+        log.warning("ignoring a '%s' frame: this endpoint does not act on it", msg.__struct_config__.tag)
 
     def _write_status(self, state: str) -> None:
         status = {
@@ -143,10 +199,10 @@ class EndpointDaemon:
     async def _link(self) -> None:
         self._backoff = backoff = Backoff(maximum=10.0)
         url = self.service_url.replace("http", "ws", 1) + ENDPOINT_WS_PATH
-        headers = {"Authorization": f"Bearer {self.secret}", "X-Tether-Endpoint": self.endpoint_id}
+        headers = self._headers()
         while not self.stopping.is_set():
             try:
-                ws = await open_ws(url, headers)
+                ws = await open_ws(url, headers, ssl_context=self.ssl_context)
             except Exception as exc:  # noqa: BLE001 - refused, DNS, timeout: all mean "try later"
                 log.warning("cannot reach service %s: %s", self.service_url, exc)
                 await asyncio.sleep(backoff.next())
@@ -154,7 +210,14 @@ class EndpointDaemon:
             try:
                 await self._session(ws)
             except ConnectionClosed as exc:
-                if exc.rcvd is not None and exc.rcvd.code == CLOSE_AUTH_FAILED:
+                code = exc.rcvd.code if exc.rcvd is not None else None
+                if code in (CLOSE_AUTH_FAILED, CLOSE_CREDENTIAL_ROTATED):
+                    # rotated: 'tether endpoint rotate-credential' writes the new one just after
+                    patience = 15.0 if code == CLOSE_CREDENTIAL_ROTATED else 0.0
+                    if await self._await_new_credential(patience):
+                        log.info("credential rotated; reconnecting with the new one")
+                        headers = self._headers()
+                        continue
                     raise CredentialRejected(
                         f"the service rejected this endpoint's credential ({exc.rcvd.reason}); "
                         f"run 'tether endpoint start {self.config.name}' to register again"
@@ -175,12 +238,36 @@ class EndpointDaemon:
                 return
             await asyncio.sleep(backoff.next())
 
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.secret}", "X-Tether-Endpoint": self.endpoint_id}
+
+    async def _await_new_credential(self, patience: float) -> bool:
+        deadline = time.monotonic() + patience
+        while not self._reload_credential():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.1)
+        return True
+
+    def _reload_credential(self) -> bool:
+        """Pick up a credential rotated by ``tether endpoint rotate-credential``; True if it changed."""
+        try:
+            fresh = read_credential(self.dir)
+        except ConfigError:
+            return False
+        if fresh.get("endpoint_id") != self.endpoint_id or fresh.get("secret") in (None, self.secret):
+            return False
+        self.secret = fresh["secret"]
+        return True
+
     async def _session(self, ws: Any) -> None:
-        await ws.send(encode(Msg.HELLO, versions=versions(), capacity=self.engine.capacity(),
-                             inflight=list(self.inflight), spooled=self.spool.ids()))
-        welcome = decode(await ws.recv())
-        if welcome["t"] == Msg.ERROR:
-            raise CredentialRejected(f"service refused the endpoint: {welcome.get('message')}")
+        await ws.send(encode(Hello(versions=versions(), capacity=self.engine.capacity(),
+                                   inflight=list(self.inflight), spooled=self.spool.ids())))
+        welcome = _frames.decode(await ws.recv())
+        if isinstance(welcome, Error):
+            raise CredentialRejected(f"service refused the endpoint: {welcome.message}")
+        if not isinstance(welcome, Welcome):
+            raise ProtocolError(f"expected 'welcome' from the service, got '{welcome.__struct_config__.tag}'")
         self.ws = ws
         self.connected_since = time.time()
         self._backoff.reset()
@@ -188,44 +275,72 @@ class EndpointDaemon:
         self._write_status("connected")
         pending = self.spool.pending()
         for start in range(0, len(pending), RESULT_CHUNK):  # results from before the cut go first
-            await ws.send(encode(Msg.RESULT, results=pending[start : start + RESULT_CHUNK]))
+            await ws.send(encode(Results(results=pending[start : start + RESULT_CHUNK])))
         async for frame in ws:
-            msg = decode(frame)
-            kind = msg["t"]
-            if kind == Msg.TASKS:
+            msg = _frames.decode(frame)
+            if isinstance(msg, Tasks):
                 self._on_tasks(msg)
-            elif kind == Msg.RESULT_ACK:
-                self.spool.ack(msg.get("ids") or [])
-            elif kind == Msg.CANCEL:
-                for tid in msg.get("ids") or []:
+            elif isinstance(msg, ResultAck):
+                self.spool.ack(msg.ids)
+            elif isinstance(msg, Cancel):
+                for tid in msg.ids:
                     if tid in self.inflight:
                         self.engine.cancel(tid)
-            elif kind == Msg.STOP:
+            elif isinstance(msg, Stop):
                 log.info("stop requested by the service")
                 self.stopping.set()
                 return
-            elif kind == Msg.ERROR:
-                log.warning("service: %s", msg.get("message"))
+            elif isinstance(msg, Error):
+                log.warning("service: %s (%s)", msg.message, msg.code)
+            else:
+                self._on_frame(msg)
 
-    def _on_tasks(self, msg: dict[str, Any]) -> None:
-        self.functions.update(msg.get("functions") or {})
+    def _accept_functions(self, bodies: dict[str, bytes]) -> None:
+        """Keep function bodies whose id is their hash; remember why others are refused."""
+        for fid, body in bodies.items():
+            if function_id(body) != fid:
+                log.warning("refused function %s: its body does not hash to its id", fid)
+                self.refused_functions[fid] = "its body does not hash to its id"
+            else:
+                self.functions[fid] = body
+
+    def _check_task(self, task: Any) -> None:
+        """Raise TaskRefused unless this endpoint's policy lets the task run."""
+        fid = task.function
+        if self.allowed_functions is not None and fid not in self.allowed_functions:
+            raise TaskRefused(ErrorCode.UNKNOWN_FUNCTION, f"function {fid} is not in this endpoint's allowed_functions")
+        if fid in self.refused_functions:
+            raise TaskRefused(ErrorCode.FUNCTION_ID_MISMATCH, f"function {fid} refused: {self.refused_functions[fid]}")
+        method = method_of(task.payload)
+        if method not in self.allowed_methods:
+            raise TaskRefused(ErrorCode.INVALID_REQUEST, f"arguments serialized with {method!r}, which this endpoint "
+                              f"does not accept (allowed: {', '.join(sorted(self.allowed_methods))}); submit with "
+                              f"Executor(data_serializer='{sorted(self.allowed_methods)[0]}')")
+        body = self.functions.get(fid)
+        if body is not None and self.allowed_functions is None and method_of(body) not in self.allowed_methods:
+            raise TaskRefused(ErrorCode.INVALID_REQUEST, f"function {fid} is pickled code, which this endpoint "
+                              "accepts only for functions in its allowed_functions")
+
+    def _on_tasks(self, msg: Tasks) -> None:
+        self._last_activity = time.monotonic()
+        self._accept_functions(msg.functions)
         now = time.time()
         received = []
-        for t in msg.get("tasks") or []:
-            tid = t["id"]
+        for t in msg.tasks:
+            tid = t.id
             received.append(tid)
             if tid in self.inflight or tid in self.spool:
                 continue  # a re-dispatch of a task we already hold: at-least-once, not twice at once
-            fid = t["function"]
-            if self.allowed_functions is not None and fid not in self.allowed_functions:
-                self._on_result(failure(tid, PermissionError(
-                    f"function {fid} is not in this endpoint's allowed_functions")))
+            try:
+                self._check_task(t)
+                sandbox = child_path(self.sandbox_root, tid, "task id")  # checked again where it becomes a path
+            except (TaskRefused, InvalidIdentifier, SerializationError) as exc:
+                self._on_result(failure(tid, PermissionError(str(exc))))
                 continue
             self.inflight.add(tid)
-            self.engine.submit(TaskSpec(tid, fid, self.functions.get(fid), t["payload"], t.get("spec"),
-                                        self.sandbox_root / tid))
+            self.engine.submit(TaskSpec(tid, t.function, self.functions.get(t.function), t.payload, t.spec, sandbox))
         if received and self.ws is not None:
-            asyncio.ensure_future(self._send(encode(Msg.RECEIVED, ids=received, ts=now)))
+            asyncio.ensure_future(self._send(encode(Received(ids=received, ts=now))))
 
     # --- engine callbacks (on the loop) ----------------------------------------------------------
     def _on_running(self, task_id: str, ts: float) -> None:
@@ -271,12 +386,14 @@ class EndpointDaemon:
         self._last_flush = asyncio.get_running_loop().time()
         if self._running_buf:
             ids, self._running_buf = self._running_buf, []
-            asyncio.ensure_future(self._send(encode(Msg.RUNNING, ids=ids, ts=self._running_since)))
+            for start in range(0, len(ids), MAX_IDS):
+                asyncio.ensure_future(self._send(encode(Running(ids=ids[start : start + MAX_IDS],
+                                                                ts=self._running_since))))
         if self._result_buf:
             results, self._result_buf = self._result_buf, []
             self.spool.write(results)
             for start in range(0, len(results), RESULT_CHUNK):
-                asyncio.ensure_future(self._send(encode(Msg.RESULT, results=results[start : start + RESULT_CHUNK])))
+                asyncio.ensure_future(self._send(encode(Results(results=results[start : start + RESULT_CHUNK]))))
 
     async def _send(self, frame: bytes) -> None:
         ws = self.ws
@@ -290,9 +407,21 @@ class EndpointDaemon:
     async def _heartbeats(self) -> None:
         while True:
             await asyncio.sleep(self.config.heartbeat_s)
+            if self._idle_for_too_long():
+                log.info("no task for %.0f s: stopping (idle_exit_s)", self.idle_exit_s)
+                self.stopping.set()
+                return
             self._write_status("connected" if self.ws is not None else "disconnected")
             if self.ws is not None:
-                await self._send(encode(Msg.HEARTBEAT, capacity=self.engine.capacity(), versions=versions()))
+                await self._send(encode(Heartbeat(capacity=self.engine.capacity(), versions=versions())))
+
+
+    def _idle_for_too_long(self) -> bool:
+        if self.idle_exit_s is None or self.inflight or len(self.spool):
+            if self.inflight:
+                self._last_activity = time.monotonic()
+            return False
+        return time.monotonic() - self._last_activity > self.idle_exit_s
 
 
 def run_daemon(name: str) -> int:
@@ -303,8 +432,11 @@ def run_daemon(name: str) -> int:
     # tasks (and the worker processes, which inherit it) start in the endpoint's tasks/ directory
     (config.dir / "tasks").mkdir(parents=True, exist_ok=True)
     os.chdir(config.dir / "tasks")
+    daemon_class = EndpointDaemon
+    if config.multi_user:
+        from .multi_user import MultiUserDaemon as daemon_class
     try:
-        return asyncio.run(EndpointDaemon(config, credential).run())
+        return asyncio.run(daemon_class(config, credential).run())
     finally:
         (config.dir / "daemon.pid").unlink(missing_ok=True)
 

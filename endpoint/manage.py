@@ -2,13 +2,13 @@
 
 The daemon runs as ``python -m tether.endpoint.daemon NAME`` (no dependence on a console
 script being on PATH); ``daemon.pid`` and ``status.json`` in the endpoint's directory tell
-the CLI what it is doing.
+the CLI what it is doing. A pid from ``daemon.pid`` is signalled only after checking that it
+still is that daemon (see :func:`tether.processes.is_recorded_process`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -20,16 +20,68 @@ from typing import Any
 from tether.client import Client
 from tether.config import tether_home, write_secret
 from tether.errors import ConfigError, TetherError
-from tether.processes import signal_and_wait
+from tether.ids import check_name
+from tether.processes import endpoint_commands, is_recorded_process, signal_and_wait
 
 from .config import endpoint_dir, load_config, write_default_config
 
 
-def configure(name: str, engine: str = "process", workers: int | None = None, force: bool = False) -> Path:
+def configure(name: str, engine: str = "process", workers: int | None = None, force: bool = False,
+              multi_user: bool = False) -> Path:
     path = endpoint_dir(name) / "config.yaml"
     if path.exists() and not force:
         raise ConfigError(f"endpoint {name!r} is already configured ({path}); edit it, or pass --force to overwrite")
+    if multi_user:
+        return write_multi_user_config(name)
     return write_default_config(name, engine, workers)
+
+
+def write_multi_user_config(name: str) -> Path:
+    """config.yaml plus the three files an administrator edits: identity mapping, user config
+    template and its schema (all 0600: they say who runs as whom)."""
+    from .identity import DEFAULT_MAPPING
+    from .user_config import DEFAULT_SCHEMA, DEFAULT_TEMPLATE
+
+    d = endpoint_dir(name)
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    files = {
+        "config.yaml": f"""# Tether multi-user endpoint {name!r}. Reference: docs/multi-user.md
+multi_user: true
+allowed_users: ["*"]           # who may send tasks: "*" (every user of the service) or user names/ids
+identity_mapping: identity_mapping.json         # identity -> local account (globus-identity-mapping rules)
+user_config_template: user_config_template.yaml.j2   # each user endpoint's config.yaml
+user_config_schema: user_config_schema.json     # what users may put in user_endpoint_config
+min_uid: 1000                  # accounts under this uid (and root) are refused
+idle_timeout_s: 600            # a user endpoint with no task for this long stops (restarted on demand)
+audit_log: audit.log
+heartbeat_s: 5
+""",
+        "identity_mapping.json": json.dumps(DEFAULT_MAPPING, indent=2) + "\n",
+        "user_config_template.yaml.j2": DEFAULT_TEMPLATE,
+        "user_config_schema.json": json.dumps(DEFAULT_SCHEMA, indent=2) + "\n",
+    }
+    for filename, text in files.items():
+        write_secret(d / filename, text)
+    return d / "config.yaml"
+
+
+def render_user_config(name: str, user: str, values: dict[str, Any], identity_id: str | None = None) -> str:
+    """What a user endpoint's config.yaml would be for ``user`` with ``values`` (for checking a
+    template and schema before users hit them). Raises ConfigError in words."""
+    from .identity import IdentityMapper, MappingRefused
+    from .user_config import UserConfigRefused, user_endpoint_config
+
+    config = load_config(name)
+    if not config.multi_user:
+        raise ConfigError(f"endpoint {name!r} is not a multi-user endpoint")
+    identity = {"id": identity_id or user, "username": user}
+    try:
+        account = IdentityMapper(config.dir / config.identity_mapping, config.min_uid).local_account(identity)
+        text, _ = user_endpoint_config(config.dir, config.user_config_template, config.user_config_schema, values,
+                                       account, identity, name, f"u-{name}")
+    except (MappingRefused, UserConfigRefused) as exc:
+        raise ConfigError(str(exc)) from None
+    return text
 
 
 def credential_path(name: str) -> Path:
@@ -46,26 +98,59 @@ def ensure_registered(name: str, service: str | None = None, token: str | None =
         previous = json.loads(path.read_text())
         if previous.get("service_url") == client.info.url:
             return previous
-    with client:
-        reg = client.register_endpoint(name, previous.get("endpoint_id"))
-    cred = {"endpoint_id": reg["endpoint_id"], "secret": reg["secret"], "service_url": client.info.url}
+    with client:  # a new service: a new endpoint there (ids are the service's to issue)
+        reg = client.register_endpoint(name, multi_user=load_config(name).multi_user)
+    cred = {"endpoint_id": reg["endpoint_id"], "secret": reg["secret"], "service_url": client.info.url,
+            "ca_file": client.info.ca_file}
+    write_secret(path, json.dumps(cred))
+    return cred
+
+
+def apply_policy(name: str, cred: dict[str, str]) -> None:
+    """Tell the service who may use a multi-user endpoint (``allowed_users`` in its config)."""
+    config = load_config(name)
+    if not config.multi_user:
+        return
+    users = [u for u in config.allowed_users if u != "*"]
+    with Client(cred["service_url"]) as client:
+        client.set_endpoint_policy(cred["endpoint_id"], public="*" in config.allowed_users, users=users)
+
+
+def rotate_credential(name: str) -> dict[str, str]:
+    """Get a new credential for a registered endpoint and store it (0600). The service voids the
+    old one at once; a running daemon is disconnected, rereads the file and reconnects."""
+    path = credential_path(name)
+    if not path.exists():
+        raise ConfigError(f"endpoint {name!r} is not registered yet: run 'tether endpoint start {name}' first")
+    previous = json.loads(path.read_text())
+    with Client(previous["service_url"]) as client:
+        reg = client.register_endpoint(name, previous["endpoint_id"])
+    cred = {**previous, "secret": reg["secret"]}
     write_secret(path, json.dumps(cred))
     return cred
 
 
 def daemon_pid(name: str) -> int | None:
-    """PID of the running daemon, or None (stale pid files are ignored)."""
+    """PID of the running daemon, or None.
+
+    A pid file whose process is gone, or whose pid now belongs to another process (the daemon
+    was killed and the pid reused), is stale: it is removed, and that process is never signalled.
+    """
+    path = endpoint_dir(name) / "daemon.pid"
     try:
-        pid = int((endpoint_dir(name) / "daemon.pid").read_text())
+        text = path.read_text()
+        pid = int(text)
+        written = path.stat().st_mtime
     except (OSError, ValueError):
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
+    if is_recorded_process(pid, endpoint_commands(check_name(name)), written):
         return pid
-    return pid
+    try:  # stale; remove it unless a daemon starting right now has just rewritten it
+        if path.read_text() == text:
+            path.unlink()
+    except OSError:
+        pass
+    return None
 
 
 def local_status(name: str) -> dict[str, Any]:
@@ -115,9 +200,9 @@ def list_endpoints() -> list[dict[str, Any]]:
     root = tether_home() / "endpoints"
     out = []
     for d in sorted(root.iterdir()) if root.exists() else []:
-        if not (d / "config.yaml").exists():
-            continue
         name = d.name
+        if not (d / "config.yaml").exists() or not _valid_name(name):
+            continue  # not made by 'tether endpoint configure'
         try:
             engine = load_config(name).engine.get("type")
         except ConfigError:
@@ -133,6 +218,14 @@ def list_endpoints() -> list[dict[str, Any]]:
             "pid": pid,
         })
     return out
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        check_name(name)
+    except TetherError:
+        return False
+    return True
 
 
 def status(name: str) -> dict[str, Any]:

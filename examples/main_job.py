@@ -13,6 +13,8 @@ import time
 from tether import Executor, ShellFunction, TaskFailed
 from tether.local import local_stack
 
+import parsl_workflow  # examples/parsl_workflow.py, next to this file
+
 
 def monte_carlo_pi(samples: int, seed: int) -> float:
     """Defined in __main__: travels by value to the endpoint's worker processes."""
@@ -61,9 +63,14 @@ def main() -> None:
             total = sum(f.result() for f in [ex.submit(abs, -i) for i in range(n)])
             dt = time.perf_counter() - t1
             print(f"{n} small tasks     = sum {total} in {dt:.2f}s ({n / dt:,.0f} tasks/s)")
-            print(f"all done in {time.perf_counter() - t0:.2f}s; shutting down")
+            print(f"all done in {time.perf_counter() - t0:.2f}s")
+        print("a Parsl workflow on the same endpoint (tether.parsl.TetherExecutor):")
+        parsl_workflow.run(stack)
+        import dask_workflow  # examples/dask_workflow.py: a Dask computation on the same endpoint
+        dask_workflow.run(stack)
         import snakemake_workflow  # examples/snakemake_workflow.py: a workflow through --executor tether
         snakemake_workflow.run(stack)
+        print("shutting down")
     print("service and endpoint stopped.")
 
 

@@ -1,42 +1,82 @@
 """The service's HTTP surface: REST control plane (OpenAPI at /openapi.json, docs at /docs),
 the two WebSocket data-plane routes, /healthz and Prometheus /metrics.
 
-Routes stay thin: authentication here, everything durable in :mod:`tether.service.relay`.
+Routes stay thin: authentication and input validation here (every id checked against the one
+definition in :mod:`tether.ids`, every frame decoded into a typed record by
+:mod:`tether.protocol`), everything durable and every ownership rule in
+:mod:`tether.service.relay`. Every answer a route can give is in the OpenAPI document.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import HTMLResponse, Response
-from pydantic import BaseModel, Field
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from tether import __version__
 from tether.protocol import (
+    CLIENT_FRAMES,
     CLIENT_WS_PATH,
     CLOSE_AUTH_FAILED,
+    CLOSE_CREDENTIAL_ROTATED,
     CLOSE_PROTOCOL,
+    ENDPOINT_FRAMES,
     ENDPOINT_WS_PATH,
     PROTOCOL_VERSION,
-    Msg,
+    Error,
+    ErrorCode,
+    FrameDecoder,
+    Hello,
     ProtocolError,
-    decode,
+    Submit,
+    Task,
+    Welcome,
     encode,
-    require,
+    to_builtins,
 )
+from tether.serialize import function_id
 
+from .auth import Authenticator, GlobusSettings
 from .dashboard import DASHBOARD_HTML
 from .metrics import make_registry, render
+from .models import (
+    BatchAck,
+    DashboardInfo,
+    EndpointAction,
+    EndpointCredential,
+    EndpointInfo,
+    EndpointPolicy,
+    EndpointRegistration,
+    FunctionInfo,
+    FunctionRegistration,
+    GroupInfo,
+    GroupTask,
+    Health,
+    PathFunctionId,
+    PathId,
+    RestBatch,
+    RestRefusal,
+    TaskCancelResult,
+    TaskIds,
+    TaskInfo,
+    UserEndpointInfo,
+    WhoAmI,
+)
+from .models import error_responses as _errors
 from .relay import ClientSession, EndpointSession, Relay, row_to_result
-from .store import Store, transitions
+from .store import EndpointIdTaken, Store, transitions
 
 log = logging.getLogger("tether.service")
 
@@ -49,87 +89,22 @@ class Settings:
     max_payload_bytes: int = 64 * 1024 * 1024
     result_retention_s: float = 7 * 24 * 3600
     purge_interval_s: float = 600
-
-
-# --- REST models ----------------------------------------------------------------------------------
-class WhoAmI(BaseModel):
-    user_id: str
-    name: str | None
-
-
-class EndpointRegistration(BaseModel):
-    name: str = Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.-]+$")
-    endpoint_id: str | None = Field(default=None, description="re-register (rotate the credential of) this endpoint")
-
-
-class EndpointCredential(BaseModel):
-    endpoint_id: str
-    secret: str = Field(description="the endpoint's own credential; keep it in a 0600 file")
-
-
-class EndpointInfo(BaseModel):
-    endpoint_id: str
-    name: str
-    online: bool
-    last_seen: float | None
-    status: dict[str, Any]
-
-
-class FunctionRegistration(BaseModel):
-    function: str = Field(description="base64 of the serialized function (tether.serialize)")
-
-
-class FunctionInfo(BaseModel):
-    function_id: str
-
-
-class TaskInfo(BaseModel):
-    task_id: str
-    state: str
-    endpoint_id: str
-    group_id: str | None
-    transitions: dict[str, float]
-    result: str | None = Field(default=None, description="base64 of the serialized result, when finished")
-    error: dict[str, Any] | None = None
-
-
-class TaskIds(BaseModel):
-    task_ids: list[str] = Field(max_length=100_000)
-
-
-class RestTask(BaseModel):
-    task_id: str
-    endpoint_id: str
-    function_id: str
-    payload: str = Field(description="base64 of serialized (args, kwargs)")
-    group_id: str | None = None
-    resource_specification: dict[str, Any] | None = None
-
-
-class RestBatch(BaseModel):
-    tasks: list[RestTask]
-
-
-class BatchAck(BaseModel):
-    accepted: list[str]
-    rejected: dict[str, str]
-
-
-class GroupInfo(BaseModel):
-    group_id: str
-    tasks: list[dict[str, str]]
-
-
-class DashboardInfo(BaseModel):
-    endpoints: list[EndpointInfo]
-    task_counts: dict[str, int]
-    recent_failures: list[dict[str, Any]]
+    credential_check_s: float = 1.0
+    #: Globus Auth: accept Globus access tokens as well as the service's own (None: only its own)
+    globus: GlobusSettings | None = None
 
 
 def _bearer(value: str | None) -> str | None:
     if value and value.lower().startswith("bearer "):
-        return value[7:].strip()
+        return value[7:].strip() or None
     return None
+
+
+def _b64(text: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise HTTPException(400, f"'{what}' must be base64") from None
 
 
 class _WSSender:
@@ -143,15 +118,50 @@ class _WSSender:
         async with self.lock:
             await self.ws.send_bytes(frame)
 
+    async def close(self, code: int, reason: str) -> None:
+        async with self.lock:
+            await self.ws.close(code=code, reason=reason[:120])
+
+
+def _frame_bytes(message: dict[str, Any]) -> bytes | str | None:
+    return message.get("bytes") if message.get("bytes") is not None else message.get("text")
+
+
+async def _serve_frames(ws: WebSocket, session: Any, decoder: FrameDecoder,
+                        handle: Callable[[Any, Any], Awaitable[None]]) -> None:
+    """Receive, validate and handle frames until the peer goes. A malformed frame gets an error
+    frame in words and the session goes on; so does a frame the service fails to handle."""
+    while True:
+        message = await ws.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        try:
+            msg = decoder.decode(_frame_bytes(message))
+        except ProtocolError as exc:
+            await session.send(encode(Error(code=ErrorCode.MALFORMED, message=f"malformed frame: {exc}")))
+            continue
+        try:
+            await handle(session, msg)
+        except Exception:  # noqa: BLE001 - one frame's failure must not end the session
+            tag = msg.__struct_config__.tag
+            log.exception("handling a '%s' frame failed", tag)
+            await session.send(encode(Error(code=ErrorCode.INTERNAL, ref=getattr(msg, "ref", None),
+                                            message=f"the service failed to handle this '{tag}' frame (logged "
+                                                    "there); nothing of it was applied unless acknowledged")))
+
 
 def create_app(settings: Settings) -> FastAPI:
     store = Store(settings.db_url)
-    relay = Relay(store, settings.max_payload_bytes)
+    authenticator = Authenticator(store, settings.globus)
+    relay = Relay(store, settings.max_payload_bytes, authenticator)
     started = time.time()
+    client_frames = FrameDecoder(CLIENT_FRAMES, "a client")
+    endpoint_frames = FrameDecoder(ENDPOINT_FRAMES, "an endpoint")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        background = [asyncio.create_task(_purge_loop()), asyncio.create_task(relay.flush_loop())]
+        background = [asyncio.create_task(_purge_loop()), asyncio.create_task(relay.flush_loop()),
+                      asyncio.create_task(relay.credential_loop(settings.credential_check_s))]
         yield
         for task in background:
             task.cancel()
@@ -177,21 +187,39 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.store = store
     app.state.relay = relay
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """Errors as ``{"detail": text}``; a 405 names every method the path has (Starlette's
+        own answer names only the first route that matched the path)."""
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            methods: set[str] = set()
+            for route in app.router.routes:
+                match, _ = route.matches({**request.scope, "method": "GET"})
+                if match != Match.NONE:
+                    methods.update(getattr(route, "methods", None) or ())
+            methods.discard("HEAD")
+            headers["Allow"] = ", ".join(sorted(methods))
+        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=headers)
+
     async def current_user(request: Request) -> str:
         """Authenticate. Async on purpose: sync dependencies run in a thread pool, and the store's
         single connection must only be used from the event loop."""
         token = _bearer(request.headers.get("authorization"))
         if not token:
             raise HTTPException(401, "missing credentials: send 'Authorization: Bearer <token>'")
-        user = store.user_by_token(token)
+        user = await authenticator.user_for(token)
         if user is None:
-            raise HTTPException(401, "invalid token: it is unknown to this service or was revoked")
+            raise HTTPException(401, "invalid token: it is unknown to this service, was revoked, or has expired")
         return user
 
-    def own_endpoint(endpoint_id: str, user: str) -> dict[str, Any]:
+    def own_endpoint(endpoint_id: str, user: str, admitted: bool = False) -> dict[str, Any]:
+        """The endpoint if ``user`` owns it (or, with ``admitted``, may send it tasks); else 404."""
         ep = store.get_endpoint(endpoint_id)
-        if ep is None or ep["owner_id"] != user:
+        if ep is None or not (ep["owner_id"] == user or (admitted and relay._admitted(user, ep))):
             raise HTTPException(404, f"unknown endpoint {endpoint_id}")
+        if ep["deleted_at"] is not None:
+            raise HTTPException(404, f"unknown endpoint {endpoint_id}: it was deleted")
         return ep
 
     def endpoint_info(ep: dict[str, Any]) -> EndpointInfo:
@@ -207,116 +235,145 @@ def create_app(settings: Settings) -> FastAPI:
         return TaskInfo(
             task_id=row.id, state=row.state, endpoint_id=row.endpoint_id, group_id=row.group_id,
             transitions=transitions(row),
-            result=base64.b64encode(row.result).decode() if row.result else None, error=res["error"],
+            result=base64.b64encode(row.result).decode() if row.result else None,
+            error=to_builtins(res.error) if res.error else None,
+            resource_specification=json.loads(row.spec) if row.spec else None,
+            user_endpoint_config=json.loads(row.uec) if row.uec else None,
         )
 
-    @app.get("/healthz", tags=["operations"])
-    async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "version": __version__, "protocol": PROTOCOL_VERSION, "uptime_s": time.time() - started}
+    @app.get("/healthz", response_model=Health, tags=["operations"])
+    async def healthz() -> Health:
+        return Health(status="ok", version=__version__, protocol=PROTOCOL_VERSION, uptime_s=time.time() - started)
 
     registry = make_registry(relay)
 
-    @app.get("/metrics", tags=["operations"], response_class=Response)
+    @app.get("/metrics", tags=["operations"], response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus exposition format"}})
     async def metrics() -> Response:
         """Prometheus exposition: endpoints online, their workers, task events."""
         body, headers = render(registry)
         return Response(body, headers=headers)
 
-    @app.get("/v1/whoami", response_model=WhoAmI, tags=["auth"])
+    @app.get("/v1/whoami", response_model=WhoAmI, tags=["auth"], responses=_errors())
     async def whoami(user: str = Depends(current_user)) -> WhoAmI:
         return WhoAmI(user_id=user, name=store.user_name(user))
 
-    @app.post("/v1/endpoints", response_model=EndpointCredential, tags=["endpoints"])
+    @app.post("/v1/endpoints", response_model=EndpointCredential, tags=["endpoints"], responses=_errors(400, 404, 409))
     async def register_endpoint(body: EndpointRegistration, user: str = Depends(current_user)) -> EndpointCredential:
+        """Register a new endpoint, or rotate the credential of one of yours (``endpoint_id``):
+        the old credential stops working and its connection is closed at once."""
+        try:
+            eid, secret = store.register_endpoint(user, body.name, body.endpoint_id, body.multi_user)
+        except KeyError:
+            raise HTTPException(404, f"unknown endpoint {body.endpoint_id}; omit endpoint_id to register a new "
+                                     "endpoint") from None
+        except EndpointIdTaken:
+            raise HTTPException(409, f"endpoint id {body.endpoint_id} is not yours to use (another user's, or "
+                                     "deleted); omit endpoint_id to register a new endpoint") from None
         if body.endpoint_id:
-            ep = store.get_endpoint(body.endpoint_id)
-            if ep is not None and ep["owner_id"] != user:
-                raise HTTPException(403, f"endpoint {body.endpoint_id} belongs to another user")
-        eid, secret = store.register_endpoint(user, body.name, body.endpoint_id)
+            await relay.disconnect_endpoint(eid, CLOSE_CREDENTIAL_ROTATED, "this endpoint's credential was rotated")
         return EndpointCredential(endpoint_id=eid, secret=secret)
 
-    @app.get("/v1/endpoints", response_model=list[EndpointInfo], tags=["endpoints"])
+    @app.get("/v1/endpoints", response_model=list[EndpointInfo], tags=["endpoints"], responses=_errors())
     async def list_endpoints(user: str = Depends(current_user)) -> list[EndpointInfo]:
         return [endpoint_info(ep) for ep in store.list_endpoints(user)]
 
-    @app.get("/v1/endpoints/{endpoint_id}", response_model=EndpointInfo, tags=["endpoints"])
-    async def get_endpoint(endpoint_id: str, user: str = Depends(current_user)) -> EndpointInfo:
-        return endpoint_info(own_endpoint(endpoint_id, user))
+    @app.get("/v1/endpoints/{endpoint_id}", response_model=EndpointInfo, tags=["endpoints"], responses=_errors(404))
+    async def get_endpoint(endpoint_id: PathId, user: str = Depends(current_user)) -> EndpointInfo:
+        return endpoint_info(own_endpoint(endpoint_id, user, admitted=True))
 
-    @app.get("/v1/endpoints/{endpoint_id}/status", response_model=EndpointInfo, tags=["endpoints"])
-    async def endpoint_status(endpoint_id: str, user: str = Depends(current_user)) -> EndpointInfo:
-        return endpoint_info(own_endpoint(endpoint_id, user))
+    @app.get("/v1/endpoints/{endpoint_id}/status", response_model=EndpointInfo, tags=["endpoints"],
+             responses=_errors(404))
+    async def endpoint_status(endpoint_id: PathId, user: str = Depends(current_user)) -> EndpointInfo:
+        return endpoint_info(own_endpoint(endpoint_id, user, admitted=True))
 
-    @app.post("/v1/endpoints/{endpoint_id}/stop", tags=["endpoints"])
-    async def stop_endpoint(endpoint_id: str, user: str = Depends(current_user)) -> dict[str, Any]:
+    @app.put("/v1/endpoints/{endpoint_id}/policy", response_model=EndpointPolicy, tags=["endpoints"],
+             responses=_errors(400, 404, 409))
+    async def set_policy(endpoint_id: PathId, body: EndpointPolicy,
+                         user: str = Depends(current_user)) -> EndpointPolicy:
+        """Who may send tasks to your multi-user endpoint."""
+        ep = own_endpoint(endpoint_id, user)
+        if not ep.get("multi_user"):
+            raise HTTPException(409, f"endpoint {endpoint_id} is not a multi-user endpoint; only those have a policy")
+        store.set_policy(endpoint_id, body.model_dump())
+        return body
+
+    @app.get("/v1/endpoints/{endpoint_id}/user_endpoints", response_model=list[UserEndpointInfo],
+             tags=["endpoints"], responses=_errors(404))
+    async def user_endpoints(endpoint_id: PathId, user: str = Depends(current_user)) -> list[UserEndpointInfo]:
+        """The user endpoint processes of a multi-user endpoint: all of them for its owner, your own
+        for anyone else it admits."""
+        ep = own_endpoint(endpoint_id, user, admitted=True)
+        owner_view = ep["owner_id"] == user
+        rows = store.user_endpoints(endpoint_id, None if owner_view else user)
+        return [UserEndpointInfo(endpoint_id=r["id"], user=store.user_name(r["owner_id"]) if owner_view else None,
+                                 local_user=r["local_user"] if owner_view or r["owner_id"] == user else None,
+                                 online=r["id"] in relay.endpoints, config=json.loads(r["user_config"] or "{}"))
+                for r in rows]
+
+    @app.post("/v1/endpoints/{endpoint_id}/stop", response_model=EndpointAction, tags=["endpoints"],
+              responses=_errors(404))
+    async def stop_endpoint(endpoint_id: PathId, user: str = Depends(current_user)) -> EndpointAction:
         own_endpoint(endpoint_id, user)
-        return {"endpoint_id": endpoint_id, "stop_sent": await relay.stop_endpoint(endpoint_id)}
+        return EndpointAction(endpoint_id=endpoint_id, stop_sent=await relay.stop_endpoint(endpoint_id))
 
-    @app.delete("/v1/endpoints/{endpoint_id}", tags=["endpoints"])
-    async def delete_endpoint(endpoint_id: str, user: str = Depends(current_user)) -> dict[str, Any]:
+    @app.delete("/v1/endpoints/{endpoint_id}", response_model=EndpointAction, tags=["endpoints"],
+                responses=_errors(404))
+    async def delete_endpoint(endpoint_id: PathId, user: str = Depends(current_user)) -> EndpointAction:
+        """Delete an endpoint for good: it is stopped, its id is never issued again, and its
+        open tasks fail with an error that says the endpoint was deleted."""
         own_endpoint(endpoint_id, user)
-        await relay.stop_endpoint(endpoint_id)
-        store.delete_endpoint(endpoint_id)
-        return {"endpoint_id": endpoint_id, "deleted": True}
+        failed = await relay.delete_endpoint(endpoint_id)
+        return EndpointAction(endpoint_id=endpoint_id, deleted=True, tasks_failed=failed)
 
-    @app.post("/v1/functions", response_model=FunctionInfo, tags=["functions"])
+    @app.post("/v1/functions", response_model=FunctionInfo, tags=["functions"], responses=_errors(400))
     async def register_function(body: FunctionRegistration, user: str = Depends(current_user)) -> FunctionInfo:
-        from tether.serialize import function_id
-
-        try:
-            raw = base64.b64decode(body.function, validate=True)
-        except ValueError:
-            raise HTTPException(422, "'function' must be base64") from None
-        fid = function_id(raw)
+        raw = _b64(body.function, "function")
+        fid = function_id(raw)  # the id is the hash of the body, computed here, never taken from the caller
         store.add_functions(user, {fid: raw})
         return FunctionInfo(function_id=fid)
 
-    @app.get("/v1/functions/{function_id}", response_model=FunctionInfo, tags=["functions"])
-    async def get_function(function_id: str, user: str = Depends(current_user)) -> FunctionInfo:
+    @app.get("/v1/functions/{function_id}", response_model=FunctionInfo, tags=["functions"], responses=_errors(404))
+    async def get_function(function_id: PathFunctionId, user: str = Depends(current_user)) -> FunctionInfo:
         if store.get_function(user, function_id) is None:
             raise HTTPException(404, f"unknown function {function_id}")
         return FunctionInfo(function_id=function_id)
 
-    @app.post("/v1/tasks", response_model=BatchAck, tags=["tasks"])
+    @app.post("/v1/tasks", response_model=BatchAck, tags=["tasks"], responses=_errors(400))
     async def submit_batch(body: RestBatch, user: str = Depends(current_user)) -> BatchAck:
-        try:
-            tasks = [
-                {"id": t.task_id, "endpoint": t.endpoint_id, "function": t.function_id,
-                 "payload": base64.b64decode(t.payload, validate=True), "group": t.group_id,
-                 "spec": t.resource_specification}
-                for t in body.tasks
-            ]
-        except ValueError:
-            raise HTTPException(422, "task payloads must be base64") from None
-        ack = await relay.submit(None, user, {"tasks": tasks})
-        return BatchAck(accepted=ack["accepted"], rejected=ack["rejected"])
+        tasks = [Task(id=t.task_id, endpoint=t.endpoint_id, function=t.function_id, payload=_b64(t.payload, "payload"),
+                      group=t.group_id, spec=t.resource_specification) for t in body.tasks]
+        ack = await relay.submit(None, user, Submit(ref=0, tasks=tasks))
+        rejected = {k: RestRefusal(code=v.code.value, message=v.message) for k, v in ack.rejected.items()}
+        return BatchAck(accepted=ack.accepted, rejected=rejected)
 
-    @app.get("/v1/tasks/{task_id}", response_model=TaskInfo, tags=["tasks"])
-    async def get_task(task_id: str, user: str = Depends(current_user)) -> TaskInfo:
+    @app.get("/v1/tasks/{task_id}", response_model=TaskInfo, tags=["tasks"], responses=_errors(404))
+    async def get_task(task_id: PathId, user: str = Depends(current_user)) -> TaskInfo:
         relay.flush_deferred()
         rows = store.get_tasks(user, [task_id])
         if not rows:
             raise HTTPException(404, f"unknown task {task_id}")
         return task_info(rows[0])
 
-    @app.post("/v1/tasks/status", response_model=dict[str, TaskInfo], tags=["tasks"])
+    @app.post("/v1/batch_status", response_model=dict[str, TaskInfo], tags=["tasks"], responses=_errors(400))
     async def batch_status(body: TaskIds, user: str = Depends(current_user)) -> dict[str, TaskInfo]:
         relay.flush_deferred()
         return {r.id: task_info(r) for r in store.get_tasks(user, body.task_ids)}
 
-    @app.post("/v1/tasks/{task_id}/cancel", tags=["tasks"])
-    async def cancel_task(task_id: str, user: str = Depends(current_user)) -> dict[str, Any]:
+    @app.post("/v1/tasks/{task_id}/cancel", response_model=TaskCancelResult, tags=["tasks"], responses=_errors(404))
+    async def cancel_task(task_id: PathId, user: str = Depends(current_user)) -> TaskCancelResult:
         if not store.get_tasks(user, [task_id]):
             raise HTTPException(404, f"unknown task {task_id}")
-        return {"task_id": task_id, "cancelled": bool(await relay.cancel(user, [task_id]))}
+        return TaskCancelResult(task_id=task_id, cancelled=bool(await relay.cancel(user, [task_id])))
 
-    @app.get("/v1/task_groups/{group_id}", response_model=GroupInfo, tags=["tasks"])
-    async def get_group(group_id: str, user: str = Depends(current_user)) -> GroupInfo:
+    @app.get("/v1/task_groups/{group_id}", response_model=GroupInfo, tags=["tasks"], responses=_errors())
+    async def get_group(group_id: PathId, user: str = Depends(current_user)) -> GroupInfo:
         relay.flush_deferred()
         rows = store.group_task_ids(user, group_id)
-        return GroupInfo(group_id=group_id, tasks=[{"task_id": r.id, "state": r.state} for r in rows])
+        return GroupInfo(group_id=group_id, tasks=[GroupTask(task_id=r.id, state=r.state) for r in rows])
 
-    @app.get("/v1/dashboard", response_model=DashboardInfo, tags=["operations"])
+    @app.get("/v1/dashboard", response_model=DashboardInfo, tags=["operations"], responses=_errors())
     async def dashboard_data(user: str = Depends(current_user)) -> DashboardInfo:
         """What the dashboard shows: your endpoints, your task counts, your recent failures."""
         relay.flush_deferred()
@@ -324,7 +381,7 @@ def create_app(settings: Settings) -> FastAPI:
         for r in store.recent_failures(user):
             error = json.loads(r.error) if r.error else {}
             failures.append({"task_id": r.id, "endpoint_id": r.endpoint_id, "ts": r.t_done,
-                             "error": f"{error.get('type', '?')}: {error.get('message', '')[:300]}"})
+                             "error": f"{error.get('type', '?')}: {str(error.get('message', ''))[:300]}"})
         return DashboardInfo(endpoints=[endpoint_info(ep) for ep in store.list_endpoints(user)],
                              task_counts=store.count_by_state(user), recent_failures=failures)
 
@@ -334,46 +391,27 @@ def create_app(settings: Settings) -> FastAPI:
         return DASHBOARD_HTML
 
     # --- WebSockets ----------------------------------------------------------------------------
-    async def refuse(ws: WebSocket, code: int, message: str) -> None:
+    async def refuse(ws: WebSocket, code: int, error_code: ErrorCode, message: str) -> None:
         await ws.accept()
-        await ws.send_bytes(encode(Msg.ERROR, message=message, fatal=True))
+        await ws.send_bytes(encode(Error(code=error_code, message=message, fatal=True)))
         await ws.close(code=code, reason=message[:120])
 
     @app.websocket(CLIENT_WS_PATH)
     async def client_ws(ws: WebSocket) -> None:
         token = _bearer(ws.headers.get("authorization"))
-        user = store.user_by_token(token) if token else None
-        if user is None:
-            await refuse(ws, CLOSE_AUTH_FAILED, "invalid or missing token: authentication failed")
+        user = await authenticator.user_for(token) if token else None
+        if user is None or token is None:
+            await refuse(ws, CLOSE_AUTH_FAILED, ErrorCode.AUTH_FAILED,
+                         "invalid or missing token: authentication failed")
             return
         await ws.accept()
-        session = ClientSession(_WSSender(ws), user)
-        await session.send(encode(Msg.WELCOME, user_id=user, max_payload=settings.max_payload_bytes,
-                                  version=__version__))
+        session = ClientSession(_WSSender(ws), user, token)
+        relay.client_connected(session)
         try:
-            while True:
-                frame = await ws.receive()
-                if frame["type"] == "websocket.disconnect":
-                    break
-                msg: dict[str, Any] | None = None
-                try:
-                    msg = decode(frame.get("bytes") if frame.get("bytes") is not None else frame.get("text", ""))
-                    kind = msg["t"]
-                    if kind == Msg.SUBMIT:
-                        await relay.submit(session, user, msg)
-                    elif kind == Msg.SUBSCRIBE:
-                        await relay.subscribe(session, require(msg, "ids", list))
-                    elif kind == Msg.CANCEL:
-                        await relay.cancel(user, require(msg, "ids", list))
-                    elif kind == Msg.COLLECTED:
-                        relay.collected(user, require(msg, "ids", list))
-                    else:
-                        raise ProtocolError(f"'{kind}' is not a message a client may send")
-                except ProtocolError as exc:
-                    # a bad frame is answered, not fatal: the session (and others) keep working
-                    ref = msg.get("ref") if msg else None
-                    await session.send(encode(Msg.ERROR, message=f"malformed frame: {exc}", ref=ref))
-        except WebSocketDisconnect:
+            await session.send(encode(Welcome(user_id=user, max_payload=settings.max_payload_bytes,
+                                              version=__version__)))
+            await _serve_frames(ws, session, client_frames, relay.client_message)
+        except (WebSocketDisconnect, RuntimeError):
             pass
         finally:
             relay.client_disconnected(session)
@@ -384,25 +422,27 @@ def create_app(settings: Settings) -> FastAPI:
         endpoint_id = ws.headers.get("x-tether-endpoint", "")
         ep = store.endpoint_by_secret(endpoint_id, secret) if secret and endpoint_id else None
         if ep is None:
-            await refuse(ws, CLOSE_AUTH_FAILED,
-                         f"endpoint {endpoint_id or '?'}: invalid credential; re-register with 'tether endpoint start'")
+            await refuse(ws, CLOSE_AUTH_FAILED, ErrorCode.AUTH_FAILED,
+                         f"endpoint {endpoint_id[:64] or '?'}: invalid credential (wrong, rotated, or the endpoint was "
+                         "deleted); re-register with 'tether endpoint start'")
             return
         await ws.accept()
         session = EndpointSession(_WSSender(ws), ep)
         try:
-            hello = decode(await ws.receive_bytes())
-            if hello["t"] != Msg.HELLO:
-                raise ProtocolError("the first frame of an endpoint must be 'hello'")
-            await session.send(encode(Msg.WELCOME, endpoint_id=ep["id"], version=__version__))
+            first = await ws.receive()
+            if first["type"] == "websocket.disconnect":
+                return
+            try:
+                hello = endpoint_frames.decode(_frame_bytes(first))
+                if not isinstance(hello, Hello):
+                    raise ProtocolError("the first frame of an endpoint must be 'hello'")
+            except ProtocolError as exc:
+                await session.send(encode(Error(code=ErrorCode.MALFORMED, message=str(exc), fatal=True)))
+                await ws.close(code=CLOSE_PROTOCOL, reason=str(exc)[:120])
+                return
+            await session.send(encode(Welcome(endpoint_id=ep["id"], version=__version__)))
             await relay.endpoint_connected(session, hello)
-            while True:
-                data = await ws.receive_bytes()
-                try:
-                    await relay.endpoint_message(session, decode(data))
-                except ProtocolError as exc:
-                    await session.send(encode(Msg.ERROR, message=f"malformed frame: {exc}"))
-        except ProtocolError as exc:
-            await ws.close(code=CLOSE_PROTOCOL, reason=str(exc)[:120])
+            await _serve_frames(ws, session, endpoint_frames, relay.endpoint_message)
         except (WebSocketDisconnect, RuntimeError):
             pass
         finally:

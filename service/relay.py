@@ -1,11 +1,16 @@
-"""The relay: moves tasks from clients to endpoints and results back, storing each step first.
+"""The relay: moves tasks from clients to endpoints and results back, storing each step first,
+and keeps every frame inside its sender's own trust boundary.
 
-Transport-free on purpose: a session is anything with ``async send(bytes)``, so the WebSocket
-routes stay thin and the durable lifecycle lives in one place:
+Transport-free on purpose: a session is anything with ``async send(bytes)`` and
+``async close(code, reason)``, so the WebSocket routes stay thin and the durable lifecycle and
+the ownership rules live in one place:
 
-* a task is stored before its submission is acknowledged;
+* a task is stored before its submission is acknowledged; an id that already belongs to
+  another owner is refused, never merged;
 * the endpoint acknowledges receipt (``dispatched``) and start (``running``);
 * a result is stored before the endpoint is told to drop it from its spool;
+* an endpoint's reports (received, running, results) apply only to tasks dispatched to it;
+  anything else is refused and logged;
 * on (re)connection an endpoint is sent every open task it does not already hold, so tasks
   that were in the hands of an endpoint that died run again (at-least-once execution);
 * a result for a task that already has one is dropped (exactly-once results per task id).
@@ -14,24 +19,62 @@ routes stay thin and the durable lifecycle lives in one place:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from tether.protocol import TERMINAL_STATES, Msg, ProtocolError, TaskState, encode, require
+from tether.protocol import (
+    CLOSE_AUTH_FAILED,
+    CLOSE_CREDENTIAL_ROTATED,
+    MAX_IDS,
+    TERMINAL_STATES,
+    Audit,
+    Cancel,
+    Collected,
+    EndpointBrief,
+    Error,
+    ErrorCode,
+    ErrorInfo,
+    Heartbeat,
+    Identity,
+    Received,
+    Refusal,
+    Result,
+    ResultAck,
+    Results,
+    Running,
+    StartUserEndpoint,
+    Status,
+    Stop,
+    Submit,
+    SubmitAck,
+    Subscribe,
+    Task,
+    Tasks,
+    TaskState,
+    UserEndpointFailed,
+    UserEndpointStarted,
+    encode,
+)
+from tether.serialize import function_id
 
-from .store import Store
+from .store import Store, credential_hash, transitions
 
 log = logging.getLogger("tether.service.relay")
 
 DISPATCH_CHUNK = 1000
 STATUS_WINDOW = 0.005  # seconds a client's state updates are gathered before they are sent
+RESULT_CHUNK = 1000  # results per frame to a client
+START_RETRY_S = 30.0  # a user endpoint asked for and not connected by then is asked for again
 
 
 class Sender(Protocol):
     async def send(self, frame: bytes) -> None: ...
+
+    async def close(self, code: int, reason: str) -> None: ...
 
 
 class ClientSession:
@@ -42,12 +85,14 @@ class ClientSession:
     few client frames (each frame is a syscall; syscalls, not Python, bound throughput here).
     """
 
-    def __init__(self, sender: Sender, user_id: str):
+    def __init__(self, sender: Sender, user_id: str, token: str = ""):
         self.sender = sender
         self.user_id = user_id
+        self.token = token  # kept to re-check it (revoked, rotated, expired at Globus) while connected
+        self.token_hash = credential_hash(token) if token else ""
         self.watching: set[str] = set()
         self._updates: list[Any] = []
-        self._results: list[Any] = []
+        self._results: list[Result] = []
         self._scheduled = False
 
     async def send(self, frame: bytes) -> None:
@@ -68,7 +113,7 @@ class ClientSession:
     def _flush_updates(self) -> None:
         if self._updates:
             updates, self._updates = self._updates, []
-            asyncio.ensure_future(_safe_send(self, encode(Msg.STATUS, updates=updates)))
+            asyncio.ensure_future(_safe_send(self, encode(Status(updates=updates))))
 
     def _flush_results(self) -> None:
         self._scheduled = False
@@ -77,9 +122,9 @@ class ClientSession:
 
     async def send_results_now(self) -> None:
         """Send buffered results in this coroutine (the scheduled flush then finds nothing)."""
-        if self._results:
-            results, self._results = self._results, []
-            await _safe_send(self, encode(Msg.RESULT, results=results))
+        while self._results:
+            results, self._results = self._results[:RESULT_CHUNK], self._results[RESULT_CHUNK:]
+            await _safe_send(self, encode(Results(results=results)))
 
 
 class EndpointSession:
@@ -89,25 +134,32 @@ class EndpointSession:
         self.sender = sender
         self.endpoint_id: str = endpoint["id"]
         self.owner_id: str = endpoint["owner_id"]
+        self.secret_hash: str = endpoint["secret_hash"]
+        self.multi_user: bool = bool(endpoint.get("multi_user"))
+        self.parent_id: str | None = endpoint.get("parent_id")
         self.sent_functions: set[str] = set()
         self.status: dict[str, Any] = {}
         self.connected_at = time.time()
+        self.refused_reports = 0
 
     async def send(self, frame: bytes) -> None:
         await self.sender.send(frame)
 
 
 class Relay:
-    def __init__(self, store: Store, max_payload: int):
+    def __init__(self, store: Store, max_payload: int, authenticator: Any = None):
         self.store = store
+        self.authenticator = authenticator  # service.auth.Authenticator: re-checks Globus tokens
         self.max_payload = max_payload
         self.endpoints: dict[str, EndpointSession] = {}
+        self.clients: set[ClientSession] = set()
         self.watchers: dict[str, set[ClientSession]] = defaultdict(set)
         self.counters: dict[str, int] = defaultdict(int)
         # State changes that are not worth a commit each (a lost one is re-derived: the task is
         # re-dispatched, or its result carries the times): written in bulk by flush_deferred().
         self._deferred: dict[TaskState, dict[str, float]] = {TaskState.DISPATCHED: {}, TaskState.RUNNING: {}}
         self._deferred_collected: dict[str, list[str]] = defaultdict(list)
+        self._start_requested: dict[str, float] = {}  # user endpoint id -> when its start was asked for
 
     def flush_deferred(self) -> None:
         """Write deferred state changes and collection marks (one transaction per kind)."""
@@ -127,6 +179,32 @@ class Relay:
                 self.flush_deferred()
             except Exception:  # noqa: BLE001 - a failed flush is retried by the next state change
                 log.exception("writing deferred task states failed")
+
+    async def credential_loop(self, interval: float = 1.0) -> None:
+        """Close connections whose token or endpoint credential was revoked or rotated, within
+        ``interval`` seconds, even when that happened in another process (``tether service``)."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.enforce_credentials()
+            except Exception:  # noqa: BLE001 - checked again next time
+                log.exception("checking credentials of open connections failed")
+
+    async def enforce_credentials(self) -> None:
+        if self.clients:
+            valid = self.store.valid_token_hashes(s.token_hash for s in self.clients)
+            for session in [s for s in self.clients if s.token_hash not in valid]:
+                if self.authenticator is not None and await self.authenticator.still_valid(session.token):
+                    continue  # a Globus token (cached answer, re-asked when it expires)
+                log.info("closing a connection of user %s: its token was revoked or rotated", session.user_id)
+                self.clients.discard(session)
+                await _safe_close(session, CLOSE_AUTH_FAILED, "token revoked or rotated; get a new one")
+        if self.endpoints:
+            valid_pairs = self.store.valid_endpoint_secrets((e.endpoint_id, e.secret_hash)
+                                                            for e in self.endpoints.values())
+            for session in [e for e in self.endpoints.values() if (e.endpoint_id, e.secret_hash) not in valid_pairs]:
+                await self.disconnect_endpoint(session.endpoint_id, CLOSE_CREDENTIAL_ROTATED,
+                                               "this endpoint's credential was replaced or revoked")
 
     # --- helpers -------------------------------------------------------------------------------
     def online(self, endpoint_id: str) -> bool:
@@ -151,17 +229,17 @@ class Relay:
         return set(per_session)
 
     def _push_status(self, ids: Iterable[str], state: TaskState, ts: float) -> None:
-        self._fan_out({tid: [tid, state.value, ts] for tid in ids}, "updates")
+        self._fan_out({tid: (tid, state.value, ts) for tid in ids}, "updates")
 
-    def _push_results(self, results: list[dict[str, Any]]) -> set[ClientSession]:
-        return self._fan_out(
-            {r["id"]: {k: r.get(k) for k in ("id", "state", "data", "error", "times")} for r in results},
-            "results",
-            drop=True,
-        )
+    def _push_results(self, results: Iterable[Result]) -> set[ClientSession]:
+        return self._fan_out({r.id: r for r in results}, "results", drop=True)
 
     # --- clients -------------------------------------------------------------------------------
+    def client_connected(self, session: ClientSession) -> None:
+        self.clients.add(session)
+
     def client_disconnected(self, session: ClientSession) -> None:
+        self.clients.discard(session)
         for tid in session.watching:
             group = self.watchers.get(tid)
             if group is not None:
@@ -170,125 +248,176 @@ class Relay:
                     del self.watchers[tid]
         session.watching.clear()
 
-    def validate_submission(
-        self, user_id: str, batch: list[Any], functions: dict[str, bytes]
-    ) -> tuple[list[dict[str, Any]], dict[str, str]]:
-        """Split a submitted batch into tasks to accept and {task_id: reason} to reject."""
-        accepted: list[dict[str, Any]] = []
-        rejected: dict[str, str] = {}
-        endpoint_ok: dict[str, str | None] = {}
-        for task in batch:
-            if not isinstance(task, dict) or not isinstance(task.get("id"), str):
-                raise ProtocolError("every task must be a map with a string 'id'")
-            tid = task["id"]
-            ep = task.get("endpoint")
-            if not isinstance(ep, str) or not isinstance(task.get("function"), str):
-                rejected[tid] = "task needs string fields 'endpoint' and 'function'"
-                continue
-            if not isinstance(task.get("payload"), bytes):
-                rejected[tid] = "task payload must be bytes (serialized arguments)"
-                continue
-            if ep not in endpoint_ok:
-                endpoint_ok[ep] = self._endpoint_problem(user_id, ep)
-            if endpoint_ok[ep]:
-                rejected[tid] = endpoint_ok[ep]  # type: ignore[assignment]
-                continue
-            if len(task["payload"]) > self.max_payload:
-                rejected[tid] = (
-                    f"arguments are {len(task['payload'])} bytes, over this service's limit of "
-                    f"{self.max_payload} bytes (PayloadTooLarge)"
-                )
-                continue
-            fid = task["function"]
-            if fid not in functions and self.store.get_function(user_id, fid) is None:
-                rejected[tid] = f"function {fid} is not registered; submit it with its body first (UnknownFunction)"
-                continue
-            accepted.append(task)
-        return accepted, rejected
+    def _endpoint_refusal(self, user_id: str, endpoint_id: str) -> Refusal | None:
+        """Why ``user_id`` may not send tasks to ``endpoint_id``, or None if they may: it is
+        theirs, or a multi-user endpoint whose policy admits them."""
+        session = self.endpoints.get(endpoint_id)
+        if session is not None and session.owner_id == user_id and not session.multi_user:
+            return None
+        ep = self.store.get_endpoint(endpoint_id)
+        if ep is None or not (ep["owner_id"] == user_id or self._admitted(user_id, ep)):
+            return Refusal(ErrorCode.UNKNOWN_ENDPOINT,
+                           f"unknown endpoint {endpoint_id}: no endpoint with this id is visible to you")
+        if ep["deleted_at"] is not None:
+            return Refusal(ErrorCode.ENDPOINT_DELETED, f"endpoint {endpoint_id} was deleted by its owner")
+        return None
 
-    def _endpoint_brief(self, endpoint_id: str) -> dict[str, Any]:
-        """Online state and Python version, so the client can warn of a mismatch before any task runs."""
+    def _admitted(self, user_id: str, ep: dict[str, Any]) -> bool:
+        """Whether a multi-user endpoint's policy lets ``user_id`` (or their name) send it tasks."""
+        if not ep.get("multi_user") or not ep.get("policy"):
+            return False
+        policy = json.loads(ep["policy"])
+        users = policy.get("users") or []
+        return bool(policy.get("public")) or user_id in users or self.store.user_name(user_id) in users
+
+    def validate_submission(self, user_id: str, msg: Submit) -> tuple[list[Task], dict[str, Refusal], dict[str, bytes]]:
+        """Split a submission into (tasks to store, {task id: refusal}, function bodies to keep)."""
+        bodies: dict[str, bytes] = {}
+        forged: set[str] = set()
+        for fid, body in msg.functions.items():
+            if function_id(body) == fid:
+                bodies[fid] = body
+            else:
+                forged.add(fid)
+        accepted: list[Task] = []
+        rejected: dict[str, Refusal] = {}
+        seen: set[str] = set()
+        endpoint_refusal: dict[str, Refusal | None] = {}
+        for task in msg.tasks:
+            tid = task.id
+            if tid in seen:
+                rejected[tid] = Refusal(ErrorCode.ID_CONFLICT, f"task id {tid} appears twice in one submission")
+                continue
+            seen.add(tid)
+            if task.endpoint not in endpoint_refusal:
+                endpoint_refusal[task.endpoint] = self._endpoint_refusal(user_id, task.endpoint)
+            refusal = endpoint_refusal[task.endpoint]
+            if refusal is not None:
+                rejected[tid] = refusal
+            elif len(task.payload) > self.max_payload:
+                rejected[tid] = Refusal(ErrorCode.PAYLOAD_TOO_LARGE,
+                                        f"arguments are {len(task.payload)} bytes, over this service's limit of "
+                                        f"{self.max_payload} bytes")
+            elif task.function in forged:
+                rejected[tid] = Refusal(ErrorCode.FUNCTION_ID_MISMATCH,
+                                        f"function id {task.function} is not the hash of the body sent with it")
+            elif task.function not in bodies and self.store.get_function(user_id, task.function) is None:
+                rejected[tid] = Refusal(ErrorCode.UNKNOWN_FUNCTION, f"function {task.function} is not registered; "
+                                        "submit it with its body first")
+            else:
+                accepted.append(task)
+        return accepted, rejected, bodies
+
+    async def submit(self, session: ClientSession | None, user_id: str, msg: Submit) -> SubmitAck:
+        """Store, acknowledge and dispatch a batch of tasks; returns the acknowledgement."""
+        received = time.time()
+        self.counters["submit_frames"] += 1
+        candidates, rejected, bodies = self.validate_submission(user_id, msg)
+        self.store.add_functions(user_id, bodies)
+        user_endpoints = self._route_to_user_endpoints(user_id, candidates)
+        # stored before anything else sees it: a result can never overtake its task
+        inserted, resubmitted, taken = self.store.insert_tasks(user_id, candidates, received)
+        for tid in taken:
+            rejected[tid] = Refusal(ErrorCode.ID_CONFLICT, f"task id {tid} is already in use; task ids must be "
+                                    "unique (let the client make them: it uses random uuids)")
+        self.counters["submitted"] += len(inserted)
+        by_endpoint: dict[str, list[Task]] = defaultdict(list)
+        for t in inserted:
+            by_endpoint[t.endpoint].append(t)
+        accepted = [t.id for t in inserted] + resubmitted
+        if session is not None:
+            self.watch(session, accepted)
+        for endpoint_id, items in by_endpoint.items():
+            ep = self.endpoints.get(endpoint_id)
+            if ep is not None:
+                await self._dispatch(ep, user_id, items)
+            elif endpoint_id in user_endpoints:
+                await self._start_user_endpoint(endpoint_id)
+        briefs = {eid: self._endpoint_brief(eid) for eid in {t.endpoint for t in candidates}}
+        ack = SubmitAck(ref=msg.ref, accepted=accepted, rejected=rejected, ts=received, endpoints=briefs)
+        if session is not None:
+            await _safe_send(session, encode(ack))
+            if resubmitted:  # sent again after a reconnect: the client may have missed its news
+                await self._send_current(session, self.store.get_tasks(user_id, resubmitted))
+        return ack
+
+    def _route_to_user_endpoints(self, user_id: str, batch: list[Task]) -> set[str]:
+        """Point tasks for a multi-user endpoint at the user endpoint that runs this user's tasks
+        with this config (one per user and config); returns the user endpoint ids."""
+        parents: dict[str, dict[str, Any] | None] = {}
+        routed: set[str] = set()
+        for t in batch:
+            if t.endpoint not in parents:
+                ep = self.store.get_endpoint(t.endpoint)
+                parents[t.endpoint] = ep if ep is not None and ep.get("multi_user") else None
+            parent = parents[t.endpoint]
+            if parent is not None:
+                t.endpoint = self.store.user_endpoint_for(parent, user_id, self.store.user_name(user_id) or user_id,
+                                                          t.uec)
+                routed.add(t.endpoint)
+        return routed
+
+    async def _start_user_endpoint(self, user_endpoint_id: str, force: bool = False) -> None:
+        """Ask the multi-user endpoint to start a user endpoint, with a fresh credential for it
+        (once per START_RETRY_S; if the parent is offline, when it connects)."""
+        child = self.store.get_endpoint(user_endpoint_id)
+        if child is None or child["parent_id"] is None or user_endpoint_id in self.endpoints:
+            return
+        parent = self.endpoints.get(child["parent_id"])
+        asked = self._start_requested.get(user_endpoint_id)
+        if parent is None or (not force and asked is not None and time.monotonic() - asked < START_RETRY_S):
+            return
+        self._start_requested[user_endpoint_id] = time.monotonic()
+        identity = Identity(id=child["owner_id"], username=self.store.user_name(child["owner_id"]) or "")
+        log.info("asking multi-user endpoint %s to start user endpoint %s for %s", parent.endpoint_id,
+                 user_endpoint_id, identity.username)
+        await _safe_send(parent, encode(StartUserEndpoint(
+            user_endpoint_id=user_endpoint_id, identity=identity, config=json.loads(child["user_config"] or "{}"),
+            secret=self.store.new_secret(user_endpoint_id))))
+
+    def _endpoint_brief(self, endpoint_id: str) -> EndpointBrief:
+        """Online state and versions, so the client can warn of a mismatch before any task runs."""
         session = self.endpoints.get(endpoint_id)
         if session is not None:
             status = session.status
         else:
             ep = self.store.get_endpoint(endpoint_id)
             status = _loads(ep["status"]) if ep and ep.get("status") else {}
-        return {"online": session is not None, "python": (status.get("versions") or {}).get("python")}
+        versions = status.get("versions") or {}
+        return EndpointBrief(online=session is not None, python=versions.get("python"), versions=versions)
 
-    def _endpoint_problem(self, user_id: str, endpoint_id: str) -> str | None:
-        session = self.endpoints.get(endpoint_id)
-        owner = session.owner_id if session else None
-        if owner is None:
-            ep = self.store.get_endpoint(endpoint_id)
-            owner = ep["owner_id"] if ep else None
-        if owner is None or owner != user_id:
-            return f"unknown endpoint {endpoint_id}: no endpoint with this id is visible to you (UnknownEndpoint)"
-        return None
-
-    async def submit(self, session: ClientSession | None, user_id: str, msg: dict[str, Any]) -> dict[str, Any]:
-        """Store, acknowledge and dispatch a batch of tasks; returns the acknowledgement fields."""
-        batch = require(msg, "tasks", list)
-        functions = msg.get("functions") or {}
-        if not isinstance(functions, dict) or not all(isinstance(b, bytes) for b in functions.values()):
-            raise ProtocolError("'functions' must map function ids to serialized bodies (bytes)")
-        received = time.time()
-        self.counters["submit_frames"] += 1
-        accepted, rejected = self.validate_submission(user_id, batch, functions)
-        self.store.add_functions(user_id, functions)
-        if session is not None:
-            self.watch(session, (t["id"] for t in accepted))
-        by_endpoint: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for t in accepted:
-            t["owner"] = user_id
-            by_endpoint[t["endpoint"]].append(t)
-        if accepted:  # stored before anything else sees it: a result can never overtake its task
-            self.store.insert_tasks(user_id, accepted, received)
-            self.counters["submitted"] += len(accepted)
-        for endpoint_id, items in by_endpoint.items():
-            ep = self.endpoints.get(endpoint_id)
-            if ep is not None:
-                await self._dispatch(ep, items)
-        ack = {"accepted": [t["id"] for t in accepted], "rejected": rejected, "ts": received,
-               "endpoints": {eid: self._endpoint_brief(eid) for eid in by_endpoint}}
-        if session is not None:
-            await _safe_send(session, encode(Msg.SUBMIT_ACK, ref=msg.get("ref"), **ack))
-        return ack
-
-    async def subscribe(self, session: ClientSession, ids: list[str]) -> None:
+    async def subscribe(self, session: ClientSession, msg: Subscribe) -> None:
         """Watch tasks (e.g. a reloaded task group); current state or result is sent at once."""
         self.flush_deferred()
-        rows = self.store.get_tasks(session.user_id, ids) if ids else []
+        rows = self.store.get_tasks(session.user_id, msg.ids)
         known = {r.id for r in rows}
-        unknown = [i for i in ids if i not in known]
+        unknown = [i for i in msg.ids if i not in known]
         if unknown:
-            await _safe_send(
-                session,
-                encode(Msg.ERROR, message="unknown task ids (never submitted by you, or purged)", ids=unknown),
-            )
-        results, updates = [], []
+            await _safe_send(session, encode(Error(code=ErrorCode.UNKNOWN_TASK, ids=unknown,
+                                                   message="unknown task ids (never submitted by you, or purged)")))
         self.watch(session, known)
+        await self._send_current(session, rows)
+
+    async def _send_current(self, session: ClientSession, rows: Sequence[Any]) -> None:
+        """Tell a session where these (its own) tasks are: a result, or the latest state."""
+        results, updates = [], []
         for r in rows:
             if r.state in TERMINAL_STATES:
                 results.append(row_to_result(r))
             else:
-                ts = r.t_running or r.t_dispatched or r.t_waiting or r.t_received
-                updates.append([r.id, r.state, ts])
+                updates.append((r.id, r.state, r.t_running or r.t_dispatched or r.t_waiting or r.t_received))
         if updates:
-            await _safe_send(session, encode(Msg.STATUS, updates=updates))
+            await _safe_send(session, encode(Status(updates=updates)))
         if results:
             self._push_results(results)
 
-    async def cancel(self, user_id: str, ids: list[str]) -> list[str]:
+    async def cancel(self, user_id: str, ids: Sequence[str]) -> list[str]:
         rows = self.store.cancel(user_id, ids)
         if not rows:
             return []
         now = time.time()
-        err = {"type": "TaskCancelled", "message": "cancelled by its owner", "traceback": ""}
-        self._push_results(
-            [{"id": r.id, "state": TaskState.CANCELLED.value, "data": None, "error": err, "times": {"cancelled": now}}
-             for r in rows]
-        )
+        err = ErrorInfo(type="TaskCancelled", message="cancelled by its owner")
+        self._push_results(Result(id=r.id, state="cancelled", error=err, times={"cancelled": now}) for r in rows)
         per_endpoint: dict[str, list[str]] = defaultdict(list)
         for r in rows:
             if r.state != TaskState.WAITING.value or r.endpoint_id in self.endpoints:
@@ -296,130 +425,188 @@ class Relay:
         for endpoint_id, tids in per_endpoint.items():
             ep = self.endpoints.get(endpoint_id)
             if ep is not None:
-                await _safe_send(ep, encode(Msg.CANCEL, ids=tids))
+                await _safe_send(ep, encode(Cancel(ids=tids)))
         self.counters["cancelled"] += len(rows)
         return [r.id for r in rows]
 
-    def collected(self, user_id: str, ids: list[str]) -> None:
-        self._deferred_collected[user_id].extend(ids)
+    async def client_message(self, session: ClientSession, msg: Any) -> None:
+        """Act on one (already validated) client frame."""
+        if isinstance(msg, Submit):
+            await self.submit(session, session.user_id, msg)
+        elif isinstance(msg, Subscribe):
+            await self.subscribe(session, msg)
+        elif isinstance(msg, Cancel):
+            await self.cancel(session.user_id, msg.ids)
+        elif isinstance(msg, Collected):
+            self._deferred_collected[session.user_id].extend(msg.ids)
 
     # --- endpoints -----------------------------------------------------------------------------
-    async def endpoint_connected(self, session: EndpointSession, hello: dict[str, Any]) -> None:
+    async def endpoint_connected(self, session: EndpointSession, hello: Any) -> None:
         old = self.endpoints.get(session.endpoint_id)
         self.endpoints[session.endpoint_id] = session
         if old is not None and old is not session:
             log.info("endpoint %s reconnected; dropping its previous connection", session.endpoint_id)
-        session.status = {"versions": hello.get("versions") or {}, "capacity": hello.get("capacity") or {}}
+            await _safe_close(old, CLOSE_CREDENTIAL_ROTATED, "replaced by a newer connection of this endpoint")
+        session.status = {"versions": hello.versions, "capacity": hello.capacity}
         self.store.save_endpoint_status(session.endpoint_id, {**session.status, "online": True})
-        held = set(hello.get("inflight") or []) | set(hello.get("spooled") or [])
+        self._start_requested.pop(session.endpoint_id, None)
+        if session.multi_user:  # user endpoints with work waiting for them: start them now
+            for child in self.store.user_endpoints_with_open_tasks(session.endpoint_id):
+                await self._start_user_endpoint(child["id"], force=True)
+            return
+        held = set(hello.inflight) | set(hello.spooled)
         rows = self.store.open_tasks_for_endpoint(session.endpoint_id, exclude=held)
         if rows:
             log.info("endpoint %s: dispatching %d open tasks", session.endpoint_id, len(rows))
-            items = [
-                {
-                    "id": r.id,
-                    "function": r.function_id,
-                    "payload": r.payload,
-                    "spec": _loads(r.spec),
-                    "uec": _loads(r.uec),
-                    "group": r.group_id,
-                    "owner": r.owner_id,
-                }
-                for r in rows
-            ]
-            await self._dispatch(session, items)
+            per_owner: dict[str, list[Task]] = defaultdict(list)
+            for r in rows:
+                per_owner[r.owner_id].append(Task(id=r.id, function=r.function_id, endpoint=session.endpoint_id,
+                                                  payload=r.payload, group=r.group_id, spec=_loads(r.spec),
+                                                  uec=_loads(r.uec)))
+            for owner, items in per_owner.items():
+                await self._dispatch(session, owner, items)
 
     def endpoint_disconnected(self, session: EndpointSession) -> None:
         if self.endpoints.get(session.endpoint_id) is session:
             del self.endpoints[session.endpoint_id]
-            self.store.save_endpoint_status(session.endpoint_id, {**session.status, "online": False})
+            ep = self.store.get_endpoint(session.endpoint_id)
+            if ep is not None and ep["deleted_at"] is None:
+                self.store.save_endpoint_status(session.endpoint_id, {**session.status, "online": False})
 
-    async def _dispatch(self, ep: EndpointSession, items: list[dict[str, Any]]) -> None:
+    async def _dispatch(self, ep: EndpointSession, owner: str, items: list[Task]) -> None:
+        """Send tasks of one owner to an endpoint, with the function bodies it has not seen."""
         for start in range(0, len(items), DISPATCH_CHUNK):
             chunk = items[start : start + DISPATCH_CHUNK]
             bodies: dict[str, bytes] = {}
-            out = []
             for t in chunk:
-                fid = t["function"]
+                fid = t.function
                 if fid not in ep.sent_functions and fid not in bodies:
-                    body = self.store.get_function(t["owner"], fid)
+                    body = self.store.get_function(owner, fid)
                     if body is not None:
                         bodies[fid] = body
-                out.append({"id": t["id"], "function": fid, "payload": t["payload"], "spec": t.get("spec"),
-                            "uec": t.get("uec")})
             ep.sent_functions.update(bodies)
-            await _safe_send(ep, encode(Msg.TASKS, tasks=out, functions=bodies))
+            await _safe_send(ep, encode(Tasks(tasks=chunk, functions=bodies)))
+            await asyncio.sleep(0)  # a large backlog never holds the loop for long
 
-    async def endpoint_message(self, session: EndpointSession, msg: dict[str, Any]) -> None:
-        kind = msg["t"]
-        if kind == Msg.RECEIVED:
-            ids = require(msg, "ids", list)
-            ts = msg.get("ts") or time.time()
-            self._deferred[TaskState.DISPATCHED].update(dict.fromkeys(ids, ts))
-            self._push_status(ids, TaskState.DISPATCHED, ts)
-        elif kind == Msg.RUNNING:
-            ids = require(msg, "ids", list)
-            ts = msg.get("ts") or time.time()
-            self._deferred[TaskState.RUNNING].update(dict.fromkeys(ids, ts))
-            self._push_status(ids, TaskState.RUNNING, ts)
-        elif kind == Msg.RESULT:
-            results = require(msg, "results", list)
-            self.counters["result_frames"] += 1
-            for r in results:  # the result's row carries the times not yet written
-                times = r.setdefault("times", {})
-                for state, stamps in self._deferred.items():
-                    ts = stamps.pop(r["id"], None)
-                    if ts is not None:
-                        times.setdefault(state.value, ts)
-            # Push first, store second, acknowledge third: the client has its result a commit
-            # sooner, and the endpoint keeps it spooled until it is stored.
-            fresh = self.store.claim_results(results)
-            for client in self._push_results(fresh):
-                await client.send_results_now()
-            try:
-                self.store.write_results(fresh)
-            except Exception:
-                self.store.unclaim(fresh)  # not acknowledged: the endpoint sends them again
-                raise
-            await _safe_send(session, encode(Msg.RESULT_ACK, ids=[r["id"] for r in results]))
-            self.counters["results"] += len(fresh)
-            self.counters["failed"] += sum(r["state"] == TaskState.FAILED.value for r in fresh)
-        elif kind == Msg.HEARTBEAT:
-            session.status = {
-                "versions": msg.get("versions") or session.status.get("versions", {}),
-                "capacity": msg.get("capacity") or {},
-            }
+    async def _refuse_reports(self, session: EndpointSession, what: str, ids: list[str]) -> None:
+        """An endpoint spoke of tasks that are not its own: refuse, log, and tell it."""
+        session.refused_reports += len(ids)
+        self.counters["refused_endpoint_reports"] += len(ids)
+        log.warning("endpoint %s (owner %s) sent '%s' for %d task(s) not dispatched to it, e.g. %s; refused",
+                    session.endpoint_id, session.owner_id, what, len(ids), ids[0])
+        await _safe_send(session, encode(Error(code=ErrorCode.NOT_DISPATCHED, ids=ids[:100],
+                                               message=f"'{what}' refused for {len(ids)} task(s) that were not "
+                                                       "dispatched to this endpoint")))
+
+    async def endpoint_message(self, session: EndpointSession, msg: Any) -> None:
+        """Act on one (already validated) endpoint frame; only its own tasks are touched."""
+        if isinstance(msg, Received | Running):
+            state = TaskState.DISPATCHED if isinstance(msg, Received) else TaskState.RUNNING
+            mine, foreign = self.store.dispatched_to(session.endpoint_id, msg.ids)
+            if foreign:
+                await self._refuse_reports(session, msg.__struct_config__.tag, foreign)
+            ts = msg.ts or time.time()
+            self._deferred[state].update(dict.fromkeys(mine, ts))
+            self._push_status(mine, state, ts)
+            await self._audit(session, [(tid, state.value, ts) for tid in mine])
+        elif isinstance(msg, Results):
+            await self._store_results(session, msg.results)
+        elif isinstance(msg, UserEndpointStarted | UserEndpointFailed):
+            await self._user_endpoint_report(session, msg)
+        elif isinstance(msg, Heartbeat):
+            session.status = {"versions": msg.versions or session.status.get("versions", {}),
+                              "capacity": msg.capacity}
             self.store.save_endpoint_status(session.endpoint_id, {**session.status, "online": True})
-        else:
-            raise ProtocolError(f"'{kind}' is not a message an endpoint may send")
+
+    async def _store_results(self, session: EndpointSession, results: list[Result]) -> None:
+        self.counters["result_frames"] += 1
+        fresh, foreign = self.store.claim_results(session.endpoint_id, results)
+        if foreign:
+            await self._refuse_reports(session, "result", foreign)
+        for r in fresh:  # the result's row carries the times not yet written
+            for state, stamps in self._deferred.items():
+                ts = stamps.pop(r.id, None)
+                if ts is not None:
+                    r.times.setdefault(state.value, ts)
+        # Push first, store second, acknowledge third: the client has its result a commit
+        # sooner, and the endpoint keeps it spooled until it is stored.
+        for client in self._push_results(fresh):
+            await client.send_results_now()
+        try:
+            self.store.write_results(fresh)
+        except Exception:
+            self.store.unclaim(session.endpoint_id, fresh)  # not acknowledged: the endpoint sends them again
+            raise
+        # foreign and duplicate results are acknowledged too: they will never be stored, and the
+        # endpoint must not send them again forever
+        await _safe_send(session, encode(ResultAck(ids=[r.id for r in results])))
+        await self._audit(session, [(r.id, r.state, r.times.get(r.state) or time.time()) for r in fresh])
+        self.counters["results"] += len(fresh)
+        self.counters["failed"] += sum(r.state == TaskState.FAILED.value for r in fresh)
+
+    async def _audit(self, session: EndpointSession, events: list[tuple[str, str, float]]) -> None:
+        """Tell a user endpoint's parent what happened to its tasks (the parent keeps the audit log)."""
+        parent = self.endpoints.get(session.parent_id) if session.parent_id and events else None
+        if parent is not None:
+            await _safe_send(parent, encode(Audit(events=[(session.endpoint_id, tid, state, ts)
+                                                          for tid, state, ts in events])))
+
+    async def _user_endpoint_report(self, session: EndpointSession, msg: Any) -> None:
+        """A multi-user endpoint reports on one of *its* user endpoints (others are refused)."""
+        child = self.store.get_endpoint(msg.user_endpoint_id)
+        if child is None or child["parent_id"] != session.endpoint_id:
+            await self._refuse_reports(session, msg.__struct_config__.tag, [msg.user_endpoint_id])
+            return
+        if isinstance(msg, UserEndpointStarted):
+            self.store.set_local_user(msg.user_endpoint_id, msg.local_user)
+            return
+        self._start_requested.pop(msg.user_endpoint_id, None)
+        log.warning("user endpoint %s could not start: %s", msg.user_endpoint_id, msg.message)
+        error = {"type": "UserEndpointFailed", "code": ErrorCode.USER_ENDPOINT_FAILED.value,
+                 "message": f"the multi-user endpoint could not start your user endpoint: {msg.message}"}
+        rows = self.store.fail_open_tasks(msg.user_endpoint_id, error)
+        info = ErrorInfo(type=error["type"], message=error["message"], code=error["code"])
+        now = time.time()
+        self._push_results(Result(id=r.id, state="failed", error=info, times={"failed": now}) for r in rows)
 
     async def stop_endpoint(self, endpoint_id: str) -> bool:
         ep = self.endpoints.get(endpoint_id)
         if ep is None:
             return False
-        await _safe_send(ep, encode(Msg.STOP))
+        await _safe_send(ep, encode(Stop()))
         return True
+
+    async def disconnect_endpoint(self, endpoint_id: str, code: int, reason: str) -> None:
+        session = self.endpoints.get(endpoint_id)
+        if session is not None:
+            self.endpoint_disconnected(session)
+            await _safe_close(session, code, reason)
+
+    async def delete_endpoint(self, endpoint_id: str) -> int:
+        """Stop and forget an endpoint for good; its open tasks fail in words. Returns how many."""
+        await self.stop_endpoint(endpoint_id)
+        error = {"type": "EndpointDeleted", "code": ErrorCode.ENDPOINT_DELETED.value,
+                 "message": f"endpoint {endpoint_id} was deleted by its owner before this task finished"}
+        rows = self.store.delete_endpoint(endpoint_id, error)
+        await self.disconnect_endpoint(endpoint_id, CLOSE_AUTH_FAILED, "this endpoint was deleted by its owner")
+        now = time.time()
+        info = ErrorInfo(type=error["type"], message=error["message"], code=error["code"])
+        self._push_results(Result(id=r.id, state="failed", error=info, times={"failed": now}) for r in rows)
+        return len(rows)
 
 
 def _loads(text: str | None) -> Any:
-    import json
-
     return json.loads(text) if text else None
 
 
-def row_to_result(row: Any) -> dict[str, Any]:
+def row_to_result(row: Any) -> Result:
     """A stored task row as a RESULT record."""
-    import json
-
-    from .store import transitions
-
-    return {
-        "id": row.id,
-        "state": row.state,
-        "data": row.result,
-        "error": json.loads(row.error) if row.error else None,
-        "times": transitions(row),
-    }
+    error = None
+    if row.error:
+        e = json.loads(row.error)
+        error = ErrorInfo(type=str(e.get("type", "")), message=str(e.get("message", "")),
+                          traceback=str(e.get("traceback") or ""), code=e.get("code"))
+    return Result(id=row.id, state=row.state, data=row.result, error=error, times=transitions(row))
 
 
 async def _safe_send(session: Any, frame: bytes) -> None:
@@ -430,4 +617,11 @@ async def _safe_send(session: Any, frame: bytes) -> None:
         log.debug("send to %r failed: %s", session, exc)
 
 
-__all__ = ["Relay", "ClientSession", "EndpointSession", "row_to_result"]
+async def _safe_close(session: Any, code: int, reason: str) -> None:
+    try:
+        await session.sender.close(code, reason)
+    except Exception as exc:  # noqa: BLE001 - already gone
+        log.debug("close of %r failed: %s", session, exc)
+
+
+__all__ = ["ClientSession", "EndpointSession", "MAX_IDS", "Relay", "row_to_result"]

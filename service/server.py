@@ -18,6 +18,7 @@ from tether.config import service_file, tether_home, write_secret
 from tether.logs import configure_logging
 
 from .app import Settings, create_app
+from .auth import GlobusSettings
 
 LOCAL_USER = "local"
 
@@ -39,12 +40,28 @@ def _ws_implementation() -> str:
 
 
 def serve(host: str = "127.0.0.1", port: int = 8421, db_url: str | None = None,
-          max_payload_bytes: int | None = None, log_level: str = "warning") -> None:
-    """Serve until SIGTERM/SIGINT. The embedded default needs nothing but a writable TETHER_HOME."""
+          max_payload_bytes: int | None = None, log_level: str = "warning", tls_cert: str | None = None,
+          tls_key: str | None = None, tls_ca: str | None = None, allow_insecure_http: bool = False,
+          globus: GlobusSettings | None = None) -> None:
+    """Serve until SIGTERM/SIGINT. The embedded default needs nothing but a writable TETHER_HOME.
+
+    With ``tls_cert``/``tls_key`` the service speaks https/wss only. Without them it refuses to
+    listen beyond loopback (tokens would cross the network in clear) unless
+    ``allow_insecure_http`` says the network is trusted.
+    """
+    if bool(tls_cert) != bool(tls_key):
+        sys.exit("tether service: give both --tls-cert and --tls-key (PEM files), or neither")
+    for path in (tls_cert, tls_key, tls_ca):
+        if path and not Path(path).is_file():
+            sys.exit(f"tether service: {path} is not a file")
+    loopback_only = host in ("127.0.0.1", "::1", "localhost")
+    if not tls_cert and not loopback_only and not allow_insecure_http:
+        sys.exit(f"tether service: refusing to listen on {host} without TLS (tokens would cross the network in "
+                 "clear); pass --tls-cert and --tls-key, or --allow-insecure-http on a network you trust")
     home = tether_home()
     (home / "service").mkdir(parents=True, exist_ok=True, mode=0o700)
     default_db = f"sqlite:///{home / 'service' / 'tether.db'}"
-    settings = Settings(db_url=db_url or os.environ.get("TETHER_DB_URL") or default_db)
+    settings = Settings(db_url=db_url or os.environ.get("TETHER_DB_URL") or default_db, globus=globus)
     if max_payload_bytes:
         settings.max_payload_bytes = max_payload_bytes
     app = create_app(settings)
@@ -63,8 +80,11 @@ def serve(host: str = "127.0.0.1", port: int = 8421, db_url: str | None = None,
         sys.exit(f"tether service: cannot listen on {host}:{port}: {exc.strerror}; choose another --port")
     bound_port = sock.getsockname()[1]
     url_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    url = f"http://{url_host}:{bound_port}"
-    write_secret(service_file(), json.dumps({"url": url, "token": token, "pid": os.getpid()}))
+    url = f"{'https' if tls_cert else 'http'}://{url_host}:{bound_port}"
+    info = {"url": url, "token": token, "pid": os.getpid()}
+    if tls_ca:  # local clients verify the certificate against this CA (a private CA, a self-signed cert)
+        info["ca_file"] = str(Path(tls_ca).resolve())
+    write_secret(service_file(), json.dumps(info))
 
     configure_logging(log_level)
     config = uvicorn.Config(
@@ -77,6 +97,8 @@ def serve(host: str = "127.0.0.1", port: int = 8421, db_url: str | None = None,
         ws_ping_timeout=60,
         lifespan="on",
         access_log=False,
+        ssl_certfile=tls_cert,
+        ssl_keyfile=tls_key,
     )
     server = uvicorn.Server(config)
     print(f"tether service listening on {url} (state in {home})", flush=True)
@@ -90,8 +112,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--db-url", default=None)
     parser.add_argument("--max-payload-bytes", type=int, default=None)
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--tls-cert", default=None)
+    parser.add_argument("--tls-key", default=None)
+    parser.add_argument("--tls-ca", default=None)
+    parser.add_argument("--allow-insecure-http", action="store_true")
+    parser.add_argument("--globus-client-id", default=None)
+    parser.add_argument("--globus-client-secret-file", default=None)
+    parser.add_argument("--globus-scope", default=None)
+    parser.add_argument("--globus-auth-url", default=None)
     args = parser.parse_args(argv)
-    serve(args.host, args.port, args.db_url, args.max_payload_bytes, args.log_level)
+    globus = None
+    if args.globus_client_id:
+        if not args.globus_client_secret_file:
+            sys.exit("tether service: --globus-client-id needs --globus-client-secret-file (a 0600 file)")
+        try:
+            globus = GlobusSettings.from_files(args.globus_client_id, args.globus_client_secret_file,
+                                               args.globus_scope, args.globus_auth_url)
+        except (OSError, ValueError) as exc:
+            sys.exit(f"tether service: {exc}")
+    serve(args.host, args.port, args.db_url, args.max_payload_bytes, args.log_level, args.tls_cert, args.tls_key,
+          args.tls_ca, args.allow_insecure_http, globus)
 
 
 if __name__ == "__main__":

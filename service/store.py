@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import (
@@ -31,12 +33,20 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    inspect,
     select,
+    text,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from tether.protocol import TaskState
+
+log = logging.getLogger("tether.service.store")
+
+#: ids per IN (...) clause: far below SQLite's limit on bound parameters, so no list a peer
+#: sends can make a statement fail
+IN_CHUNK = 500
 
 metadata = MetaData()
 
@@ -59,6 +69,15 @@ endpoints = Table(
     Column("created_at", Float, nullable=False),
     Column("last_seen", Float),
     Column("status", Text),  # JSON of the last heartbeat
+    # a deleted endpoint stays as a tombstone: its id is never issued again, to anyone
+    Column("deleted_at", Float),
+    # multi-user endpoints: who may send tasks ({"public": bool, "users": [names or ids]})
+    Column("multi_user", Boolean),
+    Column("policy", Text),
+    # a user endpoint: its multi-user parent, the user's config, the local account it runs as
+    Column("parent_id", String(64), index=True),
+    Column("user_config", Text),
+    Column("local_user", String(255)),
 )
 
 functions = Table(
@@ -113,6 +132,20 @@ def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def credential_hash(secret: str) -> str:
+    """How tokens and endpoint secrets are kept (never in clear)."""
+    return _hash(secret)
+
+
+def _chunks(items: Sequence[Any], size: int = IN_CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class EndpointIdTaken(Exception):
+    """The endpoint id exists (another owner's, or deleted): ids are never issued twice."""
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
@@ -140,22 +173,38 @@ def transitions(row: Any) -> dict[str, float]:
 
 
 class Store:
-    """All durable state. Methods are synchronous and short; the service calls them on its loop."""
+    """All durable state. Methods are synchronous and short; the service calls them on its loop.
+
+    Every method is one transaction on the store's one connection (``_tx``), rolled back if
+    anything in it fails: a bad request can fail only itself, never leave the connection in a
+    broken transaction for everyone else.
+    """
 
     def __init__(self, url: str):
         self.engine = make_engine(url)
         metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
         self._conn = self.engine.connect()
-        self._token_cache: dict[str, str] = {}
         self._function_cache: dict[tuple[str, str], bytes] = {}
-        self._open: set[str] = set()  # ids of tasks known to have no result yet (see claim_results)
+        # open tasks (no result yet) this process knows of, and the endpoint each belongs to:
+        # a result or state report is applied only by that endpoint, without a SELECT
+        self._open: dict[str, str] = {}
 
     def close(self) -> None:
         self._conn.close()
         self.engine.dispose()
 
-    def _insert_ignore(self, table: Table, rows: list[dict[str, Any]]) -> None:
-        """INSERT, skipping rows whose primary key exists (resubmission after a reconnect)."""
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        """One transaction: committed on success, rolled back on any error."""
+        conn = self._conn
+        if conn.in_transaction():  # never inherit a transaction something else left open
+            conn.rollback()
+        with conn.begin():
+            yield conn
+
+    def _insert(self, table: Table, rows: list[dict[str, Any]], returning: Any = None) -> Any:
+        """INSERT, skipping rows whose primary key exists; with ``returning``, the rows inserted."""
         dialect = self.engine.dialect.name
         if dialect == "sqlite":
             from sqlalchemy.dialects.sqlite import insert
@@ -163,145 +212,259 @@ class Store:
             from sqlalchemy.dialects.postgresql import insert
         else:  # pragma: no cover - other databases are not supported yet
             raise RuntimeError(f"unsupported database {dialect}")
-        self._conn.execute(insert(table).on_conflict_do_nothing(), rows)
+        stmt = insert(table).on_conflict_do_nothing()
+        if returning is not None:
+            stmt = stmt.returning(returning)
+        return self._conn.execute(stmt, rows)
 
     # --- users -------------------------------------------------------------------------------
     def create_user(self, name: str, token: str | None = None) -> tuple[str, str]:
-        """Create a user (or give an existing one a new token); returns (user_id, token)."""
+        """Create a user, or give an existing one a new token (the old one stops working at
+        once); returns (user_id, token)."""
         token = token or secrets.token_urlsafe(32)
-        with self._conn.begin():
-            row = self._conn.execute(select(users.c.id).where(users.c.name == name)).first()
+        with self._tx() as conn:
+            row = conn.execute(select(users.c.id).where(users.c.name == name)).first()
             if row:
-                self._conn.execute(update(users).where(users.c.id == row.id).values(token_hash=_hash(token)))
-                user_id = row.id
-            else:
-                user_id = str(uuid.uuid4())
-                self._conn.execute(
-                    users.insert().values(id=user_id, name=name, token_hash=_hash(token), created_at=time.time())
-                )
-        self._token_cache.clear()
+                conn.execute(update(users).where(users.c.id == row.id).values(token_hash=_hash(token)))
+                return row.id, token
+            user_id = str(uuid.uuid4())
+            conn.execute(users.insert().values(id=user_id, name=name, token_hash=_hash(token), created_at=time.time()))
         return user_id, token
 
+    def revoke_user_token(self, name: str) -> bool:
+        """Revoke a user's token: every request and connection with it is refused (no new token
+        until ``create_user`` issues one). False if there is no such user."""
+        with self._tx() as conn:
+            res = conn.execute(update(users).where(users.c.name == name).values(token_hash="revoked"))
+        return bool(res.rowcount)
+
     def user_by_token(self, token: str) -> str | None:
-        """The user a token belongs to. Only hits are cached: a user added by ``tether service
-        user-add`` (another process, same database) is recognised at once."""
-        key = _hash(token)
-        user = self._token_cache.get(key)
-        if user is None:
-            row = self._conn.execute(select(users.c.id).where(users.c.token_hash == key)).first()
-            self._conn.commit()
-            if row is None:
-                return None
-            user = self._token_cache[key] = row.id
-        return user
+        """The user a token belongs to. Not cached: a token rotated or revoked by
+        ``tether service ...`` (another process, same database) is refused at once."""
+        with self._tx() as conn:
+            row = conn.execute(select(users.c.id).where(users.c.token_hash == _hash(token))).first()
+        return row.id if row else None
+
+    def user_for_identity(self, identity_id: str, username: str) -> str:
+        """The service user of a Globus identity (made on first sight): its id is the identity
+        id, its name the Globus username (suffixed if a local user already has that name)."""
+        with self._tx() as conn:
+            if conn.execute(select(users.c.id).where(users.c.id == identity_id)).first() is None:
+                taken = conn.execute(select(users.c.id).where(users.c.name == username)).first() is not None
+                name = f"{username}#{identity_id[:8]}" if taken else username
+                conn.execute(users.insert().values(id=identity_id, name=name, token_hash="globus",
+                                                   created_at=time.time()))
+        return identity_id
+
+    def valid_token_hashes(self, hashes: Iterable[str]) -> set[str]:
+        """Which of these token hashes still authenticate someone (for open connections)."""
+        wanted = list(set(hashes))
+        out: set[str] = set()
+        with self._tx() as conn:
+            for chunk in _chunks(wanted):
+                out.update(r.token_hash for r in conn.execute(
+                    select(users.c.token_hash).where(users.c.token_hash.in_(chunk))))
+        return out
 
     def user_name(self, user_id: str) -> str | None:
-        row = self._conn.execute(select(users.c.name).where(users.c.id == user_id)).first()
-        self._conn.commit()
+        with self._tx() as conn:
+            row = conn.execute(select(users.c.name).where(users.c.id == user_id)).first()
         return row.name if row else None
 
     # --- endpoints ---------------------------------------------------------------------------
-    def register_endpoint(self, owner: str, name: str, endpoint_id: str | None = None) -> tuple[str, str]:
-        """Register an endpoint, or re-issue the credential of one the owner already has."""
+    def register_endpoint(self, owner: str, name: str, endpoint_id: str | None = None,
+                          multi_user: bool = False) -> tuple[str, str]:
+        """Register a new endpoint (the service makes its id), or re-issue the credential of an
+        endpoint the owner has (the old credential stops working).
+
+        Raises KeyError for an id that does not exist and EndpointIdTaken for one that is
+        another user's or deleted: an endpoint id is never handed to anyone else.
+        """
         secret = secrets.token_urlsafe(32)
-        with self._conn.begin():
+        with self._tx() as conn:
             if endpoint_id:
-                row = self._conn.execute(
-                    select(endpoints.c.id).where(and_(endpoints.c.id == endpoint_id, endpoints.c.owner_id == owner))
-                ).first()
-                if row:
-                    self._conn.execute(
-                        update(endpoints)
-                        .where(endpoints.c.id == endpoint_id)
-                        .values(secret_hash=_hash(secret), name=name)
-                    )
-                    return endpoint_id, secret
-            endpoint_id = endpoint_id or str(uuid.uuid4())
-            self._conn.execute(
-                endpoints.insert().values(
-                    id=endpoint_id, owner_id=owner, name=name, secret_hash=_hash(secret), created_at=time.time()
-                )
-            )
+                row = conn.execute(select(endpoints).where(endpoints.c.id == endpoint_id)).first()
+                if row is None:
+                    raise KeyError(endpoint_id)
+                if row.owner_id != owner or row.deleted_at is not None or row.parent_id is not None:
+                    raise EndpointIdTaken(endpoint_id)
+                conn.execute(update(endpoints).where(endpoints.c.id == endpoint_id)
+                             .values(secret_hash=_hash(secret), name=name, multi_user=multi_user))
+                return endpoint_id, secret
+            endpoint_id = str(uuid.uuid4())
+            conn.execute(endpoints.insert().values(
+                id=endpoint_id, owner_id=owner, name=name, secret_hash=_hash(secret), created_at=time.time(),
+                multi_user=multi_user))
         return endpoint_id, secret
 
+    def set_policy(self, endpoint_id: str, policy: dict[str, Any]) -> None:
+        with self._tx() as conn:
+            conn.execute(update(endpoints).where(endpoints.c.id == endpoint_id).values(policy=json.dumps(policy)))
+
+    def user_endpoint_for(self, parent: dict[str, Any], user_id: str, user_name: str,
+                          config: dict[str, Any] | None) -> str:
+        """The id of the user endpoint that runs ``user_id``'s tasks with ``config`` on the
+        multi-user endpoint ``parent`` (made on first use; one per user and config)."""
+        canonical = json.dumps(config or {}, sort_keys=True, separators=(",", ":"))
+        child_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"tether:{parent['id']}:{user_id}:{canonical}"))
+        with self._tx():
+            self._insert(endpoints, [{
+                "id": child_id, "owner_id": user_id, "name": f"{parent['name']}.{user_name}"[:255],
+                "secret_hash": "unset", "created_at": time.time(), "parent_id": parent["id"],
+                "user_config": canonical,
+            }])
+        return child_id
+
+    def new_secret(self, endpoint_id: str) -> str:
+        """A fresh credential for an endpoint (the previous one stops working)."""
+        secret = secrets.token_urlsafe(32)
+        with self._tx() as conn:
+            conn.execute(update(endpoints).where(endpoints.c.id == endpoint_id).values(secret_hash=_hash(secret)))
+        return secret
+
+    def set_local_user(self, endpoint_id: str, local_user: str) -> None:
+        with self._tx() as conn:
+            conn.execute(update(endpoints).where(endpoints.c.id == endpoint_id).values(local_user=local_user))
+
+    def user_endpoints(self, parent_id: str, owner: str | None = None) -> list[dict[str, Any]]:
+        """The user endpoints of a multi-user endpoint (only ``owner``'s, when given)."""
+        cond = and_(endpoints.c.parent_id == parent_id, endpoints.c.deleted_at.is_(None))
+        if owner is not None:
+            cond = and_(cond, endpoints.c.owner_id == owner)
+        with self._tx() as conn:
+            rows = conn.execute(select(endpoints).where(cond).order_by(endpoints.c.created_at)).all()
+        return [dict(r._mapping) for r in rows]
+
+    def user_endpoints_with_open_tasks(self, parent_id: str) -> list[dict[str, Any]]:
+        with self._tx() as conn:
+            busy = select(tasks.c.endpoint_id).where(_OPEN).distinct()
+            rows = conn.execute(select(endpoints).where(and_(endpoints.c.parent_id == parent_id,
+                                                             endpoints.c.id.in_(busy)))).all()
+        return [dict(r._mapping) for r in rows]
+
     def endpoint_by_secret(self, endpoint_id: str, secret: str) -> dict[str, Any] | None:
-        row = self._conn.execute(select(endpoints).where(endpoints.c.id == endpoint_id)).first()
-        self._conn.commit()
-        if row is None or not secrets.compare_digest(row.secret_hash, _hash(secret)):
+        ep = self.get_endpoint(endpoint_id)
+        if ep is None or ep["deleted_at"] is not None or not secrets.compare_digest(ep["secret_hash"], _hash(secret)):
             return None
-        return dict(row._mapping)
+        return ep
+
+    def valid_endpoint_secrets(self, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which (endpoint id, secret hash) pairs still authenticate a live endpoint."""
+        wanted = dict(pairs)
+        out: set[tuple[str, str]] = set()
+        with self._tx() as conn:
+            for chunk in _chunks(list(wanted)):
+                for r in conn.execute(select(endpoints.c.id, endpoints.c.secret_hash)
+                                      .where(and_(endpoints.c.id.in_(chunk), endpoints.c.deleted_at.is_(None)))):
+                    out.add((r.id, r.secret_hash))
+        return out
 
     def get_endpoint(self, endpoint_id: str) -> dict[str, Any] | None:
-        row = self._conn.execute(select(endpoints).where(endpoints.c.id == endpoint_id)).first()
-        self._conn.commit()
+        """An endpoint's row, deleted ones included (check ``deleted_at``)."""
+        with self._tx() as conn:
+            row = conn.execute(select(endpoints).where(endpoints.c.id == endpoint_id)).first()
         return dict(row._mapping) if row else None
 
     def list_endpoints(self, owner: str) -> list[dict[str, Any]]:
-        rows = self._conn.execute(
-            select(endpoints).where(endpoints.c.owner_id == owner).order_by(endpoints.c.created_at)
-        ).all()
-        self._conn.commit()
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(endpoints).where(and_(endpoints.c.owner_id == owner, endpoints.c.deleted_at.is_(None),
+                                             endpoints.c.parent_id.is_(None)))
+                .order_by(endpoints.c.created_at)
+            ).all()
         return [dict(r._mapping) for r in rows]
 
     def save_endpoint_status(self, endpoint_id: str, status: dict[str, Any]) -> None:
-        with self._conn.begin():
-            self._conn.execute(
-                update(endpoints)
-                .where(endpoints.c.id == endpoint_id)
-                .values(status=json.dumps(status), last_seen=time.time())
-            )
+        with self._tx() as conn:
+            conn.execute(update(endpoints).where(endpoints.c.id == endpoint_id)
+                         .values(status=json.dumps(status), last_seen=time.time()))
 
-    def delete_endpoint(self, endpoint_id: str) -> None:
-        with self._conn.begin():
-            self._conn.execute(delete(endpoints).where(endpoints.c.id == endpoint_id))
+    def delete_endpoint(self, endpoint_id: str, error: dict[str, Any]) -> list[Any]:
+        """Delete an endpoint and its user endpoints (kept as tombstones, their credentials void)
+        and fail their open tasks with ``error``; returns the failed rows (id, owner_id)."""
+        with self._tx() as conn:
+            ids = [endpoint_id, *(r.id for r in conn.execute(
+                select(endpoints.c.id).where(endpoints.c.parent_id == endpoint_id)))]
+            conn.execute(update(endpoints).where(endpoints.c.id.in_(ids))
+                         .values(deleted_at=time.time(), secret_hash="deleted", status=None))
+        return [row for eid in ids for row in self.fail_open_tasks(eid, error)]
+
+    def fail_open_tasks(self, endpoint_id: str, error: dict[str, Any]) -> list[Any]:
+        """Fail every open task of an endpoint with ``error``; returns the rows (id, owner_id)."""
+        with self._tx() as conn:
+            rows = conn.execute(select(tasks.c.id, tasks.c.owner_id)
+                                .where(and_(tasks.c.endpoint_id == endpoint_id, _OPEN))).all()
+            conn.execute(update(tasks).where(and_(tasks.c.endpoint_id == endpoint_id, _OPEN))
+                         .values(state=TaskState.FAILED.value, t_done=time.time(), payload=None,
+                                 error=json.dumps(error)))
+        for r in rows:
+            self._open.pop(r.id, None)
+        return rows
 
     # --- functions ---------------------------------------------------------------------------
     def add_functions(self, owner: str, bodies: dict[str, bytes]) -> None:
+        """Keep function bodies under (owner, id); callers check that each id is its body's hash."""
         if not bodies:
             return
         now = time.time()
-        with self._conn.begin():
-            self._insert_ignore(
-                functions, [{"owner_id": owner, "id": fid, "body": b, "created_at": now} for fid, b in bodies.items()]
-            )
+        with self._tx():
+            self._insert(functions,
+                         [{"owner_id": owner, "id": fid, "body": b, "created_at": now} for fid, b in bodies.items()])
         for fid, body in bodies.items():
             self._function_cache[(owner, fid)] = body
 
     def get_function(self, owner: str, fid: str) -> bytes | None:
         body = self._function_cache.get((owner, fid))
         if body is None:
-            row = self._conn.execute(
-                select(functions.c.body).where(and_(functions.c.owner_id == owner, functions.c.id == fid))
-            ).first()
-            self._conn.commit()
+            with self._tx() as conn:
+                row = conn.execute(
+                    select(functions.c.body).where(and_(functions.c.owner_id == owner, functions.c.id == fid))
+                ).first()
             if row is None:
                 return None
             body = self._function_cache[(owner, fid)] = row.body
         return body
 
     # --- tasks -------------------------------------------------------------------------------
-    def insert_tasks(self, owner: str, batch: list[dict[str, Any]], now: float | None = None) -> None:
-        """Store a batch of submitted tasks (idempotent by task id) as waiting-for-endpoint."""
+    def insert_tasks(self, owner: str, batch: list[Any],
+                     now: float | None = None) -> tuple[list[Any], list[str], list[str]]:
+        """Store submitted tasks as waiting-for-endpoint, idempotently by task id.
+
+        Returns (inserted tasks, ids the owner had already submitted, ids that belong to
+        someone else). Only the first are new work; the second are a resubmission after a
+        reconnect; the third are refused: an id is never merged into another owner's task.
+        """
         now = now or time.time()
         rows = [
             {
-                "id": t["id"],
+                "id": t.id,
                 "owner_id": owner,
-                "endpoint_id": t["endpoint"],
-                "function_id": t["function"],
-                "group_id": t.get("group"),
+                "endpoint_id": t.endpoint,
+                "function_id": t.function,
+                "group_id": t.group,
                 "state": TaskState.WAITING.value,
-                "payload": t["payload"],
-                "spec": json.dumps(t["spec"]) if t.get("spec") else None,
-                "uec": json.dumps(t["uec"]) if t.get("uec") else None,
+                "payload": t.payload,
+                "spec": json.dumps(t.spec) if t.spec else None,
+                "uec": json.dumps(t.uec) if t.uec else None,
                 "t_received": now,
                 "t_waiting": now,
             }
             for t in batch
         ]
-        with self._conn.begin():
-            self._insert_ignore(tasks, rows)
-        self._open.update(r["id"] for r in rows)
+        if not rows:
+            return [], [], []
+        with self._tx() as conn:
+            inserted_ids = {r.id for r in self._insert(tasks, rows, returning=tasks.c.id)}
+            existing = [t.id for t in batch if t.id not in inserted_ids]
+            owners: dict[str, str] = {}
+            for chunk in _chunks(existing):
+                owners.update(conn.execute(select(tasks.c.id, tasks.c.owner_id).where(tasks.c.id.in_(chunk))).all())
+        inserted = [t for t in batch if t.id in inserted_ids]
+        for t in inserted:
+            self._open[t.id] = t.endpoint
+        mine = [tid for tid in existing if owners.get(tid) == owner]
+        theirs = [tid for tid in existing if owners.get(tid) != owner]
+        return inserted, mine, theirs
 
     def set_state(self, stamps: Iterable[tuple[str, float]], state: TaskState) -> None:
         """Move open tasks to a non-terminal state at the given times (terminal tasks never move again)."""
@@ -314,130 +477,156 @@ class Store:
             .where(and_(tasks.c.id == bindparam("b_id"), _OPEN))
             .values({"state": state.value, col: bindparam("b_ts")})
         )
-        with self._conn.begin():
-            self._conn.execute(stmt, params)
+        with self._tx() as conn:
+            conn.execute(stmt, params)
 
-    def claim_results(self, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The results that are the first for their task (duplicates are dropped); store them
-        with :meth:`write_results`.
+    def _learn_open(self, ids: list[str]) -> dict[str, tuple[str, bool]]:
+        """{id: (endpoint id, open?)} from the database, for ids this process has not seen."""
+        found: dict[str, tuple[str, bool]] = {}
+        with self._tx() as conn:
+            for chunk in _chunks(ids):
+                for r in conn.execute(select(tasks.c.id, tasks.c.endpoint_id, tasks.c.t_done)
+                                      .where(tasks.c.id.in_(chunk))):
+                    found[r.id] = (r.endpoint_id, r.t_done is None)
+                    if r.t_done is None:
+                        self._open[r.id] = r.endpoint_id
+        return found
 
-        Which tasks are open is known from memory for tasks this process inserted or loaded
-        (the hot path: no SELECT); others (after a restart) are looked up.
+    def dispatched_to(self, endpoint_id: str, ids: list[str]) -> tuple[list[str], list[str]]:
+        """Split ids an endpoint reports on into (open tasks of that endpoint, foreign ids).
+
+        Ids of its own finished tasks are in neither (a late report of a cancelled task, say);
+        foreign ids name tasks that are not this endpoint's, or do not exist.
         """
-        unknown = [r["id"] for r in results if r["id"] not in self._open]
-        if unknown:
-            rows = self._conn.execute(
-                select(tasks.c.id).where(and_(tasks.c.id.in_(unknown), _OPEN))
-            ).all()
-            self._conn.commit()
-            self._open.update(r.id for r in rows)
+        unknown = [i for i in ids if i not in self._open]
+        looked_up = self._learn_open(unknown) if unknown else {}
+        mine, foreign = [], []
+        for tid in ids:
+            ep = self._open.get(tid)
+            if ep is not None:
+                (mine if ep == endpoint_id else foreign).append(tid)
+            elif looked_up.get(tid, ("", False))[0] != endpoint_id:
+                foreign.append(tid)
+        return mine, foreign
+
+    def claim_results(self, endpoint_id: str, results: list[Any]) -> tuple[list[Any], list[str]]:
+        """(results that are the first for an open task of this endpoint, ids that are not the
+        endpoint's to report). Duplicates are in neither; store the fresh with :meth:`write_results`."""
+        mine, foreign = self.dispatched_to(endpoint_id, [r.id for r in results])
+        wanted = set(mine)
         fresh = []
         for r in results:
-            if r["id"] in self._open:
-                self._open.discard(r["id"])
+            if r.id in wanted:
+                wanted.discard(r.id)  # a second result for the same task in one frame is a duplicate
+                del self._open[r.id]
                 fresh.append(r)
-        return fresh
+        return fresh, foreign
 
-    def unclaim(self, results: list[dict[str, Any]]) -> None:
-        self._open.update(r["id"] for r in results)
+    def unclaim(self, endpoint_id: str, results: list[Any]) -> None:
+        for r in results:
+            self._open[r.id] = endpoint_id
 
-    def write_results(self, fresh: list[dict[str, Any]]) -> None:
+    def write_results(self, fresh: list[Any]) -> None:
         """Store claimed results. The UPDATE is guarded by ``t_done IS NULL``: a stored result
         is never overwritten."""
-        with self._conn.begin():
-            if fresh:
-                now = time.time()
-                params = []
-                for r in fresh:
-                    times = r.get("times") or {}
-                    params.append(
-                        {
-                            "b_id": r["id"],
-                            "b_state": r["state"],
-                            "b_result": r.get("data"),
-                            "b_error": json.dumps(r["error"]) if r.get("error") else None,
-                            "b_dispatched": times.get(TaskState.DISPATCHED.value),
-                            "b_running": times.get(TaskState.RUNNING.value),
-                            "b_done": times.get(r["state"]) or now,
-                        }
-                    )
-                self._conn.execute(
-                    update(tasks)
-                    .where(and_(tasks.c.id == bindparam("b_id"), _OPEN))
-                    .values(
-                        state=bindparam("b_state"),
-                        result=bindparam("b_result"),
-                        error=bindparam("b_error"),
-                        t_dispatched=func.coalesce(bindparam("b_dispatched"), tasks.c.t_dispatched),
-                        t_running=func.coalesce(bindparam("b_running"), tasks.c.t_running),
-                        t_done=bindparam("b_done"),
-                        payload=None,  # the arguments are not needed once a result exists
-                    ),
-                    params,
-                )
+        if not fresh:
+            return
+        now = time.time()
+        params = []
+        for r in fresh:
+            times = r.times
+            params.append(
+                {
+                    "b_id": r.id,
+                    "b_state": r.state,
+                    "b_result": r.data,
+                    "b_error": json.dumps(_error_dict(r.error)) if r.error else None,
+                    "b_dispatched": times.get(TaskState.DISPATCHED.value),
+                    "b_running": times.get(TaskState.RUNNING.value),
+                    "b_done": times.get(r.state) or now,
+                }
+            )
+        with self._tx() as conn:
+            conn.execute(
+                update(tasks)
+                .where(and_(tasks.c.id == bindparam("b_id"), _OPEN))
+                .values(
+                    state=bindparam("b_state"),
+                    result=bindparam("b_result"),
+                    error=bindparam("b_error"),
+                    t_dispatched=func.coalesce(bindparam("b_dispatched"), tasks.c.t_dispatched),
+                    t_running=func.coalesce(bindparam("b_running"), tasks.c.t_running),
+                    t_done=bindparam("b_done"),
+                    payload=None,  # the arguments are not needed once a result exists
+                ),
+                params,
+            )
 
     def open_tasks_for_endpoint(self, endpoint_id: str, exclude: set[str], limit: int = 100_000) -> list[Any]:
-        rows = self._conn.execute(
-            select(tasks.c.id, tasks.c.owner_id, tasks.c.function_id, tasks.c.payload, tasks.c.spec, tasks.c.uec,
-                   tasks.c.group_id)
-            .where(and_(tasks.c.endpoint_id == endpoint_id, _OPEN))
-            .order_by(tasks.c.t_received)
-            .limit(limit)
-        ).all()
-        self._conn.commit()
-        self._open.update(r.id for r in rows)
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(tasks.c.id, tasks.c.owner_id, tasks.c.function_id, tasks.c.payload, tasks.c.spec, tasks.c.uec,
+                       tasks.c.group_id)
+                .where(and_(tasks.c.endpoint_id == endpoint_id, _OPEN))
+                .order_by(tasks.c.t_received)
+                .limit(limit)
+            ).all()
+        for r in rows:
+            self._open[r.id] = endpoint_id
         return [r for r in rows if r.id not in exclude]
 
-    def get_tasks(self, owner: str, ids: list[str]) -> list[Any]:
-        rows = self._conn.execute(
-            select(tasks).where(and_(tasks.c.id.in_(ids), tasks.c.owner_id == owner))
-        ).all()
-        self._conn.commit()
-        return rows
+    def get_tasks(self, owner: str, ids: Sequence[str]) -> list[Any]:
+        """The owner's tasks among ``ids`` (others' are simply not found)."""
+        out: list[Any] = []
+        with self._tx() as conn:
+            for chunk in _chunks(ids):
+                out.extend(conn.execute(
+                    select(tasks).where(and_(tasks.c.id.in_(chunk), tasks.c.owner_id == owner))).all())
+        return out
 
     def group_task_ids(self, owner: str, group_id: str) -> list[Any]:
-        rows = self._conn.execute(
-            select(tasks.c.id, tasks.c.state)
-            .where(and_(tasks.c.owner_id == owner, tasks.c.group_id == group_id))
-            .order_by(tasks.c.t_received)
-        ).all()
-        self._conn.commit()
-        return rows
-
-    def cancel(self, owner: str, ids: list[str]) -> list[Any]:
-        """Cancel open tasks of this owner; returns (id, endpoint_id, previous state) of those cancelled."""
-        with self._conn.begin():
-            rows = self._conn.execute(
-                select(tasks.c.id, tasks.c.endpoint_id, tasks.c.state).where(
-                    and_(tasks.c.id.in_(ids), tasks.c.owner_id == owner, _OPEN)
-                )
+        with self._tx() as conn:
+            return conn.execute(
+                select(tasks.c.id, tasks.c.state)
+                .where(and_(tasks.c.owner_id == owner, tasks.c.group_id == group_id))
+                .order_by(tasks.c.t_received)
             ).all()
-            self._open.difference_update(r.id for r in rows)
-            if rows:
-                self._conn.execute(
-                    update(tasks)
-                    .where(and_(tasks.c.id.in_([r.id for r in rows]), _OPEN))
-                    .values(
-                        state=TaskState.CANCELLED.value,
-                        t_done=time.time(),
-                        payload=None,
-                        error=json.dumps({"type": "TaskCancelled", "message": "cancelled by its owner"}),
-                    )
-                )
-        return rows
 
-    def mark_collected(self, owner: str, ids: list[str]) -> None:
-        with self._conn.begin():
-            self._conn.execute(
-                update(tasks)
-                .where(and_(tasks.c.id.in_(ids), tasks.c.owner_id == owner, tasks.c.collected_at.is_(None)))
-                .values(collected_at=time.time())
-            )
+    def cancel(self, owner: str, ids: Sequence[str]) -> list[Any]:
+        """Cancel open tasks of this owner; returns (id, endpoint_id, previous state) of those cancelled."""
+        cancelled: list[Any] = []
+        error = json.dumps({"type": "TaskCancelled", "message": "cancelled by its owner"})
+        with self._tx() as conn:
+            for chunk in _chunks(ids):
+                rows = conn.execute(
+                    select(tasks.c.id, tasks.c.endpoint_id, tasks.c.state).where(
+                        and_(tasks.c.id.in_(chunk), tasks.c.owner_id == owner, _OPEN)
+                    )
+                ).all()
+                if rows:
+                    conn.execute(
+                        update(tasks)
+                        .where(and_(tasks.c.id.in_([r.id for r in rows]), _OPEN))
+                        .values(state=TaskState.CANCELLED.value, t_done=time.time(), payload=None, error=error)
+                    )
+                cancelled.extend(rows)
+        for r in cancelled:
+            self._open.pop(r.id, None)
+        return cancelled
+
+    def mark_collected(self, owner: str, ids: Sequence[str]) -> None:
+        with self._tx() as conn:
+            for chunk in _chunks(ids):
+                conn.execute(
+                    update(tasks)
+                    .where(and_(tasks.c.id.in_(chunk), tasks.c.owner_id == owner, tasks.c.collected_at.is_(None)))
+                    .values(collected_at=time.time())
+                )
 
     def purge(self, retention_s: float) -> int:
         """Forget finished tasks collected more than ``retention_s`` ago."""
-        with self._conn.begin():
-            res = self._conn.execute(
+        with self._tx() as conn:
+            res = conn.execute(
                 delete(tasks).where(
                     and_(tasks.c.collected_at.is_not(None), tasks.c.collected_at < time.time() - retention_s)
                 )
@@ -445,18 +634,44 @@ class Store:
         return res.rowcount or 0
 
     def count_by_state(self, owner: str) -> dict[str, int]:
-        rows = self._conn.execute(
-            select(tasks.c.state, func.count()).where(tasks.c.owner_id == owner).group_by(tasks.c.state)
-        ).all()
-        self._conn.commit()
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(tasks.c.state, func.count()).where(tasks.c.owner_id == owner).group_by(tasks.c.state)
+            ).all()
         return {r[0]: r[1] for r in rows}
 
     def recent_failures(self, owner: str, limit: int = 20) -> list[Any]:
-        rows = self._conn.execute(
-            select(tasks.c.id, tasks.c.endpoint_id, tasks.c.error, tasks.c.t_done)
-            .where(and_(tasks.c.owner_id == owner, tasks.c.state == TaskState.FAILED.value))
-            .order_by(tasks.c.t_done.desc())
-            .limit(limit)
-        ).all()
-        self._conn.commit()
-        return rows
+        with self._tx() as conn:
+            return conn.execute(
+                select(tasks.c.id, tasks.c.endpoint_id, tasks.c.error, tasks.c.t_done)
+                .where(and_(tasks.c.owner_id == owner, tasks.c.state == TaskState.FAILED.value))
+                .order_by(tasks.c.t_done.desc())
+                .limit(limit)
+            ).all()
+
+
+def _error_dict(error: Any) -> dict[str, Any]:
+    """An error record (a protocol struct, or a dict from an engine) as a plain dict."""
+    if isinstance(error, dict):
+        return error
+    import msgspec
+
+    return msgspec.structs.asdict(error)
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Add nullable columns that this version's tables have and an older database lacks.
+
+    A stopgap until schema migrations exist: it keeps ``~/.tether`` databases made by an
+    earlier version working (ALTER TABLE ADD COLUMN of a nullable column is safe on both
+    SQLite and PostgreSQL).
+    """
+    inspector = inspect(engine)
+    with engine.begin() as conn:
+        for table in metadata.sorted_tables:
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in present and column.nullable:
+                    log.info("adding column %s.%s to an older database", table.name, column.name)
+                    kind = column.type.compile(dialect=engine.dialect)
+                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))

@@ -65,3 +65,21 @@ def blob(n: int) -> bytes:
 
 def identity(x: object) -> object:
     return x
+
+
+def who_am_i() -> dict:
+    """What account a task runs as, and whether it could get root back."""
+    import os
+
+    umask = os.umask(0o077)
+    os.umask(umask)
+    try:
+        os.setuid(0)
+        regained = True
+    except PermissionError:
+        regained = False
+    with open("/proc/self/status") as fh:
+        no_new_privs = next((line.split()[1] for line in fh if line.startswith("NoNewPrivs:")), "?")
+    return {"uid": os.getuid(), "gid": os.getgid(), "home": os.environ.get("HOME"), "umask": umask,
+            "regained_root": regained, "no_new_privs": no_new_privs, "cwd": os.getcwd(),
+            "secret_in_env": any("secret" in k.lower() for k in os.environ)}

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import httpx
@@ -13,11 +11,11 @@ import msgpack
 import pytest
 
 from tether import AuthError, Client, Executor, PayloadTooLarge, UnknownEndpoint
-from tether.protocol import CLIENT_WS_PATH, Msg, decode, encode
-from tether.transport import open_ws
+from tether.protocol import Error, ErrorCode, Hello, Subscribe, Welcome
 
 import helpers
 from conftest import TEST_MAX_PAYLOAD, wait_for
+from rogue import raw, raw_client, raw_endpoint
 
 
 def test_wrong_token_is_an_auth_error(stack) -> None:
@@ -45,29 +43,25 @@ def test_oversized_payload_is_refused_in_words(executor: Executor) -> None:
 
 
 def test_malformed_frames_get_errors_and_the_session_survives(stack, executor: Executor) -> None:
-    async def scenario() -> list[dict]:
-        url = stack.service_url.replace("http", "ws", 1) + CLIENT_WS_PATH
-        ws = await open_ws(url, {"Authorization": f"Bearer {stack.token}"})
-        assert decode(await ws.recv())["t"] == Msg.WELCOME
-        replies = []
+    peer = raw_client(stack.service_url, stack.token)
+    replies = []
+    try:
         for bad in (b"\xc1\xc1 not msgpack", msgpack.packb([1, 2, 3]), msgpack.packb({"v": 99, "t": "submit"}),
-                    encode("no-such-type"), encode(Msg.SUBMIT, ref=7)):
-            await ws.send(bad)
-            replies.append(decode(await ws.recv()))
-        # the same session still works after all that
-        await ws.send(encode(Msg.SUBSCRIBE, ids=["nope"]))
-        replies.append(decode(await ws.recv()))
-        await ws.close()
-        return replies
-
-    replies = asyncio.run(scenario())
-    assert [r["t"] for r in replies] == ["error"] * 6
-    assert "not valid msgpack" in replies[0]["message"]
-    assert "must be a msgpack map" in replies[1]["message"]
-    assert "protocol version 99" in replies[2]["message"]
-    assert "unknown message type" in replies[3]["message"]
-    assert "needs field 'tasks'" in replies[4]["message"] and replies[4]["ref"] == 7
-    assert "unknown task ids" in replies[5]["message"]
+                    raw("no-such-type"), raw("submit", ref=7)):
+            peer.send(bad)
+            replies.append(peer.recv())
+        peer.send(Subscribe(ids=["nope"]))  # the same session still works after all that
+        replies.append(peer.recv())
+    finally:
+        peer.close()
+    assert all(isinstance(r, Error) for r in replies)
+    assert [r.code for r in replies] == [ErrorCode.MALFORMED] * 5 + [ErrorCode.UNKNOWN_TASK]
+    assert "not a msgpack map" in replies[0].message
+    assert "not a msgpack map" in replies[1].message
+    assert "protocol version 99" in replies[2].message
+    assert "'no-such-type' is not a message a client may send" in replies[3].message
+    assert "Object missing required field `tasks`" in replies[4].message
+    assert "unknown task ids" in replies[5].message
     assert executor.submit(helpers.square, 5).result(timeout=30) == 25
 
 
@@ -94,33 +88,20 @@ def test_rest_validation_errors_say_what_is_wrong(stack) -> None:
         assert r.status_code == 422
         assert "name" in str(r.json()["detail"])
         r = http.post("/v1/functions", json={"function": "%%%"})
-        assert r.status_code == 422 and "base64" in r.json()["detail"]
+        assert r.status_code == 422 and "function" in str(r.json()["detail"]) and "pattern" in r.text
         assert http.get("/v1/tasks/unknown").status_code == 404
         assert http.get("/healthz").json()["status"] == "ok"
 
 
 def test_python_version_mismatch_is_reported_before_any_task_runs(stack) -> None:
     """A (scripted) endpoint that says it runs Python 3.9: the client warns at submit, in words."""
-    from tether.protocol import ENDPOINT_WS_PATH
     from tether.serialize import PY_VERSION
 
     cred = Client(stack.service_url, stack.token).register_endpoint("old-python")
-    url = stack.service_url.replace("http", "ws", 1) + ENDPOINT_WS_PATH
-    connected = threading.Event()
-    done = threading.Event()
-
-    async def old_endpoint() -> None:
-        ws = await open_ws(url, {"Authorization": f"Bearer {cred['secret']}", "X-Tether-Endpoint": cred["endpoint_id"]})
-        await ws.send(encode(Msg.HELLO, versions={"python": "3.9"}, inflight=[], spooled=[]))
-        assert decode(await ws.recv())["t"] == Msg.WELCOME
-        connected.set()
-        await asyncio.get_running_loop().run_in_executor(None, done.wait, 30)
-        await ws.close()
-
-    thread = threading.Thread(target=asyncio.run, args=(old_endpoint(),))
-    thread.start()
+    old = raw_endpoint(stack.service_url, cred["endpoint_id"], cred["secret"])
     try:
-        assert connected.wait(30)
+        old.send(Hello(versions={"python": "3.9"}))
+        assert isinstance(old.recv(), Welcome)
         ex = Executor(endpoint_id=cred["endpoint_id"], service=stack.service_url, token=stack.token)
         with pytest.warns(RuntimeWarning) as record:
             fut = ex.submit(helpers.square, 2)
@@ -130,5 +111,4 @@ def test_python_version_mismatch_is_reported_before_any_task_runs(stack) -> None
         assert "Python 3.9" in text and f"Python {PY_VERSION}" in text
         fut.cancel()
     finally:
-        done.set()
-        thread.join(30)
+        old.close()

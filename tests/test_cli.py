@@ -163,3 +163,37 @@ def test_json_logs(tmp_path: Path) -> None:
         assert all({"ts", "level", "logger", "message"} <= set(e) for e in entries)
     endpoint_log = (stack.endpoint_dir() / "endpoint.log").read_text()
     assert '"logger": "tether.endpoint"' in endpoint_log and "connected to" in endpoint_log
+
+
+def test_foreground_endpoint_and_service_are_stopped_by_stop(stack: LocalStack, tmp_path: Path) -> None:
+    """'stop' checks that a recorded pid still runs Tether: processes started in the foreground by
+    the console script ('tether endpoint start NAME', 'tether service start') pass that check."""
+    console_script = str(Path(sys.executable).parent / "tether")
+    tether(stack.env, "endpoint", "configure", "fg", "--engine", "thread", "--workers", "1", "--force")
+    tether(stack.env, "endpoint", "start", "fg", "--detach")  # registers it
+    tether(stack.env, "endpoint", "stop", "fg")
+    proc = subprocess.Popen([console_script, "endpoint", "start", "fg"], env=stack.env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        status_file = stack.endpoint_dir("fg") / "status.json"
+        wait_for(lambda: status_file.exists() and json.loads(status_file.read_text()).get("pid") == proc.pid,
+                 what="the foreground endpoint to write its status")
+        assert "stopped endpoint fg" in tether(stack.env, "endpoint", "stop", "fg").stdout
+        assert proc.wait(timeout=30) is not None
+    finally:
+        proc.kill()
+        proc.wait()
+    tether(stack.env, "endpoint", "delete", "fg", "--yes")
+
+    env = {**stack.env, "TETHER_HOME": str(tmp_path / "home")}
+    service = subprocess.Popen([console_script, "service", "start", "--port", "0"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        info_file = tmp_path / "home" / "service.json"
+        wait_for(lambda: info_file.exists() and json.loads(info_file.read_text()).get("pid") == service.pid,
+                 what="the foreground service to write service.json")
+        assert f"stopped the service (pid {service.pid})" in tether(env, "service", "stop").stdout
+        assert service.wait(timeout=30) is not None
+    finally:
+        service.kill()
+        service.wait()

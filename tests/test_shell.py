@@ -4,6 +4,7 @@ check=True, the sandbox, and that cancelling (or losing) the task kills the comm
 from __future__ import annotations
 
 import os
+import shlex
 import time
 from pathlib import Path
 
@@ -202,3 +203,48 @@ def test_tail_reads_from_the_end(tmp_path: Path) -> None:
     assert _tail(str(p), 5) == ("", False)
     p.write_bytes("é\n".encode() * 3)
     assert _tail(str(p), 2, block=3) == ("é\né\n", True)
+
+
+# --- quoting: template values are shell code unless quoted -----------------------------------
+HOSTILE = "a b; echo pwned"
+
+
+def test_unquoted_values_are_shell_code(executor: Executor) -> None:
+    """The default (Globus Compute's): what the quoting tests below guard against, seen happen."""
+    r = executor.submit(ShellFunction("echo {x}"), x=HOSTILE).result(timeout=30)
+    assert r.stdout.splitlines() == ["a b", "pwned"]
+
+
+def test_quote_true_passes_every_value_literally(executor: Executor, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    value = f"{HOSTILE}; touch {marker}"
+    fn = ShellFunction("echo {x}; echo {y}", quote=True)
+    r = executor.submit(fn, x=value, y="$(id) `id` it's \"quoted\" *").result(timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [value, "$(id) `id` it's \"quoted\" *"]
+    assert not marker.exists()  # never ran
+    assert "pwned" not in r.stdout.replace(value, "")
+
+
+def test_q_conversion_quotes_one_value(executor: Executor, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    value = f"{HOSTILE}; touch {marker}"
+    fn = ShellFunction("echo {x!q} {n}; echo {width!q:>6}")
+    r = executor.submit(fn, x=value, n="$((40 + 2))", width="a b").result(timeout=30)
+    assert r.returncode == 0, r.stderr
+    # x arrives as one literal word; n stays code (expanded); a format spec applies before quoting
+    assert r.stdout.splitlines() == [f"{value} 42", "   a b"]
+    assert not marker.exists()
+    # with quote=True too, a value is quoted once, not twice
+    both = executor.submit(ShellFunction("echo {x!q} {y}", quote=True), x=HOSTILE, y=HOSTILE).result(timeout=30)
+    assert both.stdout.splitlines() == [f"{HOSTILE} {HOSTILE}"]
+
+
+def test_quoting_templates_are_checked_at_construction_and_submit(executor: Executor) -> None:
+    with pytest.raises(ValueError, match=r"\{x!z\}: the conversion must be !q"):
+        ShellFunction("echo {x!z}")
+    with pytest.raises(ShellTemplateError, match="needs the keyword argument"):
+        executor.submit(ShellFunction("echo {x!q}", quote=True), y=1)
+    # !r, !s, !a convert first; quote=True then quotes the result
+    assert ShellFunction("echo {x!r} {y}", quote=True).format((), {"x": "a", "y": "b c"}) == \
+        f"echo {shlex.quote(repr('a'))} 'b c'"

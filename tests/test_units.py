@@ -2,23 +2,67 @@
 
 from __future__ import annotations
 
+import msgpack
 import pytest
 
 from tether import TaskFailed
 from tether.errors import SerializationError, VersionMismatch, task_failed
-from tether.protocol import PROTOCOL_VERSION, Msg, ProtocolError, decode, encode
+from tether.protocol import (
+    CLIENT_FRAMES,
+    ENDPOINT_FRAMES,
+    PROTOCOL_VERSION,
+    FrameDecoder,
+    ProtocolError,
+    Submit,
+    Task,
+    encode,
+)
 from tether.serialize import PY_VERSION, deserialize, serialize
+
+FID = "0123456789abcdef0123456789abcdef"
 
 
 def test_frames_round_trip_with_version() -> None:
-    frame = encode(Msg.SUBMIT, ref=3, tasks=[{"id": "a", "payload": b"\x00\x01"}])
-    msg = decode(frame)
-    assert msg["v"] == PROTOCOL_VERSION and msg["t"] == "submit" and msg["tasks"][0]["payload"] == b"\x00\x01"
+    frame = encode(Submit(ref=3, tasks=[Task(id="a", function=FID, endpoint="e", payload=b"\x00\x01")]))
+    assert msgpack.unpackb(frame)["v"] == PROTOCOL_VERSION
+    msg = FrameDecoder(CLIENT_FRAMES, "a client").decode(frame)
+    assert isinstance(msg, Submit) and msg.ref == 3 and msg.tasks[0].payload == b"\x00\x01"
 
 
 def test_text_frames_are_refused() -> None:
     with pytest.raises(ProtocolError, match="text frame"):
-        decode("hello")
+        FrameDecoder(CLIENT_FRAMES, "a client").decode("hello")
+
+
+@pytest.mark.parametrize(("frame", "words"), [
+    ({"t": "subscribe", "v": PROTOCOL_VERSION, "ids": [1]}, r"Expected `str`, got `int` - at `\$.ids\[0\]`"),
+    ({"t": "subscribe", "v": PROTOCOL_VERSION, "ids": ["../../../tmp/x"]}, r"matching regex .* at `\$.ids\[0\]`"),
+    ({"t": "subscribe", "v": PROTOCOL_VERSION, "ids": ["a"] * 10_001}, r"length <= 10000"),
+    ({"t": "hello", "v": PROTOCOL_VERSION}, r"'hello' is not a message a client may send"),
+    ({"t": "submit", "v": 1}, r"protocol version 1 is not supported"),
+])
+def test_client_frames_are_checked_at_the_edge(frame: dict, words: str) -> None:
+    with pytest.raises(ProtocolError, match=words):
+        FrameDecoder(CLIENT_FRAMES, "a client").decode(msgpack.packb(frame))
+
+
+@pytest.mark.parametrize(("frame", "words"), [
+    ({"t": "heartbeat", "capacity": "x"}, r"Expected `object`, got `str` - at `\$.capacity`"),
+    ({"t": "heartbeat", "capacity": {"workers_idle": -1}}, r"'workers_idle' must be a count"),
+    ({"t": "hello", "versions": "x"}, r"at `\$.versions`"),
+    ({"t": "result", "results": [{"id": "a", "state": "running"}]}, r"Invalid enum value 'running'"),
+])
+def test_endpoint_frames_are_checked_at_the_edge(frame: dict, words: str) -> None:
+    with pytest.raises(ProtocolError, match=words):
+        FrameDecoder(ENDPOINT_FRAMES, "an endpoint").decode(msgpack.packb({"v": PROTOCOL_VERSION, **frame}))
+
+
+def test_json_data_serializer_runs_no_code() -> None:
+    data = serialize(((1, "a"), {"k": [True, None]}), "json")
+    assert data.startswith(b"tether:1;method=json;")
+    assert deserialize(data, allowed_methods=frozenset({"json"})) == [[1, "a"], {"k": [True, None]}]
+    with pytest.raises(SerializationError, match="plain data"):
+        serialize(((object(),), {}), "json")
 
 
 def test_serialization_round_trip_and_header() -> None:

@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from tether.errors import ConfigError
+from tether.ids import child_path
 
 from .base import Engine, TaskSpec, cancelled_record
 
@@ -103,6 +104,13 @@ def _notify(notify: tuple[list[str], int, bytes] | None, task_id: str) -> None:
         pass
 
 
+def control_file(control_dir: str | Path, task_id: str, suffix: str) -> Path:
+    """``control_dir/TASK<suffix>`` (a cancel marker or a claim). Task ids arrive from the service:
+    one like ``../../x`` must never name a file outside ``control_dir``, so it is checked here."""
+    base = child_path(Path(control_dir), task_id, "task id")
+    return base.with_name(base.name + suffix)
+
+
 def run_in_worker(
     task_id: str,
     fid: str,
@@ -131,8 +139,7 @@ def run_in_worker(
     claim = None
     path = ""
     if control_dir:
-        base = os.path.join(control_dir, task_id)
-        path = f"{base}.{attempt}.run"
+        path = str(control_file(control_dir, task_id, f".{attempt}.run"))
         try:
             import fcntl
 
@@ -144,7 +151,7 @@ def run_in_worker(
             if claim is not None:
                 claim.close()
             claim = None  # no (lockable) shared filesystem here: cancel cannot reach this worker
-        if os.path.exists(base + ".cancel"):
+        if control_file(control_dir, task_id, ".cancel").exists():
             _release(claim, path)
             return None  # cancelled before it started: never run it
     _notify(notify, task_id)
@@ -674,7 +681,7 @@ class ParslEngine(Engine):
             pass
         for tid in list(self.tasks):
             for attempt in range(self.tasks[tid].tries + 1):
-                self._kill_claimed(self.control_dir / f"{tid}.{attempt}.run")
+                self._kill_claimed(control_file(self.control_dir, tid, f".{attempt}.run"))
         try:
             await asyncio.wait_for(asyncio.to_thread(self._shutdown_parsl), timeout=60)
         except TimeoutError:
@@ -756,6 +763,7 @@ class ParslEngine(Engine):
                     f"the {self.kind} engine failed and runs no more tasks: {self.failed_state}. "
                     f"Fix the cause and restart the endpoint"
                 )
+            control_file(self.control_dir, task.id, "")  # an id that could leave control/ fails the task here
             rspec = self._resource_specification(task.spec)
             fut = self.executor.submit(
                 run_in_worker,
@@ -793,7 +801,7 @@ class ParslEngine(Engine):
         if task_id in self.cancelled:
             if self.cancelled[task_id] is fut:
                 del self.cancelled[task_id]
-                (self.control_dir / (task_id + ".cancel")).unlink(missing_ok=True)
+                control_file(self.control_dir, task_id, ".cancel").unlink(missing_ok=True)
             return
         entry = self.tasks.get(task_id)
         if entry is None or entry.future is not fut:
@@ -868,13 +876,12 @@ class ParslEngine(Engine):
             return
         if entry.future is not None and not entry.future.done():
             self.cancelled[task_id] = entry.future
-            base = self.control_dir / task_id
             try:  # the marker first, then look at the claim: one of the two sides sees the other
-                Path(str(base) + ".cancel").write_text("")
+                control_file(self.control_dir, task_id, ".cancel").write_text("")
             except OSError as exc:
                 log.warning("cannot write cancel marker for %s: %s", task_id, exc)
             for attempt in range(entry.tries + 1):  # an earlier, lost attempt may still run too
-                self._kill_claimed(Path(f"{base}.{attempt}.run"))
+                self._kill_claimed(control_file(self.control_dir, task_id, f".{attempt}.run"))
         self.on_result(cancelled_record(task_id, time.time()))
 
     def _kill_claimed(self, claim: Path) -> None:

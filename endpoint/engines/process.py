@@ -55,8 +55,11 @@ class ProcessEngine(Engine):
 
     def _spawn(self) -> _Worker:
         parent, child = self.ctx.Pipe()
+        # not a daemon process: tasks may start processes of their own (multiprocessing pools,
+        # Parsl's resource monitor), which daemonic processes may not; a worker still ends with
+        # the endpoint, when its pipe closes or stop() kills its group
         proc = self.ctx.Process(target=worker_main, args=(child, self.allowed_methods, self.engine_info(),
-                                                           self.python_sandbox), daemon=True,
+                                                           self.python_sandbox), daemon=False,
                                 name="tether-worker")
         proc.start()
         child.close()  # so the worker's death shows as EOF on our end

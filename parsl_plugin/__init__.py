@@ -1,0 +1,21 @@
+"""``tether.parsl``: run Parsl apps on a Tether endpoint.
+
+::
+
+    import parsl
+    from parsl.config import Config
+    from tether.parsl import TetherExecutor
+
+    parsl.load(Config(executors=[TetherExecutor(endpoint_id=EP, label="hpc")]))
+
+See ``docs/parsl.md``.
+"""
+
+from __future__ import annotations
+
+from .executor import InvalidResourceSpecification, TetherExecutor, version_problems
+from .monitoring import ResultRadio
+from .remote import WorkingDirUnavailable
+
+__all__ = ["InvalidResourceSpecification", "ResultRadio", "TetherExecutor", "WorkingDirUnavailable",
+           "version_problems"]

@@ -1,0 +1,169 @@
+"""The REST API's request and response models: what ``/openapi.json`` documents.
+
+Ids are checked here against the one definition in :mod:`tether.ids` (a malformed id is a 422
+naming the field, before any route runs), and every error answer a route can give is
+declared with :func:`error_responses`, so the OpenAPI document describes the service exactly
+(``tests/test_fuzz.py`` holds it to that).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Path
+from pydantic import BaseModel, Field
+
+from tether.ids import FUNCTION_ID_PATTERN, ID_PATTERN, NAME_PATTERN
+from tether.protocol import MAX_BATCH, MAX_IDS
+
+#: standard base64 (RFC 4648, padded): what the payload fields must be
+BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+Base64Str = Annotated[str, Field(pattern=BASE64_PATTERN)]
+IdStr = Annotated[str, Field(pattern=ID_PATTERN)]
+FunctionIdStr = Annotated[str, Field(pattern=FUNCTION_ID_PATTERN)]
+PathId = Annotated[str, Path(pattern=ID_PATTERN)]
+PathFunctionId = Annotated[str, Path(pattern=FUNCTION_ID_PATTERN)]
+
+
+class ErrorDetail(BaseModel):
+    """Every error the service itself raises: what is wrong, in words."""
+
+    detail: str
+
+
+class WhoAmI(BaseModel):
+    user_id: str
+    name: str | None
+
+
+class EndpointRegistration(BaseModel):
+    name: str = Field(min_length=1, max_length=128, pattern=NAME_PATTERN)
+    endpoint_id: IdStr | None = Field(default=None, description="re-register (rotate the credential of) this endpoint "
+                                      "of yours; omit to register a new endpoint (the service makes its id)")
+    multi_user: bool = Field(default=False, description="a multi-user endpoint: runs each admitted user's tasks "
+                             "in a user endpoint process under that user's local account")
+
+
+class EndpointPolicy(BaseModel):
+    """Who may send tasks to a multi-user endpoint (its owner always may)."""
+
+    public: bool = Field(default=False, description="every user of this service")
+    users: list[Annotated[str, Field(max_length=255)]] = Field(default_factory=list, max_length=10_000,
+                                                               description="user names or ids")
+
+
+class UserEndpointInfo(BaseModel):
+    endpoint_id: str
+    user: str | None = Field(description="the user it serves (shown to the multi-user endpoint's owner)")
+    local_user: str | None = Field(description="the local account it runs as (shown to its owner)")
+    online: bool
+    config: dict[str, Any]
+
+
+class EndpointCredential(BaseModel):
+    endpoint_id: str
+    secret: str = Field(description="the endpoint's own credential; keep it in a 0600 file")
+
+
+class EndpointInfo(BaseModel):
+    endpoint_id: str
+    name: str
+    online: bool
+    last_seen: float | None
+    status: dict[str, Any]
+
+
+class EndpointAction(BaseModel):
+    endpoint_id: str
+    stop_sent: bool | None = None
+    deleted: bool | None = None
+    tasks_failed: int | None = None
+
+
+class FunctionRegistration(BaseModel):
+    function: Base64Str = Field(description="base64 of the serialized function (tether.serialize)")
+
+
+class FunctionInfo(BaseModel):
+    function_id: str
+
+
+class TaskInfo(BaseModel):
+    task_id: str
+    state: str
+    endpoint_id: str
+    group_id: str | None
+    transitions: dict[str, float]
+    result: str | None = Field(default=None, description="base64 of the serialized result, when finished")
+    error: dict[str, Any] | None = None
+    resource_specification: dict[str, Any] | None = None
+    user_endpoint_config: dict[str, Any] | None = None
+
+
+class TaskIds(BaseModel):
+    task_ids: list[IdStr] = Field(max_length=MAX_IDS)
+
+
+class RestTask(BaseModel):
+    task_id: IdStr
+    endpoint_id: IdStr
+    function_id: FunctionIdStr
+    payload: Base64Str = Field(description="base64 of serialized (args, kwargs)")
+    group_id: IdStr | None = None
+    resource_specification: dict[str, Any] | None = None
+
+
+class RestBatch(BaseModel):
+    tasks: list[RestTask] = Field(max_length=MAX_BATCH)
+
+
+class RestRefusal(BaseModel):
+    code: str = Field(description="a tether.protocol.ErrorCode")
+    message: str
+
+
+class BatchAck(BaseModel):
+    accepted: list[str]
+    rejected: dict[str, RestRefusal]
+
+
+class TaskCancelResult(BaseModel):
+    task_id: str
+    cancelled: bool
+
+
+class GroupTask(BaseModel):
+    task_id: str
+    state: str
+
+
+class GroupInfo(BaseModel):
+    group_id: str
+    tasks: list[GroupTask]
+
+
+class DashboardInfo(BaseModel):
+    endpoints: list[EndpointInfo]
+    task_counts: dict[str, int]
+    recent_failures: list[dict[str, Any]]
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    protocol: int
+    uptime_s: float
+
+
+_DESCRIPTIONS = {
+    400: "The request body is not valid JSON, or not valid base64 where base64 is due",
+    401: "Missing, unknown or revoked token",
+    404: "No such object visible to you",
+    409: "The id is taken (by another user, or by something deleted), or the endpoint is not of the kind the "
+         "request needs",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error answers a route gives (401 for every authenticated route)."""
+    return {code: {"model": ErrorDetail, "description": _DESCRIPTIONS[code]} for code in sorted({401, *codes})}

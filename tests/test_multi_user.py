@@ -1,0 +1,192 @@
+"""The multi-user endpoint, for real: POSIX users made with useradd, the endpoint started as
+root, tasks submitted as two identities, each run under its own account (issue 10).
+
+Needs root (useradd, setuid). Outside root these tests skip with a message; under CI (which
+runs as root) they must run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from tether import Client, Executor, TaskFailed
+from tether.local import LocalStack
+from tether.protocol import Error, ErrorCode, Subscribe
+
+import helpers
+from conftest import wait_for
+from rogue import raw_client
+
+USERS = {"alice": "tether_alice", "bob": "tether_bob"}
+
+
+def _why_not() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (useradd and setuid); run the tests as root, as CI does"
+    python = Path(sys.executable).resolve()
+    for parent in [*python.parents][::-1]:
+        if parent != Path("/") and not os.stat(parent).st_mode & 0o001:
+            return (f"{parent} is not traversable by other users, so user endpoints cannot run {python}; "
+                    f"`chmod o+x {parent}` (as .ci/run does) or install Tether system-wide")
+    return None
+
+
+pytestmark = pytest.mark.skipif(bool(_why_not()) and not os.environ.get("CI"), reason=str(_why_not()))
+
+
+def _cli(stack: LocalStack, *args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "tether.cli", *args], env=stack.env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def cluster(stack: LocalStack):
+    """A multi-user endpoint 'cluster' on the session's service; users alice, bob (mapped to
+    tether_alice, tether_bob), carol (unmapped), mallory (mapped to root), sysop (to a system account)."""
+    assert not _why_not(), _why_not()
+    for local in USERS.values():
+        try:
+            pwd.getpwnam(local)
+        except KeyError:
+            subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", local], check=True)
+    d = stack.endpoint_dir("cluster")
+    _cli(stack, "endpoint", "configure", "cluster", "--multi-user", "--force")
+    (d / "identity_mapping.json").write_text(json.dumps([{
+        "DATA_TYPE": "expression_identity_mapping#1.0.0",
+        "mappings": [
+            {"source": "{username}", "match": "(alice|bob)", "output": "tether_{0}"},
+            {"source": "{username}", "match": "mallory", "output": "root"},
+            {"source": "{username}", "match": "sysop", "output": "daemon"},
+        ],
+    }]))
+    config = yaml.safe_load((d / "config.yaml").read_text())
+    config.update(idle_timeout_s=4, heartbeat_s=1)
+    (d / "config.yaml").write_text(yaml.safe_dump(config))
+    (d / "user_config_template.yaml.j2").write_text(
+        "engine:\n  type: process\n  workers: {{ workers | default(1) }}\nheartbeat_s: 1\n")
+    tokens = {name: json.loads(_cli(stack, "service", "user-add", name, "--json"))["token"]
+              for name in ("alice", "bob", "carol", "mallory", "sysop")}
+    endpoint_id = stack.start_endpoint("cluster")
+    yield endpoint_id, tokens
+    stack.stop_endpoint("cluster")
+    # stopping the multi-user endpoint stops every user endpoint it started
+    uids = {pwd.getpwnam(local).pw_uid for local in USERS.values()}
+    wait_for(lambda: not [p for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real in uids],
+             what="the user endpoints to stop with their multi-user endpoint")
+
+
+def _executor(stack: LocalStack, endpoint_id: str, token: str, **config: object) -> Executor:
+    return Executor(endpoint_id=endpoint_id, service=stack.service_url, token=token,
+                    user_endpoint_config=config or None)
+
+
+def test_each_user_runs_as_their_own_account(stack, cluster) -> None:
+    endpoint_id, tokens = cluster
+    seen = {}
+    for name, local in USERS.items():
+        fut = _executor(stack, endpoint_id, tokens[name], workers=1).submit(helpers.who_am_i)
+        seen[name] = (fut, fut.result(timeout=120))
+        account = pwd.getpwnam(local)
+        info = seen[name][1]
+        assert (info["uid"], info["gid"], info["home"]) == (account.pw_uid, account.pw_gid, account.pw_dir)
+        assert info["uid"] != 0 and not info["regained_root"] and info["no_new_privs"] == "1"
+        assert info["umask"] == 0o077 and info["cwd"].startswith(account.pw_dir)
+        assert not info["secret_in_env"]
+    # one user never sees the other's task: REST, cancel, WebSocket
+    bob_task = seen["bob"][0].task_id
+    headers = {"Authorization": f"Bearer {tokens['alice']}"}
+    assert httpx.get(f"{stack.service_url}/v1/tasks/{bob_task}", headers=headers, trust_env=False).status_code == 404
+    assert httpx.post(f"{stack.service_url}/v1/tasks/{bob_task}/cancel", headers=headers,
+                      trust_env=False).status_code == 404
+    peer = raw_client(stack.service_url, tokens["alice"])
+    try:
+        peer.send(Subscribe(ids=[bob_task]))
+        err, _ = peer.recv_until(lambda m: isinstance(m, Error))
+        assert err.code == ErrorCode.UNKNOWN_TASK
+    finally:
+        peer.close()
+    # user endpoints are listed under their parent: all for its owner, only your own for you
+    mine = Client(stack.service_url, tokens["alice"]).list_user_endpoints(endpoint_id)
+    assert len(mine) == 1 and mine[0]["local_user"] == "tether_alice" and mine[0]["user"] is None
+    every = Client(stack.service_url, stack.token).list_user_endpoints(endpoint_id)
+    assert {u["user"]: u["local_user"] for u in every}.items() >= {"alice": "tether_alice", "bob": "tether_bob"}.items()
+    # the audit log says who ran what as which uid
+    lines = [json.loads(line) for line in (stack.endpoint_dir("cluster") / "audit.log").read_text().splitlines()]
+    alice_task = seen["alice"][0].task_id
+    done = [e for e in lines if e["event"] == "task" and e["task_id"] == alice_task and e["state"] == "success"]
+    assert done and done[0]["local_user"] == "tether_alice" and done[0]["uid"] == pwd.getpwnam("tether_alice").pw_uid
+    assert done[0]["identity"] == "alice"
+    assert oct((stack.endpoint_dir("cluster") / "audit.log").stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.parametrize(("user", "config", "words"), [
+    ("carol", {}, "no local account is mapped to identity 'carol'"),
+    ("mallory", {}, "maps to 'root', a privileged account; user code never runs as root"),
+    ("sysop", {}, "under this endpoint's min_uid 1000"),
+    ("alice", {"workers": "many"}, "refused by this endpoint's schema: workers: 'many' is not of type 'integer'"),
+    ("alice", {"workers": 1, "partition": "x\nengine: {type: thread}"}, "Additional properties are not allowed"),
+    ("alice", {"local_user": "root"}, "may not set local_user"),
+])
+def test_refusals_reach_the_user_as_task_errors(stack, cluster, user: str, config: dict, words: str) -> None:
+    endpoint_id, tokens = cluster
+    with pytest.raises(TaskFailed, match="could not start your user endpoint") as info:
+        _executor(stack, endpoint_id, tokens[user], **config).submit(helpers.square, 2).result(timeout=60)
+    assert words in str(info.value)
+    events = [json.loads(line) for line in (stack.endpoint_dir("cluster") / "audit.log").read_text().splitlines()]
+    mine = [e for e in events if e.get("identity") == user]
+    assert any(e["event"] == "refused" for e in mine)
+    if user != "alice":  # refused before any process started
+        assert not any(e["event"] == "started" for e in mine)
+
+
+def test_idle_user_endpoints_stop_and_start_again_on_demand(stack, cluster) -> None:
+    endpoint_id, tokens = cluster
+    ex = _executor(stack, endpoint_id, tokens["bob"], workers=2)
+    assert ex.submit(helpers.square, 3).result(timeout=120) == 9
+    client = Client(stack.service_url, tokens["bob"])
+
+    def mine() -> dict:
+        return next(u for u in client.list_user_endpoints(endpoint_id) if u["config"] == {"workers": 2})
+
+    wait_for(lambda: mine()["online"], what="bob's user endpoint to be online")
+    wait_for(lambda: not mine()["online"], timeout=60, what="bob's idle user endpoint to stop")
+
+    def stopped_cleanly() -> bool:
+        lines = (stack.endpoint_dir("cluster") / "audit.log").read_text().splitlines()
+        return any(e["event"] == "stopped" and e["user_endpoint_id"] == mine()["endpoint_id"] and e["exit_code"] == 0
+                   for e in map(json.loads, lines))
+
+    wait_for(stopped_cleanly, what="the audit log to record the idle stop")
+    assert ex.submit(helpers.square, 4).result(timeout=120) == 16  # started again
+
+
+def test_render_user_config_previews_the_template(stack, cluster) -> None:
+    out = _cli(stack, "endpoint", "render-user-config", "cluster", "--user", "alice", "--config", '{"workers": 3}')
+    assert yaml.safe_load(out)["engine"]["workers"] == 3
+    bad = subprocess.run([sys.executable, "-m", "tether.cli", "endpoint", "render-user-config", "cluster", "--user",
+                          "mallory"], env=stack.env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "never runs as root" in " ".join(bad.stderr.split())
+
+
+def test_values_cannot_inject_yaml(tmp_path: Path) -> None:
+    """Unit check of the rendering: a value with newlines and YAML syntax stays one string."""
+    from tether.endpoint.identity import LocalAccount
+    from tether.endpoint.user_config import render
+
+    account = LocalAccount("someone", 1234, 1234, "/home/someone", "/bin/sh")
+    text = render("engine:\n  type: htex\n  partition: {{ partition }}\n", {"partition": "debug\nengine: {type: x}"},
+                  account, {"id": str(uuid.uuid4()), "username": "someone"}, "cluster")
+    assert yaml.safe_load(text) == {"engine": {"type": "htex", "partition": "debug\nengine: {type: x}"}}
