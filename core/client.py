@@ -54,7 +54,7 @@ class Client:
             raise AuthError(str(detail))
         if resp.status_code == 413:
             raise PayloadTooLarge(str(detail))
-        if resp.status_code == 404 and "endpoint" in str(detail):
+        if resp.status_code == 404 and path.startswith("/v1/endpoints"):  # by route, not by message text
             raise UnknownEndpoint(str(detail))
         raise TetherError(f"{method} {path} failed ({resp.status_code}): {detail}")
 

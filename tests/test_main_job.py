@@ -36,4 +36,8 @@ def test_main_job_runs_end_to_end(tmp_path: Path) -> None:
     assert re.search(r"parsl bash_app       = 'hello parsl from .+' \(stdout file task_\d+_greet.stdout\)", out)
     assert "parsl MPI bash_app   = 2 ranks: ['0 2', '1 2']" in out or (
         "parsl MPI bash_app   = skipped" in out and not os.environ.get("CI")), out
+    # the Dask computation through tether.dask.TetherCluster
+    assert "500 futures          = sum " in out and re.search(r"tasks run            = [1-9]\d* on the endpoint", out)
+    # the Snakemake workflow through --executor tether
+    assert re.search(r"snakemake workflow   = 9 jobs in [0-9.]+s; \d+ samples counted", out)
     assert out.rstrip().endswith("service and endpoint stopped.")
