@@ -16,6 +16,7 @@ import uvicorn
 
 from tether.config import service_file, tether_home, write_secret
 from tether.logs import configure_logging
+from tether.protocol import DEFAULT_PREFETCH, service_max_frame
 
 from .app import Settings, create_app
 
@@ -39,7 +40,8 @@ def _ws_implementation() -> str:
 
 
 def serve(host: str = "127.0.0.1", port: int = 8421, db_url: str | None = None,
-          max_payload_bytes: int | None = None, log_level: str = "warning") -> None:
+          max_payload_bytes: int | None = None, log_level: str = "warning", prefetch: int | None = None,
+          uncollected_retention_s: float | None = None) -> None:
     """Serve until SIGTERM/SIGINT. The embedded default needs nothing but a writable TETHER_HOME."""
     home = tether_home()
     (home / "service").mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -47,6 +49,10 @@ def serve(host: str = "127.0.0.1", port: int = 8421, db_url: str | None = None,
     settings = Settings(db_url=db_url or os.environ.get("TETHER_DB_URL") or default_db)
     if max_payload_bytes:
         settings.max_payload_bytes = max_payload_bytes
+    if prefetch is not None:
+        settings.prefetch = prefetch
+    if uncollected_retention_s is not None:
+        settings.uncollected_retention_s = uncollected_retention_s
     app = create_app(settings)
 
     # the local identity keeps its token across restarts, so clients and tests reconnect seamlessly
@@ -72,7 +78,7 @@ def serve(host: str = "127.0.0.1", port: int = 8421, db_url: str | None = None,
         log_level=log_level,
         log_config=None,  # uvicorn's loggers go through ours (text or JSON, see tether.logs)
         ws=_ws_implementation(),
-        ws_max_size=settings.max_payload_bytes + 1024 * 1024,
+        ws_max_size=service_max_frame(settings.max_payload_bytes),  # what the Welcome announces
         ws_ping_interval=20,
         ws_ping_timeout=60,
         lifespan="on",
@@ -90,8 +96,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--db-url", default=None)
     parser.add_argument("--max-payload-bytes", type=int, default=None)
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--prefetch", type=int, default=None,
+                        help=f"tasks an endpoint is sent beyond its workers (default {DEFAULT_PREFETCH})")
+    parser.add_argument("--uncollected-retention", type=float, default=None, metavar="SECONDS",
+                        help="results nobody collects are deleted this long after their task ended (default 30 days)")
     args = parser.parse_args(argv)
-    serve(args.host, args.port, args.db_url, args.max_payload_bytes, args.log_level)
+    serve(args.host, args.port, args.db_url, args.max_payload_bytes, args.log_level, args.prefetch,
+          args.uncollected_retention)
 
 
 if __name__ == "__main__":
