@@ -478,6 +478,9 @@ def frame_batches(items: Iterable[T], max_frame: int, max_count: int = MAX_BATCH
     for item in items:
         need = size(item)
         if need > budget:
+            if batch:  # in order: what came before it goes first
+                yield batch
+                batch, used = [], 0
             yield TooLarge(item, need, max_frame)
             continue
         if batch and (used + need > target or len(batch) >= max_count):

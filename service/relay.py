@@ -26,7 +26,7 @@ import asyncio
 import json
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
@@ -69,6 +69,7 @@ from tether.protocol import (
     encode,
     frame_batches,
     task_frames,
+    wire_size,
 )
 from tether.serialize import function_id
 
@@ -77,7 +78,11 @@ from .store import Store, transitions
 log = logging.getLogger("tether.service.relay")
 
 DISPATCH_CHUNK = 1000  # most tasks per TASKS frame
-PAGE_MIN = 256  # fewest rows read per page of an endpoint's backlog
+PAGE_MIN = 64  # fewest rows read per page of an endpoint's backlog
+#: stored tasks waiting for an endpoint's room are kept in memory up to this many (and bytes), so
+#: a burst is sent on without reading the store back; beyond, they are paged from the store
+QUEUE_MAX = 10_000
+QUEUE_BYTES = 32 * 1024 * 1024
 #: the largest frame the service sends: what clients and endpoints accept (see open_ws)
 PEER_MAX_FRAME = DEFAULT_MAX_FRAME
 STATUS_WINDOW = 0.005  # seconds a client's state updates are gathered before they are sent
@@ -158,6 +163,9 @@ class EndpointSession:
         self.workers = 0
         #: tasks this session holds: sent (or held when it connected) and not yet reported finished
         self.sent: set[str] = set()
+        #: stored tasks waiting for room, in memory while few (never while ``backlog``)
+        self.queue: deque[tuple[str, Task]] = deque()
+        self.queue_bytes = 0
         #: the store may hold open tasks for it not yet sent; paged from ``cursor`` = (t_received, id)
         self.backlog = True
         self.cursor: tuple[float, str] | None = None
@@ -361,14 +369,7 @@ class Relay:
         for endpoint_id, items in by_endpoint.items():
             ep = self.endpoints.get(endpoint_id)
             if ep is not None:
-                # straight to the endpoint while it has room and nothing older waits; else paged
-                room = 0 if ep.backlog else max(0, ep.window - len(ep.sent))
-                if len(items) > room:
-                    ep.backlog = True
-                if room:
-                    await self._dispatch(ep, user_id, items[:room])
-                if ep.backlog:
-                    await self._refill(ep)
+                await self._offer(ep, user_id, items)
             elif endpoint_id in user_endpoints:
                 await self._start_user_endpoint(endpoint_id)
         briefs = {eid: self._endpoint_brief(eid) for eid in {t.endpoint for t in candidates}}
@@ -460,6 +461,12 @@ class Relay:
         for r in rows:
             if r.state != TaskState.WAITING.value or r.endpoint_id in self.endpoints:
                 per_endpoint[r.endpoint_id].append(r.id)
+        cancelled = {r.id for r in rows}
+        for endpoint_id in per_endpoint:  # a task cancelled before it was sent must never be
+            ep = self.endpoints.get(endpoint_id)
+            if ep is not None and ep.queue:
+                ep.queue = deque(item for item in ep.queue if item[1].id not in cancelled)
+                ep.queue_bytes = sum(wire_size(t) for _, t in ep.queue)
         for endpoint_id, tids in per_endpoint.items():
             ep = self.endpoints.get(endpoint_id)
             if ep is not None:
@@ -505,9 +512,32 @@ class Relay:
             if ep is not None and ep["deleted_at"] is None:
                 self.store.save_endpoint_status(session.endpoint_id, {**session.status, "online": False})
 
+    async def _offer(self, ep: EndpointSession, owner: str, items: list[Task]) -> None:
+        """New (stored) tasks for a connected endpoint: sent while it has room and nothing older
+        waits, else queued in memory while the queue is small, else left to be paged."""
+        if not ep.backlog and not ep.queue:
+            room = max(0, ep.window - len(ep.sent))
+            now, items = items[:room], items[room:]
+            if now:
+                await self._dispatch(ep, owner, now)
+        if not items:
+            return
+        if not ep.backlog:
+            size = sum(wire_size(t) for t in items)
+            if len(ep.queue) + len(items) <= QUEUE_MAX and ep.queue_bytes + size <= QUEUE_BYTES:
+                ep.queue.extend((owner, t) for t in items)
+                ep.queue_bytes += size
+                await self._refill(ep)  # room may have opened while we were sending
+                return
+            ep.queue.clear()  # too many to keep here: they are all in the store, paged from there
+            ep.queue_bytes = 0
+            ep.backlog = True
+        await self._refill(ep)
+
     async def _refill(self, ep: EndpointSession) -> None:
-        """Send an endpoint the open tasks waiting for it, up to its window, paging through the
-        store in submission order (never the whole backlog in memory, or in one query).
+        """Send an endpoint the open tasks waiting for it, up to its window: first those queued
+        in memory, then pages from the store in submission order (never the whole backlog in
+        memory, or in one query).
 
         Called when it connects, when a submission did not fit, and when its results or
         heartbeat free room. At the end of the backlog the cursor goes back to the start, so the
@@ -517,6 +547,15 @@ class Relay:
             return
         ep.refilling = True
         try:
+            while ep.queue and ep.window > len(ep.sent) and self.endpoints.get(ep.endpoint_id) is ep:
+                taken = [ep.queue.popleft() for _ in range(min(ep.window - len(ep.sent), len(ep.queue)))]
+                ep.queue_bytes -= sum(wire_size(t) for _, t in taken)
+                per_owner: dict[str, list[Task]] = defaultdict(list)
+                for owner, t in taken:
+                    per_owner[owner].append(t)
+                ep.sent.update(t.id for _, t in taken)
+                for owner, items in per_owner.items():
+                    await self._dispatch(ep, owner, items)
             while ep.backlog and self.endpoints.get(ep.endpoint_id) is ep:
                 credit = ep.window - len(ep.sent)
                 if credit <= 0:
@@ -537,8 +576,10 @@ class Relay:
                 for chunk in frame_batches(fresh, PEER_MAX_FRAME, DISPATCH_CHUNK,
                                            size=lambda r: (r.size or 0) + ITEM_OVERHEAD):
                     rows = [chunk.item] if isinstance(chunk, TooLarge) else chunk
-                    per_owner: dict[str, list[Task]] = defaultdict(list)
-                    for r in self.store.load_open_tasks([r.id for r in rows]):
+                    per_owner = defaultdict(list)
+                    loaded = self.store.load_open_tasks([r.id for r in rows])
+                    ep.sent.difference_update({r.id for r in rows} - {r.id for r in loaded})  # ended meanwhile
+                    for r in loaded:
                         per_owner[r.owner_id].append(Task(id=r.id, function=r.function_id, endpoint=r.endpoint_id,
                                                           payload=r.payload, group=r.group_id, spec=_loads(r.spec),
                                                           uec=_loads(r.uec)))
@@ -604,7 +645,7 @@ class Relay:
                               "capacity": msg.capacity}
             session.set_capacity(msg.capacity)
             self.store.save_endpoint_status(session.endpoint_id, {**session.status, "online": True})
-            if session.backlog:
+            if session.backlog or session.queue:
                 await self._refill(session)
 
     async def _store_results(self, session: EndpointSession, results: list[Result]) -> None:
@@ -634,7 +675,7 @@ class Relay:
         self.counters["failed"] += sum(r.state == TaskState.FAILED.value for r in fresh)
         # room freed on the endpoint (foreign and duplicate ids are simply not in its set)
         session.sent.difference_update(r.id for r in results)
-        if session.backlog:
+        if session.backlog or session.queue:
             await self._refill(session)
 
     async def _audit(self, session: EndpointSession, events: list[tuple[str, str, float]]) -> None:

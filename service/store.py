@@ -163,7 +163,9 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False})
+        # few cached statements: inserts of n rows are n-row statements, one per batch size, and
+        # 128 of them (the default) held ~20 MB that grew with the tasks ever submitted
+        engine = create_engine(url, connect_args={"check_same_thread": False, "cached_statements": 32})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(url, pool_pre_ping=True)
