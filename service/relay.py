@@ -131,7 +131,8 @@ class ClientSession:
     def _flush_updates(self) -> None:
         if self._updates:
             updates, self._updates = self._updates, []
-            asyncio.ensure_future(_safe_send(self, encode(Status(updates=updates))))
+            for start in range(0, len(updates), MAX_IDS):  # ~60 bytes each: MAX_IDS fit any frame
+                asyncio.ensure_future(_safe_send(self, encode(Status(updates=updates[start : start + MAX_IDS]))))
 
     def _flush_results(self) -> None:
         self._scheduled = False
@@ -546,8 +547,12 @@ class Relay:
         if ep.refilling or ep.multi_user:
             return
         ep.refilling = True
+        # refill once a quarter of the window is free, not on every result: pages and frames stay
+        # large (a frame and a query per result capped a million-task drain at ~1,000 tasks/s),
+        # and the endpoint still holds three quarters of its window meanwhile
+        low = max(1, ep.window // 4)
         try:
-            while ep.queue and ep.window > len(ep.sent) and self.endpoints.get(ep.endpoint_id) is ep:
+            while ep.queue and ep.window - len(ep.sent) >= low and self.endpoints.get(ep.endpoint_id) is ep:
                 taken = [ep.queue.popleft() for _ in range(min(ep.window - len(ep.sent), len(ep.queue)))]
                 ep.queue_bytes -= sum(wire_size(t) for _, t in taken)
                 per_owner: dict[str, list[Task]] = defaultdict(list)
@@ -558,7 +563,7 @@ class Relay:
                     await self._dispatch(ep, owner, items)
             while ep.backlog and self.endpoints.get(ep.endpoint_id) is ep:
                 credit = ep.window - len(ep.sent)
-                if credit <= 0:
+                if credit < low:
                     return
                 limit = max(credit, PAGE_MIN)
                 page = self.store.open_task_page(ep.endpoint_id, ep.cursor, limit)
