@@ -302,13 +302,15 @@ class Connection:
                 requeue.extend(frame.tasks)
                 self._functions_to_send.update(frame.functions)
                 continue
-            await self._ws.send(data)
+            # sent by tasks, in order, never awaited here: the reading loop must start at once, or
+            # with megabytes to resend neither side reads and both wait on full socket buffers
+            self._loop.create_task(self._send(data))
         self._outbox.extendleft(reversed(requeue))
         unacked_ids = {t.id for frame in self._unacked.values() for t in frame.tasks}
         queued_ids = {t.id for t in self._outbox}
         follow = [tid for tid in list(self.futures) if tid not in unacked_ids and tid not in queued_ids]
         for start in range(0, len(follow), MAX_IDS):
-            await self._ws.send(encode(Subscribe(ids=follow[start : start + MAX_IDS])))
+            self._loop.create_task(self._send(encode(Subscribe(ids=follow[start : start + MAX_IDS]))))
 
     def _flush(self) -> None:
         """Drain queued control frames and tasks into frames on the socket (runs on the loop)."""
