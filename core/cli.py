@@ -54,6 +54,8 @@ def service_start(
     detach: bool = typer.Option(False, "--detach", "-d", help="run in the background"),
     db_url: str = typer.Option(None, help="SQLAlchemy URL of the store (default: SQLite in TETHER_HOME)"),
     max_payload_bytes: int = typer.Option(None, help="largest task argument/result accepted"),
+    prefetch: int = typer.Option(None, help="tasks an endpoint is sent beyond its workers (flow control)"),
+    uncollected_retention: float = typer.Option(None, help="seconds after which results nobody collected expire"),
     log_level: str = typer.Option("warning"),
     tls_cert: str = typer.Option(None, help="PEM certificate: serve https/wss only"),
     tls_key: str = typer.Option(None, help="PEM private key of --tls-cert"),
@@ -86,6 +88,10 @@ def service_start(
         args += ["--db-url", db_url]
     if max_payload_bytes:
         args += ["--max-payload-bytes", str(max_payload_bytes)]
+    if prefetch is not None:
+        args += ["--prefetch", str(prefetch)]
+    if uncollected_retention is not None:
+        args += ["--uncollected-retention", str(uncollected_retention)]
     if not detach:
         from tether.service.server import main as server_main
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 
+from .bounded import BoundedCache
 from .config import ServiceInfo
 from .errors import (
     AuthError,
@@ -37,6 +38,8 @@ from .futures import TetherFuture
 from .protocol import (
     CLIENT_WS_PATH,
     CLOSE_AUTH_FAILED,
+    DEFAULT_MAX_FRAME,
+    MAX_BATCH,
     MAX_IDS,
     TO_CLIENT_FRAMES,
     Cancel,
@@ -55,14 +58,19 @@ from .protocol import (
     Subscribe,
     Task,
     TaskState,
+    TooLarge,
     Welcome,
     encode,
+    task_frames,
     to_builtins,
 )
 from .serialize import PY_VERSION, deserialize
 from .transport import Backoff, open_ws
 
 log = logging.getLogger("tether.client")
+
+#: WebSocket close code of a peer that refused a frame as too big (RFC 6455)
+CLOSE_MESSAGE_TOO_BIG = 1009
 
 _frames = FrameDecoder(TO_CLIENT_FRAMES, "the service")
 
@@ -98,12 +106,17 @@ class Connection:
         self._last_send = 0.0
         self.futures: dict[str, TetherFuture] = {}
         self.max_payload: int | None = None
+        self.max_frame = DEFAULT_MAX_FRAME  # as the service announces it
+        self.max_batch = MAX_BATCH
+        self._refused_size: int | None = None  # a frame this size was refused: stay below it
         self.fatal: TetherError | None = None
         self._outbox: collections.deque[Task] = collections.deque()
         self._functions_to_send: dict[str, bytes] = {}
-        self._known_functions: set[str] = set()
+        # what the service has (forgetting one costs a resend of its body) and the bodies of recent
+        # functions (to register again if the service lost one): bounded, however many functions
+        self._known_functions: BoundedCache[str, None] = BoundedCache(max_items=65536)
         self._reregistered: set[str] = set()
-        self._bodies: dict[str, bytes] = {}  # every function submitted here, to re-register if the service forgot
+        self._bodies: BoundedCache[str, bytes] = BoundedCache(max_items=1024, max_bytes=64 * 1024 * 1024)
         self._unacked: dict[int, Submit] = {}
         self.endpoint_versions: dict[str, dict[str, str]] = {}  # from the service, for plugins' checks
         self._refs = itertools.count(1)
@@ -242,6 +255,8 @@ class Connection:
                 if not isinstance(welcome, Welcome):
                     raise ProtocolError(f"expected 'welcome' from the service, got '{welcome.__struct_config__.tag}'")
                 self.max_payload = welcome.max_payload
+                self.max_frame = welcome.max_frame
+                self.max_batch = welcome.max_batch
                 backoff.reset()
                 warned = False
                 self._ws = ws
@@ -255,6 +270,8 @@ class Connection:
                 if exc.rcvd is not None and exc.rcvd.code == CLOSE_AUTH_FAILED:
                     self._fail_all(AuthError(exc.rcvd.reason or "authentication failed"))
                     return
+                if exc.rcvd is not None and exc.rcvd.code == CLOSE_MESSAGE_TOO_BIG:
+                    self._frame_refused()
             except (OSError, ProtocolError) as exc:
                 log.warning("connection to %s lost: %s", self.info.url, exc)
             except Exception:  # noqa: BLE001 - a bug must cost a reconnect, never a silent hang
@@ -267,15 +284,39 @@ class Connection:
                 log.info("reconnecting to %s", self.info.url)
                 await asyncio.sleep(backoff.next())
 
+    def _frame_limit(self) -> int:
+        limit = self.max_frame
+        return limit if self._refused_size is None else min(limit, self._refused_size - 1)
+
+    def _frame_refused(self) -> None:
+        """The service closed the link on a frame too big for it (its limit is below what it
+        announced): stay below the largest frame it may have refused, so resending converges."""
+        sizes = [len(encode(f)) for f in self._unacked.values()]
+        if sizes:
+            self._refused_size = min(max(sizes), self._refused_size or max(sizes))
+            log.warning("the service refused a %d-byte frame; sending smaller frames", self._refused_size)
+
     async def _resume(self) -> None:
-        """After (re)connecting: resend unacknowledged batches, re-follow every pending task."""
-        for frame in [self._unacked[ref] for ref in sorted(self._unacked)]:
-            await self._ws.send(encode(frame))
+        """After (re)connecting: resend unacknowledged batches (re-cut if they no longer fit the
+        service's frame limit), re-follow every pending task."""
+        requeue: list[Task] = []
+        for ref in sorted(self._unacked):
+            frame = self._unacked[ref]
+            data = encode(frame)
+            if len(data) > self._frame_limit():
+                del self._unacked[ref]
+                requeue.extend(frame.tasks)
+                self._functions_to_send.update(frame.functions)
+                continue
+            # sent by tasks, in order, never awaited here: the reading loop must start at once, or
+            # with megabytes to resend neither side reads and both wait on full socket buffers
+            self._loop.create_task(self._send(data))
+        self._outbox.extendleft(reversed(requeue))
         unacked_ids = {t.id for frame in self._unacked.values() for t in frame.tasks}
         queued_ids = {t.id for t in self._outbox}
         follow = [tid for tid in list(self.futures) if tid not in unacked_ids and tid not in queued_ids]
         for start in range(0, len(follow), MAX_IDS):
-            await self._ws.send(encode(Subscribe(ids=follow[start : start + MAX_IDS])))
+            self._loop.create_task(self._send(encode(Subscribe(ids=follow[start : start + MAX_IDS]))))
 
     def _flush(self) -> None:
         """Drain queued control frames and tasks into frames on the socket (runs on the loop)."""
@@ -285,24 +326,27 @@ class Connection:
             return  # sent by _resume once connected
         if self._outbox:
             self._last_send = self._loop.time()
-        while self._outbox:
-            tasks = []
-            size = 0
-            while self._outbox and len(tasks) < self.batch_size and size < 8 * 1024 * 1024:
-                t = self._outbox.popleft()
-                tasks.append(t)
-                size += len(t.payload)
-            functions = {}
-            for t in tasks:
-                body = self._functions_to_send.pop(t.function, None)
-                if body is not None:
-                    functions[t.function] = body
-            frame = Submit(ref=next(self._refs), tasks=tasks, functions=functions)
-            self._unacked[frame.ref] = frame
-            self._loop.create_task(self._send(encode(frame)))
+            tasks = [self._outbox.popleft() for _ in range(len(self._outbox))]
+            limit, count = self._frame_limit(), min(self.batch_size, self.max_batch)
+            for batch in task_frames(tasks, self._functions_to_send.get, limit, count):
+                if isinstance(batch, TooLarge):
+                    self._fail_task(batch.item.id, PayloadTooLarge(batch.message(
+                        f"task {batch.item.id} (arguments and function body)")))
+                    continue
+                batch, functions = batch
+                for fid in functions:
+                    self._functions_to_send.pop(fid, None)
+                frame = Submit(ref=next(self._refs), tasks=batch, functions=functions)
+                self._unacked[frame.ref] = frame
+                self._loop.create_task(self._send(encode(frame)))
         # control frames (cancel, subscribe) after the tasks they may refer to: frames arrive in order
         while self._control:
             self._loop.create_task(self._send(self._control.popleft()))
+
+    def _fail_task(self, task_id: str, exc: TetherError) -> None:
+        fut = self.futures.pop(task_id, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(exc)
 
     async def _send(self, frame: bytes) -> None:
         ws = self._ws
@@ -405,6 +449,8 @@ class Connection:
                     fut.set_exception(exc)
             elif r.state == TaskState.CANCELLED:
                 fut._cancelled_remotely()
+            elif r.error is not None and r.error.code == ErrorCode.PAYLOAD_TOO_LARGE:
+                fut.set_exception(PayloadTooLarge(f"task {tid}: {r.error.message}"))
             else:
                 original = None
                 if r.data:

@@ -11,8 +11,9 @@ Refusals travel as :class:`ErrorCode` values, never as text to be recognised by 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta, Struct
@@ -22,8 +23,23 @@ from .ids import FUNCTION_ID_PATTERN, ID_PATTERN
 #: Bumped on any incompatible change to frames or records. Peers refuse other versions in words.
 PROTOCOL_VERSION = 2
 
-#: Largest frame a peer accepts unless the service announces otherwise (bytes).
+#: Largest frame a client or an endpoint accepts, and so the most the service sends them (bytes).
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
+#: What a frame may hold beyond one task's arguments: the service accepts frames of
+#: ``max_payload + FRAME_HEADROOM`` bytes (and says so in its Welcome), so one task of the
+#: largest allowed payload, with its function body and record, always fits in a frame.
+FRAME_HEADROOM = 1024 * 1024
+#: Bytes a frame spends on its envelope (type, version, ref, list headers), beyond its items.
+FRAME_ENVELOPE = 4096
+#: Bytes one task or result record adds around its bulk fields (ids, keys, timestamps): an
+#: upper bound, so that frames sized by :func:`wire_size` never exceed their limit.
+ITEM_OVERHEAD = 512
+#: Frames are closed at about this size when several items share one (a larger item still goes,
+#: alone, up to the frame limit): a big frame holds its connection, and the peer's loop, for long.
+TARGET_FRAME = 8 * 1024 * 1024
+#: Tasks the service sends an endpoint beyond its workers' number, so that no worker waits for
+#: a round trip to the service; the endpoint never holds more than workers + prefetch tasks.
+DEFAULT_PREFETCH = 1000
 #: Most ids in one frame (subscribe, cancel, collected, received, running, result_ack): a peer
 #: splits longer lists, so no single frame can stall a receiver's event loop.
 MAX_IDS = 10_000
@@ -114,7 +130,7 @@ class Result(Struct, omit_defaults=True):
     state: Literal["success", "failed", "cancelled"]
     data: bytes | None = None
     error: ErrorInfo | None = None
-    times: dict[str, Timestamp] = {}
+    times: Annotated[dict[Annotated[str, Meta(max_length=32)], Timestamp], Meta(max_length=16)] = {}
 
 
 class Refusal(Struct):
@@ -153,13 +169,21 @@ class Frame(Struct, tag_field="t", kw_only=True):
 
 
 class Welcome(Frame, tag="welcome"):
-    """S->C, S->E: the session is accepted; the limits that apply to it."""
+    """S->C, S->E: the session is accepted; the limits that apply to it.
+
+    ``max_frame``: the largest frame the service accepts (bytes); a peer that sends more is
+    disconnected, so peers size their frames by it (:func:`frame_batches`). ``prefetch``
+    (to endpoints): how many tasks beyond its workers the service will send it.
+    """
 
     version: str = ""
     user_id: str | None = None
     endpoint_id: str | None = None
     max_payload: int | None = None
     max_ids: int = MAX_IDS
+    max_frame: int = DEFAULT_MAX_FRAME
+    max_batch: int = MAX_BATCH
+    prefetch: int | None = None
 
 
 class Error(Frame, tag="error"):
@@ -322,14 +346,23 @@ TO_ENDPOINT_FRAMES = Welcome | Error | Tasks | Cancel | ResultAck | Stop | Start
 
 
 class ProtocolError(ValueError):
-    """A frame that cannot be understood; the message says what is wrong with it."""
+    """A frame that cannot be understood; the message says what is wrong with it.
+
+    ``ref`` is the frame's ``ref`` when it could still be read, so the refusal names the batch
+    it refuses and the sender fails that batch instead of resending it on every reconnect.
+    """
+
+    def __init__(self, message: str, ref: int | None = None):
+        super().__init__(message)
+        self.ref = ref
 
 
 class _Envelope(Struct):
-    """Just the type and version, to explain a frame the full decoder refused."""
+    """Just the type, version and ref, to explain a frame the full decoder refused."""
 
     t: Any = None
     v: Any = None
+    ref: Any = None
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -350,7 +383,7 @@ class FrameDecoder:
         try:
             msg = self._decoder.decode(frame)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise ProtocolError(self._explain(frame, exc)) from None
+            raise ProtocolError(self._explain(frame, exc), _ref_of(frame)) from None
         if msg.v != PROTOCOL_VERSION:
             raise ProtocolError(_version_message(msg.v))
         return msg
@@ -368,6 +401,14 @@ class FrameDecoder:
         return f"'{env.t}' frame: {exc}"
 
 
+def _ref_of(frame: bytes) -> int | None:
+    try:
+        ref = _envelope.decode(frame).ref
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    return ref if isinstance(ref, int) and not isinstance(ref, bool) else None
+
+
 def _version_message(version: Any) -> str:
     return (f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION}); "
             "upgrade the older of client, service and endpoint")
@@ -376,6 +417,109 @@ def _version_message(version: Any) -> str:
 def encode(frame: Frame) -> bytes:
     """Pack one frame."""
     return _encoder.encode(frame)
+
+
+def service_max_frame(max_payload: int) -> int:
+    """The largest frame a service with this payload limit accepts (what its Welcome announces)."""
+    return max_payload + FRAME_HEADROOM
+
+
+def _text_size(value: Any) -> int:
+    """Encoded bytes of a small nested value (error records, specifications), at most 4/char."""
+    return len(_encoder.encode(value)) if value else 0
+
+
+def wire_size(item: Any) -> int:
+    """An upper bound on the bytes a task or result adds to a frame, without encoding its bulk.
+
+    Works for :class:`Task`, :class:`Result` and the result dicts engines produce: the bulk
+    bytes (arguments, return value) are counted exactly, small nested values by encoding them,
+    the rest by :data:`ITEM_OVERHEAD`.
+    """
+    if isinstance(item, Task):
+        return len(item.payload) + _text_size(item.spec) + _text_size(item.uec) + ITEM_OVERHEAD
+    if isinstance(item, Result):
+        return len(item.data or b"") + _text_size(item.error) + ITEM_OVERHEAD
+    data = item.get("data")
+    return len(data or b"") + _text_size(item.get("error")) + ITEM_OVERHEAD
+
+
+T = TypeVar("T")
+
+
+class TooLarge(Generic[T]):
+    """An item that fits no frame (see :func:`frame_batches`), and how big it is."""
+
+    __slots__ = ("item", "size", "limit")
+
+    def __init__(self, item: T, size: int, limit: int):
+        self.item, self.size, self.limit = item, size, limit
+
+    def message(self, what: str) -> str:
+        return (f"{what} needs {self.size} bytes on the wire, over the {self.limit}-byte frame limit of this "
+                "connection; it was not sent")
+
+
+def frame_batches(items: Iterable[T], max_frame: int, max_count: int = MAX_BATCH,
+                  size: Callable[[T], int] = wire_size,
+                  target: int = TARGET_FRAME) -> Iterator[list[T] | TooLarge[T]]:
+    """Cut ``items`` into batches that each fit one frame of ``max_frame`` bytes and
+    ``max_count`` items, in order: the one batching rule of every hop. A batch is closed once
+    it holds ``target`` bytes; one item larger than that still goes, alone.
+
+    An item that cannot fit any frame comes out alone as :class:`TooLarge`: the caller fails
+    it in words (``PAYLOAD_TOO_LARGE``). It is never sent, so no peer refuses a frame and no
+    frame is resent forever.
+    """
+    budget = max_frame - FRAME_ENVELOPE
+    target = min(target, budget)
+    batch: list[T] = []
+    used = 0
+    for item in items:
+        need = size(item)
+        if need > budget:
+            if batch:  # in order: what came before it goes first
+                yield batch
+                batch, used = [], 0
+            yield TooLarge(item, need, max_frame)
+            continue
+        if batch and (used + need > target or len(batch) >= max_count):
+            yield batch
+            batch, used = [], 0
+        batch.append(item)
+        used += need
+    if batch:
+        yield batch
+
+
+def task_frames(tasks: list[Task], body_of: Callable[[str], bytes | None], max_frame: int,
+                max_count: int = MAX_BATCH) -> Iterator[tuple[list[Task], dict[str, bytes]] | TooLarge[Task]]:
+    """:func:`frame_batches` for SUBMIT and TASKS frames: each batch comes with the function
+    bodies it must carry. A body (``body_of(function id)``, None when the peer has it) travels
+    with the first task that uses it and counts in that task's size."""
+    carrier: dict[str, tuple[str, bytes]] = {}
+    seen: set[str] = set()
+    for t in tasks:
+        if t.function not in seen:
+            seen.add(t.function)
+            body = body_of(t.function)
+            if body is not None:
+                carrier[t.function] = (t.id, body)
+
+    def size(t: Task) -> int:
+        carried = carrier.get(t.function)
+        return wire_size(t) + (len(carried[1]) if carried is not None and carried[0] == t.id else 0)
+
+    for batch in frame_batches(tasks, max_frame, max_count, size):
+        if isinstance(batch, TooLarge):
+            yield batch
+            continue
+        functions = {}
+        for t in batch:
+            carried = carrier.get(t.function)
+            if carried is not None and carried[0] == t.id:
+                functions[t.function] = carried[1]
+        yield batch, functions
 
 
 def to_builtins(record: Any) -> Any:

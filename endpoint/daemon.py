@@ -30,7 +30,9 @@ from tether.logs import configure_logging
 from tether.protocol import (
     CLOSE_AUTH_FAILED,
     CLOSE_CREDENTIAL_ROTATED,
+    DEFAULT_MAX_FRAME,
     ENDPOINT_WS_PATH,
+    FRAME_ENVELOPE,
     MAX_IDS,
     TO_ENDPOINT_FRAMES,
     Cancel,
@@ -46,8 +48,11 @@ from tether.protocol import (
     Running,
     Stop,
     Tasks,
+    TooLarge,
     Welcome,
     encode,
+    frame_batches,
+    wire_size,
 )
 from tether.serialize import PY_VERSION, function_id, method_of
 from tether.transport import Backoff, open_ws
@@ -55,6 +60,7 @@ from tether.transport import Backoff, open_ws
 from .config import EndpointConfig, load_config
 from .engines import TaskSpec, make_engine
 from .execute import failure
+from .functions import FunctionStore
 from .spool import ResultSpool
 
 log = logging.getLogger("tether.endpoint")
@@ -120,7 +126,9 @@ class EndpointDaemon:
         self.sandbox_root.mkdir(parents=True, exist_ok=True)
         self.spool = ResultSpool(self.dir / "spool")
         self.inflight: set[str] = set()
-        self.functions: dict[str, bytes] = {}
+        self.peak_inflight = 0  # most tasks held at once (flow control keeps it <= workers + prefetch)
+        self.functions = FunctionStore(self.dir / "functions")
+        self.max_frame = DEFAULT_MAX_FRAME  # until the service's Welcome says what it accepts
         self.allowed_functions = set(config.allowed_functions) if config.allowed_functions is not None else None
         # arguments: the methods the administrator allows; function bodies: the same, except
         # that functions on the allow-list (checked by hash) may be pickled code
@@ -189,7 +197,7 @@ class EndpointDaemon:
             "pid": os.getpid(), "state": state, "endpoint_id": self.endpoint_id, "service": self.service_url,
             "connected_since": self.connected_since, "updated": time.time(),
             "capacity": self.engine.capacity() if state != "stopped" else {}, "versions": versions(),
-            "inflight": len(self.inflight), "spooled": len(self.spool),
+            "inflight": len(self.inflight), "peak_inflight": self.peak_inflight, "spooled": len(self.spool),
         }
         tmp = self.dir / "status.json.tmp"
         tmp.write_text(json.dumps(status))
@@ -261,21 +269,23 @@ class EndpointDaemon:
         return True
 
     async def _session(self, ws: Any) -> None:
+        # what it holds, so the service does not send it again (capped so the frame fits any
+        # service's limit: a task left out may be sent again, and is then recognised and skipped)
         await ws.send(encode(Hello(versions=versions(), capacity=self.engine.capacity(),
-                                   inflight=list(self.inflight), spooled=self.spool.ids())))
+                                   inflight=list(self.inflight)[:MAX_IDS], spooled=self.spool.ids()[:MAX_IDS])))
         welcome = _frames.decode(await ws.recv())
         if isinstance(welcome, Error):
             raise CredentialRejected(f"service refused the endpoint: {welcome.message}")
         if not isinstance(welcome, Welcome):
             raise ProtocolError(f"expected 'welcome' from the service, got '{welcome.__struct_config__.tag}'")
+        self.max_frame = welcome.max_frame
         self.ws = ws
         self.connected_since = time.time()
         self._backoff.reset()
         log.info("connected to %s as endpoint %s", self.service_url, self.endpoint_id)
         self._write_status("connected")
-        pending = self.spool.pending()
-        for start in range(0, len(pending), RESULT_CHUNK):  # results from before the cut go first
-            await ws.send(encode(Results(results=pending[start : start + RESULT_CHUNK])))
+        for batch in self._result_frames(self.spool.pending()):  # results from before the cut go first
+            await ws.send(batch)
         async for frame in ws:
             msg = _frames.decode(frame)
             if isinstance(msg, Tasks):
@@ -302,7 +312,7 @@ class EndpointDaemon:
                 log.warning("refused function %s: its body does not hash to its id", fid)
                 self.refused_functions[fid] = "its body does not hash to its id"
             else:
-                self.functions[fid] = body
+                self.functions.add(fid, body)
 
     def _check_task(self, task: Any) -> None:
         """Raise TaskRefused unless this endpoint's policy lets the task run."""
@@ -339,6 +349,7 @@ class EndpointDaemon:
                 continue
             self.inflight.add(tid)
             self.engine.submit(TaskSpec(tid, t.function, self.functions.get(t.function), t.payload, t.spec, sandbox))
+        self.peak_inflight = max(self.peak_inflight, len(self.inflight))
         if received and self.ws is not None:
             asyncio.ensure_future(self._send(encode(Received(ids=received, ts=now))))
 
@@ -361,6 +372,8 @@ class EndpointDaemon:
             result = failure(tid, ValueError(
                 f"result is {len(data)} bytes, over this endpoint's max_result_bytes ({self.max_result})"
                 " (PayloadTooLarge)"))
+        elif wire_size(result) > self.max_frame - FRAME_ENVELOPE:  # spool what can be sent, never what cannot
+            result = too_large_record(tid, TooLarge(result, wire_size(result), self.max_frame))
         self._result_buf.append(result)
         self._schedule_flush()
 
@@ -392,8 +405,16 @@ class EndpointDaemon:
         if self._result_buf:
             results, self._result_buf = self._result_buf, []
             self.spool.write(results)
-            for start in range(0, len(results), RESULT_CHUNK):
-                asyncio.ensure_future(self._send(encode(Results(results=results[start : start + RESULT_CHUNK]))))
+            for frame in self._result_frames(results):
+                asyncio.ensure_future(self._send(frame))
+
+    def _result_frames(self, results: Any) -> Any:
+        """RESULT frames within the service's limits; a result too large for any frame is
+        replaced by a failure that says so (the service acknowledges it, the spool drops it)."""
+        for batch in frame_batches(results, self.max_frame, RESULT_CHUNK):
+            if isinstance(batch, TooLarge):
+                batch = [too_large_record(batch.item["id"], batch)]
+            yield encode(Results(results=batch))
 
     async def _send(self, frame: bytes) -> None:
         ws = self.ws
@@ -422,6 +443,13 @@ class EndpointDaemon:
                 self._last_activity = time.monotonic()
             return False
         return time.monotonic() - self._last_activity > self.idle_exit_s
+
+
+def too_large_record(task_id: str, too_large: TooLarge[Any]) -> dict[str, Any]:
+    """A failed result in place of one too large to send."""
+    return {"id": task_id, "state": "failed", "data": None, "times": {"failed": time.time()},
+            "error": {"type": "PayloadTooLarge", "message": too_large.message("the result of this task"),
+                      "traceback": "", "code": ErrorCode.PAYLOAD_TOO_LARGE.value}}
 
 
 def run_daemon(name: str) -> int:

@@ -2,10 +2,12 @@
 service says it has stored them. An endpoint killed at any moment loses no result.
 
 The spool is an append-only log in segments: a batch of results costs one ``write`` to an
-open file (creating a file per batch cost more than running a no-op task). Acknowledgements
-are kept in memory only; a segment is deleted once every result in it is acknowledged. After
-a crash every result still in a segment is sent again, and the service drops the ones it
-already has (results are exactly-once per task id there), so nothing is lost or doubled.
+open file (creating a file per batch cost more than running a no-op task). Memory holds only
+where each result is (segment, offset, length), never its bytes: they are read back from disk
+when they must be sent again. Acknowledgements are kept in memory only; a segment is deleted
+once every result in it is acknowledged. After a crash every result still in a segment is sent
+again, and the service drops the ones it already has (results are exactly-once per task id
+there), so nothing is lost or doubled.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -39,8 +42,7 @@ class ResultSpool:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.fsync = fsync
         self.segment_bytes = segment_bytes
-        self._results: dict[str, dict[str, Any]] = {}
-        self._segment_of: dict[str, _Segment] = {}
+        self._where: dict[str, tuple[_Segment, int, int]] = {}  # id -> (segment, offset, length)
         self._seq = itertools.count()
         self._current: _Segment | None = None
         self._load()
@@ -50,21 +52,23 @@ class ResultSpool:
             segment = _Segment(path, None)
             try:
                 with open(path, "rb") as fh:
-                    for record in msgpack.Unpacker(fh, raw=False):
-                        self._remember(segment, record)
+                    unpacker = msgpack.Unpacker(fh, raw=False)
+                    offset = 0
+                    for record in unpacker:
+                        end = unpacker.tell()
+                        self._remember(segment, record["id"], offset, end - offset)
+                        offset = end
             except Exception as exc:  # noqa: BLE001 - a torn tail from a crash mid-write
                 log.warning("spool segment %s ends in a partial record (%s); kept what precedes it", path, exc)
             if not segment.pending:
                 path.unlink(missing_ok=True)
-        if self._results:
-            log.info("spool: %d results from a previous run await the service", len(self._results))
+        if self._where:
+            log.info("spool: %d results from a previous run await the service", len(self._where))
 
-    def _remember(self, segment: _Segment, record: dict[str, Any]) -> None:
-        tid = record["id"]
-        if tid in self._results:
+    def _remember(self, segment: _Segment, tid: str, offset: int, length: int) -> None:
+        if tid in self._where:
             return
-        self._results[tid] = record
-        self._segment_of[tid] = segment
+        self._where[tid] = (segment, offset, length)
         segment.pending.add(tid)
 
     def _segment(self) -> _Segment:
@@ -76,23 +80,25 @@ class ResultSpool:
     def write(self, results: list[dict[str, Any]]) -> None:
         """Append a batch; it is on disk (in the page cache, or fsynced if asked) on return."""
         segment = self._segment()
-        data = b"".join(msgpack.packb(r, use_bin_type=True) for r in results)
+        packed = [msgpack.packb(r, use_bin_type=True) for r in results]
         assert segment.fh is not None
-        segment.fh.write(data)
+        segment.fh.write(b"".join(packed))
         segment.fh.flush()
         if self.fsync:
             os.fsync(segment.fh.fileno())
-        segment.size += len(data)
-        for r in results:
-            self._remember(segment, r)
+        offset = segment.size
+        for r, data in zip(results, packed, strict=True):
+            self._remember(segment, r["id"], offset, len(data))
+            offset += len(data)
+        segment.size = offset
 
     def ack(self, ids: list[str]) -> None:
         """The service stored these: forget them, deleting segments that became fully acknowledged."""
         for tid in ids:
-            self._results.pop(tid, None)
-            segment = self._segment_of.pop(tid, None)
-            if segment is None:
+            where = self._where.pop(tid, None)
+            if where is None:
                 continue
+            segment = where[0]
             segment.pending.discard(tid)
             if not segment.pending:
                 self._drop(segment)
@@ -110,13 +116,25 @@ class ResultSpool:
         segment.path.unlink(missing_ok=True)
 
     def __contains__(self, task_id: str) -> bool:
-        return task_id in self._results
+        return task_id in self._where
 
     def __len__(self) -> int:
-        return len(self._results)
+        return len(self._where)
 
     def ids(self) -> list[str]:
-        return list(self._results)
+        return list(self._where)
 
-    def pending(self) -> list[dict[str, Any]]:
-        return list(self._results.values())
+    def pending(self) -> Iterator[dict[str, Any]]:
+        """Every result not yet acknowledged, read back from disk one at a time."""
+        by_segment: dict[Path, list[tuple[int, int]]] = {}
+        for segment, offset, length in list(self._where.values()):
+            by_segment.setdefault(segment.path, []).append((offset, length))
+        for path, spans in by_segment.items():
+            try:
+                fh = open(path, "rb")
+            except OSError:  # acknowledged (and deleted) meanwhile
+                continue
+            with fh:
+                for offset, length in sorted(spans):
+                    fh.seek(offset)
+                    yield msgpack.unpackb(fh.read(length), raw=False)

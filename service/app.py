@@ -32,6 +32,7 @@ from tether.protocol import (
     CLOSE_AUTH_FAILED,
     CLOSE_CREDENTIAL_ROTATED,
     CLOSE_PROTOCOL,
+    DEFAULT_PREFETCH,
     ENDPOINT_FRAMES,
     ENDPOINT_WS_PATH,
     PROTOCOL_VERSION,
@@ -44,6 +45,7 @@ from tether.protocol import (
     Task,
     Welcome,
     encode,
+    service_max_frame,
     to_builtins,
 )
 from tether.serialize import function_id
@@ -87,8 +89,10 @@ class Settings:
 
     db_url: str = "sqlite:///tether.db"
     max_payload_bytes: int = 64 * 1024 * 1024
-    result_retention_s: float = 7 * 24 * 3600
+    result_retention_s: float = 7 * 24 * 3600  # kept this long after the client collected them
+    uncollected_retention_s: float = 30 * 24 * 3600  # results nobody collects expire this long after the task ends
     purge_interval_s: float = 600
+    prefetch: int = DEFAULT_PREFETCH  # tasks an endpoint is sent beyond its workers (flow control)
     credential_check_s: float = 1.0
     #: Globus Auth: accept Globus access tokens as well as the service's own (None: only its own)
     globus: GlobusSettings | None = None
@@ -138,7 +142,7 @@ async def _serve_frames(ws: WebSocket, session: Any, decoder: FrameDecoder,
         try:
             msg = decoder.decode(_frame_bytes(message))
         except ProtocolError as exc:
-            await session.send(encode(Error(code=ErrorCode.MALFORMED, message=f"malformed frame: {exc}")))
+            await session.send(encode(Error(code=ErrorCode.MALFORMED, ref=exc.ref, message=f"malformed frame: {exc}")))
             continue
         try:
             await handle(session, msg)
@@ -153,7 +157,8 @@ async def _serve_frames(ws: WebSocket, session: Any, decoder: FrameDecoder,
 def create_app(settings: Settings) -> FastAPI:
     store = Store(settings.db_url)
     authenticator = Authenticator(store, settings.globus)
-    relay = Relay(store, settings.max_payload_bytes, authenticator)
+    relay = Relay(store, settings.max_payload_bytes, settings.prefetch, authenticator)
+    max_frame = service_max_frame(settings.max_payload_bytes)
     started = time.time()
     client_frames = FrameDecoder(CLIENT_FRAMES, "a client")
     endpoint_frames = FrameDecoder(ENDPOINT_FRAMES, "an endpoint")
@@ -172,7 +177,7 @@ def create_app(settings: Settings) -> FastAPI:
         while True:
             await asyncio.sleep(settings.purge_interval_s)
             try:
-                n = store.purge(settings.result_retention_s)
+                n = store.purge(settings.result_retention_s, settings.uncollected_retention_s)
                 if n:
                     log.info("purged %d collected tasks past retention", n)
             except Exception:  # noqa: BLE001
@@ -409,7 +414,7 @@ def create_app(settings: Settings) -> FastAPI:
         relay.client_connected(session)
         try:
             await session.send(encode(Welcome(user_id=user, max_payload=settings.max_payload_bytes,
-                                              version=__version__)))
+                                              max_frame=max_frame, version=__version__)))
             await _serve_frames(ws, session, client_frames, relay.client_message)
         except (WebSocketDisconnect, RuntimeError):
             pass
@@ -427,7 +432,7 @@ def create_app(settings: Settings) -> FastAPI:
                          "deleted); re-register with 'tether endpoint start'")
             return
         await ws.accept()
-        session = EndpointSession(_WSSender(ws), ep)
+        session = EndpointSession(_WSSender(ws), ep, settings.prefetch)
         try:
             first = await ws.receive()
             if first["type"] == "websocket.disconnect":
@@ -440,7 +445,9 @@ def create_app(settings: Settings) -> FastAPI:
                 await session.send(encode(Error(code=ErrorCode.MALFORMED, message=str(exc), fatal=True)))
                 await ws.close(code=CLOSE_PROTOCOL, reason=str(exc)[:120])
                 return
-            await session.send(encode(Welcome(endpoint_id=ep["id"], version=__version__)))
+            await session.send(encode(Welcome(endpoint_id=ep["id"], version=__version__,
+                                              max_payload=settings.max_payload_bytes, max_frame=max_frame,
+                                              prefetch=settings.prefetch)))
             await relay.endpoint_connected(session, hello)
             await _serve_frames(ws, session, endpoint_frames, relay.endpoint_message)
         except (WebSocketDisconnect, RuntimeError):

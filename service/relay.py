@@ -13,6 +13,10 @@ the ownership rules live in one place:
   anything else is refused and logged;
 * on (re)connection an endpoint is sent every open task it does not already hold, so tasks
   that were in the hands of an endpoint that died run again (at-least-once execution);
+* flow control: an endpoint holds at most its workers + ``prefetch`` tasks; the rest wait in the
+  store and are paged to it, in submission order, as its results free room;
+* every frame is cut by bytes as well as by count (:func:`tether.protocol.frame_batches`); a
+  task or result too large for any frame fails alone, in words;
 * a result for a task that already has one is dropped (exactly-once results per task id).
 """
 
@@ -22,13 +26,17 @@ import asyncio
 import json
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
+from tether.bounded import BoundedCache
 from tether.protocol import (
     CLOSE_AUTH_FAILED,
     CLOSE_CREDENTIAL_ROTATED,
+    DEFAULT_MAX_FRAME,
+    DEFAULT_PREFETCH,
+    ITEM_OVERHEAD,
     MAX_IDS,
     TERMINAL_STATES,
     Audit,
@@ -55,9 +63,13 @@ from tether.protocol import (
     Task,
     Tasks,
     TaskState,
+    TooLarge,
     UserEndpointFailed,
     UserEndpointStarted,
     encode,
+    frame_batches,
+    task_frames,
+    wire_size,
 )
 from tether.serialize import function_id
 
@@ -65,7 +77,14 @@ from .store import Store, credential_hash, transitions
 
 log = logging.getLogger("tether.service.relay")
 
-DISPATCH_CHUNK = 1000
+DISPATCH_CHUNK = 1000  # most tasks per TASKS frame
+PAGE_MIN = 64  # fewest rows read per page of an endpoint's backlog
+#: stored tasks waiting for an endpoint's room are kept in memory up to this many (and bytes), so
+#: a burst is sent on without reading the store back; beyond, they are paged from the store
+QUEUE_MAX = 10_000
+QUEUE_BYTES = 32 * 1024 * 1024
+#: the largest frame the service sends: what clients and endpoints accept (see open_ws)
+PEER_MAX_FRAME = DEFAULT_MAX_FRAME
 STATUS_WINDOW = 0.005  # seconds a client's state updates are gathered before they are sent
 RESULT_CHUNK = 1000  # results per frame to a client
 START_RETRY_S = 30.0  # a user endpoint asked for and not connected by then is asked for again
@@ -113,7 +132,8 @@ class ClientSession:
     def _flush_updates(self) -> None:
         if self._updates:
             updates, self._updates = self._updates, []
-            asyncio.ensure_future(_safe_send(self, encode(Status(updates=updates))))
+            for start in range(0, len(updates), MAX_IDS):  # ~60 bytes each: MAX_IDS fit any frame
+                asyncio.ensure_future(_safe_send(self, encode(Status(updates=updates[start : start + MAX_IDS]))))
 
     def _flush_results(self) -> None:
         self._scheduled = False
@@ -123,21 +143,35 @@ class ClientSession:
     async def send_results_now(self) -> None:
         """Send buffered results in this coroutine (the scheduled flush then finds nothing)."""
         while self._results:
-            results, self._results = self._results[:RESULT_CHUNK], self._results[RESULT_CHUNK:]
-            await _safe_send(self, encode(Results(results=results)))
+            results, self._results = self._results, []
+            for batch in frame_batches(results, PEER_MAX_FRAME, RESULT_CHUNK):
+                if isinstance(batch, TooLarge):  # the client could not take it: it fails in words
+                    batch = [_failed(batch.item.id, ErrorCode.PAYLOAD_TOO_LARGE, batch.message("this result"))]
+                await _safe_send(self, encode(Results(results=batch)))
 
 
 class EndpointSession:
-    """One connected endpoint process."""
+    """One connected endpoint process, and what it holds (for flow control)."""
 
-    def __init__(self, sender: Sender, endpoint: dict[str, Any]):
+    def __init__(self, sender: Sender, endpoint: dict[str, Any], prefetch: int = DEFAULT_PREFETCH):
         self.sender = sender
         self.endpoint_id: str = endpoint["id"]
         self.owner_id: str = endpoint["owner_id"]
         self.secret_hash: str = endpoint["secret_hash"]
         self.multi_user: bool = bool(endpoint.get("multi_user"))
         self.parent_id: str | None = endpoint.get("parent_id")
-        self.sent_functions: set[str] = set()
+        self.sent_functions: BoundedCache[str, None] = BoundedCache(max_items=65536)
+        self.prefetch = prefetch
+        self.workers = 0
+        #: tasks this session holds: sent (or held when it connected) and not yet reported finished
+        self.sent: set[str] = set()
+        #: stored tasks waiting for room, in memory while few (never while ``backlog``)
+        self.queue: deque[tuple[str, Task]] = deque()
+        self.queue_bytes = 0
+        #: the store may hold open tasks for it not yet sent; paged from ``cursor`` = (t_received, id)
+        self.backlog = True
+        self.cursor: tuple[float, str] | None = None
+        self.refilling = False
         self.status: dict[str, Any] = {}
         self.connected_at = time.time()
         self.refused_reports = 0
@@ -145,12 +179,22 @@ class EndpointSession:
     async def send(self, frame: bytes) -> None:
         await self.sender.send(frame)
 
+    @property
+    def window(self) -> int:
+        """How many tasks it may hold: its workers plus the prefetch."""
+        return self.workers + self.prefetch
+
+    def set_capacity(self, capacity: dict[str, Any]) -> None:
+        workers = capacity.get("workers_total")
+        self.workers = workers if isinstance(workers, int) and not isinstance(workers, bool) else 0
+
 
 class Relay:
-    def __init__(self, store: Store, max_payload: int, authenticator: Any = None):
+    def __init__(self, store: Store, max_payload: int, prefetch: int = DEFAULT_PREFETCH, authenticator: Any = None):
         self.store = store
         self.authenticator = authenticator  # service.auth.Authenticator: re-checks Globus tokens
         self.max_payload = max_payload
+        self.prefetch = prefetch
         self.endpoints: dict[str, EndpointSession] = {}
         self.clients: set[ClientSession] = set()
         self.watchers: dict[str, set[ClientSession]] = defaultdict(set)
@@ -330,7 +374,7 @@ class Relay:
         for endpoint_id, items in by_endpoint.items():
             ep = self.endpoints.get(endpoint_id)
             if ep is not None:
-                await self._dispatch(ep, user_id, items)
+                await self._offer(ep, user_id, items)
             elif endpoint_id in user_endpoints:
                 await self._start_user_endpoint(endpoint_id)
         briefs = {eid: self._endpoint_brief(eid) for eid in {t.endpoint for t in candidates}}
@@ -422,6 +466,12 @@ class Relay:
         for r in rows:
             if r.state != TaskState.WAITING.value or r.endpoint_id in self.endpoints:
                 per_endpoint[r.endpoint_id].append(r.id)
+        cancelled = {r.id for r in rows}
+        for endpoint_id in per_endpoint:  # a task cancelled before it was sent must never be
+            ep = self.endpoints.get(endpoint_id)
+            if ep is not None and ep.queue:
+                ep.queue = deque(item for item in ep.queue if item[1].id not in cancelled)
+                ep.queue_bytes = sum(wire_size(t) for _, t in ep.queue)
         for endpoint_id, tids in per_endpoint.items():
             ep = self.endpoints.get(endpoint_id)
             if ep is not None:
@@ -448,23 +498,17 @@ class Relay:
             log.info("endpoint %s reconnected; dropping its previous connection", session.endpoint_id)
             await _safe_close(old, CLOSE_CREDENTIAL_ROTATED, "replaced by a newer connection of this endpoint")
         session.status = {"versions": hello.versions, "capacity": hello.capacity}
+        session.set_capacity(hello.capacity)
         self.store.save_endpoint_status(session.endpoint_id, {**session.status, "online": True})
         self._start_requested.pop(session.endpoint_id, None)
         if session.multi_user:  # user endpoints with work waiting for them: start them now
             for child in self.store.user_endpoints_with_open_tasks(session.endpoint_id):
                 await self._start_user_endpoint(child["id"], force=True)
             return
-        held = set(hello.inflight) | set(hello.spooled)
-        rows = self.store.open_tasks_for_endpoint(session.endpoint_id, exclude=held)
-        if rows:
-            log.info("endpoint %s: dispatching %d open tasks", session.endpoint_id, len(rows))
-            per_owner: dict[str, list[Task]] = defaultdict(list)
-            for r in rows:
-                per_owner[r.owner_id].append(Task(id=r.id, function=r.function_id, endpoint=session.endpoint_id,
-                                                  payload=r.payload, group=r.group_id, spec=_loads(r.spec),
-                                                  uec=_loads(r.uec)))
-            for owner, items in per_owner.items():
-                await self._dispatch(session, owner, items)
+        # what it holds counts against its window until it reports on it; the rest is paged to it
+        session.sent = set(hello.inflight) | set(hello.spooled)
+        session.backlog = True
+        await self._refill(session)
 
     def endpoint_disconnected(self, session: EndpointSession) -> None:
         if self.endpoints.get(session.endpoint_id) is session:
@@ -473,20 +517,112 @@ class Relay:
             if ep is not None and ep["deleted_at"] is None:
                 self.store.save_endpoint_status(session.endpoint_id, {**session.status, "online": False})
 
+    async def _offer(self, ep: EndpointSession, owner: str, items: list[Task]) -> None:
+        """New (stored) tasks for a connected endpoint: sent while it has room and nothing older
+        waits, else queued in memory while the queue is small, else left to be paged."""
+        if not ep.backlog and not ep.queue:
+            room = max(0, ep.window - len(ep.sent))
+            now, items = items[:room], items[room:]
+            if now:
+                await self._dispatch(ep, owner, now)
+        if not items:
+            return
+        if not ep.backlog:
+            size = sum(wire_size(t) for t in items)
+            if len(ep.queue) + len(items) <= QUEUE_MAX and ep.queue_bytes + size <= QUEUE_BYTES:
+                ep.queue.extend((owner, t) for t in items)
+                ep.queue_bytes += size
+                await self._refill(ep)  # room may have opened while we were sending
+                return
+            ep.queue.clear()  # too many to keep here: they are all in the store, paged from there
+            ep.queue_bytes = 0
+            ep.backlog = True
+        await self._refill(ep)
+
+    async def _refill(self, ep: EndpointSession) -> None:
+        """Send an endpoint the open tasks waiting for it, up to its window: first those queued
+        in memory, then pages from the store in submission order (never the whole backlog in
+        memory, or in one query).
+
+        Called when it connects, when a submission did not fit, and when its results or
+        heartbeat free room. At the end of the backlog the cursor goes back to the start, so the
+        next backlog is read from the beginning (skipping what the endpoint holds).
+        """
+        if ep.refilling or ep.multi_user:
+            return
+        ep.refilling = True
+        # refill once a quarter of the window is free, not on every result: pages and frames stay
+        # large (a frame and a query per result capped a million-task drain at ~1,000 tasks/s),
+        # and the endpoint still holds three quarters of its window meanwhile
+        low = max(1, ep.window // 4)
+        try:
+            while ep.queue and ep.window - len(ep.sent) >= low and self.endpoints.get(ep.endpoint_id) is ep:
+                taken = [ep.queue.popleft() for _ in range(min(ep.window - len(ep.sent), len(ep.queue)))]
+                ep.queue_bytes -= sum(wire_size(t) for _, t in taken)
+                per_owner: dict[str, list[Task]] = defaultdict(list)
+                for owner, t in taken:
+                    per_owner[owner].append(t)
+                ep.sent.update(t.id for _, t in taken)
+                for owner, items in per_owner.items():
+                    await self._dispatch(ep, owner, items)
+            while ep.backlog and self.endpoints.get(ep.endpoint_id) is ep:
+                credit = ep.window - len(ep.sent)
+                if credit < low:
+                    return
+                limit = max(credit, PAGE_MIN)
+                page = self.store.open_task_page(ep.endpoint_id, ep.cursor, limit)
+                fresh, consumed = [], 0
+                for row in page:
+                    if len(fresh) >= credit:
+                        break
+                    consumed += 1
+                    ep.cursor = (row.t_received, row.id)
+                    if row.id not in ep.sent:
+                        fresh.append(row)
+                if len(page) < limit and consumed == len(page):
+                    ep.backlog, ep.cursor = False, None
+                ep.sent.update(r.id for r in fresh)
+                for chunk in frame_batches(fresh, PEER_MAX_FRAME, DISPATCH_CHUNK,
+                                           size=lambda r: (r.size or 0) + ITEM_OVERHEAD):
+                    rows = [chunk.item] if isinstance(chunk, TooLarge) else chunk
+                    per_owner = defaultdict(list)
+                    loaded = self.store.load_open_tasks([r.id for r in rows])
+                    ep.sent.difference_update({r.id for r in rows} - {r.id for r in loaded})  # ended meanwhile
+                    for r in loaded:
+                        per_owner[r.owner_id].append(Task(id=r.id, function=r.function_id, endpoint=r.endpoint_id,
+                                                          payload=r.payload, group=r.group_id, spec=_loads(r.spec),
+                                                          uec=_loads(r.uec)))
+                    for owner, items in per_owner.items():
+                        await self._dispatch(ep, owner, items)
+        finally:
+            ep.refilling = False
+
     async def _dispatch(self, ep: EndpointSession, owner: str, items: list[Task]) -> None:
-        """Send tasks of one owner to an endpoint, with the function bodies it has not seen."""
-        for start in range(0, len(items), DISPATCH_CHUNK):
-            chunk = items[start : start + DISPATCH_CHUNK]
-            bodies: dict[str, bytes] = {}
-            for t in chunk:
-                fid = t.function
-                if fid not in ep.sent_functions and fid not in bodies:
-                    body = self.store.get_function(owner, fid)
-                    if body is not None:
-                        bodies[fid] = body
+        """Send tasks of one owner to an endpoint, with the function bodies it has not seen, in
+        frames bounded in bytes; a task too large for any frame fails alone."""
+        ep.sent.update(t.id for t in items)
+        self.store.track_dispatched(ep.endpoint_id, (t.id for t in items))
+
+        def body_of(fid: str) -> bytes | None:
+            return None if fid in ep.sent_functions else self.store.get_function(owner, fid)
+
+        for batch in task_frames(items, body_of, PEER_MAX_FRAME, DISPATCH_CHUNK):
+            if isinstance(batch, TooLarge):
+                ep.sent.discard(batch.item.id)
+                self._fail_task(batch.item.id, ErrorCode.PAYLOAD_TOO_LARGE,
+                                batch.message(f"task {batch.item.id}, sent to endpoint {ep.endpoint_id},"))
+                continue
+            chunk, bodies = batch
             ep.sent_functions.update(bodies)
             await _safe_send(ep, encode(Tasks(tasks=chunk, functions=bodies)))
             await asyncio.sleep(0)  # a large backlog never holds the loop for long
+
+    def _fail_task(self, task_id: str, code: ErrorCode, message: str) -> None:
+        """End an open task with an error the service raised itself (stored, then pushed)."""
+        result = _failed(task_id, code, message)
+        self.store.write_results([result])
+        self.store.forget_open([task_id])
+        self._push_results([result])
 
     async def _refuse_reports(self, session: EndpointSession, what: str, ids: list[str]) -> None:
         """An endpoint spoke of tasks that are not its own: refuse, log, and tell it."""
@@ -516,7 +652,10 @@ class Relay:
         elif isinstance(msg, Heartbeat):
             session.status = {"versions": msg.versions or session.status.get("versions", {}),
                               "capacity": msg.capacity}
+            session.set_capacity(msg.capacity)
             self.store.save_endpoint_status(session.endpoint_id, {**session.status, "online": True})
+            if session.backlog or session.queue:
+                await self._refill(session)
 
     async def _store_results(self, session: EndpointSession, results: list[Result]) -> None:
         self.counters["result_frames"] += 1
@@ -543,6 +682,10 @@ class Relay:
         await self._audit(session, [(r.id, r.state, r.times.get(r.state) or time.time()) for r in fresh])
         self.counters["results"] += len(fresh)
         self.counters["failed"] += sum(r.state == TaskState.FAILED.value for r in fresh)
+        # room freed on the endpoint (foreign and duplicate ids are simply not in its set)
+        session.sent.difference_update(r.id for r in results)
+        if session.backlog or session.queue:
+            await self._refill(session)
 
     async def _audit(self, session: EndpointSession, events: list[tuple[str, str, float]]) -> None:
         """Tell a user endpoint's parent what happened to its tasks (the parent keeps the audit log)."""
@@ -593,6 +736,13 @@ class Relay:
         info = ErrorInfo(type=error["type"], message=error["message"], code=error["code"])
         self._push_results(Result(id=r.id, state="failed", error=info, times={"failed": now}) for r in rows)
         return len(rows)
+
+
+def _failed(task_id: str, code: ErrorCode, message: str) -> Result:
+    """A failed RESULT for an error the service raised itself."""
+    return Result(id=task_id, state="failed", times={"failed": time.time()},
+                  error=ErrorInfo(type="PayloadTooLarge" if code == ErrorCode.PAYLOAD_TOO_LARGE else "TaskRejected",
+                                  message=message, code=code.value))
 
 
 def _loads(text: str | None) -> Any:

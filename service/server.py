@@ -16,6 +16,7 @@ import uvicorn
 
 from tether.config import service_file, tether_home, write_secret
 from tether.logs import configure_logging
+from tether.protocol import DEFAULT_PREFETCH, service_max_frame
 
 from .app import Settings, create_app
 from .auth import GlobusSettings
@@ -40,9 +41,9 @@ def _ws_implementation() -> str:
 
 
 def serve(host: str = "127.0.0.1", port: int = 8421, db_url: str | None = None,
-          max_payload_bytes: int | None = None, log_level: str = "warning", tls_cert: str | None = None,
-          tls_key: str | None = None, tls_ca: str | None = None, allow_insecure_http: bool = False,
-          globus: GlobusSettings | None = None) -> None:
+          max_payload_bytes: int | None = None, log_level: str = "warning", prefetch: int | None = None,
+          uncollected_retention_s: float | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+          tls_ca: str | None = None, allow_insecure_http: bool = False, globus: GlobusSettings | None = None) -> None:
     """Serve until SIGTERM/SIGINT. The embedded default needs nothing but a writable TETHER_HOME.
 
     With ``tls_cert``/``tls_key`` the service speaks https/wss only. Without them it refuses to
@@ -64,6 +65,10 @@ def serve(host: str = "127.0.0.1", port: int = 8421, db_url: str | None = None,
     settings = Settings(db_url=db_url or os.environ.get("TETHER_DB_URL") or default_db, globus=globus)
     if max_payload_bytes:
         settings.max_payload_bytes = max_payload_bytes
+    if prefetch is not None:
+        settings.prefetch = prefetch
+    if uncollected_retention_s is not None:
+        settings.uncollected_retention_s = uncollected_retention_s
     app = create_app(settings)
 
     # the local identity keeps its token across restarts, so clients and tests reconnect seamlessly
@@ -92,7 +97,7 @@ def serve(host: str = "127.0.0.1", port: int = 8421, db_url: str | None = None,
         log_level=log_level,
         log_config=None,  # uvicorn's loggers go through ours (text or JSON, see tether.logs)
         ws=_ws_implementation(),
-        ws_max_size=settings.max_payload_bytes + 1024 * 1024,
+        ws_max_size=service_max_frame(settings.max_payload_bytes),  # what the Welcome announces
         ws_ping_interval=20,
         ws_ping_timeout=60,
         lifespan="on",
@@ -112,6 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--db-url", default=None)
     parser.add_argument("--max-payload-bytes", type=int, default=None)
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--prefetch", type=int, default=None,
+                        help=f"tasks an endpoint is sent beyond its workers (default {DEFAULT_PREFETCH})")
+    parser.add_argument("--uncollected-retention", type=float, default=None, metavar="SECONDS",
+                        help="results nobody collects are deleted this long after their task ended (default 30 days)")
     parser.add_argument("--tls-cert", default=None)
     parser.add_argument("--tls-key", default=None)
     parser.add_argument("--tls-ca", default=None)
@@ -130,8 +139,8 @@ def main(argv: list[str] | None = None) -> None:
                                                args.globus_scope, args.globus_auth_url)
         except (OSError, ValueError) as exc:
             sys.exit(f"tether service: {exc}")
-    serve(args.host, args.port, args.db_url, args.max_payload_bytes, args.log_level, args.tls_cert, args.tls_key,
-          args.tls_ca, args.allow_insecure_http, globus)
+    serve(args.host, args.port, args.db_url, args.max_payload_bytes, args.log_level, args.prefetch,
+          args.uncollected_retention, args.tls_cert, args.tls_key, args.tls_ca, args.allow_insecure_http, globus)
 
 
 if __name__ == "__main__":

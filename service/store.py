@@ -34,12 +34,15 @@ from sqlalchemy import (
     event,
     func,
     inspect,
+    or_,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.engine import Connection, Engine
 
+from tether.bounded import BoundedCache
 from tether.protocol import TaskState
 
 log = logging.getLogger("tether.service.store")
@@ -113,6 +116,10 @@ tasks = Table(
     Index("ix_tasks_endpoint_state", "endpoint_id", "state"),
     Index("ix_tasks_owner_group", "owner_id", "group_id"),
 )
+# An endpoint's open tasks in submission order, for paging through a backlog: partial, so a
+# task leaves it when it ends and a page costs what it returns, not what the endpoint ever ran.
+Index("ix_tasks_endpoint_open", tasks.c.endpoint_id, tasks.c.t_received, tasks.c.id,
+      sqlite_where=tasks.c.t_done.is_(None), postgresql_where=tasks.c.t_done.is_(None))
 
 #: A task is open (has no result yet) while t_done is NULL: every terminal write sets t_done. One
 #: definition everywhere, and unlike a state IN (...) list it also works in executemany statements.
@@ -126,6 +133,13 @@ _TIME_COLUMN = {
     TaskState.FAILED: "t_done",
     TaskState.CANCELLED: "t_done",
 }
+
+
+def _owned_by(owner: str) -> Any:
+    """``owner_id = owner`` as a check on rows found by id. Written so that no planner uses the
+    owner index for it: SQLite did, with bound ``id IN (...)`` lists, and scanned every task of
+    the owner (a million-task backlog made each collection mark take a second)."""
+    return func.coalesce(tasks.c.owner_id, "") == owner
 
 
 def _hash(secret: str) -> str:
@@ -156,7 +170,9 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False})
+        # few cached statements: inserts of n rows are n-row statements, one per batch size, and
+        # 128 of them (the default) held ~20 MB that grew with the tasks ever submitted
+        engine = create_engine(url, connect_args={"check_same_thread": False, "cached_statements": 32})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(url, pool_pre_ping=True)
@@ -185,9 +201,11 @@ class Store:
         metadata.create_all(self.engine)
         _add_missing_columns(self.engine)
         self._conn = self.engine.connect()
-        self._function_cache: dict[tuple[str, str], bytes] = {}
-        # open tasks (no result yet) this process knows of, and the endpoint each belongs to:
-        # a result or state report is applied only by that endpoint, without a SELECT
+        self._function_cache: BoundedCache[tuple[str, str], bytes] = BoundedCache(
+            max_items=4096, max_bytes=256 * 1024 * 1024)
+        # open tasks dispatched by this process, and the endpoint each was sent to: a result or
+        # state report is applied only by that endpoint, without a SELECT. Bounded by what the
+        # endpoints hold (flow control), not by the backlog: queued tasks enter when dispatched.
         self._open: dict[str, str] = {}
 
     def close(self) -> None:
@@ -460,8 +478,6 @@ class Store:
             for chunk in _chunks(existing):
                 owners.update(conn.execute(select(tasks.c.id, tasks.c.owner_id).where(tasks.c.id.in_(chunk))).all())
         inserted = [t for t in batch if t.id in inserted_ids]
-        for t in inserted:
-            self._open[t.id] = t.endpoint
         mine = [tid for tid in existing if owners.get(tid) == owner]
         theirs = [tid for tid in existing if owners.get(tid) != owner]
         return inserted, mine, theirs
@@ -562,18 +578,38 @@ class Store:
                 params,
             )
 
-    def open_tasks_for_endpoint(self, endpoint_id: str, exclude: set[str], limit: int = 100_000) -> list[Any]:
+    def track_dispatched(self, endpoint_id: str, ids: Iterable[str]) -> None:
+        """These open tasks were sent to this endpoint: its reports on them need no SELECT."""
+        for tid in ids:
+            self._open[tid] = endpoint_id
+
+    def forget_open(self, ids: Iterable[str]) -> None:
+        for tid in ids:
+            self._open.pop(tid, None)
+
+    def open_task_page(self, endpoint_id: str, after: tuple[float, str] | None, limit: int) -> list[Any]:
+        """The next ``limit`` open tasks of an endpoint after ``after`` = (t_received, id), in
+        submission order: (id, owner_id, t_received, size of the arguments). No payloads: a
+        page of a million-task backlog costs an index range scan of ``limit`` rows."""
+        cond = and_(tasks.c.endpoint_id == endpoint_id, _OPEN)
+        if after is not None:
+            cond = and_(cond, tuple_(tasks.c.t_received, tasks.c.id) > tuple_(*after))
         with self._tx() as conn:
-            rows = conn.execute(
-                select(tasks.c.id, tasks.c.owner_id, tasks.c.function_id, tasks.c.payload, tasks.c.spec, tasks.c.uec,
-                       tasks.c.group_id)
-                .where(and_(tasks.c.endpoint_id == endpoint_id, _OPEN))
-                .order_by(tasks.c.t_received)
-                .limit(limit)
+            return conn.execute(
+                select(tasks.c.id, tasks.c.owner_id, tasks.c.t_received, func.length(tasks.c.payload).label("size"))
+                .where(cond).order_by(tasks.c.t_received, tasks.c.id).limit(limit)
             ).all()
-        for r in rows:
-            self._open[r.id] = endpoint_id
-        return [r for r in rows if r.id not in exclude]
+
+    def load_open_tasks(self, ids: Sequence[str]) -> list[Any]:
+        """Open tasks with what an endpoint needs to run them (tasks that ended meanwhile are left out)."""
+        out: list[Any] = []
+        with self._tx() as conn:
+            for chunk in _chunks(ids):
+                out.extend(conn.execute(
+                    select(tasks.c.id, tasks.c.owner_id, tasks.c.endpoint_id, tasks.c.function_id, tasks.c.payload,
+                           tasks.c.spec, tasks.c.uec, tasks.c.group_id)
+                    .where(and_(tasks.c.id.in_(chunk), _OPEN))).all())
+        return out
 
     def get_tasks(self, owner: str, ids: Sequence[str]) -> list[Any]:
         """The owner's tasks among ``ids`` (others' are simply not found)."""
@@ -581,7 +617,7 @@ class Store:
         with self._tx() as conn:
             for chunk in _chunks(ids):
                 out.extend(conn.execute(
-                    select(tasks).where(and_(tasks.c.id.in_(chunk), tasks.c.owner_id == owner))).all())
+                    select(tasks).where(and_(tasks.c.id.in_(chunk), _owned_by(owner)))).all())
         return out
 
     def group_task_ids(self, owner: str, group_id: str) -> list[Any]:
@@ -600,7 +636,7 @@ class Store:
             for chunk in _chunks(ids):
                 rows = conn.execute(
                     select(tasks.c.id, tasks.c.endpoint_id, tasks.c.state).where(
-                        and_(tasks.c.id.in_(chunk), tasks.c.owner_id == owner, _OPEN)
+                        and_(tasks.c.id.in_(chunk), _owned_by(owner), _OPEN)
                     )
                 ).all()
                 if rows:
@@ -619,18 +655,20 @@ class Store:
             for chunk in _chunks(ids):
                 conn.execute(
                     update(tasks)
-                    .where(and_(tasks.c.id.in_(chunk), tasks.c.owner_id == owner, tasks.c.collected_at.is_(None)))
+                    .where(and_(tasks.c.id.in_(chunk), _owned_by(owner), tasks.c.collected_at.is_(None)))
                     .values(collected_at=time.time())
                 )
 
-    def purge(self, retention_s: float) -> int:
-        """Forget finished tasks collected more than ``retention_s`` ago."""
+    def purge(self, retention_s: float, uncollected_retention_s: float | None = None) -> int:
+        """Forget finished tasks collected more than ``retention_s`` ago, and (if given) finished
+        tasks nobody collected within ``uncollected_retention_s`` of their end."""
+        now = time.time()
+        expired = and_(tasks.c.collected_at.is_not(None), tasks.c.collected_at < now - retention_s)
+        if uncollected_retention_s is not None:
+            expired = or_(expired, and_(tasks.c.collected_at.is_(None), tasks.c.t_done.is_not(None),
+                                        tasks.c.t_done < now - uncollected_retention_s))
         with self._tx() as conn:
-            res = conn.execute(
-                delete(tasks).where(
-                    and_(tasks.c.collected_at.is_not(None), tasks.c.collected_at < time.time() - retention_s)
-                )
-            )
+            res = conn.execute(delete(tasks).where(expired))
         return res.rowcount or 0
 
     def count_by_state(self, owner: str) -> dict[str, int]:
@@ -675,3 +713,5 @@ def _add_missing_columns(engine: Engine) -> None:
                     log.info("adding column %s.%s to an older database", table.name, column.name)
                     kind = column.type.compile(dialect=engine.dialect)
                     conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+            for index in table.indexes:  # indexes added by later versions
+                index.create(conn, checkfirst=True)

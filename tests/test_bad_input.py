@@ -61,6 +61,7 @@ def test_malformed_frames_get_errors_and_the_session_survives(stack, executor: E
     assert "protocol version 99" in replies[2].message
     assert "'no-such-type' is not a message a client may send" in replies[3].message
     assert "Object missing required field `tasks`" in replies[4].message
+    assert replies[4].ref == 7  # the refusal names the batch, so a client fails it instead of resending it
     assert "unknown task ids" in replies[5].message
     assert executor.submit(helpers.square, 5).result(timeout=30) == 25
 

@@ -1,0 +1,144 @@
+"""The data plane under load and at its limits: frames bounded in bytes on every hop, flow
+control to endpoints, and memory that stays flat however many tasks have gone through."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tether import Executor
+from tether.connection import Connection
+from tether.errors import PayloadTooLarge
+from tether.local import local_stack
+from tether.protocol import FRAME_ENVELOPE, Result, Task, Tasks, TooLarge, encode, frame_batches
+from tether.service.store import Store
+
+import helpers
+from conftest import TEST_MAX_PAYLOAD, wait_for
+
+MiB = 1024 * 1024
+
+
+def test_items_too_large_for_a_frame_fail_alone_and_the_rest_flows(stack, executor: Executor) -> None:
+    executor.submit(helpers.square, 1).result(timeout=30)  # connected: the limits are known
+    # three arguments, each under the payload limit, that no single frame could carry together
+    near_limit = [executor.submit(helpers.identity, bytes([i]) * (TEST_MAX_PAYLOAD - 64 * 1024)) for i in range(3)]
+    # a function body and arguments that together fit no frame: this task alone fails, in words
+    heavy = executor.submit(helpers.closure_over(b"b" * (2 * MiB)), b"a" * (TEST_MAX_PAYLOAD - 256 * 1024))
+    after = executor.submit(helpers.square, 7)
+    with pytest.raises(PayloadTooLarge, match="frame limit"):
+        heavy.result(timeout=60)
+    assert after.result(timeout=60) == 49
+    for i, fut in enumerate(near_limit):
+        assert fut.result(timeout=60) == bytes([i]) * (TEST_MAX_PAYLOAD - 64 * 1024)
+
+
+def test_a_frame_the_service_can_no_longer_take_is_recut_not_resent(fresh_stack, tmp_path: Path) -> None:
+    """Batches sent but not acknowledged when the service went down are resent after the
+    reconnect: if the restarted service accepts smaller frames, they are cut again to fit, and
+    a task that fits no frame fails alone; nothing is resent forever."""
+    ex = Executor(endpoint_id=fresh_stack.endpoint_id, service=fresh_stack.service_url, token=fresh_stack.token)
+    assert ex.submit(helpers.square, 2).result(timeout=30) == 4
+    pid = fresh_stack.service_pid()
+    os.kill(pid, signal.SIGSTOP)  # the service takes the frame but never answers it
+    try:
+        big = ex.submit(helpers.identity, b"z" * (3 * MiB))
+        small = ex.submit(helpers.square, 3)
+        conn = Connection.get(ex._info)
+        wait_for(lambda: conn._unacked, what="the batch to be sent and left unacknowledged")
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGCONT)
+    fresh_stack.start_service("--max-payload-bytes", str(1 * MiB))  # frames of at most 2 MiB now
+    with pytest.raises(PayloadTooLarge, match="frame limit"):
+        big.result(timeout=60)
+    assert small.result(timeout=60) == 9
+    assert ex.submit(helpers.square, 5).result(timeout=30) == 25
+    ex.shutdown()
+
+
+def _status(home: Path, name: str = "local") -> dict:
+    return json.loads((home / "endpoints" / name / "status.json").read_text())
+
+
+def test_a_backlog_for_an_offline_endpoint_drains_within_its_window(tmp_path: Path) -> None:
+    n, prefetch, workers = 50_000, 100, 2
+    with local_stack(tmp_path / "home", workers=workers, service_args=("--prefetch", str(prefetch))) as stack:
+        stack.stop_endpoint()
+        with Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token) as ex:
+            futures = [ex.submit(helpers.square, i) for i in range(n)]
+            wait_for(lambda: all(f.state == "waiting-for-endpoint" for f in futures[-100:]), timeout=60,
+                     what="the backlog to be stored")
+            t0 = time.monotonic()
+            stack.start_endpoint()
+            assert [f.result(timeout=120) for f in futures] == [i * i for i in range(n)]
+            drained = time.monotonic() - t0
+        stack.stop_endpoint()
+        status = _status(stack.home)
+        # the endpoint never held more than its window: workers + prefetch
+        assert 0 < status["peak_inflight"] <= workers + prefetch, status
+        print(f"{n} queued tasks drained in {drained:.1f}s ({n / drained:,.0f}/s); peak held {status['peak_inflight']}")
+
+
+def _rss(pid: int) -> int:
+    return psutil.Process(pid).memory_info().rss
+
+
+def test_memory_stays_flat_in_the_number_of_tasks(fresh_stack) -> None:
+    """RSS of service, endpoint and client after N and after 2N tasks (N = 25,000, after the
+    caches of the first N have filled): what grows with every task ever run would show here."""
+    pids = {"service": fresh_stack.service_pid(), "endpoint": fresh_stack.endpoint_pid(), "client": os.getpid()}
+    batch, rounds = 5_000, 5
+
+    def run(ex: Executor) -> dict[str, int]:
+        for _ in range(rounds):
+            futures = [ex.submit(helpers.square, i) for i in range(batch)]
+            assert sum(f.result(timeout=60) for f in futures) == sum(i * i for i in range(batch))
+        return {name: _rss(pid) for name, pid in pids.items()}
+
+    with Executor(endpoint_id=fresh_stack.endpoint_id, service=fresh_stack.service_url,
+                  token=fresh_stack.token) as ex:
+        after_n = run(ex)
+        after_2n = run(ex)
+    n = batch * rounds
+    growth = {name: after_2n[name] - after_n[name] for name in pids}
+    print(f"RSS growth from {n:,} to {2 * n:,} tasks:", {k: f"{v / MiB:.1f} MiB" for k, v in growth.items()})
+    for name, grown in growth.items():
+        # flat: ~120 bytes per task ever run (one task id and its set entry) would fail this; so
+        # did SQLite's statement cache before it was bounded (~4 MiB from 25,000 to 50,000 tasks)
+        assert grown < 3 * MiB, (name, growth)
+
+
+def test_frames_are_cut_by_bytes_and_count_in_order() -> None:
+    ids = [f"t{i}" for i in range(8)]
+    sizes = [10, 3000, 100, 9000, 10, 10, 10, 10]
+    tasks = [Task(id=i, function="0" * 32, endpoint="e", payload=b"x" * n) for i, n in zip(ids, sizes, strict=True)]
+    out = list(frame_batches(tasks, max_frame=FRAME_ENVELOPE + 4096, max_count=3))
+    flat = [t.id for b in out for t in ([b.item] if isinstance(b, TooLarge) else b)]
+    assert flat == ids  # nothing lost, nothing reordered
+    assert [b.item.id for b in out if isinstance(b, TooLarge)] == ["t3"]  # alone, not sent
+    for b in out:
+        if not isinstance(b, TooLarge):
+            assert len(b) <= 3 and len(encode(Tasks(tasks=b))) <= FRAME_ENVELOPE + 4096
+
+
+def test_results_nobody_collects_expire(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'tether.db'}")
+    try:
+        owner, _ = store.create_user("someone")
+        endpoint, _ = store.register_endpoint(owner, "ep")
+        tasks = [Task(id=f"t{i}", function="0" * 32, endpoint=endpoint, payload=b"") for i in range(3)]
+        store.insert_tasks(owner, tasks)
+        long_ago = time.time() - 3600
+        store.write_results([Result(id="t0", state="success", data=b"1", times={"success": long_ago}),
+                             Result(id="t1", state="success", data=b"1", times={"success": time.time()})])
+        assert store.purge(retention_s=7 * 86400, uncollected_retention_s=600) == 1  # t0 only
+        assert {r.id for r in store.get_tasks(owner, ["t0", "t1", "t2"])} == {"t1", "t2"}  # t2 is still open
+    finally:
+        store.close()
