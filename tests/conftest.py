@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import time
@@ -48,6 +49,23 @@ def fresh_stack(tmp_path: Path) -> Iterator[LocalStack]:
 def executor(stack: LocalStack) -> Iterator[Executor]:
     with Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token) as ex:
         yield ex
+
+
+def _mpi_missing() -> str | None:
+    from tether.endpoint.mpi import MPILauncherNotFound, find_launcher
+
+    try:
+        find_launcher("mpiexec")
+    except MPILauncherNotFound as exc:
+        return f"{exc} (pip install '.[test]' installs the mpich wheel)"
+    if importlib.util.find_spec("mpi4py") is None:
+        return "mpi4py is not installed (pip install '.[test]')"
+    return None
+
+
+# outside CI a machine without MPI skips the MPI tests (saying what is missing); in CI they must run
+MPI_MISSING = _mpi_missing()
+needs_mpi = pytest.mark.skipif(MPI_MISSING is not None and not os.environ.get("CI"), reason=MPI_MISSING or "")
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 30, what: str = "condition") -> object:

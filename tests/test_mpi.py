@@ -4,7 +4,6 @@ validation at submit, and a request the host cannot satisfy failing in words."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
@@ -14,20 +13,7 @@ from tether import Executor, InvalidResourceSpecification, MPIFunction, ShellFun
 from tether.endpoint.mpi import MPILauncherNotFound, compose_prefixes, find_launcher, mpi_environment
 from tether.resources import check_mpi_specification, mpi_layout, validate_resource_specification
 
-
-def _mpi_missing() -> str | None:
-    try:
-        find_launcher("mpiexec")
-    except MPILauncherNotFound as exc:
-        return f"{exc} (pip install '.[test]' installs the mpich wheel)"
-    if importlib.util.find_spec("mpi4py") is None:
-        return "mpi4py is not installed (pip install '.[test]')"
-    return None
-
-
-# outside CI a machine without MPI skips these (saying what is missing); in CI they must run
-_MISSING = _mpi_missing()
-needs_mpi = pytest.mark.skipif(_MISSING is not None and not os.environ.get("CI"), reason=_MISSING or "")
+from conftest import MPI_MISSING, needs_mpi
 
 RANK = MPIFunction(
     f"{sys.executable} -c 'from mpi4py import MPI; c = MPI.COMM_WORLD; print(c.rank, c.size)'", walltime=60,
@@ -176,6 +162,6 @@ def test_parsl_engine_prefix_from_the_environment_wins(monkeypatch: pytest.Monke
         mpi_environment({"num_ranks": 2}, {"type": "mpi", "parsl_mpi_env": True})
     monkeypatch.setenv("PARSL_MPI_PREFIX", "stale")
     # the local engines never inherit a stale prefix: they compose their own
-    if _mpi_missing() is None:
+    if MPI_MISSING is None:
         env = mpi_environment({"num_ranks": 2}, {"type": "process"})
         assert "-n 2 -ppn 2 -hosts localhost" in env["PARSL_MPI_PREFIX"]

@@ -11,7 +11,6 @@ plugin is found from the README's editable install.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -31,27 +30,12 @@ from snakemake_executor_plugin_tether import ExecutorSettings
 from snakemake_executor_plugin_tether.endpoints import check_endpoint
 from snakemake_executor_plugin_tether.submission import submission_for
 from tether import Client
-from tether.endpoint.mpi import MPILauncherNotFound, find_launcher
 from tether.local import LocalStack, local_stack
 
-from conftest import pid_alive, wait_for
+from conftest import needs_mpi, pid_alive, wait_for
 
 WORKFLOWS = Path(__file__).parent / "snakemake"
 
-
-def _mpi_missing() -> str | None:
-    try:
-        find_launcher("mpiexec")
-    except MPILauncherNotFound as exc:
-        return f"{exc} (pip install '.[test]' installs the mpich wheel)"
-    if importlib.util.find_spec("mpi4py") is None:
-        return "mpi4py is not installed (pip install '.[test]')"
-    return None
-
-
-# the workflow has an MPI rule: outside CI a machine without MPI skips it, saying why
-_MPI_MISSING = _mpi_missing()
-needs_mpi = pytest.mark.skipif(_MPI_MISSING is not None and not os.environ.get("CI"), reason=_MPI_MISSING or "")
 
 
 class SnakeStack:
