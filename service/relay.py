@@ -389,15 +389,23 @@ class Relay:
         """Point tasks for a multi-user endpoint at the user endpoint that runs this user's tasks
         with this config (one per user and config); returns the user endpoint ids."""
         parents: dict[str, dict[str, Any] | None] = {}
+        children: dict[tuple[str, str], str] = {}  # (parent, config) -> user endpoint, for this batch
         routed: set[str] = set()
         for t in batch:
             if t.endpoint not in parents:
-                ep = self.store.get_endpoint(t.endpoint)
-                parents[t.endpoint] = ep if ep is not None and ep.get("multi_user") else None
+                session = self.endpoints.get(t.endpoint)
+                if session is not None and not session.multi_user:
+                    parents[t.endpoint] = None  # the common case: an ordinary endpoint, online; no SELECT
+                else:
+                    ep = self.store.get_endpoint(t.endpoint)
+                    parents[t.endpoint] = ep if ep is not None and ep.get("multi_user") else None
             parent = parents[t.endpoint]
             if parent is not None:
-                t.endpoint = self.store.user_endpoint_for(parent, user_id, self.store.user_name(user_id) or user_id,
-                                                          t.uec)
+                key = (parent["id"], json.dumps(t.uec or {}, sort_keys=True))
+                if key not in children:
+                    children[key] = self.store.user_endpoint_for(
+                        parent, user_id, self.store.user_name(user_id) or user_id, t.uec)
+                t.endpoint = children[key]
                 routed.add(t.endpoint)
         return routed
 
