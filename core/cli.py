@@ -127,9 +127,9 @@ def _service_info() -> dict[str, Any]:
 def _healthy(url: str, ca_file: str | None = None) -> bool:
     import httpx
 
-    from .config import ServiceInfo
+    from .config import tls_context
 
-    verify = ServiceInfo(url, "", ca_file).ssl_context() or True
+    verify = tls_context(url, ca_file) or True
     try:
         return httpx.get(url + "/healthz", timeout=1, trust_env=False, verify=verify).status_code == 200
     except httpx.HTTPError:

@@ -49,10 +49,7 @@ class ServiceInfo:
     ca_file: str | None = None
 
     def ssl_context(self) -> ssl.SSLContext | None:
-        """How an https:// service's certificate is verified (always verified: no opt-out)."""
-        if not self.url.startswith("https://"):
-            return None
-        return ssl.create_default_context(cafile=self.ca_file) if self.ca_file else ssl.create_default_context()
+        return tls_context(self.url, self.ca_file)
 
     @property
     def ws_url(self) -> str:
@@ -61,6 +58,14 @@ class ServiceInfo:
         if self.url.startswith("http://"):
             return "ws://" + self.url[len("http://"):]
         raise ConfigError(f"service URL {self.url!r} must start with http:// or https://")
+
+
+def tls_context(url: str, ca_file: str | None = None) -> ssl.SSLContext | None:
+    """How an https:// service's certificate is verified (always verified: no opt-out): against
+    ``ca_file``, else the system CA bundle. None for http:// (loopback or explicitly allowed)."""
+    if not url.startswith("https://"):
+        return None
+    return ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
 
 
 def same_service(a: str, b: str) -> bool:

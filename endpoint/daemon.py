@@ -23,7 +23,7 @@ from typing import Any
 from websockets.exceptions import ConnectionClosed
 
 from tether import __version__
-from tether.config import ServiceInfo, write_secret
+from tether.config import tls_context, write_secret
 from tether.errors import ConfigError, SerializationError
 from tether.ids import InvalidIdentifier, child_path
 from tether.logs import configure_logging
@@ -120,7 +120,7 @@ class EndpointDaemon:
         self.secret = credential["secret"]
         self.service_url = credential["service_url"].rstrip("/")
         # how the service's certificate is verified (https only): the CA it was registered with
-        self.ssl_context = ServiceInfo(self.service_url, "", credential.get("ca_file")).ssl_context()
+        self.ssl_context = tls_context(self.service_url, credential.get("ca_file"))
         self.dir = config.dir
         self.sandbox_root = self.dir / "tasks"
         self.sandbox_root.mkdir(parents=True, exist_ok=True)

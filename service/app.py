@@ -221,7 +221,7 @@ def create_app(settings: Settings) -> FastAPI:
     def own_endpoint(endpoint_id: str, user: str, admitted: bool = False) -> dict[str, Any]:
         """The endpoint if ``user`` owns it (or, with ``admitted``, may send it tasks); else 404."""
         ep = store.get_endpoint(endpoint_id)
-        if ep is None or not (ep["owner_id"] == user or (admitted and relay._admitted(user, ep))):
+        if ep is None or not (ep["owner_id"] == user or (admitted and relay.admits(user, ep))):
             raise HTTPException(404, f"unknown endpoint {endpoint_id}")
         if ep["deleted_at"] is not None:
             raise HTTPException(404, f"unknown endpoint {endpoint_id}: it was deleted")

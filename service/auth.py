@@ -61,9 +61,10 @@ class Authenticator:
             return user
         return await self._globus_user(token)
 
-    async def still_valid(self, token: str) -> bool:
-        """For open connections: is this token still good (re-asking Globus when the cache expired)?"""
-        return await self.user_for(token) is not None
+    async def still_valid_at_globus(self, token: str) -> bool:
+        """For open connections whose token the store no longer (or never) knew: is it a Globus
+        token that is still good (the cached answer, re-asked when it expired)?"""
+        return self.globus is not None and await self._globus_user(token) is not None
 
     async def _globus_user(self, token: str) -> str | None:
         key = credential_hash(token)

@@ -238,7 +238,7 @@ class Relay:
         if self.clients:
             valid = self.store.valid_token_hashes(s.token_hash for s in self.clients)
             for session in [s for s in self.clients if s.token_hash not in valid]:
-                if self.authenticator is not None and await self.authenticator.still_valid(session.token):
+                if self.authenticator is not None and await self.authenticator.still_valid_at_globus(session.token):
                     continue  # a Globus token (cached answer, re-asked when it expires)
                 log.info("closing a connection of user %s: its token was revoked or rotated", session.user_id)
                 self.clients.discard(session)
@@ -292,21 +292,28 @@ class Relay:
                     del self.watchers[tid]
         session.watching.clear()
 
-    def _endpoint_refusal(self, user_id: str, endpoint_id: str) -> Refusal | None:
+    def _row(self, rows: dict[str, dict[str, Any] | None], endpoint_id: str) -> dict[str, Any] | None:
+        """An endpoint's row, read at most once per submission (``rows`` holds those read)."""
+        if endpoint_id not in rows:
+            rows[endpoint_id] = self.store.get_endpoint(endpoint_id)
+        return rows[endpoint_id]
+
+    def _endpoint_refusal(self, user_id: str, endpoint_id: str,
+                          rows: dict[str, dict[str, Any] | None]) -> Refusal | None:
         """Why ``user_id`` may not send tasks to ``endpoint_id``, or None if they may: it is
         theirs, or a multi-user endpoint whose policy admits them."""
         session = self.endpoints.get(endpoint_id)
         if session is not None and session.owner_id == user_id and not session.multi_user:
             return None
-        ep = self.store.get_endpoint(endpoint_id)
-        if ep is None or not (ep["owner_id"] == user_id or self._admitted(user_id, ep)):
+        ep = self._row(rows, endpoint_id)
+        if ep is None or not (ep["owner_id"] == user_id or self.admits(user_id, ep)):
             return Refusal(ErrorCode.UNKNOWN_ENDPOINT,
                            f"unknown endpoint {endpoint_id}: no endpoint with this id is visible to you")
         if ep["deleted_at"] is not None:
             return Refusal(ErrorCode.ENDPOINT_DELETED, f"endpoint {endpoint_id} was deleted by its owner")
         return None
 
-    def _admitted(self, user_id: str, ep: dict[str, Any]) -> bool:
+    def admits(self, user_id: str, ep: dict[str, Any]) -> bool:
         """Whether a multi-user endpoint's policy lets ``user_id`` (or their name) send it tasks."""
         if not ep.get("multi_user") or not ep.get("policy"):
             return False
@@ -314,7 +321,8 @@ class Relay:
         users = policy.get("users") or []
         return bool(policy.get("public")) or user_id in users or self.store.user_name(user_id) in users
 
-    def validate_submission(self, user_id: str, msg: Submit) -> tuple[list[Task], dict[str, Refusal], dict[str, bytes]]:
+    def validate_submission(self, user_id: str, msg: Submit, rows: dict[str, dict[str, Any] | None]
+                            ) -> tuple[list[Task], dict[str, Refusal], dict[str, bytes]]:
         """Split a submission into (tasks to store, {task id: refusal}, function bodies to keep)."""
         bodies: dict[str, bytes] = {}
         forged: set[str] = set()
@@ -334,7 +342,7 @@ class Relay:
                 continue
             seen.add(tid)
             if task.endpoint not in endpoint_refusal:
-                endpoint_refusal[task.endpoint] = self._endpoint_refusal(user_id, task.endpoint)
+                endpoint_refusal[task.endpoint] = self._endpoint_refusal(user_id, task.endpoint, rows)
             refusal = endpoint_refusal[task.endpoint]
             if refusal is not None:
                 rejected[tid] = refusal
@@ -356,9 +364,10 @@ class Relay:
         """Store, acknowledge and dispatch a batch of tasks; returns the acknowledgement."""
         received = time.time()
         self.counters["submit_frames"] += 1
-        candidates, rejected, bodies = self.validate_submission(user_id, msg)
+        rows: dict[str, dict[str, Any] | None] = {}  # endpoint rows this submission needs, read once each
+        candidates, rejected, bodies = self.validate_submission(user_id, msg, rows)
         self.store.add_functions(user_id, bodies)
-        user_endpoints = self._route_to_user_endpoints(user_id, candidates)
+        user_endpoints = self._route_to_user_endpoints(user_id, candidates, rows)
         # stored before anything else sees it: a result can never overtake its task
         inserted, resubmitted, taken = self.store.insert_tasks(user_id, candidates, received)
         for tid in taken:
@@ -377,7 +386,7 @@ class Relay:
                 await self._offer(ep, user_id, items)
             elif endpoint_id in user_endpoints:
                 await self._start_user_endpoint(endpoint_id)
-        briefs = {eid: self._endpoint_brief(eid) for eid in {t.endpoint for t in candidates}}
+        briefs = {eid: self._endpoint_brief(eid, rows) for eid in {t.endpoint for t in candidates}}
         ack = SubmitAck(ref=msg.ref, accepted=accepted, rejected=rejected, ts=received, endpoints=briefs)
         if session is not None:
             await _safe_send(session, encode(ack))
@@ -385,7 +394,8 @@ class Relay:
                 await self._send_current(session, self.store.get_tasks(user_id, resubmitted))
         return ack
 
-    def _route_to_user_endpoints(self, user_id: str, batch: list[Task]) -> set[str]:
+    def _route_to_user_endpoints(self, user_id: str, batch: list[Task],
+                                 rows: dict[str, dict[str, Any] | None]) -> set[str]:
         """Point tasks for a multi-user endpoint at the user endpoint that runs this user's tasks
         with this config (one per user and config); returns the user endpoint ids."""
         parents: dict[str, dict[str, Any] | None] = {}
@@ -397,7 +407,7 @@ class Relay:
                 if session is not None and not session.multi_user:
                     parents[t.endpoint] = None  # the common case: an ordinary endpoint, online; no SELECT
                 else:
-                    ep = self.store.get_endpoint(t.endpoint)
+                    ep = self._row(rows, t.endpoint)
                     parents[t.endpoint] = ep if ep is not None and ep.get("multi_user") else None
             parent = parents[t.endpoint]
             if parent is not None:
@@ -427,13 +437,13 @@ class Relay:
             user_endpoint_id=user_endpoint_id, identity=identity, config=json.loads(child["user_config"] or "{}"),
             secret=self.store.new_secret(user_endpoint_id))))
 
-    def _endpoint_brief(self, endpoint_id: str) -> EndpointBrief:
+    def _endpoint_brief(self, endpoint_id: str, rows: dict[str, dict[str, Any] | None]) -> EndpointBrief:
         """Online state and versions, so the client can warn of a mismatch before any task runs."""
         session = self.endpoints.get(endpoint_id)
         if session is not None:
             status = session.status
         else:
-            ep = self.store.get_endpoint(endpoint_id)
+            ep = self._row(rows, endpoint_id)
             status = _loads(ep["status"]) if ep and ep.get("status") else {}
         versions = status.get("versions") or {}
         return EndpointBrief(online=session is not None, python=versions.get("python"), versions=versions)
