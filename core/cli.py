@@ -56,6 +56,12 @@ def service_start(
     max_payload_bytes: int = typer.Option(None, help="largest task argument/result accepted"),
     prefetch: int = typer.Option(None, help="tasks an endpoint is sent beyond its workers (flow control)"),
     uncollected_retention: float = typer.Option(None, help="seconds after which results nobody collected expire"),
+    result_retention: float = typer.Option(None, help="seconds collected results (and their blobs) are kept"),
+    purge_interval: float = typer.Option(None, help="seconds between deletions of expired results and blobs"),
+    blob_threshold_bytes: int = typer.Option(None, help="payloads above this travel as blobs (default 8 MiB)"),
+    max_blob_bytes: int = typer.Option(None, help="largest blob (large argument/result) accepted (default 16 GiB)"),
+    blob_quota_bytes: int = typer.Option(None, help="bytes of blobs one user may store at once (default 100 GiB)"),
+    blob_orphan_seconds: float = typer.Option(None, help="blobs no task names are deleted after this (default 3600)"),
     log_level: str = typer.Option("warning"),
     tls_cert: str = typer.Option(None, help="PEM certificate: serve https/wss only"),
     tls_key: str = typer.Option(None, help="PEM private key of --tls-cert"),
@@ -92,6 +98,11 @@ def service_start(
         args += ["--prefetch", str(prefetch)]
     if uncollected_retention is not None:
         args += ["--uncollected-retention", str(uncollected_retention)]
+    for flag, option in (("--result-retention", result_retention), ("--purge-interval", purge_interval),
+                         ("--blob-threshold-bytes", blob_threshold_bytes), ("--max-blob-bytes", max_blob_bytes),
+                         ("--blob-quota-bytes", blob_quota_bytes), ("--blob-orphan-seconds", blob_orphan_seconds)):
+        if option is not None:
+            args += [flag, str(option)]
     if not detach:
         from tether.service.server import main as server_main
 

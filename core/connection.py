@@ -19,12 +19,14 @@ import os
 import ssl
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 
 from .bounded import BoundedCache
-from .config import ServiceInfo
+from .config import ServiceInfo, tether_home
 from .errors import (
     AuthError,
     PayloadTooLarge,
@@ -38,10 +40,12 @@ from .futures import TetherFuture
 from .protocol import (
     CLIENT_WS_PATH,
     CLOSE_AUTH_FAILED,
+    DEFAULT_BLOB_THRESHOLD,
     DEFAULT_MAX_FRAME,
     MAX_BATCH,
     MAX_IDS,
     TO_CLIENT_FRAMES,
+    BlobRef,
     Cancel,
     Collected,
     EndpointBrief,
@@ -60,11 +64,13 @@ from .protocol import (
     TaskState,
     TooLarge,
     Welcome,
+    blob_ref_of,
     encode,
     task_frames,
     to_builtins,
 )
 from .serialize import PY_VERSION, deserialize
+from .transfer import BlobClient, load_file
 from .transport import Backoff, open_ws
 
 log = logging.getLogger("tether.client")
@@ -127,6 +133,12 @@ class Connection:
         self._closed = False
         self._ws: Any = None
         self._connected = threading.Event()
+        # large payloads: what the service sends as blobs, and the threads that move them (never the loop's)
+        self.blob_threshold: int | None = DEFAULT_BLOB_THRESHOLD  # as the service announces it (None: no blobs)
+        self._blob_client: BlobClient | None = None
+        self._blob_lock = threading.Lock()
+        self._function_blobs: dict[str, BlobRef] = {}  # function id of a large body -> its blob
+        self._transfers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tether-transfer")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="tether-connection", daemon=True)
         self._thread.start()
@@ -168,6 +180,47 @@ class Connection:
 
     def known_function(self, fid: str) -> bool:
         return fid in self._known_functions
+
+    # --- large payloads (blobs) ----------------------------------------------------------------
+    def blobs(self) -> BlobClient:
+        """The HTTP client for this service's blob routes (made on first use)."""
+        with self._blob_lock:
+            if self._blob_client is None:
+                self._blob_client = BlobClient(self.info.url, {"Authorization": f"Bearer {self.info.token}"},
+                                               self.info.ssl_context())
+            return self._blob_client
+
+    def function_blob(self, fid: str, body: bytes, progress: bool | None) -> BlobRef:
+        """The blob holding a function body too large for frames, uploaded once per process."""
+        with self._blob_lock:
+            ref = self._function_blobs.get(fid)
+        if ref is None:
+            from .transfer import sha256_of
+
+            ref = self.blobs().upload(body, len(body), sha256_of(body), what=f"function {fid}", progress=progress)
+            with self._blob_lock:
+                ref = self._function_blobs.setdefault(fid, ref)
+        return ref
+
+    def in_background(self, fn: Any, *args: Any) -> None:
+        """Run a transfer on the connection's transfer threads (uploads, result downloads)."""
+        self._transfers.submit(fn, *args)
+
+    def _fetch_result(self, fut: TetherFuture, ref: BlobRef) -> None:
+        """Download a result stored as a blob, check it, and resolve its future."""
+        path = spill_dir() / f"{fut.task_id}.result"
+        try:
+            self.blobs().download_to(ref, path, what=f"result of task {fut.task_id}", progress=fut.progress)
+            value = load_file(path)
+        except TetherError as exc:
+            fut.set_exception(exc)
+        except Exception as exc:  # noqa: BLE001 - the network or the disk: the future says so
+            fut.set_exception(TetherError(f"task {fut.task_id}: fetching its result ({ref.size} bytes) failed: "
+                                          f"{type(exc).__name__}: {exc}"))
+        else:
+            fut.set_result(value)
+        finally:
+            path.unlink(missing_ok=True)
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
@@ -257,6 +310,7 @@ class Connection:
                 self.max_payload = welcome.max_payload
                 self.max_frame = welcome.max_frame
                 self.max_batch = welcome.max_batch
+                self.blob_threshold = welcome.blob_threshold
                 backoff.reset()
                 warned = False
                 self._ws = ws
@@ -444,8 +498,12 @@ class Connection:
             fut._record(r.state, None)
             if r.state == TaskState.SUCCESS:
                 try:
+                    ref = blob_ref_of(r.data)
+                    if ref is not None:  # a large result: fetched off the loop, then the future resolves
+                        self.in_background(self._fetch_result, fut, ref)
+                        continue
                     fut.set_result(deserialize(r.data) if r.data is not None else None)
-                except SerializationError as exc:
+                except (SerializationError, ProtocolError) as exc:
                     fut.set_exception(exc)
             elif r.state == TaskState.CANCELLED:
                 fut._cancelled_remotely()
@@ -481,6 +539,14 @@ class Connection:
             if not fut.done():
                 fut.set_exception(exc)
         self._connected.set()
+
+
+def spill_dir() -> Path:
+    """Where the client keeps large payloads on their way (``TETHER_SPILL_DIR``, or
+    ``$TETHER_HOME/spill``: on disk, not in a tmpfs that would hold them in memory)."""
+    path = Path(os.environ.get("TETHER_SPILL_DIR") or tether_home() / "spill")
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
 
 
 atexit.register(Connection.close_all)  # close sockets cleanly instead of dying mid-frame at exit

@@ -108,3 +108,11 @@ def task_failed(error: dict[str, Any], original: BaseException | None, task_id: 
                         setattr(exc, key, value)
             return exc
     return TaskFailed(*args)
+
+
+class QuotaExceeded(TetherError):
+    """The service refused to store more bytes for this user (its per-user blob quota)."""
+
+
+class BlobCorrupt(TetherError):
+    """A blob's bytes do not hash to what its reference says: it was not used."""

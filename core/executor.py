@@ -10,13 +10,14 @@ from collections.abc import Callable
 from typing import Any
 
 from .config import find_service
-from .connection import Connection
+from .connection import Connection, spill_dir
 from .errors import TetherError
 from .futures import TetherFuture
 from .ids import check_function_id, check_id
-from .protocol import Task
+from .protocol import Task, blob_stub
 from .resources import validate_resource_specification
-from .serialize import DATA_METHODS, function_id, serialize
+from .serialize import DATA_METHODS, function_id, serialize, serialize_into
+from .transfer import Spill
 
 
 class _FunctionCache:
@@ -59,6 +60,12 @@ class Executor(concurrent.futures.Executor):
         user_endpoint_config: values for a multi-user endpoint's config template.
         data_serializer: how arguments travel: ``"cloudpickle"`` (any Python object) or
             ``"json"`` (plain data only; endpoints that refuse pickled arguments accept it).
+        blob_threshold: arguments and function bodies that serialize to more bytes than this
+            travel as blobs, streamed through the service's disk (default: what the service
+            announces, 8 MiB). Results above the threshold come back the same way.
+        progress: how a blob transfer shows progress: ``None`` (default) a bar on stderr when it
+            is a terminal and INFO log lines otherwise, for transfers of 64 MiB or more;
+            ``True`` always a bar; ``False`` never.
         batch_size: most tasks in one submission frame (default 512).
         batch_interval: seconds the client gathers submissions into one frame while they
             stream in (default 0.002); a task submitted after a quiet spell is sent at once.
@@ -78,6 +85,8 @@ class Executor(concurrent.futures.Executor):
         batch_size: int | None = None,
         batch_interval: float | None = None,
         data_serializer: str = "cloudpickle",
+        blob_threshold: int | None = None,
+        progress: bool | None = None,
     ):
         # ids are checked where they enter: they become file names on the endpoint
         self.endpoint_id = check_id(endpoint_id, "endpoint id") if endpoint_id is not None else None
@@ -96,6 +105,8 @@ class Executor(concurrent.futures.Executor):
         if batch_interval is not None:
             self._conn.batch_interval = batch_interval
         self._functions = _FunctionCache()
+        self.blob_threshold = blob_threshold
+        self.progress = progress
         self._futures: set[TetherFuture] = set()
         self._futures_lock = threading.Lock()
         self._shutdown = False
@@ -103,8 +114,8 @@ class Executor(concurrent.futures.Executor):
     # --- submission ----------------------------------------------------------------------------
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TetherFuture:
         """Submit ``fn(*args, **kwargs)``; registers ``fn`` with the service the first time."""
-        fid, body = self._functions.get(fn)
-        return self._submit(fid, None if self._conn.known_function(fid) else body, args, kwargs, fn)
+        fid, body, blobs = self._function(fn)
+        return self._submit(fid, None if self._conn.known_function(fid) else body, args, kwargs, fn, blobs=blobs)
 
     def submit_task(
         self,
@@ -121,9 +132,9 @@ class Executor(concurrent.futures.Executor):
         Plugins (Parsl, Dask, Snakemake) use this: per-task options travel with the task, so
         no shared attribute is swapped around a submit (which races between threads).
         """
-        fid, body = self._functions.get(fn)
+        fid, body, blobs = self._function(fn)
         return self._submit(fid, None if self._conn.known_function(fid) else body, tuple(args), dict(kwargs or {}),
-                            fn, resource_specification, user_endpoint_config)
+                            fn, resource_specification, user_endpoint_config, blobs)
 
     def submit_to_registered_function(
         self, function_id: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
@@ -135,12 +146,30 @@ class Executor(concurrent.futures.Executor):
         """Register ``fn`` with the service now and return its id (a content hash)."""
         from .client import Client
 
-        fid, body = self._functions.get(fn)
+        fid, body, _ = self._function(fn)
         Client(service=self._info.url, token=self._info.token).register_function_body(body)
         return fid
 
+    def _threshold(self) -> int | None:
+        """Bytes above which a payload goes as a blob (None: the service takes none)."""
+        if self.blob_threshold is not None:
+            return self.blob_threshold
+        return self._conn.blob_threshold
+
+    def _function(self, fn: Any) -> tuple[str, bytes, list[str]]:
+        """(function id, body as it travels in frames, blobs it names). A body over the blob
+        threshold is uploaded once and travels as a stub; the stub's hash is the function id,
+        and since the stub holds the body's sha256 the id still names the content."""
+        fid, body = self._functions.get(fn)
+        threshold = self._threshold()
+        if threshold is None or len(body) <= threshold:
+            return fid, body, []
+        ref = self._conn.function_blob(fid, body, self.progress)
+        stub = blob_stub(ref)
+        return function_id(stub), stub, [ref.id]
     def _submit(self, fid: str, body: bytes | None, args: tuple, kwargs: dict, fn: Any,
-                spec: dict[str, Any] | None = None, uec: dict[str, Any] | None = None) -> TetherFuture:
+                spec: dict[str, Any] | None = None, uec: dict[str, Any] | None = None,
+                blobs: list[str] | None = None) -> TetherFuture:
         spec = spec if spec is not None else self.resource_specification
         uec = uec if uec is not None else self.user_endpoint_config
         if self._shutdown:
@@ -148,13 +177,53 @@ class Executor(concurrent.futures.Executor):
         if self.endpoint_id is None:
             raise TetherError("Executor has no endpoint_id: pass Executor(endpoint_id=...) to submit tasks")
         self._check_call(fn, args, kwargs, spec)
-        task = Task(id=str(uuid.uuid4()), function=fid, endpoint=self.endpoint_id,
-                    payload=serialize((args, kwargs), self.data_serializer), group=self.task_group_id,
-                    spec=spec, uec=uec)
+        task_id = str(uuid.uuid4())
+        threshold = self._threshold()
+        spill = None
+        if threshold is None:
+            payload = serialize((args, kwargs), self.data_serializer)
+        else:  # serialized to a file once past the threshold: a large argument is never held twice
+            spill = Spill(threshold, spill_dir(), f"{task_id}.args")
+            try:
+                serialize_into((args, kwargs), spill, self.data_serializer)
+            except BaseException:
+                spill.discard()
+                raise
+            payload = b"" if spill.spilled else spill.getvalue()
+        task = Task(id=task_id, function=fid, endpoint=self.endpoint_id, payload=payload, group=self.task_group_id,
+                    spec=spec, uec=uec, blobs=list(blobs or ()))
         fut = TetherFuture(task.id, on_cancel=self._conn.cancel)
-        self._conn.submit(task, fut, body)  # may raise (PayloadTooLarge, AuthError): then nothing is tracked
+        fut.progress = self.progress
+        if spill is not None and spill.spilled:
+            spill.close()
+            self._conn.in_background(self._upload_then_submit, task, fut, body, spill)
+        else:
+            self._conn.submit(task, fut, body)  # may raise (PayloadTooLarge, AuthError): then nothing is tracked
         self._track(fut)
         return fut
+
+    def _upload_then_submit(self, task: Task, fut: TetherFuture, body: bytes | None, spill: Spill) -> None:
+        """Upload large arguments (on a transfer thread), then queue the task naming the blob.
+        A refusal (too large, over quota) or a failed upload fails this task alone."""
+        try:
+            if fut.done():  # cancelled while waiting for a transfer thread
+                return
+            assert spill.path is not None
+            ref = self._conn.blobs().upload(spill.path, spill.size, spill.sha256, what=f"arguments of task {task.id}",
+                                            progress=self.progress)
+            task.payload = blob_stub(ref)
+            task.blobs = [*task.blobs, ref.id]
+            if not fut.done():
+                self._conn.submit(task, fut, body)
+        except TetherError as exc:
+            if not fut.done():
+                fut.set_exception(exc)
+        except Exception as exc:  # noqa: BLE001 - the network or the disk: the future says so
+            if not fut.done():
+                fut.set_exception(TetherError(f"task {task.id}: uploading its arguments ({spill.size} bytes) failed: "
+                                              f"{type(exc).__name__}: {exc}"))
+        finally:
+            spill.discard()
 
     def _check_call(self, fn: Any, args: tuple, kwargs: dict, spec: dict[str, Any] | None) -> None:
         """Hook for callables that can validate their arguments before anything is sent."""

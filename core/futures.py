@@ -29,6 +29,8 @@ class TetherFuture(concurrent.futures.Future):
         self.state: str = TaskState.RECEIVED.value
         self.transitions: dict[str, float] = {}
         self._on_cancel = on_cancel
+        #: how a large result's download shows progress (the Executor's ``progress`` option)
+        self.progress: bool | None = None
 
     def __repr__(self) -> str:
         return f"<TetherFuture {self.task_id} {self.state}>"

@@ -47,6 +47,11 @@ MAX_IDS = 10_000
 MAX_BATCH = 10_000
 #: Most ids an endpoint reports as held (in flight or spooled) when it connects.
 MAX_HELD = 1_000_000
+#: Arguments, results and function bodies larger than this travel as blobs (streamed over HTTP,
+#: stored on the service's disk) instead of inside frames; the service announces its own value.
+DEFAULT_BLOB_THRESHOLD = 8 * 1024 * 1024
+#: Most blobs one task may reference (its arguments and its function body).
+MAX_TASK_BLOBS = 8
 
 
 class TaskState(StrEnum):
@@ -78,6 +83,7 @@ class ErrorCode(StrEnum):
     ID_CONFLICT = "id_conflict"  # the id is already used by another owner
     NOT_DISPATCHED = "not_dispatched"  # an endpoint reported on a task not dispatched to it
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    UNKNOWN_BLOB = "unknown_blob"  # a task names a blob that is not the submitter's, or not complete
     INVALID_REQUEST = "invalid_request"
     USER_ENDPOINT_FAILED = "user_endpoint_failed"  # a multi-user endpoint could not start the user's endpoint
 
@@ -90,6 +96,7 @@ Timestamp = Annotated[float, Meta(ge=0)]
 Count = Annotated[int, Meta(ge=0)]
 Scalar = int | float | str | bool | None
 ShortStr = Annotated[str, Meta(max_length=4096)]
+Sha256 = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
 
 
 # --- records carried inside frames ------------------------------------------------------------
@@ -108,6 +115,10 @@ class Task(Struct, omit_defaults=True):
     group: Id | None = None
     spec: dict[str, Any] | None = None
     uec: dict[str, Any] | None = None
+    #: C->S: ids of the blobs the payload or the function body refer to (see :class:`BlobRef`);
+    #: the service accepts the task only if the submitter owns each, and lets the endpoint the
+    #: task is dispatched to read them. Not forwarded to endpoints.
+    blobs: Annotated[list[Id], Meta(max_length=MAX_TASK_BLOBS)] = []
 
 
 class ErrorInfo(Struct, omit_defaults=True):
@@ -131,6 +142,43 @@ class Result(Struct, omit_defaults=True):
     data: bytes | None = None
     error: ErrorInfo | None = None
     times: Annotated[dict[Annotated[str, Meta(max_length=32)], Timestamp], Meta(max_length=16)] = {}
+
+
+class BlobRef(Struct, array_like=True):
+    """Where bytes too large for a frame are: a blob on the service, its size and sha256.
+
+    A payload, a result's data or a function body that went as a blob travels in its frame as a
+    *stub* (:func:`blob_stub`): a serialization header naming the method ``blob`` and this
+    record. The stub is what the service stores and what a function id hashes, so content
+    addressing and every size limit of the frames work unchanged; the receiver fetches the
+    blob and checks its sha256 before it deserializes anything.
+    """
+
+    id: Id
+    size: Count
+    sha256: Sha256
+
+
+#: the header of a blob stub: tether.serialize's format, with a method no serializer produces
+BLOB_STUB_HEADER = b"tether:1;method=blob\n"
+_blob_ref_decoder = msgspec.msgpack.Decoder(BlobRef)
+
+
+def blob_stub(ref: BlobRef) -> bytes:
+    """The bytes that stand, in a frame, for data stored as blob ``ref``."""
+    return BLOB_STUB_HEADER + msgspec.msgpack.encode(ref)
+
+
+def blob_ref_of(data: bytes | None) -> BlobRef | None:
+    """The blob a payload, result or function body stands for, or None for inline data.
+
+    A stub that is malformed raises :class:`ProtocolError` (a peer shaped it wrongly)."""
+    if not data or not data.startswith(BLOB_STUB_HEADER) or len(data) > 512:
+        return None
+    try:
+        return _blob_ref_decoder.decode(data[len(BLOB_STUB_HEADER):])
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ProtocolError(f"malformed blob reference: {exc}") from None
 
 
 class Refusal(Struct):
@@ -184,6 +232,8 @@ class Welcome(Frame, tag="welcome"):
     max_frame: int = DEFAULT_MAX_FRAME
     max_batch: int = MAX_BATCH
     prefetch: int | None = None
+    #: payloads above this many bytes go as blobs (None: a service without a blob store)
+    blob_threshold: int | None = None
 
 
 class Error(Frame, tag="error"):

@@ -52,8 +52,28 @@ def serialize(obj: Any, method: str = DEFAULT_METHOD) -> bytes:
         ) from exc
 
 
-def parse_header(data: bytes) -> tuple[dict[str, str], int]:
-    """Return the header fields and the offset of the body."""
+def serialize_into(obj: Any, out: Any, method: str = DEFAULT_METHOD) -> None:
+    """:func:`serialize` into a writable binary file object, so a large value is written out as it
+    is pickled instead of being held a second time, as bytes, in memory."""
+    if method == "json":
+        out.write(serialize(obj, method))
+        return
+    if method != DEFAULT_METHOD:
+        raise SerializationError(f"unknown serialization method {method!r}; choose one of {', '.join(DATA_METHODS)}")
+    out.write(_HEADER)
+    try:
+        cloudpickle.dump(obj, out, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot serialize {type(obj).__name__}: {type(exc).__name__}: {exc}. "
+            "Arguments and functions must be picklable by cloudpickle (no open files, locks or sockets)."
+        ) from exc
+
+
+def parse_header(data: Any) -> tuple[dict[str, str], int]:
+    """Return the header fields and the offset of the body (``data``: bytes, or any buffer such
+    as a memory-mapped file)."""
+    data = bytes(data[:256])
     if not data.startswith(_MAGIC):
         raise SerializationError("payload has no Tether header; it was not made by tether.serialize")
     end = data.find(b"\n", 0, 256)
@@ -65,7 +85,7 @@ def parse_header(data: bytes) -> tuple[dict[str, str], int]:
     return fields, end + 1
 
 
-def deserialize(data: bytes, allowed_methods: frozenset[str] | None = None) -> Any:
+def deserialize(data: Any, allowed_methods: frozenset[str] | None = None) -> Any:
     """Inverse of :func:`serialize`; refuses other Python versions and disallowed methods in words."""
     fields, offset = parse_header(data)
     method = fields.get("method", "?")

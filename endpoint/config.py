@@ -54,6 +54,7 @@ SCHEMA: dict[str, Any] = {
         "allowed_serialization_methods": {"type": "array", "items": {"type": "string"}, "minItems": 1},
         "allowed_functions": {"type": ["array", "null"], "items": {"type": "string"}},
         "max_result_bytes": {"type": "integer", "minimum": 1},
+        "max_payload_bytes": {"type": "integer", "minimum": 1},
         # multi-user endpoints (docs/multi-user.md)
         "multi_user": {"type": "boolean"},
         "identity_mapping": {"type": "string", "minLength": 1},
@@ -81,6 +82,8 @@ class EndpointConfig:
     allowed_serialization_methods: list[str] = field(default_factory=lambda: ["cloudpickle"])
     allowed_functions: list[str] | None = None
     max_result_bytes: int | None = None
+    #: the largest serialized arguments (and function body) this endpoint accepts; larger tasks fail in words
+    max_payload_bytes: int | None = None
     display_name: str | None = None
     # multi-user endpoints: files are relative to the endpoint's directory
     multi_user: bool = False

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import signal
 import sys
 import time
@@ -24,7 +25,7 @@ from websockets.exceptions import ConnectionClosed
 
 from tether import __version__
 from tether.config import tls_context, write_secret
-from tether.errors import ConfigError, SerializationError
+from tether.errors import ConfigError, PayloadTooLarge, QuotaExceeded, SerializationError, TetherError
 from tether.ids import InvalidIdentifier, child_path
 from tether.logs import configure_logging
 from tether.protocol import (
@@ -35,6 +36,7 @@ from tether.protocol import (
     FRAME_ENVELOPE,
     MAX_IDS,
     TO_ENDPOINT_FRAMES,
+    BlobRef,
     Cancel,
     Error,
     ErrorCode,
@@ -50,16 +52,19 @@ from tether.protocol import (
     Tasks,
     TooLarge,
     Welcome,
+    blob_ref_of,
+    blob_stub,
     encode,
     frame_batches,
     wire_size,
 )
 from tether.serialize import PY_VERSION, function_id, method_of
+from tether.transfer import BlobClient, file_of, file_stub, sha256_file
 from tether.transport import Backoff, open_ws
 
 from .config import EndpointConfig, load_config
 from .engines import TaskSpec, make_engine
-from .execute import failure
+from .execute import SPILL_DIR_ENV, failure
 from .functions import FunctionStore
 from .spool import ResultSpool
 
@@ -138,6 +143,16 @@ class EndpointDaemon:
         self.engine_methods = self.allowed_methods | ({"cloudpickle"} if self.allowed_functions is not None else set())
         self.refused_functions: dict[str, str] = {}
         self.max_result = config.max_result_bytes
+        # large payloads: fetched into (and spilled results written to) blobs/, moved by BlobClient
+        self.blob_dir = self.dir / "blobs"
+        shutil.rmtree(self.blob_dir, ignore_errors=True)  # what a previous run left is of no use now
+        self.blob_dir.mkdir(parents=True, mode=0o700)
+        os.environ[SPILL_DIR_ENV] = str(self.blob_dir)  # workers inherit it (see execute.serialize_result)
+        self.blob_threshold: int | None = None  # what the service announces; None: it keeps no blobs
+        self._blob_client: BlobClient | None = None
+        self._blob_secret = ""
+        self._function_fetches: dict[str, asyncio.Future[bytes]] = {}
+        self._fetching: set[str] = set()  # tasks whose blobs are being downloaded
         self.ws: Any = None
         self.stopping = asyncio.Event()
         self._running_buf: list[str] = []
@@ -279,6 +294,7 @@ class EndpointDaemon:
         if not isinstance(welcome, Welcome):
             raise ProtocolError(f"expected 'welcome' from the service, got '{welcome.__struct_config__.tag}'")
         self.max_frame = welcome.max_frame
+        self.blob_threshold = welcome.blob_threshold
         self.ws = ws
         self.connected_since = time.time()
         self._backoff.reset()
@@ -294,7 +310,10 @@ class EndpointDaemon:
                 self.spool.ack(msg.ids)
             elif isinstance(msg, Cancel):
                 for tid in msg.ids:
-                    if tid in self.inflight:
+                    if tid in self._fetching:  # not in the engine yet: it never will be
+                        self._fetching.discard(tid)
+                        self.inflight.discard(tid)
+                    elif tid in self.inflight:
                         self.engine.cancel(tid)
             elif isinstance(msg, Stop):
                 log.info("stop requested by the service")
@@ -321,13 +340,14 @@ class EndpointDaemon:
             raise TaskRefused(ErrorCode.UNKNOWN_FUNCTION, f"function {fid} is not in this endpoint's allowed_functions")
         if fid in self.refused_functions:
             raise TaskRefused(ErrorCode.FUNCTION_ID_MISMATCH, f"function {fid} refused: {self.refused_functions[fid]}")
-        method = method_of(task.payload)
-        if method not in self.allowed_methods:
+        method = method_of(task.payload) if blob_ref_of(task.payload) is None else None  # a blob: checked when loaded
+        if method is not None and method not in self.allowed_methods:
             raise TaskRefused(ErrorCode.INVALID_REQUEST, f"arguments serialized with {method!r}, which this endpoint "
                               f"does not accept (allowed: {', '.join(sorted(self.allowed_methods))}); submit with "
                               f"Executor(data_serializer='{sorted(self.allowed_methods)[0]}')")
         body = self.functions.get(fid)
-        if body is not None and self.allowed_functions is None and method_of(body) not in self.allowed_methods:
+        if body is not None and self.allowed_functions is None and blob_ref_of(body) is None \
+                and method_of(body) not in self.allowed_methods:
             raise TaskRefused(ErrorCode.INVALID_REQUEST, f"function {fid} is pickled code, which this endpoint "
                               "accepts only for functions in its allowed_functions")
 
@@ -348,10 +368,112 @@ class EndpointDaemon:
                 self._on_result(failure(tid, PermissionError(str(exc))))
                 continue
             self.inflight.add(tid)
-            self.engine.submit(TaskSpec(tid, t.function, self.functions.get(t.function), t.payload, t.spec, sandbox))
+            body = self.functions.get(t.function)
+            try:
+                blob_refs = (blob_ref_of(t.payload), blob_ref_of(body))
+            except ProtocolError as exc:
+                self._on_result(failure(tid, PermissionError(str(exc))))
+                continue
+            if blob_refs != (None, None):  # large arguments or function: fetched first, off the loop
+                self._fetching.add(tid)
+                asyncio.ensure_future(self._fetch_then_run(t, body, sandbox, *blob_refs))
+                continue
+            self.engine.submit(TaskSpec(tid, t.function, body, t.payload, t.spec, sandbox))
         self.peak_inflight = max(self.peak_inflight, len(self.inflight))
         if received and self.ws is not None:
             asyncio.ensure_future(self._send(encode(Received(ids=received, ts=now))))
+
+    # --- large payloads (blobs) ---------------------------------------------------------------------
+    def _blobs(self) -> BlobClient:
+        """The HTTP client for the service's blob routes, with the current credential."""
+        if self._blob_client is None or self._blob_secret != self.secret:
+            if self._blob_client is not None:
+                self._blob_client.close()
+            self._blob_secret = self.secret
+            self._blob_client = BlobClient(self.service_url, self._headers(), self.ssl_context, progress=False)
+        return self._blob_client
+
+    async def _fetch_then_run(self, task: Any, body: bytes | None, sandbox: Any, args_ref: BlobRef | None,
+                              body_ref: BlobRef | None) -> None:
+        """Download a task's blobs to files (checked by sha256), then hand the task to the engine
+        with file stubs: the worker maps the file, so the daemon never holds the bytes."""
+        tid = task.id
+        payload = task.payload
+        limit = self.config.max_payload_bytes
+        try:
+            size = (args_ref.size if args_ref else len(payload)) + (body_ref.size if body_ref else 0)
+            if limit is not None and size > limit:
+                raise PayloadTooLarge(f"arguments and function of task {tid} are {size} bytes, over this endpoint's "
+                                      f"max_payload_bytes ({limit})")
+            if body_ref is not None:
+                body = await self._fetch_function(task.function, body_ref)
+            if args_ref is not None:
+                path = child_path(self.blob_dir, f"{tid}.args", "task id")
+                await asyncio.to_thread(self._blobs().download_to, args_ref, path, f"arguments of task {tid}")
+                payload = file_stub(path, args_ref.sha256)
+        except Exception as exc:  # noqa: BLE001 - refused, corrupt, unreachable: this task fails, in words
+            if tid in self._fetching:
+                self._fetching.discard(tid)
+                self._on_result(_blob_failure(tid, exc))
+            return
+        if tid not in self._fetching:  # cancelled meanwhile
+            child_path(self.blob_dir, f"{tid}.args", "task id").unlink(missing_ok=True)
+            return
+        self._fetching.discard(tid)
+        self.engine.submit(TaskSpec(tid, task.function, body, payload, task.spec, sandbox))
+
+    async def _fetch_function(self, fid: str, ref: BlobRef) -> bytes:
+        """A large function body, downloaded once however many tasks use it: its file stub."""
+        fetch = self._function_fetches.get(fid)
+        if fetch is None or (fetch.done() and fetch.exception() is not None):
+            path = self.blob_dir / f"function-{fid}"
+
+            async def download() -> bytes:
+                await asyncio.to_thread(self._blobs().download_to, ref, path, f"function {fid}")
+                return file_stub(path, ref.sha256)
+
+            fetch = self._function_fetches[fid] = asyncio.ensure_future(download())
+        return await asyncio.shield(fetch)
+
+    async def _upload_result(self, result: dict[str, Any]) -> None:
+        """Store a large result as a blob of the task's owner, then report it with a stub.
+        Network failures are retried; a refusal (too large, over quota) fails the task in words."""
+        tid = result["id"]
+        data = result["data"]
+        local = file_of(data)
+        try:
+            if local is not None:
+                path, sha256 = local
+                sha256 = sha256 or await asyncio.to_thread(sha256_file, path)
+                source: Any = path
+                size = path.stat().st_size
+            else:
+                import hashlib
+
+                source, size, sha256 = data, len(data), hashlib.sha256(data).hexdigest()
+            if self.max_result is not None and size > self.max_result:
+                raise PayloadTooLarge(f"result is {size} bytes, over this endpoint's max_result_bytes "
+                                      f"({self.max_result})")
+            backoff = Backoff(initial=0.5, maximum=10.0)
+            for attempt in range(6):
+                try:
+                    ref = await asyncio.to_thread(self._blobs().upload, source, size, sha256, task_id=tid,
+                                                  what=f"result of task {tid}")
+                    break
+                except TetherError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the network: try again a few times
+                    if attempt == 5:
+                        raise
+                    log.warning("uploading the result of task %s failed (%s); retrying", tid, exc)
+                    await asyncio.sleep(backoff.next())
+            result = {**result, "data": blob_stub(ref)}
+        except Exception as exc:  # noqa: BLE001 - the task fails with the reason, in words
+            result = _blob_failure(tid, exc, "its result could not be stored on the service")
+        finally:
+            if local is not None:
+                local[0].unlink(missing_ok=True)
+        self._finish(result)
 
     # --- engine callbacks (on the loop) ----------------------------------------------------------
     def _on_running(self, task_id: str, ts: float) -> None:
@@ -365,6 +487,18 @@ class EndpointDaemon:
         tid = result["id"]
         if tid in self.spool:
             return
+        child_path(self.blob_dir, f"{tid}.args", "task id").unlink(missing_ok=True)  # a fetched argument
+        data = result.get("data")
+        if data is not None and (file_of(data) is not None
+                                 or (self.blob_threshold is not None and len(data) > self.blob_threshold)):
+            # a large result: stored as a blob first; the task stays in flight until then
+            asyncio.ensure_future(self._upload_result(result))
+            return
+        self._finish(result)
+
+    def _finish(self, result: dict[str, Any]) -> None:
+        """Spool and send a result (inline data, or a blob stub)."""
+        tid = result["id"]
         self.inflight.discard(tid)
         data = result.get("data")
         too_big = self.max_result is not None and data is not None and len(data) > self.max_result
@@ -443,6 +577,18 @@ class EndpointDaemon:
                 self._last_activity = time.monotonic()
             return False
         return time.monotonic() - self._last_activity > self.idle_exit_s
+
+
+def _blob_failure(task_id: str, exc: BaseException, context: str = "") -> dict[str, Any]:
+    """A failed result for a blob that could not be fetched or stored; a size or quota refusal
+    keeps its code, so the client raises PayloadTooLarge (or the quota's message) in words."""
+    record = failure(task_id, exc)
+    if context:
+        record["error"]["message"] = f"{context}: {exc}"
+    if isinstance(exc, PayloadTooLarge | QuotaExceeded):
+        record["error"]["code"] = ErrorCode.PAYLOAD_TOO_LARGE.value
+        record["data"] = None
+    return record
 
 
 def too_large_record(task_id: str, too_large: TooLarge[Any]) -> dict[str, Any]:

@@ -13,8 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from tether.errors import SerializationError
-from tether.protocol import TaskState
-from tether.serialize import deserialize, serialize
+from tether.protocol import DEFAULT_BLOB_THRESHOLD, TaskState
+from tether.serialize import deserialize, serialize, serialize_into
+from tether.transfer import Spill, file_of, file_stub, load_file
+
+#: the endpoint daemon names a directory here (its ``blobs/``) where workers write results too
+#: large for a frame, so a large result crosses to the daemon as a file, not through a pipe
+SPILL_DIR_ENV = "TETHER_SPILL_DIR"
 
 _functions: dict[str, Any] = {}
 _local = threading.local()
@@ -45,8 +50,31 @@ def load_function(fid: str, body: bytes | None, allowed_methods: frozenset[str] 
     if fn is None:
         if body is None:
             raise SerializationError(f"function {fid} was not sent to this worker")
-        fn = _functions[fid] = deserialize(body, allowed_methods)
+        local = file_of(body)  # a large body the daemon fetched as a blob
+        fn = _functions[fid] = load_file(local[0], allowed_methods) if local else deserialize(body, allowed_methods)
     return fn
+
+
+def load_payload(payload: bytes, allowed_methods: frozenset[str] | None) -> Any:
+    """Arguments, inline or (large ones) from the file the daemon downloaded them to."""
+    local = file_of(payload)
+    return load_file(local[0], allowed_methods) if local else deserialize(payload, allowed_methods)
+
+
+def serialize_result(task_id: str, value: Any) -> bytes:
+    """The serialized value, or, past the blob threshold, a stub naming the file it was written
+    to (when the daemon named a directory for that): a large result is never held twice."""
+    directory = os.environ.get(SPILL_DIR_ENV)
+    if not directory or not os.path.isdir(directory):
+        return serialize(value)
+    spill = Spill(DEFAULT_BLOB_THRESHOLD, directory, f"{task_id}.result")
+    try:
+        serialize_into(value, spill)
+    except BaseException:
+        spill.discard()
+        raise
+    spill.close()
+    return file_stub(spill.path, spill.sha256) if spill.path is not None else spill.getvalue()
 
 
 def error_record(exc: BaseException) -> dict[str, str]:
@@ -102,7 +130,7 @@ def _run(task_id: str, fid: str, body: bytes | None, payload: bytes, sandbox: st
     times = {TaskState.RUNNING.value: started}
     try:
         fn = load_function(fid, body, allowed_methods)
-        args, kwargs = deserialize(payload, allowed_methods)
+        args, kwargs = load_payload(payload, allowed_methods)
     except BaseException as exc:  # noqa: BLE001
         return failure(task_id, exc, times)
     previous = None
@@ -114,7 +142,8 @@ def _run(task_id: str, fid: str, body: bytes | None, payload: bytes, sandbox: st
         os.chdir(sandbox)
     try:
         value = fn(*args, **kwargs)
-        data = serialize(value)
+        del args, kwargs  # a large argument need not outlive the call
+        data = serialize_result(task_id, value)
     except BaseException as exc:  # noqa: BLE001 - SystemExit in user code is a task failure, not ours
         return failure(task_id, exc, times)
     finally:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
@@ -32,6 +33,7 @@ from tether.protocol import (
     CLOSE_AUTH_FAILED,
     CLOSE_CREDENTIAL_ROTATED,
     CLOSE_PROTOCOL,
+    DEFAULT_BLOB_THRESHOLD,
     DEFAULT_PREFETCH,
     ENDPOINT_FRAMES,
     ENDPOINT_WS_PATH,
@@ -51,6 +53,7 @@ from tether.protocol import (
 from tether.serialize import function_id
 
 from .auth import Authenticator, GlobusSettings
+from .blobs import DEFAULT_MAX_BLOB, DEFAULT_ORPHAN_S, DEFAULT_QUOTA, BlobIndex, blob_routes
 from .dashboard import DASHBOARD_HTML
 from .metrics import make_registry, render
 from .models import (
@@ -96,6 +99,12 @@ class Settings:
     credential_check_s: float = 1.0
     #: Globus Auth: accept Globus access tokens as well as the service's own (None: only its own)
     globus: GlobusSettings | None = None
+    #: large payloads (service/blobs.py): where blob files live, what travels as a blob, the limits
+    blob_dir: str = "blobs"
+    blob_threshold_bytes: int = DEFAULT_BLOB_THRESHOLD
+    max_blob_bytes: int = DEFAULT_MAX_BLOB
+    blob_quota_bytes: int = DEFAULT_QUOTA  # per user: bytes of blobs stored at once
+    blob_orphan_s: float = DEFAULT_ORPHAN_S  # a blob no task names is deleted this long after it was declared
 
 
 def _bearer(value: str | None) -> str | None:
@@ -158,6 +167,9 @@ def create_app(settings: Settings) -> FastAPI:
     store = Store(settings.db_url)
     authenticator = Authenticator(store, settings.globus)
     relay = Relay(store, settings.max_payload_bytes, settings.prefetch, authenticator)
+    blob_index = BlobIndex(store, Path(settings.blob_dir), settings.max_blob_bytes, settings.blob_quota_bytes,
+                           settings.blob_orphan_s)
+    relay.blobs = blob_index
     max_frame = service_max_frame(settings.max_payload_bytes)
     started = time.time()
     client_frames = FrameDecoder(CLIENT_FRAMES, "a client")
@@ -180,6 +192,9 @@ def create_app(settings: Settings) -> FastAPI:
                 n = store.purge(settings.result_retention_s, settings.uncollected_retention_s)
                 if n:
                     log.info("purged %d collected tasks past retention", n)
+                n = blob_index.purge()
+                if n:
+                    log.info("deleted %d blobs (their tasks were purged, or no task named them)", n)
             except Exception:  # noqa: BLE001
                 log.exception("purge failed")
 
@@ -191,6 +206,8 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.store = store
     app.state.relay = relay
+    app.state.blobs = blob_index
+    app.include_router(blob_routes(blob_index, authenticator, store))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -414,7 +431,8 @@ def create_app(settings: Settings) -> FastAPI:
         relay.client_connected(session)
         try:
             await session.send(encode(Welcome(user_id=user, max_payload=settings.max_payload_bytes,
-                                              max_frame=max_frame, version=__version__)))
+                                              max_frame=max_frame, version=__version__,
+                                              blob_threshold=settings.blob_threshold_bytes)))
             await _serve_frames(ws, session, client_frames, relay.client_message)
         except (WebSocketDisconnect, RuntimeError):
             pass
@@ -447,7 +465,8 @@ def create_app(settings: Settings) -> FastAPI:
                 return
             await session.send(encode(Welcome(endpoint_id=ep["id"], version=__version__,
                                               max_payload=settings.max_payload_bytes, max_frame=max_frame,
-                                              prefetch=settings.prefetch)))
+                                              prefetch=settings.prefetch,
+                                              blob_threshold=settings.blob_threshold_bytes)))
             await relay.endpoint_connected(session, hello)
             await _serve_frames(ws, session, endpoint_frames, relay.endpoint_message)
         except (WebSocketDisconnect, RuntimeError):

@@ -155,10 +155,31 @@ class Health(BaseModel):
     uptime_s: float
 
 
+class BlobCreate(BaseModel):
+    """Declare a blob before sending its bytes: the limits are checked on these figures, so a
+    refused upload costs no transfer."""
+
+    size: int = Field(ge=0, le=2**62, description="exact number of bytes that will be sent")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex sha256 of those bytes; the upload is refused "
+                        "if they hash to anything else")
+    task_id: IdStr | None = Field(default=None, description="endpoints only: the task whose result this is (a "
+                                  "task dispatched to the endpoint and still open)")
+
+
+class BlobInfo(BaseModel):
+    blob_id: str
+    size: int
+    sha256: str
+    state: str = Field(description="reserved (declared, no bytes yet), uploading, or complete")
+
+
 _DESCRIPTIONS = {
-    400: "The request body is not valid JSON, or not valid base64 where base64 is due",
+    400: "The request body is not valid JSON, or not valid base64 where base64 is due; or uploaded bytes differ "
+         "from their declared size or sha256",
     401: "Missing, unknown or revoked token",
     404: "No such object visible to you",
+    413: "The declared blob is larger than this service accepts (its max blob size)",
+    429: "Storing the declared blob would take you over your quota of stored bytes",
     409: "The id is taken (by another user, or by something deleted), or the endpoint is not of the kind the "
          "request needs",
 }

@@ -204,6 +204,8 @@ class Relay:
         self._deferred: dict[TaskState, dict[str, float]] = {TaskState.DISPATCHED: {}, TaskState.RUNNING: {}}
         self._deferred_collected: dict[str, list[str]] = defaultdict(list)
         self._start_requested: dict[str, float] = {}  # user endpoint id -> when its start was asked for
+        #: large payloads (service/blobs.py BlobIndex): checks that tasks name only their owner's blobs
+        self.blobs: Any = None
 
     def flush_deferred(self) -> None:
         """Write deferred state changes and collection marks (one transaction per kind)."""
@@ -335,6 +337,8 @@ class Relay:
         rejected: dict[str, Refusal] = {}
         seen: set[str] = set()
         endpoint_refusal: dict[str, Refusal | None] = {}
+        named = {b for t in msg.tasks for b in t.blobs}
+        owned = self.blobs.owned(user_id, named) if named and self.blobs is not None else set()
         for task in msg.tasks:
             tid = task.id
             if tid in seen:
@@ -350,6 +354,9 @@ class Relay:
                 rejected[tid] = Refusal(ErrorCode.PAYLOAD_TOO_LARGE,
                                         f"arguments are {len(task.payload)} bytes, over this service's limit of "
                                         f"{self.max_payload} bytes")
+            elif any(b not in owned for b in task.blobs):
+                rejected[tid] = Refusal(ErrorCode.UNKNOWN_BLOB, f"blob {next(b for b in task.blobs if b not in owned)} "
+                                        "is not one of your complete uploads (or it expired with its tasks)")
             elif task.function in forged:
                 rejected[tid] = Refusal(ErrorCode.FUNCTION_ID_MISMATCH,
                                         f"function id {task.function} is not the hash of the body sent with it")
@@ -370,6 +377,8 @@ class Relay:
         user_endpoints = self._route_to_user_endpoints(user_id, candidates, rows)
         # stored before anything else sees it: a result can never overtake its task
         inserted, resubmitted, taken = self.store.insert_tasks(user_id, candidates, received)
+        if self.blobs is not None:
+            self.blobs.link(t for t in inserted if t.blobs)
         for tid in taken:
             rejected[tid] = Refusal(ErrorCode.ID_CONFLICT, f"task id {tid} is already in use; task ids must be "
                                     "unique (let the client make them: it uses random uuids)")

@@ -43,7 +43,8 @@ def _ws_implementation() -> str:
 def serve(host: str = "127.0.0.1", port: int = 8421, db_url: str | None = None,
           max_payload_bytes: int | None = None, log_level: str = "warning", prefetch: int | None = None,
           uncollected_retention_s: float | None = None, tls_cert: str | None = None, tls_key: str | None = None,
-          tls_ca: str | None = None, allow_insecure_http: bool = False, globus: GlobusSettings | None = None) -> None:
+          tls_ca: str | None = None, allow_insecure_http: bool = False, globus: GlobusSettings | None = None,
+          blob_options: dict[str, float | int] | None = None) -> None:
     """Serve until SIGTERM/SIGINT. The embedded default needs nothing but a writable TETHER_HOME.
 
     With ``tls_cert``/``tls_key`` the service speaks https/wss only. Without them it refuses to
@@ -69,6 +70,10 @@ def serve(host: str = "127.0.0.1", port: int = 8421, db_url: str | None = None,
         settings.prefetch = prefetch
     if uncollected_retention_s is not None:
         settings.uncollected_retention_s = uncollected_retention_s
+    settings.blob_dir = str(home / "service" / "blobs")
+    for key, value in (blob_options or {}).items():  # blob limits, retention, purge interval (see --help)
+        if value is not None:
+            setattr(settings, key, value)
     app = create_app(settings)
 
     # the local identity keeps its token across restarts, so clients and tests reconnect seamlessly
@@ -121,6 +126,17 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"tasks an endpoint is sent beyond its workers (default {DEFAULT_PREFETCH})")
     parser.add_argument("--uncollected-retention", type=float, default=None, metavar="SECONDS",
                         help="results nobody collects are deleted this long after their task ended (default 30 days)")
+    parser.add_argument("--result-retention", type=float, default=None, metavar="SECONDS",
+                        help="collected results (and their blobs) are deleted this long after collection (7 days)")
+    parser.add_argument("--purge-interval", type=float, default=None, metavar="SECONDS",
+                        help="how often expired results and blobs are deleted (default 600)")
+    parser.add_argument("--blob-threshold-bytes", type=int, default=None,
+                        help="payloads above this travel as blobs, streamed through the service's disk (8 MiB)")
+    parser.add_argument("--max-blob-bytes", type=int, default=None, help="largest blob accepted (16 GiB)")
+    parser.add_argument("--blob-quota-bytes", type=int, default=None,
+                        help="bytes of blobs one user may have stored at once (100 GiB)")
+    parser.add_argument("--blob-orphan-seconds", type=float, default=None,
+                        help="a blob no task names is deleted this long after it was declared (3600)")
     parser.add_argument("--tls-cert", default=None)
     parser.add_argument("--tls-key", default=None)
     parser.add_argument("--tls-ca", default=None)
@@ -140,7 +156,10 @@ def main(argv: list[str] | None = None) -> None:
         except (OSError, ValueError) as exc:
             sys.exit(f"tether service: {exc}")
     serve(args.host, args.port, args.db_url, args.max_payload_bytes, args.log_level, args.prefetch,
-          args.uncollected_retention, args.tls_cert, args.tls_key, args.tls_ca, args.allow_insecure_http, globus)
+          args.uncollected_retention, args.tls_cert, args.tls_key, args.tls_ca, args.allow_insecure_http, globus,
+          {"result_retention_s": args.result_retention, "purge_interval_s": args.purge_interval,
+           "blob_threshold_bytes": args.blob_threshold_bytes, "max_blob_bytes": args.max_blob_bytes,
+           "blob_quota_bytes": args.blob_quota_bytes, "blob_orphan_s": args.blob_orphan_seconds})
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Float,
@@ -121,6 +122,32 @@ tasks = Table(
 Index("ix_tasks_endpoint_open", tasks.c.endpoint_id, tasks.c.t_received, tasks.c.id,
       sqlite_where=tasks.c.t_done.is_(None), postgresql_where=tasks.c.t_done.is_(None))
 
+# --- blobs: large payloads on the service's disk (service/blobs.py owns these two tables) -------
+#: One row per blob: who owns it (counted against their quota), what it must hash to, and where
+#: its upload stands (reserved -> uploading -> complete). The bytes are a file named by the id.
+blobs = Table(
+    "blobs",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("owner_id", String(64), nullable=False, index=True),
+    Column("uploader", String(80), nullable=False),  # "user:<id>" or "endpoint:<id>": who may send the bytes
+    Column("size", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("linked", Boolean, nullable=False),  # ever named by a task: deleted with its last task
+)
+#: Which tasks name which blobs (arguments and function bodies: "input"; a result: "result").
+task_blobs = Table(
+    "task_blobs",
+    metadata,
+    Column("task_id", String(64), primary_key=True),
+    Column("blob_id", String(64), primary_key=True),
+    Column("role", String(16), nullable=False),
+    Index("ix_task_blobs_blob", "blob_id"),
+)
+# --- end of blobs ------------------------------------------------------------------------------
+
 #: A task is open (has no result yet) while t_done is NULL: every terminal write sets t_done. One
 #: definition everywhere, and unlike a state IN (...) list it also works in executemany statements.
 _OPEN = tasks.c.t_done.is_(None)
@@ -220,6 +247,10 @@ class Store:
             conn.rollback()
         with conn.begin():
             yield conn
+
+    def transaction(self) -> Any:
+        """:meth:`_tx` for modules that keep tables of their own here (service/blobs.py)."""
+        return self._tx()
 
     def _insert(self, table: Table, rows: list[dict[str, Any]], returning: Any = None) -> Any:
         """INSERT, skipping rows whose primary key exists; with ``returning``, the rows inserted."""

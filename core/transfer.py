@@ -1,0 +1,347 @@
+"""Moving blobs: arguments, results and function bodies too large for a WebSocket frame.
+
+Shared by the client and the endpoint, which both talk to the service's ``/v1/blobs`` routes
+over plain HTTP(S) with httpx, streaming: nothing here holds a blob whole in memory.
+
+* :class:`Spill` is where a large value is serialized to: memory while small, a file once it
+  passes the threshold, hashed (sha256) as it is written, so the digest the service will check
+  is known before the upload starts.
+* :class:`BlobClient` uploads in two steps, like S3's multipart or tus: ``POST /v1/blobs``
+  declares size and sha256 (the service refuses a blob over its limit, 413, or over the
+  user's quota, 429, before any byte moves), then ``PUT /v1/blobs/{id}`` streams the bytes.
+  Downloads stream to a file and are checked against the reference's sha256.
+* :func:`file_stub` / :func:`load_file`: how the endpoint hands a downloaded blob to a worker
+  (a path, not the bytes: the worker maps the file and unpickles from it).
+* :class:`TransferProgress`: a progress bar on a terminal, log lines otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import mmap
+import os
+import ssl
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .errors import AuthError, BlobCorrupt, PayloadTooLarge, QuotaExceeded, TetherError
+from .protocol import BlobRef
+from .serialize import deserialize
+
+log = logging.getLogger("tether.transfer")
+
+#: bytes per read and write while streaming
+CHUNK = 1024 * 1024
+#: a transfer this large gets a progress display (a bar or log lines)
+PROGRESS_MIN = 64 * 1024 * 1024
+#: seconds between progress log lines when stderr is not a terminal
+LOG_EVERY_S = 10.0
+BLOBS_PATH = "/v1/blobs"
+#: the header of a local file stub (endpoint daemon -> its workers; never on the wire)
+FILE_STUB_HEADER = b"tether:1;method=file\n"
+
+
+class Spill(io.RawIOBase):
+    """A write-only binary file that stays in memory up to ``threshold`` bytes and moves to
+    ``directory/name`` beyond, hashing everything written.
+
+    Serializing into it (``tether.serialize.serialize_into``) means a large value exists once
+    in memory (the object) and once on disk (its pickle), never twice in memory.
+    """
+
+    def __init__(self, threshold: int, directory: Path | str, name: str):
+        super().__init__()
+        self.threshold = threshold
+        self.directory = Path(directory)
+        self.name_in_dir = name
+        self.path: Path | None = None
+        self.size = 0
+        self._hash = hashlib.sha256()
+        self._buffer: io.BytesIO | None = io.BytesIO()
+        self._file: Any = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self._hash.update(view)
+        self.size += len(view)
+        if self._buffer is not None and self.size > self.threshold:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.path = self.directory / self.name_in_dir
+            self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+            self._file.write(self._buffer.getbuffer())
+            self._buffer = None
+        if self._buffer is not None:
+            self._buffer.write(view)
+        else:
+            self._file.write(view)
+        return len(view)
+
+    @property
+    def spilled(self) -> bool:
+        return self.path is not None
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def getvalue(self) -> bytes:
+        """The bytes written, when they stayed in memory."""
+        assert self._buffer is not None, "spilled to a file: read it from .path"
+        return self._buffer.getvalue()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        super().close()
+
+    def discard(self) -> None:
+        """Close and delete the spilled file, if any."""
+        self.close()
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# --- progress ----------------------------------------------------------------------------------
+class _SharedBar:
+    """One rich progress display per process (rich allows one live display at a time), shared by
+    concurrent transfers and stopped when the last one ends."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.progress: Any = None
+        self.users = 0
+
+    def add(self, description: str, total: int) -> Any:
+        with self.lock:
+            if self.progress is None:
+                from rich.console import Console
+                from rich.progress import (
+                    BarColumn,
+                    DownloadColumn,
+                    Progress,
+                    TextColumn,
+                    TimeRemainingColumn,
+                    TransferSpeedColumn,
+                )
+
+                self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                         TransferSpeedColumn(), TimeRemainingColumn(),
+                                         console=Console(stderr=True), transient=True)
+                self.progress.start()
+            self.users += 1
+            return self.progress.add_task(description, total=total)
+
+    def remove(self, task_id: Any) -> None:
+        with self.lock:
+            self.progress.remove_task(task_id)
+            self.users -= 1
+            if self.users == 0:
+                self.progress.stop()
+                self.progress = None
+
+
+_bar = _SharedBar()
+
+
+class TransferProgress:
+    """Progress of one transfer, shown the way a mature command-line tool does it: a bar on
+    stderr when stderr is a terminal, an INFO log line every ``LOG_EVERY_S`` otherwise.
+
+    ``mode``: True (always a bar), False (nothing but a debug line), None (decide by the
+    terminal and the size: transfers under ``PROGRESS_MIN`` stay quiet).
+    """
+
+    def __init__(self, description: str, total: int, mode: bool | None = None):
+        self.description, self.total = description, total
+        self.done = 0
+        self.started = self._last_log = time.monotonic()
+        quiet = mode is False or (mode is None and total < PROGRESS_MIN)
+        self._bar_task = None
+        self._log = not quiet and not (mode is True or sys.stderr.isatty())
+        if not quiet and not self._log:
+            self._bar_task = _bar.add(description, total)
+        if self._log:
+            log.info("%s: %.1f MiB to transfer", description, total / 2**20)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self._bar_task is not None:
+            _bar.progress.update(self._bar_task, completed=self.done)
+        elif self._log and time.monotonic() - self._last_log >= LOG_EVERY_S:
+            self._last_log = now = time.monotonic()
+            mib, total = self.done / 2**20, self.total / 2**20
+            log.info("%s: %.0f%% (%.1f of %.1f MiB, %.1f MiB/s)", self.description, 100 * mib / max(1e-9, total),
+                     mib, total, mib / max(1e-9, now - self.started))
+
+    def close(self) -> None:
+        elapsed = max(1e-9, time.monotonic() - self.started)
+        if self._bar_task is not None:
+            _bar.remove(self._bar_task)
+            self._bar_task = None
+        level = logging.INFO if self._log else logging.DEBUG
+        log.log(level, "%s: %.1f MiB in %.1f s (%.1f MiB/s)", self.description, self.done / 2**20, elapsed,
+                self.done / 2**20 / elapsed)
+
+
+# --- the HTTP side -----------------------------------------------------------------------------
+def _detail(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("detail") or response.text)
+    except ValueError:
+        return response.text or response.reason_phrase
+
+
+def _raise_for(response: httpx.Response, what: str) -> None:
+    """A refusal as the matching typed error, with the service's words."""
+    if response.status_code < 400:
+        return
+    text = f"{what}: {_detail(response)}"
+    cls = {401: AuthError, 413: PayloadTooLarge, 429: QuotaExceeded}.get(response.status_code, TetherError)
+    if response.status_code == 400 and "sha256" in text:
+        cls = BlobCorrupt
+    raise cls(text)
+
+
+class BlobClient:
+    """Upload and download blobs as a user (a bearer token) or as an endpoint (its credential).
+
+    Thread-safe (one httpx client with a connection pool). Synchronous on purpose: the client
+    calls it from user and worker threads, the endpoint from ``asyncio.to_thread``, so one
+    implementation serves both and neither side's event loop ever waits on a disk or a socket.
+    """
+
+    def __init__(self, url: str, headers: dict[str, str], ssl_context: ssl.SSLContext | None = None,
+                 progress: bool | None = None):
+        self.url = url.rstrip("/")
+        self.progress = progress
+        self._http = httpx.Client(base_url=self.url, headers=headers, verify=ssl_context or True, trust_env=False,
+                                  timeout=httpx.Timeout(60.0, connect=10.0))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def upload(self, source: Path | bytes, size: int, sha256: str, *, task_id: str | None = None,
+               what: str = "blob", progress: bool | None = None) -> BlobRef:
+        """Store ``source`` (a file, or bytes) on the service; its size and sha256 are declared
+        first, so a refusal (413 too large, 429 over quota) costs no transfer."""
+        body: dict[str, Any] = {"size": size, "sha256": sha256}
+        if task_id is not None:
+            body["task_id"] = task_id
+        created = self._http.post(BLOBS_PATH, json=body)
+        _raise_for(created, f"{what} ({size} bytes) refused by the service")
+        blob_id = created.json()["blob_id"]
+        shown = TransferProgress(f"upload {what}", size, self.progress if progress is None else progress)
+        try:
+            sent = self._http.put(f"{BLOBS_PATH}/{blob_id}", content=self._chunks(source, shown),
+                                  headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
+                                  timeout=httpx.Timeout(60.0, connect=10.0, write=300.0, read=300.0))
+        except httpx.HTTPError:
+            with contextlib.suppress(httpx.HTTPError):  # the service deletes it anyway; say so early
+                self._http.delete(f"{BLOBS_PATH}/{blob_id}")
+            raise
+        finally:
+            shown.close()
+        _raise_for(sent, f"upload of {what} failed")
+        return BlobRef(id=blob_id, size=size, sha256=sha256)
+
+    @staticmethod
+    def _chunks(source: Path | bytes, progress: TransferProgress) -> Iterator[bytes]:
+        if isinstance(source, bytes | bytearray | memoryview):
+            view = memoryview(source)
+            for start in range(0, len(view), CHUNK):
+                piece = view[start : start + CHUNK]
+                progress.update(len(piece))
+                yield bytes(piece)
+            return
+        with open(source, "rb") as fh:
+            while piece := fh.read(CHUNK):
+                progress.update(len(piece))
+                yield piece
+
+    def download_to(self, ref: BlobRef, path: Path, what: str = "blob", progress: bool | None = None) -> Path:
+        """Stream blob ``ref`` into ``path`` and check its size and sha256 (BlobCorrupt, and no
+        file, if they differ)."""
+        digest = hashlib.sha256()
+        size = 0
+        shown = TransferProgress(f"download {what}", ref.size, self.progress if progress is None else progress)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".part")
+        try:
+            with self._http.stream("GET", f"{BLOBS_PATH}/{ref.id}",
+                                   timeout=httpx.Timeout(60.0, connect=10.0, read=300.0)) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    _raise_for(response, f"download of {what} {ref.id} refused")
+                with open(tmp, "wb") as out:
+                    for piece in response.iter_bytes(CHUNK):
+                        digest.update(piece)
+                        size += len(piece)
+                        out.write(piece)
+                        shown.update(len(piece))
+            if size != ref.size or digest.hexdigest() != ref.sha256:
+                raise BlobCorrupt(f"{what} {ref.id}: received {size} bytes with sha256 {digest.hexdigest()}, "
+                                  f"expected {ref.size} bytes with sha256 {ref.sha256}; it was not used")
+            os.replace(tmp, path)
+            return path
+        finally:
+            shown.close()
+            tmp.unlink(missing_ok=True)
+
+    def delete(self, blob_id: str) -> None:
+        _raise_for(self._http.delete(f"{BLOBS_PATH}/{blob_id}"), f"delete of blob {blob_id}")
+
+
+# --- endpoint daemon -> worker -------------------------------------------------------------------
+def file_stub(path: Path, sha256: str = "") -> bytes:
+    """Stands for serialized data in a local file (a downloaded argument, a spilled result);
+    ``sha256``, when the writer knows it, spares the reader hashing the file again."""
+    return FILE_STUB_HEADER + sha256.encode() + b"\n" + os.fsencode(path)
+
+
+def file_of(data: Any) -> tuple[Path, str] | None:
+    """(the file a local file stub names, its sha256 or ""), or None for other data."""
+    if isinstance(data, bytes) and data.startswith(FILE_STUB_HEADER) and len(data) < 8192:
+        sha256, _, path = data[len(FILE_STUB_HEADER):].partition(b"\n")
+        return Path(os.fsdecode(path)), sha256.decode()
+    return None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while piece := fh.read(CHUNK):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def load_file(path: Path, allowed_methods: frozenset[str] | None = None) -> Any:
+    """Deserialize a file without reading it into memory first: the file is mapped and unpickled
+    from the map, so the value exists once in memory, not twice."""
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size == 0:
+            return deserialize(b"", allowed_methods)
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        return deserialize(mapped, allowed_methods)
+    finally:
+        with contextlib.suppress(BufferError):  # a value still viewing the map keeps it open
+            mapped.close()
+
+
+__all__ = ["BlobClient", "Spill", "TransferProgress", "file_of", "file_stub", "load_file", "sha256_of"]

@@ -1,0 +1,299 @@
+"""Blobs: arguments, results and function bodies too large for a WebSocket frame.
+
+They are streamed through the service over plain HTTP and kept as files under
+``<service home>/blobs/``, never whole in the service's memory: an upload is written to disk
+and hashed chunk by chunk as it arrives (``request.stream()``), a download is a file response.
+Frames carry only a small reference (:func:`tether.protocol.blob_stub`).
+
+Who may do what (every request authenticated, by a user's token or an endpoint's credential):
+
+* a user declares (``POST /v1/blobs``), uploads, reads and deletes their own blobs only;
+* a task names the blobs it uses (``Task.blobs``) and is accepted only if its submitter owns
+  each one, complete (:meth:`BlobIndex.owned`, called by the relay);
+* an endpoint reads a blob only while an open task dispatched to it names it, and writes a
+  result blob only for an open task it holds; that blob belongs to the task's owner.
+
+Limits are checked on the declared size before any byte moves: ``max_blob_bytes`` (413) and a
+per-user quota of stored bytes (429), in words. A blob lives as long as the tasks that name it
+(the store's purge, with its retention periods, removes the tasks; :meth:`BlobIndex.purge`
+then removes blobs no task names any more); an upload that breaks off is deleted at once, and
+one declared or stored but never named by a task is deleted after ``orphan_s``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import FileResponse, Response
+from sqlalchemy import and_, delete, exists, func, select, update
+from starlette.requests import ClientDisconnect
+
+from tether.ids import child_path
+from tether.protocol import Task
+
+from .models import BlobCreate, BlobInfo, PathId
+from .models import error_responses as _errors
+from .store import Store, blobs, task_blobs, tasks
+
+log = logging.getLogger("tether.service.blobs")
+
+DEFAULT_MAX_BLOB = 16 * 1024**3
+DEFAULT_QUOTA = 100 * 1024**3
+DEFAULT_ORPHAN_S = 3600.0
+
+RESERVED, UPLOADING, COMPLETE = "reserved", "uploading", "complete"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who sent a request: a user, or an endpoint (its store row)."""
+
+    user_id: str | None = None
+    endpoint: dict[str, Any] | None = None
+
+    @property
+    def uploader(self) -> str:
+        return f"user:{self.user_id}" if self.user_id is not None else f"endpoint:{self.endpoint['id']}"  # type: ignore[index]
+
+
+class BlobIndex:
+    """The blobs' rows (in the service's store) and files (in ``root``)."""
+
+    def __init__(self, store: Store, root: Path, max_blob: int = DEFAULT_MAX_BLOB, quota: int = DEFAULT_QUOTA,
+                 orphan_s: float = DEFAULT_ORPHAN_S):
+        self.store, self.root = store, root
+        self.max_blob, self.quota, self.orphan_s = max_blob, quota, orphan_s
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._drop_interrupted()
+
+    def path(self, blob_id: str, part: bool = False) -> Path:
+        path = child_path(self.root, blob_id, "blob id")
+        return path.with_name(blob_id + ".part") if part else path
+
+    def _drop_interrupted(self) -> None:
+        """Uploads cut short by a restart of the service can never complete: forget them."""
+        with self.store.transaction() as conn:
+            ids = [r.id for r in conn.execute(select(blobs.c.id).where(blobs.c.state == UPLOADING))]
+            conn.execute(delete(blobs).where(blobs.c.state == UPLOADING))
+        for blob_id in ids:
+            self.path(blob_id, part=True).unlink(missing_ok=True)
+
+    # --- rows ----------------------------------------------------------------------------------
+    def get(self, blob_id: str) -> Any:
+        with self.store.transaction() as conn:
+            return conn.execute(select(blobs).where(blobs.c.id == blob_id)).first()
+
+    def stored_bytes(self, owner: str) -> int:
+        with self.store.transaction() as conn:
+            return int(conn.execute(select(func.coalesce(func.sum(blobs.c.size), 0))
+                                    .where(blobs.c.owner_id == owner)).scalar_one())
+
+    def reserve(self, who: Principal, body: BlobCreate) -> Any:
+        """Check the limits on the declared size and record the blob (no bytes yet)."""
+        owner = who.user_id
+        if who.endpoint is not None:
+            if body.task_id is None:
+                raise HTTPException(400, "an endpoint stores blobs only as task results: give 'task_id'")
+            owner = self._result_owner(who.endpoint["id"], body.task_id)
+        elif body.task_id is not None:
+            raise HTTPException(400, "'task_id' is for endpoints storing a task's result; omit it")
+        assert owner is not None
+        if body.size > self.max_blob:
+            raise HTTPException(413, f"a blob of {body.size} bytes is over this service's limit of {self.max_blob} "
+                                     "bytes per blob (--max-blob-bytes)")
+        used = self.stored_bytes(owner)
+        if used + body.size > self.quota:
+            raise HTTPException(429, f"storing {body.size} more bytes would take you over your quota of "
+                                     f"{self.quota} stored bytes ({used} in use); wait for results to be collected "
+                                     "and expire, or ask the service's operator for a larger --blob-quota-bytes")
+        blob_id = str(uuid.uuid4())
+        row = {"id": blob_id, "owner_id": owner, "uploader": who.uploader, "size": body.size, "sha256": body.sha256,
+               "state": RESERVED, "created_at": time.time(), "linked": body.task_id is not None}
+        with self.store.transaction() as conn:
+            conn.execute(blobs.insert().values(**row))
+            if body.task_id is not None:
+                conn.execute(task_blobs.insert().values(task_id=body.task_id, blob_id=blob_id, role="result"))
+        return self.get(blob_id)
+
+    def _result_owner(self, endpoint_id: str, task_id: str) -> str:
+        """The owner of an open task this endpoint holds (else 404: it is not the endpoint's)."""
+        mine, _ = self.store.dispatched_to(endpoint_id, [task_id])
+        owner = None
+        if mine:
+            with self.store.transaction() as conn:
+                owner = conn.execute(select(tasks.c.owner_id).where(tasks.c.id == task_id)).scalar()
+        if owner is None:
+            raise HTTPException(404, f"unknown task {task_id}: no open task with this id is dispatched to this "
+                                     "endpoint")
+        return owner
+
+    def may_read(self, who: Principal, row: Any) -> bool:
+        """Users read their own blobs; endpoints those named by an open task dispatched to them."""
+        if row is None or row.state != COMPLETE:
+            return False
+        if who.user_id is not None:
+            return row.owner_id == who.user_id
+        assert who.endpoint is not None
+        with self.store.transaction() as conn:
+            return conn.execute(
+                select(task_blobs.c.task_id).join(tasks, tasks.c.id == task_blobs.c.task_id)
+                .where(and_(task_blobs.c.blob_id == row.id, task_blobs.c.role == "input",
+                            tasks.c.endpoint_id == who.endpoint["id"], tasks.c.t_done.is_(None))).limit(1)
+            ).first() is not None
+
+    def set_state(self, blob_id: str, state: str, expected: str) -> bool:
+        with self.store.transaction() as conn:
+            res = conn.execute(update(blobs).where(and_(blobs.c.id == blob_id, blobs.c.state == expected))
+                               .values(state=state))
+        return bool(res.rowcount)
+
+    def forget(self, blob_ids: Iterable[str]) -> None:
+        """Delete rows, links and files."""
+        ids = list(blob_ids)
+        if not ids:
+            return
+        with self.store.transaction() as conn:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                conn.execute(delete(task_blobs).where(task_blobs.c.blob_id.in_(chunk)))
+                conn.execute(delete(blobs).where(blobs.c.id.in_(chunk)))
+        for blob_id in ids:
+            self.path(blob_id).unlink(missing_ok=True)
+            self.path(blob_id, part=True).unlink(missing_ok=True)
+
+    # --- what the relay asks -------------------------------------------------------------------
+    def owned(self, owner: str, blob_ids: Iterable[str]) -> set[str]:
+        """Which of these blobs ``owner`` owns and has uploaded completely."""
+        wanted = list(set(blob_ids))
+        found: set[str] = set()
+        with self.store.transaction() as conn:
+            for start in range(0, len(wanted), 500):
+                found.update(r.id for r in conn.execute(
+                    select(blobs.c.id).where(and_(blobs.c.id.in_(wanted[start : start + 500]),
+                                                  blobs.c.owner_id == owner, blobs.c.state == COMPLETE))))
+        return found
+
+    def link(self, stored: Iterable[Task]) -> None:
+        """Record which stored tasks name which blobs (their lifetime is now the tasks')."""
+        rows = [{"task_id": t.id, "blob_id": b, "role": "input"} for t in stored for b in set(t.blobs)]
+        if not rows:
+            return
+        with self.store.transaction() as conn:
+            conn.execute(task_blobs.insert(), rows)
+            conn.execute(update(blobs).where(blobs.c.id.in_({r["blob_id"] for r in rows})).values(linked=True))
+
+    # --- lifetime ------------------------------------------------------------------------------
+    def purge(self) -> int:
+        """Delete blobs whose tasks are all gone (purged after their retention), and blobs never
+        named by a task within ``orphan_s`` (abandoned uploads). Returns how many."""
+        cutoff = time.time() - self.orphan_s
+        task_exists = exists().where(tasks.c.id == task_blobs.c.task_id)
+        with self.store.transaction() as conn:
+            conn.execute(delete(task_blobs).where(~task_exists))
+            named = exists().where(task_blobs.c.blob_id == blobs.c.id)
+            ids = [r.id for r in conn.execute(select(blobs.c.id).where(and_(
+                ~named, blobs.c.state != UPLOADING, (blobs.c.linked.is_(True)) | (blobs.c.created_at < cutoff))))]
+        self.forget(ids)
+        return len(ids)
+
+
+def blob_routes(index: BlobIndex, authenticator: Any, store: Store) -> APIRouter:
+    """The ``/v1/blobs`` routes."""
+    router = APIRouter(tags=["blobs"])
+
+    async def principal(request: Request) -> Principal:
+        """A user's token, or an endpoint's credential with ``X-Tether-Endpoint``."""
+        value = request.headers.get("authorization") or ""
+        secret = value[7:].strip() if value.lower().startswith("bearer ") else ""
+        if not secret:
+            raise HTTPException(401, "missing credentials: send 'Authorization: Bearer <token>'")
+        endpoint_id = request.headers.get("x-tether-endpoint")
+        if endpoint_id:
+            ep = store.endpoint_by_secret(endpoint_id, secret)
+            if ep is None:
+                raise HTTPException(401, "invalid endpoint credential (wrong, rotated, or the endpoint was deleted)")
+            return Principal(endpoint=ep)
+        user = await authenticator.user_for(secret)
+        if user is None:
+            raise HTTPException(401, "invalid token: it is unknown to this service, was revoked, or has expired")
+        return Principal(user_id=user)
+
+    def info(row: Any) -> BlobInfo:
+        return BlobInfo(blob_id=row.id, size=row.size, sha256=row.sha256, state=row.state)
+
+    @router.post("/v1/blobs", response_model=BlobInfo, status_code=201, responses=_errors(400, 404, 413, 429))
+    async def create_blob(body: BlobCreate, who: Principal = Depends(principal)) -> BlobInfo:
+        """Declare a blob (size, sha256); then send its bytes with ``PUT /v1/blobs/{blob_id}``.
+        Limits are checked here, before any byte moves."""
+        return info(index.reserve(who, body))
+
+    @router.put("/v1/blobs/{blob_id}", response_model=BlobInfo, responses=_errors(400, 404, 409),
+                openapi_extra={"requestBody": {"required": True, "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+    async def upload_blob(blob_id: PathId, request: Request, who: Principal = Depends(principal)) -> BlobInfo:
+        """Stream a declared blob's bytes. Written to disk and hashed as they arrive; refused (and
+        deleted) if they are not exactly the declared size and sha256, or if the upload breaks off."""
+        row = index.get(blob_id)
+        if row is None or row.uploader != who.uploader:
+            raise HTTPException(404, f"unknown blob {blob_id}")
+        if not index.set_state(blob_id, UPLOADING, RESERVED):
+            raise HTTPException(409, f"blob {blob_id} is already uploaded, or being uploaded")
+        part = index.path(blob_id, part=True)
+        digest, size, done = hashlib.sha256(), 0, False
+        try:
+            with open(part, "wb") as out:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > row.size:
+                        raise HTTPException(400, f"more bytes than the {row.size} declared for blob {blob_id}")
+                    digest.update(chunk)
+                    out.write(chunk)
+            if size != row.size:
+                raise HTTPException(400, f"the upload ended after {size} of the {row.size} bytes declared")
+            if digest.hexdigest() != row.sha256:
+                raise HTTPException(400, f"the bytes received hash to sha256 {digest.hexdigest()}, not to the "
+                                         f"{row.sha256} declared; the blob was not stored")
+            os.replace(part, index.path(blob_id))
+            index.set_state(blob_id, COMPLETE, UPLOADING)
+            done = True
+        except ClientDisconnect:
+            log.info("upload of blob %s broke off after %d of %d bytes; deleted", blob_id, size, row.size)
+            raise HTTPException(400, "the upload broke off") from None
+        finally:
+            if not done:
+                index.forget([blob_id])
+        return info(index.get(blob_id))
+
+    @router.get("/v1/blobs/{blob_id}", response_class=FileResponse, responses={
+        200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+              "description": "the blob's bytes"}, **_errors(404)})
+    async def download_blob(blob_id: PathId, who: Principal = Depends(principal)) -> Response:
+        """A blob's bytes, streamed from disk. Yours, or (endpoints) named by a task dispatched to you."""
+        row = index.get(blob_id)
+        if not index.may_read(who, row):
+            raise HTTPException(404, f"unknown blob {blob_id}")
+        return FileResponse(index.path(blob_id), media_type="application/octet-stream",
+                            headers={"X-Tether-Sha256": row.sha256})
+
+    @router.delete("/v1/blobs/{blob_id}", status_code=204, response_class=Response, responses=_errors(404, 409))
+    async def delete_blob(blob_id: PathId, who: Principal = Depends(principal)) -> Response:
+        """Delete a blob of yours that no task names (an upload you gave up on)."""
+        row = index.get(blob_id)
+        if row is None or who.user_id is None or row.owner_id != who.user_id:
+            raise HTTPException(404, f"unknown blob {blob_id}")
+        if row.linked or row.state == UPLOADING:
+            raise HTTPException(409, f"blob {blob_id} is named by a task (or being uploaded): it is deleted with "
+                                     "its tasks")
+        index.forget([blob_id])
+        return Response(status_code=204)
+
+    return router
