@@ -65,6 +65,13 @@ class Principal:
         return f"user:{self.user_id}" if self.user_id is not None else f"endpoint:{self.endpoint['id']}"  # type: ignore[index]
 
 
+class _BlobFile(FileResponse):
+    """A file response read in 1 MiB pieces (Starlette's 64 KiB costs a thread hop per piece:
+    a third of the download rate on a busy host)."""
+
+    chunk_size = 1024 * 1024
+
+
 class BlobIndex:
     """The blobs' rows (in the service's store) and files (in ``root``)."""
 
@@ -281,7 +288,7 @@ def blob_routes(index: BlobIndex, authenticator: Any, store: Store) -> APIRouter
         row = index.get(blob_id)
         if not index.may_read(who, row):
             raise HTTPException(404, f"unknown blob {blob_id}")
-        return FileResponse(index.path(blob_id), media_type="application/octet-stream",
+        return _BlobFile(index.path(blob_id), media_type="application/octet-stream",
                             headers={"X-Tether-Sha256": row.sha256})
 
     @router.delete("/v1/blobs/{blob_id}", status_code=204, response_class=Response, responses=_errors(404, 409))

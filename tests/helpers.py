@@ -92,3 +92,10 @@ def closure_over(data: bytes):  # noqa: ANN201 - returns a function that carries
         return len(data) + len(extra)
 
     return size_of_both
+
+
+def sha256_hex(data: bytes) -> str:
+    """The hex sha256 of ``data``, computed where the task runs."""
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()

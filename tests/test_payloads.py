@@ -1,0 +1,222 @@
+"""Large payloads (issue 11): arguments, results and function bodies far beyond a frame travel
+as blobs, streamed through the service's disk, checked by sha256, within per-service and
+per-endpoint limits, readable only by who may, and deleted with their tasks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tether import Client, Executor
+from tether.errors import PayloadTooLarge, QuotaExceeded
+from tether.local import LocalStack, local_stack
+from tether.protocol import ErrorCode, Submit, SubmitAck, Task, blob_stub
+from tether.serialize import function_id, serialize
+from tether.transfer import BlobClient, sha256_of
+
+import helpers
+from conftest import wait_for
+from rogue import raw_client
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+class PeakRSS:
+    """Samples a process's resident memory in a thread while a block runs."""
+
+    def __init__(self, pid: int, every: float = 0.02):
+        self.process = psutil.Process(pid)
+        self.start = self.peak = self.process.memory_info().rss
+        self._every = every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._every):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """A stack for gigabyte payloads: results and blobs expire a second after collection."""
+    with local_stack(tmp_path_factory.mktemp("big"), engine="process", workers=1,
+                     service_args=("--result-retention", "1", "--purge-interval", "0.5")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """A stack with small limits: 32 MiB per blob, 100 MiB of blobs per user, 1 MiB threshold."""
+    with local_stack(tmp_path_factory.mktemp("small"), engine="process", workers=2,
+                     service_args=("--max-blob-bytes", str(32 * MiB), "--blob-quota-bytes", str(100 * MiB),
+                                   "--blob-threshold-bytes", str(MiB), "--result-retention", "1",
+                                   "--purge-interval", "0.5")) as s:
+        yield s
+
+
+def _executor(stack: LocalStack, **kwargs: object) -> Executor:
+    return Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token, **kwargs)
+
+
+def _blob_files(stack: LocalStack) -> list[Path]:
+    return sorted((stack.home / "service" / "blobs").iterdir())
+
+
+def _user(stack: LocalStack, name: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "tether.cli", "service", "user-add", name, "--json"], env=stack.env,
+                         capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(out.stdout)["token"]
+
+
+@pytest.mark.timeout(600)
+def test_a_gibibyte_argument_and_result_cross_intact_while_the_service_stays_small(big: LocalStack) -> None:
+    with _executor(big, progress=False) as ex:
+        assert ex.submit(helpers.square, 3).result(timeout=60) == 9
+        data = random.Random(11).randbytes(GiB)
+        expected = hashlib.sha256(data).hexdigest()
+        with PeakRSS(big.service_pid()) as service:
+            assert ex.submit(helpers.sha256_hex, data).result(timeout=300) == expected
+            del data
+            result = ex.submit(helpers.blob, GiB).result(timeout=300)
+        assert len(result) == GiB and hashlib.sha256(result).hexdigest() == hashlib.sha256(b"x" * GiB).hexdigest()
+        del result
+    assert service.growth < 200 * MiB, f"the service grew by {service.growth / MiB:.0f} MiB"
+    # collected: a second later the blobs go with their tasks
+    wait_for(lambda: not _blob_files(big), timeout=30, what="the blobs to be deleted after retention")
+    assert not list((big.endpoint_dir() / "blobs").iterdir()), "the endpoint keeps no blob files"
+
+
+@pytest.mark.timeout(300)
+def test_a_closure_over_100_mb_is_uploaded_once_and_runs(big: LocalStack) -> None:
+    fn = helpers.closure_over(b"c" * (100 * 1000 * 1000))
+    with _executor(big, progress=False) as ex:
+        futures = [ex.submit(fn, b"x" * i) for i in range(3)]
+        assert [f.result(timeout=120) for f in futures] == [100_000_000 + i for i in range(3)]
+        function_blobs = [p for p in _blob_files(big) if p.stat().st_size > 100_000_000]
+        assert len(function_blobs) == 1, "the body went once, for all three tasks"
+
+
+def test_an_item_over_the_blob_limit_fails_alone_in_words(small: LocalStack) -> None:
+    with _executor(small) as ex:
+        before = ex.submit(helpers.identity, b"a" * (5 * MiB))
+        too_big = ex.submit(helpers.identity, b"b" * (40 * MiB))
+        inline = ex.submit(helpers.square, 12)
+        with pytest.raises(PayloadTooLarge, match=r"over this service's limit of 33554432 bytes per blob"):
+            too_big.result(timeout=60)
+        assert before.result(timeout=60) == b"a" * (5 * MiB)
+        assert inline.result(timeout=60) == 144
+        # a result over the limit fails in words too, on the endpoint's side of the service
+        with pytest.raises(PayloadTooLarge, match="over this service's limit"):
+            ex.submit(helpers.blob, 40 * MiB).result(timeout=60)
+
+
+def test_the_quota_is_checked_on_the_declared_size_before_any_byte_moves(small: LocalStack) -> None:
+    blobs = BlobClient(small.service_url, {"Authorization": f"Bearer {small.token}"})
+    http = httpx.Client(base_url=small.service_url, headers={"Authorization": f"Bearer {small.token}"},
+                        trust_env=False)
+    reserved = []
+    try:
+        for _ in range(3):  # 90 of the 100 MiB, declared: no byte sent
+            answer = http.post("/v1/blobs", json={"size": 30 * MiB, "sha256": "0" * 64})
+            assert answer.status_code == 201, answer.text
+            reserved.append(answer.json()["blob_id"])
+        refused = http.post("/v1/blobs", json={"size": 30 * MiB, "sha256": "0" * 64})
+        assert refused.status_code == 429
+        assert "would take you over your quota of 104857600 stored bytes" in refused.json()["detail"]
+        with _executor(small) as ex, pytest.raises(QuotaExceeded, match="quota"):
+            ex.submit(helpers.identity, b"q" * (20 * MiB)).result(timeout=60)
+    finally:
+        for blob_id in reserved:  # an upload given up on is deleted (and its bytes leave the quota)
+            assert http.delete(f"/v1/blobs/{blob_id}").status_code == 204
+    ref = blobs.upload(b"z" * (30 * MiB), 30 * MiB, sha256_of(b"z" * (30 * MiB)))
+    assert http.get(f"/v1/blobs/{ref.id}").status_code == 200
+    http.delete(f"/v1/blobs/{ref.id}")
+
+
+def test_an_upload_that_breaks_off_or_lies_about_its_hash_is_deleted(small: LocalStack) -> None:
+    http = httpx.Client(base_url=small.service_url, headers={"Authorization": f"Bearer {small.token}"},
+                        trust_env=False)
+    data = b"d" * (2 * MiB)
+    declared = http.post("/v1/blobs", json={"size": len(data), "sha256": sha256_of(data)}).json()
+    short = http.put(f"/v1/blobs/{declared['blob_id']}", content=iter([data[: MiB]]))  # chunked, ends early
+    assert short.status_code == 400 and "ended after 1048576 of the 2097152 bytes" in short.json()["detail"]
+    assert http.get(f"/v1/blobs/{declared['blob_id']}").status_code == 404
+    lying = http.post("/v1/blobs", json={"size": len(data), "sha256": "f" * 64}).json()
+    answer = http.put(f"/v1/blobs/{lying['blob_id']}", content=data)
+    assert answer.status_code == 400 and "not to the" in answer.json()["detail"]
+    assert not [p for p in _blob_files(small) if p.name.startswith((declared["blob_id"], lying["blob_id"]))]
+
+
+def test_blobs_are_readable_only_by_their_owner_and_the_endpoint_running_their_task(small: LocalStack) -> None:
+    data = b"secret" * MiB
+    mine = BlobClient(small.service_url, {"Authorization": f"Bearer {small.token}"}).upload(
+        data, len(data), sha256_of(data))
+    mallory = _user(small, f"mallory-{uuid.uuid4().hex[:6]}")
+    theirs = httpx.Client(base_url=small.service_url, headers={"Authorization": f"Bearer {mallory}"},
+                          trust_env=False)
+    assert theirs.get(f"/v1/blobs/{mine.id}").status_code == 404
+    assert theirs.delete(f"/v1/blobs/{mine.id}").status_code == 404
+    # her own endpoint's credential cannot read it either: no task dispatched to it names the blob
+    cred = Client(small.service_url, mallory).register_endpoint("evil")
+    as_endpoint = theirs.get(f"/v1/blobs/{mine.id}", headers={"Authorization": f"Bearer {cred['secret']}",
+                                                              "X-Tether-Endpoint": cred["endpoint_id"]})
+    assert as_endpoint.status_code == 404
+    # nor can a task of hers name it (the submitter must own every blob a task names)
+    body = serialize(helpers.identity)
+    thief = raw_client(small.service_url, mallory)
+    try:
+        tid = str(uuid.uuid4())
+        thief.send(Submit(ref=1, functions={function_id(body): body},
+                          tasks=[Task(id=tid, function=function_id(body), endpoint=cred["endpoint_id"],
+                                      payload=blob_stub(mine), blobs=[mine.id])]))
+        ack, _ = thief.recv_until(lambda m: isinstance(m, SubmitAck))
+        assert ack.accepted == [] and ack.rejected[tid].code == ErrorCode.UNKNOWN_BLOB
+        assert "is not one of your complete uploads" in ack.rejected[tid].message
+    finally:
+        thief.close()
+    with _executor(small) as ex:  # the owner's own endpoint reads her blobs while it runs her task
+        assert ex.submit(helpers.sha256_hex, data).result(timeout=60) == hashlib.sha256(data).hexdigest()
+    assert httpx.delete(f"{small.service_url}/v1/blobs/{mine.id}", headers={"Authorization": f"Bearer {small.token}"},
+                        trust_env=False).status_code == 204
+
+
+def test_an_endpoint_limit_fails_the_task_in_words_and_blobs_expire(small: LocalStack) -> None:
+    config = small.endpoint_dir() / "config.yaml"
+    original = config.read_text()
+    small.stop_endpoint()
+    config.write_text(original + f"max_payload_bytes: {8 * MiB}\n")
+    small.start_endpoint()
+    try:
+        with _executor(small) as ex:
+            with pytest.raises(PayloadTooLarge, match=r"over this endpoint's max_payload_bytes \(8388608\)"):
+                ex.submit(helpers.identity, b"e" * (10 * MiB)).result(timeout=60)
+            assert ex.submit(helpers.identity, b"f" * (3 * MiB)).result(timeout=60) == b"f" * (3 * MiB)
+    finally:
+        small.stop_endpoint()
+        config.write_text(original)
+        small.start_endpoint()
+    wait_for(lambda: not _blob_files(small), timeout=30, what="collected tasks' blobs to be deleted")
