@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
+import os
 import subprocess
 import sys
 import threading
@@ -96,7 +96,7 @@ def _user(stack: LocalStack, name: str) -> str:
 def test_a_gibibyte_argument_and_result_cross_intact_while_the_service_stays_small(big: LocalStack) -> None:
     with _executor(big, progress=False) as ex:
         assert ex.submit(helpers.square, 3).result(timeout=60) == 9
-        data = random.Random(11).randbytes(GiB)
+        data = os.urandom(GiB)
         expected = hashlib.sha256(data).hexdigest()
         with PeakRSS(big.service_pid()) as service:
             assert ex.submit(helpers.sha256_hex, data).result(timeout=300) == expected
