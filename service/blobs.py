@@ -109,10 +109,10 @@ class BlobIndex:
         owner = who.user_id
         if who.endpoint is not None:
             if body.task_id is None:
-                raise HTTPException(400, "an endpoint stores blobs only as task results: give 'task_id'")
+                raise HTTPException(403, "an endpoint stores blobs only as task results: give 'task_id'")
             owner = self._result_owner(who.endpoint["id"], body.task_id)
         elif body.task_id is not None:
-            raise HTTPException(400, "'task_id' is for endpoints storing a task's result; omit it")
+            raise HTTPException(403, "'task_id' is for endpoints storing a task's result; omit it")
         assert owner is not None
         if body.size > self.max_blob:
             raise HTTPException(413, f"a blob of {body.size} bytes is over this service's limit of {self.max_blob} "
@@ -145,10 +145,12 @@ class BlobIndex:
 
     def may_read(self, who: Principal, row: Any) -> bool:
         """Users read their own blobs; endpoints those named by an open task dispatched to them."""
-        if row is None or row.state != COMPLETE:
+        if row is None:
             return False
         if who.user_id is not None:
             return row.owner_id == who.user_id
+        if row.state != COMPLETE:
+            return False
         assert who.endpoint is not None
         with self.store.transaction() as conn:
             return conn.execute(
@@ -237,7 +239,12 @@ def blob_routes(index: BlobIndex, authenticator: Any, store: Store) -> APIRouter
     def info(row: Any) -> BlobInfo:
         return BlobInfo(blob_id=row.id, size=row.size, sha256=row.sha256, state=row.state)
 
-    @router.post("/v1/blobs", response_model=BlobInfo, status_code=201, responses=_errors(400, 404, 413, 429))
+    # the document states the service's own limit, so what it calls valid is what it accepts
+    create_schema = BlobCreate.model_json_schema()
+    create_schema["properties"]["size"]["maximum"] = index.max_blob
+
+    @router.post("/v1/blobs", response_model=BlobInfo, status_code=201, responses=_errors(403, 404, 413, 429),
+                 openapi_extra={"requestBody": {"content": {"application/json": {"schema": create_schema}}}})
     async def create_blob(body: BlobCreate, who: Principal = Depends(principal)) -> BlobInfo:
         """Declare a blob (size, sha256); then send its bytes with ``PUT /v1/blobs/{blob_id}``.
         Limits are checked here, before any byte moves."""
@@ -261,35 +268,38 @@ def blob_routes(index: BlobIndex, authenticator: Any, store: Store) -> APIRouter
                 async for chunk in request.stream():
                     size += len(chunk)
                     if size > row.size:
-                        raise HTTPException(400, f"more bytes than the {row.size} declared for blob {blob_id}")
+                        raise HTTPException(409, f"more bytes than the {row.size} declared for blob {blob_id}")
                     digest.update(chunk)
                     out.write(chunk)
             if size != row.size:
-                raise HTTPException(400, f"the upload ended after {size} of the {row.size} bytes declared")
+                raise HTTPException(409, f"the upload ended after {size} of the {row.size} bytes declared")
             if digest.hexdigest() != row.sha256:
-                raise HTTPException(400, f"the bytes received hash to sha256 {digest.hexdigest()}, not to the "
+                raise HTTPException(409, f"the bytes received hash to sha256 {digest.hexdigest()}, not to the "
                                          f"{row.sha256} declared; the blob was not stored")
             os.replace(part, index.path(blob_id))
             index.set_state(blob_id, COMPLETE, UPLOADING)
             done = True
         except ClientDisconnect:
-            log.info("upload of blob %s broke off after %d of %d bytes; deleted", blob_id, size, row.size)
+            log.info("upload of blob %s broke off after %d of %d bytes; its bytes are deleted", blob_id, size, row.size)
             raise HTTPException(400, "the upload broke off") from None
         finally:
-            if not done:
-                index.forget([blob_id])
+            if not done:  # the bytes go at once; the declaration may be uploaded again (or expires, orphan_s)
+                part.unlink(missing_ok=True)
+                index.set_state(blob_id, RESERVED, UPLOADING)
         return info(index.get(blob_id))
 
     @router.get("/v1/blobs/{blob_id}", response_class=FileResponse, responses={
         200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-              "description": "the blob's bytes"}, **_errors(404)})
+              "description": "the blob's bytes"}, **_errors(404, 409)})
     async def download_blob(blob_id: PathId, who: Principal = Depends(principal)) -> Response:
         """A blob's bytes, streamed from disk. Yours, or (endpoints) named by a task dispatched to you."""
         row = index.get(blob_id)
         if not index.may_read(who, row):
             raise HTTPException(404, f"unknown blob {blob_id}")
+        if row.state != COMPLETE:
+            raise HTTPException(409, f"blob {blob_id} is {row.state}: its bytes have not all arrived yet")
         return _BlobFile(index.path(blob_id), media_type="application/octet-stream",
-                            headers={"X-Tether-Sha256": row.sha256})
+                         headers={"X-Tether-Sha256": row.sha256})
 
     @router.delete("/v1/blobs/{blob_id}", status_code=204, response_class=Response, responses=_errors(404, 409))
     async def delete_blob(blob_id: PathId, who: Principal = Depends(principal)) -> Response:

@@ -174,14 +174,14 @@ class BlobInfo(BaseModel):
 
 
 _DESCRIPTIONS = {
-    400: "The request body is not valid JSON, or not valid base64 where base64 is due; or uploaded bytes differ "
-         "from their declared size or sha256",
+    400: "The request body is not valid JSON, or not valid base64 where base64 is due; or an upload broke off",
+    403: "The request is not one this kind of caller may make (a user or an endpoint)",
     401: "Missing, unknown or revoked token",
     404: "No such object visible to you",
     413: "The declared blob is larger than this service accepts (its max blob size)",
     429: "Storing the declared blob would take you over your quota of stored bytes",
     409: "The id is taken (by another user, or by something deleted), or the endpoint is not of the kind the "
-         "request needs",
+         "request needs; or a blob's bytes differ from its declared size or sha256, or are not all there yet",
 }
 
 

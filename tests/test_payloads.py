@@ -157,18 +157,21 @@ def test_the_quota_is_checked_on_the_declared_size_before_any_byte_moves(small: 
     http.delete(f"/v1/blobs/{ref.id}")
 
 
-def test_an_upload_that_breaks_off_or_lies_about_its_hash_is_deleted(small: LocalStack) -> None:
+def test_the_bytes_of_an_upload_that_breaks_off_or_lies_about_its_hash_are_deleted(small: LocalStack) -> None:
     http = httpx.Client(base_url=small.service_url, headers={"Authorization": f"Bearer {small.token}"},
                         trust_env=False)
     data = b"d" * (2 * MiB)
     declared = http.post("/v1/blobs", json={"size": len(data), "sha256": sha256_of(data)}).json()
     short = http.put(f"/v1/blobs/{declared['blob_id']}", content=iter([data[: MiB]]))  # chunked, ends early
-    assert short.status_code == 400 and "ended after 1048576 of the 2097152 bytes" in short.json()["detail"]
-    assert http.get(f"/v1/blobs/{declared['blob_id']}").status_code == 404
+    assert short.status_code == 409 and "ended after 1048576 of the 2097152 bytes" in short.json()["detail"]
+    assert http.get(f"/v1/blobs/{declared['blob_id']}").status_code == 409  # declared, no bytes
     lying = http.post("/v1/blobs", json={"size": len(data), "sha256": "f" * 64}).json()
     answer = http.put(f"/v1/blobs/{lying['blob_id']}", content=data)
-    assert answer.status_code == 400 and "not to the" in answer.json()["detail"]
+    assert answer.status_code == 409 and "not to the" in answer.json()["detail"]
     assert not [p for p in _blob_files(small) if p.name.startswith((declared["blob_id"], lying["blob_id"]))]
+    assert http.put(f"/v1/blobs/{declared['blob_id']}", content=data).status_code == 200  # may be sent again
+    for blob_id in (declared["blob_id"], lying["blob_id"]):  # given up on: the owner deletes them
+        assert http.delete(f"/v1/blobs/{blob_id}").status_code == 204
 
 
 def test_blobs_are_readable_only_by_their_owner_and_the_endpoint_running_their_task(small: LocalStack) -> None:
