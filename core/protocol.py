@@ -117,7 +117,7 @@ class Task(Struct, omit_defaults=True):
     uec: dict[str, Any] | None = None
     #: C->S: ids of the blobs the payload or the function body refer to (see :class:`BlobRef`);
     #: the service accepts the task only if the submitter owns each, and lets the endpoint the
-    #: task is dispatched to read them. Not forwarded to endpoints.
+    #: task is dispatched to read them (endpoints find the blobs in the stubs themselves).
     blobs: Annotated[list[Id], Meta(max_length=MAX_TASK_BLOBS)] = []
 
 

@@ -289,7 +289,7 @@ class BlobClient:
                     response.read()
                     _raise_for(response, f"download of {what} {ref.id} refused")
                 with open(tmp, "wb") as out:
-                    for piece in response.iter_bytes(CHUNK):
+                    for piece in response.iter_raw():  # as the socket delivers it: no re-chunking copies
                         digest.update(piece)
                         size += len(piece)
                         out.write(piece)

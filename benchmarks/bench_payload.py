@@ -1,0 +1,175 @@
+"""Large-payload round trips: an identity task (argument in, the same bytes out) through Tether,
+against a plain loopback echo of the same bytes and against Parsl HTEX and Dask LocalCluster.
+
+Usage::
+
+    python benchmarks/bench_payload.py [--sizes 1,100,1024] [--peer-max 100] [--repeat 3] [--json PATH]
+
+Sizes are in MiB. ``loopback`` sends the bytes to a TCP echo server on 127.0.0.1 and reads
+them back: the floor for moving them there and back on this host (Tether moves them four
+times, client -> service -> endpoint and back, and each time through the service's disk).
+Parsl and Dask run for sizes up to ``--peer-max`` MiB (they pickle whole payloads into
+messages; a gibibyte costs them several copies in memory). The service's peak RSS growth
+during Tether's runs is sampled too: it must stay flat, whatever the size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import peers  # noqa: E402  (needs the sys.path line above when run as a script)
+
+MiB = 1024 * 1024
+CHUNK = 1024 * 1024
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def loopback_echo(data: bytes) -> float:
+    """Seconds to send ``data`` to an echo server on 127.0.0.1 and receive it back."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def echo() -> None:
+        conn, _ = server.accept()
+        with conn:
+            left = len(data)
+            while left:
+                piece = conn.recv(CHUNK)
+                conn.sendall(piece)
+                left -= len(piece)
+
+    thread = threading.Thread(target=echo, daemon=True)
+    thread.start()
+    back = bytearray(len(data))
+    view = memoryview(back)
+    t0 = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sender = threading.Thread(target=sock.sendall, args=(data,), daemon=True)
+        sender.start()
+        got = 0
+        while got < len(data):
+            got += sock.recv_into(view[got:], min(CHUNK, len(data) - got))
+        sender.join()
+    elapsed = time.perf_counter() - t0
+    thread.join()
+    server.close()
+    assert back == data
+    return elapsed
+
+
+def _round_trips(submit: Callable[..., Any], data: bytes, repeat: int) -> float:
+    """Median seconds of ``repeat`` identity round trips (one warm-up first, untimed)."""
+    assert submit(peers.noop, b"warm").result(timeout=120) == b"warm"
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = submit(peers.noop, data).result(timeout=1200)
+        times.append(time.perf_counter() - t0)
+        assert len(out) == len(data) and out == data
+        del out
+    return statistics.median(times)
+
+
+class _PeakRSS:
+    def __init__(self, pid: int):
+        import psutil
+
+        self.process = psutil.Process(pid)
+        self.start = self.peak = self.process.memory_info().rss
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.02):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def growth(self) -> int:
+        self.stop.set()
+        self.thread.join()
+        return self.peak - self.start
+
+
+def run(sizes: list[int], peer_max: int, repeat: int, only: set[str]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = [{"MiB": s} for s in sizes]
+    payloads = {s: os.urandom(s * MiB) for s in sizes}
+    for row in rows:
+        row["loopback_s"] = statistics.median(loopback_echo(payloads[row["MiB"]]) for _ in range(repeat))
+    if "tether" in only:
+        from tether import Executor
+        from tether.local import local_stack
+
+        peers._export_import_root()
+        with local_stack(engine="process", workers=1) as stack, \
+                Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token,
+                         progress=False) as ex:
+            for row in rows:
+                _log(f"tether: {row['MiB']} MiB")
+                rss = _PeakRSS(stack.service_pid())
+                row["tether_s"] = _round_trips(ex.submit, payloads[row["MiB"]], 1 if row["MiB"] >= 1024 else repeat)
+                row["service_rss_growth_MiB"] = round(rss.growth() / MiB, 1)
+    for name, factory in (("parsl_htex", peers.parsl_htex), ("dask_local", peers.dask_local)):
+        if name not in only:
+            continue
+        try:
+            with factory(1) as submit:
+                for row in rows:
+                    if row["MiB"] > peer_max:
+                        continue
+                    _log(f"{name}: {row['MiB']} MiB")
+                    row[f"{name}_s"] = _round_trips(submit, payloads[row["MiB"]], repeat)
+        except Exception as exc:  # noqa: BLE001 - a peer that is not installed or fails is reported, not fatal
+            _log(f"{name} failed: {type(exc).__name__}: {exc}")
+    return rows
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    head = ("MiB", "loopback s", "tether s", "tether/loopback", "tether MiB/s", "service RSS +MiB", "parsl s",
+            "dask s")
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in rows:
+        tether = r.get("tether_s")
+
+        def fmt(v: Any) -> str:
+            return "-" if v is None else f"{v:.3f}"
+
+        lines.append(" | ".join([
+            str(r["MiB"]), fmt(r["loopback_s"]), fmt(tether),
+            "-" if tether is None else f"{tether / r['loopback_s']:.1f}x",
+            "-" if tether is None else f"{r['MiB'] / tether:.0f}",
+            str(r.get("service_rss_growth_MiB", "-")), fmt(r.get("parsl_htex_s")), fmt(r.get("dask_local_s")),
+        ]))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1,100,1024", help="payload sizes in MiB, comma-separated")
+    parser.add_argument("--peer-max", type=int, default=100, help="largest size (MiB) run on Parsl and Dask")
+    parser.add_argument("--repeat", type=int, default=3, help="round trips per size (1 for 1 GiB and more)")
+    parser.add_argument("--only", default="tether,parsl_htex,dask_local")
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    args = parser.parse_args()
+    rows = run([int(s) for s in args.sizes.split(",")], args.peer_max, args.repeat, set(args.only.split(",")))
+    print(_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
