@@ -171,6 +171,8 @@ def create_app(settings: Settings) -> FastAPI:
                            settings.blob_orphan_s)
     relay.blobs = blob_index
     max_frame = service_max_frame(settings.max_payload_bytes)
+    # what peers send as blobs: never more than an inline payload may be
+    blob_threshold = min(settings.blob_threshold_bytes, settings.max_payload_bytes)
     started = time.time()
     client_frames = FrameDecoder(CLIENT_FRAMES, "a client")
     endpoint_frames = FrameDecoder(ENDPOINT_FRAMES, "an endpoint")
@@ -432,7 +434,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             await session.send(encode(Welcome(user_id=user, max_payload=settings.max_payload_bytes,
                                               max_frame=max_frame, version=__version__,
-                                              blob_threshold=settings.blob_threshold_bytes)))
+                                              blob_threshold=blob_threshold)))
             await _serve_frames(ws, session, client_frames, relay.client_message)
         except (WebSocketDisconnect, RuntimeError):
             pass
@@ -466,7 +468,7 @@ def create_app(settings: Settings) -> FastAPI:
             await session.send(encode(Welcome(endpoint_id=ep["id"], version=__version__,
                                               max_payload=settings.max_payload_bytes, max_frame=max_frame,
                                               prefetch=settings.prefetch,
-                                              blob_threshold=settings.blob_threshold_bytes)))
+                                              blob_threshold=blob_threshold)))
             await relay.endpoint_connected(session, hello)
             await _serve_frames(ws, session, endpoint_frames, relay.endpoint_message)
         except (WebSocketDisconnect, RuntimeError):
