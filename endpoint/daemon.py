@@ -340,6 +340,10 @@ class EndpointDaemon:
             raise TaskRefused(ErrorCode.UNKNOWN_FUNCTION, f"function {fid} is not in this endpoint's allowed_functions")
         if fid in self.refused_functions:
             raise TaskRefused(ErrorCode.FUNCTION_ID_MISMATCH, f"function {fid} refused: {self.refused_functions[fid]}")
+        limit = self.config.max_payload_bytes
+        if limit is not None and len(task.payload) > limit:  # inline; blobs are checked before they are fetched
+            raise TaskRefused(ErrorCode.PAYLOAD_TOO_LARGE, f"arguments of task {task.id} are {len(task.payload)} "
+                              f"bytes, over this endpoint's max_payload_bytes ({limit})")
         method = method_of(task.payload) if blob_ref_of(task.payload) is None else None  # a blob: checked when loaded
         if method is not None and method not in self.allowed_methods:
             raise TaskRefused(ErrorCode.INVALID_REQUEST, f"arguments serialized with {method!r}, which this endpoint "
@@ -365,7 +369,9 @@ class EndpointDaemon:
                 self._check_task(t)
                 sandbox = child_path(self.sandbox_root, tid, "task id")  # checked again where it becomes a path
             except (TaskRefused, InvalidIdentifier, SerializationError) as exc:
-                self._on_result(failure(tid, PermissionError(str(exc))))
+                too_large = isinstance(exc, TaskRefused) and exc.code == ErrorCode.PAYLOAD_TOO_LARGE
+                self._on_result(_blob_failure(tid, PayloadTooLarge(str(exc))) if too_large
+                                else failure(tid, PermissionError(str(exc))))
                 continue
             self.inflight.add(tid)
             body = self.functions.get(t.function)
