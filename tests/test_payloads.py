@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -111,13 +112,16 @@ def test_a_gibibyte_argument_and_result_cross_intact_while_the_service_stays_sma
 
 
 @pytest.mark.timeout(300)
-def test_a_closure_over_100_mb_is_uploaded_once_and_runs(big: LocalStack) -> None:
+def test_a_closure_over_100_mb_is_uploaded_once_and_runs(big: LocalStack, caplog: pytest.LogCaptureFixture) -> None:
     fn = helpers.closure_over(b"c" * (100 * 1000 * 1000))
-    with _executor(big, progress=False) as ex:
+    with caplog.at_level(logging.INFO, logger="tether.transfer"), _executor(big) as ex:
         futures = [ex.submit(fn, b"x" * i) for i in range(3)]
         assert [f.result(timeout=120) for f in futures] == [100_000_000 + i for i in range(3)]
         function_blobs = [p for p in _blob_files(big) if p.stat().st_size > 100_000_000]
         assert len(function_blobs) == 1, "the body went once, for all three tasks"
+    # stderr is no terminal here: a long transfer shows its progress as log lines
+    uploads = [r.getMessage() for r in caplog.records if r.getMessage().startswith("upload function")]
+    assert len(uploads) >= 2 and "95.4 MiB to transfer" in uploads[0] and "MiB/s" in uploads[-1]
 
 
 def test_an_item_over_the_blob_limit_fails_alone_in_words(small: LocalStack) -> None:
