@@ -62,6 +62,8 @@ def service_start(
     max_blob_bytes: int = typer.Option(None, help="largest blob (large argument/result) accepted (default 16 GiB)"),
     blob_quota_bytes: int = typer.Option(None, help="bytes of blobs one user may store at once (default 100 GiB)"),
     blob_orphan_seconds: float = typer.Option(None, help="blobs no task names are deleted after this (default 3600)"),
+    blob_dir: str = typer.Option(None, help="where blob files live (default $TETHER_HOME/service/blobs); replicas "
+                                 "of one service must share it"),
     log_level: str = typer.Option("warning"),
     tls_cert: str = typer.Option(None, help="PEM certificate: serve https/wss only"),
     tls_key: str = typer.Option(None, help="PEM private key of --tls-cert"),
@@ -100,7 +102,8 @@ def service_start(
         args += ["--uncollected-retention", str(uncollected_retention)]
     for flag, option in (("--result-retention", result_retention), ("--purge-interval", purge_interval),
                          ("--blob-threshold-bytes", blob_threshold_bytes), ("--max-blob-bytes", max_blob_bytes),
-                         ("--blob-quota-bytes", blob_quota_bytes), ("--blob-orphan-seconds", blob_orphan_seconds)):
+                         ("--blob-quota-bytes", blob_quota_bytes), ("--blob-orphan-seconds", blob_orphan_seconds),
+                         ("--blob-dir", str(Path(blob_dir).resolve()) if blob_dir else None)):
         if option is not None:
             args += [flag, str(option)]
     if not detach:

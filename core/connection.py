@@ -65,11 +65,12 @@ from .protocol import (
     TooLarge,
     Welcome,
     blob_ref_of,
+    blob_stub,
     encode,
     task_frames,
     to_builtins,
 )
-from .serialize import PY_VERSION, deserialize
+from .serialize import PY_VERSION, deserialize, function_id
 from .transfer import BlobClient, load_file
 from .transport import Backoff, open_ws
 
@@ -138,6 +139,9 @@ class Connection:
         self._blob_client: BlobClient | None = None
         self._blob_lock = threading.Lock()
         self._function_blobs: dict[str, BlobRef] = {}  # function id of a large body -> its blob
+        # blob id -> (function id, body), to upload a body again if its blob expired; the bodies are
+        # the Executors' cached ones (shared, not copied)
+        self._function_sources: BoundedCache[str, tuple[str, bytes]] = BoundedCache(max_items=256)
         self._transfers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tether-transfer")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="tether-connection", daemon=True)
@@ -200,7 +204,37 @@ class Connection:
             ref = self.blobs().upload(body, len(body), sha256_of(body), what=f"function {fid}", progress=progress)
             with self._blob_lock:
                 ref = self._function_blobs.setdefault(fid, ref)
+                self._function_sources[ref.id] = (fid, body)
         return ref
+
+    def _reupload_function(self, task: Task, fut: TetherFuture) -> bool:
+        """A task was refused because the blob of its function's body expired with the tasks that
+        named it (their retention ended while this process kept using the function): upload the
+        body again and resubmit the task, once. False if this task names no such blob."""
+        with self._blob_lock:
+            stale = [(b, self._function_sources.get(b)) for b in task.blobs]
+            stale = [(b, source) for b, source in stale if source is not None]
+            for _, (fid, _body) in stale:
+                self._function_blobs.pop(fid, None)
+        if not stale or task.id in self._reregistered:
+            return False
+        self._reregistered.add(task.id)
+        old_blob, (fid, body) = stale[0]
+
+        def again() -> None:
+            try:
+                ref = self.function_blob(fid, body, fut.progress)
+                stub = blob_stub(ref)
+                task.function = function_id(stub)
+                task.blobs = [b for b in task.blobs if b != old_blob] + [ref.id]
+                self.submit(task, fut, stub)
+            except Exception as exc:  # noqa: BLE001 - the future says why
+                if not fut.done():
+                    fut.set_exception(exc if isinstance(exc, TetherError) else TetherError(
+                        f"task {task.id}: uploading its function again failed: {type(exc).__name__}: {exc}"))
+
+        self.in_background(again)
+        return True
 
     def in_background(self, fn: Any, *args: Any) -> None:
         """Run a transfer on the connection's transfer threads (uploads, result downloads)."""
@@ -451,6 +485,9 @@ class Connection:
                 retry.append(task)
                 continue
             fut = self.futures.pop(tid, None)
+            if refusal.code == ErrorCode.UNKNOWN_BLOB and task is not None and fut is not None \
+                    and self._reupload_function(task, fut):
+                continue
             if fut is not None and not fut.done():
                 fut.set_exception(_rejection(refusal))
         if retry:

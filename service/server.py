@@ -44,7 +44,7 @@ def serve(host: str = "127.0.0.1", port: int = 8421, db_url: str | None = None,
           max_payload_bytes: int | None = None, log_level: str = "warning", prefetch: int | None = None,
           uncollected_retention_s: float | None = None, tls_cert: str | None = None, tls_key: str | None = None,
           tls_ca: str | None = None, allow_insecure_http: bool = False, globus: GlobusSettings | None = None,
-          blob_options: dict[str, float | int] | None = None) -> None:
+          blob_options: dict[str, float | int | str | None] | None = None) -> None:
     """Serve until SIGTERM/SIGINT. The embedded default needs nothing but a writable TETHER_HOME.
 
     With ``tls_cert``/``tls_key`` the service speaks https/wss only. Without them it refuses to
@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="bytes of blobs one user may have stored at once (100 GiB)")
     parser.add_argument("--blob-orphan-seconds", type=float, default=None,
                         help="a blob no task names is deleted this long after it was declared (3600)")
+    parser.add_argument("--blob-dir", default=None,
+                        help="where blob files live (default <TETHER_HOME>/service/blobs); replicas must share it")
     parser.add_argument("--tls-cert", default=None)
     parser.add_argument("--tls-key", default=None)
     parser.add_argument("--tls-ca", default=None)
@@ -159,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
           args.uncollected_retention, args.tls_cert, args.tls_key, args.tls_ca, args.allow_insecure_http, globus,
           {"result_retention_s": args.result_retention, "purge_interval_s": args.purge_interval,
            "blob_threshold_bytes": args.blob_threshold_bytes, "max_blob_bytes": args.max_blob_bytes,
-           "blob_quota_bytes": args.blob_quota_bytes, "blob_orphan_s": args.blob_orphan_seconds})
+           "blob_quota_bytes": args.blob_quota_bytes, "blob_orphan_s": args.blob_orphan_seconds,
+           "blob_dir": args.blob_dir})
 
 
 if __name__ == "__main__":

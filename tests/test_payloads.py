@@ -119,6 +119,9 @@ def test_a_closure_over_100_mb_is_uploaded_once_and_runs(big: LocalStack, caplog
         assert [f.result(timeout=120) for f in futures] == [100_000_000 + i for i in range(3)]
         function_blobs = [p for p in _blob_files(big) if p.stat().st_size > 100_000_000]
         assert len(function_blobs) == 1, "the body went once, for all three tasks"
+        # its tasks collected, the body's blob expires with them; the function still works, sent anew
+        wait_for(lambda: not function_blobs[0].exists(), timeout=30, what="the function's blob to expire")
+        assert ex.submit(fn, b"y").result(timeout=120) == 100_000_001
     # stderr is no terminal here: a long transfer shows its progress as log lines
     uploads = [r.getMessage() for r in caplog.records if r.getMessage().startswith("upload function")]
     assert len(uploads) >= 2 and "95.4 MiB to transfer" in uploads[0] and "MiB/s" in uploads[-1]
