@@ -209,7 +209,16 @@ def test_blobs_are_readable_only_by_their_owner_and_the_endpoint_running_their_t
     finally:
         thief.close()
     with _executor(small) as ex:  # the owner's own endpoint reads her blobs while it runs her task
+        running = ex.submit(helpers.sleep_then, 2.0, "done")
         assert ex.submit(helpers.sha256_hex, data).result(timeout=60) == hashlib.sha256(data).hexdigest()
+        # an endpoint stores result blobs only for tasks it holds: not for another endpoint's task
+        forged = theirs.post("/v1/blobs", json={"size": 10, "sha256": "0" * 64, "task_id": running.task_id},
+                             headers={"Authorization": f"Bearer {cred['secret']}",
+                                      "X-Tether-Endpoint": cred["endpoint_id"]})
+        assert forged.status_code == 404 and "no open task with this id is dispatched to this endpoint" in forged.text
+        assert theirs.post("/v1/blobs", json={"size": 10, "sha256": "0" * 64, "task_id": running.task_id}
+                           ).status_code == 403  # a user token never stores a task's result
+        assert running.result(timeout=60) == "done"
     assert httpx.delete(f"{small.service_url}/v1/blobs/{mine.id}", headers={"Authorization": f"Bearer {small.token}"},
                         trust_env=False).status_code == 204
 
