@@ -30,6 +30,7 @@ from .config import ServiceInfo, tether_home
 from .errors import (
     AuthError,
     PayloadTooLarge,
+    QuotaExceeded,
     SerializationError,
     TaskRejected,
     TetherError,
@@ -546,6 +547,8 @@ class Connection:
                 fut._cancelled_remotely()
             elif r.error is not None and r.error.code == ErrorCode.PAYLOAD_TOO_LARGE:
                 fut.set_exception(PayloadTooLarge(f"task {tid}: {r.error.message}"))
+            elif r.error is not None and r.error.code == ErrorCode.QUOTA_EXCEEDED:
+                fut.set_exception(QuotaExceeded(f"task {tid}: {r.error.message}"))
             else:
                 original = None
                 if r.data:

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import signal
 import sys
 import time
@@ -25,7 +24,7 @@ from websockets.exceptions import ConnectionClosed
 
 from tether import __version__
 from tether.config import tls_context, write_secret
-from tether.errors import ConfigError, PayloadTooLarge, QuotaExceeded, SerializationError, TetherError
+from tether.errors import ConfigError, PayloadTooLarge, SerializationError
 from tether.ids import InvalidIdentifier, child_path
 from tether.logs import configure_logging
 from tether.protocol import (
@@ -36,7 +35,6 @@ from tether.protocol import (
     FRAME_ENVELOPE,
     MAX_IDS,
     TO_ENDPOINT_FRAMES,
-    BlobRef,
     Cancel,
     Error,
     ErrorCode,
@@ -53,19 +51,18 @@ from tether.protocol import (
     TooLarge,
     Welcome,
     blob_ref_of,
-    blob_stub,
     encode,
     frame_batches,
     wire_size,
 )
 from tether.serialize import PY_VERSION, function_id, method_of
-from tether.transfer import BlobClient, file_of, file_stub, sha256_file
 from tether.transport import Backoff, open_ws
 
 from .config import EndpointConfig, load_config
 from .engines import TaskSpec, make_engine
-from .execute import SPILL_DIR_ENV, failure
+from .execute import failure
 from .functions import FunctionStore
+from .payloads import EndpointPayloads, blob_failure
 from .spool import ResultSpool
 
 log = logging.getLogger("tether.endpoint")
@@ -143,15 +140,10 @@ class EndpointDaemon:
         self.engine_methods = self.allowed_methods | ({"cloudpickle"} if self.allowed_functions is not None else set())
         self.refused_functions: dict[str, str] = {}
         self.max_result = config.max_result_bytes
-        # large payloads: fetched into (and spilled results written to) blobs/, moved by BlobClient
-        self.blob_dir = self.dir / "blobs"
-        shutil.rmtree(self.blob_dir, ignore_errors=True)  # what a previous run left is of no use now
-        self.blob_dir.mkdir(parents=True, mode=0o700)
-        os.environ[SPILL_DIR_ENV] = str(self.blob_dir)  # workers inherit it (see execute.serialize_result)
+        # large payloads: fetched into (and spilled results written to) blobs/ (endpoint/payloads.py)
+        self.payloads = EndpointPayloads(self.dir / "blobs", self.service_url, self._headers, self.ssl_context,
+                                         config.max_payload_bytes, config.max_result_bytes)
         self.blob_threshold: int | None = None  # what the service announces; None: it keeps no blobs
-        self._blob_client: BlobClient | None = None
-        self._blob_secret = ""
-        self._function_fetches: dict[str, asyncio.Future[bytes]] = {}
         self._fetching: set[str] = set()  # tasks whose blobs are being downloaded
         self.ws: Any = None
         self.stopping = asyncio.Event()
@@ -370,7 +362,7 @@ class EndpointDaemon:
                 sandbox = child_path(self.sandbox_root, tid, "task id")  # checked again where it becomes a path
             except (TaskRefused, InvalidIdentifier, SerializationError) as exc:
                 too_large = isinstance(exc, TaskRefused) and exc.code == ErrorCode.PAYLOAD_TOO_LARGE
-                self._on_result(_blob_failure(tid, PayloadTooLarge(str(exc))) if too_large
+                self._on_result(blob_failure(tid, PayloadTooLarge(str(exc))) if too_large
                                 else failure(tid, PermissionError(str(exc))))
                 continue
             self.inflight.add(tid)
@@ -390,96 +382,25 @@ class EndpointDaemon:
             asyncio.ensure_future(self._send(encode(Received(ids=received, ts=now))))
 
     # --- large payloads (blobs) ---------------------------------------------------------------------
-    def _blobs(self) -> BlobClient:
-        """The HTTP client for the service's blob routes, with the current credential."""
-        if self._blob_client is None or self._blob_secret != self.secret:
-            if self._blob_client is not None:
-                self._blob_client.close()
-            self._blob_secret = self.secret
-            self._blob_client = BlobClient(self.service_url, self._headers(), self.ssl_context, progress=False)
-        return self._blob_client
-
-    async def _fetch_then_run(self, task: Any, body: bytes | None, sandbox: Any, args_ref: BlobRef | None,
-                              body_ref: BlobRef | None) -> None:
-        """Download a task's blobs to files (checked by sha256), then hand the task to the engine
-        with file stubs: the worker maps the file, so the daemon never holds the bytes."""
+    async def _fetch_then_run(self, task: Any, body: bytes | None, sandbox: Any, args_ref: Any,
+                              body_ref: Any) -> None:
+        """Download a task's blobs, then hand it to the engine (unless it was cancelled meanwhile)."""
         tid = task.id
-        payload = task.payload
-        limit = self.config.max_payload_bytes
         try:
-            size = (args_ref.size if args_ref else len(payload)) + (body_ref.size if body_ref else 0)
-            if limit is not None and size > limit:
-                raise PayloadTooLarge(f"arguments and function of task {tid} are {size} bytes, over this endpoint's "
-                                      f"max_payload_bytes ({limit})")
-            if body_ref is not None:
-                body = await self._fetch_function(task.function, body_ref)
-            if args_ref is not None:
-                path = child_path(self.blob_dir, f"{tid}.args", "task id")
-                await asyncio.to_thread(self._blobs().download_to, args_ref, path, f"arguments of task {tid}")
-                payload = file_stub(path, args_ref.sha256)
+            body, payload = await self.payloads.fetch(task, body, args_ref, body_ref)
         except Exception as exc:  # noqa: BLE001 - refused, corrupt, unreachable: this task fails, in words
             if tid in self._fetching:
                 self._fetching.discard(tid)
-                self._on_result(_blob_failure(tid, exc))
+                self._on_result(blob_failure(tid, exc))
             return
         if tid not in self._fetching:  # cancelled meanwhile
-            child_path(self.blob_dir, f"{tid}.args", "task id").unlink(missing_ok=True)
+            self.payloads.discard(tid)
             return
         self._fetching.discard(tid)
         self.engine.submit(TaskSpec(tid, task.function, body, payload, task.spec, sandbox))
 
-    async def _fetch_function(self, fid: str, ref: BlobRef) -> bytes:
-        """A large function body, downloaded once however many tasks use it: its file stub."""
-        fetch = self._function_fetches.get(fid)
-        if fetch is None or (fetch.done() and fetch.exception() is not None):
-            path = self.blob_dir / f"function-{fid}"
-
-            async def download() -> bytes:
-                await asyncio.to_thread(self._blobs().download_to, ref, path, f"function {fid}")
-                return file_stub(path, ref.sha256)
-
-            fetch = self._function_fetches[fid] = asyncio.ensure_future(download())
-        return await asyncio.shield(fetch)
-
-    async def _upload_result(self, result: dict[str, Any]) -> None:
-        """Store a large result as a blob of the task's owner, then report it with a stub.
-        Network failures are retried; a refusal (too large, over quota) fails the task in words."""
-        tid = result["id"]
-        data = result["data"]
-        local = file_of(data)
-        try:
-            if local is not None:
-                path, sha256 = local
-                sha256 = sha256 or await asyncio.to_thread(sha256_file, path)
-                source: Any = path
-                size = path.stat().st_size
-            else:
-                import hashlib
-
-                source, size, sha256 = data, len(data), hashlib.sha256(data).hexdigest()
-            if self.max_result is not None and size > self.max_result:
-                raise PayloadTooLarge(f"result is {size} bytes, over this endpoint's max_result_bytes "
-                                      f"({self.max_result})")
-            backoff = Backoff(initial=0.5, maximum=10.0)
-            for attempt in range(6):
-                try:
-                    ref = await asyncio.to_thread(self._blobs().upload, source, size, sha256, task_id=tid,
-                                                  what=f"result of task {tid}")
-                    break
-                except TetherError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - the network: try again a few times
-                    if attempt == 5:
-                        raise
-                    log.warning("uploading the result of task %s failed (%s); retrying", tid, exc)
-                    await asyncio.sleep(backoff.next())
-            result = {**result, "data": blob_stub(ref)}
-        except Exception as exc:  # noqa: BLE001 - the task fails with the reason, in words
-            result = _blob_failure(tid, exc, "its result could not be stored on the service")
-        finally:
-            if local is not None:
-                local[0].unlink(missing_ok=True)
-        self._finish(result)
+    async def _store_then_finish(self, result: dict[str, Any]) -> None:
+        self._finish(await self.payloads.store_result(result))
 
     # --- engine callbacks (on the loop) ----------------------------------------------------------
     def _on_running(self, task_id: str, ts: float) -> None:
@@ -493,12 +414,10 @@ class EndpointDaemon:
         tid = result["id"]
         if tid in self.spool:
             return
-        child_path(self.blob_dir, f"{tid}.args", "task id").unlink(missing_ok=True)  # a fetched argument
-        data = result.get("data")
-        if data is not None and (file_of(data) is not None
-                                 or (self.blob_threshold is not None and len(data) > self.blob_threshold)):
-            # a large result: stored as a blob first; the task stays in flight until then
-            asyncio.ensure_future(self._upload_result(result))
+        self.payloads.discard(tid)
+        if self.payloads.is_large(result.get("data"), self.blob_threshold):
+            # stored as a blob first; the task stays in flight until then
+            asyncio.ensure_future(self._store_then_finish(result))
             return
         self._finish(result)
 
@@ -583,18 +502,6 @@ class EndpointDaemon:
                 self._last_activity = time.monotonic()
             return False
         return time.monotonic() - self._last_activity > self.idle_exit_s
-
-
-def _blob_failure(task_id: str, exc: BaseException, context: str = "") -> dict[str, Any]:
-    """A failed result for a blob that could not be fetched or stored; a size or quota refusal
-    keeps its code, so the client raises PayloadTooLarge (or the quota's message) in words."""
-    record = failure(task_id, exc)
-    if context:
-        record["error"]["message"] = f"{context}: {exc}"
-    if isinstance(exc, PayloadTooLarge | QuotaExceeded):
-        record["error"]["code"] = ErrorCode.PAYLOAD_TOO_LARGE.value
-        record["data"] = None
-    return record
 
 
 def too_large_record(task_id: str, too_large: TooLarge[Any]) -> dict[str, Any]:
