@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import contextlib
 import itertools
 import logging
 import os
 import ssl
 import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -581,11 +583,24 @@ class Connection:
         self._connected.set()
 
 
+#: spill files older than this were left by a process that died mid-transfer
+SPILL_STALE_S = 24 * 3600
+_swept: set[Path] = set()
+
+
 def spill_dir() -> Path:
     """Where the client keeps large payloads on their way (``TETHER_SPILL_DIR``, or
-    ``$TETHER_HOME/spill``: on disk, not in a tmpfs that would hold them in memory)."""
+    ``$TETHER_HOME/spill``: on disk, not in a tmpfs that would hold them in memory). Files a
+    crashed process left there are swept once per process."""
     path = Path(os.environ.get("TETHER_SPILL_DIR") or tether_home() / "spill")
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path not in _swept:
+        _swept.add(path)
+        cutoff = time.time() - SPILL_STALE_S
+        for old in path.iterdir():
+            with contextlib.suppress(OSError):
+                if old.stat().st_mtime < cutoff:
+                    old.unlink()
     return path
 
 
