@@ -35,10 +35,16 @@ def test_unknown_endpoint_is_rejected_at_submit(stack, executor: Executor) -> No
     assert executor.submit(helpers.square, 3).result(timeout=30) == 9
 
 
-def test_oversized_payload_is_refused_in_words(executor: Executor) -> None:
+def test_oversized_payload_is_refused_in_words(stack, executor: Executor) -> None:
     executor.submit(helpers.square, 1).result(timeout=30)  # connected: the client knows the limit
+    # a client that keeps every payload inline (no blobs) is refused at submit, in words
+    inline_only = Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token,
+                           blob_threshold=2**40)
     with pytest.raises(PayloadTooLarge, match=str(TEST_MAX_PAYLOAD)):
-        executor.submit(helpers.identity, b"x" * (TEST_MAX_PAYLOAD + 1))
+        inline_only.submit(helpers.identity, b"x" * (TEST_MAX_PAYLOAD + 1))
+    # by default a payload over the inline limit travels as a blob (docs/payloads.md)
+    assert executor.submit(helpers.identity, b"x" * (TEST_MAX_PAYLOAD + 1)).result(timeout=60) == \
+        b"x" * (TEST_MAX_PAYLOAD + 1)
     assert executor.submit(helpers.square, 4).result(timeout=30) == 16
 
 
