@@ -74,7 +74,7 @@ from .protocol import (
     to_builtins,
 )
 from .serialize import PY_VERSION, deserialize, function_id
-from .transfer import BlobClient, load_file
+from .transfer import BlobClient, load_file, sha256_of
 from .transport import Backoff, open_ws
 
 log = logging.getLogger("tether.client")
@@ -202,8 +202,6 @@ class Connection:
         with self._blob_lock:
             ref = self._function_blobs.get(fid)
         if ref is None:
-            from .transfer import sha256_of
-
             ref = self.blobs().upload(body, len(body), sha256_of(body), what=f"function {fid}", progress=progress)
             with self._blob_lock:
                 ref = self._function_blobs.setdefault(fid, ref)

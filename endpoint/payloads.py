@@ -60,7 +60,8 @@ class EndpointPayloads:
         return self._client
 
     def args_path(self, task_id: str) -> Path:
-        return child_path(self.dir, f"{task_id}.args", "task id")
+        path = child_path(self.dir, task_id, "task id")  # the id is checked; the suffix adds no separator
+        return path.with_name(path.name + ".args")
 
     def discard(self, task_id: str) -> None:
         """The task is done: its downloaded arguments go."""
