@@ -240,3 +240,37 @@ def test_an_endpoint_limit_fails_the_task_in_words_and_blobs_expire(small: Local
         config.write_text(original)
         small.start_endpoint()
     wait_for(lambda: not _blob_files(small), timeout=30, what="collected tasks' blobs to be deleted")
+
+
+def _postgres_missing() -> str | None:
+    try:
+        import psycopg
+
+        psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", connect_timeout=3).close()
+    except Exception as exc:  # noqa: BLE001 - not installed, or no server: the reason is the skip message
+        return f"no PostgreSQL on 127.0.0.1:5432 with trust auth ({str(exc).strip()[:120]})"
+    return None
+
+
+@pytest.mark.skipif(bool(_postgres_missing()) and not os.environ.get("CI"), reason=str(_postgres_missing()))
+def test_blobs_work_the_same_on_postgres(tmp_path: Path) -> None:
+    import psycopg
+
+    name = f"tether_blobs_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        with local_stack(tmp_path / "home", engine="process", workers=1,
+                         service_args=("--db-url", f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
+                                       "--blob-threshold-bytes", str(MiB), "--max-blob-bytes", str(32 * MiB),
+                                       "--result-retention", "1", "--purge-interval", "0.5")) as stack:
+            with _executor(stack) as ex:
+                data = os.urandom(5 * MiB)
+                assert ex.submit(helpers.sha256_hex, data).result(timeout=60) == hashlib.sha256(data).hexdigest()
+                assert ex.submit(helpers.blob, 3 * MiB).result(timeout=60) == b"x" * (3 * MiB)
+                with pytest.raises(PayloadTooLarge, match="per blob"):
+                    ex.submit(helpers.identity, b"o" * (40 * MiB)).result(timeout=60)
+            wait_for(lambda: not _blob_files(stack), timeout=30, what="the blobs to expire with their tasks")
+    finally:
+        with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
