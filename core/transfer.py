@@ -251,13 +251,15 @@ class BlobClient:
             sent = self._http.put(f"{BLOBS_PATH}/{blob_id}", content=self._chunks(source, shown),
                                   headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
                                   timeout=httpx.Timeout(60.0, connect=10.0, write=300.0, read=300.0))
-        except httpx.HTTPError:
-            with contextlib.suppress(httpx.HTTPError):  # the service deletes it anyway; say so early
+            _raise_for(sent, f"upload of {what} failed")
+        except Exception:
+            # given up: withdraw the declaration now rather than let it count against the quota until
+            # it expires (a result's declaration, an endpoint's, goes with its task instead)
+            with contextlib.suppress(httpx.HTTPError):
                 self._http.delete(f"{BLOBS_PATH}/{blob_id}")
             raise
         finally:
             shown.close()
-        _raise_for(sent, f"upload of {what} failed")
         return BlobRef(id=blob_id, size=size, sha256=sha256)
 
     @staticmethod

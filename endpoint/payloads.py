@@ -56,7 +56,8 @@ class EndpointPayloads:
             if self._client is not None:
                 self._client.close()
             self._client_headers = headers
-            self._client = BlobClient(self.service_url, headers, self.ssl_context, progress=False)
+            # progress of long transfers: INFO lines in the endpoint's log (a bar if run on a terminal)
+            self._client = BlobClient(self.service_url, headers, self.ssl_context)
         return self._client
 
     def args_path(self, task_id: str) -> Path:
