@@ -47,6 +47,11 @@ class TaskRejected(TetherError):
     """The service refused to accept a task at submission (the message says why)."""
 
 
+class QuotaExceeded(TaskRejected):
+    """The service refused a task because a per-user limit is reached (e.g. tasks waiting or
+    running); the message names the limit. Wait for some tasks to finish, then submit again."""
+
+
 class TaskCancelled(TetherError, concurrent.futures.CancelledError):
     """The task was cancelled before it produced a result (also a ``concurrent.futures.CancelledError``)."""
 
@@ -108,10 +113,6 @@ def task_failed(error: dict[str, Any], original: BaseException | None, task_id: 
                         setattr(exc, key, value)
             return exc
     return TaskFailed(*args)
-
-
-class QuotaExceeded(TetherError):
-    """The service refused to store more bytes for this user (its per-user blob quota)."""
 
 
 class BlobCorrupt(TetherError):

@@ -83,10 +83,10 @@ class ErrorCode(StrEnum):
     ID_CONFLICT = "id_conflict"  # the id is already used by another owner
     NOT_DISPATCHED = "not_dispatched"  # an endpoint reported on a task not dispatched to it
     PAYLOAD_TOO_LARGE = "payload_too_large"
-    QUOTA_EXCEEDED = "quota_exceeded"  # storing a blob would take its owner over the service's quota
     UNKNOWN_BLOB = "unknown_blob"  # a task names a blob that is not the submitter's, or not complete
     INVALID_REQUEST = "invalid_request"
     USER_ENDPOINT_FAILED = "user_endpoint_failed"  # a multi-user endpoint could not start the user's endpoint
+    QUOTA_EXCEEDED = "quota_exceeded"  # a per-user limit of the service (tasks waiting or running)
 
 
 # --- field types ------------------------------------------------------------------------------
