@@ -43,7 +43,8 @@ def _ws_implementation() -> str:
 def serve(host: str = "127.0.0.1", port: int = 8421, db_url: str | None = None,
           max_payload_bytes: int | None = None, log_level: str = "warning", prefetch: int | None = None,
           uncollected_retention_s: float | None = None, tls_cert: str | None = None, tls_key: str | None = None,
-          tls_ca: str | None = None, allow_insecure_http: bool = False, globus: GlobusSettings | None = None) -> None:
+          tls_ca: str | None = None, allow_insecure_http: bool = False, globus: GlobusSettings | None = None,
+          broker_url: str | None = None, replica_id: str | None = None) -> None:
     """Serve until SIGTERM/SIGINT. The embedded default needs nothing but a writable TETHER_HOME.
 
     With ``tls_cert``/``tls_key`` the service speaks https/wss only. Without them it refuses to
@@ -62,7 +63,10 @@ def serve(host: str = "127.0.0.1", port: int = 8421, db_url: str | None = None,
     home = tether_home()
     (home / "service").mkdir(parents=True, exist_ok=True, mode=0o700)
     default_db = f"sqlite:///{home / 'service' / 'tether.db'}"
-    settings = Settings(db_url=db_url or os.environ.get("TETHER_DB_URL") or default_db, globus=globus)
+    settings = Settings(db_url=db_url or os.environ.get("TETHER_DB_URL") or default_db, globus=globus,
+                        broker_url=broker_url, replica_id=replica_id)
+    if broker_url and settings.db_url.startswith("sqlite"):
+        sys.exit("tether service: replicas (--broker-url) must share one database: give a PostgreSQL --db-url")
     if max_payload_bytes:
         settings.max_payload_bytes = max_payload_bytes
     if prefetch is not None:
@@ -129,6 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--globus-client-secret-file", default=None)
     parser.add_argument("--globus-scope", default=None)
     parser.add_argument("--globus-auth-url", default=None)
+    parser.add_argument("--broker-url", default=None,
+                        help="RabbitMQ (amqp://user:pass@host/vhost) shared by several replicas of this service")
+    parser.add_argument("--replica-id", default=None, help="this replica's name in logs and on the broker")
     args = parser.parse_args(argv)
     globus = None
     if args.globus_client_id:
@@ -140,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
         except (OSError, ValueError) as exc:
             sys.exit(f"tether service: {exc}")
     serve(args.host, args.port, args.db_url, args.max_payload_bytes, args.log_level, args.prefetch,
-          args.uncollected_retention, args.tls_cert, args.tls_key, args.tls_ca, args.allow_insecure_http, globus)
+          args.uncollected_retention, args.tls_cert, args.tls_key, args.tls_ca, args.allow_insecure_http, globus,
+          args.broker_url, args.replica_id)
 
 
 if __name__ == "__main__":
