@@ -22,6 +22,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -32,6 +33,7 @@ from tether.protocol import (
     CLOSE_AUTH_FAILED,
     CLOSE_CREDENTIAL_ROTATED,
     CLOSE_PROTOCOL,
+    CLOSE_TRY_AGAIN,
     DEFAULT_PREFETCH,
     ENDPOINT_FRAMES,
     ENDPOINT_WS_PATH,
@@ -154,6 +156,13 @@ async def _serve_frames(ws: WebSocket, session: Any, decoder: FrameDecoder,
             continue
         try:
             await handle(session, msg)
+        except DBAPIError as exc:
+            # the database is unavailable (restarting, failing over): nothing of this frame was
+            # acknowledged, and a peer resends what is unacknowledged when it reconnects
+            log.warning("database error while handling a '%s' frame (%s); asking the peer to reconnect and resend",
+                        msg.__struct_config__.tag, str(exc).splitlines()[0][:200])
+            await session.sender.close(CLOSE_TRY_AGAIN, "the service's database is unavailable; reconnect and resend")
+            return
         except Exception:  # noqa: BLE001 - one frame's failure must not end the session
             tag = msg.__struct_config__.tag
             log.exception("handling a '%s' frame failed", tag)

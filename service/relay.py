@@ -34,6 +34,7 @@ from tether.bounded import BoundedCache
 from tether.protocol import (
     CLOSE_AUTH_FAILED,
     CLOSE_CREDENTIAL_ROTATED,
+    CLOSE_TRY_AGAIN,
     DEFAULT_MAX_FRAME,
     DEFAULT_PREFETCH,
     ITEM_OVERHEAD,
@@ -321,7 +322,7 @@ class Relay:
             log.info("endpoint %s connected to replica %s; dropping its connection here", target, data)
             del self.endpoints[target]
             await self.bus.unbind(endpoint_key(target))
-            await _safe_close(ep, CLOSE_CREDENTIAL_ROTATED, "replaced by a newer connection of this endpoint")
+            await _safe_close(ep, CLOSE_TRY_AGAIN, "this endpoint connected to another replica")
 
     async def _push_stored(self, user_id: str, ids: list[str]) -> None:
         """Push the stored results among ``ids`` to the sessions here that wait for them."""
