@@ -96,6 +96,10 @@ class Settings:
     credential_check_s: float = 1.0
     #: Globus Auth: accept Globus access tokens as well as the service's own (None: only its own)
     globus: GlobusSettings | None = None
+    #: RabbitMQ between replicas (``broker_url`` in service.yaml); None: one process, in-process fan-out
+    broker_url: str | None = None
+    #: this replica's name, for logs and metrics when several serve one database
+    replica_id: str | None = None
 
 
 def _bearer(value: str | None) -> str | None:
@@ -189,6 +193,7 @@ def create_app(settings: Settings) -> FastAPI:
         description="Federated function execution: register endpoints and functions, submit and track tasks.",
         lifespan=lifespan,
     )
+    app.state.settings = settings
     app.state.store = store
     app.state.relay = relay
 
