@@ -254,3 +254,20 @@ def test_replicas_upgrading_at_once_migrate_once(pg_db: str, tmp_path: Path) -> 
     said = sorted("upgraded" if "upgraded from" in out else "already" for out, _ in outs)
     assert said == ["already", "already", "upgraded"], outs
     assert _drift(f"{PG}/{pg_db}") == []
+
+
+def test_a_non_editable_install_ships_every_migration_file() -> None:
+    """Alembic reads the migrations directory from the installed package: every folder of it must
+    be a listed package and every other file package data, or a wheel install cannot migrate."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    migrations = root / "service" / "migrations"
+    for folder in [migrations, *[p for p in migrations.rglob("*") if p.is_dir() and p.name != "__pycache__"]]:
+        package = "tether.service." + ".".join(folder.relative_to(root / "service").parts)
+        assert package in tool["packages"], f"{package} is missing from [tool.setuptools] packages"
+        data = tool.get("package-data", {}).get(package, [])
+        for file in folder.iterdir():
+            if file.is_file() and file.suffix not in (".py", ".pyc"):
+                assert file.name in data, f"{file} is missing from [tool.setuptools.package-data] {package}"
