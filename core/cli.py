@@ -79,6 +79,8 @@ def service_start(
     port: int = typer.Option(None, help="port to listen on (0: any free port; default 8421)", show_default=False),
     host: str = typer.Option(None, help="address to bind (default 127.0.0.1)", show_default=False),
     detach: bool = typer.Option(False, "--detach", "-d", help="run in the background"),
+    home: str = typer.Option(None, help="the service's state directory (service.json, the default SQLite "
+                             "database); default TETHER_HOME"),
     db_url: str = typer.Option(None, help="SQLAlchemy URL of the store (default: SQLite in TETHER_HOME)"),
     auto_migrate: bool = typer.Option(None, "--auto-migrate", help="PostgreSQL: upgrade an outdated schema at "
                                       "start instead of refusing to start", show_default=False),
@@ -107,7 +109,8 @@ def service_start(
     paths = {"tls_cert": tls_cert, "tls_key": tls_key, "tls_ca": tls_ca,
              "globus_client_secret_file": globus_client_secret_file}
     flags: dict[str, Any] = {
-        "host": host, "port": port, "db_url": db_url, "auto_migrate": auto_migrate or None, "broker_url": broker_url,
+        "host": host, "port": port, "home": str(Path(home).resolve()) if home else None, "db_url": db_url,
+        "auto_migrate": auto_migrate or None, "broker_url": broker_url,
         "replica_id": replica_id, "max_payload_bytes": max_payload_bytes, "prefetch": prefetch,
         "result_retention_s": result_retention, "uncollected_retention_s": uncollected_retention,
         "log_level": log_level, "log_format": log_format, "allow_insecure_http": allow_insecure_http or None,
