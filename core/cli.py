@@ -82,10 +82,11 @@ def service_start(
     home: str = typer.Option(None, help="the service's state directory (service.json, the default SQLite "
                              "database); default TETHER_HOME"),
     db_url: str = typer.Option(None, help="SQLAlchemy URL of the store (default: SQLite in TETHER_HOME)"),
+    db_threads: int = typer.Option(None, help="threads (database connections) per replica for PostgreSQL"),
     auto_migrate: bool = typer.Option(None, "--auto-migrate", help="PostgreSQL: upgrade an outdated schema at "
                                       "start instead of refusing to start", show_default=False),
     broker_url: str = typer.Option(None, help="RabbitMQ between replicas: amqp://user:password@host/vhost"),
-    replica_id: str = typer.Option(None, help="this replica's name (default: host name and pid)"),
+    replica_id: str = typer.Option(None, help="this replica's name in logs and on the broker (default: random)"),
     max_payload_bytes: int = typer.Option(None, help="largest task argument/result accepted"),
     prefetch: int = typer.Option(None, help="tasks an endpoint is sent beyond its workers (flow control)"),
     result_retention: float = typer.Option(None, help="seconds collected results are kept"),
@@ -110,6 +111,7 @@ def service_start(
              "globus_client_secret_file": globus_client_secret_file}
     flags: dict[str, Any] = {
         "host": host, "port": port, "home": str(Path(home).resolve()) if home else None, "db_url": db_url,
+        "db_threads": db_threads,
         "auto_migrate": auto_migrate or None, "broker_url": broker_url,
         "replica_id": replica_id, "max_payload_bytes": max_payload_bytes, "prefetch": prefetch,
         "result_retention_s": result_retention, "uncollected_retention_s": uncollected_retention,

@@ -90,10 +90,11 @@ def serve(cfg: ServiceConfig) -> None:
         sys.exit(f"tether service: {exc}")
     finally:
         engine.dispose()
-    settings = Settings(db_url=db_url, globus=globus, broker_url=cfg.broker_url,
-                        replica_id=cfg.replica_id or f"{socket.gethostname()}-{os.getpid()}")
+    if cfg.broker_url and db_url.startswith("sqlite"):
+        sys.exit(f"tether service: replicas (broker_url) must share one database: give a PostgreSQL db_url{where}")
+    settings = Settings(db_url=db_url, globus=globus, broker_url=cfg.broker_url, replica_id=cfg.replica_id)
     for name in ("max_payload_bytes", "prefetch", "result_retention_s", "uncollected_retention_s",
-                 "purge_interval_s"):
+                 "purge_interval_s", "db_threads"):
         value = getattr(cfg, name)
         if value is not None:
             setattr(settings, name, value)
@@ -147,10 +148,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--home", default=None, help="TETHER_HOME of the service (service.json, the default database)")
     p.add_argument("--db-url", default=None)
+    p.add_argument("--db-threads", type=int, default=None,
+                   help="threads (database connections) per replica for PostgreSQL")
     p.add_argument("--auto-migrate", action="store_const", const=True, default=None,
                    help="PostgreSQL: upgrade an outdated schema at start instead of refusing")
     p.add_argument("--broker-url", default=None, help="RabbitMQ between replicas: amqp://user:password@host/vhost")
-    p.add_argument("--replica-id", default=None, help="this replica's name (default: host name and pid)")
+    p.add_argument("--replica-id", default=None, help="this replica's name in logs and on the broker (default: random)")
     p.add_argument("--max-payload-bytes", type=int, default=None)
     p.add_argument("--log-level", default=None)
     p.add_argument("--log-format", choices=["text", "json"], default=None)

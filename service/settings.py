@@ -38,6 +38,7 @@ SCHEMA: dict[str, Any] = {
         "home": _PATH,
         "db_url": {"type": "string", "pattern": "^(sqlite|postgresql)(\\+[a-z0-9]+)?://"},
         "auto_migrate": {"type": "boolean"},
+        "db_threads": {"type": "integer", "minimum": 1, "maximum": 256},
         "broker_url": {"type": "string", "pattern": "^amqps?://"},
         "replica_id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
         "max_payload_bytes": {"type": "integer", "minimum": 1024},
@@ -82,9 +83,11 @@ class ServiceConfig:
     db_url: str | None = None
     #: PostgreSQL: upgrade an outdated schema at start instead of refusing to start (SQLite always does)
     auto_migrate: bool = False
+    #: threads, and so database connections, per replica for PostgreSQL (None: the service's default)
+    db_threads: int | None = None
     #: RabbitMQ between replicas (amqp://user:password@host/vhost); None: one process, in-process fan-out
     broker_url: str | None = None
-    #: this replica's name in logs and metrics (default: host name and pid)
+    #: this replica's name in logs and on the broker; unique per replica (default: random)
     replica_id: str | None = None
     max_payload_bytes: int | None = None
     prefetch: int | None = None

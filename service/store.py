@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -187,9 +188,11 @@ def transitions(row: Any) -> dict[str, float]:
 
 
 class Store:
-    """All durable state. Methods are synchronous and short; the service calls them on its loop.
+    """All durable state. Methods are synchronous and short; the service calls them through
+    :class:`tether.service.async_store.AsyncStore` (inline for SQLite, in a small thread pool
+    for a database across the network, so a slow query never stalls the event loop).
 
-    Every method is one transaction on the store's one connection (``_tx``), rolled back if
+    Every method is one transaction on its thread's connection (``_tx``), rolled back if
     anything in it fails: a bad request can fail only itself, never leave the connection in a
     broken transaction for everyone else.
     """
@@ -201,7 +204,7 @@ class Store:
 
         self.engine = make_engine(url)
         ensure_schema(self.engine, auto_migrate, upgrade_hint)
-        self._conn = self.engine.connect()
+        self._local = threading.local()  # one connection per thread, from the engine's pool
         self._function_cache: BoundedCache[tuple[str, str], bytes] = BoundedCache(
             max_items=4096, max_bytes=256 * 1024 * 1024)
         # open tasks dispatched by this process, and the endpoint each was sent to: a result or
@@ -209,8 +212,17 @@ class Store:
         # endpoints hold (flow control), not by the backlog: queued tasks enter when dispatched.
         self._open: dict[str, str] = {}
 
+    @property
+    def _conn(self) -> Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            conn = self._local.conn = self.engine.connect()
+        return conn
+
     def close(self) -> None:
-        self._conn.close()
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
         self.engine.dispose()
 
     @contextmanager
@@ -535,19 +547,21 @@ class Store:
         for r in results:
             if r.id in wanted:
                 wanted.discard(r.id)  # a second result for the same task in one frame is a duplicate
-                del self._open[r.id]
-                fresh.append(r)
+                if self._open.pop(r.id, None) is not None:  # None: cancelled meanwhile on another thread
+                    fresh.append(r)
         return fresh, foreign
 
     def unclaim(self, endpoint_id: str, results: list[Any]) -> None:
         for r in results:
             self._open[r.id] = endpoint_id
 
-    def write_results(self, fresh: list[Any]) -> None:
-        """Store claimed results. The UPDATE is guarded by ``t_done IS NULL``: a stored result
-        is never overwritten."""
+    def write_results(self, fresh: list[Any]) -> list[Any]:
+        """Store claimed results; returns those stored. The UPDATE is guarded by ``t_done IS
+        NULL``: a stored result is never overwritten. The rows are locked first (``FOR UPDATE``
+        on PostgreSQL), so when two service replicas store results for the same task at once,
+        exactly one of them stores it and reports it stored."""
         if not fresh:
-            return
+            return []
         now = time.time()
         params = []
         for r in fresh:
@@ -564,6 +578,13 @@ class Store:
                 }
             )
         with self._tx() as conn:
+            still_open: set[str] = set()
+            for chunk in _chunks([r.id for r in fresh]):
+                still_open.update(conn.execute(select(tasks.c.id).where(and_(tasks.c.id.in_(chunk), _OPEN))
+                                               .with_for_update()).scalars())
+            params = [p for p in params if p["b_id"] in still_open]
+            if not params:
+                return []
             conn.execute(
                 update(tasks)
                 .where(and_(tasks.c.id == bindparam("b_id"), _OPEN))
@@ -578,6 +599,7 @@ class Store:
                 ),
                 params,
             )
+        return [r for r in fresh if r.id in still_open]
 
     def track_dispatched(self, endpoint_id: str, ids: Iterable[str]) -> None:
         """These open tasks were sent to this endpoint: its reports on them need no SELECT."""
@@ -619,6 +641,16 @@ class Store:
             for chunk in _chunks(ids):
                 out.extend(conn.execute(
                     select(tasks).where(and_(tasks.c.id.in_(chunk), _owned_by(owner)))).all())
+        return out
+
+    def finished_among(self, owner: str, ids: Sequence[str]) -> list[str]:
+        """The owner's tasks among ``ids`` that have a result (ids only: a cheap check of what
+        a replica's clients wait for, see ``Relay.reconcile``)."""
+        out: list[str] = []
+        with self._tx() as conn:
+            for chunk in _chunks(ids):
+                out.extend(conn.execute(select(tasks.c.id).where(
+                    and_(tasks.c.id.in_(chunk), _owned_by(owner), tasks.c.t_done.is_not(None)))).scalars())
         return out
 
     def group_task_ids(self, owner: str, group_id: str) -> list[Any]:
