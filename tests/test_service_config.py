@@ -97,7 +97,7 @@ def test_secrets_stay_private(tmp_path: Path) -> None:
 def test_flags_override_the_file_and_every_command_takes_config(tmp_path: Path) -> None:
     config = tmp_path / "service.yaml"
     # the file alone would be refused: beyond loopback without TLS
-    config.write_text("home: svc\nhost: 0.0.0.0\nport: 0\nreplica_id: r1\nbroker_url: amqp://mq.example.org/tether\n")
+    config.write_text("home: svc\nhost: 0.0.0.0\nport: 0\nreplica_id: r1\n")
     env = _env(tmp_path / "elsewhere")
     refused = tether(env, "service", "start", "--config", str(config), check=False)
     assert refused.returncode != 0 and "refusing to listen on 0.0.0.0 without TLS" in _said(refused)
@@ -129,7 +129,9 @@ def test_the_server_carries_broker_url_and_replica_id_to_the_app(tmp_path: Path)
     from tether.service.settings import service_config
 
     config = tmp_path / "service.yaml"
-    config.write_text("broker_url: amqp://mq.example.org/tether\nreplica_id: from-file\n")
+    config.write_text("port: 0\nbroker_url: amqp://mq.example.org/tether\nreplica_id: from-file\n")
+    out = tether(_env(tmp_path / "home"), "service", "start", "--config", str(config), check=False)
+    assert out.returncode != 0 and "replicas (broker_url) must share one database" in _said(out)
     args = vars(parser().parse_args(["--config", str(config), "--replica-id", "from-flag"]))
     cfg = service_config(args.pop("config"), **args)
     assert cfg.broker_url == "amqp://mq.example.org/tether" and cfg.replica_id == "from-flag"
