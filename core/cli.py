@@ -259,6 +259,15 @@ def _db_settings(config: Path | None, db_url: str | None) -> Any:
     return _service_config(config, db_url=db_url) or ServiceConfig()
 
 
+def _make_sqlite_dir(url: str) -> None:
+    """SQLite makes its file, not the directory it goes in (the embedded default's is private)."""
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database
+    if url.startswith("sqlite") and database and database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
 def _store(config: Path | None, db_url: str | None) -> Any:
     """The store of the configured service (``--config``, ``--db-url``, else this TETHER_HOME's),
     for user administration. An outdated PostgreSQL schema is refused with the command to run."""
@@ -266,7 +275,7 @@ def _store(config: Path | None, db_url: str | None) -> Any:
     from tether.service.store import Store
 
     cfg = _db_settings(config, db_url)
-    (cfg.resolved_home() / "service").mkdir(parents=True, exist_ok=True, mode=0o700)
+    _make_sqlite_dir(cfg.resolved_db_url())
     try:
         return Store(cfg.resolved_db_url(), upgrade_hint=cfg.how_to_upgrade())
     except TetherError as exc:
@@ -306,7 +315,7 @@ def _db_engine(config: Path | None, db_url: str | None) -> tuple[Any, Any]:
     from tether.service.store import make_engine
 
     cfg = _db_settings(config, db_url)
-    (cfg.resolved_home() / "service").mkdir(parents=True, exist_ok=True, mode=0o700)
+    _make_sqlite_dir(cfg.resolved_db_url())
     return cfg, make_engine(cfg.resolved_db_url())
 
 
