@@ -146,3 +146,20 @@ def test_the_server_carries_broker_url_and_replica_id_to_the_app(tmp_path: Path)
         assert app.state.settings.replica_id == "from-flag"
     finally:
         app.state.store.close()
+
+
+def test_every_key_is_documented_in_the_deploy_guide() -> None:
+    import re
+
+    from tether.service.settings import SCHEMA
+
+    keys = set()
+    for key, spec in SCHEMA["properties"].items():
+        sections = spec.get("properties") if spec.get("type") == "object" else None
+        if sections:
+            keys.update(f"{key}.{sub}" for sub in sections)
+        else:
+            keys.add(key)
+    guide = (ROOT / "docs" / "deploy.md").read_text()
+    documented = set(re.findall(r"^\| `([a-z_.]+)` \|", guide, re.M))
+    assert keys == documented, f"undocumented: {keys - documented}; documented but unknown: {documented - keys}"
