@@ -6,12 +6,14 @@ has a working ``tether`` that explains which extra to install.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -276,10 +278,23 @@ def _store(config: Path | None, db_url: str | None) -> Any:
 
     cfg = _db_settings(config, db_url)
     _make_sqlite_dir(cfg.resolved_db_url())
-    try:
+    with _database_errors(cfg.resolved_db_url()):
         return Store(cfg.resolved_db_url(), upgrade_hint=cfg.how_to_upgrade())
+
+
+@contextlib.contextmanager
+def _database_errors(url: str) -> Iterator[None]:
+    """A refused schema or an unreachable database as one line naming it, not a traceback."""
+    from sqlalchemy.exc import OperationalError
+
+    from tether.service.settings import redact
+
+    try:
+        yield
     except TetherError as exc:
         _fail(str(exc))
+    except OperationalError as exc:
+        _fail(f"cannot use the database {redact(url)}: {str(exc.orig).strip()}")
 
 
 @service_app.command("user-add")
@@ -327,9 +342,8 @@ def service_db_upgrade(config: ConfigOption = None, db_url: DbUrlOption = None) 
 
     cfg, engine = _db_engine(config, db_url)
     try:
-        before, after = upgrade(engine)
-    except TetherError as exc:
-        _fail(str(exc))
+        with _database_errors(cfg.resolved_db_url()):
+            before, after = upgrade(engine)
     finally:
         engine.dispose()
     from tether.service.settings import redact
@@ -351,7 +365,8 @@ def service_db_current(config: ConfigOption = None, db_url: DbUrlOption = None,
 
     cfg, engine = _db_engine(config, db_url)
     try:
-        status = schema_status(engine)
+        with _database_errors(cfg.resolved_db_url()):
+            status = schema_status(engine)
     finally:
         engine.dispose()
     if as_json:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import uvicorn
+from sqlalchemy.exc import OperationalError
 
 from tether.config import service_file, tether_home, write_secret
 from tether.errors import ConfigError
@@ -23,7 +24,7 @@ from tether.protocol import DEFAULT_PREFETCH, service_max_frame
 from .app import Settings, create_app
 from .auth import GlobusSettings
 from .schema import SchemaError, ensure_schema
-from .settings import ServiceConfig, service_config
+from .settings import ServiceConfig, redact, service_config
 from .store import make_engine
 
 LOCAL_USER = "local"
@@ -83,15 +84,17 @@ def serve(cfg: ServiceConfig) -> None:
     home = tether_home()
     (home / "service").mkdir(parents=True, exist_ok=True, mode=0o700)
     db_url = cfg.resolved_db_url()
+    if cfg.broker_url and db_url.startswith("sqlite"):
+        sys.exit(f"tether service: replicas (broker_url) must share one database: give a PostgreSQL db_url{where}")
     engine = make_engine(db_url)
     try:
         ensure_schema(engine, cfg.auto_migrate, cfg.how_to_upgrade())
     except SchemaError as exc:
         sys.exit(f"tether service: {exc}")
+    except OperationalError as exc:  # unreachable, refused, no such database: say which, without a traceback
+        sys.exit(f"tether service: cannot use the database {redact(db_url)}: {str(exc.orig).strip()}")
     finally:
         engine.dispose()
-    if cfg.broker_url and db_url.startswith("sqlite"):
-        sys.exit(f"tether service: replicas (broker_url) must share one database: give a PostgreSQL db_url{where}")
     settings = Settings(db_url=db_url, globus=globus, broker_url=cfg.broker_url, replica_id=cfg.replica_id)
     for name in ("max_payload_bytes", "prefetch", "result_retention_s", "uncollected_retention_s",
                  "purge_interval_s", "db_threads"):
