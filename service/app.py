@@ -100,7 +100,8 @@ class Settings:
     credential_check_s: float = 1.0
     #: Globus Auth: accept Globus access tokens as well as the service's own (None: only its own)
     globus: GlobusSettings | None = None
-    #: RabbitMQ (amqp://...) when several replicas share one database; None: one process
+    #: RabbitMQ (amqp://...) when several replicas share one database (``broker_url`` in
+    #: service.yaml); None: one process
     broker_url: str | None = None
     #: this process's name among the replicas (default: random); shows in logs and queue names
     replica_id: str | None = None
@@ -211,6 +212,7 @@ def create_app(settings: Settings) -> FastAPI:
         description="Federated function execution: register endpoints and functions, submit and track tasks.",
         lifespan=lifespan,
     )
+    app.state.settings = settings
     app.state.store = store
     app.state.relay = relay
 

@@ -42,8 +42,10 @@ class GlobusSettings:
                    base_url: str | None = None) -> GlobusSettings:
         """The client secret is read from a file (mode 0600), never from the command line."""
         path = Path(secret_file)
-        if path.stat().st_mode & 0o077:
-            raise ValueError(f"{path} is readable by others: chmod 600 it (it holds the Globus client secret)")
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise ValueError(f"{path} has mode {mode:04o}: others than its owner may read or change it, and it holds "
+                             f"the Globus client secret; chmod 600 {path}")
         return cls(client_id, path.read_text().strip(), required_scope, base_url)
 
 

@@ -34,10 +34,8 @@ from sqlalchemy import (
     delete,
     event,
     func,
-    inspect,
     or_,
     select,
-    text,
     tuple_,
     update,
 )
@@ -199,10 +197,13 @@ class Store:
     broken transaction for everyone else.
     """
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, auto_migrate: bool = False, upgrade_hint: str | None = None):
+        """Open the store; its schema is checked (and, where that is safe, upgraded) first: see
+        :mod:`tether.service.schema` for who migrates what (``auto_migrate``: PostgreSQL too)."""
+        from .schema import ensure_schema  # schema imports make_engine from here
+
         self.engine = make_engine(url)
-        metadata.create_all(self.engine)
-        _add_missing_columns(self.engine)
+        ensure_schema(self.engine, auto_migrate, upgrade_hint)
         self._local = threading.local()  # one connection per thread, from the engine's pool
         self._function_cache: BoundedCache[tuple[str, str], bytes] = BoundedCache(
             max_items=4096, max_bytes=256 * 1024 * 1024)
@@ -727,23 +728,3 @@ def _error_dict(error: Any) -> dict[str, Any]:
     import msgspec
 
     return msgspec.structs.asdict(error)
-
-
-def _add_missing_columns(engine: Engine) -> None:
-    """Add nullable columns that this version's tables have and an older database lacks.
-
-    A stopgap until schema migrations exist: it keeps ``~/.tether`` databases made by an
-    earlier version working (ALTER TABLE ADD COLUMN of a nullable column is safe on both
-    SQLite and PostgreSQL).
-    """
-    inspector = inspect(engine)
-    with engine.begin() as conn:
-        for table in metadata.sorted_tables:
-            present = {c["name"] for c in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name not in present and column.nullable:
-                    log.info("adding column %s.%s to an older database", table.name, column.name)
-                    kind = column.type.compile(dialect=engine.dialect)
-                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
-            for index in table.indexes:  # indexes added by later versions
-                index.create(conn, checkfirst=True)
