@@ -103,9 +103,13 @@ def serve(cfg: ServiceConfig) -> None:
             setattr(settings, name, value)
     app = create_app(settings)
 
-    # the local identity keeps its token across restarts, so clients and tests reconnect seamlessly
+    # the local identity keeps its token across restarts, so clients and tests reconnect seamlessly;
+    # on a shared database a starting replica never rotates it (the others' clients use it)
     previous = _read_json(service_file())
-    _, token = app.state.store.create_user(LOCAL_USER, previous.get("token"))
+    if settings.db_url.startswith("sqlite"):
+        _, token = app.state.store.create_user(LOCAL_USER, previous.get("token"))
+    else:
+        _, token = app.state.store.ensure_user(LOCAL_USER, previous.get("token"))
 
     host, port = cfg.host, cfg.port
     # proto must be IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on such sockets, and
@@ -119,7 +123,9 @@ def serve(cfg: ServiceConfig) -> None:
     bound_port = sock.getsockname()[1]
     url_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     url = f"{'https' if cfg.tls_cert else 'http'}://{url_host}:{bound_port}"
-    info = {"url": url, "token": token, "pid": os.getpid()}
+    info = {"url": url, "pid": os.getpid()}
+    if token:  # None: the local user's token belongs to another replica's host (see docs/deploy.md)
+        info["token"] = token
     if cfg.tls_ca:  # local clients verify the certificate against this CA (a private CA, a self-signed cert)
         info["ca_file"] = str(Path(cfg.tls_ca).resolve())
     write_secret(service_file(), json.dumps(info))

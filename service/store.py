@@ -262,6 +262,19 @@ class Store:
             conn.execute(users.insert().values(id=user_id, name=name, token_hash=_hash(token), created_at=time.time()))
         return user_id, token
 
+    def ensure_user(self, name: str, token: str | None = None) -> tuple[str, str | None]:
+        """Create a user with ``token`` (or a new one) unless it exists; an existing user's token
+        is never changed. Returns (user_id, the token if it is the user's current one, else None).
+
+        For a database several service replicas share: a replica starting must not rotate a
+        token that the others (and their clients) use."""
+        with self._tx() as conn:
+            row = conn.execute(select(users.c.id, users.c.token_hash).where(users.c.name == name)).first()
+            if row:
+                current = token is not None and secrets.compare_digest(row.token_hash, _hash(token))
+                return row.id, token if current else None
+        return self.create_user(name, token)
+
     def revoke_user_token(self, name: str) -> bool:
         """Revoke a user's token: every request and connection with it is refused (no new token
         until ``create_user`` issues one). False if there is no such user."""
