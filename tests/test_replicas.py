@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -77,6 +78,13 @@ def test_tasks_states_cancels_stops_and_presence_cross_replicas(replicas: Replic
         t0 = time.monotonic()
         assert [f.result(timeout=60) for f in [ex.submit(helpers.sleep_then, 1, i) for i in range(2)]] == [0, 1]
         assert time.monotonic() - t0 < 60
+
+    # the news went through the broker, and each replica says so on /metrics
+    for i, direction in ((0, "published"), (1, "received")):
+        text = httpx.get(replicas.url(i) + "/metrics", timeout=10).text
+        name = f'tether_bus_messages_total{{direction="{direction}"}}'
+        line = next(x for x in text.splitlines() if x.startswith(name))
+        assert float(line.split()[-1]) > 0, line
 
     daemon_pid = int((replicas.home / "endpoints" / "far" / "daemon.pid").read_text())
     with Client(replicas.url(0), replicas.token) as client:
