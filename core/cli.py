@@ -91,6 +91,8 @@ def service_start(
     replica_id: str = typer.Option(None, help="this replica's name in logs and on the broker (default: random)"),
     max_payload_bytes: int = typer.Option(None, help="largest task argument/result accepted"),
     prefetch: int = typer.Option(None, help="tasks an endpoint is sent beyond its workers (flow control)"),
+    max_open_tasks_per_user: int = typer.Option(None, help="tasks a user may have waiting or running at once "
+                                                "(default 2,000,000); more are refused in words"),
     result_retention: float = typer.Option(None, help="seconds collected results are kept"),
     uncollected_retention: float = typer.Option(None, help="seconds after which results nobody collected expire"),
     log_level: str = typer.Option(None, help="debug | info | warning | error (default warning)", show_default=False),
@@ -116,6 +118,7 @@ def service_start(
         "db_threads": db_threads,
         "auto_migrate": auto_migrate or None, "broker_url": broker_url,
         "replica_id": replica_id, "max_payload_bytes": max_payload_bytes, "prefetch": prefetch,
+        "max_open_tasks_per_user": max_open_tasks_per_user,
         "result_retention_s": result_retention, "uncollected_retention_s": uncollected_retention,
         "log_level": log_level, "log_format": log_format, "allow_insecure_http": allow_insecure_http or None,
         "globus_client_id": globus_client_id, "globus_scope": globus_scope, "globus_auth_url": globus_auth_url,

@@ -28,6 +28,7 @@ from .config import ServiceInfo
 from .errors import (
     AuthError,
     PayloadTooLarge,
+    QuotaExceeded,
     SerializationError,
     TaskRejected,
     TetherError,
@@ -492,6 +493,7 @@ def _rejection(refusal: Refusal) -> TetherError:
         ErrorCode.PAYLOAD_TOO_LARGE: PayloadTooLarge,
         ErrorCode.UNKNOWN_ENDPOINT: UnknownEndpoint,
         ErrorCode.ENDPOINT_DELETED: UnknownEndpoint,
+        ErrorCode.QUOTA_EXCEEDED: QuotaExceeded,
     }.get(refusal.code, TaskRejected)
     return cls(refusal.message)
 

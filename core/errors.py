@@ -47,6 +47,11 @@ class TaskRejected(TetherError):
     """The service refused to accept a task at submission (the message says why)."""
 
 
+class QuotaExceeded(TaskRejected):
+    """The service refused a task because a per-user limit is reached (e.g. tasks waiting or
+    running); the message names the limit. Wait for some tasks to finish, then submit again."""
+
+
 class TaskCancelled(TetherError, concurrent.futures.CancelledError):
     """The task was cancelled before it produced a result (also a ``concurrent.futures.CancelledError``)."""
 

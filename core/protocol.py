@@ -80,6 +80,7 @@ class ErrorCode(StrEnum):
     PAYLOAD_TOO_LARGE = "payload_too_large"
     INVALID_REQUEST = "invalid_request"
     USER_ENDPOINT_FAILED = "user_endpoint_failed"  # a multi-user endpoint could not start the user's endpoint
+    QUOTA_EXCEEDED = "quota_exceeded"  # a per-user limit of the service (tasks waiting or running)
 
 
 # --- field types ------------------------------------------------------------------------------

@@ -97,6 +97,8 @@ class Settings:
     uncollected_retention_s: float = 30 * 24 * 3600  # results nobody collects expire this long after the task ends
     purge_interval_s: float = 600
     prefetch: int = DEFAULT_PREFETCH  # tasks an endpoint is sent beyond its workers (flow control)
+    #: tasks a user may have without a result (waiting, dispatched, running); more are refused
+    max_open_tasks_per_user: int = 2_000_000
     credential_check_s: float = 1.0
     #: Globus Auth: accept Globus access tokens as well as the service's own (None: only its own)
     globus: GlobusSettings | None = None
@@ -177,7 +179,7 @@ def create_app(settings: Settings) -> FastAPI:
     db = AsyncStore(store, settings.db_threads)
     authenticator = Authenticator(db, settings.globus)
     relay = Relay(db, settings.max_payload_bytes, settings.prefetch, authenticator,
-                  make_bus(settings.broker_url, settings.replica_id))
+                  make_bus(settings.broker_url, settings.replica_id), settings.max_open_tasks_per_user)
     max_frame = service_max_frame(settings.max_payload_bytes)
     started = time.time()
     client_frames = FrameDecoder(CLIENT_FRAMES, "a client")
@@ -369,11 +371,14 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(404, f"unknown function {function_id}")
         return FunctionInfo(function_id=function_id)
 
-    @app.post("/v1/tasks", response_model=BatchAck, tags=["tasks"], responses=_errors(400))
+    @app.post("/v1/tasks", response_model=BatchAck, tags=["tasks"], responses=_errors(400, 429))
     async def submit_batch(body: RestBatch, user: str = Depends(current_user)) -> BatchAck:
         tasks = [Task(id=t.task_id, endpoint=t.endpoint_id, function=t.function_id, payload=_b64(t.payload, "payload"),
                       group=t.group_id, spec=t.resource_specification) for t in body.tasks]
         ack = await relay.submit(None, user, Submit(ref=0, tasks=tasks))
+        quota = [v.message for v in ack.rejected.values() if v.code == ErrorCode.QUOTA_EXCEEDED]
+        if quota and not ack.accepted:  # nothing taken, for a per-user limit: a 429 the caller can back off on
+            raise HTTPException(429, quota[0])
         rejected = {k: RestRefusal(code=v.code.value, message=v.message) for k, v in ack.rejected.items()}
         return BatchAck(accepted=ack.accepted, rejected=rejected)
 

@@ -161,6 +161,8 @@ _DESCRIPTIONS = {
     404: "No such object visible to you",
     409: "The id is taken (by another user, or by something deleted), or the endpoint is not of the kind the "
          "request needs",
+    429: "A per-user limit of this service is reached (the message names it); try again once some of your tasks "
+         "have finished",
 }
 
 

@@ -91,6 +91,8 @@ PEER_MAX_FRAME = DEFAULT_MAX_FRAME
 STATUS_WINDOW = 0.005  # seconds a client's state updates are gathered before they are sent
 RESULT_CHUNK = 1000  # results per frame to a client
 START_RETRY_S = 30.0  # a user endpoint asked for and not connected by then is asked for again
+#: how long a replica trusts its count of a user's open tasks (the quota) before counting again
+QUOTA_RECOUNT_S = 5.0
 #: with several replicas: an endpoint whose last report (to any replica) is older is offline
 PRESENCE_S = 30.0
 #: with several replicas: how often each replica re-reads the backlogs of the endpoints it holds
@@ -207,8 +209,10 @@ class Relay:
     """
 
     def __init__(self, db: AsyncStore, max_payload: int, prefetch: int = DEFAULT_PREFETCH, authenticator: Any = None,
-                 bus: LocalBus | RabbitBus | None = None):
+                 bus: LocalBus | RabbitBus | None = None, max_open_per_user: int | None = None):
         self.db = db
+        self.max_open_per_user = max_open_per_user
+        self._open_counts: dict[str, tuple[int, float]] = {}  # user -> (open tasks, when counted)
         self.bus = bus or LocalBus()
         self.replicated = self.bus.remote
         self._user_sessions: dict[str, int] = defaultdict(int)  # connected client sessions per user
@@ -496,6 +500,7 @@ class Relay:
         rows: dict[str, dict[str, Any] | None] = {}  # endpoint rows this submission needs, read once each
         candidates, rejected, bodies = await self.validate_submission(user_id, msg, rows)
         await self.db.add_functions(user_id, bodies)
+        candidates = await self._within_quota(user_id, candidates, rejected)
         user_endpoints = await self._route_to_user_endpoints(user_id, candidates, rows)
         # stored before anything else sees it: a result can never overtake its task
         inserted, resubmitted, taken = await self.db.insert_tasks(user_id, candidates, received)
@@ -503,6 +508,9 @@ class Relay:
             rejected[tid] = Refusal(ErrorCode.ID_CONFLICT, f"task id {tid} is already in use; task ids must be "
                                     "unique (let the client make them: it uses random uuids)")
         self.counters["submitted"] += len(inserted)
+        if user_id in self._open_counts:
+            count, counted_at = self._open_counts[user_id]
+            self._open_counts[user_id] = (count + len(inserted), counted_at)
         by_endpoint: dict[str, list[Task]] = defaultdict(list)
         for t in inserted:
             by_endpoint[t.endpoint].append(t)
@@ -524,6 +532,28 @@ class Relay:
             if resubmitted:  # sent again after a reconnect: the client may have missed its news
                 await self._send_current(session, await self.db.get_tasks(user_id, resubmitted))
         return ack
+
+    async def _within_quota(self, user_id: str, batch: list[Task], rejected: dict[str, Refusal]) -> list[Task]:
+        """The tasks of ``batch`` that fit the user's quota of open tasks; the rest are refused in
+        words. The count is the store's, re-read every QUOTA_RECOUNT_S and whenever the limit is
+        near (so replicas, each with its own count, agree where it matters)."""
+        limit = self.max_open_per_user
+        if limit is None or not batch:
+            return batch
+        count, counted_at = self._open_counts.get(user_id, (0, -QUOTA_RECOUNT_S))
+        if time.monotonic() - counted_at >= QUOTA_RECOUNT_S or count + len(batch) > limit:
+            count = await self.db.count_open(user_id)
+            self._open_counts[user_id] = (count, time.monotonic())
+        room = max(0, limit - count)
+        if len(batch) <= room:
+            return batch
+        self.counters["refused_quota"] += len(batch) - room
+        refusal = Refusal(ErrorCode.QUOTA_EXCEEDED,
+                          f"you have {count} tasks waiting or running, and this service allows {limit} per user: "
+                          "wait for some to finish (or cancel some), then submit again")
+        for t in batch[room:]:
+            rejected[t.id] = refusal
+        return batch[:room]
 
     async def _route_to_user_endpoints(self, user_id: str, batch: list[Task],
                                  rows: dict[str, dict[str, Any] | None]) -> set[str]:

@@ -96,8 +96,8 @@ def serve(cfg: ServiceConfig) -> None:
     finally:
         engine.dispose()
     settings = Settings(db_url=db_url, globus=globus, broker_url=cfg.broker_url, replica_id=cfg.replica_id)
-    for name in ("max_payload_bytes", "prefetch", "result_retention_s", "uncollected_retention_s",
-                 "purge_interval_s", "db_threads"):
+    for name in ("max_payload_bytes", "prefetch", "max_open_tasks_per_user", "result_retention_s",
+                 "uncollected_retention_s", "purge_interval_s", "db_threads"):
         value = getattr(cfg, name)
         if value is not None:
             setattr(settings, name, value)
@@ -168,6 +168,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=["text", "json"], default=None)
     p.add_argument("--prefetch", type=int, default=None,
                    help=f"tasks an endpoint is sent beyond its workers (default {DEFAULT_PREFETCH})")
+    p.add_argument("--max-open-tasks-per-user", type=int, default=None,
+                   help="tasks a user may have waiting or running at once (default 2,000,000)")
     p.add_argument("--result-retention", type=float, default=None, metavar="SECONDS", dest="result_retention_s",
                    help="collected results are deleted this long after collection (default 7 days)")
     p.add_argument("--uncollected-retention", type=float, default=None, metavar="SECONDS",

@@ -43,6 +43,7 @@ SCHEMA: dict[str, Any] = {
         "replica_id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
         "max_payload_bytes": {"type": "integer", "minimum": 1024},
         "prefetch": {"type": "integer", "minimum": 0, "maximum": 100000},
+        "max_open_tasks_per_user": {"type": "integer", "minimum": 1},
         "result_retention_s": {"type": "number", "minimum": 0},
         "uncollected_retention_s": {"type": "number", "minimum": 0},
         "purge_interval_s": {"type": "number", "exclusiveMinimum": 0},
@@ -91,6 +92,7 @@ class ServiceConfig:
     replica_id: str | None = None
     max_payload_bytes: int | None = None
     prefetch: int | None = None
+    max_open_tasks_per_user: int | None = None
     result_retention_s: float | None = None
     uncollected_retention_s: float | None = None
     purge_interval_s: float | None = None

@@ -119,6 +119,9 @@ tasks = Table(
 # task leaves it when it ends and a page costs what it returns, not what the endpoint ever ran.
 Index("ix_tasks_endpoint_open", tasks.c.endpoint_id, tasks.c.t_received, tasks.c.id,
       sqlite_where=tasks.c.t_done.is_(None), postgresql_where=tasks.c.t_done.is_(None))
+# A user's open tasks, counted for the per-user quota (see Store.count_open).
+Index("ix_tasks_owner_open", tasks.c.owner_id,
+      sqlite_where=tasks.c.t_done.is_(None), postgresql_where=tasks.c.t_done.is_(None))
 
 #: A task is open (has no result yet) while t_done is NULL: every terminal write sets t_done. One
 #: definition everywhere, and unlike a state IN (...) list it also works in executemany statements.
@@ -655,6 +658,12 @@ class Store:
                 out.extend(conn.execute(
                     select(tasks).where(and_(tasks.c.id.in_(chunk), _owned_by(owner)))).all())
         return out
+
+    def count_open(self, owner: str) -> int:
+        """How many of the owner's tasks have no result yet (waiting, dispatched or running)."""
+        with self._tx() as conn:
+            return conn.execute(select(func.count()).select_from(tasks)
+                                .where(and_(tasks.c.owner_id == owner, _OPEN))).scalar_one()
 
     def finished_among(self, owner: str, ids: Sequence[str]) -> list[str]:
         """The owner's tasks among ``ids`` that have a result (ids only: a cheap check of what

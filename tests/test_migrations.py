@@ -25,7 +25,7 @@ import pytest
 from tether import Client
 
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
-HEAD = "0001_baseline"
+HEAD = "0002_owner_open_index"
 
 
 def tether(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
