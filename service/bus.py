@@ -109,8 +109,10 @@ class RabbitBus:
         channel = await self._connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=self.prefetch)
         self._exchange = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
-        self._queue = await channel.declare_queue(f"tether.replica.{self.replica_id}", exclusive=True,
-                                                  auto_delete=True)
+        # one queue per process: a replica restarted with the same id must not wait for the broker to
+        # notice that its previous connection is dead (the queue is exclusive to that connection)
+        self._queue = await channel.declare_queue(f"tether.replica.{self.replica_id}.{uuid.uuid4().hex[:8]}",
+                                                  exclusive=True, auto_delete=True)
         await self._queue.consume(self._inbox.put_nowait)
         self._worker = asyncio.get_running_loop().create_task(self._work(handler))
         log.info("replica %s connected to the message broker", self.replica_id)

@@ -97,6 +97,7 @@ class Replicas:
         self.env = {k: v for k, v in os.environ.items() if k not in ("TETHER_SERVICE_URL", "TETHER_TOKEN")}
         self.env["TETHER_HOME"] = str(self.home)
         self.ports = [free_port() for _ in range(n)]
+        self.tag = uuid.uuid4().hex[:6]  # replica ids unique on the shared broker: "<tag>-r<i>"
         self.procs: list[subprocess.Popen | None] = [None] * n
         self.lb_port = free_port()
         self.lb: subprocess.Popen | None = None
@@ -118,7 +119,7 @@ class Replicas:
         log = open(self.root / f"replica-{i}.log", "ab")  # noqa: SIM115 - kept open by the child
         self.procs[i] = subprocess.Popen(
             [sys.executable, "-m", "tether.service.server", "--port", str(self.ports[i]), "--db-url", self.db_url,
-             "--broker-url", AMQP_URL, "--replica-id", f"r{i}", "--log-level", "info"],
+             "--broker-url", AMQP_URL, "--replica-id", f"{self.tag}-r{i}", "--log-level", "info"],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         wait_for(lambda: self.healthy(i), timeout=60, what=f"replica {i} to answer /healthz")
@@ -152,7 +153,8 @@ class Replicas:
             row = conn.execute("SELECT status FROM endpoints WHERE id = %s", (endpoint_id,)).fetchone()
         status = json.loads(row[0]) if row and row[0] else {}
         replica = status.get("replica") if status.get("online") else None
-        return int(replica[1:]) if isinstance(replica, str) and replica.startswith("r") else None
+        prefix = f"{self.tag}-r"
+        return int(replica[len(prefix):]) if isinstance(replica, str) and replica.startswith(prefix) else None
 
     # --- haproxy ---------------------------------------------------------------------------
     def _start_haproxy(self) -> None:

@@ -152,3 +152,39 @@ def test_a_rabbitmq_restart_mid_batch_loses_nothing(replicas: Replicas) -> None:
         assert [f.result(timeout=180) for f in futures] == list(range(n))
         assert [f.result(timeout=180) for f in more] == [i * i for i in range(100)]
     assert _stored_successes(replicas) == n + 100
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a multi-user endpoint needs root (useradd, setuid), as in CI")
+def test_a_multi_user_endpoint_on_one_replica_serves_a_user_on_another(replicas: Replicas) -> None:
+    """The user's tasks go through replica 0; the multi-user endpoint is connected to replica 1:
+    the start request, the user endpoint's tasks and the results all cross the bus."""
+    import json
+    import pwd
+
+    import yaml
+
+    try:
+        pwd.getpwnam("tether_alice")
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "tether_alice"], check=True)
+    env = replicas.endpoint_env(replicas.url(1))
+    replicas._cli(env, "endpoint", "configure", "cluster", "--multi-user", "--force")
+    d = replicas.home / "endpoints" / "cluster"
+    (d / "identity_mapping.json").write_text(json.dumps([{
+        "DATA_TYPE": "expression_identity_mapping#1.0.0",
+        "mappings": [{"source": "{username}", "match": "alice", "output": "tether_alice"}],
+    }]))
+    config = yaml.safe_load((d / "config.yaml").read_text())
+    config.update(idle_timeout_s=30, heartbeat_s=1, allowed_users=["*"])
+    (d / "config.yaml").write_text(yaml.safe_dump(config))
+    (d / "user_config_template.yaml.j2").write_text("engine:\n  type: process\n  workers: 1\nheartbeat_s: 1\n")
+    alice = json.loads(replicas._cli(replicas.env, "service", "user-add", "alice", "--json",
+                                     "--db-url", replicas.db_url))["token"]
+    endpoint_id = replicas._cli(env, "endpoint", "start", "cluster", "--detach").strip().splitlines()[-1].strip()
+    wait_for(lambda: replicas.holder_of(endpoint_id) == 1, what="the multi-user endpoint to connect to replica 1")
+
+    with Executor(endpoint_id=endpoint_id, service=replicas.url(0), token=alice) as ex:
+        info = ex.submit(helpers.who_am_i).result(timeout=120)
+        assert info["uid"] == pwd.getpwnam("tether_alice").pw_uid and info["uid"] != 0
+        assert [f.result(timeout=60) for f in [ex.submit(helpers.square, i) for i in range(20)]] == \
+            [i * i for i in range(20)]
