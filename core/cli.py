@@ -6,14 +6,16 @@ has a working ``tether`` that explains which extra to install.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -28,6 +30,8 @@ app = typer.Typer(help="Tether: federated function execution for research comput
                   add_completion=False)
 service_app = typer.Typer(help="Run the relay service.", no_args_is_help=True)
 endpoint_app = typer.Typer(help="Configure and run endpoints.", no_args_is_help=True)
+db_app = typer.Typer(help="The store's schema: show its revision, apply migrations.", no_args_is_help=True)
+service_app.add_typer(db_app, name="db")
 app.add_typer(service_app, name="service")
 app.add_typer(endpoint_app, name="endpoint")
 console = Console()
@@ -47,16 +51,50 @@ def _need(extra: str, module: str) -> None:
 
 
 # --- service --------------------------------------------------------------------------------
+ConfigOption = Annotated[Optional[Path], typer.Option(  # noqa: UP045 - typer reads the annotation at run time
+    "--config", "-c", help="the service's config file (service.yaml; keys in docs/deploy.md); flags override it",
+    show_default=False)]
+
+
+def _service_config(config: Path | None, **overrides: Any) -> Any:
+    """The settings a ``tether service`` command works with: ``--config``'s file, then the flags.
+
+    The file's ``home`` becomes this command's TETHER_HOME, so ``stop``/``status`` find the
+    service.json of the service that file configures."""
+    if config is None and not overrides:
+        return None
+    _need("service", "tether.service.settings")
+    from tether.service.settings import service_config
+
+    try:
+        cfg = service_config(config, **overrides)
+    except TetherError as exc:
+        _fail(str(exc))
+    if cfg.home:
+        os.environ["TETHER_HOME"] = str(cfg.resolved_home())
+    return cfg
+
+
 @service_app.command("start")
 def service_start(
-    port: int = typer.Option(8421, help="port to listen on (0: any free port)"),
-    host: str = typer.Option("127.0.0.1", help="address to bind"),
+    config: ConfigOption = None,
+    port: int = typer.Option(None, help="port to listen on (0: any free port; default 8421)", show_default=False),
+    host: str = typer.Option(None, help="address to bind (default 127.0.0.1)", show_default=False),
     detach: bool = typer.Option(False, "--detach", "-d", help="run in the background"),
+    home: str = typer.Option(None, help="the service's state directory (service.json, the default SQLite "
+                             "database); default TETHER_HOME"),
     db_url: str = typer.Option(None, help="SQLAlchemy URL of the store (default: SQLite in TETHER_HOME)"),
+    db_threads: int = typer.Option(None, help="threads (database connections) per replica for PostgreSQL"),
+    auto_migrate: bool = typer.Option(None, "--auto-migrate", help="PostgreSQL: upgrade an outdated schema at "
+                                      "start instead of refusing to start", show_default=False),
+    broker_url: str = typer.Option(None, help="RabbitMQ between replicas: amqp://user:password@host/vhost"),
+    replica_id: str = typer.Option(None, help="this replica's name in logs and on the broker (default: random)"),
     max_payload_bytes: int = typer.Option(None, help="largest task argument/result accepted"),
     prefetch: int = typer.Option(None, help="tasks an endpoint is sent beyond its workers (flow control)"),
+    max_open_tasks_per_user: int = typer.Option(None, help="tasks a user may have waiting or running at once "
+                                                "(default 2,000,000); more are refused in words"),
+    result_retention: float = typer.Option(None, help="seconds collected results are kept"),
     uncollected_retention: float = typer.Option(None, help="seconds after which results nobody collected expire"),
-    result_retention: float = typer.Option(None, help="seconds collected results (and their blobs) are kept"),
     purge_interval: float = typer.Option(None, help="seconds between deletions of expired results and blobs"),
     blob_threshold_bytes: int = typer.Option(None, help="payloads above this travel as blobs (default 8 MiB)"),
     max_blob_bytes: int = typer.Option(None, help="largest blob (large argument/result) accepted (default 16 GiB)"),
@@ -64,48 +102,48 @@ def service_start(
     blob_orphan_seconds: float = typer.Option(None, help="blobs no task names are deleted after this (default 3600)"),
     blob_dir: str = typer.Option(None, help="where blob files live (default $TETHER_HOME/service/blobs); replicas "
                                  "of one service must share it"),
-    log_level: str = typer.Option("warning"),
+    log_level: str = typer.Option(None, help="debug | info | warning | error (default warning)", show_default=False),
+    log_format: str = typer.Option(None, help="text | json (default text, or TETHER_LOG_FORMAT)", show_default=False),
     tls_cert: str = typer.Option(None, help="PEM certificate: serve https/wss only"),
     tls_key: str = typer.Option(None, help="PEM private key of --tls-cert"),
     tls_ca: str = typer.Option(None, help="CA bundle that signed --tls-cert, recorded in service.json for local "
                                "clients (a private CA or a self-signed certificate)"),
-    allow_insecure_http: bool = typer.Option(False, "--allow-insecure-http",
+    allow_insecure_http: bool = typer.Option(None, "--allow-insecure-http", show_default=False,
                                              help="listen beyond loopback without TLS (trusted networks only)"),
     globus_client_id: str = typer.Option(None, help="accept Globus Auth tokens: this service's Globus client id"),
     globus_client_secret_file: str = typer.Option(None, help="file (mode 0600) holding that client's secret"),
     globus_scope: str = typer.Option(None, help="the scope Globus tokens must carry"),
     globus_auth_url: str = typer.Option(None, help="Globus Auth's base URL (default: production Globus Auth)"),
 ) -> None:
-    """Start the embedded service (SQLite, one process) and write $TETHER_HOME/service.json."""
+    """Start the service and write $TETHER_HOME/service.json. With no options: the embedded
+    default (SQLite, one process, localhost); production: --config service.yaml."""
     _need("service", "tether.service.server")
-    args = ["--host", host, "--port", str(port), "--log-level", log_level]
-    for flag, value in (("--tls-cert", tls_cert), ("--tls-key", tls_key), ("--tls-ca", tls_ca)):
-        if value:
-            args += [flag, str(Path(value).resolve())]
-    if allow_insecure_http:
-        args.append("--allow-insecure-http")
-    if globus_client_id:
-        args += ["--globus-client-id", globus_client_id]
-    if globus_client_secret_file:
-        args += ["--globus-client-secret-file", str(Path(globus_client_secret_file).resolve())]
-    if globus_scope:
-        args += ["--globus-scope", globus_scope]
-    if globus_auth_url:
-        args += ["--globus-auth-url", globus_auth_url]
-    if db_url:
-        args += ["--db-url", db_url]
-    if max_payload_bytes:
-        args += ["--max-payload-bytes", str(max_payload_bytes)]
-    if prefetch is not None:
-        args += ["--prefetch", str(prefetch)]
-    if uncollected_retention is not None:
-        args += ["--uncollected-retention", str(uncollected_retention)]
-    for flag, option in (("--result-retention", result_retention), ("--purge-interval", purge_interval),
-                         ("--blob-threshold-bytes", blob_threshold_bytes), ("--max-blob-bytes", max_blob_bytes),
-                         ("--blob-quota-bytes", blob_quota_bytes), ("--blob-orphan-seconds", blob_orphan_seconds),
-                         ("--blob-dir", str(Path(blob_dir).resolve()) if blob_dir else None)):
-        if option is not None:
-            args += [flag, str(option)]
+    paths = {"tls_cert": tls_cert, "tls_key": tls_key, "tls_ca": tls_ca,
+             "globus_client_secret_file": globus_client_secret_file}
+    flags: dict[str, Any] = {
+        "host": host, "port": port, "home": str(Path(home).resolve()) if home else None, "db_url": db_url,
+        "db_threads": db_threads,
+        "auto_migrate": auto_migrate or None, "broker_url": broker_url,
+        "replica_id": replica_id, "max_payload_bytes": max_payload_bytes, "prefetch": prefetch,
+        "max_open_tasks_per_user": max_open_tasks_per_user,
+        "result_retention_s": result_retention, "uncollected_retention_s": uncollected_retention,
+        "purge_interval_s": purge_interval, "blob_threshold_bytes": blob_threshold_bytes,
+        "max_blob_bytes": max_blob_bytes, "blob_quota_bytes": blob_quota_bytes, "blob_orphan_s": blob_orphan_seconds,
+        "blob_dir": str(Path(blob_dir).resolve()) if blob_dir else None,
+        "log_level": log_level, "log_format": log_format, "allow_insecure_http": allow_insecure_http or None,
+        "globus_client_id": globus_client_id, "globus_scope": globus_scope, "globus_auth_url": globus_auth_url,
+        **{key: str(Path(value).resolve()) if value else None for key, value in paths.items()},
+    }
+    _service_config(config, **flags)  # a mistake in the file or a flag is reported here, before anything starts
+    args: list[str] = ["--config", str(config.resolve())] if config else []
+    names = {"result_retention_s": "--result-retention", "uncollected_retention_s": "--uncollected-retention",
+             "purge_interval_s": "--purge-interval", "blob_orphan_s": "--blob-orphan-seconds"}
+    for key, value in flags.items():
+        flag = names.get(key, "--" + key.replace("_", "-"))
+        if value is True:
+            args.append(flag)
+        elif value is not None and value is not False:
+            args += [flag, str(value)]
     if not detach:
         from tether.service.server import main as server_main
 
@@ -120,7 +158,7 @@ def service_start(
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         info = _service_info()
-        if info.get("pid") == proc.pid and _healthy(info["url"], info.get("ca_file")):
+        if info.get("pid") == proc.pid and _answers(info["url"]):
             console.print(f"Tether service running at [bold]{info['url']}[/] (pid {proc.pid}); "
                           f"credentials in {service_file()}")
             return
@@ -150,6 +188,28 @@ def _healthy(url: str, ca_file: str | None = None) -> bool:
         return False
 
 
+def _answers(url: str) -> bool:
+    """Whether the service we just started answers /healthz on this host.
+
+    Its certificate is not checked here: it names the service's public host name, not the
+    loopback address we probe, and its CA may be one only the clients hold (tls.ca is optional).
+    The probe carries no credential, and the process is ours (service.json names its pid).
+    Clients and endpoints always verify."""
+    import ssl
+
+    import httpx
+
+    verify: ssl.SSLContext | bool = True
+    if url.startswith("https://"):
+        verify = ssl.create_default_context()
+        verify.check_hostname = False
+        verify.verify_mode = ssl.CERT_NONE
+    try:
+        return httpx.get(url + "/healthz", timeout=1, trust_env=False, verify=verify).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def _service_pid(info: dict[str, Any]) -> int | None:
     """The pid in service.json if that process still is the service; else None, and the stale pid
     is dropped from service.json (url and token stay: a restarted service keeps its token).
@@ -172,8 +232,9 @@ def _service_pid(info: dict[str, Any]) -> int | None:
 
 
 @service_app.command("stop")
-def service_stop() -> None:
-    """Stop the service started from this TETHER_HOME."""
+def service_stop(config: ConfigOption = None) -> None:
+    """Stop the service started from this TETHER_HOME (or the config's ``home``)."""
+    _service_config(config)
     info = _service_info()
     recorded = info.get("pid")
     if not recorded:
@@ -189,8 +250,9 @@ def service_stop() -> None:
 
 
 @service_app.command("status")
-def service_status() -> None:
-    """Is the service of this TETHER_HOME up?"""
+def service_status(config: ConfigOption = None) -> None:
+    """Is the service of this TETHER_HOME (or the config's ``home``) up?"""
+    _service_config(config)
     info = _service_info()
     if not info:
         _fail(f"no service recorded in {service_file()}; run 'tether service start'")
@@ -200,20 +262,60 @@ def service_status() -> None:
     console.print(f"{info['url']}: {state} ({process})")
 
 
-def _store(db_url: str | None) -> Any:
-    """The store of this TETHER_HOME's service (or ``--db-url``), for user administration."""
+DbUrlOption = Annotated[Optional[str], typer.Option(  # noqa: UP045 - typer reads the annotation at run time
+    "--db-url", help="the store's SQLAlchemy URL (default: the config's db_url, TETHER_DB_URL, or SQLite in "
+    "TETHER_HOME)", show_default=False)]
+
+
+def _db_settings(config: Path | None, db_url: str | None) -> Any:
+    """The service settings that say which database a command administers."""
+    _need("service", "tether.service.settings")
+    from tether.service.settings import ServiceConfig
+
+    return _service_config(config, db_url=db_url) or ServiceConfig()
+
+
+def _make_sqlite_dir(url: str) -> None:
+    """SQLite makes its file, not the directory it goes in (the embedded default's is private)."""
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database
+    if url.startswith("sqlite") and database and database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def _store(config: Path | None, db_url: str | None) -> Any:
+    """The store of the configured service (``--config``, ``--db-url``, else this TETHER_HOME's),
+    for user administration. An outdated PostgreSQL schema is refused with the command to run."""
     _need("service", "tether.service.store")
     from tether.service.store import Store
 
-    url = db_url or os.environ.get("TETHER_DB_URL") or f"sqlite:///{tether_home() / 'service' / 'tether.db'}"
-    (tether_home() / "service").mkdir(parents=True, exist_ok=True, mode=0o700)
-    return Store(url)
+    cfg = _db_settings(config, db_url)
+    _make_sqlite_dir(cfg.resolved_db_url())
+    with _database_errors(cfg.resolved_db_url()):
+        return Store(cfg.resolved_db_url(), upgrade_hint=cfg.how_to_upgrade())
+
+
+@contextlib.contextmanager
+def _database_errors(url: str) -> Iterator[None]:
+    """A refused schema or an unreachable database as one line naming it, not a traceback."""
+    from sqlalchemy.exc import OperationalError
+
+    from tether.service.settings import redact
+
+    try:
+        yield
+    except TetherError as exc:
+        _fail(str(exc))
+    except OperationalError as exc:
+        _fail(f"cannot use the database {redact(url)}: {str(exc.orig).strip()}")
 
 
 @service_app.command("user-add")
 def service_user_add(
     name: str,
-    db_url: str = typer.Option(None),
+    config: ConfigOption = None,
+    db_url: DbUrlOption = None,
     as_json: bool = typer.Option(False, "--json", help="print {user_id, name, token} as JSON"),
 ) -> None:
     """Create a user, or rotate an existing user's token, and print the token once.
@@ -221,7 +323,7 @@ def service_user_add(
     A rotated token replaces the old one at once: a running service refuses the old token
     within a second, connections made with it included.
     """
-    user_id, token = _store(db_url).create_user(name)
+    user_id, token = _store(config, db_url).create_user(name)
     if as_json:
         print(json.dumps({"user_id": user_id, "name": name, "token": token}))
     else:
@@ -229,11 +331,62 @@ def service_user_add(
 
 
 @service_app.command("token-revoke")
-def service_token_revoke(name: str, db_url: str = typer.Option(None)) -> None:
+def service_token_revoke(name: str, config: ConfigOption = None, db_url: DbUrlOption = None) -> None:
     """Revoke a user's token (until 'user-add NAME' issues a new one); effective at once."""
-    if not _store(db_url).revoke_user_token(name):
+    if not _store(config, db_url).revoke_user_token(name):
         _fail(f"no user named {name!r}")
     console.print(f"revoked the token of {name}; open connections with it are closed within a second")
+
+
+def _db_engine(config: Path | None, db_url: str | None) -> tuple[Any, Any]:
+    """(settings, SQLAlchemy engine) of the configured database, for the schema commands."""
+    _need("service", "tether.service.schema")
+    from tether.service.store import make_engine
+
+    cfg = _db_settings(config, db_url)
+    _make_sqlite_dir(cfg.resolved_db_url())
+    return cfg, make_engine(cfg.resolved_db_url())
+
+
+@db_app.command("upgrade")
+def service_db_upgrade(config: ConfigOption = None, db_url: DbUrlOption = None) -> None:
+    """Upgrade the store's schema to this tether's newest revision (safe while other replicas
+    start: one migrates, the others wait). Run it before starting upgraded replicas."""
+    from tether.service.schema import upgrade
+
+    cfg, engine = _db_engine(config, db_url)
+    try:
+        with _database_errors(cfg.resolved_db_url()):
+            before, after = upgrade(engine)
+    finally:
+        engine.dispose()
+    from tether.service.settings import redact
+
+    where = redact(cfg.resolved_db_url())
+    if before.current == after.current:
+        print(f"{where}: already at revision {after.current}")
+    else:
+        print(f"{where}: upgraded from revision {before.current or '(none)'} to {after.current}")
+
+
+@db_app.command("current")
+def service_db_current(config: ConfigOption = None, db_url: DbUrlOption = None,
+                       as_json: bool = typer.Option(False, "--json", help="print {current, head, state} as JSON")
+                       ) -> None:
+    """Show the store's schema revision and whether this tether would need to upgrade it."""
+    from tether.service.schema import schema_status
+    from tether.service.settings import redact
+
+    cfg, engine = _db_engine(config, db_url)
+    try:
+        with _database_errors(cfg.resolved_db_url()):
+            status = schema_status(engine)
+    finally:
+        engine.dispose()
+    if as_json:
+        print(json.dumps({"current": status.current, "head": status.head, "state": status.state}))
+    else:
+        print(f"{redact(cfg.resolved_db_url())}: {status.describe()}")
 
 
 # --- endpoint -------------------------------------------------------------------------------

@@ -611,6 +611,7 @@ def _rejection(refusal: Refusal) -> TetherError:
         ErrorCode.PAYLOAD_TOO_LARGE: PayloadTooLarge,
         ErrorCode.UNKNOWN_ENDPOINT: UnknownEndpoint,
         ErrorCode.ENDPOINT_DELETED: UnknownEndpoint,
+        ErrorCode.QUOTA_EXCEEDED: QuotaExceeded,
     }.get(refusal.code, TaskRejected)
     return cls(refusal.message)
 

@@ -48,6 +48,8 @@ class LocalStack:
     token: str = ""
     endpoint_id: str = ""
     port: int = 0
+    #: arguments of every service start (a restart keeps the same database, say); extra ones follow
+    service_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_name(self.endpoint_name)
@@ -56,7 +58,7 @@ class LocalStack:
         return json.loads((self.home / "service.json").read_text())
 
     def start_service(self, *extra: str) -> None:
-        _cli(self.env, "service", "start", "--detach", "--port", str(self.port), *extra)
+        _cli(self.env, "service", "start", "--detach", "--port", str(self.port), *self.service_args, *extra)
         info = self._service_json()
         self.service_url, self.token = info["url"], info["token"]
         self.port = int(self.service_url.rsplit(":", 1)[1])
@@ -126,9 +128,9 @@ def local_stack(home: str | Path | None = None, engine: str = "process", workers
         home = Path(home)
         env = {k: v for k, v in os.environ.items() if k not in ("TETHER_SERVICE_URL", "TETHER_TOKEN")}
         env["TETHER_HOME"] = str(home)
-        stack = LocalStack(home=home, env=env)
+        stack = LocalStack(home=home, env=env, service_args=tuple(service_args))
         try:
-            stack.start_service(*service_args)
+            stack.start_service()
             stack.configure_endpoint(engine, workers)
             stack.start_endpoint()
             yield stack

@@ -585,3 +585,4 @@ CLOSE_AUTH_FAILED = 4401
 CLOSE_PROTOCOL = 4400
 CLOSE_STOPPED = 4000
 CLOSE_CREDENTIAL_ROTATED = 4402  # the endpoint's credential was replaced: reread it and reconnect
+CLOSE_TRY_AGAIN = 1013  # the service cannot go on with this session now (database down, replaced): reconnect

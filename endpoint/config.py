@@ -6,16 +6,14 @@ misspelt keys, before the endpoint connects anywhere.
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-import yaml
-
 from tether.config import tether_home
+from tether.configfile import parse_yaml
+from tether.configfile import validate as validate_file
 from tether.errors import ConfigError
 from tether.ids import check_name, child_path
 
@@ -106,38 +104,9 @@ def endpoint_dir(name: str) -> Path:
     return child_path(tether_home() / "endpoints", name, "endpoint name", check=check_name)
 
 
-def _key_path(error: jsonschema.ValidationError) -> str:
-    return ".".join(str(p) for p in error.absolute_path) or "(top level)"
-
-
-def _explain(error: jsonschema.ValidationError, schema_props: dict[str, Any]) -> str:
-    """One readable sentence for a jsonschema error, with 'did you mean' for unknown keys."""
-    if error.validator == "additionalProperties":
-        allowed = list((error.schema.get("properties") or {}).keys())
-        extras = [k for k in error.instance if k not in allowed]
-        parts = []
-        for key in extras:
-            close = difflib.get_close_matches(key, allowed, n=2)
-            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-            parts.append(f"unknown key {key!r}{hint}")
-        return "; ".join(parts) + f". Allowed keys: {', '.join(allowed)}"
-    if error.validator == "enum":
-        close = difflib.get_close_matches(str(error.instance), [str(e) for e in error.validator_value], n=2)
-        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-        return f"{error.instance!r} is not one of {', '.join(map(str, error.validator_value))}{hint}"
-    return error.message
-
-
 def validate(data: Any, source: str, schema: dict[str, Any] = SCHEMA) -> None:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the file must hold a YAML mapping (key: value lines), not {type(data).__name__}")
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
-    if errors:
-        lines = [f"{source}: {_key_path(e)}: {_explain(e, schema)}" for e in errors]
-        raise ConfigError("invalid endpoint configuration\n  " + "\n  ".join(lines))
+    """Check an endpoint configuration; every problem is named (see :mod:`tether.configfile`)."""
+    validate_file(data, source, schema, "endpoint configuration")
 
 
 def load_config(name: str) -> EndpointConfig:
@@ -151,10 +120,7 @@ def load_config(name: str) -> EndpointConfig:
 
 def parse_config(name: str, text: str, path: str) -> EndpointConfig:
     """Validate YAML text as endpoint ``name``'s configuration (``path`` names it in messages)."""
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = parse_yaml(text, str(path)) or {}
     validate(data, str(path))
     engine = data.get("engine") or {}
     if engine.get("type") in PARSL_ENGINE_TYPES:

@@ -23,6 +23,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -33,6 +34,7 @@ from tether.protocol import (
     CLOSE_AUTH_FAILED,
     CLOSE_CREDENTIAL_ROTATED,
     CLOSE_PROTOCOL,
+    CLOSE_TRY_AGAIN,
     DEFAULT_BLOB_THRESHOLD,
     DEFAULT_PREFETCH,
     ENDPOINT_FRAMES,
@@ -52,8 +54,10 @@ from tether.protocol import (
 )
 from tether.serialize import function_id
 
+from .async_store import DEFAULT_DB_THREADS, AsyncStore
 from .auth import Authenticator, GlobusSettings
 from .blobs import DEFAULT_MAX_BLOB, DEFAULT_ORPHAN_S, DEFAULT_QUOTA, BlobIndex, blob_routes
+from .bus import make_bus
 from .dashboard import DASHBOARD_HTML
 from .metrics import make_registry, render
 from .models import (
@@ -96,6 +100,8 @@ class Settings:
     uncollected_retention_s: float = 30 * 24 * 3600  # results nobody collects expire this long after the task ends
     purge_interval_s: float = 600
     prefetch: int = DEFAULT_PREFETCH  # tasks an endpoint is sent beyond its workers (flow control)
+    #: tasks a user may have without a result (waiting, dispatched, running); more are refused
+    max_open_tasks_per_user: int = 2_000_000
     credential_check_s: float = 1.0
     #: Globus Auth: accept Globus access tokens as well as the service's own (None: only its own)
     globus: GlobusSettings | None = None
@@ -105,6 +111,13 @@ class Settings:
     max_blob_bytes: int = DEFAULT_MAX_BLOB
     blob_quota_bytes: int = DEFAULT_QUOTA  # per user: bytes of blobs stored at once
     blob_orphan_s: float = DEFAULT_ORPHAN_S  # a blob no task names is deleted this long after it was declared
+    #: RabbitMQ (amqp://...) when several replicas share one database (``broker_url`` in
+    #: service.yaml); None: one process
+    broker_url: str | None = None
+    #: this process's name among the replicas (default: random); shows in logs and queue names
+    replica_id: str | None = None
+    #: threads (database connections) per process for a database other than SQLite
+    db_threads: int = DEFAULT_DB_THREADS
 
 
 def _bearer(value: str | None) -> str | None:
@@ -155,6 +168,13 @@ async def _serve_frames(ws: WebSocket, session: Any, decoder: FrameDecoder,
             continue
         try:
             await handle(session, msg)
+        except DBAPIError as exc:
+            # the database is unavailable (restarting, failing over): nothing of this frame was
+            # acknowledged, and a peer resends what is unacknowledged when it reconnects
+            log.warning("database error while handling a '%s' frame (%s); asking the peer to reconnect and resend",
+                        msg.__struct_config__.tag, str(exc).splitlines()[0][:200])
+            await session.sender.close(CLOSE_TRY_AGAIN, "the service's database is unavailable; reconnect and resend")
+            return
         except Exception:  # noqa: BLE001 - one frame's failure must not end the session
             tag = msg.__struct_config__.tag
             log.exception("handling a '%s' frame failed", tag)
@@ -165,8 +185,10 @@ async def _serve_frames(ws: WebSocket, session: Any, decoder: FrameDecoder,
 
 def create_app(settings: Settings) -> FastAPI:
     store = Store(settings.db_url)
-    authenticator = Authenticator(store, settings.globus)
-    relay = Relay(store, settings.max_payload_bytes, settings.prefetch, authenticator)
+    db = AsyncStore(store, settings.db_threads)
+    authenticator = Authenticator(db, settings.globus)
+    relay = Relay(db, settings.max_payload_bytes, settings.prefetch, authenticator,
+                  make_bus(settings.broker_url, settings.replica_id), settings.max_open_tasks_per_user)
     blob_index = BlobIndex(store, Path(settings.blob_dir), settings.max_blob_bytes, settings.blob_quota_bytes,
                            settings.blob_orphan_s)
     relay.blobs = blob_index
@@ -179,19 +201,22 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        await relay.start()  # with a broker_url: connected to the other replicas before serving
         background = [asyncio.create_task(_purge_loop()), asyncio.create_task(relay.flush_loop()),
-                      asyncio.create_task(relay.credential_loop(settings.credential_check_s))]
+                      asyncio.create_task(relay.credential_loop(settings.credential_check_s)),
+                      asyncio.create_task(relay.reconcile_loop())]
         yield
         for task in background:
             task.cancel()
-        relay.flush_deferred()
-        store.close()
+        await relay.flush_deferred()
+        await relay.bus.close()
+        db.close()
 
     async def _purge_loop() -> None:
         while True:
             await asyncio.sleep(settings.purge_interval_s)
             try:
-                n = store.purge(settings.result_retention_s, settings.uncollected_retention_s)
+                n = await db.purge(settings.result_retention_s, settings.uncollected_retention_s)
                 if n:
                     log.info("purged %d collected tasks past retention", n)
                 n = blob_index.purge()
@@ -206,6 +231,7 @@ def create_app(settings: Settings) -> FastAPI:
         description="Federated function execution: register endpoints and functions, submit and track tasks.",
         lifespan=lifespan,
     )
+    app.state.settings = settings
     app.state.store = store
     app.state.relay = relay
     app.state.blobs = blob_index
@@ -237,10 +263,10 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(401, "invalid token: it is unknown to this service, was revoked, or has expired")
         return user
 
-    def own_endpoint(endpoint_id: str, user: str, admitted: bool = False) -> dict[str, Any]:
+    async def own_endpoint(endpoint_id: str, user: str, admitted: bool = False) -> dict[str, Any]:
         """The endpoint if ``user`` owns it (or, with ``admitted``, may send it tasks); else 404."""
-        ep = store.get_endpoint(endpoint_id)
-        if ep is None or not (ep["owner_id"] == user or (admitted and relay.admits(user, ep))):
+        ep = await db.get_endpoint(endpoint_id)
+        if ep is None or not (ep["owner_id"] == user or (admitted and await relay.admits(user, ep))):
             raise HTTPException(404, f"unknown endpoint {endpoint_id}")
         if ep["deleted_at"] is not None:
             raise HTTPException(404, f"unknown endpoint {endpoint_id}: it was deleted")
@@ -250,8 +276,8 @@ def create_app(settings: Settings) -> FastAPI:
         session = relay.endpoints.get(ep["id"])
         status = session.status if session else (json.loads(ep["status"]) if ep.get("status") else {})
         return EndpointInfo(
-            endpoint_id=ep["id"], name=ep["name"], online=session is not None, last_seen=ep.get("last_seen"),
-            status={k: v for k, v in status.items() if k != "online"},
+            endpoint_id=ep["id"], name=ep["name"], online=relay.is_online(ep), last_seen=ep.get("last_seen"),
+            status={k: v for k, v in status.items() if k not in ("online", "replica")},
         )
 
     def task_info(row: Any) -> TaskInfo:  # callers flush deferred states first
@@ -281,14 +307,14 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/v1/whoami", response_model=WhoAmI, tags=["auth"], responses=_errors())
     async def whoami(user: str = Depends(current_user)) -> WhoAmI:
-        return WhoAmI(user_id=user, name=store.user_name(user))
+        return WhoAmI(user_id=user, name=await db.user_name(user))
 
     @app.post("/v1/endpoints", response_model=EndpointCredential, tags=["endpoints"], responses=_errors(400, 404, 409))
     async def register_endpoint(body: EndpointRegistration, user: str = Depends(current_user)) -> EndpointCredential:
         """Register a new endpoint, or rotate the credential of one of yours (``endpoint_id``):
         the old credential stops working and its connection is closed at once."""
         try:
-            eid, secret = store.register_endpoint(user, body.name, body.endpoint_id, body.multi_user)
+            eid, secret = await db.register_endpoint(user, body.name, body.endpoint_id, body.multi_user)
         except KeyError:
             raise HTTPException(404, f"unknown endpoint {body.endpoint_id}; omit endpoint_id to register a new "
                                      "endpoint") from None
@@ -301,26 +327,26 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/v1/endpoints", response_model=list[EndpointInfo], tags=["endpoints"], responses=_errors())
     async def list_endpoints(user: str = Depends(current_user)) -> list[EndpointInfo]:
-        return [endpoint_info(ep) for ep in store.list_endpoints(user)]
+        return [endpoint_info(ep) for ep in await db.list_endpoints(user)]
 
     @app.get("/v1/endpoints/{endpoint_id}", response_model=EndpointInfo, tags=["endpoints"], responses=_errors(404))
     async def get_endpoint(endpoint_id: PathId, user: str = Depends(current_user)) -> EndpointInfo:
-        return endpoint_info(own_endpoint(endpoint_id, user, admitted=True))
+        return endpoint_info(await own_endpoint(endpoint_id, user, admitted=True))
 
     @app.get("/v1/endpoints/{endpoint_id}/status", response_model=EndpointInfo, tags=["endpoints"],
              responses=_errors(404))
     async def endpoint_status(endpoint_id: PathId, user: str = Depends(current_user)) -> EndpointInfo:
-        return endpoint_info(own_endpoint(endpoint_id, user, admitted=True))
+        return endpoint_info(await own_endpoint(endpoint_id, user, admitted=True))
 
     @app.put("/v1/endpoints/{endpoint_id}/policy", response_model=EndpointPolicy, tags=["endpoints"],
              responses=_errors(400, 404, 409))
     async def set_policy(endpoint_id: PathId, body: EndpointPolicy,
                          user: str = Depends(current_user)) -> EndpointPolicy:
         """Who may send tasks to your multi-user endpoint."""
-        ep = own_endpoint(endpoint_id, user)
+        ep = await own_endpoint(endpoint_id, user)
         if not ep.get("multi_user"):
             raise HTTPException(409, f"endpoint {endpoint_id} is not a multi-user endpoint; only those have a policy")
-        store.set_policy(endpoint_id, body.model_dump())
+        await db.set_policy(endpoint_id, body.model_dump())
         return body
 
     @app.get("/v1/endpoints/{endpoint_id}/user_endpoints", response_model=list[UserEndpointInfo],
@@ -328,18 +354,18 @@ def create_app(settings: Settings) -> FastAPI:
     async def user_endpoints(endpoint_id: PathId, user: str = Depends(current_user)) -> list[UserEndpointInfo]:
         """The user endpoint processes of a multi-user endpoint: all of them for its owner, your own
         for anyone else it admits."""
-        ep = own_endpoint(endpoint_id, user, admitted=True)
+        ep = await own_endpoint(endpoint_id, user, admitted=True)
         owner_view = ep["owner_id"] == user
-        rows = store.user_endpoints(endpoint_id, None if owner_view else user)
-        return [UserEndpointInfo(endpoint_id=r["id"], user=store.user_name(r["owner_id"]) if owner_view else None,
+        rows = await db.user_endpoints(endpoint_id, None if owner_view else user)
+        return [UserEndpointInfo(endpoint_id=r["id"], user=await db.user_name(r["owner_id"]) if owner_view else None,
                                  local_user=r["local_user"] if owner_view or r["owner_id"] == user else None,
-                                 online=r["id"] in relay.endpoints, config=json.loads(r["user_config"] or "{}"))
+                                 online=relay.is_online(r), config=json.loads(r["user_config"] or "{}"))
                 for r in rows]
 
     @app.post("/v1/endpoints/{endpoint_id}/stop", response_model=EndpointAction, tags=["endpoints"],
               responses=_errors(404))
     async def stop_endpoint(endpoint_id: PathId, user: str = Depends(current_user)) -> EndpointAction:
-        own_endpoint(endpoint_id, user)
+        await own_endpoint(endpoint_id, user)
         return EndpointAction(endpoint_id=endpoint_id, stop_sent=await relay.stop_endpoint(endpoint_id))
 
     @app.delete("/v1/endpoints/{endpoint_id}", response_model=EndpointAction, tags=["endpoints"],
@@ -347,7 +373,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def delete_endpoint(endpoint_id: PathId, user: str = Depends(current_user)) -> EndpointAction:
         """Delete an endpoint for good: it is stopped, its id is never issued again, and its
         open tasks fail with an error that says the endpoint was deleted."""
-        own_endpoint(endpoint_id, user)
+        await own_endpoint(endpoint_id, user)
         failed = await relay.delete_endpoint(endpoint_id)
         return EndpointAction(endpoint_id=endpoint_id, deleted=True, tasks_failed=failed)
 
@@ -355,59 +381,62 @@ def create_app(settings: Settings) -> FastAPI:
     async def register_function(body: FunctionRegistration, user: str = Depends(current_user)) -> FunctionInfo:
         raw = _b64(body.function, "function")
         fid = function_id(raw)  # the id is the hash of the body, computed here, never taken from the caller
-        store.add_functions(user, {fid: raw})
+        await db.add_functions(user, {fid: raw})
         return FunctionInfo(function_id=fid)
 
     @app.get("/v1/functions/{function_id}", response_model=FunctionInfo, tags=["functions"], responses=_errors(404))
     async def get_function(function_id: PathFunctionId, user: str = Depends(current_user)) -> FunctionInfo:
-        if store.get_function(user, function_id) is None:
+        if await db.get_function(user, function_id) is None:
             raise HTTPException(404, f"unknown function {function_id}")
         return FunctionInfo(function_id=function_id)
 
-    @app.post("/v1/tasks", response_model=BatchAck, tags=["tasks"], responses=_errors(400))
+    @app.post("/v1/tasks", response_model=BatchAck, tags=["tasks"], responses=_errors(400, 429))
     async def submit_batch(body: RestBatch, user: str = Depends(current_user)) -> BatchAck:
         tasks = [Task(id=t.task_id, endpoint=t.endpoint_id, function=t.function_id, payload=_b64(t.payload, "payload"),
                       group=t.group_id, spec=t.resource_specification) for t in body.tasks]
         ack = await relay.submit(None, user, Submit(ref=0, tasks=tasks))
+        quota = [v.message for v in ack.rejected.values() if v.code == ErrorCode.QUOTA_EXCEEDED]
+        if quota and not ack.accepted:  # nothing taken, for a per-user limit: a 429 the caller can back off on
+            raise HTTPException(429, quota[0])
         rejected = {k: RestRefusal(code=v.code.value, message=v.message) for k, v in ack.rejected.items()}
         return BatchAck(accepted=ack.accepted, rejected=rejected)
 
     @app.get("/v1/tasks/{task_id}", response_model=TaskInfo, tags=["tasks"], responses=_errors(404))
     async def get_task(task_id: PathId, user: str = Depends(current_user)) -> TaskInfo:
-        relay.flush_deferred()
-        rows = store.get_tasks(user, [task_id])
+        await relay.flush_deferred()
+        rows = await db.get_tasks(user, [task_id])
         if not rows:
             raise HTTPException(404, f"unknown task {task_id}")
         return task_info(rows[0])
 
     @app.post("/v1/batch_status", response_model=dict[str, TaskInfo], tags=["tasks"], responses=_errors(400))
     async def batch_status(body: TaskIds, user: str = Depends(current_user)) -> dict[str, TaskInfo]:
-        relay.flush_deferred()
-        return {r.id: task_info(r) for r in store.get_tasks(user, body.task_ids)}
+        await relay.flush_deferred()
+        return {r.id: task_info(r) for r in await db.get_tasks(user, body.task_ids)}
 
     @app.post("/v1/tasks/{task_id}/cancel", response_model=TaskCancelResult, tags=["tasks"], responses=_errors(404))
     async def cancel_task(task_id: PathId, user: str = Depends(current_user)) -> TaskCancelResult:
-        if not store.get_tasks(user, [task_id]):
+        if not await db.get_tasks(user, [task_id]):
             raise HTTPException(404, f"unknown task {task_id}")
         return TaskCancelResult(task_id=task_id, cancelled=bool(await relay.cancel(user, [task_id])))
 
     @app.get("/v1/task_groups/{group_id}", response_model=GroupInfo, tags=["tasks"], responses=_errors())
     async def get_group(group_id: PathId, user: str = Depends(current_user)) -> GroupInfo:
-        relay.flush_deferred()
-        rows = store.group_task_ids(user, group_id)
+        await relay.flush_deferred()
+        rows = await db.group_task_ids(user, group_id)
         return GroupInfo(group_id=group_id, tasks=[GroupTask(task_id=r.id, state=r.state) for r in rows])
 
     @app.get("/v1/dashboard", response_model=DashboardInfo, tags=["operations"], responses=_errors())
     async def dashboard_data(user: str = Depends(current_user)) -> DashboardInfo:
         """What the dashboard shows: your endpoints, your task counts, your recent failures."""
-        relay.flush_deferred()
+        await relay.flush_deferred()
         failures = []
-        for r in store.recent_failures(user):
+        for r in await db.recent_failures(user):
             error = json.loads(r.error) if r.error else {}
             failures.append({"task_id": r.id, "endpoint_id": r.endpoint_id, "ts": r.t_done,
                              "error": f"{error.get('type', '?')}: {str(error.get('message', ''))[:300]}"})
-        return DashboardInfo(endpoints=[endpoint_info(ep) for ep in store.list_endpoints(user)],
-                             task_counts=store.count_by_state(user), recent_failures=failures)
+        return DashboardInfo(endpoints=[endpoint_info(ep) for ep in await db.list_endpoints(user)],
+                             task_counts=await db.count_by_state(user), recent_failures=failures)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
@@ -430,7 +459,7 @@ def create_app(settings: Settings) -> FastAPI:
             return
         await ws.accept()
         session = ClientSession(_WSSender(ws), user, token)
-        relay.client_connected(session)
+        await relay.client_connected(session)
         try:
             await session.send(encode(Welcome(user_id=user, max_payload=settings.max_payload_bytes,
                                               max_frame=max_frame, version=__version__,
@@ -439,13 +468,13 @@ def create_app(settings: Settings) -> FastAPI:
         except (WebSocketDisconnect, RuntimeError):
             pass
         finally:
-            relay.client_disconnected(session)
+            await relay.client_disconnected(session)
 
     @app.websocket(ENDPOINT_WS_PATH)
     async def endpoint_ws(ws: WebSocket) -> None:
         secret = _bearer(ws.headers.get("authorization"))
         endpoint_id = ws.headers.get("x-tether-endpoint", "")
-        ep = store.endpoint_by_secret(endpoint_id, secret) if secret and endpoint_id else None
+        ep = await db.endpoint_by_secret(endpoint_id, secret) if secret and endpoint_id else None
         if ep is None:
             await refuse(ws, CLOSE_AUTH_FAILED, ErrorCode.AUTH_FAILED,
                          f"endpoint {endpoint_id[:64] or '?'}: invalid credential (wrong, rotated, or the endpoint was "
@@ -474,6 +503,6 @@ def create_app(settings: Settings) -> FastAPI:
         except (WebSocketDisconnect, RuntimeError):
             pass
         finally:
-            relay.endpoint_disconnected(session)
+            await relay.endpoint_disconnected(session)
 
     return app

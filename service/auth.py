@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .store import Store, credential_hash
+from .async_store import AsyncStore
+from .store import credential_hash
 
 log = logging.getLogger("tether.service.auth")
 
@@ -41,22 +42,24 @@ class GlobusSettings:
                    base_url: str | None = None) -> GlobusSettings:
         """The client secret is read from a file (mode 0600), never from the command line."""
         path = Path(secret_file)
-        if path.stat().st_mode & 0o077:
-            raise ValueError(f"{path} is readable by others: chmod 600 it (it holds the Globus client secret)")
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise ValueError(f"{path} has mode {mode:04o}: others than its owner may read or change it, and it holds "
+                             f"the Globus client secret; chmod 600 {path}")
         return cls(client_id, path.read_text().strip(), required_scope, base_url)
 
 
 class Authenticator:
     """Bearer token -> service user id, or None."""
 
-    def __init__(self, store: Store, globus: GlobusSettings | None = None):
-        self.store = store
+    def __init__(self, db: AsyncStore, globus: GlobusSettings | None = None):
+        self.db = db
         self.globus = globus
         self._client: Any = None
         self._cache: OrderedDict[str, tuple[str, float]] = OrderedDict()  # token hash -> (user, valid until)
 
     async def user_for(self, token: str) -> str | None:
-        user = self.store.user_by_token(token)
+        user = await self.db.user_by_token(token)
         if user is not None or self.globus is None:
             return user
         return await self._globus_user(token)
@@ -76,7 +79,7 @@ class Authenticator:
         except Exception as exc:  # noqa: BLE001 - Globus unreachable: refuse, say so in the log
             log.warning("Globus Auth introspection failed: %s", exc)
             return None
-        user = self._accept(data)
+        user = await self._accept(data)
         self._cache.pop(key, None)
         if user is not None:
             valid_until = time.monotonic() + min(GLOBUS_CACHE_S, max(0.0, float(data.get("exp", 0)) - time.time()))
@@ -94,7 +97,7 @@ class Authenticator:
                                                                 base_url=self.globus.base_url)
         return dict(self._client.oauth2_token_introspect(token).data)
 
-    def _accept(self, data: dict[str, Any]) -> str | None:
+    async def _accept(self, data: dict[str, Any]) -> str | None:
         """The service user for an introspection answer, or None if the token must be refused."""
         assert self.globus is not None
         if not data.get("active"):
@@ -108,4 +111,4 @@ class Authenticator:
         identity, username = data.get("sub"), data.get("username")
         if not isinstance(identity, str) or not isinstance(username, str):
             return None
-        return self.store.user_for_identity(identity, username)
+        return await self.db.user_for_identity(identity, username)

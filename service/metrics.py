@@ -40,6 +40,14 @@ class RelayCollector:
         yield events
         yield GaugeMetricFamily("tether_tasks_watched", "Tasks whose results connected clients are waiting for.",
                                 value=len(self.relay.watchers))
+        bus = self.relay.bus
+        if bus.remote:  # several replicas: is the broker keeping up?
+            messages = CounterMetricFamily("tether_bus_messages", "Events between replicas (RabbitMQ) since this "
+                                           "replica started.", labels=["direction"])
+            messages.add_metric(["published"], bus.published)
+            messages.add_metric(["publish_failed"], bus.publish_failures)
+            messages.add_metric(["received"], bus.received)
+            yield messages
 
 
 def make_registry(relay: Relay) -> CollectorRegistry:

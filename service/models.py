@@ -179,9 +179,10 @@ _DESCRIPTIONS = {
     401: "Missing, unknown or revoked token",
     404: "No such object visible to you",
     413: "The declared blob is larger than this service accepts (its max blob size)",
-    429: "Storing the declared blob would take you over your quota of stored bytes",
     409: "The id is taken (by another user, or by something deleted), or the endpoint is not of the kind the "
          "request needs; or a blob's bytes differ from its declared size or sha256, or are not all there yet",
+    429: "A per-user limit of this service is reached (the message names it: open tasks, or stored blob bytes); "
+         "try again once some of your tasks have finished",
 }
 
 

@@ -34,6 +34,7 @@ from tether.bounded import BoundedCache
 from tether.protocol import (
     CLOSE_AUTH_FAILED,
     CLOSE_CREDENTIAL_ROTATED,
+    CLOSE_TRY_AGAIN,
     DEFAULT_MAX_FRAME,
     DEFAULT_PREFETCH,
     ITEM_OVERHEAD,
@@ -73,7 +74,9 @@ from tether.protocol import (
 )
 from tether.serialize import function_id
 
-from .store import Store, credential_hash, transitions
+from .async_store import AsyncStore
+from .bus import LocalBus, RabbitBus, endpoint_key, user_key
+from .store import credential_hash, transitions
 
 log = logging.getLogger("tether.service.relay")
 
@@ -88,6 +91,14 @@ PEER_MAX_FRAME = DEFAULT_MAX_FRAME
 STATUS_WINDOW = 0.005  # seconds a client's state updates are gathered before they are sent
 RESULT_CHUNK = 1000  # results per frame to a client
 START_RETRY_S = 30.0  # a user endpoint asked for and not connected by then is asked for again
+#: how long a replica trusts its count of a user's open tasks (the quota) before counting again
+QUOTA_RECOUNT_S = 5.0
+#: with several replicas: an endpoint whose last report (to any replica) is older is offline
+PRESENCE_S = 30.0
+#: with several replicas: how often each replica re-reads the backlogs of the endpoints it holds
+#: and (every WATCH_RECONCILE_S) the tasks its clients wait for, in case the bus lost news
+RECONCILE_S = 2.0
+WATCH_RECONCILE_S = 10.0
 
 
 class Sender(Protocol):
@@ -190,8 +201,21 @@ class EndpointSession:
 
 
 class Relay:
-    def __init__(self, store: Store, max_payload: int, prefetch: int = DEFAULT_PREFETCH, authenticator: Any = None):
-        self.store = store
+    """The routing state of one service process (replica) and what it does with each frame.
+
+    With a broker (``bus`` a :class:`~tether.service.bus.RabbitBus`), ``replicated`` is true:
+    an endpoint or client may be connected to another replica, so what cannot be done here is
+    published as an event for the replica that can (see :mod:`tether.service.bus`).
+    """
+
+    def __init__(self, db: AsyncStore, max_payload: int, prefetch: int = DEFAULT_PREFETCH, authenticator: Any = None,
+                 bus: LocalBus | RabbitBus | None = None, max_open_per_user: int | None = None):
+        self.db = db
+        self.max_open_per_user = max_open_per_user
+        self._open_counts: dict[str, tuple[int, float]] = {}  # user -> (open tasks, when counted)
+        self.bus = bus or LocalBus()
+        self.replicated = self.bus.remote
+        self._user_sessions: dict[str, int] = defaultdict(int)  # connected client sessions per user
         self.authenticator = authenticator  # service.auth.Authenticator: re-checks Globus tokens
         self.max_payload = max_payload
         self.prefetch = prefetch
@@ -207,22 +231,22 @@ class Relay:
         #: large payloads (service/blobs.py BlobIndex): checks that tasks name only their owner's blobs
         self.blobs: Any = None
 
-    def flush_deferred(self) -> None:
+    async def flush_deferred(self) -> None:
         """Write deferred state changes and collection marks (one transaction per kind)."""
         for state, stamps in self._deferred.items():
             if stamps:
                 self._deferred[state] = {}
-                self.store.set_state(stamps.items(), state)
+                await self.db.set_state(list(stamps.items()), state)
         if self._deferred_collected:
             pending, self._deferred_collected = self._deferred_collected, defaultdict(list)
             for user_id, ids in pending.items():
-                self.store.mark_collected(user_id, ids)
+                await self.db.mark_collected(user_id, ids)
 
     async def flush_loop(self, interval: float = 0.2) -> None:
         while True:
             await asyncio.sleep(interval)
             try:
-                self.flush_deferred()
+                await self.flush_deferred()
             except Exception:  # noqa: BLE001 - a failed flush is retried by the next state change
                 log.exception("writing deferred task states failed")
 
@@ -238,7 +262,7 @@ class Relay:
 
     async def enforce_credentials(self) -> None:
         if self.clients:
-            valid = self.store.valid_token_hashes(s.token_hash for s in self.clients)
+            valid = await self.db.valid_token_hashes([s.token_hash for s in self.clients])
             for session in [s for s in self.clients if s.token_hash not in valid]:
                 if self.authenticator is not None and await self.authenticator.still_valid_at_globus(session.token):
                     continue  # a Globus token (cached answer, re-asked when it expires)
@@ -246,15 +270,114 @@ class Relay:
                 self.clients.discard(session)
                 await _safe_close(session, CLOSE_AUTH_FAILED, "token revoked or rotated; get a new one")
         if self.endpoints:
-            valid_pairs = self.store.valid_endpoint_secrets((e.endpoint_id, e.secret_hash)
-                                                            for e in self.endpoints.values())
+            valid_pairs = await self.db.valid_endpoint_secrets([(e.endpoint_id, e.secret_hash)
+                                                             for e in self.endpoints.values()])
             for session in [e for e in self.endpoints.values() if (e.endpoint_id, e.secret_hash) not in valid_pairs]:
                 await self.disconnect_endpoint(session.endpoint_id, CLOSE_CREDENTIAL_ROTATED,
                                                "this endpoint's credential was replaced or revoked")
 
+    # --- replicas ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect to the bus (a no-op without a broker)."""
+        await self.bus.start(self.on_event, self.reconcile)
+
+    def is_online(self, row: dict[str, Any]) -> bool:
+        """Whether an endpoint (its row) is connected: to this process, or, with several
+        replicas, to one that heard from it within PRESENCE_S."""
+        if row["id"] in self.endpoints:
+            return True
+        if not self.replicated or row.get("deleted_at") is not None:
+            return False
+        status = _loads(row.get("status")) or {}
+        return bool(status.get("online")) and (row.get("last_seen") or 0) > time.time() - PRESENCE_S
+
+    async def _tell_endpoint(self, endpoint_id: str, kind: str, data: Any = None) -> None:
+        """News for an endpoint connected to another replica (dropped by the broker if none holds it)."""
+        if self.replicated:
+            await self.bus.publish(endpoint_key(endpoint_id), kind, endpoint_id, data)
+
+    async def _tell_user(self, user_id: str, kind: str, data: list[Any]) -> None:
+        """News for a user's client sessions on other replicas."""
+        if self.replicated and data:
+            for start in range(0, len(data), MAX_IDS):
+                await self.bus.publish(user_key(user_id), kind, user_id, data[start : start + MAX_IDS])
+
+    async def on_event(self, kind: str, target: str, data: Any) -> None:
+        """Act on news from another replica (``target``: a user id or an endpoint id)."""
+        self.counters[f"bus_{kind}"] += 1
+        if kind == "status":
+            self._fan_out({tid: (tid, state, ts) for tid, state, ts in data}, "updates")
+            return
+        if kind == "results":
+            await self._push_stored(target, data)
+            return
+        ep = self.endpoints.get(target)
+        if ep is None:
+            return  # it left this replica meanwhile: its new replica reads the database
+        if kind == "refill":
+            await self._refill_from_store(ep)
+        elif kind == "cancel":
+            await self._cancel_on(ep, data)
+        elif kind == "frame":
+            await _safe_send(ep, data)
+        elif kind == "start_user":
+            await self._start_user_endpoint(data)
+        elif kind == "close":
+            await self._disconnect_here(target, int(data[0]), str(data[1]))
+        elif kind == "takeover":  # it connected to another replica: this connection is stale
+            log.info("endpoint %s connected to replica %s; dropping its connection here", target, data)
+            del self.endpoints[target]
+            await self.bus.unbind(endpoint_key(target))
+            await _safe_close(ep, CLOSE_TRY_AGAIN, "this endpoint connected to another replica")
+
+    async def _push_stored(self, user_id: str, ids: list[str]) -> None:
+        """Push the stored results among ``ids`` to the sessions here that wait for them."""
+        watched = [tid for tid in ids if tid in self.watchers]
+        if watched:
+            rows = await self.db.get_tasks(user_id, watched)
+            self._push_results([row_to_result(r) for r in rows if r.state in TERMINAL_STATES])
+
+    async def _refill_from_store(self, ep: EndpointSession) -> None:
+        """Page an endpoint's backlog from the store again (work stored by another replica)."""
+        if ep.multi_user:
+            return
+        if ep.queue:  # everything queued here is in the store too: read it from there, in order
+            ep.queue.clear()
+            ep.queue_bytes = 0
+        ep.backlog = True
+        await self._refill(ep)
+
+    async def reconcile(self, watched: bool = True) -> None:
+        """Catch up on news the bus may have lost (a broker restart drops what was in flight):
+        page the backlogs of the endpoints held here, and push results of watched tasks that ended."""
+        for ep in list(self.endpoints.values()):
+            if self.endpoints.get(ep.endpoint_id) is ep:
+                await self._refill_from_store(ep)
+        if not watched:
+            return
+        per_user: dict[str, set[str]] = defaultdict(set)
+        for session in list(self.clients):
+            per_user[session.user_id].update(session.watching)
+        for user_id, ids in per_user.items():
+            listed = list(ids)
+            for start in range(0, len(listed), MAX_IDS):
+                ended = await self.db.finished_among(user_id, listed[start : start + MAX_IDS])
+                await self._push_stored(user_id, ended)
+
+    async def reconcile_loop(self) -> None:
+        """With several replicas: reconcile now and then (cheap: one page query per idle endpoint)."""
+        last_watch = time.monotonic()
+        while self.replicated:
+            await asyncio.sleep(RECONCILE_S)
+            try:
+                due = time.monotonic() - last_watch >= WATCH_RECONCILE_S
+                await self.reconcile(watched=due)
+                if due:
+                    last_watch = time.monotonic()
+            except Exception:  # noqa: BLE001 - tried again next time
+                log.exception("reconciling with the store failed")
+
     # --- helpers -------------------------------------------------------------------------------
-    def online(self, endpoint_id: str) -> bool:
-        return endpoint_id in self.endpoints
 
     def watch(self, session: ClientSession, ids: Iterable[str]) -> None:
         for tid in ids:
@@ -281,11 +404,21 @@ class Relay:
         return self._fan_out({r.id: r for r in results}, "results", drop=True)
 
     # --- clients -------------------------------------------------------------------------------
-    def client_connected(self, session: ClientSession) -> None:
+    async def client_connected(self, session: ClientSession) -> None:
+        """A client session joins; with several replicas, this one now hears its user's news
+        (bound before the session's first frame, so no result stored after it is missed)."""
         self.clients.add(session)
+        self._user_sessions[session.user_id] += 1
+        if self._user_sessions[session.user_id] == 1:
+            await self.bus.bind(user_key(session.user_id))
 
-    def client_disconnected(self, session: ClientSession) -> None:
-        self.clients.discard(session)
+    async def client_disconnected(self, session: ClientSession) -> None:
+        if session in self.clients:
+            self.clients.discard(session)
+            self._user_sessions[session.user_id] -= 1
+            if self._user_sessions[session.user_id] <= 0:
+                del self._user_sessions[session.user_id]
+                await self.bus.unbind(user_key(session.user_id))
         for tid in session.watching:
             group = self.watchers.get(tid)
             if group is not None:
@@ -294,36 +427,36 @@ class Relay:
                     del self.watchers[tid]
         session.watching.clear()
 
-    def _row(self, rows: dict[str, dict[str, Any] | None], endpoint_id: str) -> dict[str, Any] | None:
+    async def _row(self, rows: dict[str, dict[str, Any] | None], endpoint_id: str) -> dict[str, Any] | None:
         """An endpoint's row, read at most once per submission (``rows`` holds those read)."""
         if endpoint_id not in rows:
-            rows[endpoint_id] = self.store.get_endpoint(endpoint_id)
+            rows[endpoint_id] = await self.db.get_endpoint(endpoint_id)
         return rows[endpoint_id]
 
-    def _endpoint_refusal(self, user_id: str, endpoint_id: str,
+    async def _endpoint_refusal(self, user_id: str, endpoint_id: str,
                           rows: dict[str, dict[str, Any] | None]) -> Refusal | None:
         """Why ``user_id`` may not send tasks to ``endpoint_id``, or None if they may: it is
         theirs, or a multi-user endpoint whose policy admits them."""
         session = self.endpoints.get(endpoint_id)
         if session is not None and session.owner_id == user_id and not session.multi_user:
             return None
-        ep = self._row(rows, endpoint_id)
-        if ep is None or not (ep["owner_id"] == user_id or self.admits(user_id, ep)):
+        ep = await self._row(rows, endpoint_id)
+        if ep is None or not (ep["owner_id"] == user_id or await self.admits(user_id, ep)):
             return Refusal(ErrorCode.UNKNOWN_ENDPOINT,
                            f"unknown endpoint {endpoint_id}: no endpoint with this id is visible to you")
         if ep["deleted_at"] is not None:
             return Refusal(ErrorCode.ENDPOINT_DELETED, f"endpoint {endpoint_id} was deleted by its owner")
         return None
 
-    def admits(self, user_id: str, ep: dict[str, Any]) -> bool:
+    async def admits(self, user_id: str, ep: dict[str, Any]) -> bool:
         """Whether a multi-user endpoint's policy lets ``user_id`` (or their name) send it tasks."""
         if not ep.get("multi_user") or not ep.get("policy"):
             return False
         policy = json.loads(ep["policy"])
         users = policy.get("users") or []
-        return bool(policy.get("public")) or user_id in users or self.store.user_name(user_id) in users
+        return bool(policy.get("public")) or user_id in users or await self.db.user_name(user_id) in users
 
-    def validate_submission(self, user_id: str, msg: Submit, rows: dict[str, dict[str, Any] | None]
+    async def validate_submission(self, user_id: str, msg: Submit, rows: dict[str, dict[str, Any] | None]
                             ) -> tuple[list[Task], dict[str, Refusal], dict[str, bytes]]:
         """Split a submission into (tasks to store, {task id: refusal}, function bodies to keep)."""
         bodies: dict[str, bytes] = {}
@@ -346,7 +479,7 @@ class Relay:
                 continue
             seen.add(tid)
             if task.endpoint not in endpoint_refusal:
-                endpoint_refusal[task.endpoint] = self._endpoint_refusal(user_id, task.endpoint, rows)
+                endpoint_refusal[task.endpoint] = await self._endpoint_refusal(user_id, task.endpoint, rows)
             refusal = endpoint_refusal[task.endpoint]
             if refusal is not None:
                 rejected[tid] = refusal
@@ -360,7 +493,7 @@ class Relay:
             elif task.function in forged:
                 rejected[tid] = Refusal(ErrorCode.FUNCTION_ID_MISMATCH,
                                         f"function id {task.function} is not the hash of the body sent with it")
-            elif task.function not in bodies and self.store.get_function(user_id, task.function) is None:
+            elif task.function not in bodies and await self.db.get_function(user_id, task.function) is None:
                 rejected[tid] = Refusal(ErrorCode.UNKNOWN_FUNCTION, f"function {task.function} is not registered; "
                                         "submit it with its body first")
             else:
@@ -372,17 +505,21 @@ class Relay:
         received = time.time()
         self.counters["submit_frames"] += 1
         rows: dict[str, dict[str, Any] | None] = {}  # endpoint rows this submission needs, read once each
-        candidates, rejected, bodies = self.validate_submission(user_id, msg, rows)
-        self.store.add_functions(user_id, bodies)
-        user_endpoints = self._route_to_user_endpoints(user_id, candidates, rows)
+        candidates, rejected, bodies = await self.validate_submission(user_id, msg, rows)
+        await self.db.add_functions(user_id, bodies)
+        candidates = await self._within_quota(user_id, candidates, rejected)
+        user_endpoints = await self._route_to_user_endpoints(user_id, candidates, rows)
         # stored before anything else sees it: a result can never overtake its task
-        inserted, resubmitted, taken = self.store.insert_tasks(user_id, candidates, received)
+        inserted, resubmitted, taken = await self.db.insert_tasks(user_id, candidates, received)
         if self.blobs is not None:
             self.blobs.link(t for t in inserted if t.blobs)
         for tid in taken:
             rejected[tid] = Refusal(ErrorCode.ID_CONFLICT, f"task id {tid} is already in use; task ids must be "
                                     "unique (let the client make them: it uses random uuids)")
         self.counters["submitted"] += len(inserted)
+        if user_id in self._open_counts:
+            count, counted_at = self._open_counts[user_id]
+            self._open_counts[user_id] = (count + len(inserted), counted_at)
         by_endpoint: dict[str, list[Task]] = defaultdict(list)
         for t in inserted:
             by_endpoint[t.endpoint].append(t)
@@ -393,17 +530,41 @@ class Relay:
             ep = self.endpoints.get(endpoint_id)
             if ep is not None:
                 await self._offer(ep, user_id, items)
-            elif endpoint_id in user_endpoints:
+                continue
+            await self._tell_endpoint(endpoint_id, "refill")  # connected to another replica, maybe
+            if endpoint_id in user_endpoints:
                 await self._start_user_endpoint(endpoint_id)
-        briefs = {eid: self._endpoint_brief(eid, rows) for eid in {t.endpoint for t in candidates}}
+        briefs = {eid: await self._endpoint_brief(eid, rows) for eid in {t.endpoint for t in candidates}}
         ack = SubmitAck(ref=msg.ref, accepted=accepted, rejected=rejected, ts=received, endpoints=briefs)
         if session is not None:
             await _safe_send(session, encode(ack))
             if resubmitted:  # sent again after a reconnect: the client may have missed its news
-                await self._send_current(session, self.store.get_tasks(user_id, resubmitted))
+                await self._send_current(session, await self.db.get_tasks(user_id, resubmitted))
         return ack
 
-    def _route_to_user_endpoints(self, user_id: str, batch: list[Task],
+    async def _within_quota(self, user_id: str, batch: list[Task], rejected: dict[str, Refusal]) -> list[Task]:
+        """The tasks of ``batch`` that fit the user's quota of open tasks; the rest are refused in
+        words. The count is the store's, re-read every QUOTA_RECOUNT_S and whenever the limit is
+        near (so replicas, each with its own count, agree where it matters)."""
+        limit = self.max_open_per_user
+        if limit is None or not batch:
+            return batch
+        count, counted_at = self._open_counts.get(user_id, (0, -QUOTA_RECOUNT_S))
+        if time.monotonic() - counted_at >= QUOTA_RECOUNT_S or count + len(batch) > limit:
+            count = await self.db.count_open(user_id)
+            self._open_counts[user_id] = (count, time.monotonic())
+        room = max(0, limit - count)
+        if len(batch) <= room:
+            return batch
+        self.counters["refused_quota"] += len(batch) - room
+        refusal = Refusal(ErrorCode.QUOTA_EXCEEDED,
+                          f"you have {count} tasks waiting or running, and this service allows {limit} per user: "
+                          "wait for some to finish (or cancel some), then submit again")
+        for t in batch[room:]:
+            rejected[t.id] = refusal
+        return batch[:room]
+
+    async def _route_to_user_endpoints(self, user_id: str, batch: list[Task],
                                  rows: dict[str, dict[str, Any] | None]) -> set[str]:
         """Point tasks for a multi-user endpoint at the user endpoint that runs this user's tasks
         with this config (one per user and config); returns the user endpoint ids."""
@@ -416,14 +577,14 @@ class Relay:
                 if session is not None and not session.multi_user:
                     parents[t.endpoint] = None  # the common case: an ordinary endpoint, online; no SELECT
                 else:
-                    ep = self._row(rows, t.endpoint)
+                    ep = await self._row(rows, t.endpoint)
                     parents[t.endpoint] = ep if ep is not None and ep.get("multi_user") else None
             parent = parents[t.endpoint]
             if parent is not None:
                 key = (parent["id"], json.dumps(t.uec or {}, sort_keys=True))
                 if key not in children:
-                    children[key] = self.store.user_endpoint_for(
-                        parent, user_id, self.store.user_name(user_id) or user_id, t.uec)
+                    children[key] = await self.db.user_endpoint_for(
+                        parent, user_id, await self.db.user_name(user_id) or user_id, t.uec)
                 t.endpoint = children[key]
                 routed.add(t.endpoint)
         return routed
@@ -431,36 +592,40 @@ class Relay:
     async def _start_user_endpoint(self, user_endpoint_id: str, force: bool = False) -> None:
         """Ask the multi-user endpoint to start a user endpoint, with a fresh credential for it
         (once per START_RETRY_S; if the parent is offline, when it connects)."""
-        child = self.store.get_endpoint(user_endpoint_id)
-        if child is None or child["parent_id"] is None or user_endpoint_id in self.endpoints:
+        child = await self.db.get_endpoint(user_endpoint_id)
+        if child is None or child["parent_id"] is None or self.is_online(child):
             return
         parent = self.endpoints.get(child["parent_id"])
+        if parent is None:  # the parent may be connected to another replica: it asks there
+            await self._tell_endpoint(child["parent_id"], "start_user", user_endpoint_id)
+            return
         asked = self._start_requested.get(user_endpoint_id)
-        if parent is None or (not force and asked is not None and time.monotonic() - asked < START_RETRY_S):
+        if not force and asked is not None and time.monotonic() - asked < START_RETRY_S:
             return
         self._start_requested[user_endpoint_id] = time.monotonic()
-        identity = Identity(id=child["owner_id"], username=self.store.user_name(child["owner_id"]) or "")
+        identity = Identity(id=child["owner_id"], username=await self.db.user_name(child["owner_id"]) or "")
         log.info("asking multi-user endpoint %s to start user endpoint %s for %s", parent.endpoint_id,
                  user_endpoint_id, identity.username)
         await _safe_send(parent, encode(StartUserEndpoint(
             user_endpoint_id=user_endpoint_id, identity=identity, config=json.loads(child["user_config"] or "{}"),
-            secret=self.store.new_secret(user_endpoint_id))))
+            secret=await self.db.new_secret(user_endpoint_id))))
 
-    def _endpoint_brief(self, endpoint_id: str, rows: dict[str, dict[str, Any] | None]) -> EndpointBrief:
+    async def _endpoint_brief(self, endpoint_id: str, rows: dict[str, dict[str, Any] | None]) -> EndpointBrief:
         """Online state and versions, so the client can warn of a mismatch before any task runs."""
         session = self.endpoints.get(endpoint_id)
         if session is not None:
-            status = session.status
+            status, online = session.status, True
         else:
-            ep = self._row(rows, endpoint_id)
+            ep = await self._row(rows, endpoint_id)
             status = _loads(ep["status"]) if ep and ep.get("status") else {}
+            online = ep is not None and self.is_online(ep)
         versions = status.get("versions") or {}
-        return EndpointBrief(online=session is not None, python=versions.get("python"), versions=versions)
+        return EndpointBrief(online=online, python=versions.get("python"), versions=versions)
 
     async def subscribe(self, session: ClientSession, msg: Subscribe) -> None:
         """Watch tasks (e.g. a reloaded task group); current state or result is sent at once."""
-        self.flush_deferred()
-        rows = self.store.get_tasks(session.user_id, msg.ids)
+        await self.flush_deferred()
+        rows = await self.db.get_tasks(session.user_id, msg.ids)
         known = {r.id for r in rows}
         unknown = [i for i in msg.ids if i not in known]
         if unknown:
@@ -483,28 +648,33 @@ class Relay:
             self._push_results(results)
 
     async def cancel(self, user_id: str, ids: Sequence[str]) -> list[str]:
-        rows = self.store.cancel(user_id, ids)
+        rows = await self.db.cancel(user_id, ids)
         if not rows:
             return []
         now = time.time()
         err = ErrorInfo(type="TaskCancelled", message="cancelled by its owner")
         self._push_results(Result(id=r.id, state="cancelled", error=err, times={"cancelled": now}) for r in rows)
+        await self._tell_user(user_id, "results", [r.id for r in rows])
         per_endpoint: dict[str, list[str]] = defaultdict(list)
         for r in rows:
-            if r.state != TaskState.WAITING.value or r.endpoint_id in self.endpoints:
+            if r.state != TaskState.WAITING.value or r.endpoint_id in self.endpoints or self.replicated:
                 per_endpoint[r.endpoint_id].append(r.id)
-        cancelled = {r.id for r in rows}
-        for endpoint_id in per_endpoint:  # a task cancelled before it was sent must never be
-            ep = self.endpoints.get(endpoint_id)
-            if ep is not None and ep.queue:
-                ep.queue = deque(item for item in ep.queue if item[1].id not in cancelled)
-                ep.queue_bytes = sum(wire_size(t) for _, t in ep.queue)
         for endpoint_id, tids in per_endpoint.items():
             ep = self.endpoints.get(endpoint_id)
             if ep is not None:
-                await _safe_send(ep, encode(Cancel(ids=tids)))
+                await self._cancel_on(ep, tids)
+            else:
+                await self._tell_endpoint(endpoint_id, "cancel", tids)
         self.counters["cancelled"] += len(rows)
         return [r.id for r in rows]
+
+    async def _cancel_on(self, ep: EndpointSession, ids: list[str]) -> None:
+        """Cancelled tasks of an endpoint held here: never sent if still queued; killed if running."""
+        cancelled = set(ids)
+        if ep.queue:
+            ep.queue = deque(item for item in ep.queue if item[1].id not in cancelled)
+            ep.queue_bytes = sum(wire_size(t) for _, t in ep.queue)
+        await _safe_send(ep, encode(Cancel(ids=ids)))
 
     async def client_message(self, session: ClientSession, msg: Any) -> None:
         """Act on one (already validated) client frame."""
@@ -526,10 +696,14 @@ class Relay:
             await _safe_close(old, CLOSE_CREDENTIAL_ROTATED, "replaced by a newer connection of this endpoint")
         session.status = {"versions": hello.versions, "capacity": hello.capacity}
         session.set_capacity(hello.capacity)
-        self.store.save_endpoint_status(session.endpoint_id, {**session.status, "online": True})
+        # with several replicas: hear this endpoint's news here, and tell a replica that still
+        # holds an older (dead) connection of it to let go
+        await self.bus.bind(endpoint_key(session.endpoint_id))
+        await self._tell_endpoint(session.endpoint_id, "takeover", self.bus.replica_id)
+        await self._save_presence(session, online=True)
         self._start_requested.pop(session.endpoint_id, None)
         if session.multi_user:  # user endpoints with work waiting for them: start them now
-            for child in self.store.user_endpoints_with_open_tasks(session.endpoint_id):
+            for child in await self.db.user_endpoints_with_open_tasks(session.endpoint_id):
                 await self._start_user_endpoint(child["id"], force=True)
             return
         # what it holds counts against its window until it reports on it; the rest is paged to it
@@ -537,12 +711,21 @@ class Relay:
         session.backlog = True
         await self._refill(session)
 
-    def endpoint_disconnected(self, session: EndpointSession) -> None:
+    async def endpoint_disconnected(self, session: EndpointSession) -> None:
         if self.endpoints.get(session.endpoint_id) is session:
             del self.endpoints[session.endpoint_id]
-            ep = self.store.get_endpoint(session.endpoint_id)
-            if ep is not None and ep["deleted_at"] is None:
-                self.store.save_endpoint_status(session.endpoint_id, {**session.status, "online": False})
+            await self.bus.unbind(endpoint_key(session.endpoint_id))
+            ep = await self.db.get_endpoint(session.endpoint_id)
+            if ep is None or ep["deleted_at"] is not None:
+                return
+            holder = (_loads(ep["status"]) or {}).get("replica")
+            if holder in (None, self.bus.replica_id):  # not if it reconnected to another replica meanwhile
+                await self._save_presence(session, online=False)
+
+    async def _save_presence(self, session: EndpointSession, online: bool) -> None:
+        """Write an endpoint's status (capacity, versions, online, which replica holds it)."""
+        await self.db.save_endpoint_status(session.endpoint_id, {**session.status, "online": online,
+                                                                 "replica": self.bus.replica_id})
 
     async def _offer(self, ep: EndpointSession, owner: str, items: list[Task]) -> None:
         """New (stored) tasks for a connected endpoint: sent while it has room and nothing older
@@ -597,7 +780,7 @@ class Relay:
                 if credit < low:
                     return
                 limit = max(credit, PAGE_MIN)
-                page = self.store.open_task_page(ep.endpoint_id, ep.cursor, limit)
+                page = await self.db.open_task_page(ep.endpoint_id, ep.cursor, limit)
                 fresh, consumed = [], 0
                 for row in page:
                     if len(fresh) >= credit:
@@ -613,7 +796,7 @@ class Relay:
                                            size=lambda r: (r.size or 0) + ITEM_OVERHEAD):
                     rows = [chunk.item] if isinstance(chunk, TooLarge) else chunk
                     per_owner = defaultdict(list)
-                    loaded = self.store.load_open_tasks([r.id for r in rows])
+                    loaded = await self.db.load_open_tasks([r.id for r in rows])
                     ep.sent.difference_update({r.id for r in rows} - {r.id for r in loaded})  # ended meanwhile
                     for r in loaded:
                         per_owner[r.owner_id].append(Task(id=r.id, function=r.function_id, endpoint=r.endpoint_id,
@@ -628,28 +811,30 @@ class Relay:
         """Send tasks of one owner to an endpoint, with the function bodies it has not seen, in
         frames bounded in bytes; a task too large for any frame fails alone."""
         ep.sent.update(t.id for t in items)
-        self.store.track_dispatched(ep.endpoint_id, (t.id for t in items))
+        self.db.store.track_dispatched(ep.endpoint_id, (t.id for t in items))  # memory only
+        needed: dict[str, bytes | None] = {}
+        for fid in {t.function for t in items}:
+            if fid not in ep.sent_functions:
+                needed[fid] = await self.db.get_function(owner, fid)
 
-        def body_of(fid: str) -> bytes | None:
-            return None if fid in ep.sent_functions else self.store.get_function(owner, fid)
-
-        for batch in task_frames(items, body_of, PEER_MAX_FRAME, DISPATCH_CHUNK):
+        for batch in task_frames(items, needed.get, PEER_MAX_FRAME, DISPATCH_CHUNK):
             if isinstance(batch, TooLarge):
                 ep.sent.discard(batch.item.id)
-                self._fail_task(batch.item.id, ErrorCode.PAYLOAD_TOO_LARGE,
-                                batch.message(f"task {batch.item.id}, sent to endpoint {ep.endpoint_id},"))
+                await self._fail_task(owner, batch.item.id, ErrorCode.PAYLOAD_TOO_LARGE,
+                                      batch.message(f"task {batch.item.id}, sent to endpoint {ep.endpoint_id},"))
                 continue
             chunk, bodies = batch
             ep.sent_functions.update(bodies)
             await _safe_send(ep, encode(Tasks(tasks=chunk, functions=bodies)))
             await asyncio.sleep(0)  # a large backlog never holds the loop for long
 
-    def _fail_task(self, task_id: str, code: ErrorCode, message: str) -> None:
+    async def _fail_task(self, owner: str, task_id: str, code: ErrorCode, message: str) -> None:
         """End an open task with an error the service raised itself (stored, then pushed)."""
         result = _failed(task_id, code, message)
-        self.store.write_results([result])
-        self.store.forget_open([task_id])
-        self._push_results([result])
+        stored = await self.db.write_results([result])
+        self.db.store.forget_open([task_id])
+        self._push_results(stored)
+        await self._tell_user(owner, "results", [r.id for r in stored])
 
     async def _refuse_reports(self, session: EndpointSession, what: str, ids: list[str]) -> None:
         """An endpoint spoke of tasks that are not its own: refuse, log, and tell it."""
@@ -665,12 +850,13 @@ class Relay:
         """Act on one (already validated) endpoint frame; only its own tasks are touched."""
         if isinstance(msg, Received | Running):
             state = TaskState.DISPATCHED if isinstance(msg, Received) else TaskState.RUNNING
-            mine, foreign = self.store.dispatched_to(session.endpoint_id, msg.ids)
+            mine, foreign = await self.db.dispatched_to(session.endpoint_id, msg.ids)
             if foreign:
                 await self._refuse_reports(session, msg.__struct_config__.tag, foreign)
             ts = msg.ts or time.time()
             self._deferred[state].update(dict.fromkeys(mine, ts))
             self._push_status(mine, state, ts)
+            await self._tell_user(session.owner_id, "status", [(tid, state.value, ts) for tid in mine])
             await self._audit(session, [(tid, state.value, ts) for tid in mine])
         elif isinstance(msg, Results):
             await self._store_results(session, msg.results)
@@ -680,13 +866,13 @@ class Relay:
             session.status = {"versions": msg.versions or session.status.get("versions", {}),
                               "capacity": msg.capacity}
             session.set_capacity(msg.capacity)
-            self.store.save_endpoint_status(session.endpoint_id, {**session.status, "online": True})
+            await self._save_presence(session, online=True)
             if session.backlog or session.queue:
                 await self._refill(session)
 
     async def _store_results(self, session: EndpointSession, results: list[Result]) -> None:
         self.counters["result_frames"] += 1
-        fresh, foreign = self.store.claim_results(session.endpoint_id, results)
+        fresh, foreign = await self.db.claim_results(session.endpoint_id, results)
         if foreign:
             await self._refuse_reports(session, "result", foreign)
         for r in fresh:  # the result's row carries the times not yet written
@@ -694,15 +880,18 @@ class Relay:
                 ts = stamps.pop(r.id, None)
                 if ts is not None:
                     r.times.setdefault(state.value, ts)
-        # Push first, store second, acknowledge third: the client has its result a commit
-        # sooner, and the endpoint keeps it spooled until it is stored.
-        for client in self._push_results(fresh):
-            await client.send_results_now()
-        try:
-            self.store.write_results(fresh)
-        except Exception:
-            self.store.unclaim(session.endpoint_id, fresh)  # not acknowledged: the endpoint sends them again
-            raise
+        if self.replicated:
+            fresh = await self._store_and_announce(session, results, fresh, set(foreign))
+        else:
+            # Push first, store second, acknowledge third: the client has its result a commit
+            # sooner, and the endpoint keeps it spooled until it is stored.
+            for client in self._push_results(fresh):
+                await client.send_results_now()
+            try:
+                await self.db.write_results(fresh)
+            except Exception:
+                self.db.store.unclaim(session.endpoint_id, fresh)  # not acknowledged: the endpoint sends them again
+                raise
         # foreign and duplicate results are acknowledged too: they will never be stored, and the
         # endpoint must not send them again forever
         await _safe_send(session, encode(ResultAck(ids=[r.id for r in results])))
@@ -714,42 +903,89 @@ class Relay:
         if session.backlog or session.queue:
             await self._refill(session)
 
+    async def _store_and_announce(self, session: EndpointSession, results: list[Result], fresh: list[Result],
+                                  foreign: set[str]) -> list[Result]:
+        """With several replicas: store first (exactly one replica stores a task's result, see
+        :meth:`Store.write_results`), then push what was stored here and announce it to the other
+        replicas; returns the results stored here.
+
+        A result this endpoint sends again for a task that already has one is announced again
+        too: the replica that stored it may have died before it told anyone (the endpoint sends
+        it again because that replica never acknowledged it).
+        """
+        try:
+            stored = await self.db.write_results(fresh)
+        except Exception:
+            self.db.store.unclaim(session.endpoint_id, fresh)  # not acknowledged: the endpoint sends them again
+            raise
+        for client in self._push_results(stored):
+            await client.send_results_now()
+        stored_ids = {r.id for r in stored}
+        again = [r.id for r in results if r.id not in stored_ids and r.id not in foreign]
+        await self._push_stored(session.owner_id, again)
+        await self._tell_user(session.owner_id, "results", [*stored_ids, *again])
+        return stored
+
     async def _audit(self, session: EndpointSession, events: list[tuple[str, str, float]]) -> None:
         """Tell a user endpoint's parent what happened to its tasks (the parent keeps the audit log)."""
-        parent = self.endpoints.get(session.parent_id) if session.parent_id and events else None
+        if not session.parent_id or not events:
+            return
+        frame = encode(Audit(events=[(session.endpoint_id, tid, state, ts) for tid, state, ts in events]))
+        parent = self.endpoints.get(session.parent_id)
         if parent is not None:
-            await _safe_send(parent, encode(Audit(events=[(session.endpoint_id, tid, state, ts)
-                                                          for tid, state, ts in events])))
+            await _safe_send(parent, frame)
+        else:  # the parent is connected to another replica
+            await self._tell_endpoint(session.parent_id, "frame", frame)
 
     async def _user_endpoint_report(self, session: EndpointSession, msg: Any) -> None:
         """A multi-user endpoint reports on one of *its* user endpoints (others are refused)."""
-        child = self.store.get_endpoint(msg.user_endpoint_id)
+        child = await self.db.get_endpoint(msg.user_endpoint_id)
         if child is None or child["parent_id"] != session.endpoint_id:
             await self._refuse_reports(session, msg.__struct_config__.tag, [msg.user_endpoint_id])
             return
         if isinstance(msg, UserEndpointStarted):
-            self.store.set_local_user(msg.user_endpoint_id, msg.local_user)
+            await self.db.set_local_user(msg.user_endpoint_id, msg.local_user)
             return
         self._start_requested.pop(msg.user_endpoint_id, None)
         log.warning("user endpoint %s could not start: %s", msg.user_endpoint_id, msg.message)
         error = {"type": "UserEndpointFailed", "code": ErrorCode.USER_ENDPOINT_FAILED.value,
                  "message": f"the multi-user endpoint could not start your user endpoint: {msg.message}"}
-        rows = self.store.fail_open_tasks(msg.user_endpoint_id, error)
+        rows = await self.db.fail_open_tasks(msg.user_endpoint_id, error)
+        await self._announce_failed(rows, error)
+
+    async def _announce_failed(self, rows: Sequence[Any], error: dict[str, Any]) -> None:
+        """Push the failure of tasks the service ended itself (rows: id, owner_id), here and on
+        other replicas."""
         info = ErrorInfo(type=error["type"], message=error["message"], code=error["code"])
         now = time.time()
         self._push_results(Result(id=r.id, state="failed", error=info, times={"failed": now}) for r in rows)
+        per_owner: dict[str, list[str]] = defaultdict(list)
+        for r in rows:
+            per_owner[r.owner_id].append(r.id)
+        for owner, ids in per_owner.items():
+            await self._tell_user(owner, "results", ids)
 
     async def stop_endpoint(self, endpoint_id: str) -> bool:
+        """Ask an endpoint to stop; False if it is not connected (to any replica)."""
         ep = self.endpoints.get(endpoint_id)
-        if ep is None:
+        if ep is not None:
+            await _safe_send(ep, encode(Stop()))
+            return True
+        row = await self.db.get_endpoint(endpoint_id) if self.replicated else None
+        if row is None or not self.is_online(row):
             return False
-        await _safe_send(ep, encode(Stop()))
+        await self._tell_endpoint(endpoint_id, "frame", encode(Stop()))
         return True
 
     async def disconnect_endpoint(self, endpoint_id: str, code: int, reason: str) -> None:
+        """Close an endpoint's connection, on whichever replica holds it."""
+        await self._disconnect_here(endpoint_id, code, reason)
+        await self._tell_endpoint(endpoint_id, "close", [code, reason])
+
+    async def _disconnect_here(self, endpoint_id: str, code: int, reason: str) -> None:
         session = self.endpoints.get(endpoint_id)
         if session is not None:
-            self.endpoint_disconnected(session)
+            await self.endpoint_disconnected(session)
             await _safe_close(session, code, reason)
 
     async def delete_endpoint(self, endpoint_id: str) -> int:
@@ -757,11 +993,9 @@ class Relay:
         await self.stop_endpoint(endpoint_id)
         error = {"type": "EndpointDeleted", "code": ErrorCode.ENDPOINT_DELETED.value,
                  "message": f"endpoint {endpoint_id} was deleted by its owner before this task finished"}
-        rows = self.store.delete_endpoint(endpoint_id, error)
+        rows = await self.db.delete_endpoint(endpoint_id, error)
         await self.disconnect_endpoint(endpoint_id, CLOSE_AUTH_FAILED, "this endpoint was deleted by its owner")
-        now = time.time()
-        info = ErrorInfo(type=error["type"], message=error["message"], code=error["code"])
-        self._push_results(Result(id=r.id, state="failed", error=info, times={"failed": now}) for r in rows)
+        await self._announce_failed(rows, error)
         return len(rows)
 
 

@@ -1,6 +1,7 @@
 """Run the service: bind, make sure the local identity exists, write service.json, serve.
 
-``python -m tether.service.server`` is what ``tether service start --detach`` launches.
+``python -m tether.service.server [--config service.yaml] [flags]`` is what ``tether service
+start --detach`` launches; its settings are :class:`tether.service.settings.ServiceConfig`.
 """
 
 from __future__ import annotations
@@ -13,13 +14,18 @@ import sys
 from pathlib import Path
 
 import uvicorn
+from sqlalchemy.exc import OperationalError
 
 from tether.config import service_file, tether_home, write_secret
+from tether.errors import ConfigError
 from tether.logs import configure_logging
 from tether.protocol import DEFAULT_PREFETCH, service_max_frame
 
 from .app import Settings, create_app
 from .auth import GlobusSettings
+from .schema import SchemaError, ensure_schema
+from .settings import ServiceConfig, redact, service_config
+from .store import make_engine
 
 LOCAL_USER = "local"
 
@@ -40,46 +46,74 @@ def _ws_implementation() -> str:
     return "websockets-sansio"
 
 
-def serve(host: str = "127.0.0.1", port: int = 8421, db_url: str | None = None,
-          max_payload_bytes: int | None = None, log_level: str = "warning", prefetch: int | None = None,
-          uncollected_retention_s: float | None = None, tls_cert: str | None = None, tls_key: str | None = None,
-          tls_ca: str | None = None, allow_insecure_http: bool = False, globus: GlobusSettings | None = None,
-          blob_options: dict[str, float | int | str | None] | None = None) -> None:
+def serve(cfg: ServiceConfig) -> None:
     """Serve until SIGTERM/SIGINT. The embedded default needs nothing but a writable TETHER_HOME.
 
-    With ``tls_cert``/``tls_key`` the service speaks https/wss only. Without them it refuses to
+    With a TLS certificate and key the service speaks https/wss only. Without them it refuses to
     listen beyond loopback (tokens would cross the network in clear) unless
-    ``allow_insecure_http`` says the network is trusted.
+    ``allow_insecure_http`` says the network is trusted. The store's schema is checked before
+    the port is bound, so a replica that would misread its database never takes a connection.
     """
-    if bool(tls_cert) != bool(tls_key):
-        sys.exit("tether service: give both --tls-cert and --tls-key (PEM files), or neither")
-    for path in (tls_cert, tls_key, tls_ca):
+    where = f" (in {cfg.source})" if cfg.source else ""
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        sys.exit(f"tether service: give both a TLS certificate and its key (tls.cert and tls.key, or --tls-cert "
+                 f"and --tls-key), or neither{where}")
+    for path in (cfg.tls_cert, cfg.tls_key, cfg.tls_ca):
         if path and not Path(path).is_file():
-            sys.exit(f"tether service: {path} is not a file")
-    loopback_only = host in ("127.0.0.1", "::1", "localhost")
-    if not tls_cert and not loopback_only and not allow_insecure_http:
-        sys.exit(f"tether service: refusing to listen on {host} without TLS (tokens would cross the network in "
-                 "clear); pass --tls-cert and --tls-key, or --allow-insecure-http on a network you trust")
+            sys.exit(f"tether service: {path} is not a file{where}")
+    loopback_only = cfg.host in ("127.0.0.1", "::1", "localhost")
+    if not cfg.tls_cert and not loopback_only and not cfg.allow_insecure_http:
+        sys.exit(f"tether service: refusing to listen on {cfg.host} without TLS (tokens would cross the network in "
+                 "clear); give tls.cert and tls.key (--tls-cert/--tls-key), or allow_insecure_http "
+                 "(--allow-insecure-http) on a network you trust")
+    globus = None
+    if cfg.globus_client_id:
+        if not cfg.globus_client_secret_file:
+            sys.exit("tether service: a Globus client id needs its secret in a file (globus.client_secret_file, "
+                     "--globus-client-secret-file; mode 0600)")
+        try:
+            globus = GlobusSettings.from_files(cfg.globus_client_id, cfg.globus_client_secret_file,
+                                               cfg.globus_scope, cfg.globus_auth_url)
+        except (OSError, ValueError) as exc:
+            sys.exit(f"tether service: {exc}")
+    if cfg.home:  # service.json and the default SQLite database live there
+        os.environ["TETHER_HOME"] = str(cfg.resolved_home())
+    if cfg.log_format:
+        os.environ["TETHER_LOG_FORMAT"] = cfg.log_format
+    configure_logging(cfg.log_level)
     home = tether_home()
     (home / "service").mkdir(parents=True, exist_ok=True, mode=0o700)
-    default_db = f"sqlite:///{home / 'service' / 'tether.db'}"
-    settings = Settings(db_url=db_url or os.environ.get("TETHER_DB_URL") or default_db, globus=globus)
-    if max_payload_bytes:
-        settings.max_payload_bytes = max_payload_bytes
-    if prefetch is not None:
-        settings.prefetch = prefetch
-    if uncollected_retention_s is not None:
-        settings.uncollected_retention_s = uncollected_retention_s
-    settings.blob_dir = str(home / "service" / "blobs")
-    for key, value in (blob_options or {}).items():  # blob limits, retention, purge interval (see --help)
+    db_url = cfg.resolved_db_url()
+    if cfg.broker_url and db_url.startswith("sqlite"):
+        sys.exit(f"tether service: replicas (broker_url) must share one database: give a PostgreSQL db_url{where}")
+    engine = make_engine(db_url)
+    try:
+        ensure_schema(engine, cfg.auto_migrate, cfg.how_to_upgrade())
+    except SchemaError as exc:
+        sys.exit(f"tether service: {exc}")
+    except OperationalError as exc:  # unreachable, refused, no such database: say which, without a traceback
+        sys.exit(f"tether service: cannot use the database {redact(db_url)}: {str(exc.orig).strip()}")
+    finally:
+        engine.dispose()
+    settings = Settings(db_url=db_url, globus=globus, broker_url=cfg.broker_url, replica_id=cfg.replica_id)
+    for name in ("max_payload_bytes", "prefetch", "max_open_tasks_per_user", "result_retention_s",
+                 "uncollected_retention_s", "purge_interval_s", "db_threads", "blob_threshold_bytes",
+                 "max_blob_bytes", "blob_quota_bytes", "blob_orphan_s"):
+        value = getattr(cfg, name)
         if value is not None:
-            setattr(settings, key, value)
+            setattr(settings, name, value)
+    settings.blob_dir = cfg.blob_dir or str(home / "service" / "blobs")
     app = create_app(settings)
 
-    # the local identity keeps its token across restarts, so clients and tests reconnect seamlessly
+    # the local identity keeps its token across restarts, so clients and tests reconnect seamlessly;
+    # on a shared database a starting replica never rotates it (the others' clients use it)
     previous = _read_json(service_file())
-    _, token = app.state.store.create_user(LOCAL_USER, previous.get("token"))
+    if settings.db_url.startswith("sqlite"):
+        _, token = app.state.store.create_user(LOCAL_USER, previous.get("token"))
+    else:
+        _, token = app.state.store.ensure_user(LOCAL_USER, previous.get("token"))
 
+    host, port = cfg.host, cfg.port
     # proto must be IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on such sockets, and
     # without it Nagle + delayed ACKs add ~40 ms to every small frame
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -87,19 +121,20 @@ def serve(host: str = "127.0.0.1", port: int = 8421, db_url: str | None = None,
     try:
         sock.bind((host, port))
     except OSError as exc:
-        sys.exit(f"tether service: cannot listen on {host}:{port}: {exc.strerror}; choose another --port")
+        sys.exit(f"tether service: cannot listen on {host}:{port}: {exc.strerror}; choose another port")
     bound_port = sock.getsockname()[1]
     url_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    url = f"{'https' if tls_cert else 'http'}://{url_host}:{bound_port}"
-    info = {"url": url, "token": token, "pid": os.getpid()}
-    if tls_ca:  # local clients verify the certificate against this CA (a private CA, a self-signed cert)
-        info["ca_file"] = str(Path(tls_ca).resolve())
+    url = f"{'https' if cfg.tls_cert else 'http'}://{url_host}:{bound_port}"
+    info = {"url": url, "pid": os.getpid()}
+    if token:  # None: the local user's token belongs to another replica's host (see docs/deploy.md)
+        info["token"] = token
+    if cfg.tls_ca:  # local clients verify the certificate against this CA (a private CA, a self-signed cert)
+        info["ca_file"] = str(Path(cfg.tls_ca).resolve())
     write_secret(service_file(), json.dumps(info))
 
-    configure_logging(log_level)
     config = uvicorn.Config(
         app,
-        log_level=log_level,
+        log_level=cfg.log_level,
         log_config=None,  # uvicorn's loggers go through ours (text or JSON, see tether.logs)
         ws=_ws_implementation(),
         ws_max_size=service_max_frame(settings.max_payload_bytes),  # what the Welcome announces
@@ -107,62 +142,71 @@ def serve(host: str = "127.0.0.1", port: int = 8421, db_url: str | None = None,
         ws_ping_timeout=60,
         lifespan="on",
         access_log=False,
-        ssl_certfile=tls_cert,
-        ssl_keyfile=tls_key,
+        ssl_certfile=cfg.tls_cert,
+        ssl_keyfile=cfg.tls_key,
     )
     server = uvicorn.Server(config)
     print(f"tether service listening on {url} (state in {home})", flush=True)
     server.run(sockets=[sock])
 
 
+def parser() -> argparse.ArgumentParser:
+    """The server's flags: one per config key (``tls.cert`` is ``--tls-cert``); a flag given
+    overrides the file, a flag left out (None) does not."""
+    p = argparse.ArgumentParser(prog="python -m tether.service.server")
+    p.add_argument("--config", default=None, metavar="FILE", help="service.yaml (see docs/deploy.md)")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--home", default=None, help="TETHER_HOME of the service (service.json, the default database)")
+    p.add_argument("--db-url", default=None)
+    p.add_argument("--db-threads", type=int, default=None,
+                   help="threads (database connections) per replica for PostgreSQL")
+    p.add_argument("--auto-migrate", action="store_const", const=True, default=None,
+                   help="PostgreSQL: upgrade an outdated schema at start instead of refusing")
+    p.add_argument("--broker-url", default=None, help="RabbitMQ between replicas: amqp://user:password@host/vhost")
+    p.add_argument("--replica-id", default=None, help="this replica's name in logs and on the broker (default: random)")
+    p.add_argument("--max-payload-bytes", type=int, default=None)
+    p.add_argument("--log-level", default=None)
+    p.add_argument("--log-format", choices=["text", "json"], default=None)
+    p.add_argument("--prefetch", type=int, default=None,
+                   help=f"tasks an endpoint is sent beyond its workers (default {DEFAULT_PREFETCH})")
+    p.add_argument("--max-open-tasks-per-user", type=int, default=None,
+                   help="tasks a user may have waiting or running at once (default 2,000,000)")
+    p.add_argument("--result-retention", type=float, default=None, metavar="SECONDS", dest="result_retention_s",
+                   help="collected results are deleted this long after collection (default 7 days)")
+    p.add_argument("--uncollected-retention", type=float, default=None, metavar="SECONDS",
+                   dest="uncollected_retention_s",
+                   help="results nobody collects are deleted this long after their task ended (default 30 days)")
+    p.add_argument("--purge-interval", type=float, default=None, metavar="SECONDS", dest="purge_interval_s",
+                   help="how often expired results and blobs are deleted (default 600)")
+    p.add_argument("--blob-dir", default=None,
+                   help="where blob files live (default <home>/service/blobs); replicas must share it")
+    p.add_argument("--blob-threshold-bytes", type=int, default=None,
+                   help="payloads above this travel as blobs, streamed through the service's disk (default 8 MiB)")
+    p.add_argument("--max-blob-bytes", type=int, default=None, help="largest blob accepted (default 16 GiB)")
+    p.add_argument("--blob-quota-bytes", type=int, default=None,
+                   help="bytes of blobs one user may have stored at once (default 100 GiB)")
+    p.add_argument("--blob-orphan-seconds", type=float, default=None, dest="blob_orphan_s",
+                   help="a blob no task names is deleted this long after it was declared (default 3600)")
+    p.add_argument("--tls-cert", default=None)
+    p.add_argument("--tls-key", default=None)
+    p.add_argument("--tls-ca", default=None)
+    p.add_argument("--allow-insecure-http", action="store_const", const=True, default=None)
+    p.add_argument("--globus-client-id", default=None)
+    p.add_argument("--globus-client-secret-file", default=None)
+    p.add_argument("--globus-scope", default=None)
+    p.add_argument("--globus-auth-url", default=None)
+    return p
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tether.service.server")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8421)
-    parser.add_argument("--db-url", default=None)
-    parser.add_argument("--max-payload-bytes", type=int, default=None)
-    parser.add_argument("--log-level", default="warning")
-    parser.add_argument("--prefetch", type=int, default=None,
-                        help=f"tasks an endpoint is sent beyond its workers (default {DEFAULT_PREFETCH})")
-    parser.add_argument("--uncollected-retention", type=float, default=None, metavar="SECONDS",
-                        help="results nobody collects are deleted this long after their task ended (default 30 days)")
-    parser.add_argument("--result-retention", type=float, default=None, metavar="SECONDS",
-                        help="collected results (and their blobs) are deleted this long after collection (7 days)")
-    parser.add_argument("--purge-interval", type=float, default=None, metavar="SECONDS",
-                        help="how often expired results and blobs are deleted (default 600)")
-    parser.add_argument("--blob-threshold-bytes", type=int, default=None,
-                        help="payloads above this travel as blobs, streamed through the service's disk (8 MiB)")
-    parser.add_argument("--max-blob-bytes", type=int, default=None, help="largest blob accepted (16 GiB)")
-    parser.add_argument("--blob-quota-bytes", type=int, default=None,
-                        help="bytes of blobs one user may have stored at once (100 GiB)")
-    parser.add_argument("--blob-orphan-seconds", type=float, default=None,
-                        help="a blob no task names is deleted this long after it was declared (3600)")
-    parser.add_argument("--blob-dir", default=None,
-                        help="where blob files live (default <TETHER_HOME>/service/blobs); replicas must share it")
-    parser.add_argument("--tls-cert", default=None)
-    parser.add_argument("--tls-key", default=None)
-    parser.add_argument("--tls-ca", default=None)
-    parser.add_argument("--allow-insecure-http", action="store_true")
-    parser.add_argument("--globus-client-id", default=None)
-    parser.add_argument("--globus-client-secret-file", default=None)
-    parser.add_argument("--globus-scope", default=None)
-    parser.add_argument("--globus-auth-url", default=None)
-    args = parser.parse_args(argv)
-    globus = None
-    if args.globus_client_id:
-        if not args.globus_client_secret_file:
-            sys.exit("tether service: --globus-client-id needs --globus-client-secret-file (a 0600 file)")
-        try:
-            globus = GlobusSettings.from_files(args.globus_client_id, args.globus_client_secret_file,
-                                               args.globus_scope, args.globus_auth_url)
-        except (OSError, ValueError) as exc:
-            sys.exit(f"tether service: {exc}")
-    serve(args.host, args.port, args.db_url, args.max_payload_bytes, args.log_level, args.prefetch,
-          args.uncollected_retention, args.tls_cert, args.tls_key, args.tls_ca, args.allow_insecure_http, globus,
-          {"result_retention_s": args.result_retention, "purge_interval_s": args.purge_interval,
-           "blob_threshold_bytes": args.blob_threshold_bytes, "max_blob_bytes": args.max_blob_bytes,
-           "blob_quota_bytes": args.blob_quota_bytes, "blob_orphan_s": args.blob_orphan_seconds,
-           "blob_dir": args.blob_dir})
+    args = vars(parser().parse_args(argv))
+    config_file = args.pop("config")
+    try:
+        cfg = service_config(config_file, **args)
+    except ConfigError as exc:
+        sys.exit(f"tether service: {exc}")
+    serve(cfg)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -34,10 +35,8 @@ from sqlalchemy import (
     delete,
     event,
     func,
-    inspect,
     or_,
     select,
-    text,
     tuple_,
     update,
 )
@@ -120,6 +119,9 @@ tasks = Table(
 # An endpoint's open tasks in submission order, for paging through a backlog: partial, so a
 # task leaves it when it ends and a page costs what it returns, not what the endpoint ever ran.
 Index("ix_tasks_endpoint_open", tasks.c.endpoint_id, tasks.c.t_received, tasks.c.id,
+      sqlite_where=tasks.c.t_done.is_(None), postgresql_where=tasks.c.t_done.is_(None))
+# A user's open tasks, counted for the per-user quota (see Store.count_open).
+Index("ix_tasks_owner_open", tasks.c.owner_id,
       sqlite_where=tasks.c.t_done.is_(None), postgresql_where=tasks.c.t_done.is_(None))
 
 # --- blobs: large payloads on the service's disk (service/blobs.py owns these two tables) -------
@@ -216,18 +218,23 @@ def transitions(row: Any) -> dict[str, float]:
 
 
 class Store:
-    """All durable state. Methods are synchronous and short; the service calls them on its loop.
+    """All durable state. Methods are synchronous and short; the service calls them through
+    :class:`tether.service.async_store.AsyncStore` (inline for SQLite, in a small thread pool
+    for a database across the network, so a slow query never stalls the event loop).
 
-    Every method is one transaction on the store's one connection (``_tx``), rolled back if
+    Every method is one transaction on its thread's connection (``_tx``), rolled back if
     anything in it fails: a bad request can fail only itself, never leave the connection in a
     broken transaction for everyone else.
     """
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, auto_migrate: bool = False, upgrade_hint: str | None = None):
+        """Open the store; its schema is checked (and, where that is safe, upgraded) first: see
+        :mod:`tether.service.schema` for who migrates what (``auto_migrate``: PostgreSQL too)."""
+        from .schema import ensure_schema  # schema imports make_engine from here
+
         self.engine = make_engine(url)
-        metadata.create_all(self.engine)
-        _add_missing_columns(self.engine)
-        self._conn = self.engine.connect()
+        ensure_schema(self.engine, auto_migrate, upgrade_hint)
+        self._local = threading.local()  # one connection per thread, from the engine's pool
         self._function_cache: BoundedCache[tuple[str, str], bytes] = BoundedCache(
             max_items=4096, max_bytes=256 * 1024 * 1024)
         # open tasks dispatched by this process, and the endpoint each was sent to: a result or
@@ -235,8 +242,17 @@ class Store:
         # endpoints hold (flow control), not by the backlog: queued tasks enter when dispatched.
         self._open: dict[str, str] = {}
 
+    @property
+    def _conn(self) -> Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            conn = self._local.conn = self.engine.connect()
+        return conn
+
     def close(self) -> None:
-        self._conn.close()
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
         self.engine.dispose()
 
     @contextmanager
@@ -279,6 +295,19 @@ class Store:
             user_id = str(uuid.uuid4())
             conn.execute(users.insert().values(id=user_id, name=name, token_hash=_hash(token), created_at=time.time()))
         return user_id, token
+
+    def ensure_user(self, name: str, token: str | None = None) -> tuple[str, str | None]:
+        """Create a user with ``token`` (or a new one) unless it exists; an existing user's token
+        is never changed. Returns (user_id, the token if it is the user's current one, else None).
+
+        For a database several service replicas share: a replica starting must not rotate a
+        token that the others (and their clients) use."""
+        with self._tx() as conn:
+            row = conn.execute(select(users.c.id, users.c.token_hash).where(users.c.name == name)).first()
+            if row:
+                current = token is not None and secrets.compare_digest(row.token_hash, _hash(token))
+                return row.id, token if current else None
+        return self.create_user(name, token)
 
     def revoke_user_token(self, name: str) -> bool:
         """Revoke a user's token: every request and connection with it is refused (no new token
@@ -565,19 +594,21 @@ class Store:
         for r in results:
             if r.id in wanted:
                 wanted.discard(r.id)  # a second result for the same task in one frame is a duplicate
-                del self._open[r.id]
-                fresh.append(r)
+                if self._open.pop(r.id, None) is not None:  # None: cancelled meanwhile on another thread
+                    fresh.append(r)
         return fresh, foreign
 
     def unclaim(self, endpoint_id: str, results: list[Any]) -> None:
         for r in results:
             self._open[r.id] = endpoint_id
 
-    def write_results(self, fresh: list[Any]) -> None:
-        """Store claimed results. The UPDATE is guarded by ``t_done IS NULL``: a stored result
-        is never overwritten."""
+    def write_results(self, fresh: list[Any]) -> list[Any]:
+        """Store claimed results; returns those stored. The UPDATE is guarded by ``t_done IS
+        NULL``: a stored result is never overwritten. The rows are locked first (``FOR UPDATE``
+        on PostgreSQL), so when two service replicas store results for the same task at once,
+        exactly one of them stores it and reports it stored."""
         if not fresh:
-            return
+            return []
         now = time.time()
         params = []
         for r in fresh:
@@ -594,6 +625,13 @@ class Store:
                 }
             )
         with self._tx() as conn:
+            still_open: set[str] = set()
+            for chunk in _chunks([r.id for r in fresh]):
+                still_open.update(conn.execute(select(tasks.c.id).where(and_(tasks.c.id.in_(chunk), _OPEN))
+                                               .with_for_update()).scalars())
+            params = [p for p in params if p["b_id"] in still_open]
+            if not params:
+                return []
             conn.execute(
                 update(tasks)
                 .where(and_(tasks.c.id == bindparam("b_id"), _OPEN))
@@ -608,6 +646,7 @@ class Store:
                 ),
                 params,
             )
+        return [r for r in fresh if r.id in still_open]
 
     def track_dispatched(self, endpoint_id: str, ids: Iterable[str]) -> None:
         """These open tasks were sent to this endpoint: its reports on them need no SELECT."""
@@ -649,6 +688,22 @@ class Store:
             for chunk in _chunks(ids):
                 out.extend(conn.execute(
                     select(tasks).where(and_(tasks.c.id.in_(chunk), _owned_by(owner)))).all())
+        return out
+
+    def count_open(self, owner: str) -> int:
+        """How many of the owner's tasks have no result yet (waiting, dispatched or running)."""
+        with self._tx() as conn:
+            return conn.execute(select(func.count()).select_from(tasks)
+                                .where(and_(tasks.c.owner_id == owner, _OPEN))).scalar_one()
+
+    def finished_among(self, owner: str, ids: Sequence[str]) -> list[str]:
+        """The owner's tasks among ``ids`` that have a result (ids only: a cheap check of what
+        a replica's clients wait for, see ``Relay.reconcile``)."""
+        out: list[str] = []
+        with self._tx() as conn:
+            for chunk in _chunks(ids):
+                out.extend(conn.execute(select(tasks.c.id).where(
+                    and_(tasks.c.id.in_(chunk), _owned_by(owner), tasks.c.t_done.is_not(None)))).scalars())
         return out
 
     def group_task_ids(self, owner: str, group_id: str) -> list[Any]:
@@ -726,23 +781,3 @@ def _error_dict(error: Any) -> dict[str, Any]:
     import msgspec
 
     return msgspec.structs.asdict(error)
-
-
-def _add_missing_columns(engine: Engine) -> None:
-    """Add nullable columns that this version's tables have and an older database lacks.
-
-    A stopgap until schema migrations exist: it keeps ``~/.tether`` databases made by an
-    earlier version working (ALTER TABLE ADD COLUMN of a nullable column is safe on both
-    SQLite and PostgreSQL).
-    """
-    inspector = inspect(engine)
-    with engine.begin() as conn:
-        for table in metadata.sorted_tables:
-            present = {c["name"] for c in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name not in present and column.nullable:
-                    log.info("adding column %s.%s to an older database", table.name, column.name)
-                    kind = column.type.compile(dialect=engine.dialect)
-                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
-            for index in table.indexes:  # indexes added by later versions
-                index.create(conn, checkfirst=True)

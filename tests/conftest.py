@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -30,18 +31,61 @@ os.environ["PYTHONUNBUFFERED"] = "1"
 TEST_MAX_PAYLOAD = 4 * 1024 * 1024
 
 
+#: ``TETHER_TEST_DB=postgres``: every stack of the fixtures below keeps its state in a fresh
+#: PostgreSQL database instead of SQLite (.ci/run runs the end-to-end tests a second time so)
+TEST_DB = os.environ.get("TETHER_TEST_DB", "sqlite")
+PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+
+
+@contextlib.contextmanager
+def database_args() -> Iterator[tuple[str, ...]]:
+    """The service arguments for the test database backend (a database made and dropped here)."""
+    if TEST_DB != "postgres":
+        yield ()
+        return
+    import uuid
+
+    import psycopg
+
+    name = f"tether_e2e_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        yield ("--db-url", f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}")
+    finally:
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def run_sql(stack: LocalStack, statement: str) -> list[tuple]:
+    """Run one SQL statement on a stack's own database, whichever backend it is on (for tests
+    that check what was stored, or break it on purpose)."""
+    import sqlalchemy
+
+    args = list(stack.service_args)
+    default = f"sqlite:///{stack.home / 'service' / 'tether.db'}"
+    url = args[args.index("--db-url") + 1] if "--db-url" in args else default
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            result = conn.execute(sqlalchemy.text(statement))
+            return [tuple(r) for r in result] if result.returns_rows else []
+    finally:
+        engine.dispose()
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     """One service + one process-engine endpoint (2 workers) for the tests that only submit."""
-    with local_stack(tmp_path_factory.mktemp("home"), engine="process", workers=2,
-                     service_args=("--max-payload-bytes", str(TEST_MAX_PAYLOAD))) as s:
+    with database_args() as db, local_stack(tmp_path_factory.mktemp("home"), engine="process", workers=2,
+                                            service_args=("--max-payload-bytes", str(TEST_MAX_PAYLOAD), *db)) as s:
         yield s
 
 
 @pytest.fixture
 def fresh_stack(tmp_path: Path) -> Iterator[LocalStack]:
     """A stack of its own, for tests that kill or reconfigure things."""
-    with local_stack(tmp_path / "home", engine="process", workers=2) as s:
+    with database_args() as db, local_stack(tmp_path / "home", engine="process", workers=2, service_args=db) as s:
         yield s
 
 

@@ -282,15 +282,10 @@ def test_worker_mode_starts_real_workers_on_the_endpoint(stack: LocalStack) -> N
 
 @pytest.mark.timeout(300)
 def test_worker_mode_on_slurm(tmp_path: Path) -> None:
-    from test_slurm import SLURM_HTEX, _slurm_missing
-
     from parsl_stack import engine_stack
+    from slurm import SLURM_HTEX, require_slurm
 
-    missing = _slurm_missing()
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set, so the Slurm tests must run, but: {missing}", pytrace=False)
-        pytest.skip(missing)
+    require_slurm()
     with engine_stack(tmp_path / "home", SLURM_HTEX) as slurm:
         with cluster_for(slurm, mode="workers", n_workers=1, worker_nthreads=2) as cluster, Client(cluster) as client:
             client.wait_for_workers(1, timeout=240)

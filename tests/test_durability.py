@@ -4,7 +4,6 @@ every future resolves exactly once with the right value."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 from collections import Counter
 
@@ -12,7 +11,7 @@ from tether import Executor
 from tether.local import LocalStack
 
 import helpers
-from conftest import wait_for
+from conftest import run_sql, wait_for
 
 N = 60
 
@@ -38,11 +37,7 @@ def _resolutions(futures: list) -> Counter:
 
 
 def _stored_results(stack: LocalStack) -> Counter:
-    db = sqlite3.connect(stack.home / "service" / "tether.db")
-    try:
-        return Counter(state for (state,) in db.execute("SELECT state FROM tasks"))
-    finally:
-        db.close()
+    return Counter(state for (state,) in run_sql(stack, "SELECT state FROM tasks"))
 
 
 def test_endpoint_killed_mid_batch_loses_nothing(fresh_stack: LocalStack) -> None:
@@ -106,9 +101,6 @@ def test_a_service_that_forgot_a_function_gets_it_again(fresh_stack: LocalStack)
                   token=fresh_stack.token) as ex:
         assert ex.submit(helpers.square, 3).result(timeout=30) == 9  # the client now knows it is registered
         fresh_stack.kill_service()
-        db = sqlite3.connect(fresh_stack.home / "service" / "tether.db")
-        with db:
-            db.execute("DELETE FROM functions")
-        db.close()
+        run_sql(fresh_stack, "DELETE FROM functions")
         fresh_stack.start_service()
         assert ex.submit(helpers.square, 4).result(timeout=60) == 16

@@ -30,7 +30,7 @@ from tether.local import LocalStack
 from tether.parsl import TetherExecutor, version_problems
 
 import helpers
-from conftest import pid_alive, wait_for
+from conftest import needs_mpi, pid_alive, wait_for
 from parsl_stack import engine_stack
 
 # apps defined here run on the endpoint's workers, which cannot import this module
@@ -39,23 +39,6 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 PY = sys.executable
 
 
-def _mpi_missing() -> str | None:
-    from tether.endpoint.mpi import MPILauncherNotFound, find_launcher
-
-    try:
-        find_launcher("mpiexec")
-    except MPILauncherNotFound as exc:
-        return str(exc)
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        return "mpi4py is not installed (pip install '.[test]')"
-    return None
-
-
-# outside CI a machine without MPI skips these, saying what is missing; in CI they must run
-_MPI_MISSING = _mpi_missing()
-needs_mpi = pytest.mark.skipif(_MPI_MISSING is not None and not os.environ.get("CI"), reason=_MPI_MISSING or "")
 
 
 def tether_executor(stack: LocalStack, label: str = "tether", endpoint_id: str | None = None,
@@ -540,13 +523,9 @@ heartbeat_s: 0.5
 @pytest.mark.timeout(240)
 def test_apps_run_in_a_slurm_pilot_job(tmp_path: Path) -> None:
     """A Parsl script on this side; its apps in a Slurm job started by the endpoint's htex engine."""
-    from test_slurm import _slurm_missing
+    from slurm import require_slurm
 
-    missing = _slurm_missing()
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set, so the Slurm tests must run, but: {missing}", pytrace=False)
-        pytest.skip(missing)
+    require_slurm()
 
     @python_app
     def slurm_job() -> str | None:

@@ -25,63 +25,14 @@ from tether.local import LocalStack
 import helpers
 from conftest import wait_for
 from parsl_stack import engine_stack, service_capacity
+from slurm import PARTITION, SLURM_HTEX, require_slurm, slurm_missing
 
 # functions below run on the pilot job's workers, which cannot import this module
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-PARTITION = "debug"
-
-SLURM_HTEX = f"""
-engine:
-  type: htex
-  max_workers_per_node: 2
-  heartbeat_period: 2
-  provider:
-    type: SlurmProvider
-    partition: {PARTITION}
-    nodes_per_block: 1
-    init_blocks: 0
-    min_blocks: 0
-    max_blocks: 1
-    walltime: "00:10:00"
-    exclusive: false
-    launcher: {{type: SrunLauncher}}
-heartbeat_s: 0.5
-"""
-
-
-def _slurm_missing() -> str | None:
-    if shutil.which("sinfo") is None:
-        return (
-            "sinfo not found: Slurm is not installed; .ci/slurm-setup.sh installs and starts a one-node Slurm"
-        )
-    try:
-        out = subprocess.run(
-            ["sinfo", "-h", "-p", PARTITION, "-o", "%T"], capture_output=True, text=True, timeout=20
-        )
-    except subprocess.TimeoutExpired:
-        return "sinfo did not answer within 20 s: slurmctld is not running; run .ci/slurm-setup.sh (as root)"
-    if out.returncode != 0:
-        return (f"Slurm is installed but not usable (sinfo: {out.stderr.strip()}); "
-                f"run .ci/slurm-setup.sh (as root)")
-    states = out.stdout.split()
-    if not states:
-        return f"Slurm has no partition {PARTITION!r}; .ci/slurm-setup.sh configures it"
-    if not any(s.rstrip("*~#") in ("idle", "mixed", "allocated", "completing") for s in states):
-        return (f"no usable node in Slurm partition {PARTITION!r} (states: {', '.join(states)}); "
-                f"see /var/log/slurm")
-    if shutil.which("sbatch") is None or shutil.which("squeue") is None:
-        return "sbatch/squeue not found: install Slurm's client tools (.ci/slurm-setup.sh does)"
-    return None
-
-
 @pytest.fixture(scope="module")
 def slurm_ready() -> None:
-    missing = _slurm_missing()
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set, so the Slurm tests must run, but: {missing}", pytrace=False)
-        pytest.skip(missing)
+    require_slurm()
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +153,7 @@ def test_skip_message_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # no Slurm tools here
     if shutil.which("sinfo"):
         pytest.skip("sinfo is in the venv's bin")
-    assert _slurm_missing() == (
+    assert slurm_missing() == (
         "sinfo not found: Slurm is not installed; .ci/slurm-setup.sh installs and starts a one-node Slurm"
     )
 

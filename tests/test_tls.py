@@ -1,8 +1,13 @@
 """TLS: a service with a certificate from a private CA; clients and endpoints verify it, and
-plain http beyond this host is refused (issue 12's TLS part)."""
+plain http beyond this host is refused (issue 12's TLS part).
+
+Two ways to make the CA: trustme (a test dependency; the service configured from a
+service.yaml, the client and a real endpoint each on "another machine" with the CA in their own
+service.json) and the openssl command (the service configured with flags)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -11,19 +16,107 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trustme
 
 from tether import Client, Executor, TetherError
+from tether.config import write_secret
 from tether.errors import ConfigError
 from tether.local import LocalStack
 
 import helpers
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None and not os.environ.get("CI"),
-                                reason="needs the openssl command to make a test CA (apt-get install openssl)")
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None and not os.environ.get("CI"),
+                                   reason="needs the openssl command to make a test CA (apt-get install openssl)")
 
 
 def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def tether(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "tether.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+    if check:
+        assert proc.returncode == 0, f"tether {' '.join(args)}: {proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def _home_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
+    env["TETHER_HOME"] = str(home)
+    return env
+
+
+@pytest.fixture(scope="module")
+def trustme_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Path]]:
+    """A service started from a service.yaml whose tls.cert/tls.key a throwaway trustme CA
+    signed; the CA is not in the config (clients must bring it). Yields (url, token, CA file)."""
+    d = tmp_path_factory.mktemp("trustme")
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    (d / "tls").mkdir()
+    (d / "tls" / "server.pem").write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(d / "tls" / "server.key"))
+    os.chmod(d / "tls" / "server.key", 0o600)
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    config = d / "service.yaml"
+    config.write_text("home: service-home\nport: 0\ntls:\n  cert: tls/server.pem\n  key: tls/server.key\n")
+    env = _home_env(d / "operator")  # the config's home wins over TETHER_HOME
+    tether(env, "service", "start", "--config", str(config), "--detach")
+    try:
+        info = json.loads((d / "service-home" / "service.json").read_text())
+        assert "ca_file" not in info
+        yield info["url"], info["token"], d / "ca.pem"
+    finally:
+        tether(env, "service", "stop", "--config", str(config), check=False)
+
+
+def _machine(home: Path, url: str, token: str, ca_file: Path | None) -> dict[str, str]:
+    """Another machine's TETHER_HOME: its service.json names the service, the token and (or
+    not) the CA to verify the service's certificate with."""
+    info: dict[str, str] = {"url": url, "token": token}
+    if ca_file is not None:
+        info["ca_file"] = str(ca_file)
+    write_secret(home / "service.json", json.dumps(info))
+    return _home_env(home)
+
+
+def test_a_client_and_an_endpoint_verify_the_service_with_the_ca_in_their_config(
+        trustme_service: tuple[str, str, Path], tmp_path: Path, monkeypatch) -> None:
+    url, token, ca_file = trustme_service
+    assert url.startswith("https://127.0.0.1:")
+    endpoint_env = _machine(tmp_path / "cluster", url, token, ca_file)
+    tether(endpoint_env, "endpoint", "configure", "hpc", "--engine", "thread", "--workers", "1")
+    endpoint_id = tether(endpoint_env, "endpoint", "start", "hpc", "--detach").stdout.strip().splitlines()[-1]
+    try:
+        credential = json.loads((tmp_path / "cluster" / "endpoints" / "hpc" / "credential.json").read_text())
+        assert credential["ca_file"] == str(ca_file)  # the daemon verifies with the CA it registered with
+        client_env = _machine(tmp_path / "laptop", url, token, ca_file)
+        for key in [k for k in os.environ if k.startswith("TETHER_")]:
+            monkeypatch.delenv(key)
+        monkeypatch.setenv("TETHER_HOME", client_env["TETHER_HOME"])
+        with Executor(endpoint_id=endpoint_id) as ex:  # url, token and CA from the laptop's service.json
+            assert ex.submit(helpers.square, 9).result(timeout=60) == 81  # over wss:// both ways
+        assert Client().whoami()["name"] == "local"
+    finally:
+        tether(endpoint_env, "endpoint", "stop", "hpc", check=False)
+
+
+def test_without_the_ca_client_and_endpoint_refuse_the_service_in_words(
+        trustme_service: tuple[str, str, Path], tmp_path: Path, monkeypatch) -> None:
+    url, token, _ = trustme_service
+    endpoint_env = _machine(tmp_path / "cluster", url, token, None)
+    tether(endpoint_env, "endpoint", "configure", "hpc", "--engine", "thread", "--workers", "1")
+    out = tether(endpoint_env, "endpoint", "start", "hpc", "--detach", check=False)
+    said = " ".join((out.stdout + out.stderr).split())
+    assert out.returncode != 0 and "certificate" in said and "TETHER_CA_FILE" in said, said
+    assert not (tmp_path / "cluster" / "endpoints" / "hpc" / "credential.json").exists()
+
+    for key in [k for k in os.environ if k.startswith("TETHER_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("TETHER_HOME", _machine(tmp_path / "laptop", url, token, None)["TETHER_HOME"])
+    with pytest.raises(TetherError, match="certificate.*TETHER_CA_FILE"):
+        Client().whoami()
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +150,7 @@ def tls_stack(pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[L
         stack.stop_service()
 
 
+@needs_openssl
 def test_tasks_travel_over_verified_tls(tls_stack: LocalStack, pki: Path, monkeypatch) -> None:
     assert tls_stack.service_url.startswith("https://127.0.0.1:")
     monkeypatch.setenv("TETHER_CA_FILE", str(pki / "ca.pem"))
@@ -65,6 +159,7 @@ def test_tasks_travel_over_verified_tls(tls_stack: LocalStack, pki: Path, monkey
     assert Client(tls_stack.service_url, tls_stack.token).whoami()["name"] == "local"
 
 
+@needs_openssl
 def test_an_unverifiable_certificate_is_refused_in_words(tls_stack: LocalStack, monkeypatch) -> None:
     monkeypatch.delenv("TETHER_CA_FILE", raising=False)
     monkeypatch.setenv("TETHER_HOME", "/nonexistent")  # no service.json naming the CA

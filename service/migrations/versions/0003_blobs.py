@@ -7,9 +7,6 @@ Two new tables (``service/blobs.py`` owns them): ``blobs``, one row per blob (ow
 upload its bytes, declared size and sha256, upload state), and ``task_blobs``, which tasks name
 which blobs (a blob is deleted once no remaining task names it). Adding tables is safe for a
 rolling upgrade: replicas still on the previous release never read them.
-
-Written for main's migration chain (``tether.service.schema``); on the ``payload`` branch, which
-predates it, the store still creates the tables itself.
 """
 
 from __future__ import annotations

@@ -1,0 +1,220 @@
+"""Several service replicas on one PostgreSQL database and one RabbitMQ, behind a real haproxy.
+
+What an operator runs (docs/deploy.md), made small: every replica is
+``python -m tether.service.server --db-url postgresql+psycopg://... --broker-url amqp://...``
+on its own port, and haproxy on one more port sends HTTP and WebSocket connections to any
+live one (health-checked on /healthz). Clients and endpoints are started with the URL of one
+replica or of the load balancer.
+
+Needs PostgreSQL (127.0.0.1:5432, trust auth), RabbitMQ (127.0.0.1:5672, guest/guest) and
+Debian's haproxy; :func:`missing` says which is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+from conftest import wait_for
+
+PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432"
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def missing() -> str | None:
+    """Why replicas cannot run here, or None."""
+    try:
+        import psycopg
+
+        psycopg.connect(PG_DSN, connect_timeout=3).close()
+    except Exception as exc:  # noqa: BLE001 - any failure means: no usable PostgreSQL
+        return f"no PostgreSQL on 127.0.0.1:5432 with trust auth ({str(exc).strip()[:100]})"
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=3).close()
+    except OSError:
+        return "no RabbitMQ on 127.0.0.1:5672"
+    try:
+        import aio_pika  # noqa: F401
+    except ImportError:
+        return "aio-pika is not installed (pip install 'tether[broker]')"
+    if shutil.which("haproxy") is None:
+        return "haproxy is not installed (apt-get install haproxy)"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+HAPROXY_CFG = """
+global
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 1h
+    timeout server 1h
+    timeout tunnel 1h
+    retries 3
+    option redispatch
+frontend tether
+    bind 127.0.0.1:{port}
+    default_backend replicas
+backend replicas
+    balance roundrobin
+    option httpchk GET /healthz
+    default-server inter 300ms fall 2 rise 1
+{servers}
+"""
+
+
+class Replicas:
+    """``n`` replicas on a fresh database, haproxy in front; everything stopped by :meth:`close`."""
+
+    def __init__(self, root: Path, n: int = 2, db_threads: int | None = None):
+        import psycopg
+
+        self.root = root
+        self.home = root / "home"
+        self.home.mkdir(parents=True)
+        self.dbname = f"tether_replicas_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {self.dbname}")
+        self.db_url = f"{PG_URL}/{self.dbname}"
+        self.env = {k: v for k, v in os.environ.items() if k not in ("TETHER_SERVICE_URL", "TETHER_TOKEN")}
+        self.env["TETHER_HOME"] = str(self.home)
+        self.ports = [free_port() for _ in range(n)]
+        self.tag = uuid.uuid4().hex[:6]  # replica ids unique on the shared broker: "<tag>-r<i>"
+        self.procs: list[subprocess.Popen | None] = [None] * n
+        self.lb_port = free_port()
+        self.lb: subprocess.Popen | None = None
+        self.token = ""
+        for i in range(n):  # one after the other: the first makes the local user's token, the rest keep it
+            self.start(i)
+        self.token = json.loads((self.home / "service.json").read_text())["token"]
+        self._start_haproxy()
+
+    # --- replicas --------------------------------------------------------------------------
+    def url(self, i: int) -> str:
+        return f"http://127.0.0.1:{self.ports[i]}"
+
+    @property
+    def lb_url(self) -> str:
+        return f"http://127.0.0.1:{self.lb_port}"
+
+    def start(self, i: int) -> None:
+        log = open(self.root / f"replica-{i}.log", "ab")  # noqa: SIM115 - kept open by the child
+        self.procs[i] = subprocess.Popen(
+            [sys.executable, "-m", "tether.service.server", "--port", str(self.ports[i]), "--db-url", self.db_url,
+             "--broker-url", AMQP_URL, "--replica-id", f"{self.tag}-r{i}", "--log-level", "info"],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        wait_for(lambda: self.healthy(i), timeout=60, what=f"replica {i} to answer /healthz")
+
+    def healthy(self, i: int) -> bool:
+        proc = self.procs[i]
+        if proc is None or proc.poll() is not None:
+            if proc is not None:
+                raise RuntimeError(f"replica {i} exited ({proc.returncode}):\n{self.log(i)[-3000:]}")
+            return False
+        try:
+            return httpx.get(self.url(i) + "/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def kill(self, i: int, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs[i]
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(sig)
+            proc.wait(timeout=30)
+        self.procs[i] = None
+
+    def log(self, i: int) -> str:
+        return (self.root / f"replica-{i}.log").read_text(errors="replace")
+
+    def holder_of(self, endpoint_id: str) -> int | None:
+        """Which replica an endpoint is connected to (what it wrote in the database)."""
+        import psycopg
+
+        with psycopg.connect(f"host=127.0.0.1 user=postgres dbname={self.dbname}") as conn:
+            row = conn.execute("SELECT status FROM endpoints WHERE id = %s", (endpoint_id,)).fetchone()
+        status = json.loads(row[0]) if row and row[0] else {}
+        replica = status.get("replica") if status.get("online") else None
+        prefix = f"{self.tag}-r"
+        return int(replica[len(prefix):]) if isinstance(replica, str) and replica.startswith(prefix) else None
+
+    # --- haproxy ---------------------------------------------------------------------------
+    def _start_haproxy(self) -> None:
+        servers = "\n".join(f"    server r{i} 127.0.0.1:{p} check" for i, p in enumerate(self.ports))
+        cfg = self.root / "haproxy.cfg"
+        cfg.write_text(HAPROXY_CFG.format(port=self.lb_port, servers=servers))
+        log = open(self.root / "haproxy.log", "ab")  # noqa: SIM115 - kept open by the child
+        self.lb = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        log.close()
+
+        def up() -> bool:
+            try:
+                return httpx.get(self.lb_url + "/healthz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, timeout=30, what="haproxy to pass requests to the replicas")
+
+    # --- endpoints -------------------------------------------------------------------------
+    def endpoint_env(self, url: str) -> dict[str, str]:
+        return {**self.env, "TETHER_SERVICE_URL": url, "TETHER_TOKEN": self.token}
+
+    def start_endpoint(self, name: str, url: str, workers: int = 2, engine: str = "process") -> str:
+        """Configure, register (through ``url``) and start an endpoint; returns its id."""
+        env = self.endpoint_env(url)
+        self._cli(env, "endpoint", "configure", name, "--engine", engine, "--workers", str(workers), "--force")
+        out = self._cli(env, "endpoint", "start", name, "--detach")
+        return out.strip().splitlines()[-1].strip()
+
+    def stop_endpoint(self, name: str) -> None:
+        proc = subprocess.run([sys.executable, "-m", "tether.cli", "endpoint", "stop", name], env=self.env,
+                              capture_output=True, text=True, timeout=60)
+        del proc
+
+    @staticmethod
+    def _cli(env: dict[str, str], *args: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "tether.cli", *args], env=env, capture_output=True, text=True,
+                              timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"'tether {' '.join(args)}' failed:\n{proc.stdout}\n{proc.stderr}")
+        return proc.stdout
+
+    def close(self) -> None:
+        import psycopg
+
+        for name in [p.name for p in (self.home / "endpoints").glob("*")] if (self.home / "endpoints").exists() else []:
+            self.stop_endpoint(name)
+        for i in range(len(self.procs)):
+            self.kill(i, signal.SIGTERM)
+        if self.lb is not None:
+            self.lb.terminate()
+            self.lb.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with psycopg.connect(PG_DSN, autocommit=True) as conn:
+                    conn.execute(f"DROP DATABASE IF EXISTS {self.dbname} WITH (FORCE)")
+                return
+            except psycopg.OperationalError:  # PostgreSQL restarting (a test restarted it)
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)

@@ -1,0 +1,190 @@
+"""Several service replicas behind one URL (PostgreSQL + RabbitMQ + haproxy), as in production.
+
+A task submitted through one replica reaches its endpoint on another, and its states and
+result come back; cancels, stops and presence cross replicas too. Then the failures an
+operator lives with: a replica SIGKILLed mid-batch, PostgreSQL restarted, RabbitMQ restarted.
+Each time every future resolves exactly once with the right value.
+
+Mandatory under CI (which has all three); elsewhere these skip and say what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tether import Client, Executor
+from tether.errors import TaskCancelled
+
+import helpers
+from conftest import wait_for
+from replicas import Replicas, missing
+
+MISSING = missing()
+pytestmark = [pytest.mark.skipif(bool(MISSING) and not os.environ.get("CI"), reason=str(MISSING)),
+              pytest.mark.timeout(300)]
+
+
+@pytest.fixture
+def replicas(tmp_path: Path) -> Iterator[Replicas]:
+    group = Replicas(tmp_path, n=2)
+    try:
+        yield group
+    finally:
+        group.close()
+
+
+def _count_results(futures: list) -> Counter:
+    """How many times each future was resolved (a done callback runs once per resolution)."""
+    seen: Counter = Counter()
+    for f in futures:
+        f.add_done_callback(lambda fut: seen.update([fut.task_id]))
+    return seen
+
+
+def _stored_successes(group: Replicas) -> int:
+    import psycopg
+
+    with psycopg.connect(f"host=127.0.0.1 user=postgres dbname={group.dbname}") as conn:
+        return conn.execute("SELECT count(*) FROM tasks WHERE state = 'success'").fetchone()[0]
+
+
+def test_tasks_states_cancels_stops_and_presence_cross_replicas(replicas: Replicas) -> None:
+    endpoint_id = replicas.start_endpoint("far", replicas.url(1))
+    wait_for(lambda: replicas.holder_of(endpoint_id) == 1, what="the endpoint to connect to replica 1")
+    with Client(replicas.url(0), replicas.token) as client:
+        assert client.get_endpoint(endpoint_id)["online"] is True  # presence seen from the other replica
+    with Executor(endpoint_id=endpoint_id, service=replicas.url(0), token=replicas.token) as ex:
+        futures = [ex.submit(helpers.square, i) for i in range(300)]
+        assert [f.result(timeout=60) for f in futures] == [i * i for i in range(300)]
+
+        slow = ex.submit(helpers.sleep_then, 120, "never")
+        wait_for(lambda: slow.state == "running", timeout=60, what="the running state to cross replicas")
+        assert slow.cancel()
+        with pytest.raises(TaskCancelled):
+            slow.result(timeout=30)
+        # the cancel reached the endpoint on the other replica and killed the worker: both of the
+        # endpoint's workers are free again, so two sleeps of 1 s take ~1 s, not 120
+        t0 = time.monotonic()
+        assert [f.result(timeout=60) for f in [ex.submit(helpers.sleep_then, 1, i) for i in range(2)]] == [0, 1]
+        assert time.monotonic() - t0 < 60
+
+    # the news went through the broker, and each replica says so on /metrics
+    for i, direction in ((0, "published"), (1, "received")):
+        text = httpx.get(replicas.url(i) + "/metrics", timeout=10).text
+        name = f'tether_bus_messages_total{{direction="{direction}"}}'
+        line = next(x for x in text.splitlines() if x.startswith(name))
+        assert float(line.split()[-1]) > 0, line
+
+    daemon_pid = int((replicas.home / "endpoints" / "far" / "daemon.pid").read_text())
+    with Client(replicas.url(0), replicas.token) as client:
+        assert client.stop_endpoint(endpoint_id)["stop_sent"] is True
+    wait_for(lambda: not psutil.pid_exists(daemon_pid) or psutil.Process(daemon_pid).status() == "zombie",
+             timeout=60, what="the endpoint on replica 1 to stop when asked through replica 0")
+    with Client(replicas.url(0), replicas.token) as client:
+        wait_for(lambda: client.get_endpoint(endpoint_id)["online"] is False, what="the endpoint to show offline")
+
+
+def test_a_replica_killed_mid_batch_loses_nothing(replicas: Replicas) -> None:
+    endpoint_id = replicas.start_endpoint("lb", replicas.lb_url)
+    wait_for(lambda: replicas.holder_of(endpoint_id) is not None, what="the endpoint to connect")
+    n = 1500
+    with Executor(endpoint_id=endpoint_id, service=replicas.lb_url, token=replicas.token) as ex:
+        futures = [ex.submit(helpers.sleep_then, 0.005, i) for i in range(n)]
+        resolved = _count_results(futures)
+        wait_for(lambda: sum(f.done() for f in futures) >= 200, timeout=120, what="some results")
+        victim = replicas.holder_of(endpoint_id)
+        done_before = sum(f.done() for f in futures)
+        t_kill = time.monotonic()
+        replicas.kill(victim, signal.SIGKILL)
+        wait_for(lambda: sum(f.done() for f in futures) > done_before + 20, timeout=120,
+                 what="results to flow again after the replica died")
+        recovery = time.monotonic() - t_kill
+        assert [f.result(timeout=180) for f in futures] == list(range(n))
+    wait_for(lambda: len(resolved) == n, what="every done callback")
+    assert set(resolved.values()) == {1}
+    assert _stored_successes(replicas) == n
+    survivor = 1 - victim
+    assert replicas.holder_of(endpoint_id) == survivor
+    print(f"\nreplica {victim} SIGKILLed with {done_before}/{n} done: results flowed again after {recovery:.2f} s")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("pg_ctlcluster") is None,
+                    reason="restarting PostgreSQL needs root and pg_ctlcluster")
+def test_a_postgres_restart_mid_batch_loses_nothing(replicas: Replicas) -> None:
+    endpoint_id = replicas.start_endpoint("pg", replicas.url(1))
+    wait_for(lambda: replicas.holder_of(endpoint_id) == 1, what="the endpoint to connect to replica 1")
+    n = 600
+    with Executor(endpoint_id=endpoint_id, service=replicas.url(0), token=replicas.token) as ex:
+        futures = [ex.submit(helpers.sleep_then, 0.01, i) for i in range(n)]
+        wait_for(lambda: sum(f.done() for f in futures) >= 50, timeout=120, what="some results")
+        version = subprocess.run(["pg_lsclusters", "-h"], capture_output=True, text=True,
+                                 check=True).stdout.split()[0]
+        subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"], check=True,
+                       capture_output=True, timeout=120)
+        assert [f.result(timeout=180) for f in futures] == list(range(n))
+        assert ex.submit(helpers.square, 9).result(timeout=60) == 81
+    assert _stored_successes(replicas) == n + 1
+
+
+@pytest.mark.skipif(shutil.which("rabbitmqctl") is None or os.geteuid() != 0,
+                    reason="restarting RabbitMQ needs root and rabbitmqctl")
+def test_a_rabbitmq_restart_mid_batch_loses_nothing(replicas: Replicas) -> None:
+    endpoint_id = replicas.start_endpoint("mq", replicas.url(1))
+    wait_for(lambda: replicas.holder_of(endpoint_id) == 1, what="the endpoint to connect to replica 1")
+    n = 600
+    with Executor(endpoint_id=endpoint_id, service=replicas.url(0), token=replicas.token) as ex:
+        futures = [ex.submit(helpers.sleep_then, 0.01, i) for i in range(n)]
+        wait_for(lambda: sum(f.done() for f in futures) >= 50, timeout=120, what="some results")
+        subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True, timeout=120)
+        more = [ex.submit(helpers.square, i) for i in range(100)]  # submitted while the broker is down
+        subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=120)
+        assert [f.result(timeout=180) for f in futures] == list(range(n))
+        assert [f.result(timeout=180) for f in more] == [i * i for i in range(100)]
+    assert _stored_successes(replicas) == n + 100
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a multi-user endpoint needs root (useradd, setuid), as in CI")
+def test_a_multi_user_endpoint_on_one_replica_serves_a_user_on_another(replicas: Replicas) -> None:
+    """The user's tasks go through replica 0; the multi-user endpoint is connected to replica 1:
+    the start request, the user endpoint's tasks and the results all cross the bus."""
+    import json
+    import pwd
+
+    import yaml
+
+    try:
+        pwd.getpwnam("tether_alice")
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "tether_alice"], check=True)
+    env = replicas.endpoint_env(replicas.url(1))
+    replicas._cli(env, "endpoint", "configure", "cluster", "--multi-user", "--force")
+    d = replicas.home / "endpoints" / "cluster"
+    (d / "identity_mapping.json").write_text(json.dumps([{
+        "DATA_TYPE": "expression_identity_mapping#1.0.0",
+        "mappings": [{"source": "{username}", "match": "alice", "output": "tether_alice"}],
+    }]))
+    config = yaml.safe_load((d / "config.yaml").read_text())
+    config.update(idle_timeout_s=30, heartbeat_s=1, allowed_users=["*"])
+    (d / "config.yaml").write_text(yaml.safe_dump(config))
+    (d / "user_config_template.yaml.j2").write_text("engine:\n  type: process\n  workers: 1\nheartbeat_s: 1\n")
+    alice = json.loads(replicas._cli(replicas.env, "service", "user-add", "alice", "--json",
+                                     "--db-url", replicas.db_url))["token"]
+    endpoint_id = replicas._cli(env, "endpoint", "start", "cluster", "--detach").strip().splitlines()[-1].strip()
+    wait_for(lambda: replicas.holder_of(endpoint_id) == 1, what="the multi-user endpoint to connect to replica 1")
+
+    with Executor(endpoint_id=endpoint_id, service=replicas.url(0), token=alice) as ex:
+        info = ex.submit(helpers.who_am_i).result(timeout=120)
+        assert info["uid"] == pwd.getpwnam("tether_alice").pw_uid and info["uid"] != 0
+        assert [f.result(timeout=60) for f in [ex.submit(helpers.square, i) for i in range(20)]] == \
+            [i * i for i in range(20)]
