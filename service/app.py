@@ -191,7 +191,7 @@ def create_app(settings: Settings) -> FastAPI:
                   make_bus(settings.broker_url, settings.replica_id), settings.max_open_tasks_per_user)
     blob_index = BlobIndex(store, Path(settings.blob_dir), settings.max_blob_bytes, settings.blob_quota_bytes,
                            settings.blob_orphan_s)
-    relay.blobs = blob_index
+    relay.blobs = db.offload(blob_index)  # its queries run where the store's do (off the loop on PostgreSQL)
     max_frame = service_max_frame(settings.max_payload_bytes)
     # what peers send as blobs: never more than an inline payload may be
     blob_threshold = min(settings.blob_threshold_bytes, settings.max_payload_bytes)
@@ -219,7 +219,7 @@ def create_app(settings: Settings) -> FastAPI:
                 n = await db.purge(settings.result_retention_s, settings.uncollected_retention_s)
                 if n:
                     log.info("purged %d collected tasks past retention", n)
-                n = blob_index.purge()
+                n = await relay.blobs.purge()
                 if n:
                     log.info("deleted %d blobs (their tasks were purged, or no task named them)", n)
             except Exception:  # noqa: BLE001
@@ -235,7 +235,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.store = store
     app.state.relay = relay
     app.state.blobs = blob_index
-    app.include_router(blob_routes(blob_index, authenticator, store))
+    app.include_router(blob_routes(blob_index, authenticator, db))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

@@ -26,33 +26,46 @@ from .store import Store
 DEFAULT_DB_THREADS = 4
 
 
-class AsyncStore:
-    """Every public method of a :class:`Store`, as a coroutine with the same arguments.
+class Offloaded:
+    """Every public method of ``target``, as a coroutine with the same arguments: run inline, or
+    in ``pool`` (a method that touches the database must not run on the event loop)."""
 
-    ``await db.get_endpoint(eid)`` is ``store.get_endpoint(eid)``, run inline or in the pool.
-    """
-
-    def __init__(self, store: Store, threads: int = DEFAULT_DB_THREADS):
-        self.store = store
-        self.inline = store.engine.dialect.name == "sqlite"
-        self._pool = None if self.inline else ThreadPoolExecutor(threads, thread_name_prefix="tether-db")
+    def __init__(self, target: Any, pool: ThreadPoolExecutor | None):
+        self._target = target
+        self._pool = pool
 
     def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
-        method = getattr(self.store, name)
+        method = getattr(self._target, name)
         if name.startswith("_") or not callable(method):
             raise AttributeError(name)
-        if self.inline:
+        pool = self._pool
+        if pool is None:
             async def call(*args: Any, **kwargs: Any) -> Any:
                 return method(*args, **kwargs)
         else:
-            pool = self._pool
-
             async def call(*args: Any, **kwargs: Any) -> Any:
                 return await asyncio.get_running_loop().run_in_executor(
                     pool, functools.partial(method, *args, **kwargs))
         call.__doc__ = method.__doc__
         setattr(self, name, call)  # made once per method
         return call
+
+
+class AsyncStore(Offloaded):
+    """Every public method of a :class:`Store`, as a coroutine with the same arguments.
+
+    ``await db.get_endpoint(eid)`` is ``store.get_endpoint(eid)``, run inline or in the pool;
+    :meth:`offload` gives the same for another object that queries the store (the blob index).
+    """
+
+    def __init__(self, store: Store, threads: int = DEFAULT_DB_THREADS):
+        self.store = store
+        self.inline = store.engine.dialect.name == "sqlite"
+        super().__init__(store, None if self.inline else ThreadPoolExecutor(threads, thread_name_prefix="tether-db"))
+
+    def offload(self, target: Any) -> Offloaded:
+        """``target``'s methods, run where this store's are."""
+        return Offloaded(target, self._pool)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -41,6 +41,7 @@ from starlette.requests import ClientDisconnect
 from tether.ids import child_path
 from tether.protocol import Task
 
+from .async_store import AsyncStore
 from .models import BlobCreate, BlobInfo, PathId
 from .models import error_responses as _errors
 from .store import Store, blobs, task_blobs, tasks
@@ -253,9 +254,11 @@ async def _receive(request: Request, out: Any, digest: Any, declared: int, blob_
         await asyncio.to_thread(write, bytes(buffer))
 
 
-def blob_routes(index: BlobIndex, authenticator: Any, store: Store) -> APIRouter:
-    """The ``/v1/blobs`` routes."""
+def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRouter:
+    """The ``/v1/blobs`` routes. ``rows`` is the index with its queries awaited (off the event loop
+    on PostgreSQL, see :mod:`tether.service.async_store`); file paths come from ``index``."""
     router = APIRouter(tags=["blobs"])
+    rows = db.offload(index)
 
     async def principal(request: Request) -> Principal:
         """A user's token, or an endpoint's credential with ``X-Tether-Endpoint``."""
@@ -265,7 +268,7 @@ def blob_routes(index: BlobIndex, authenticator: Any, store: Store) -> APIRouter
             raise HTTPException(401, "missing credentials: send 'Authorization: Bearer <token>'")
         endpoint_id = request.headers.get("x-tether-endpoint")
         if endpoint_id:
-            ep = store.endpoint_by_secret(endpoint_id, secret)
+            ep = await db.endpoint_by_secret(endpoint_id, secret)
             if ep is None:
                 raise HTTPException(401, "invalid endpoint credential (wrong, rotated, or the endpoint was deleted)")
             return Principal(endpoint=ep)
@@ -286,7 +289,7 @@ def blob_routes(index: BlobIndex, authenticator: Any, store: Store) -> APIRouter
     async def create_blob(body: BlobCreate, who: Principal = Depends(principal)) -> BlobInfo:
         """Declare a blob (size, sha256); then send its bytes with ``PUT /v1/blobs/{blob_id}``.
         Limits are checked here, before any byte moves."""
-        return info(index.reserve(who, body))
+        return info(await rows.reserve(who, body))
 
     @router.put("/v1/blobs/{blob_id}", response_model=BlobInfo, responses=_errors(400, 404, 409),
                 openapi_extra={"requestBody": {"required": True, "content": {
@@ -294,10 +297,10 @@ def blob_routes(index: BlobIndex, authenticator: Any, store: Store) -> APIRouter
     async def upload_blob(blob_id: PathId, request: Request, who: Principal = Depends(principal)) -> BlobInfo:
         """Stream a declared blob's bytes. Written to disk and hashed as they arrive; refused (and
         deleted) if they are not exactly the declared size and sha256, or if the upload breaks off."""
-        row = index.get(blob_id)
+        row = await rows.get(blob_id)
         if row is None or row.uploader != who.uploader:
             raise HTTPException(404, f"unknown blob {blob_id}")
-        if not index.set_state(blob_id, UPLOADING, RESERVED):
+        if not await rows.set_state(blob_id, UPLOADING, RESERVED):
             raise HTTPException(409, f"blob {blob_id} is already uploaded, or being uploaded")
         part = index.path(blob_id, part=True)
         digest, size, done = hashlib.sha256(), 0, False
@@ -311,7 +314,7 @@ def blob_routes(index: BlobIndex, authenticator: Any, store: Store) -> APIRouter
                 raise HTTPException(409, f"the bytes received hash to sha256 {digest.hexdigest()}, not to the "
                                          f"{row.sha256} declared; the blob was not stored")
             os.replace(part, index.path(blob_id))
-            index.set_state(blob_id, COMPLETE, UPLOADING)
+            await rows.set_state(blob_id, COMPLETE, UPLOADING)
             done = True
         except ClientDisconnect:
             log.info("upload of blob %s broke off before its %d bytes; its bytes are deleted", blob_id, row.size)
@@ -319,16 +322,16 @@ def blob_routes(index: BlobIndex, authenticator: Any, store: Store) -> APIRouter
         finally:
             if not done:  # the bytes go at once; the declaration may be uploaded again (or expires, orphan_s)
                 part.unlink(missing_ok=True)
-                index.set_state(blob_id, RESERVED, UPLOADING)
-        return info(index.get(blob_id))
+                await rows.set_state(blob_id, RESERVED, UPLOADING)
+        return info(await rows.get(blob_id))
 
     @router.get("/v1/blobs/{blob_id}", response_class=FileResponse, responses={
         200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
               "description": "the blob's bytes"}, **_errors(404, 409)})
     async def download_blob(blob_id: PathId, who: Principal = Depends(principal)) -> Response:
         """A blob's bytes, streamed from disk. Yours, or (endpoints) named by a task dispatched to you."""
-        row = index.get(blob_id)
-        if not index.may_read(who, row):
+        row = await rows.get(blob_id)
+        if not await rows.may_read(who, row):
             raise HTTPException(404, f"unknown blob {blob_id}")
         if row.state != COMPLETE:
             raise HTTPException(409, f"blob {blob_id} is {row.state}: its bytes have not all arrived yet")
@@ -338,13 +341,13 @@ def blob_routes(index: BlobIndex, authenticator: Any, store: Store) -> APIRouter
     @router.delete("/v1/blobs/{blob_id}", status_code=204, response_class=Response, responses=_errors(404, 409))
     async def delete_blob(blob_id: PathId, who: Principal = Depends(principal)) -> Response:
         """Delete a blob of yours that no task names (an upload you gave up on)."""
-        row = index.get(blob_id)
+        row = await rows.get(blob_id)
         if row is None or who.user_id is None or row.owner_id != who.user_id:
             raise HTTPException(404, f"unknown blob {blob_id}")
         if row.linked or row.state == UPLOADING:
             raise HTTPException(409, f"blob {blob_id} is named by a task (or being uploaded): it is deleted with "
                                      "its tasks")
-        index.forget([blob_id])
+        await rows.forget([blob_id])
         return Response(status_code=204)
 
     return router

@@ -471,7 +471,7 @@ class Relay:
         seen: set[str] = set()
         endpoint_refusal: dict[str, Refusal | None] = {}
         named = {b for t in msg.tasks for b in t.blobs}
-        owned = self.blobs.owned(user_id, named) if named and self.blobs is not None else set()
+        owned = await self.blobs.owned(user_id, named) if named and self.blobs is not None else set()
         for task in msg.tasks:
             tid = task.id
             if tid in seen:
@@ -512,7 +512,7 @@ class Relay:
         # stored before anything else sees it: a result can never overtake its task
         inserted, resubmitted, taken = await self.db.insert_tasks(user_id, candidates, received)
         if self.blobs is not None:
-            self.blobs.link(t for t in inserted if t.blobs)
+            await self.blobs.link([t for t in inserted if t.blobs])
         for tid in taken:
             rejected[tid] = Refusal(ErrorCode.ID_CONFLICT, f"task id {tid} is already in use; task ids must be "
                                     "unique (let the client make them: it uses random uuids)")
