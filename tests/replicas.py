@@ -105,6 +105,9 @@ class Replicas:
         self.log_level = log_level
         self.env = {k: v for k, v in os.environ.items() if k not in ("TETHER_SERVICE_URL", "TETHER_TOKEN")}
         self.env["TETHER_HOME"] = str(self.home)
+        # replica ids name the broker queues: unique per group, so groups (tests and benchmarks run
+        # by others on the same RabbitMQ) never contend for one exclusive queue
+        self.replica_ids = [f"r{i}-{self.dbname[-10:]}" for i in range(n)]
         self.ports = [free_port() for _ in range(n)]
         self.procs: list[subprocess.Popen | None] = [None] * n
         self.lb_port = free_port()
@@ -132,7 +135,7 @@ class Replicas:
         threads = ("--db-threads", str(self.db_threads)) if self.db_threads else ()
         self.procs[i] = subprocess.Popen(
             [sys.executable, "-m", "tether.service.server", "--port", str(self.ports[i]), "--db-url", self.db_url,
-             "--broker-url", AMQP_URL, "--replica-id", f"r{i}", "--log-level", self.log_level, *threads],
+             "--broker-url", AMQP_URL, "--replica-id", self.replica_ids[i], "--log-level", self.log_level, *threads],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         wait_for(lambda: self.healthy(i), timeout=60, what=f"replica {i} to answer /healthz")
@@ -166,7 +169,7 @@ class Replicas:
             row = conn.execute("SELECT status FROM endpoints WHERE id = %s", (endpoint_id,)).fetchone()
         status = json.loads(row[0]) if row and row[0] else {}
         replica = status.get("replica") if status.get("online") else None
-        return int(replica[1:]) if isinstance(replica, str) and replica.startswith("r") else None
+        return self.replica_ids.index(replica) if replica in self.replica_ids else None
 
     # --- haproxy ---------------------------------------------------------------------------
     def _start_haproxy(self) -> None:
