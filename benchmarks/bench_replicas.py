@@ -4,8 +4,9 @@
                                         [--n-latency 200] [--db-threads 4] [--only a,b,c,d,e]
                                         [--through-haproxy] [--json PATH] [--quick]
 
-Needs ``pip install -e '.[test,bench]'`` (psycopg, aio-pika, pytest for the test harness),
-PostgreSQL on 127.0.0.1:5432 (trust), RabbitMQ on 127.0.0.1:5672 (guest) and haproxy, as
+A fast check: ``python benchmarks/bench_replicas.py --quick``; figures and what they mean are in
+``docs/benchmarks.md`` (Replicas). Needs ``pip install -e '.[test,bench]'`` (psycopg, aio-pika,
+pytest for the test harness), PostgreSQL on 127.0.0.1:5432 (trust), RabbitMQ on 127.0.0.1:5672 (guest) and haproxy, as
 ``tests/test_replicas.py`` does; each configuration gets a fresh database, dropped after.
 
 Five configurations, measured one after the other with the same workload:
