@@ -292,7 +292,8 @@ def _measure(key: str, service: Service, root: Path, children: Children, args: a
 
     target = endpoint_ids[1 % len(endpoint_ids)]
     if service.holder_of is not None:
-        result["latency_path"] = f"client on r0 -> endpoint on r{service.holder_of(target)}"
+        client_side = "client via haproxy" if args.through_haproxy else "client on r0"
+        result["latency_path"] = f"{client_side} -> endpoint on r{service.holder_of(target)}"
     _log(f"[{key}] clients warm; latency n={args.n_latency} ({result.get('latency_path', 'one service')})")
     with Executor(endpoint_id=target, service=service.urls[0], token=service.token) as ex:
         result["latency"] = peers.measure_latency(ex.submit, n=args.n_latency, warmup=args.warmup_latency)
