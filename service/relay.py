@@ -183,6 +183,8 @@ class EndpointSession:
         self.backlog = True
         self.cursor: tuple[float, str] | None = None
         self.refilling = False
+        #: a refill was asked for while one ran: new work may have been stored after its page was read
+        self.refill_again = False
         self.status: dict[str, Any] = {}
         self.connected_at = time.time()
         self.refused_reports = 0
@@ -261,18 +263,22 @@ class Relay:
                 log.exception("checking credentials of open connections failed")
 
     async def enforce_credentials(self) -> None:
-        if self.clients:
-            valid = await self.db.valid_token_hashes([s.token_hash for s in self.clients])
-            for session in [s for s in self.clients if s.token_hash not in valid]:
+        # only the sessions asked about are judged: one that connected while the store answered
+        # (an endpoint reconnecting, say) is not in the answer, and was checked when it connected
+        clients = list(self.clients)
+        if clients:
+            valid = await self.db.valid_token_hashes([s.token_hash for s in clients])
+            for session in [s for s in clients if s.token_hash not in valid and s in self.clients]:
                 if self.authenticator is not None and await self.authenticator.still_valid_at_globus(session.token):
                     continue  # a Globus token (cached answer, re-asked when it expires)
                 log.info("closing a connection of user %s: its token was revoked or rotated", session.user_id)
                 self.clients.discard(session)
                 await _safe_close(session, CLOSE_AUTH_FAILED, "token revoked or rotated; get a new one")
-        if self.endpoints:
-            valid_pairs = await self.db.valid_endpoint_secrets([(e.endpoint_id, e.secret_hash)
-                                                             for e in self.endpoints.values()])
-            for session in [e for e in self.endpoints.values() if (e.endpoint_id, e.secret_hash) not in valid_pairs]:
+        endpoints = list(self.endpoints.values())
+        if endpoints:
+            valid_pairs = await self.db.valid_endpoint_secrets([(e.endpoint_id, e.secret_hash) for e in endpoints])
+            for session in [e for e in endpoints if (e.endpoint_id, e.secret_hash) not in valid_pairs
+                            and self.endpoints.get(e.endpoint_id) is e]:
                 await self.disconnect_endpoint(session.endpoint_id, CLOSE_CREDENTIAL_ROTATED,
                                                "this endpoint's credential was replaced or revoked")
 
@@ -758,9 +764,12 @@ class Relay:
         heartbeat free room. At the end of the backlog the cursor goes back to the start, so the
         next backlog is read from the beginning (skipping what the endpoint holds).
         """
-        if ep.refilling or ep.multi_user:
+        if ep.multi_user:
             return
-        ep.refilling = True
+        if ep.refilling:  # the running refill reads the store once more before it calls the backlog done
+            ep.refill_again = True
+            return
+        ep.refilling, ep.refill_again = True, False
         # refill once a quarter of the window is free, not on every result: pages and frames stay
         # large (a frame and a query per result capped a million-task drain at ~1,000 tasks/s),
         # and the endpoint still holds three quarters of its window meanwhile
@@ -790,7 +799,10 @@ class Relay:
                     if row.id not in ep.sent:
                         fresh.append(row)
                 if len(page) < limit and consumed == len(page):
-                    ep.backlog, ep.cursor = False, None
+                    if ep.refill_again:  # tasks stored while this page was read: read from the start again
+                        ep.refill_again, ep.cursor = False, None
+                    else:
+                        ep.backlog, ep.cursor = False, None
                 ep.sent.update(r.id for r in fresh)
                 for chunk in frame_batches(fresh, PEER_MAX_FRAME, DISPATCH_CHUNK,
                                            size=lambda r: (r.size or 0) + ITEM_OVERHEAD):

@@ -84,7 +84,12 @@ backend replicas
 class Replicas:
     """``n`` replicas on a fresh database, haproxy in front; everything stopped by :meth:`close`."""
 
-    def __init__(self, root: Path, n: int = 2, db_threads: int | None = None):
+    def __init__(self, root: Path, n: int = 2, db_threads: int | None = None, log_level: str = "info",
+                 database_settings: dict[str, str] | None = None):
+        """``log_level`` is the replicas' (tests read their logs at ``info``; benchmarks keep the
+        default ``warning`` of a real service so logging costs what it costs in production).
+        ``database_settings`` are set on the fresh database only (``ALTER DATABASE ... SET``), so
+        a benchmark can try, say, ``synchronous_commit = off`` without touching the server."""
         import psycopg
 
         self.root = root
@@ -93,19 +98,29 @@ class Replicas:
         self.dbname = f"tether_replicas_{uuid.uuid4().hex[:10]}"
         with psycopg.connect(PG_DSN, autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {self.dbname}")
+            for key, value in (database_settings or {}).items():
+                conn.execute(f"ALTER DATABASE {self.dbname} SET {key} = {value}")
         self.db_url = f"{PG_URL}/{self.dbname}"
+        self.db_threads = db_threads
+        self.log_level = log_level
         self.env = {k: v for k, v in os.environ.items() if k not in ("TETHER_SERVICE_URL", "TETHER_TOKEN")}
         self.env["TETHER_HOME"] = str(self.home)
+        # replica ids name the broker queues: unique per group, so groups (tests and benchmarks run
+        # by others on the same RabbitMQ) never contend for one exclusive queue
+        self.replica_ids = [f"r{i}-{self.dbname[-10:]}" for i in range(n)]
         self.ports = [free_port() for _ in range(n)]
-        self.tag = uuid.uuid4().hex[:6]  # replica ids unique on the shared broker: "<tag>-r<i>"
         self.procs: list[subprocess.Popen | None] = [None] * n
         self.lb_port = free_port()
         self.lb: subprocess.Popen | None = None
         self.token = ""
-        for i in range(n):  # one after the other: the first makes the local user's token, the rest keep it
-            self.start(i)
-        self.token = json.loads((self.home / "service.json").read_text())["token"]
-        self._start_haproxy()
+        try:
+            for i in range(n):  # one after the other: the first makes the local user's token, the rest keep it
+                self.start(i)
+            self.token = json.loads((self.home / "service.json").read_text())["token"]
+            self._start_haproxy()
+        except BaseException:  # a half-started group (or Ctrl-C) leaves no process and no database behind
+            self.close()
+            raise
 
     # --- replicas --------------------------------------------------------------------------
     def url(self, i: int) -> str:
@@ -117,9 +132,10 @@ class Replicas:
 
     def start(self, i: int) -> None:
         log = open(self.root / f"replica-{i}.log", "ab")  # noqa: SIM115 - kept open by the child
+        threads = ("--db-threads", str(self.db_threads)) if self.db_threads else ()
         self.procs[i] = subprocess.Popen(
             [sys.executable, "-m", "tether.service.server", "--port", str(self.ports[i]), "--db-url", self.db_url,
-             "--broker-url", AMQP_URL, "--replica-id", f"{self.tag}-r{i}", "--log-level", "info"],
+             "--broker-url", AMQP_URL, "--replica-id", self.replica_ids[i], "--log-level", self.log_level, *threads],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         wait_for(lambda: self.healthy(i), timeout=60, what=f"replica {i} to answer /healthz")
@@ -153,8 +169,7 @@ class Replicas:
             row = conn.execute("SELECT status FROM endpoints WHERE id = %s", (endpoint_id,)).fetchone()
         status = json.loads(row[0]) if row and row[0] else {}
         replica = status.get("replica") if status.get("online") else None
-        prefix = f"{self.tag}-r"
-        return int(replica[len(prefix):]) if isinstance(replica, str) and replica.startswith(prefix) else None
+        return self.replica_ids.index(replica) if replica in self.replica_ids else None
 
     # --- haproxy ---------------------------------------------------------------------------
     def _start_haproxy(self) -> None:
@@ -204,10 +219,14 @@ class Replicas:
         for name in [p.name for p in (self.home / "endpoints").glob("*")] if (self.home / "endpoints").exists() else []:
             self.stop_endpoint(name)
         for i in range(len(self.procs)):
-            self.kill(i, signal.SIGTERM)
+            try:
+                self.kill(i, signal.SIGTERM)
+            except subprocess.TimeoutExpired:  # a replica stuck in its shutdown: never leave it running
+                self.kill(i, signal.SIGKILL)
         if self.lb is not None:
             self.lb.terminate()
             self.lb.wait(timeout=10)
+            self.lb = None
         deadline = time.monotonic() + 30
         while True:
             try:

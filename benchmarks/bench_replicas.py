@@ -1,0 +1,448 @@
+"""Replicas: no-op throughput and p50 on SQLite, PostgreSQL, and PostgreSQL + RabbitMQ with 1-3 replicas.
+
+    python benchmarks/bench_replicas.py [--endpoints 100] [--tasks-per-endpoint 50] [--clients 3]
+                                        [--n-latency 200] [--db-threads 4] [--only a,b,c,d,e]
+                                        [--through-haproxy] [--json PATH] [--quick]
+
+A fast check: ``python benchmarks/bench_replicas.py --quick``; figures and what they mean are in
+``docs/benchmarks.md`` (Replicas). Needs ``pip install -e '.[test,bench]'`` (psycopg, aio-pika,
+pytest for the test harness), PostgreSQL on 127.0.0.1:5432 (trust), RabbitMQ on 127.0.0.1:5672 (guest) and haproxy, as
+``tests/test_replicas.py`` does; each configuration gets a fresh database, dropped after.
+
+Five configurations, measured one after the other with the same workload:
+
+    a  the embedded default: ``tether service start`` on SQLite, one process
+    b  one service on PostgreSQL, no broker
+    c  PostgreSQL + RabbitMQ, 1 replica behind haproxy
+    d  the same, 2 replicas
+    e  the same, 3 replicas
+
+Workload: ``--endpoints`` real endpoint daemons (thread engine, one worker each) run in one
+"farm" process, as in ``bench_scale.py``; endpoint ``i`` registers with, and connects directly
+to, replica ``i % n``. ``--clients`` client processes (the same number in every configuration,
+so only the service side changes) connect directly to replica ``j % n``; together they submit
+``--tasks-per-endpoint`` no-ops to every endpoint at once (client ``j`` takes rounds ``r`` with
+``r % clients == j``) and wait for every result: tasks/s is all tasks over first submission to
+last result. With several replicas most tasks therefore cross replicas through the broker, as
+they do behind a load balancer. The latency is ``--n-latency`` sequential round trips from
+this process, connected to replica 0, to endpoint 1, which is on replica 1 when there are
+two or more (so every round trip crosses replicas). ``--through-haproxy`` sends endpoints
+and clients through the balancer instead (placement is then haproxy's round robin).
+
+Ratios are to (a): ``tps / a`` < 1 is less throughput than the embedded default, ``p50 / a``
+> 1 a slower round trip. All processes share this machine's cores: on a small machine more
+replicas cannot add capacity, only show what the broker and the shared database cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(BENCH.parent / "tests"))  # the Replicas harness of tests/test_replicas.py
+
+import peers  # noqa: E402  (needs the sys.path lines above when run as a script)
+
+#: configuration key -> (label, database, replicas behind haproxy: None for a lone service)
+CONFIGS: dict[str, tuple[str, str, int | None]] = {
+    "a": ("SQLite, 1 process (embedded default)", "sqlite", None),
+    "b": ("PostgreSQL, 1 process", "postgres", None),
+    "c": ("PostgreSQL + RabbitMQ, 1 replica", "postgres", 1),
+    "d": ("PostgreSQL + RabbitMQ, 2 replicas", "postgres", 2),
+    "e": ("PostgreSQL + RabbitMQ, 3 replicas", "postgres", 3),
+}
+
+#: Every endpoint daemon in one process (saves ~50 MB per endpoint); each registers with the
+#: service URL given for it, keeps its own credential, spool and WebSocket.
+FARM = r"""
+import asyncio, json, sys
+from tether.endpoint.config import load_config, write_default_config
+from tether.endpoint.daemon import EndpointDaemon, read_credential
+from tether.endpoint.manage import ensure_registered
+
+urls, token = json.loads(sys.argv[1]), sys.argv[2]
+names = [f"farm-{i:03d}" for i in range(len(urls))]
+for name, url in zip(names, urls):
+    write_default_config(name, "thread", 1)
+    ensure_registered(name, service=url, token=token)
+print(json.dumps([read_credential(load_config(n).dir)["endpoint_id"] for n in names]), flush=True)
+
+async def main():
+    daemons = [EndpointDaemon(load_config(n), read_credential(load_config(n).dir)) for n in names]
+    await asyncio.gather(*(d.run() for d in daemons))
+
+asyncio.run(main())
+"""
+
+Result = dict[str, Any]
+
+
+def _log(msg: str) -> None:
+    """Progress goes to stderr so stdout stays just the table."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- client processes
+
+
+def client_main(spec_json: str) -> int:
+    """A client process: warm up, say ``ready``, wait for ``go`` on stdin, run its share, report.
+
+    Separate processes because one Python client saturates its own GIL before a service does;
+    the same number of them runs in every configuration.
+    """
+    import cloudpickle
+
+    from tether import Executor
+    from tether.connection import Connection
+
+    cloudpickle.register_pickle_by_value(peers)  # the farm cannot import benchmarks/peers.py
+    spec = json.loads(spec_json)
+    executors = [Executor(endpoint_id=e, service=spec["url"], token=spec["token"]) for e in spec["endpoints"]]
+    try:
+        warm = [ex.submit(peers.noop, -1) for ex in executors]  # every endpoint reached once, connection open
+        for f in warm:
+            f.result(timeout=300)
+        print("ready", flush=True)
+        if sys.stdin.readline().strip() != "go":
+            return 1
+        t0 = time.time()
+        futures = [(r, ex.submit(peers.noop, r)) for r in spec["rounds"] for ex in executors]
+        wrong = sum(f.result(timeout=1800) != r for r, f in futures)
+        t1 = time.time()
+        print(json.dumps({"t0": t0, "t1": t1, "n": len(futures), "wrong": wrong}), flush=True)
+        return 0
+    finally:
+        for ex in executors:
+            ex.shutdown(wait=False)
+        Connection.close_all()
+
+
+# --------------------------------------------------------------------------- one configuration
+
+
+@dataclass
+class Children:
+    """Processes this benchmark started itself (farm, clients): each in its own process group,
+    so one ``killpg`` ends it and whatever it started; :meth:`stop_all` runs on every exit path."""
+
+    procs: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    def start(self, cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[str]:
+        """Start ``cmd``: stdout is ours to read, stderr (its warnings) goes to ``log``, scanned after."""
+        with open(log, "ab") as err:
+            proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                    text=True, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(timeout=10)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        self.procs.clear()
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for a lone service (b), dropped after."""
+    import psycopg
+
+    from replicas import PG_DSN, PG_URL
+
+    name = f"tether_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"{PG_URL}/{name}"
+    finally:
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@dataclass
+class Service:
+    """Where clients and endpoints connect, whatever is behind: ``urls[k]`` is replica ``k``."""
+
+    urls: list[str]
+    token: str
+    logs: list[Path]
+    replicas: int
+    holder_of: Any = None  # endpoint id -> replica index, where the database says so
+
+
+@contextlib.contextmanager
+def start_service(key: str, root: Path, args: argparse.Namespace) -> Iterator[Service]:
+    """Start configuration ``key`` in ``root``; stop every process of it (and drop its database) after."""
+    _label, database, n = CONFIGS[key]
+    if n is None:
+        from tether.local import LocalStack
+
+        with contextlib.ExitStack() as cleanup:
+            service_args: tuple[str, ...] = ()
+            if database == "postgres":
+                url = cleanup.enter_context(postgres_database())
+                service_args = ("--db-url", url, "--db-threads", str(args.db_threads))
+            home = root / "service"
+            env = {k: v for k, v in os.environ.items() if k not in ("TETHER_SERVICE_URL", "TETHER_TOKEN")}
+            env["TETHER_HOME"] = str(home)
+            stack = LocalStack(home=home, env=env, service_args=service_args)
+            cleanup.callback(stack.stop_service)
+            stack.start_service()
+            yield Service([stack.service_url], stack.token, [home / "service.log"], 1)
+        return
+    from replicas import Replicas
+
+    group = Replicas(root, n=n, db_threads=args.db_threads, log_level="warning")
+    try:
+        urls = [group.lb_url] * n if args.through_haproxy else [group.url(i) for i in range(n)]
+        yield Service(urls, group.token, [root / f"replica-{i}.log" for i in range(n)], n, group.holder_of)
+    finally:
+        group.close()
+
+
+def run_config(key: str, args: argparse.Namespace) -> Result:
+    """Measure one configuration: endpoints online, latency, then throughput; always tear down."""
+    from tether import Client, Executor
+    from tether.connection import Connection
+
+    label, _database, n = CONFIGS[key]
+    result: Result = {"config": key, "label": label, "replicas": n or 1, "error": None, "log_problems": []}
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"bench-replicas-{key}-") as tmp:
+        root = Path(tmp)
+        children = Children()
+        service = None
+        try:
+            with start_service(key, root, args) as service:
+                try:
+                    _measure(key, service, root, children, args, result, Client, Executor)
+                finally:
+                    children.stop_all()
+                    Connection.close_all()
+        except Exception as exc:  # report, and go on with the next configuration
+            result["error"] = f"{type(exc).__name__}: {exc}"
+            _log(f"[{key}] FAILED:\n{traceback.format_exc()}")
+        finally:
+            children.stop_all()
+            if service is not None:
+                result["log_problems"] = _log_problems(service.logs)
+    result["wall_s"] = time.perf_counter() - t_start
+    return result
+
+
+def _measure(key: str, service: Service, root: Path, children: Children, args: argparse.Namespace,
+             result: Result, Client: Any, Executor: Any) -> None:  # noqa: N803 - classes passed in
+    """The measurement of :func:`run_config`, with its processes already in place."""
+    n = service.replicas
+    _log(f"[{key}] service up ({n} replica(s)); starting {args.endpoints} endpoints")
+    env = {k: v for k, v in os.environ.items() if k not in ("TETHER_SERVICE_URL", "TETHER_TOKEN")}
+    env.update(TETHER_HOME=str(root / "farm"), TETHER_LOG_LEVEL="WARNING")
+    endpoint_urls = [service.urls[i % n] for i in range(args.endpoints)]
+    t0 = time.perf_counter()
+    farm = children.start([sys.executable, "-c", FARM, json.dumps(endpoint_urls), service.token], env,
+                          root / "farm.log")
+    service.logs.append(root / "farm.log")
+    line = farm.stdout.readline() if farm.stdout else ""
+    if not line:
+        raise RuntimeError(f"the endpoint farm exited ({farm.wait()}) before registering")
+    endpoint_ids: list[str] = json.loads(line)
+    with Client(service.urls[0], service.token) as client:
+        while sum(e["online"] for e in client.list_endpoints()) < args.endpoints:
+            if farm.poll() is not None:
+                raise RuntimeError(f"the endpoint farm exited ({farm.returncode})")
+            time.sleep(0.1)
+    result["online_s"] = time.perf_counter() - t0
+    _log(f"[{key}] {args.endpoints} endpoints online in {result['online_s']:.1f}s; starting {args.clients} clients")
+
+    clients = []
+    for j in range(args.clients):
+        spec = {"url": service.urls[j % n], "token": service.token, "endpoints": endpoint_ids,
+                "rounds": [r for r in range(args.tasks_per_endpoint) if r % args.clients == j]}
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--_client", json.dumps(spec)]
+        clients.append(children.start(cmd, {**env, "TETHER_HOME": str(root / f"client-{j}")}, root / f"client-{j}.log"))
+        service.logs.append(root / f"client-{j}.log")
+    for j, proc in enumerate(clients):
+        if proc.stdout is None or proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"client {j} exited ({proc.wait()}) before its warm-up finished")
+
+    target = endpoint_ids[1 % len(endpoint_ids)]
+    if service.holder_of is not None:
+        client_side = "client via haproxy" if args.through_haproxy else "client on r0"
+        result["latency_path"] = f"{client_side} -> endpoint on r{service.holder_of(target)}"
+    _log(f"[{key}] clients warm; latency n={args.n_latency} ({result.get('latency_path', 'one service')})")
+    with Executor(endpoint_id=target, service=service.urls[0], token=service.token) as ex:
+        result["latency"] = peers.measure_latency(ex.submit, n=args.n_latency, warmup=args.warmup_latency)
+    _log(f"[{key}] p50 {result['latency']['p50_ms']:.2f} ms; throughput, "
+         f"{args.endpoints * args.tasks_per_endpoint:,} tasks")
+
+    for proc in clients:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    reports = []
+    for j, proc in enumerate(clients):
+        line = proc.stdout.readline() if proc.stdout else ""
+        if not line:
+            raise RuntimeError(f"client {j} exited ({proc.wait()}) without a result")
+        reports.append(json.loads(line))
+    tasks = sum(r["n"] for r in reports)
+    seconds = max(r["t1"] for r in reports) - min(r["t0"] for r in reports)
+    result["throughput"] = {"n": tasks, "seconds": seconds, "tasks_per_s": tasks / seconds,
+                            "wrong": sum(r["wrong"] for r in reports)}
+    _log(f"[{key}] {tasks / seconds:,.0f} tasks/s, {result['throughput']['wrong']} wrong; stopping")
+
+
+#: what marks a log line worth reporting: service errors, and the endpoints' and clients' own
+#: words for a lost connection or a refused credential
+PROBLEM_WORDS = ("ERROR", "Traceback", "CRITICAL", "Exception", "database error", "rejected", "connection to service")
+
+
+def _log_problems(logs: list[Path]) -> list[str]:
+    """Lines of the service logs that say something went wrong (the benchmark is also a check)."""
+    problems = []
+    for path in logs:
+        with contextlib.suppress(OSError):
+            for line in path.read_text(errors="replace").splitlines():
+                if any(word in line for word in PROBLEM_WORDS):
+                    problems.append(f"{path.name}: {line.strip()[:300]}")
+    return problems
+
+
+# --------------------------------------------------------------------------- report
+
+
+def add_ratios(results: list[Result]) -> None:
+    """Ratios to the embedded default (a), when it produced figures."""
+    base = next((r for r in results if r["config"] == "a" and not r["error"]), None)
+    for r in results:
+        r["p50_ratio"] = r["tps_ratio"] = None
+        if base and r.get("latency") and base.get("latency"):
+            r["p50_ratio"] = r["latency"]["p50_ms"] / base["latency"]["p50_ms"]
+        if base and r.get("throughput") and base.get("throughput"):
+            r["tps_ratio"] = r["throughput"]["tasks_per_s"] / base["throughput"]["tasks_per_s"]
+
+
+HEADERS = ["config", "replicas", "endpoints", "online s", "p50 ms", "p99 ms", "tasks/s", "p50 / a", "tasks/s / a"]
+
+
+def _rows(results: list[Result], endpoints: int) -> list[list[str]]:
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    rows = []
+    for r in results:
+        lat, thr = r.get("latency") or {}, r.get("throughput") or {}
+        name = f"{r['config']}: {r['label']}" + (f" (FAILED: {r['error']})" if r["error"] else "")
+        if thr.get("wrong"):
+            name += f" ({thr['wrong']} WRONG)"
+        rows.append([name, str(r["replicas"]), str(endpoints), fmt(r.get("online_s"), ".1f"),
+                     fmt(lat.get("p50_ms"), ".2f"), fmt(lat.get("p99_ms"), ".2f"), fmt(thr.get("tasks_per_s"), ",.0f"),
+                     fmt(r["p50_ratio"], ".2f"), fmt(r["tps_ratio"], ".2f")])
+    return rows
+
+
+def print_table(results: list[Result], args: argparse.Namespace) -> None:
+    """Render with rich when installed, else as aligned plain text."""
+    title = (f"no-op tasks: {args.endpoints} endpoints x {args.tasks_per_endpoint} tasks, {args.clients} clients, "
+             f"latency n={args.n_latency} ({os.cpu_count()} CPUs, "
+             f"{'through haproxy' if args.through_haproxy else 'direct to replicas'})")
+    rows = _rows(results, args.endpoints)
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(HEADERS)]
+        print(title)
+        for line in [HEADERS, ["-" * w for w in widths], *rows]:
+            cells = zip(line, widths, strict=True)
+            print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells)))
+        return
+    table = Table(title=title)
+    for i, h in enumerate(HEADERS):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console(width=200).print(table)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--endpoints", type=int, default=100, help="endpoint daemons (thread engine, 1 worker each)")
+    p.add_argument("--tasks-per-endpoint", type=int, default=50, help="throughput: no-ops sent to each endpoint")
+    p.add_argument("--clients", type=int, default=3, help="client processes, spread over the replicas")
+    p.add_argument("--n-latency", type=int, default=200, help="timed sequential round trips")
+    p.add_argument("--warmup-latency", type=int, default=20)
+    p.add_argument("--db-threads", type=int, default=4, help="PostgreSQL: store threads per replica")
+    p.add_argument("--only", default="a,b,c,d,e", help="configurations to run, of: " + ",".join(CONFIGS))
+    p.add_argument("--through-haproxy", action="store_true",
+                   help="(c)-(e): endpoints and clients connect through haproxy, not to a replica directly")
+    p.add_argument("--quick", action="store_true", help="a fast check: 10 endpoints, 10 tasks each, 50 round trips")
+    p.add_argument("--json", metavar="PATH", help="also write raw figures as JSON")
+    p.add_argument("--_client", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.endpoints, args.tasks_per_endpoint, args.n_latency, args.warmup_latency = 10, 10, 50, 10
+    args.configs = [c.strip() for c in args.only.split(",") if c.strip()]
+    unknown = sorted(set(args.configs) - set(CONFIGS))
+    if unknown:
+        p.error(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
+    if args.endpoints < 2:
+        p.error("--endpoints must be at least 2 (the latency goes to endpoint 1)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # SIGTERM becomes SystemExit, so every `finally` below stops what it started
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if args._client:
+        return client_main(args._client)
+    import cloudpickle
+
+    from replicas import missing
+
+    cloudpickle.register_pickle_by_value(peers)  # the farm's workers cannot import benchmarks/peers.py
+    if any(CONFIGS[c][1] == "postgres" for c in args.configs) and (why := missing()):
+        print(f"cannot run the PostgreSQL configurations: {why}", file=sys.stderr)
+        return 2
+    results = [run_config(key, args) for key in args.configs]
+    add_ratios(results)
+    print_table(results, args)
+    for r in results:
+        for line in r["log_problems"][:20]:
+            print(f"  log ({r['config']}): {line}")
+    if args.json:
+        meta = {"argv": sys.argv[1:], "python": sys.version.split()[0], "platform": platform.platform(),
+                "cpu_count": os.cpu_count(), "unix_time": time.time()}
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    failed = any(r["error"] or (r.get("throughput") or {}).get("wrong") for r in results)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
