@@ -120,14 +120,18 @@ def _mtime(path: Path) -> float:
 
 @contextlib.contextmanager
 def local_stack(home: str | Path | None = None, engine: str = "process", workers: int = 2,
-                service_args: tuple[str, ...] = ()) -> Iterator[LocalStack]:
-    """Start a service and an endpoint in ``home`` (a temporary directory by default); stop both after."""
+                service_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Iterator[LocalStack]:
+    """Start a service and an endpoint in ``home`` (a temporary directory by default); stop both after.
+
+    ``env``: more environment for every command of the stack (``TETHER_DB_URL``, say, which the
+    service and the ``tether service`` commands then share)."""
     with contextlib.ExitStack() as cleanup:
         if home is None:
             home = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="tether-"))
         home = Path(home)
+        extra = env or {}
         env = {k: v for k, v in os.environ.items() if k not in ("TETHER_SERVICE_URL", "TETHER_TOKEN")}
-        env["TETHER_HOME"] = str(home)
+        env.update(extra, TETHER_HOME=str(home))
         stack = LocalStack(home=home, env=env, service_args=tuple(service_args))
         try:
             stack.start_service()

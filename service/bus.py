@@ -18,6 +18,11 @@ replica re-reads the database when the broker reconnects and at a slow interval 
 :meth:`tether.service.relay.Relay.reconcile`), and tasks and results live in the database.
 Messages are acknowledged after the relay has acted on them, in order, one at a time.
 
+Publishing never makes the relay wait: an event joins an outbox, and one task sends what has
+gathered there, merging events of one kind for one target (the ids of many result frames
+become one message). Awaiting the broker per event capped a replica at ~100 tasks/s: every
+publish waits its turn on the channel, behind every other frame of a busy loop.
+
 Without a broker (the embedded default), :class:`LocalBus` does nothing: everything is in one
 process already.
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -36,6 +42,9 @@ import msgpack
 log = logging.getLogger("tether.service.bus")
 
 EXCHANGE = "tether.events"
+#: events whose data is a list of items (ids, states): merged in the outbox, cut to this many
+LIST_KINDS = frozenset({"results", "status", "cancel"})
+MAX_EVENT_ITEMS = 10_000
 Handler = Callable[[str, str, Any], Awaitable[None]]  # (kind, target id, data)
 
 
@@ -90,6 +99,12 @@ class RabbitBus:
         self._queue: Any = None
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
+        self._sender: asyncio.Task[None] | None = None
+        #: events waiting to be sent, merged per (routing key, kind) where their data are lists
+        self._outbox: dict[tuple[str, str], list[Any]] = {}
+        self._targets: dict[tuple[str, str], str] = {}
+        self._seq = itertools.count()
+        self._ready = asyncio.Event()
         self._bound: set[str] = set()
         self.published = 0
         self.publish_failures = 0
@@ -106,7 +121,9 @@ class RabbitBus:
             asyncio.get_running_loop().create_task(on_reconnect())
 
         self._connection.reconnect_callbacks.add(reconnected)
-        channel = await self._connection.channel(publisher_confirms=True)
+        # no publisher confirms: events are hints (see the module docstring), and a confirm per
+        # event would put the broker's round trip on every frame the relay handles
+        channel = await self._connection.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=self.prefetch)
         self._exchange = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
         # one queue per process: a replica restarted with the same id must not wait for the broker to
@@ -115,6 +132,7 @@ class RabbitBus:
                                                   exclusive=True, auto_delete=True)
         await self._queue.consume(self._inbox.put_nowait)
         self._worker = asyncio.get_running_loop().create_task(self._work(handler))
+        self._sender = asyncio.get_running_loop().create_task(self._send_outbox())
         log.info("replica %s connected to the message broker", self.replica_id)
 
     async def _work(self, handler: Handler) -> None:
@@ -143,20 +161,47 @@ class RabbitBus:
                 await self._queue.unbind(self._exchange, routing_key=key)
 
     async def publish(self, key: str, kind: str, target: str, data: Any = None) -> bool:
-        """Send an event; False if the broker could not take it (the reconciliation covers it)."""
-        import aio_pika
-
-        body = msgpack.packb({"o": self.replica_id, "k": kind, "t": target, "d": data}, use_bin_type=True)
-        try:
-            await self._exchange.publish(aio_pika.Message(body), routing_key=key)
-        except Exception as exc:  # noqa: BLE001 - broker down: news waits for the reconciliation
-            self.publish_failures += 1
-            log.warning("could not publish '%s' for %s on the message broker: %s", kind, key, exc)
-            return False
-        self.published += 1
+        """Queue an event for the other replicas (sent by :meth:`_send_outbox`, soon)."""
+        slot = (key, kind)
+        if kind in LIST_KINDS and slot in self._outbox:
+            self._outbox[slot].extend(data)  # ids and states of one kind for one target: one message
+        elif not (kind == "refill" and slot in self._outbox):  # (one refill says it all)
+            if slot in self._outbox:  # a frame, a close, ...: each its own message, in order
+                slot = (key, f"{kind}#{next(self._seq)}")
+            self._outbox[slot] = list(data) if kind in LIST_KINDS else [data]
+            self._targets[slot] = target
+        self._ready.set()
         return True
 
+    async def _send_outbox(self) -> None:
+        """Send what gathered in the outbox, merged; a message the broker cannot take now is
+        dropped (the reconciliation covers it) and counted."""
+        import aio_pika
+
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            outbox, targets = self._outbox, self._targets
+            self._outbox, self._targets = {}, {}
+            for (key, slot_kind), items in outbox.items():
+                kind = slot_kind.split("#", 1)[0]
+                chunks = [items[i : i + MAX_EVENT_ITEMS] for i in range(0, len(items), MAX_EVENT_ITEMS)] \
+                    if kind in LIST_KINDS else [items]
+                for chunk in chunks:
+                    data = chunk if kind in LIST_KINDS else chunk[0]
+                    body = msgpack.packb({"o": self.replica_id, "k": kind, "t": targets[(key, slot_kind)], "d": data},
+                                         use_bin_type=True)
+                    try:
+                        await self._exchange.publish(aio_pika.Message(body), routing_key=key)
+                    except Exception as exc:  # noqa: BLE001 - broker down: news waits for the reconciliation
+                        self.publish_failures += 1
+                        log.warning("could not publish '%s' for %s on the message broker: %s", kind, key, exc)
+                    else:
+                        self.published += 1
+
     async def close(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
         if self._worker is not None:
             self._worker.cancel()
         if self._connection is not None:

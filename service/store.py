@@ -544,7 +544,9 @@ class Store:
 
     def set_state(self, stamps: Iterable[tuple[str, float]], state: TaskState) -> None:
         """Move open tasks to a non-terminal state at the given times (terminal tasks never move again)."""
-        params = [{"b_id": i, "b_ts": ts} for i, ts in stamps]
+        # rows are locked in id order, as write_results locks them: two writers never wait on
+        # each other in a cycle (PostgreSQL reported deadlocks between the two before)
+        params = sorted(({"b_id": i, "b_ts": ts} for i, ts in stamps), key=lambda p: p["b_id"])
         if not params:
             return
         col = _TIME_COLUMN[state]
@@ -626,10 +628,10 @@ class Store:
             )
         with self._tx() as conn:
             still_open: set[str] = set()
-            for chunk in _chunks([r.id for r in fresh]):
+            for chunk in _chunks(sorted(r.id for r in fresh)):  # locked in id order, as set_state does
                 still_open.update(conn.execute(select(tasks.c.id).where(and_(tasks.c.id.in_(chunk), _OPEN))
-                                               .with_for_update()).scalars())
-            params = [p for p in params if p["b_id"] in still_open]
+                                               .order_by(tasks.c.id).with_for_update()).scalars())
+            params = sorted((p for p in params if p["b_id"] in still_open), key=lambda p: p["b_id"])
             if not params:
                 return []
             conn.execute(

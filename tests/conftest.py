@@ -38,10 +38,12 @@ PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 
 
 @contextlib.contextmanager
-def database_args() -> Iterator[tuple[str, ...]]:
-    """The service arguments for the test database backend (a database made and dropped here)."""
+def database_env() -> Iterator[dict[str, str]]:
+    """The environment that puts a stack on the test database backend (``TETHER_DB_URL``, which
+    the service and every ``tether service`` command of the stack read); a database made and
+    dropped here."""
     if TEST_DB != "postgres":
-        yield ()
+        yield {}
         return
     import uuid
 
@@ -51,7 +53,7 @@ def database_args() -> Iterator[tuple[str, ...]]:
     with psycopg.connect(PG_DSN, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     try:
-        yield ("--db-url", f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}")
+        yield {"TETHER_DB_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"}
     finally:
         with psycopg.connect(PG_DSN, autocommit=True) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
@@ -63,7 +65,7 @@ def run_sql(stack: LocalStack, statement: str) -> list[tuple]:
     import sqlalchemy
 
     args = list(stack.service_args)
-    default = f"sqlite:///{stack.home / 'service' / 'tether.db'}"
+    default = stack.env.get("TETHER_DB_URL") or f"sqlite:///{stack.home / 'service' / 'tether.db'}"
     url = args[args.index("--db-url") + 1] if "--db-url" in args else default
     engine = sqlalchemy.create_engine(url)
     try:
@@ -77,15 +79,15 @@ def run_sql(stack: LocalStack, statement: str) -> list[tuple]:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     """One service + one process-engine endpoint (2 workers) for the tests that only submit."""
-    with database_args() as db, local_stack(tmp_path_factory.mktemp("home"), engine="process", workers=2,
-                                            service_args=("--max-payload-bytes", str(TEST_MAX_PAYLOAD), *db)) as s:
+    with database_env() as db, local_stack(tmp_path_factory.mktemp("home"), engine="process", workers=2,
+                                           service_args=("--max-payload-bytes", str(TEST_MAX_PAYLOAD)), env=db) as s:
         yield s
 
 
 @pytest.fixture
 def fresh_stack(tmp_path: Path) -> Iterator[LocalStack]:
     """A stack of its own, for tests that kill or reconfigure things."""
-    with database_args() as db, local_stack(tmp_path / "home", engine="process", workers=2, service_args=db) as s:
+    with database_env() as db, local_stack(tmp_path / "home", engine="process", workers=2, env=db) as s:
         yield s
 
 

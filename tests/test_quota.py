@@ -17,14 +17,14 @@ from tether.local import local_stack
 from tether.serialize import function_id
 
 import helpers
-from conftest import database_args
+from conftest import database_env
 
 LIMIT = 5
 
 
 def test_tasks_over_a_users_quota_are_refused_in_words_and_the_rest_run(tmp_path: Path) -> None:
-    with database_args() as db, local_stack(tmp_path / "home", workers=2,
-                                            service_args=("--max-open-tasks-per-user", str(LIMIT), *db)) as stack:
+    with database_env() as db, local_stack(tmp_path / "home", workers=2, env=db,
+                                           service_args=("--max-open-tasks-per-user", str(LIMIT))) as stack:
         stack.stop_endpoint()  # tasks stay open (waiting for the endpoint) and count against the quota
         with Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token) as ex:
             futures = [ex.submit(helpers.square, i) for i in range(LIMIT + 3)]
