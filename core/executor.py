@@ -165,13 +165,17 @@ class Executor(concurrent.futures.Executor):
             check(args, kwargs, spec)
 
     def _track(self, fut: TetherFuture) -> None:
+        # not a done-callback: it runs inline wherever the future settles, costs no callback
+        # list per future, and leaves the user's callbacks alone
         with self._futures_lock:
             self._futures.add(fut)
-        fut.add_done_callback(self._untrack)
+        fut._on_settled = self._untrack
+        if fut.done():  # settled before the line above: untrack here (discarding twice is harmless)
+            self._untrack(fut)
 
-    def _untrack(self, fut: concurrent.futures.Future) -> None:
+    def _untrack(self, fut: TetherFuture) -> None:
         with self._futures_lock:
-            self._futures.discard(fut)  # type: ignore[arg-type]
+            self._futures.discard(fut)
 
     # --- fire and forget -----------------------------------------------------------------------
     def reload(self) -> list[TetherFuture]:
