@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import contextlib
 import itertools
 import logging
 import os
 import ssl
 import threading
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from websockets.exceptions import ConnectionClosed
@@ -68,6 +70,9 @@ from .serialize import PY_VERSION, deserialize
 from .transport import Backoff, open_ws
 
 log = logging.getLogger("tether.client")
+
+#: seconds cancels are gathered before they are sent (a loop of fut.cancel() becomes a few frames)
+CANCEL_LINGER = 0.02
 
 #: WebSocket close code of a peer that refused a frame as too big (RFC 6455)
 CLOSE_MESSAGE_TOO_BIG = 1009
@@ -123,6 +128,8 @@ class Connection:
         self._control: collections.deque[bytes] = collections.deque()
         #: ids cancelled since the last flush: one CANCEL frame per flush (per MAX_IDS), not per future
         self._cancels: list[str] = []
+        self._lock_cancels = threading.Lock()
+        self._holding_cancels = 0  # > 0 inside batched_cancels(): cancels wait for its end
         #: frames sent, by type: what a mass cancel or a burst of submissions cost on the wire
         self.frames_sent: collections.Counter[str] = collections.Counter()
         self._collected: list[str] = []
@@ -167,6 +174,19 @@ class Connection:
         self.futures.pop(task_id, None)
         self._cancels.append(task_id)  # list.append is atomic: user threads and the loop share it
         self._wake()
+
+    @contextlib.contextmanager
+    def batched_cancels(self) -> Iterator[None]:
+        """Cancels made inside this block leave together, a frame per MAX_IDS ids, when it ends
+        (``Executor.shutdown(cancel_futures=True)`` cancels everything pending this way)."""
+        with self._lock_cancels:
+            self._holding_cancels += 1
+        try:
+            yield
+        finally:
+            with self._lock_cancels:
+                self._holding_cancels -= 1
+            self._wake()
 
     def send_control(self, frame: bytes) -> None:
         self._control.append(frame)
@@ -215,7 +235,10 @@ class Connection:
         """
         wait = self.batch_interval - (self._loop.time() - self._last_send)
         in_flight = len(self.futures) > len(self._outbox)
-        if wait > 0 and in_flight:
+        if self._cancels and not self._outbox and not self._control:
+            # cancels are never urgent to the millisecond: gather a loop of fut.cancel() calls
+            self._loop.call_later(CANCEL_LINGER, self._flush)
+        elif wait > 0 and in_flight:
             self._loop.call_later(wait, self._flush)
         else:
             self._flush()
@@ -353,7 +376,7 @@ class Connection:
         # control frames (cancel, subscribe) after the tasks they may refer to: frames arrive in order
         while self._control:
             self._loop.create_task(self._send(self._control.popleft()))
-        if self._cancels:
+        if self._cancels and not self._holding_cancels:
             cancels, self._cancels = self._cancels, []
             for start in range(0, len(cancels), MAX_IDS):
                 self._loop.create_task(self._send(encode(Cancel(ids=cancels[start : start + MAX_IDS])), "cancel"))

@@ -211,8 +211,9 @@ class Executor(concurrent.futures.Executor):
         with self._futures_lock:
             futures = list(self._futures)
         if cancel_futures:
-            for fut in futures:
-                fut.cancel()
+            with self._conn.batched_cancels():  # one frame per MAX_IDS ids, not one per future
+                for fut in futures:
+                    fut.cancel()
         if wait:
             concurrent.futures.wait(futures)
 

@@ -134,11 +134,11 @@ class TetherFuture(concurrent.futures.Future):
 
     def _invoke_callbacks(self) -> None:
         """Run done-callbacks here, unless this is a connection thread: then on the callback thread."""
-        if not self._callbacks:
+        if not self._done_callbacks:
             return
         if threading.get_ident() in callbacks.owner_threads:
             with self._condition:
-                pending, self._callbacks = self._callbacks, []
+                pending, self._done_callbacks = self._done_callbacks, []
             callbacks.submit(self, pending)
         else:
             super()._invoke_callbacks()
