@@ -6,6 +6,10 @@ Two rules keep the client's connection thread safe from user code and from races
 * a future is settled (result, exception, cancel) with one check-and-set under its lock
   (:meth:`TetherFuture._settle`), so a result arriving while the user cancels is simply dropped,
   never an ``InvalidStateError`` on the connection thread;
+* a future's ``threading.Condition`` (1.3 KB: an RLock, a deque, bound methods) is made only
+  when a thread must wait on it; until then its state changes happen under one module lock
+  (:data:`_MAKE_LOCK`, under which no condition can be made), so a million pending futures
+  cost a million small objects, not 1.3 GB of conditions;
 * done-callbacks never run on the connection thread: when it settles a future, the callbacks
   go to one process-wide callback thread (:class:`_CallbackRunner`). A callback that blocks, or
   waits on another future's result, delays other callbacks but never the results themselves.
@@ -28,6 +32,8 @@ log = logging.getLogger("tether.futures")
 
 _ORDER = {state.value: i for i, state in enumerate(TaskState)}
 _DONE = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
+#: guards the making of futures' conditions, and the state of futures that have none yet
+_MAKE_LOCK = threading.Lock()
 
 
 class _CallbackRunner:
@@ -71,7 +77,12 @@ class TetherFuture(concurrent.futures.Future):
     """
 
     def __init__(self, task_id: str, on_cancel: Callable[[str], None] | None = None):
-        super().__init__()
+        # concurrent.futures.Future.__init__ (CPython 3.11-3.13) without the condition, made on demand
+        self._state = PENDING
+        self._result: Any = None
+        self._exception: BaseException | None = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Callable[[Any], object]] = []
         self.task_id = task_id
         self.state: str = TaskState.RECEIVED.value
         self.transitions: dict[str, float] = {}
@@ -82,6 +93,37 @@ class TetherFuture(concurrent.futures.Future):
     def __repr__(self) -> str:
         return f"<TetherFuture {self.task_id} {self.state}>"
 
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        """The base class's condition, made the first time anything needs it (to wait, mostly)."""
+        cond = self.__dict__.get("_cond")
+        if cond is None:
+            with _MAKE_LOCK:
+                cond = self.__dict__.get("_cond")
+                if cond is None:
+                    cond = self.__dict__["_cond"] = threading.Condition()
+        return cond
+
+    def _change(self, change: Callable[[threading.Condition | None], Any]) -> Any:
+        """Run ``change`` holding the future's condition, or, if it has none yet, the module
+        lock (no thread can be waiting then, and none can start to until ``change`` is done)."""
+        while True:
+            cond = self.__dict__.get("_cond")
+            with cond if cond is not None else _MAKE_LOCK:
+                if cond is None and self.__dict__.get("_cond") is not None:
+                    continue  # made while we took the lock: use it
+                return change(cond)
+
+    # lock-free reads: one attribute read is atomic, and these never need to wait
+    def done(self) -> bool:
+        return self._state in _DONE
+
+    def cancelled(self) -> bool:
+        return self._state in (CANCELLED, CANCELLED_AND_NOTIFIED)
+
+    def running(self) -> bool:
+        return self._state == RUNNING
+
     def _record(self, state: str, ts: float | None) -> None:
         if ts is not None and state not in self.transitions:
             self.transitions[state] = ts
@@ -91,9 +133,11 @@ class TetherFuture(concurrent.futures.Future):
             self.state = state
 
     def _mark_running(self) -> None:
-        with self._condition:
+        def change(_cond: threading.Condition | None) -> None:
             if self._state == PENDING:
                 self._state = RUNNING
+
+        self._change(change)
 
     def _settle(self, value: Any = None, exception: BaseException | None = None) -> bool:
         """Set the result (or exception) unless the future is already done; True if it was set.
@@ -101,7 +145,7 @@ class TetherFuture(concurrent.futures.Future):
         The check and the set are one step under the future's lock: a cancel racing a result
         makes the result a no-op, never an ``InvalidStateError``.
         """
-        with self._condition:
+        def change(cond: threading.Condition | None) -> bool:
             if self._state in _DONE:
                 return False
             if exception is not None:
@@ -114,7 +158,12 @@ class TetherFuture(concurrent.futures.Future):
                     waiter.add_exception(self)
                 else:
                     waiter.add_result(self)
-            self._condition.notify_all()
+            if cond is not None:
+                cond.notify_all()
+            return True
+
+        if not self._change(change):
+            return False
         self._after_settled()
         return True
 
@@ -137,15 +186,19 @@ class TetherFuture(concurrent.futures.Future):
         if not self._done_callbacks:
             return
         if threading.get_ident() in callbacks.owner_threads:
-            with self._condition:
-                pending, self._done_callbacks = self._done_callbacks, []
+            pending = self._change(lambda _cond: self._take_callbacks())
             callbacks.submit(self, pending)
         else:
             super()._invoke_callbacks()
 
+    def _take_callbacks(self) -> list[Callable[[Any], object]]:
+        pending, self._done_callbacks = self._done_callbacks, []
+        return pending
+
     def cancel(self) -> bool:
         """Cancel the task wherever it is: queued tasks never run, running ones are killed."""
-        with self._condition:
+
+        def change(cond: threading.Condition | None) -> bool | None:
             if self._state == FINISHED:
                 return False
             if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
@@ -155,7 +208,13 @@ class TetherFuture(concurrent.futures.Future):
             self.state = TaskState.CANCELLED.value
             for waiter in self._waiters:
                 waiter.add_cancelled(self)
-            self._condition.notify_all()
+            if cond is not None:
+                cond.notify_all()
+            return None  # cancelled now
+
+        outcome = self._change(change)
+        if outcome is not None:
+            return outcome
         self._after_settled()
         on_cancel, self._on_cancel = self._on_cancel, None
         if on_cancel is not None:
@@ -168,6 +227,8 @@ class TetherFuture(concurrent.futures.Future):
         self.cancel()
 
     def result(self, timeout: float | None = None) -> Any:
+        if self._state == FINISHED and self._exception is None:
+            return self._result  # settled: no need to make a condition to read it
         try:
             return super().result(timeout)
         except concurrent.futures.CancelledError:
