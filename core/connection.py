@@ -127,7 +127,7 @@ class Connection:
         self._refs = itertools.count(1)
         self._control: collections.deque[bytes] = collections.deque()
         #: ids cancelled since the last flush: one CANCEL frame per flush (per MAX_IDS), not per future
-        self._cancels: list[str] = []
+        self._cancels: collections.deque[str] = collections.deque()
         self._lock_cancels = threading.Lock()
         self._holding_cancels = 0  # > 0 inside batched_cancels(): cancels wait for its end
         #: frames sent, by type: what a mass cancel or a burst of submissions cost on the wire
@@ -172,7 +172,7 @@ class Connection:
     def cancel(self, task_id: str) -> None:
         """Cancel a task at the service; cancels made together travel as one frame."""
         self.futures.pop(task_id, None)
-        self._cancels.append(task_id)  # list.append is atomic: user threads and the loop share it
+        self._cancels.append(task_id)  # a deque: user threads append while the loop drains it
         self._wake()
 
     @contextlib.contextmanager
@@ -377,7 +377,8 @@ class Connection:
         while self._control:
             self._loop.create_task(self._send(self._control.popleft()))
         if self._cancels and not self._holding_cancels:
-            cancels, self._cancels = self._cancels, []
+            cancels = [self._cancels.popleft() for _ in range(len(self._cancels))]  # never a swap: an
+            # append racing a swap would land in the list already sent
             for start in range(0, len(cancels), MAX_IDS):
                 self._loop.create_task(self._send(encode(Cancel(ids=cancels[start : start + MAX_IDS])), "cancel"))
 
