@@ -541,7 +541,8 @@ class Relay:
             self.counters["withdrawn_on_reconnect"] += len(ended)
             log.info("endpoint %s holds %d task(s) that ended while it was away; withdrawing them",
                      session.endpoint_id, len(ended))
-            await _safe_send(session, encode(Cancel(ids=ended)))
+            for start in range(0, len(ended), MAX_IDS):
+                await _safe_send(session, encode(Cancel(ids=ended[start : start + MAX_IDS])))
 
     def endpoint_disconnected(self, session: EndpointSession) -> None:
         if self.endpoints.get(session.endpoint_id) is session:
