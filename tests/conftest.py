@@ -38,13 +38,20 @@ SESSION_MARKER = "TETHER_TEST_SESSION"
 os.environ[SESSION_MARKER] = uuid.uuid4().hex
 
 
+#: helpers Python's multiprocessing starts for the test process itself; they end when it does
+_OWN_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
 def processes_of_this_session() -> list[psutil.Process]:
-    """Live processes (not zombies, not this one) that carry this session's marker."""
+    """Live processes (not zombies, not this one, not its own multiprocessing helpers) that
+    carry this session's marker."""
     mark = os.environ[SESSION_MARKER]
     found = []
     for proc in psutil.process_iter():
         try:
             if proc.pid == os.getpid() or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.ppid() == os.getpid() and any(h in " ".join(proc.cmdline()) for h in _OWN_HELPERS):
                 continue
             if proc.environ().get(SESSION_MARKER) == mark:
                 found.append(proc)
