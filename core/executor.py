@@ -13,7 +13,7 @@ from .config import find_service
 from .connection import Connection
 from .errors import TetherError
 from .futures import TetherFuture
-from .ids import check_function_id, check_id
+from .ids import check_function_id, check_id, new_task_id
 from .protocol import Task
 from .resources import validate_resource_specification
 from .serialize import DATA_METHODS, function_id, serialize
@@ -97,7 +97,9 @@ class Executor(concurrent.futures.Executor):
             self._conn.batch_interval = batch_interval
         self._functions = _FunctionCache()
         self._futures: set[TetherFuture] = set()
-        self._futures_lock = threading.Lock()
+        # notified when the last pending future settles: shutdown(wait=True) waits on this, not
+        # on each future (which would make a Condition per pending future: 1.3 KB each)
+        self._futures_lock = threading.Condition()
         self._shutdown = False
 
     # --- submission ----------------------------------------------------------------------------
@@ -148,7 +150,7 @@ class Executor(concurrent.futures.Executor):
         if self.endpoint_id is None:
             raise TetherError("Executor has no endpoint_id: pass Executor(endpoint_id=...) to submit tasks")
         self._check_call(fn, args, kwargs, spec)
-        task = Task(id=str(uuid.uuid4()), function=fid, endpoint=self.endpoint_id,
+        task = Task(id=new_task_id(), function=fid, endpoint=self.endpoint_id,
                     payload=serialize((args, kwargs), self.data_serializer), group=self.task_group_id,
                     spec=spec, uec=uec)
         fut = TetherFuture(task.id, on_cancel=self._conn.cancel)
@@ -176,6 +178,8 @@ class Executor(concurrent.futures.Executor):
     def _untrack(self, fut: TetherFuture) -> None:
         with self._futures_lock:
             self._futures.discard(fut)
+            if not self._futures:
+                self._futures_lock.notify_all()
 
     # --- fire and forget -----------------------------------------------------------------------
     def reload(self) -> list[TetherFuture]:
@@ -215,7 +219,8 @@ class Executor(concurrent.futures.Executor):
                 for fut in futures:
                     fut.cancel()
         if wait:
-            concurrent.futures.wait(futures)
+            with self._futures_lock:
+                self._futures_lock.wait_for(lambda: not self._futures)
 
     def __enter__(self) -> Executor:
         return self
