@@ -253,6 +253,7 @@ class Connection:
             self._loop.run_forever()
         finally:
             self._closed = True
+            callbacks.owner_threads.discard(threading.get_ident())  # the ident may be reused
 
     async def _maintain(self) -> None:
         backoff = Backoff()
