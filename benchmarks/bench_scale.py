@@ -70,7 +70,7 @@ def drain_backlog(stack, n: int, workers: int = 2) -> int:  # noqa: ANN001 - a L
     while futures[-1].state != "waiting-for-endpoint":
         time.sleep(0.1)
     dt = time.perf_counter() - t0
-    print(f"{n:,} tasks queued for an offline endpoint in {dt:.1f}s ({n / dt:,.0f}/s)")
+    print(f"{n:,} tasks queued for an offline endpoint in {dt:.1f}s ({n / dt:,.0f}/s)", flush=True)
     peaks = {"service": 0, "endpoint": 0, "client": 0}
     done = threading.Event()
 

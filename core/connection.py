@@ -21,6 +21,7 @@ import ssl
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from .errors import (
     UnknownEndpoint,
     task_failed,
 )
-from .futures import TetherFuture
+from .futures import TetherFuture, callbacks
 from .protocol import (
     CLIENT_WS_PATH,
     CLOSE_AUTH_FAILED,
@@ -78,6 +79,9 @@ from .transfer import BlobClient, load_file, sha256_of
 from .transport import Backoff, open_ws
 
 log = logging.getLogger("tether.client")
+
+#: seconds cancels are gathered before they are sent (a loop of fut.cancel() becomes a few frames)
+CANCEL_LINGER = 0.02
 
 #: WebSocket close code of a peer that refused a frame as too big (RFC 6455)
 CLOSE_MESSAGE_TOO_BIG = 1009
@@ -131,6 +135,12 @@ class Connection:
         self.endpoint_versions: dict[str, dict[str, str]] = {}  # from the service, for plugins' checks
         self._refs = itertools.count(1)
         self._control: collections.deque[bytes] = collections.deque()
+        #: ids cancelled since the last flush: one CANCEL frame per flush (per MAX_IDS), not per future
+        self._cancels: collections.deque[str] = collections.deque()
+        self._lock_cancels = threading.Lock()
+        self._holding_cancels = 0  # > 0 inside batched_cancels(): cancels wait for its end
+        #: frames sent, by type: what a mass cancel or a burst of submissions cost on the wire
+        self.frames_sent: collections.Counter[str] = collections.Counter()
         self._collected: list[str] = []
         self._warned: set[Any] = set()
         self._wake_pending = False
@@ -178,8 +188,23 @@ class Connection:
             self.send_control(encode(Subscribe(ids=ids[start : start + MAX_IDS])))
 
     def cancel(self, task_id: str) -> None:
+        """Cancel a task at the service; cancels made together travel as one frame."""
         self.futures.pop(task_id, None)
-        self.send_control(encode(Cancel(ids=[task_id])))
+        self._cancels.append(task_id)  # a deque: user threads append while the loop drains it
+        self._wake()
+
+    @contextlib.contextmanager
+    def batched_cancels(self) -> Iterator[None]:
+        """Cancels made inside this block leave together, a frame per MAX_IDS ids, when it ends
+        (``Executor.shutdown(cancel_futures=True)`` cancels everything pending this way)."""
+        with self._lock_cancels:
+            self._holding_cancels += 1
+        try:
+            yield
+        finally:
+            with self._lock_cancels:
+                self._holding_cancels -= 1
+            self._wake()
 
     def send_control(self, frame: bytes) -> None:
         self._control.append(frame)
@@ -231,7 +256,7 @@ class Connection:
                 self.submit(task, fut, stub)
             except Exception as exc:  # noqa: BLE001 - the future says why
                 if not fut.done():
-                    fut.set_exception(exc if isinstance(exc, TetherError) else TetherError(
+                    fut._settle(exception=exc if isinstance(exc, TetherError) else TetherError(
                         f"task {task.id}: uploading its function again failed: {type(exc).__name__}: {exc}"))
 
         self.in_background(again)
@@ -248,12 +273,12 @@ class Connection:
             self.blobs().download_to(ref, path, what=f"result of task {fut.task_id}", progress=fut.progress)
             value = load_file(path)
         except TetherError as exc:
-            fut.set_exception(exc)
+            fut._settle(exception=exc)
         except Exception as exc:  # noqa: BLE001 - the network or the disk: the future says so
-            fut.set_exception(TetherError(f"task {fut.task_id}: fetching its result ({ref.size} bytes) failed: "
-                                          f"{type(exc).__name__}: {exc}"))
+            fut._settle(exception=TetherError(f"task {fut.task_id}: fetching its result ({ref.size} bytes) failed: "
+                                              f"{type(exc).__name__}: {exc}"))
         else:
-            fut.set_result(value)
+            fut._settle(value)
         finally:
             path.unlink(missing_ok=True)
 
@@ -269,6 +294,7 @@ class Connection:
 
     async def _shutdown(self) -> None:
         self._send_collected()
+        self._flush()  # cancels and tasks still gathering go out before the socket closes
         if self._ws is not None:
             await asyncio.sleep(0)  # let the frame queued above go out
             await self._ws.close()
@@ -296,7 +322,10 @@ class Connection:
         """
         wait = self.batch_interval - (self._loop.time() - self._last_send)
         in_flight = len(self.futures) > len(self._outbox)
-        if wait > 0 and in_flight:
+        if self._cancels and not self._outbox and not self._control:
+            # cancels are never urgent to the millisecond: gather a loop of fut.cancel() calls
+            self._loop.call_later(CANCEL_LINGER, self._flush)
+        elif wait > 0 and in_flight:
             self._loop.call_later(wait, self._flush)
         else:
             self._flush()
@@ -304,12 +333,14 @@ class Connection:
     # --- the background loop -----------------------------------------------------------------
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
+        callbacks.owner_threads.add(threading.get_ident())  # user callbacks never run here
         self._loop.create_task(self._maintain())
         self._loop.create_task(self._collect_loop())
         try:
             self._loop.run_forever()
         finally:
             self._closed = True
+            callbacks.owner_threads.discard(threading.get_ident())  # the ident may be reused
 
     async def _maintain(self) -> None:
         backoff = Backoff()
@@ -399,20 +430,23 @@ class Connection:
                 continue
             # sent by tasks, in order, never awaited here: the reading loop must start at once, or
             # with megabytes to resend neither side reads and both wait on full socket buffers
-            self._loop.create_task(self._send(data))
+            self._loop.create_task(self._send(data, "submit"))
         self._outbox.extendleft(reversed(requeue))
         unacked_ids = {t.id for frame in self._unacked.values() for t in frame.tasks}
-        queued_ids = {t.id for t in self._outbox}
+        # list() copies in one step: user threads append to the deque while this runs
+        queued_ids = {t.id for t in list(self._outbox)}
         follow = [tid for tid in list(self.futures) if tid not in unacked_ids and tid not in queued_ids]
         for start in range(0, len(follow), MAX_IDS):
             self._loop.create_task(self._send(encode(Subscribe(ids=follow[start : start + MAX_IDS]))))
 
     def _flush(self) -> None:
         """Drain queued control frames and tasks into frames on the socket (runs on the loop)."""
-        self._wake_pending = False
         ws = self._ws
         if ws is None:
-            return  # sent by _resume once connected
+            # sent by _resume once connected; the wake-up stays pending meanwhile, so queued
+            # submissions do not each cost a wake-up of this loop (a syscall) while it is away
+            return
+        self._wake_pending = False
         if self._outbox:
             self._last_send = self._loop.time()
             tasks = [self._outbox.popleft() for _ in range(len(self._outbox))]
@@ -427,24 +461,30 @@ class Connection:
                     self._functions_to_send.pop(fid, None)
                 frame = Submit(ref=next(self._refs), tasks=batch, functions=functions)
                 self._unacked[frame.ref] = frame
-                self._loop.create_task(self._send(encode(frame)))
+                self._loop.create_task(self._send(encode(frame), "submit"))
         # control frames (cancel, subscribe) after the tasks they may refer to: frames arrive in order
         while self._control:
             self._loop.create_task(self._send(self._control.popleft()))
+        if self._cancels and not self._holding_cancels:
+            cancels = [self._cancels.popleft() for _ in range(len(self._cancels))]  # never a swap: an
+            # append racing a swap would land in the list already sent
+            for start in range(0, len(cancels), MAX_IDS):
+                self._loop.create_task(self._send(encode(Cancel(ids=cancels[start : start + MAX_IDS])), "cancel"))
 
     def _fail_task(self, task_id: str, exc: TetherError) -> None:
         fut = self.futures.pop(task_id, None)
-        if fut is not None and not fut.done():
-            fut.set_exception(exc)
+        if fut is not None:
+            fut._settle(exception=exc)
 
-    async def _send(self, frame: bytes) -> None:
+    async def _send(self, frame: bytes, kind: str = "control") -> None:
         ws = self._ws
         if ws is None:
             return
         try:
             await ws.send(frame)
         except ConnectionClosed:
-            pass  # _maintain reconnects; unacked batches are resent from there
+            return  # _maintain reconnects; unacked batches are resent from there
+        self.frames_sent[kind] += 1
 
     def _handle(self, frame: bytes) -> None:
         msg = _frames.decode(frame)
@@ -489,8 +529,8 @@ class Connection:
             if refusal.code == ErrorCode.UNKNOWN_BLOB and task is not None and fut is not None \
                     and self._reupload_function(task, fut):
                 continue
-            if fut is not None and not fut.done():
-                fut.set_exception(_rejection(refusal))
+            if fut is not None:
+                fut._settle(exception=_rejection(refusal))
         if retry:
             self._outbox.extend(retry)
             self._flush()
@@ -515,12 +555,12 @@ class Connection:
             batch = self._unacked.pop(msg.ref, None)
             for t in batch.tasks if batch else ():
                 fut = self.futures.pop(t.id, None)
-                if fut is not None and not fut.done():
-                    fut.set_exception(TaskRejected(text))
+                if fut is not None:
+                    fut._settle(exception=TaskRejected(text))
         for tid in msg.ids or ():
             fut = self.futures.pop(tid, None)
-            if fut is not None and not fut.done():
-                fut.set_exception(_rejection(Refusal(msg.code, f"task {tid}: {text}")))
+            if fut is not None:
+                fut._settle(exception=_rejection(Refusal(msg.code, f"task {tid}: {text}")))
         if msg.ref is None and not msg.ids:
             log.warning("service: %s", text)
 
@@ -534,21 +574,22 @@ class Connection:
             for state, ts in r.times.items():
                 fut._record(state, ts)
             fut._record(r.state, None)
+            # settled with one check-and-set: a cancel racing this result wins or loses cleanly
             if r.state == TaskState.SUCCESS:
                 try:
                     ref = blob_ref_of(r.data)
                     if ref is not None:  # a large result: fetched off the loop, then the future resolves
                         self.in_background(self._fetch_result, fut, ref)
                         continue
-                    fut.set_result(deserialize(r.data) if r.data is not None else None)
+                    fut._settle(deserialize(r.data) if r.data is not None else None)
                 except (SerializationError, ProtocolError) as exc:
-                    fut.set_exception(exc)
+                    fut._settle(exception=exc)
             elif r.state == TaskState.CANCELLED:
                 fut._cancelled_remotely()
             elif r.error is not None and r.error.code == ErrorCode.PAYLOAD_TOO_LARGE:
-                fut.set_exception(PayloadTooLarge(f"task {tid}: {r.error.message}"))
+                fut._settle(exception=PayloadTooLarge(f"task {tid}: {r.error.message}"))
             elif r.error is not None and r.error.code == ErrorCode.QUOTA_EXCEEDED:
-                fut.set_exception(QuotaExceeded(f"task {tid}: {r.error.message}"))
+                fut._settle(exception=QuotaExceeded(f"task {tid}: {r.error.message}"))
             else:
                 original = None
                 if r.data:
@@ -556,7 +597,7 @@ class Connection:
                         original = deserialize(r.data)
                     except Exception:  # noqa: BLE001 - the text form below is enough
                         original = None
-                fut.set_exception(task_failed(to_builtins(r.error) if r.error else {}, original, tid))
+                fut._settle(exception=task_failed(to_builtins(r.error) if r.error else {}, original, tid))
         if len(self._collected) >= 1000:
             self._send_collected()
 
@@ -576,8 +617,7 @@ class Connection:
         self._closed = True
         futures, self.futures = self.futures, {}
         for fut in futures.values():
-            if not fut.done():
-                fut.set_exception(exc)
+            fut._settle(exception=exc)
         self._connected.set()
 
 

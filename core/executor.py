@@ -13,7 +13,7 @@ from .config import find_service
 from .connection import Connection, spill_dir
 from .errors import TetherError
 from .futures import TetherFuture
-from .ids import check_function_id, check_id
+from .ids import check_function_id, check_id, new_task_id
 from .protocol import Task, blob_stub
 from .resources import validate_resource_specification
 from .serialize import DATA_METHODS, function_id, serialize, serialize_into
@@ -108,7 +108,9 @@ class Executor(concurrent.futures.Executor):
         self.blob_threshold = blob_threshold
         self.progress = progress
         self._futures: set[TetherFuture] = set()
-        self._futures_lock = threading.Lock()
+        # notified when the last pending future settles: shutdown(wait=True) waits on this, not
+        # on each future (which would make a Condition per pending future: 1.3 KB each)
+        self._futures_lock = threading.Condition()
         self._shutdown = False
 
     # --- submission ----------------------------------------------------------------------------
@@ -177,7 +179,7 @@ class Executor(concurrent.futures.Executor):
         if self.endpoint_id is None:
             raise TetherError("Executor has no endpoint_id: pass Executor(endpoint_id=...) to submit tasks")
         self._check_call(fn, args, kwargs, spec)
-        task_id = str(uuid.uuid4())
+        task_id = new_task_id()
         threshold = self._threshold()
         spill = None
         if threshold is None:
@@ -217,11 +219,12 @@ class Executor(concurrent.futures.Executor):
                 self._conn.submit(task, fut, body)
         except TetherError as exc:
             if not fut.done():
-                fut.set_exception(exc)
+                fut._settle(exception=exc)
         except Exception as exc:  # noqa: BLE001 - the network or the disk: the future says so
             if not fut.done():
-                fut.set_exception(TetherError(f"task {task.id}: uploading its arguments ({spill.size} bytes) failed: "
-                                              f"{type(exc).__name__}: {exc}"))
+                fut._settle(exception=TetherError(
+                    f"task {task.id}: uploading its arguments ({spill.size} bytes) failed: "
+                    f"{type(exc).__name__}: {exc}"))
         finally:
             spill.discard()
 
@@ -234,13 +237,19 @@ class Executor(concurrent.futures.Executor):
             check(args, kwargs, spec)
 
     def _track(self, fut: TetherFuture) -> None:
+        # not a done-callback: it runs inline wherever the future settles, costs no callback
+        # list per future, and leaves the user's callbacks alone
         with self._futures_lock:
             self._futures.add(fut)
-        fut.add_done_callback(self._untrack)
+        fut._on_settled = self._untrack
+        if fut.done():  # settled before the line above: untrack here (discarding twice is harmless)
+            self._untrack(fut)
 
-    def _untrack(self, fut: concurrent.futures.Future) -> None:
+    def _untrack(self, fut: TetherFuture) -> None:
         with self._futures_lock:
-            self._futures.discard(fut)  # type: ignore[arg-type]
+            self._futures.discard(fut)
+            if not self._futures:
+                self._futures_lock.notify_all()
 
     # --- fire and forget -----------------------------------------------------------------------
     def reload(self) -> list[TetherFuture]:
@@ -276,10 +285,12 @@ class Executor(concurrent.futures.Executor):
         with self._futures_lock:
             futures = list(self._futures)
         if cancel_futures:
-            for fut in futures:
-                fut.cancel()
+            with self._conn.batched_cancels():  # one frame per MAX_IDS ids, not one per future
+                for fut in futures:
+                    fut.cancel()
         if wait:
-            concurrent.futures.wait(futures)
+            with self._futures_lock:
+                self._futures_lock.wait_for(lambda: not self._futures)
 
     def __enter__(self) -> Executor:
         return self

@@ -1,9 +1,26 @@
 """The future a Tether submission returns: a real ``concurrent.futures.Future`` that follows the
-remote task (RUNNING when the endpoint starts it) and whose ``cancel()`` reaches the endpoint."""
+remote task (RUNNING when the endpoint starts it) and whose ``cancel()`` reaches the endpoint.
+
+Two rules keep the client's connection thread safe from user code and from races:
+
+* a future is settled (result, exception, cancel) with one check-and-set under its lock
+  (:meth:`TetherFuture._settle`), so a result arriving while the user cancels is simply dropped,
+  never an ``InvalidStateError`` on the connection thread;
+* a future's ``threading.Condition`` (1.3 KB: an RLock, a deque, bound methods) is made only
+  when a thread must wait on it; until then its state changes happen under one module lock
+  (:data:`_MAKE_LOCK`, under which no condition can be made), so a million pending futures
+  cost a million small objects, not 1.3 GB of conditions;
+* done-callbacks never run on the connection thread: when it settles a future, the callbacks
+  go to one process-wide callback thread (:class:`_CallbackRunner`). A callback that blocks, or
+  waits on another future's result, delays other callbacks but never the results themselves.
+"""
 
 from __future__ import annotations
 
 import concurrent.futures
+import logging
+import queue
+import threading
 from collections.abc import Callable
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from typing import Any
@@ -11,7 +28,43 @@ from typing import Any
 from .errors import TaskCancelled
 from .protocol import TaskState
 
+log = logging.getLogger("tether.futures")
+
 _ORDER = {state.value: i for i, state in enumerate(TaskState)}
+_DONE = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
+#: guards the making of futures' conditions, and the state of futures that have none yet
+_MAKE_LOCK = threading.Lock()
+
+
+class _CallbackRunner:
+    """One daemon thread that runs done-callbacks handed over by connection threads."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[TetherFuture, list[Callable[[Any], object]]]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.owner_threads: set[int] = set()  # idents of threads whose callbacks are handed over
+
+    def submit(self, fut: TetherFuture, callbacks: list[Callable[[Any], object]]) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="tether-callbacks", daemon=True)
+                    self._thread.start()
+        self._queue.put((fut, callbacks))
+
+    def _run(self) -> None:
+        while True:
+            fut, callbacks = self._queue.get()
+            for callback in callbacks:
+                try:
+                    callback(fut)
+                except Exception:  # noqa: BLE001 - as concurrent.futures does: log, go on
+                    log.exception("exception calling callback for %r", fut)
+
+
+#: connection threads register here (see Connection._run); futures they settle defer their callbacks
+callbacks = _CallbackRunner()
 
 
 class TetherFuture(concurrent.futures.Future):
@@ -24,16 +77,54 @@ class TetherFuture(concurrent.futures.Future):
     """
 
     def __init__(self, task_id: str, on_cancel: Callable[[str], None] | None = None):
-        super().__init__()
+        # concurrent.futures.Future.__init__ (CPython 3.11-3.13) without the condition, made on demand
+        self._state = PENDING
+        self._result: Any = None
+        self._exception: BaseException | None = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Callable[[Any], object]] = []
         self.task_id = task_id
         self.state: str = TaskState.RECEIVED.value
         self.transitions: dict[str, float] = {}
         self._on_cancel = on_cancel
         #: how a large result's download shows progress (the Executor's ``progress`` option)
         self.progress: bool | None = None
+        #: called (inline, with the future) once it is settled: the Executor's bookkeeping, not user code
+        self._on_settled: Callable[[TetherFuture], None] | None = None
 
     def __repr__(self) -> str:
         return f"<TetherFuture {self.task_id} {self.state}>"
+
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        """The base class's condition, made the first time anything needs it (to wait, mostly)."""
+        cond = self.__dict__.get("_cond")
+        if cond is None:
+            with _MAKE_LOCK:
+                cond = self.__dict__.get("_cond")
+                if cond is None:
+                    cond = self.__dict__["_cond"] = threading.Condition()
+        return cond
+
+    def _change(self, change: Callable[[threading.Condition | None], Any]) -> Any:
+        """Run ``change`` holding the future's condition, or, if it has none yet, the module
+        lock (no thread can be waiting then, and none can start to until ``change`` is done)."""
+        while True:
+            cond = self.__dict__.get("_cond")
+            with cond if cond is not None else _MAKE_LOCK:
+                if cond is None and self.__dict__.get("_cond") is not None:
+                    continue  # made while we took the lock: use it
+                return change(cond)
+
+    # lock-free reads: one attribute read is atomic, and these never need to wait
+    def done(self) -> bool:
+        return self._state in _DONE
+
+    def cancelled(self) -> bool:
+        return self._state in (CANCELLED, CANCELLED_AND_NOTIFIED)
+
+    def running(self) -> bool:
+        return self._state == RUNNING
 
     def _record(self, state: str, ts: float | None) -> None:
         if ts is not None and state not in self.transitions:
@@ -44,33 +135,92 @@ class TetherFuture(concurrent.futures.Future):
             self.state = state
 
     def _mark_running(self) -> None:
-        with self._condition:
-            if self._state != PENDING:
-                return
-        self.set_running_or_notify_cancel()
+        def change(_cond: threading.Condition | None) -> None:
+            if self._state == PENDING:
+                self._state = RUNNING
+
+        self._change(change)
+
+    def _settle(self, value: Any = None, exception: BaseException | None = None) -> bool:
+        """Set the result (or exception) unless the future is already done; True if it was set.
+
+        The check and the set are one step under the future's lock: a cancel racing a result
+        makes the result a no-op, never an ``InvalidStateError``.
+        """
+        def change(cond: threading.Condition | None) -> bool:
+            if self._state in _DONE:
+                return False
+            if exception is not None:
+                self._exception = exception
+            else:
+                self._result = value
+            self._state = FINISHED
+            for waiter in self._waiters:
+                if exception is not None:
+                    waiter.add_exception(self)
+                else:
+                    waiter.add_result(self)
+            if cond is not None:
+                cond.notify_all()
+            return True
+
+        if not self._change(change):
+            return False
+        self._after_settled()
+        return True
+
+    def set_result(self, result: Any) -> None:
+        if not self._settle(result):
+            raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        if not self._settle(exception=exception if exception is not None else TaskCancelled("no exception")):
+            raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
+
+    def _after_settled(self) -> None:
+        done, self._on_settled = self._on_settled, None
+        if done is not None:
+            done(self)
+        self._invoke_callbacks()
+
+    def _invoke_callbacks(self) -> None:
+        """Run done-callbacks here, unless this is a connection thread: then on the callback thread."""
+        if not self._done_callbacks:
+            return
+        if threading.get_ident() in callbacks.owner_threads:
+            pending = self._change(lambda _cond: self._take_callbacks())
+            callbacks.submit(self, pending)
+        else:
+            super()._invoke_callbacks()
+
+    def _take_callbacks(self) -> list[Callable[[Any], object]]:
+        pending, self._done_callbacks = self._done_callbacks, []
+        return pending
 
     def cancel(self) -> bool:
         """Cancel the task wherever it is: queued tasks never run, running ones are killed."""
-        with self._condition:
+
+        def change(cond: threading.Condition | None) -> bool | None:
             if self._state == FINISHED:
                 return False
             if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
                 return True
-            was_running = self._state == RUNNING
-            self._state = CANCELLED
+            # straight to CANCELLED_AND_NOTIFIED: no local executor will pick this future up
+            self._state = CANCELLED_AND_NOTIFIED
             self.state = TaskState.CANCELLED.value
-            self._condition.notify_all()
-        if not was_running:
-            # moves to CANCELLED_AND_NOTIFIED and wakes concurrent.futures.wait()/as_completed()
-            self.set_running_or_notify_cancel()
-        else:
-            with self._condition:
-                self._state = CANCELLED_AND_NOTIFIED
-                for waiter in self._waiters:
-                    waiter.add_cancelled(self)
-        self._invoke_callbacks()
-        if self._on_cancel is not None:
-            self._on_cancel(self.task_id)
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
+            if cond is not None:
+                cond.notify_all()
+            return None  # cancelled now
+
+        outcome = self._change(change)
+        if outcome is not None:
+            return outcome
+        self._after_settled()
+        on_cancel, self._on_cancel = self._on_cancel, None
+        if on_cancel is not None:
+            on_cancel(self.task_id)
         return True
 
     def _cancelled_remotely(self) -> None:
@@ -79,6 +229,8 @@ class TetherFuture(concurrent.futures.Future):
         self.cancel()
 
     def result(self, timeout: float | None = None) -> Any:
+        if self._state == FINISHED and self._exception is None:
+            return self._result  # settled: no need to make a condition to read it
         try:
             return super().result(timeout)
         except concurrent.futures.CancelledError:

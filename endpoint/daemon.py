@@ -69,6 +69,10 @@ log = logging.getLogger("tether.endpoint")
 
 RESULT_CHUNK = 500
 FLUSH_WINDOW = 0.005  # seconds; see EndpointDaemon._schedule_flush
+#: holding more tasks than this (a backlog draining), results gather for DEEP_FLUSH_WINDOW:
+#: they have waited in the queue far longer anyway, and fewer, larger frames cost the service
+#: fewer commits
+DEEP_QUEUE, DEEP_FLUSH_WINDOW = 256, 0.05
 
 
 _frames = FrameDecoder(TO_ENDPOINT_FRAMES, "the service")
@@ -445,12 +449,13 @@ class EndpointDaemon:
         syscall and a commit at the service).
         """
         loop = asyncio.get_running_loop()
-        linger = bool(self.inflight) and loop.time() - self._last_flush < FLUSH_WINDOW
+        window = DEEP_FLUSH_WINDOW if len(self.inflight) > DEEP_QUEUE else FLUSH_WINDOW
+        linger = bool(self.inflight) and loop.time() - self._last_flush < window
         if self._flush_handle is not None:
             if linger or self._flush_handle.when() <= loop.time():
                 return  # the pending flush takes this too
             self._flush_handle.cancel()  # the burst is over: a lingering flush goes now
-        self._flush_handle = loop.call_at(loop.time() + (FLUSH_WINDOW if linger else 0), self._flush)
+        self._flush_handle = loop.call_at(loop.time() + (window if linger else 0), self._flush)
 
     def _flush(self) -> None:
         """Spool then send what the engine produced since the last flush, as one frame each."""

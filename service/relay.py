@@ -714,8 +714,24 @@ class Relay:
             return
         # what it holds counts against its window until it reports on it; the rest is paged to it
         session.sent = set(hello.inflight) | set(hello.spooled)
+        await self._withdraw_ended(session, hello.inflight)
         session.backlog = True
         await self._refill(session)
+
+    async def _withdraw_ended(self, session: EndpointSession, held: list[str]) -> None:
+        """Reconcile what a (re)connecting endpoint holds: tasks that ended while it was away
+        (cancelled, say) or are not its own are withdrawn, so they never run there."""
+        if not held:
+            return
+        mine = set((await self.db.dispatched_to(session.endpoint_id, held))[0])
+        ended = [tid for tid in held if tid not in mine]
+        if ended:
+            session.sent.difference_update(ended)
+            self.counters["withdrawn_on_reconnect"] += len(ended)
+            log.info("endpoint %s holds %d task(s) that ended while it was away; withdrawing them",
+                     session.endpoint_id, len(ended))
+            for start in range(0, len(ended), MAX_IDS):
+                await _safe_send(session, encode(Cancel(ids=ended[start : start + MAX_IDS])))
 
     async def endpoint_disconnected(self, session: EndpointSession) -> None:
         if self.endpoints.get(session.endpoint_id) is session:

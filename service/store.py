@@ -180,9 +180,18 @@ def credential_hash(secret: str) -> str:
     return _hash(secret)
 
 
+#: lengths an IN (...) list is padded to: each distinct length is a distinct SQL text, which
+#: SQLite prepares and caches anew; a handful of lengths keep that cache small and warm
+IN_BUCKETS = (1, 4, 16, 64, 128, 256, IN_CHUNK)
+
+
 def _chunks(items: Sequence[Any], size: int = IN_CHUNK) -> Iterator[Sequence[Any]]:
+    """``items`` in IN-list chunks of at most ``size``, each padded (with its last item
+    repeated, harmless in IN) to a bucket length from IN_BUCKETS."""
     for start in range(0, len(items), size):
-        yield items[start : start + size]
+        chunk = list(items[start : start + size])
+        bucket = next((b for b in IN_BUCKETS if b >= len(chunk)), len(chunk))
+        yield chunk + [chunk[-1]] * (bucket - len(chunk))
 
 
 class EndpointIdTaken(Exception):

@@ -7,10 +7,12 @@ import importlib.util
 import os
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cloudpickle
+import psutil
 import pytest
 
 from tether import Executor
@@ -29,6 +31,58 @@ os.environ["PYTHONUNBUFFERED"] = "1"
 
 #: a payload limit low enough to test PayloadTooLarge cheaply
 TEST_MAX_PAYLOAD = 4 * 1024 * 1024
+
+#: every process this test session starts inherits this marker in its environment (services,
+#: endpoints, engine workers, HTEX managers, mpiexec ...), so the session can tell, at its end,
+#: which of the processes still alive are its own, on a machine other people share
+SESSION_MARKER = "TETHER_TEST_SESSION"
+os.environ[SESSION_MARKER] = uuid.uuid4().hex
+
+
+#: helpers Python's multiprocessing starts for the test process itself; they end when it does
+_OWN_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
+def processes_of_this_session() -> list[psutil.Process]:
+    """Live processes (not zombies, not this one, not its own multiprocessing helpers) that
+    carry this session's marker."""
+    mark = os.environ[SESSION_MARKER]
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid == os.getpid() or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.ppid() == os.getpid() and any(h in " ".join(proc.cmdline()) for h in _OWN_HELPERS):
+                continue
+            if proc.environ().get(SESSION_MARKER) == mark:
+                found.append(proc)
+        except (psutil.Error, OSError):  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind() -> Iterator[None]:
+    """Every engine stops every process it started: at the end of the session, no process
+    that inherited this session's marker may still run (a few seconds' grace for exits in
+    flight). Survivors are reported with their command lines, then killed."""
+    yield
+    deadline = time.monotonic() + 15
+    survivors = processes_of_this_session()
+    while survivors and time.monotonic() < deadline:
+        time.sleep(0.2)
+        survivors = processes_of_this_session()
+    if not survivors:
+        return
+    report = []
+    for proc in survivors:
+        try:
+            report.append(f"pid {proc.pid}: {' '.join(proc.cmdline())[:300]}")
+            proc.kill()
+        except psutil.Error:
+            continue
+    if report:
+        pytest.fail("processes started by this test session outlived it:\n" + "\n".join(report), pytrace=False)
 
 
 #: ``TETHER_TEST_DB=postgres``: every stack of the fixtures below keeps its state in a fresh

@@ -36,6 +36,13 @@ def _resolutions(futures: list) -> Counter:
     return counts
 
 
+def _each_resolved_once(counts: Counter, futures: list) -> None:
+    """Done-callbacks run on the client's callback thread, a moment after result() returns:
+    wait for every one to have fired, then check none fired twice."""
+    wait_for(lambda: all(counts[f.task_id] for f in futures), timeout=10, what="every done-callback")
+    assert all(counts[f.task_id] == 1 for f in futures), counts
+
+
 def _stored_results(stack: LocalStack) -> Counter:
     return Counter(state for (state,) in run_sql(stack, "SELECT state FROM tasks"))
 
@@ -49,7 +56,7 @@ def test_endpoint_killed_mid_batch_loses_nothing(fresh_stack: LocalStack) -> Non
     assert done_at_kill < N, "the batch finished before the kill; the test proves nothing"
     fresh_stack.start_endpoint()
     assert [f.result(timeout=90) for f in futures] == list(range(N))
-    assert all(counts[f.task_id] == 1 for f in futures)
+    _each_resolved_once(counts, futures)
     # results reach clients before their commit (the endpoint keeps them until it): wait for it
     wait_for(lambda: _stored_results(fresh_stack)["success"] == N, what="every result to be stored once")
     ex.shutdown()
@@ -63,7 +70,7 @@ def test_service_killed_mid_batch_loses_nothing(fresh_stack: LocalStack) -> None
     assert sum(f.done() for f in futures) < N, "the batch finished before the kill; the test proves nothing"
     fresh_stack.start_service()  # same port, same database: client and endpoint reconnect by themselves
     assert [f.result(timeout=90) for f in futures] == list(range(N))
-    assert all(counts[f.task_id] == 1 for f in futures)
+    _each_resolved_once(counts, futures)
     # results reach clients before their commit (the endpoint keeps them until it): wait for it
     wait_for(lambda: _stored_results(fresh_stack)["success"] == N, what="every result to be stored once")
     ex.shutdown()

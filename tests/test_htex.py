@@ -148,9 +148,12 @@ def test_cancel_running_task_kills_its_worker_and_children(ex: Executor, tmp_pat
 
 
 def test_cancel_queued_task_never_runs(ex: Executor, tmp_path: Path) -> None:
-    blockers = [ex.submit(helpers.sleep_then, 2) for _ in range(2)]  # both workers busy
+    # both workers busy, long enough to outlast a worker that is still restarting after the
+    # previous test (under load the second blocker can start seconds after the first)
+    blockers = [ex.submit(helpers.sleep_then, 6) for _ in range(2)]
     for b in blockers:
         wait_for(b.running, timeout=30, what="the blockers to run")
+    assert not any(b.done() for b in blockers), "a blocker ended before the other started: the test proves nothing"
     marker = tmp_path / "must-not-exist"
     queued = ex.submit(helpers.touch, str(marker))
     time.sleep(0.2)  # let it reach Parsl's interchange: the case HTEX itself cannot withdraw

@@ -538,6 +538,9 @@ class ParslEngine(Engine):
         self._kick = threading.Event()
         self._scale_lock = threading.Lock()
         self.failed_state: str | None = None
+        # every process Parsl starts on this host (interchange, local blocks, their workers and
+        # helpers) inherits this mark: what a lost pool leaves behind is found, and ended, at stop
+        self._run_mark = os.environ[RUN_MARK] = secrets.token_hex(8)
         await asyncio.to_thread(self._start_parsl, source)
         # the RUNNING channel (see module docstring)
         bind = "127.0.0.1" if self._local_only() else (self.config.get("address") or "0.0.0.0")
@@ -686,6 +689,25 @@ class ParslEngine(Engine):
             await asyncio.wait_for(asyncio.to_thread(self._shutdown_parsl), timeout=60)
         except TimeoutError:
             log.warning("Parsl did not shut down within 60 s")
+        await asyncio.to_thread(self._end_leftovers)
+
+    def _end_leftovers(self, grace: float = 5.0) -> None:
+        """Kill what Parsl started on this host and did not stop: the workers and helpers of a
+        pool that was lost (orphans: Parsl no longer knows them), or that ignored the shutdown."""
+        import psutil
+
+        deadline = time.monotonic() + grace
+        while True:
+            left = _marked_processes(RUN_MARK, self._run_mark)
+            if not left or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        for proc in left:
+            log.warning("killing pid %s, left behind by Parsl: %s", proc.pid, " ".join(proc.cmdline())[:200])
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
 
     def _shutdown_parsl(self) -> None:
         self._scaler.join(timeout=10)
@@ -816,6 +838,11 @@ class ParslEngine(Engine):
         from tether.endpoint.execute import failure
 
         lost = self._loss_message(exc)
+        if lost:
+            # the worker of a lost pool lives on, orphaned, until its task ends (or for ever, if
+            # it waits on the dead pool): a lost attempt's worker on this host is killed now
+            for attempt in range(entry.tries + 1):
+                self._kill_claimed(control_file(self.control_dir, task_id, f".{attempt}.run"))
         if lost and entry.tries < self.retries_on_worker_loss:
             entry.tries += 1
             entry.running = False
@@ -907,22 +934,20 @@ class ParslEngine(Engine):
                 )
                 return
             try:
-                self._kill(int(pid))
+                self._kill(int(pid), claim)
             except ValueError:
                 pass
 
-    def _kill(self, pid: int) -> None:
-        """Kill a Parsl worker process of this host and everything it started."""
+    def _kill(self, pid: int, claim: Path | None = None) -> None:
+        """Kill a Parsl worker process of this host and everything it started: a child of a
+        worker pool, or (its pool lost) an orphan that still holds the task's ``claim`` lock."""
         try:
             import psutil
 
             proc = psutil.Process(pid)
             parent = proc.parent()
-            if (
-                proc.uids().real != os.getuid()
-                or parent is None
-                or "process_worker_pool" not in " ".join(parent.cmdline())
-            ):
+            in_pool = parent is not None and "process_worker_pool" in " ".join(parent.cmdline())
+            if proc.uids().real != os.getuid() or not (in_pool or (claim is not None and _holds_flock(pid, claim))):
                 log.warning("pid %s is not a Parsl worker of ours; not killing it", pid)
                 return
             victims = [proc, *proc.children(recursive=True)]
@@ -987,3 +1012,41 @@ class HtexEngine(ParslEngine):
 
 class MPIEngine(ParslEngine):
     kind = "mpi"
+
+
+def _holds_flock(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` holds a flock on ``path`` (Linux ``/proc/locks``; False elsewhere):
+    proof that an orphaned process is the worker that claimed a task, not a reused pid."""
+    try:
+        inode = os.stat(path).st_ino
+        with open("/proc/locks") as fh:
+            for line in fh:
+                fields = line.split()
+                # "1: FLOCK  ADVISORY  WRITE 1234 00:2a:5678 0 EOF" ("->" marks a waiter)
+                if len(fields) < 6 or fields[1] != "FLOCK" or "->" in fields:
+                    continue
+                if int(fields[4]) == pid and int(fields[5].rsplit(":", 1)[1]) == inode:
+                    return True
+    except (OSError, ValueError, IndexError):
+        return False
+    return False
+
+
+#: the environment variable that marks the processes of one engine run (see ParslEngine.start)
+RUN_MARK = "TETHER_PARSL_RUN"
+
+
+def _marked_processes(name: str, value: str) -> list[Any]:
+    """This user's live processes (not this one) whose environment has ``name=value``."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid == os.getpid() or proc.uids().real != os.getuid() or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.environ().get(name) == value:
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return found
