@@ -84,7 +84,8 @@ from .models import (
     WhoAmI,
 )
 from .models import error_responses as _errors
-from .relay import ClientSession, EndpointSession, Relay, row_to_result
+from .relay import Relay, row_to_result
+from .sessions import ClientSession, EndpointSession
 from .store import EndpointIdTaken, Store, transitions
 
 log = logging.getLogger("tether.service")

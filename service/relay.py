@@ -28,14 +28,12 @@ import logging
 import time
 from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
-from tether.bounded import BoundedCache
 from tether.protocol import (
     CLOSE_AUTH_FAILED,
     CLOSE_CREDENTIAL_ROTATED,
     CLOSE_TRY_AGAIN,
-    DEFAULT_MAX_FRAME,
     DEFAULT_PREFETCH,
     ITEM_OVERHEAD,
     MAX_IDS,
@@ -76,7 +74,15 @@ from tether.serialize import function_id
 
 from .async_store import AsyncStore
 from .bus import LocalBus, RabbitBus, endpoint_key, user_key
-from .store import credential_hash, transitions
+from .sessions import (
+    PEER_MAX_FRAME,
+    ClientSession,
+    EndpointSession,
+    close_quietly,
+    failed_result,
+    send_or_drop,
+)
+from .store import transitions
 
 log = logging.getLogger("tether.service.relay")
 
@@ -86,10 +92,6 @@ PAGE_MIN = 64  # fewest rows read per page of an endpoint's backlog
 #: a burst is sent on without reading the store back; beyond, they are paged from the store
 QUEUE_MAX = 10_000
 QUEUE_BYTES = 32 * 1024 * 1024
-#: the largest frame the service sends: what clients and endpoints accept (see open_ws)
-PEER_MAX_FRAME = DEFAULT_MAX_FRAME
-STATUS_WINDOW = 0.005  # seconds a client's state updates are gathered before they are sent
-RESULT_CHUNK = 1000  # results per frame to a client
 START_RETRY_S = 30.0  # a user endpoint asked for and not connected by then is asked for again
 #: how long a replica trusts its count of a user's open tasks (the quota) before counting again
 QUOTA_RECOUNT_S = 5.0
@@ -99,107 +101,6 @@ PRESENCE_S = 30.0
 #: and (every WATCH_RECONCILE_S) the tasks its clients wait for, in case the bus lost news
 RECONCILE_S = 2.0
 WATCH_RECONCILE_S = 10.0
-
-
-class Sender(Protocol):
-    async def send(self, frame: bytes) -> None: ...
-
-    async def close(self, code: int, reason: str) -> None: ...
-
-
-class ClientSession:
-    """One connected client process of one user.
-
-    State updates and results for it are buffered and sent once per event-loop iteration, as
-    at most one STATUS and one RESULT frame: under load, many endpoint frames collapse into a
-    few client frames (each frame is a syscall; syscalls, not Python, bound throughput here).
-    """
-
-    def __init__(self, sender: Sender, user_id: str, token: str = ""):
-        self.sender = sender
-        self.user_id = user_id
-        self.token = token  # kept to re-check it (revoked, rotated, expired at Globus) while connected
-        self.token_hash = credential_hash(token) if token else ""
-        self.watching: set[str] = set()
-        self._updates: list[Any] = []
-        self._results: list[Result] = []
-        self._scheduled = False
-
-    async def send(self, frame: bytes) -> None:
-        await self.sender.send(frame)
-
-    def push(self, key: str, items: list[Any]) -> None:
-        if key == "updates":
-            # state changes are not worth a frame each: gathered for STATUS_WINDOW
-            if not self._updates:
-                asyncio.get_running_loop().call_later(STATUS_WINDOW, self._flush_updates)
-            self._updates.extend(items)
-            return
-        self._results.extend(items)
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_results)
-
-    def _flush_updates(self) -> None:
-        if self._updates:
-            updates, self._updates = self._updates, []
-            for start in range(0, len(updates), MAX_IDS):  # ~60 bytes each: MAX_IDS fit any frame
-                asyncio.ensure_future(_safe_send(self, encode(Status(updates=updates[start : start + MAX_IDS]))))
-
-    def _flush_results(self) -> None:
-        self._scheduled = False
-        if self._results:
-            asyncio.ensure_future(self.send_results_now())
-
-    async def send_results_now(self) -> None:
-        """Send buffered results in this coroutine (the scheduled flush then finds nothing)."""
-        while self._results:
-            results, self._results = self._results, []
-            for batch in frame_batches(results, PEER_MAX_FRAME, RESULT_CHUNK):
-                if isinstance(batch, TooLarge):  # the client could not take it: it fails in words
-                    batch = [_failed(batch.item.id, ErrorCode.PAYLOAD_TOO_LARGE, batch.message("this result"))]
-                await _safe_send(self, encode(Results(results=batch)))
-
-
-class EndpointSession:
-    """One connected endpoint process, and what it holds (for flow control)."""
-
-    def __init__(self, sender: Sender, endpoint: dict[str, Any], prefetch: int = DEFAULT_PREFETCH):
-        self.sender = sender
-        self.endpoint_id: str = endpoint["id"]
-        self.owner_id: str = endpoint["owner_id"]
-        self.secret_hash: str = endpoint["secret_hash"]
-        self.multi_user: bool = bool(endpoint.get("multi_user"))
-        self.parent_id: str | None = endpoint.get("parent_id")
-        self.sent_functions: BoundedCache[str, None] = BoundedCache(max_items=65536)
-        self.prefetch = prefetch
-        self.workers = 0
-        #: tasks this session holds: sent (or held when it connected) and not yet reported finished
-        self.sent: set[str] = set()
-        #: stored tasks waiting for room, in memory while few (never while ``backlog``)
-        self.queue: deque[tuple[str, Task]] = deque()
-        self.queue_bytes = 0
-        #: the store may hold open tasks for it not yet sent; paged from ``cursor`` = (t_received, id)
-        self.backlog = True
-        self.cursor: tuple[float, str] | None = None
-        self.refilling = False
-        #: a refill was asked for while one ran: new work may have been stored after its page was read
-        self.refill_again = False
-        self.status: dict[str, Any] = {}
-        self.connected_at = time.time()
-        self.refused_reports = 0
-
-    async def send(self, frame: bytes) -> None:
-        await self.sender.send(frame)
-
-    @property
-    def window(self) -> int:
-        """How many tasks it may hold: its workers plus the prefetch."""
-        return self.workers + self.prefetch
-
-    def set_capacity(self, capacity: dict[str, Any]) -> None:
-        workers = capacity.get("workers_total")
-        self.workers = workers if isinstance(workers, int) and not isinstance(workers, bool) else 0
 
 
 class Relay:
@@ -273,7 +174,7 @@ class Relay:
                     continue  # a Globus token (cached answer, re-asked when it expires)
                 log.info("closing a connection of user %s: its token was revoked or rotated", session.user_id)
                 self.clients.discard(session)
-                await _safe_close(session, CLOSE_AUTH_FAILED, "token revoked or rotated; get a new one")
+                await close_quietly(session, CLOSE_AUTH_FAILED, "token revoked or rotated; get a new one")
         endpoints = list(self.endpoints.values())
         if endpoints:
             valid_pairs = await self.db.valid_endpoint_secrets([(e.endpoint_id, e.secret_hash) for e in endpoints])
@@ -325,7 +226,7 @@ class Relay:
         elif kind == "cancel":
             await self._cancel_on(ep, data)
         elif kind == "frame":
-            await _safe_send(ep, data)
+            await send_or_drop(ep, data)
         elif kind == "start_user":
             await self._start_user_endpoint(data)
         elif kind == "close":
@@ -334,7 +235,7 @@ class Relay:
             log.info("endpoint %s connected to replica %s; dropping its connection here", target, data)
             del self.endpoints[target]
             await self.bus.unbind(endpoint_key(target))
-            await _safe_close(ep, CLOSE_TRY_AGAIN, "this endpoint connected to another replica")
+            await close_quietly(ep, CLOSE_TRY_AGAIN, "this endpoint connected to another replica")
 
     async def _push_stored(self, user_id: str, ids: list[str]) -> None:
         """Push the stored results among ``ids`` to the sessions here that wait for them."""
@@ -543,7 +444,7 @@ class Relay:
         briefs = {eid: await self._endpoint_brief(eid, rows) for eid in {t.endpoint for t in candidates}}
         ack = SubmitAck(ref=msg.ref, accepted=accepted, rejected=rejected, ts=received, endpoints=briefs)
         if session is not None:
-            await _safe_send(session, encode(ack))
+            await send_or_drop(session, encode(ack))
             if resubmitted:  # sent again after a reconnect: the client may have missed its news
                 await self._send_current(session, await self.db.get_tasks(user_id, resubmitted))
         return ack
@@ -612,7 +513,7 @@ class Relay:
         identity = Identity(id=child["owner_id"], username=await self.db.user_name(child["owner_id"]) or "")
         log.info("asking multi-user endpoint %s to start user endpoint %s for %s", parent.endpoint_id,
                  user_endpoint_id, identity.username)
-        await _safe_send(parent, encode(StartUserEndpoint(
+        await send_or_drop(parent, encode(StartUserEndpoint(
             user_endpoint_id=user_endpoint_id, identity=identity, config=json.loads(child["user_config"] or "{}"),
             secret=await self.db.new_secret(user_endpoint_id))))
 
@@ -635,7 +536,7 @@ class Relay:
         known = {r.id for r in rows}
         unknown = [i for i in msg.ids if i not in known]
         if unknown:
-            await _safe_send(session, encode(Error(code=ErrorCode.UNKNOWN_TASK, ids=unknown,
+            await send_or_drop(session, encode(Error(code=ErrorCode.UNKNOWN_TASK, ids=unknown,
                                                    message="unknown task ids (never submitted by you, or purged)")))
         self.watch(session, known)
         await self._send_current(session, rows)
@@ -649,7 +550,7 @@ class Relay:
             else:
                 updates.append((r.id, r.state, r.t_running or r.t_dispatched or r.t_waiting or r.t_received))
         if updates:
-            await _safe_send(session, encode(Status(updates=updates)))
+            await send_or_drop(session, encode(Status(updates=updates)))
         if results:
             self._push_results(results)
 
@@ -680,7 +581,7 @@ class Relay:
         if ep.queue:
             ep.queue = deque(item for item in ep.queue if item[1].id not in cancelled)
             ep.queue_bytes = sum(wire_size(t) for _, t in ep.queue)
-        await _safe_send(ep, encode(Cancel(ids=ids)))
+        await send_or_drop(ep, encode(Cancel(ids=ids)))
 
     async def client_message(self, session: ClientSession, msg: Any) -> None:
         """Act on one (already validated) client frame."""
@@ -699,7 +600,7 @@ class Relay:
         self.endpoints[session.endpoint_id] = session
         if old is not None and old is not session:
             log.info("endpoint %s reconnected; dropping its previous connection", session.endpoint_id)
-            await _safe_close(old, CLOSE_CREDENTIAL_ROTATED, "replaced by a newer connection of this endpoint")
+            await close_quietly(old, CLOSE_CREDENTIAL_ROTATED, "replaced by a newer connection of this endpoint")
         session.status = {"versions": hello.versions, "capacity": hello.capacity}
         session.set_capacity(hello.capacity)
         # with several replicas: hear this endpoint's news here, and tell a replica that still
@@ -731,7 +632,7 @@ class Relay:
             log.info("endpoint %s holds %d task(s) that ended while it was away; withdrawing them",
                      session.endpoint_id, len(ended))
             for start in range(0, len(ended), MAX_IDS):
-                await _safe_send(session, encode(Cancel(ids=ended[start : start + MAX_IDS])))
+                await send_or_drop(session, encode(Cancel(ids=ended[start : start + MAX_IDS])))
 
     async def endpoint_disconnected(self, session: EndpointSession) -> None:
         if self.endpoints.get(session.endpoint_id) is session:
@@ -853,12 +754,12 @@ class Relay:
                 continue
             chunk, bodies = batch
             ep.sent_functions.update(bodies)
-            await _safe_send(ep, encode(Tasks(tasks=chunk, functions=bodies)))
+            await send_or_drop(ep, encode(Tasks(tasks=chunk, functions=bodies)))
             await asyncio.sleep(0)  # a large backlog never holds the loop for long
 
     async def _fail_task(self, owner: str, task_id: str, code: ErrorCode, message: str) -> None:
         """End an open task with an error the service raised itself (stored, then pushed)."""
-        result = _failed(task_id, code, message)
+        result = failed_result(task_id, code, message)
         stored = await self.db.write_results([result])
         self.db.store.forget_open([task_id])
         self._push_results(stored)
@@ -870,7 +771,7 @@ class Relay:
         self.counters["refused_endpoint_reports"] += len(ids)
         log.warning("endpoint %s (owner %s) sent '%s' for %d task(s) not dispatched to it, e.g. %s; refused",
                     session.endpoint_id, session.owner_id, what, len(ids), ids[0])
-        await _safe_send(session, encode(Error(code=ErrorCode.NOT_DISPATCHED, ids=ids[:100],
+        await send_or_drop(session, encode(Error(code=ErrorCode.NOT_DISPATCHED, ids=ids[:100],
                                                message=f"'{what}' refused for {len(ids)} task(s) that were not "
                                                        "dispatched to this endpoint")))
 
@@ -922,7 +823,7 @@ class Relay:
                 raise
         # foreign and duplicate results are acknowledged too: they will never be stored, and the
         # endpoint must not send them again forever
-        await _safe_send(session, encode(ResultAck(ids=[r.id for r in results])))
+        await send_or_drop(session, encode(ResultAck(ids=[r.id for r in results])))
         await self._audit(session, [(r.id, r.state, r.times.get(r.state) or time.time()) for r in fresh])
         self.counters["results"] += len(fresh)
         self.counters["failed"] += sum(r.state == TaskState.FAILED.value for r in fresh)
@@ -961,7 +862,7 @@ class Relay:
         frame = encode(Audit(events=[(session.endpoint_id, tid, state, ts) for tid, state, ts in events]))
         parent = self.endpoints.get(session.parent_id)
         if parent is not None:
-            await _safe_send(parent, frame)
+            await send_or_drop(parent, frame)
         else:  # the parent is connected to another replica
             await self._tell_endpoint(session.parent_id, "frame", frame)
 
@@ -979,9 +880,9 @@ class Relay:
         error = {"type": "UserEndpointFailed", "code": ErrorCode.USER_ENDPOINT_FAILED.value,
                  "message": f"the multi-user endpoint could not start your user endpoint: {msg.message}"}
         rows = await self.db.fail_open_tasks(msg.user_endpoint_id, error)
-        await self._announce_failed(rows, error)
+        await self._announcefailed_result(rows, error)
 
-    async def _announce_failed(self, rows: Sequence[Any], error: dict[str, Any]) -> None:
+    async def _announcefailed_result(self, rows: Sequence[Any], error: dict[str, Any]) -> None:
         """Push the failure of tasks the service ended itself (rows: id, owner_id), here and on
         other replicas."""
         info = ErrorInfo(type=error["type"], message=error["message"], code=error["code"])
@@ -997,7 +898,7 @@ class Relay:
         """Ask an endpoint to stop; False if it is not connected (to any replica)."""
         ep = self.endpoints.get(endpoint_id)
         if ep is not None:
-            await _safe_send(ep, encode(Stop()))
+            await send_or_drop(ep, encode(Stop()))
             return True
         row = await self.db.get_endpoint(endpoint_id) if self.replicated else None
         if row is None or not self.is_online(row):
@@ -1014,7 +915,7 @@ class Relay:
         session = self.endpoints.get(endpoint_id)
         if session is not None:
             await self.endpoint_disconnected(session)
-            await _safe_close(session, code, reason)
+            await close_quietly(session, code, reason)
 
     async def delete_endpoint(self, endpoint_id: str) -> int:
         """Stop and forget an endpoint for good; its open tasks fail in words. Returns how many."""
@@ -1023,15 +924,8 @@ class Relay:
                  "message": f"endpoint {endpoint_id} was deleted by its owner before this task finished"}
         rows = await self.db.delete_endpoint(endpoint_id, error)
         await self.disconnect_endpoint(endpoint_id, CLOSE_AUTH_FAILED, "this endpoint was deleted by its owner")
-        await self._announce_failed(rows, error)
+        await self._announcefailed_result(rows, error)
         return len(rows)
-
-
-def _failed(task_id: str, code: ErrorCode, message: str) -> Result:
-    """A failed RESULT for an error the service raised itself."""
-    return Result(id=task_id, state="failed", times={"failed": time.time()},
-                  error=ErrorInfo(type="PayloadTooLarge" if code == ErrorCode.PAYLOAD_TOO_LARGE else "TaskRejected",
-                                  message=message, code=code.value))
 
 
 def _loads(text: str | None) -> Any:
@@ -1048,19 +942,4 @@ def row_to_result(row: Any) -> Result:
     return Result(id=row.id, state=row.state, data=row.result, error=error, times=transitions(row))
 
 
-async def _safe_send(session: Any, frame: bytes) -> None:
-    """Send, tolerating a peer that went away: its state is durable, it will catch up on reconnect."""
-    try:
-        await session.send(frame)
-    except Exception as exc:  # noqa: BLE001 - any transport error means the peer is gone
-        log.debug("send to %r failed: %s", session, exc)
-
-
-async def _safe_close(session: Any, code: int, reason: str) -> None:
-    try:
-        await session.sender.close(code, reason)
-    except Exception as exc:  # noqa: BLE001 - already gone
-        log.debug("close of %r failed: %s", session, exc)
-
-
-__all__ = ["ClientSession", "EndpointSession", "MAX_IDS", "Relay", "row_to_result"]
+__all__ = ["MAX_IDS", "Relay", "row_to_result"]

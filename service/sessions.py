@@ -1,0 +1,164 @@
+"""The service's side of each connection: what it holds for a client or an endpoint session.
+
+A session is transport-free (anything with ``async send(bytes)`` and ``async close(code,
+reason)``), so the relay (``relay.py``) decides what frames do and the WebSocket routes stay
+thin. A client session gathers state updates and results into few frames; an endpoint session
+holds what flow control needs (the tasks sent and not yet reported on, a small queue, the
+cursor into its backlog).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import Any, Protocol
+
+from tether.bounded import BoundedCache
+from tether.protocol import (
+    DEFAULT_MAX_FRAME,
+    DEFAULT_PREFETCH,
+    MAX_IDS,
+    ErrorCode,
+    ErrorInfo,
+    Result,
+    Results,
+    Status,
+    Task,
+    TooLarge,
+    encode,
+    frame_batches,
+)
+
+from .store import credential_hash
+
+log = logging.getLogger("tether.service.relay")
+
+#: the largest frame the service sends: what clients and endpoints accept (see open_ws)
+PEER_MAX_FRAME = DEFAULT_MAX_FRAME
+STATUS_WINDOW = 0.005  # seconds a client's state updates are gathered before they are sent
+RESULT_CHUNK = 1000  # results per frame to a client
+
+
+class Sender(Protocol):
+    async def send(self, frame: bytes) -> None: ...
+
+    async def close(self, code: int, reason: str) -> None: ...
+
+
+class ClientSession:
+    """One connected client process of one user.
+
+    State updates and results for it are buffered and sent once per event-loop iteration, as
+    at most one STATUS and one RESULT frame: under load, many endpoint frames collapse into a
+    few client frames (each frame is a syscall; syscalls, not Python, bound throughput here).
+    """
+
+    def __init__(self, sender: Sender, user_id: str, token: str = ""):
+        self.sender = sender
+        self.user_id = user_id
+        self.token = token  # kept to re-check it (revoked, rotated, expired at Globus) while connected
+        self.token_hash = credential_hash(token) if token else ""
+        self.watching: set[str] = set()
+        self._updates: list[Any] = []
+        self._results: list[Result] = []
+        self._scheduled = False
+
+    async def send(self, frame: bytes) -> None:
+        await self.sender.send(frame)
+
+    def push(self, key: str, items: list[Any]) -> None:
+        if key == "updates":
+            # state changes are not worth a frame each: gathered for STATUS_WINDOW
+            if not self._updates:
+                asyncio.get_running_loop().call_later(STATUS_WINDOW, self._flush_updates)
+            self._updates.extend(items)
+            return
+        self._results.extend(items)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_results)
+
+    def _flush_updates(self) -> None:
+        if self._updates:
+            updates, self._updates = self._updates, []
+            for start in range(0, len(updates), MAX_IDS):  # ~60 bytes each: MAX_IDS fit any frame
+                asyncio.ensure_future(send_or_drop(self, encode(Status(updates=updates[start : start + MAX_IDS]))))
+
+    def _flush_results(self) -> None:
+        self._scheduled = False
+        if self._results:
+            asyncio.ensure_future(self.send_results_now())
+
+    async def send_results_now(self) -> None:
+        """Send buffered results in this coroutine (the scheduled flush then finds nothing)."""
+        while self._results:
+            results, self._results = self._results, []
+            for batch in frame_batches(results, PEER_MAX_FRAME, RESULT_CHUNK):
+                if isinstance(batch, TooLarge):  # the client could not take it: it fails in words
+                    batch = [failed_result(batch.item.id, ErrorCode.PAYLOAD_TOO_LARGE, batch.message("this result"))]
+                await send_or_drop(self, encode(Results(results=batch)))
+
+
+class EndpointSession:
+    """One connected endpoint process, and what it holds (for flow control)."""
+
+    def __init__(self, sender: Sender, endpoint: dict[str, Any], prefetch: int = DEFAULT_PREFETCH):
+        self.sender = sender
+        self.endpoint_id: str = endpoint["id"]
+        self.owner_id: str = endpoint["owner_id"]
+        self.secret_hash: str = endpoint["secret_hash"]
+        self.multi_user: bool = bool(endpoint.get("multi_user"))
+        self.parent_id: str | None = endpoint.get("parent_id")
+        self.sent_functions: BoundedCache[str, None] = BoundedCache(max_items=65536)
+        self.prefetch = prefetch
+        self.workers = 0
+        #: tasks this session holds: sent (or held when it connected) and not yet reported finished
+        self.sent: set[str] = set()
+        #: stored tasks waiting for room, in memory while few (never while ``backlog``)
+        self.queue: deque[tuple[str, Task]] = deque()
+        self.queue_bytes = 0
+        #: the store may hold open tasks for it not yet sent; paged from ``cursor`` = (t_received, id)
+        self.backlog = True
+        self.cursor: tuple[float, str] | None = None
+        self.refilling = False
+        #: a refill was asked for while one ran: new work may have been stored after its page was read
+        self.refill_again = False
+        self.status: dict[str, Any] = {}
+        self.connected_at = time.time()
+        self.refused_reports = 0
+
+    async def send(self, frame: bytes) -> None:
+        await self.sender.send(frame)
+
+    @property
+    def window(self) -> int:
+        """How many tasks it may hold: its workers plus the prefetch."""
+        return self.workers + self.prefetch
+
+    def set_capacity(self, capacity: dict[str, Any]) -> None:
+        workers = capacity.get("workers_total")
+        self.workers = workers if isinstance(workers, int) and not isinstance(workers, bool) else 0
+
+
+def failed_result(task_id: str, code: ErrorCode, message: str) -> Result:
+    """A failed RESULT for an error the service raised itself."""
+    return Result(id=task_id, state="failed", times={"failed": time.time()},
+                  error=ErrorInfo(type="PayloadTooLarge" if code == ErrorCode.PAYLOAD_TOO_LARGE else "TaskRejected",
+                                  message=message, code=code.value))
+
+
+async def send_or_drop(session: Any, frame: bytes) -> None:
+    """Send, tolerating a peer that went away: its state is durable, it will catch up on reconnect."""
+    try:
+        await session.send(frame)
+    except Exception as exc:  # noqa: BLE001 - any transport error means the peer is gone
+        log.debug("send to %r failed: %s", session, exc)
+
+
+async def close_quietly(session: Any, code: int, reason: str) -> None:
+    try:
+        await session.sender.close(code, reason)
+    except Exception as exc:  # noqa: BLE001 - already gone
+        log.debug("close of %r failed: %s", session, exc)
