@@ -18,6 +18,9 @@ the ownership rules live in one place:
 * every frame is cut by bytes as well as by count (:func:`tether.protocol.frame_batches`); a
   task or result too large for any frame fails alone, in words;
 * a result for a task that already has one is dropped (exactly-once results per task id).
+* with several replicas, what this process cannot do itself (the endpoint or the client is
+  connected to another replica) is published on the bus for the replica that can (``bus.py``);
+  the database stays the only truth.
 """
 
 from __future__ import annotations
