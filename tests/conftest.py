@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import subprocess
 import sys
 import time
 import uuid
@@ -89,6 +90,39 @@ def nothing_left_behind() -> Iterator[None]:
 #: PostgreSQL database instead of SQLite (.ci/run runs the end-to-end tests a second time so)
 TEST_DB = os.environ.get("TETHER_TEST_DB", "sqlite")
 PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+
+
+def tether_cli(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``tether ARGS`` as a user types it; with ``check``, fail the test (with its output) on a non-zero exit."""
+    proc = subprocess.run([sys.executable, "-m", "tether.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+    if check:
+        assert proc.returncode == 0, f"tether {' '.join(args)}: {proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def home_env(home: Path) -> dict[str, str]:
+    """This process's environment without any TETHER_ setting, with ``TETHER_HOME=home``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
+    env["TETHER_HOME"] = str(home)
+    return env
+
+
+def pg_missing() -> str | None:
+    """Why there is no usable PostgreSQL (127.0.0.1:5432, trust auth for postgres), or None."""
+    try:
+        import psycopg
+    except ImportError:
+        return "psycopg is not installed (pip install 'tether[postgres]')"
+    try:
+        psycopg.connect(PG_DSN, connect_timeout=3).close()
+    except psycopg.Error as exc:
+        return f"no PostgreSQL on 127.0.0.1:5432 with trust auth for user postgres ({str(exc).strip()[:120]})"
+    return None
+
+
+#: outside CI a machine without PostgreSQL skips these tests (saying why); under CI they must run
+needs_pg = pytest.mark.skipif(bool(pg_missing()) and not os.environ.get("CI"), reason=str(pg_missing()))
 
 
 @contextlib.contextmanager

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sqlite3
 import subprocess
 import sys
@@ -24,22 +23,10 @@ import pytest
 
 from tether import Client
 
+from conftest import home_env, needs_pg, tether_cli
+
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
 HEAD = "0003_blobs"
-
-
-def tether(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "tether.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=120)
-    if check:
-        assert proc.returncode == 0, f"tether {' '.join(args)}: {proc.stdout}\n{proc.stderr}"
-    return proc
-
-
-def _env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
-    env["TETHER_HOME"] = str(home)
-    return env
 
 
 def legacy_schema(blob: str, older: bool = False) -> list[str]:
@@ -91,13 +78,13 @@ def _drift(url: str) -> list:
 
 # --- SQLite: the embedded default ----------------------------------------------------------
 def test_db_current_and_upgrade_on_a_fresh_sqlite_database(tmp_path: Path) -> None:
-    env = _env(tmp_path / "home")
-    status = json.loads(tether(env, "service", "db", "current", "--json").stdout)
+    env = home_env(tmp_path / "home")
+    status = json.loads(tether_cli(env, "service", "db", "current", "--json").stdout)
     assert status == {"current": None, "head": HEAD, "state": "empty"}
-    out = tether(env, "service", "db", "upgrade").stdout
+    out = tether_cli(env, "service", "db", "upgrade").stdout
     assert f"upgraded from revision (none) to {HEAD}" in out
-    assert f"already at revision {HEAD}" in tether(env, "service", "db", "upgrade").stdout
-    line = tether(env, "service", "db", "current").stdout
+    assert f"already at revision {HEAD}" in tether_cli(env, "service", "db", "upgrade").stdout
+    line = tether_cli(env, "service", "db", "current").stdout
     assert f"revision {HEAD}; this tether's newest is {HEAD}: up to date" in line
     assert "tether.db" in line
     assert _drift(f"sqlite:///{tmp_path / 'home' / 'service' / 'tether.db'}") == []
@@ -122,53 +109,40 @@ def test_a_sqlite_database_made_before_migrations_is_adopted_with_its_rows(tmp_p
     conn.execute("INSERT INTO users VALUES (?, ?, ?, ?)", _user_row("carol", "carols-old-token"))
     conn.commit()
     conn.close()
-    env = _env(home)
-    assert json.loads(tether(env, "service", "db", "current", "--json").stdout)["state"] == "unversioned"
-    assert "made before migrations existed" in tether(env, "service", "db", "current").stdout
+    env = home_env(home)
+    assert json.loads(tether_cli(env, "service", "db", "current", "--json").stdout)["state"] == "unversioned"
+    assert "made before migrations existed" in tether_cli(env, "service", "db", "current").stdout
 
     # the embedded default upgrades itself as it starts; carol's token still works
-    tether(env, "service", "start", "--detach", "--port", "0")
+    tether_cli(env, "service", "start", "--detach", "--port", "0")
     try:
         url = json.loads((home / "service.json").read_text())["url"]
         assert Client(url, "carols-old-token").whoami()["name"] == "carol"
     finally:
-        tether(env, "service", "stop")
-    assert json.loads(tether(env, "service", "db", "current", "--json").stdout)["state"] == "current"
+        tether_cli(env, "service", "stop")
+    assert json.loads(tether_cli(env, "service", "db", "current", "--json").stdout)["state"] == "current"
     assert _drift(f"sqlite:///{db}") == []  # the columns and indexes older versions lacked were added
     columns = {row[1] for row in sqlite3.connect(db).execute("PRAGMA table_info(endpoints)")}
     assert {"multi_user", "policy", "parent_id", "user_config", "local_user"} <= columns
 
 
 def test_a_database_newer_than_this_tether_is_refused_naming_both_revisions(tmp_path: Path) -> None:
-    env = _env(tmp_path / "home")
-    tether(env, "service", "db", "upgrade")
+    env = home_env(tmp_path / "home")
+    tether_cli(env, "service", "db", "upgrade")
     conn = sqlite3.connect(tmp_path / "home" / "service" / "tether.db")
     conn.execute("UPDATE alembic_version SET version_num = '0099_from_the_future'")
     conn.commit()
     conn.close()
-    status = json.loads(tether(env, "service", "db", "current", "--json").stdout)
+    status = json.loads(tether_cli(env, "service", "db", "current", "--json").stdout)
     assert status["state"] == "newer" and status["current"] == "0099_from_the_future"
     for args in (("service", "start", "--port", "0"), ("service", "user-add", "dave"), ("service", "db", "upgrade")):
-        out = tether(env, *args, check=False)
+        out = tether_cli(env, *args, check=False)
         text = " ".join((out.stdout + out.stderr).split())  # rich wraps long lines
         assert out.returncode != 0, args
         assert "0099_from_the_future" in text and HEAD in text and "newer than this tether" in text, text
 
 
 # --- PostgreSQL ---------------------------------------------------------------------------
-def _pg_missing() -> str | None:
-    try:
-        import psycopg
-    except ImportError:
-        return "psycopg is not installed (pip install 'tether[postgres]')"
-    try:
-        psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", connect_timeout=3).close()
-    except psycopg.Error as exc:
-        return f"no PostgreSQL on 127.0.0.1:5432 with trust auth for user postgres ({str(exc).strip()[:120]})"
-    return None
-
-
-needs_pg = pytest.mark.skipif(bool(_pg_missing()) and not os.environ.get("CI"), reason=str(_pg_missing()))
 
 
 @pytest.fixture
@@ -197,11 +171,12 @@ def _make_legacy_pg(name: str, older: bool = False) -> None:
 
 @needs_pg
 def test_a_fresh_postgres_database_is_upgraded_and_reports_its_revision(pg_db: str, tmp_path: Path) -> None:
-    env = _env(tmp_path / "home")
+    env = home_env(tmp_path / "home")
     url = f"{PG}/{pg_db}"
-    assert json.loads(tether(env, "service", "db", "current", "--db-url", url, "--json").stdout)["state"] == "empty"
-    assert f"upgraded from revision (none) to {HEAD}" in tether(env, "service", "db", "upgrade", "--db-url", url).stdout
-    out = tether(env, "service", "db", "current", "--db-url", url).stdout
+    assert json.loads(tether_cli(env, "service", "db", "current", "--db-url", url, "--json").stdout)["state"] == "empty"
+    upgraded = tether_cli(env, "service", "db", "upgrade", "--db-url", url).stdout
+    assert f"upgraded from revision (none) to {HEAD}" in upgraded
+    out = tether_cli(env, "service", "db", "current", "--db-url", url).stdout
     assert out.startswith(f"{url}: revision {HEAD}") and "up to date" in out
     assert _drift(url) == []
 
@@ -211,22 +186,22 @@ def test_an_outdated_postgres_schema_is_refused_until_db_upgrade(pg_db: str, tmp
     _make_legacy_pg(pg_db)
     config = tmp_path / "service.yaml"
     config.write_text(f"home: home\nport: 0\ndb_url: {PG}/{pg_db}\n")
-    env = _env(tmp_path / "elsewhere")
-    out = tether(env, "service", "start", "--config", str(config), "--detach", check=False)
+    env = home_env(tmp_path / "elsewhere")
+    out = tether_cli(env, "service", "start", "--config", str(config), "--detach", check=False)
     text = " ".join((out.stdout + out.stderr).split())
     assert out.returncode != 0
     assert f"this tether needs {HEAD}" in text and f"tether service db upgrade --config {config}" in text, text
-    refused = tether(env, "service", "user-add", "frank", "--config", str(config), check=False)
+    refused = tether_cli(env, "service", "user-add", "frank", "--config", str(config), check=False)
     assert refused.returncode != 0 and "tether service db upgrade --config" in refused.stderr
 
-    assert f"to {HEAD}" in tether(env, "service", "db", "upgrade", "--config", str(config)).stdout
-    tether(env, "service", "start", "--config", str(config), "--detach")
+    assert f"to {HEAD}" in tether_cli(env, "service", "db", "upgrade", "--config", str(config)).stdout
+    tether_cli(env, "service", "start", "--config", str(config), "--detach")
     try:
         url = json.loads((tmp_path / "home" / "service.json").read_text())["url"]
         assert Client(url, "erins-token").whoami()["name"] == "erin"  # rows made before migrations kept
-        assert "up" in tether(env, "service", "status", "--config", str(config)).stdout
+        assert "up" in tether_cli(env, "service", "status", "--config", str(config)).stdout
     finally:
-        tether(env, "service", "stop", "--config", str(config))
+        tether_cli(env, "service", "stop", "--config", str(config))
 
 
 @needs_pg
@@ -234,10 +209,10 @@ def test_auto_migrate_lets_a_starting_service_upgrade_postgres(pg_db: str, tmp_p
     _make_legacy_pg(pg_db)
     config = tmp_path / "service.yaml"
     config.write_text(f"home: home\nport: 0\ndb_url: {PG}/{pg_db}\nauto_migrate: true\n")
-    env = _env(tmp_path / "elsewhere")
-    tether(env, "service", "start", "--config", str(config), "--detach")
-    tether(env, "service", "stop", "--config", str(config))
-    status = json.loads(tether(env, "service", "db", "current", "--config", str(config), "--json").stdout)
+    env = home_env(tmp_path / "elsewhere")
+    tether_cli(env, "service", "start", "--config", str(config), "--detach")
+    tether_cli(env, "service", "stop", "--config", str(config))
+    status = json.loads(tether_cli(env, "service", "db", "current", "--config", str(config), "--json").stdout)
     assert status["state"] == "current"
 
 
@@ -245,7 +220,7 @@ def test_auto_migrate_lets_a_starting_service_upgrade_postgres(pg_db: str, tmp_p
 def test_replicas_upgrading_at_once_migrate_once(pg_db: str, tmp_path: Path) -> None:
     """The advisory lock: without it both would ALTER the same tables and one would fail."""
     _make_legacy_pg(pg_db, older=True)
-    env = _env(tmp_path / "home")
+    env = home_env(tmp_path / "home")
     cmd = [sys.executable, "-m", "tether.cli", "service", "db", "upgrade", "--db-url", f"{PG}/{pg_db}"]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(3)]

@@ -20,23 +20,12 @@ from tether import Executor
 from tether.local import local_stack
 
 import helpers
+from conftest import needs_pg
 
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
 
 
-def _pg_missing() -> str | None:
-    try:
-        import psycopg
-    except ImportError:
-        return "psycopg is not installed (pip install 'tether[postgres]')"
-    try:
-        psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", connect_timeout=3).close()
-    except psycopg.Error as exc:
-        return f"no PostgreSQL on 127.0.0.1:5432 with trust auth for user postgres ({str(exc).strip()[:120]})"
-    return None
-
-
-pytestmark = pytest.mark.skipif(bool(_pg_missing()) and not os.environ.get("CI"), reason=str(_pg_missing()))
+pytestmark = needs_pg
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,21 +14,9 @@ import pytest
 from tether import Client
 from tether.errors import ConfigError
 
+from conftest import home_env, tether_cli
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def tether(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "tether.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=120)
-    if check:
-        assert proc.returncode == 0, f"tether {' '.join(args)}: {proc.stdout}\n{proc.stderr}"
-    return proc
-
-
-def _env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
-    env["TETHER_HOME"] = str(home)
-    return env
 
 
 def _said(out: subprocess.CompletedProcess) -> str:
@@ -49,7 +36,7 @@ def test_mistakes_name_the_file_the_key_and_a_close_match(tmp_path: Path) -> Non
     assert f"{config}: db_url: 'mysql://x/y' does not match" in text
     assert f"{config}: tls: unknown key 'kee' (did you mean 'key'?)" in text
     assert f"{config}: log_format: 'jsn' is not one of text, json (did you mean 'json'?)" in text
-    out = tether(_env(tmp_path / "home"), "service", "start", "--config", str(config), check=False)
+    out = tether_cli(home_env(tmp_path / "home"), "service", "start", "--config", str(config), check=False)
     assert out.returncode != 0 and "unknown key 'prot' (did you mean 'port'?)" in _said(out)
 
     config.write_text("- a list\n")
@@ -89,7 +76,7 @@ def test_secrets_stay_private(tmp_path: Path) -> None:
     secret.write_text("the-secret\n")
     os.chmod(secret, 0o640)
     config.write_text("port: 0\nglobus: {client_id: abc, client_secret_file: globus-secret}\n")
-    out = tether(_env(tmp_path / "home"), "service", "start", "--config", str(config), check=False)
+    out = tether_cli(home_env(tmp_path / "home"), "service", "start", "--config", str(config), check=False)
     assert out.returncode != 0
     assert f"{secret} has mode 0640" in _said(out) and f"chmod 600 {secret}" in _said(out)
 
@@ -98,28 +85,28 @@ def test_flags_override_the_file_and_every_command_takes_config(tmp_path: Path) 
     config = tmp_path / "service.yaml"
     # the file alone would be refused: beyond loopback without TLS
     config.write_text("home: svc\nhost: 0.0.0.0\nport: 0\nreplica_id: r1\n")
-    env = _env(tmp_path / "elsewhere")
-    refused = tether(env, "service", "start", "--config", str(config), check=False)
+    env = home_env(tmp_path / "elsewhere")
+    refused = tether_cli(env, "service", "start", "--config", str(config), check=False)
     assert refused.returncode != 0 and "refusing to listen on 0.0.0.0 without TLS" in _said(refused)
 
-    tether(env, "service", "start", "--config", str(config), "--host", "127.0.0.1", "--detach")
+    tether_cli(env, "service", "start", "--config", str(config), "--host", "127.0.0.1", "--detach")
     try:
-        assert "up (pid" in _said(tether(env, "service", "status", "--config", str(config)))
-        user = json.loads(tether(env, "service", "user-add", "alice", "--config", str(config), "--json").stdout)
+        assert "up (pid" in _said(tether_cli(env, "service", "status", "--config", str(config)))
+        user = json.loads(tether_cli(env, "service", "user-add", "alice", "--config", str(config), "--json").stdout)
         url = json.loads((tmp_path / "svc" / "service.json").read_text())["url"]
         assert Client(url, user["token"]).whoami()["name"] == "alice"
-        tether(env, "service", "token-revoke", "alice", "--config", str(config))
-        assert "up to date" in tether(env, "service", "db", "current", "--config", str(config)).stdout
-        assert "already at revision" in tether(env, "service", "db", "upgrade", "--config", str(config)).stdout
+        tether_cli(env, "service", "token-revoke", "alice", "--config", str(config))
+        assert "up to date" in tether_cli(env, "service", "db", "current", "--config", str(config)).stdout
+        assert "already at revision" in tether_cli(env, "service", "db", "upgrade", "--config", str(config)).stdout
     finally:
-        assert "stopped the service" in tether(env, "service", "stop", "--config", str(config)).stdout
+        assert "stopped the service" in tether_cli(env, "service", "stop", "--config", str(config)).stdout
     assert not (tmp_path / "elsewhere" / "service.json").exists()  # the config's home was used throughout
 
     from tether.cli import db_app, service_app
 
     commands = [c for c in service_app.registered_commands] + [c for c in db_app.registered_commands]
     for command in commands:
-        help_text = tether(env, "service", *([] if command in service_app.registered_commands else ["db"]),
+        help_text = tether_cli(env, "service", *([] if command in service_app.registered_commands else ["db"]),
                            command.name, "--help").stdout
         assert "--config" in help_text, command.name
 
@@ -130,7 +117,7 @@ def test_the_server_carries_broker_url_and_replica_id_to_the_app(tmp_path: Path)
 
     config = tmp_path / "service.yaml"
     config.write_text("port: 0\nbroker_url: amqp://mq.example.org/tether\nreplica_id: from-file\n")
-    out = tether(_env(tmp_path / "home"), "service", "start", "--config", str(config), check=False)
+    out = tether_cli(home_env(tmp_path / "home"), "service", "start", "--config", str(config), check=False)
     assert out.returncode != 0 and "replicas (broker_url) must share one database" in _said(out)
     args = vars(parser().parse_args(["--config", str(config), "--replica-id", "from-flag"]))
     cfg = service_config(args.pop("config"), **args)

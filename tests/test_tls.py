@@ -24,6 +24,7 @@ from tether.errors import ConfigError
 from tether.local import LocalStack
 
 import helpers
+from conftest import home_env, tether_cli
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None and not os.environ.get("CI"),
                                    reason="needs the openssl command to make a test CA (apt-get install openssl)")
@@ -31,20 +32,6 @@ needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None and not os.en
 
 def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def tether(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "tether.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=120)
-    if check:
-        assert proc.returncode == 0, f"tether {' '.join(args)}: {proc.stdout}\n{proc.stderr}"
-    return proc
-
-
-def _home_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
-    env["TETHER_HOME"] = str(home)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +48,14 @@ def trustme_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
     ca.cert_pem.write_to_path(str(d / "ca.pem"))
     config = d / "service.yaml"
     config.write_text("home: service-home\nport: 0\ntls:\n  cert: tls/server.pem\n  key: tls/server.key\n")
-    env = _home_env(d / "operator")  # the config's home wins over TETHER_HOME
-    tether(env, "service", "start", "--config", str(config), "--detach")
+    env = home_env(d / "operator")  # the config's home wins over TETHER_HOME
+    tether_cli(env, "service", "start", "--config", str(config), "--detach")
     try:
         info = json.loads((d / "service-home" / "service.json").read_text())
         assert "ca_file" not in info
         yield info["url"], info["token"], d / "ca.pem"
     finally:
-        tether(env, "service", "stop", "--config", str(config), check=False)
+        tether_cli(env, "service", "stop", "--config", str(config), check=False)
 
 
 def _machine(home: Path, url: str, token: str, ca_file: Path | None) -> dict[str, str]:
@@ -78,7 +65,7 @@ def _machine(home: Path, url: str, token: str, ca_file: Path | None) -> dict[str
     if ca_file is not None:
         info["ca_file"] = str(ca_file)
     write_secret(home / "service.json", json.dumps(info))
-    return _home_env(home)
+    return home_env(home)
 
 
 def test_a_client_and_an_endpoint_verify_the_service_with_the_ca_in_their_config(
@@ -86,8 +73,8 @@ def test_a_client_and_an_endpoint_verify_the_service_with_the_ca_in_their_config
     url, token, ca_file = trustme_service
     assert url.startswith("https://127.0.0.1:")
     endpoint_env = _machine(tmp_path / "cluster", url, token, ca_file)
-    tether(endpoint_env, "endpoint", "configure", "hpc", "--engine", "thread", "--workers", "1")
-    endpoint_id = tether(endpoint_env, "endpoint", "start", "hpc", "--detach").stdout.strip().splitlines()[-1]
+    tether_cli(endpoint_env, "endpoint", "configure", "hpc", "--engine", "thread", "--workers", "1")
+    endpoint_id = tether_cli(endpoint_env, "endpoint", "start", "hpc", "--detach").stdout.strip().splitlines()[-1]
     try:
         credential = json.loads((tmp_path / "cluster" / "endpoints" / "hpc" / "credential.json").read_text())
         assert credential["ca_file"] == str(ca_file)  # the daemon verifies with the CA it registered with
@@ -99,15 +86,15 @@ def test_a_client_and_an_endpoint_verify_the_service_with_the_ca_in_their_config
             assert ex.submit(helpers.square, 9).result(timeout=60) == 81  # over wss:// both ways
         assert Client().whoami()["name"] == "local"
     finally:
-        tether(endpoint_env, "endpoint", "stop", "hpc", check=False)
+        tether_cli(endpoint_env, "endpoint", "stop", "hpc", check=False)
 
 
 def test_without_the_ca_client_and_endpoint_refuse_the_service_in_words(
         trustme_service: tuple[str, str, Path], tmp_path: Path, monkeypatch) -> None:
     url, token, _ = trustme_service
     endpoint_env = _machine(tmp_path / "cluster", url, token, None)
-    tether(endpoint_env, "endpoint", "configure", "hpc", "--engine", "thread", "--workers", "1")
-    out = tether(endpoint_env, "endpoint", "start", "hpc", "--detach", check=False)
+    tether_cli(endpoint_env, "endpoint", "configure", "hpc", "--engine", "thread", "--workers", "1")
+    out = tether_cli(endpoint_env, "endpoint", "start", "hpc", "--detach", check=False)
     said = " ".join((out.stdout + out.stderr).split())
     assert out.returncode != 0 and "certificate" in said and "TETHER_CA_FILE" in said, said
     assert not (tmp_path / "cluster" / "endpoints" / "hpc" / "credential.json").exists()
