@@ -5,7 +5,8 @@ which client sessions watch which tasks. Several replicas behind one URL share t
 but an endpoint is connected to one replica and the client that waits for its results maybe to
 another. The bus carries the *news* between them; the database stays the only truth:
 
-* ``ep.<endpoint id>``: work was stored for an endpoint (``refill``), a frame must reach it
+* ``ep.<endpoint id>``: work was stored for an endpoint (``refill``: the ids of the new tasks,
+  which that replica sends at once if the endpoint has room), a frame must reach it
   (``frame``: a stop, an audit record, a start request), tasks were cancelled (``cancel``), it
   must be disconnected (``close``), or it connected elsewhere (``takeover``). Bound by the
   replica that holds the endpoint's WebSocket.
@@ -43,7 +44,7 @@ log = logging.getLogger("tether.service.bus")
 
 EXCHANGE = "tether.events"
 #: events whose data is a list of items (ids, states): merged in the outbox, cut to this many
-LIST_KINDS = frozenset({"results", "status", "cancel"})
+LIST_KINDS = frozenset({"results", "status", "cancel", "refill"})
 MAX_EVENT_ITEMS = 10_000
 Handler = Callable[[str, str, Any], Awaitable[None]]  # (kind, target id, data)
 
@@ -165,7 +166,7 @@ class RabbitBus:
         slot = (key, kind)
         if kind in LIST_KINDS and slot in self._outbox:
             self._outbox[slot].extend(data)  # ids and states of one kind for one target: one message
-        elif not (kind == "refill" and slot in self._outbox):  # (one refill says it all)
+        else:
             if slot in self._outbox:  # a frame, a close, ...: each its own message, in order
                 slot = (key, f"{kind}#{next(self._seq)}")
             self._outbox[slot] = list(data) if kind in LIST_KINDS else [data]

@@ -102,7 +102,7 @@ QUOTA_RECOUNT_S = 5.0
 PRESENCE_S = 30.0
 #: with several replicas: how often each replica re-reads the backlogs of the endpoints it holds
 #: and (every WATCH_RECONCILE_S) the tasks its clients wait for, in case the bus lost news
-RECONCILE_S = 2.0
+RECONCILE_S = 5.0
 WATCH_RECONCILE_S = 10.0
 
 
@@ -225,7 +225,7 @@ class Relay:
         if ep is None:
             return  # it left this replica meanwhile: its new replica reads the database
         if kind == "refill":
-            await self._refill_from_store(ep)
+            await self._offer_stored(ep, data)
         elif kind == "cancel":
             await self._cancel_on(ep, data)
         elif kind == "frame":
@@ -441,7 +441,7 @@ class Relay:
             if ep is not None:
                 await self._offer(ep, user_id, items)
                 continue
-            await self._tell_endpoint(endpoint_id, "refill")  # connected to another replica, maybe
+            await self._tell_endpoint(endpoint_id, "refill", [t.id for t in items])  # on another replica, maybe
             if endpoint_id in user_endpoints:
                 await self._start_user_endpoint(endpoint_id)
         briefs = {eid: await self._endpoint_brief(eid, rows) for eid in {t.endpoint for t in candidates}}
@@ -727,17 +727,38 @@ class Relay:
                 for chunk in frame_batches(fresh, PEER_MAX_FRAME, DISPATCH_CHUNK,
                                            size=lambda r: (r.size or 0) + ITEM_OVERHEAD):
                     rows = [chunk.item] if isinstance(chunk, TooLarge) else chunk
-                    per_owner = defaultdict(list)
-                    loaded = await self.db.load_open_tasks([r.id for r in rows])
-                    ep.sent.difference_update({r.id for r in rows} - {r.id for r in loaded})  # ended meanwhile
-                    for r in loaded:
-                        per_owner[r.owner_id].append(Task(id=r.id, function=r.function_id, endpoint=r.endpoint_id,
-                                                          payload=r.payload, group=r.group_id, spec=_loads(r.spec),
-                                                          uec=_loads(r.uec)))
-                    for owner, items in per_owner.items():
-                        await self._dispatch(ep, owner, items)
+                    await self._load_and_dispatch(ep, [r.id for r in rows])
         finally:
             ep.refilling = False
+
+    async def _load_and_dispatch(self, ep: EndpointSession, ids: list[str]) -> None:
+        """Read these open tasks of the endpoint (already counted in ``ep.sent``) and send them;
+        those that ended meanwhile, or are not this endpoint's, leave ``ep.sent``."""
+        loaded = [r for r in await self.db.load_open_tasks(ids) if r.endpoint_id == ep.endpoint_id]
+        ep.sent.difference_update(set(ids) - {r.id for r in loaded})
+        per_owner: dict[str, list[Task]] = defaultdict(list)
+        for r in loaded:
+            per_owner[r.owner_id].append(Task(id=r.id, function=r.function_id, endpoint=r.endpoint_id,
+                                              payload=r.payload, group=r.group_id, spec=_loads(r.spec),
+                                              uec=_loads(r.uec)))
+        for owner, items in per_owner.items():
+            await self._dispatch(ep, owner, items)
+
+    async def _offer_stored(self, ep: EndpointSession, ids: list[str]) -> None:
+        """Tasks another replica stored for an endpoint held here: sent at once while it has room
+        and nothing older waits (one read of just those tasks), else paged to it in order."""
+        if ep.multi_user:
+            return
+        if ep.backlog or ep.queue or ep.refilling:
+            await self._refill_from_store(ep)
+            return
+        room = max(0, ep.window - len(ep.sent))
+        now = [tid for tid in ids if tid not in ep.sent][:room]
+        ep.sent.update(now)  # counted before the read: a refill meanwhile skips them
+        if now:
+            await self._load_and_dispatch(ep, now)
+        if len(now) < len(ids):  # no room for the rest: they wait in the store, paged to it in order
+            await self._refill_from_store(ep)
 
     async def _dispatch(self, ep: EndpointSession, owner: str, items: list[Task]) -> None:
         """Send tasks of one owner to an endpoint, with the function bodies it has not seen, in
