@@ -101,9 +101,8 @@ class RabbitBus:
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self._sender: asyncio.Task[None] | None = None
-        #: events waiting to be sent, merged per (routing key, kind) where their data are lists
-        self._outbox: dict[tuple[str, str], list[Any]] = {}
-        self._targets: dict[tuple[str, str], str] = {}
+        #: events waiting to be sent, (routing key, kind) -> (target, items); list kinds are merged
+        self._outbox: dict[tuple[str, str], tuple[str, list[Any]]] = {}
         self._seq = itertools.count()
         self._ready = asyncio.Event()
         self._bound: set[str] = set()
@@ -165,12 +164,11 @@ class RabbitBus:
         """Queue an event for the other replicas (sent by :meth:`_send_outbox`, soon)."""
         slot = (key, kind)
         if kind in LIST_KINDS and slot in self._outbox:
-            self._outbox[slot].extend(data)  # ids and states of one kind for one target: one message
+            self._outbox[slot][1].extend(data)  # ids and states of one kind for one target: one message
         else:
             if slot in self._outbox:  # a frame, a close, ...: each its own message, in order
                 slot = (key, f"{kind}#{next(self._seq)}")
-            self._outbox[slot] = list(data) if kind in LIST_KINDS else [data]
-            self._targets[slot] = target
+            self._outbox[slot] = (target, list(data) if kind in LIST_KINDS else [data])
         self._ready.set()
         return True
 
@@ -182,15 +180,14 @@ class RabbitBus:
         while True:
             await self._ready.wait()
             self._ready.clear()
-            outbox, targets = self._outbox, self._targets
-            self._outbox, self._targets = {}, {}
-            for (key, slot_kind), items in outbox.items():
+            outbox, self._outbox = self._outbox, {}
+            for (key, slot_kind), (target, items) in outbox.items():
                 kind = slot_kind.split("#", 1)[0]
                 chunks = [items[i : i + MAX_EVENT_ITEMS] for i in range(0, len(items), MAX_EVENT_ITEMS)] \
                     if kind in LIST_KINDS else [items]
                 for chunk in chunks:
                     data = chunk if kind in LIST_KINDS else chunk[0]
-                    body = msgpack.packb({"o": self.replica_id, "k": kind, "t": targets[(key, slot_kind)], "d": data},
+                    body = msgpack.packb({"o": self.replica_id, "k": kind, "t": target, "d": data},
                                          use_bin_type=True)
                     try:
                         await self._exchange.publish(aio_pika.Message(body), routing_key=key)

@@ -25,21 +25,17 @@ from pathlib import Path
 
 import httpx
 
-from conftest import wait_for
+from conftest import PG_DSN, pg_missing, tether_cli, wait_for
 
-PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 
 def missing() -> str | None:
     """Why replicas cannot run here, or None."""
-    try:
-        import psycopg
-
-        psycopg.connect(PG_DSN, connect_timeout=3).close()
-    except Exception as exc:  # noqa: BLE001 - any failure means: no usable PostgreSQL
-        return f"no PostgreSQL on 127.0.0.1:5432 with trust auth ({str(exc).strip()[:100]})"
+    no_pg = pg_missing()
+    if no_pg:
+        return no_pg
     try:
         socket.create_connection(("127.0.0.1", 5672), timeout=3).close()
     except OSError:
@@ -196,22 +192,12 @@ class Replicas:
     def start_endpoint(self, name: str, url: str, workers: int = 2, engine: str = "process") -> str:
         """Configure, register (through ``url``) and start an endpoint; returns its id."""
         env = self.endpoint_env(url)
-        self._cli(env, "endpoint", "configure", name, "--engine", engine, "--workers", str(workers), "--force")
-        out = self._cli(env, "endpoint", "start", name, "--detach")
+        tether_cli(env, "endpoint", "configure", name, "--engine", engine, "--workers", str(workers), "--force")
+        out = tether_cli(env, "endpoint", "start", name, "--detach").stdout
         return out.strip().splitlines()[-1].strip()
 
     def stop_endpoint(self, name: str) -> None:
-        proc = subprocess.run([sys.executable, "-m", "tether.cli", "endpoint", "stop", name], env=self.env,
-                              capture_output=True, text=True, timeout=60)
-        del proc
-
-    @staticmethod
-    def _cli(env: dict[str, str], *args: str) -> str:
-        proc = subprocess.run([sys.executable, "-m", "tether.cli", *args], env=env, capture_output=True, text=True,
-                              timeout=120)
-        if proc.returncode != 0:
-            raise RuntimeError(f"'tether {' '.join(args)}' failed:\n{proc.stdout}\n{proc.stderr}")
-        return proc.stdout
+        tether_cli(self.env, "endpoint", "stop", name, check=False)  # stopping what may have stopped already
 
     def close(self) -> None:
         import psycopg

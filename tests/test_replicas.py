@@ -10,6 +10,7 @@ Mandatory under CI (which has all three); elsewhere these skip and say what is m
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -27,7 +28,7 @@ from tether import Client, Executor
 from tether.errors import TaskCancelled
 
 import helpers
-from conftest import wait_for
+from conftest import tether_cli, wait_for
 from replicas import Replicas, missing
 
 MISSING = missing()
@@ -57,6 +58,17 @@ def _stored_successes(group: Replicas) -> int:
 
     with psycopg.connect(f"host=127.0.0.1 user=postgres dbname={group.dbname}") as conn:
         return conn.execute("SELECT count(*) FROM tasks WHERE state = 'success'").fetchone()[0]
+
+
+@contextlib.contextmanager
+def _batch_in_flight(replicas: Replicas, name: str, n: int) -> Iterator[tuple[Executor, list]]:
+    """An endpoint on replica 1, a client on replica 0, ``n`` short tasks submitted, some done."""
+    endpoint_id = replicas.start_endpoint(name, replicas.url(1))
+    wait_for(lambda: replicas.holder_of(endpoint_id) == 1, what="the endpoint to connect to replica 1")
+    with Executor(endpoint_id=endpoint_id, service=replicas.url(0), token=replicas.token) as ex:
+        futures = [ex.submit(helpers.sleep_then, 0.01, i) for i in range(n)]
+        wait_for(lambda: sum(f.done() for f in futures) >= 50, timeout=120, what="some results")
+        yield ex, futures
 
 
 def test_tasks_states_cancels_stops_and_presence_cross_replicas(replicas: Replicas) -> None:
@@ -122,12 +134,8 @@ def test_a_replica_killed_mid_batch_loses_nothing(replicas: Replicas) -> None:
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("pg_ctlcluster") is None,
                     reason="restarting PostgreSQL needs root and pg_ctlcluster")
 def test_a_postgres_restart_mid_batch_loses_nothing(replicas: Replicas) -> None:
-    endpoint_id = replicas.start_endpoint("pg", replicas.url(1))
-    wait_for(lambda: replicas.holder_of(endpoint_id) == 1, what="the endpoint to connect to replica 1")
     n = 600
-    with Executor(endpoint_id=endpoint_id, service=replicas.url(0), token=replicas.token) as ex:
-        futures = [ex.submit(helpers.sleep_then, 0.01, i) for i in range(n)]
-        wait_for(lambda: sum(f.done() for f in futures) >= 50, timeout=120, what="some results")
+    with _batch_in_flight(replicas, "pg", n) as (ex, futures):
         version = subprocess.run(["pg_lsclusters", "-h"], capture_output=True, text=True,
                                  check=True).stdout.split()[0]
         subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"], check=True,
@@ -140,12 +148,8 @@ def test_a_postgres_restart_mid_batch_loses_nothing(replicas: Replicas) -> None:
 @pytest.mark.skipif(shutil.which("rabbitmqctl") is None or os.geteuid() != 0,
                     reason="restarting RabbitMQ needs root and rabbitmqctl")
 def test_a_rabbitmq_restart_mid_batch_loses_nothing(replicas: Replicas) -> None:
-    endpoint_id = replicas.start_endpoint("mq", replicas.url(1))
-    wait_for(lambda: replicas.holder_of(endpoint_id) == 1, what="the endpoint to connect to replica 1")
     n = 600
-    with Executor(endpoint_id=endpoint_id, service=replicas.url(0), token=replicas.token) as ex:
-        futures = [ex.submit(helpers.sleep_then, 0.01, i) for i in range(n)]
-        wait_for(lambda: sum(f.done() for f in futures) >= 50, timeout=120, what="some results")
+    with _batch_in_flight(replicas, "mq", n) as (ex, futures):
         subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True, timeout=120)
         more = [ex.submit(helpers.square, i) for i in range(100)]  # submitted while the broker is down
         subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=120)
@@ -168,7 +172,7 @@ def test_a_multi_user_endpoint_on_one_replica_serves_a_user_on_another(replicas:
     except KeyError:
         subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "tether_alice"], check=True)
     env = replicas.endpoint_env(replicas.url(1))
-    replicas._cli(env, "endpoint", "configure", "cluster", "--multi-user", "--force")
+    tether_cli(env, "endpoint", "configure", "cluster", "--multi-user", "--force")
     d = replicas.home / "endpoints" / "cluster"
     (d / "identity_mapping.json").write_text(json.dumps([{
         "DATA_TYPE": "expression_identity_mapping#1.0.0",
@@ -178,9 +182,9 @@ def test_a_multi_user_endpoint_on_one_replica_serves_a_user_on_another(replicas:
     config.update(idle_timeout_s=30, heartbeat_s=1, allowed_users=["*"])
     (d / "config.yaml").write_text(yaml.safe_dump(config))
     (d / "user_config_template.yaml.j2").write_text("engine:\n  type: process\n  workers: 1\nheartbeat_s: 1\n")
-    alice = json.loads(replicas._cli(replicas.env, "service", "user-add", "alice", "--json",
-                                     "--db-url", replicas.db_url))["token"]
-    endpoint_id = replicas._cli(env, "endpoint", "start", "cluster", "--detach").strip().splitlines()[-1].strip()
+    alice = json.loads(tether_cli(replicas.env, "service", "user-add", "alice", "--json",
+                                  "--db-url", replicas.db_url).stdout)["token"]
+    endpoint_id = tether_cli(env, "endpoint", "start", "cluster", "--detach").stdout.strip().splitlines()[-1].strip()
     wait_for(lambda: replicas.holder_of(endpoint_id) == 1, what="the multi-user endpoint to connect to replica 1")
 
     with Executor(endpoint_id=endpoint_id, service=replicas.url(0), token=alice) as ex:
