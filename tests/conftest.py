@@ -133,15 +133,22 @@ def database_env() -> Iterator[dict[str, str]]:
     if TEST_DB != "postgres":
         yield {}
         return
+    with pg_database("tether_e2e") as name:
+        yield {"TETHER_DB_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"}
+
+
+@contextlib.contextmanager
+def pg_database(prefix: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database named ``<prefix>_<random>``, dropped afterwards."""
     import uuid
 
     import psycopg
 
-    name = f"tether_e2e_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(PG_DSN, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     try:
-        yield {"TETHER_DB_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"}
+        yield name
     finally:
         with psycopg.connect(PG_DSN, autocommit=True) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

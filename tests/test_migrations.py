@@ -23,7 +23,7 @@ import pytest
 
 from tether import Client
 
-from conftest import home_env, needs_pg, tether_cli
+from conftest import home_env, needs_pg, pg_database, tether_cli
 
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
 HEAD = "0003_blobs"
@@ -148,16 +148,8 @@ def test_a_database_newer_than_this_tether_is_refused_naming_both_revisions(tmp_
 @pytest.fixture
 def pg_db() -> Iterator[str]:
     """A new, empty PostgreSQL database (dropped afterwards); yields its name."""
-    import psycopg
-
-    name = f"tether_ops_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    try:
+    with pg_database("tether_ops") as name:
         yield name
-    finally:
-        with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def _make_legacy_pg(name: str, older: bool = False) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from tether import Executor
 from tether.local import local_stack
 
 import helpers
-from conftest import needs_pg
+from conftest import needs_pg, pg_database
 
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
 
@@ -30,18 +29,9 @@ pytestmark = needs_pg
 
 @pytest.fixture
 def pg_stack(tmp_path: Path) -> Iterator:
-    import psycopg
-
-    name = f"tether_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    try:
-        with local_stack(tmp_path / "home", engine="process", workers=2,
-                         service_args=("--db-url", f"{PG}/{name}")) as stack:
-            yield stack, name
-    finally:
-        with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with pg_database("tether_test") as name, local_stack(tmp_path / "home", engine="process", workers=2,
+                                                         service_args=("--db-url", f"{PG}/{name}")) as stack:
+        yield stack, name
 
 
 def _stored(dbname: str, state: str) -> int:
