@@ -631,8 +631,8 @@ def spill_dir() -> Path:
     ``$TETHER_HOME/spill``: on disk, not in a tmpfs that would hold them in memory). Files a
     crashed process left there are swept once per process."""
     path = Path(os.environ.get("TETHER_SPILL_DIR") or tether_home() / "spill")
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if path not in _swept:
+    if path not in _swept:  # made here once; who writes into it makes it again if it went meanwhile
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
         _swept.add(path)
         cutoff = time.time() - SPILL_STALE_S
         for old in path.iterdir():

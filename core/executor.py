@@ -185,7 +185,7 @@ class Executor(concurrent.futures.Executor):
         if threshold is None:
             payload = serialize((args, kwargs), self.data_serializer)
         else:  # serialized to a file once past the threshold: a large argument is never held twice
-            spill = Spill(threshold, spill_dir(), f"{task_id}.args")
+            spill = Spill(threshold, spill_dir, f"{task_id}.args")  # the directory only if it spills
             try:
                 serialize_into((args, kwargs), spill, self.data_serializer)
             except BaseException:

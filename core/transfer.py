@@ -27,7 +27,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,48 +52,77 @@ FILE_STUB_HEADER = b"tether:1;method=file\n"
 
 class Spill(io.RawIOBase):
     """A write-only binary file that stays in memory up to ``threshold`` bytes and moves to
-    ``directory/name`` beyond, hashing everything written.
+    ``directory/name`` beyond.
 
     Serializing into it (``tether.serialize.serialize_into``) means a large value exists once
     in memory (the object) and once on disk (its pickle), never twice in memory.
+
+    It sits on every task's path (each argument tuple and each result goes through one), so it
+    costs nothing until it spills: no hashing, no file-system call. ``directory`` may be a
+    callable, resolved (and the directory made) only on the first spill, and naming no directory
+    (None) keeps the value in memory; the sha256 of a
+    spilled value is computed as it is written, that of a small one only when asked for.
     """
 
-    def __init__(self, threshold: int, directory: Path | str, name: str):
+    def __init__(self, threshold: int, directory: Path | str | Callable[[], Path | str | None],
+                 name: str):
         super().__init__()
         self.threshold = threshold
-        self.directory = Path(directory)
+        self._directory = directory
         self.name_in_dir = name
         self.path: Path | None = None
-        self.size = 0
-        self._hash = hashlib.sha256()
         self._buffer: io.BytesIO | None = io.BytesIO()
         self._file: Any = None
+        self._hash: Any = None
+        self._size = 0  # bytes written to the file (the buffer knows its own)
 
     def writable(self) -> bool:
         return True
 
     def write(self, data: Any) -> int:
+        buffer = self._buffer
+        if buffer is not None:
+            n = data.nbytes if isinstance(data, memoryview) else len(data)
+            if buffer.tell() + n <= self.threshold or not self._move_to_file():
+                return buffer.write(data)
         view = memoryview(data).cast("B")
         self._hash.update(view)
-        self.size += len(view)
-        if self._buffer is not None and self.size > self.threshold:
-            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self.path = self.directory / self.name_in_dir
-            self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
-            self._file.write(self._buffer.getbuffer())
-            self._buffer = None
-        if self._buffer is not None:
-            self._buffer.write(view)
-        else:
-            self._file.write(view)
+        self._file.write(view)
+        self._size += len(view)
         return len(view)
+
+    def _move_to_file(self) -> bool:
+        """Past the threshold: what was buffered goes to the file, and hashing starts. False
+        (and everything stays in memory) if ``directory`` is a callable that names none."""
+        assert self._buffer is not None
+        named = self._directory() if callable(self._directory) else self._directory
+        if named is None:
+            self.threshold = sys.maxsize
+            return False
+        directory = Path(named)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = directory / self.name_in_dir
+        self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        held = self._buffer.getbuffer()
+        self._hash = hashlib.sha256(held)
+        self._file.write(held)
+        self._size = len(held)
+        del held
+        self._buffer = None
+        return True
 
     @property
     def spilled(self) -> bool:
         return self.path is not None
 
     @property
+    def size(self) -> int:
+        return self._buffer.tell() if self._buffer is not None else self._size
+
+    @property
     def sha256(self) -> str:
+        if self._buffer is not None:
+            return hashlib.sha256(self._buffer.getbuffer()).hexdigest()
         return self._hash.hexdigest()
 
     def getvalue(self) -> bytes:

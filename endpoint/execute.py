@@ -120,9 +120,12 @@ def serialize_result(task_id: str, value: Any) -> bytes:
     """The serialized value, or, past the blob threshold, a stub naming the file it was written
     to (when the daemon named a directory for that): a large result is never held twice."""
     directory = os.environ.get(SPILL_DIR_ENV)
-    if not directory or not os.path.isdir(directory):
+    if not directory:
         return serialize(value)
-    spill = Spill(DEFAULT_BLOB_THRESHOLD, directory, f"{task_id}.result")
+    # looked at only if the value is large: a worker on a node that does not see the daemon's
+    # directory keeps its result in memory (and sends it through its pipe) instead
+    spill = Spill(DEFAULT_BLOB_THRESHOLD, lambda: directory if os.path.isdir(directory) else None,
+                  f"{task_id}.result")
     try:
         serialize_into(value, spill)
     except BaseException:

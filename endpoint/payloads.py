@@ -49,6 +49,7 @@ class EndpointPayloads:
         self._client: BlobClient | None = None
         self._client_headers: dict[str, str] = {}
         self._functions: dict[str, asyncio.Future[bytes]] = {}
+        self._downloaded: set[str] = set()  # tasks whose arguments were downloaded to args_path
 
     def client(self) -> BlobClient:
         headers = self.headers()
@@ -65,8 +66,11 @@ class EndpointPayloads:
         return path.with_name(path.name + ".args")
 
     def discard(self, task_id: str) -> None:
-        """The task is done: its downloaded arguments go."""
-        self.args_path(task_id).unlink(missing_ok=True)
+        """The task is done: its downloaded arguments go (a set lookup for the many tasks that had
+        none: no file-system call on the task path)."""
+        if task_id in self._downloaded:
+            self._downloaded.discard(task_id)
+            self.args_path(task_id).unlink(missing_ok=True)
 
     async def fetch(self, task: Any, body: bytes | None, args_ref: BlobRef | None,
                     body_ref: BlobRef | None) -> tuple[bytes | None, bytes]:
@@ -82,6 +86,7 @@ class EndpointPayloads:
             body = await self._fetch_function(task.function, body_ref)
         if args_ref is not None:
             path = self.args_path(task.id)
+            self._downloaded.add(task.id)  # before the download: a part left by a failure goes too
             await asyncio.to_thread(self.client().download_to, args_ref, path, f"arguments of task {task.id}")
             payload = file_stub(path, args_ref.sha256)
         return body, payload
