@@ -48,6 +48,7 @@ from tether.protocol import (
     Running,
     Stop,
     Tasks,
+    TaskState,
     TooLarge,
     Welcome,
     blob_ref_of,
@@ -69,6 +70,8 @@ log = logging.getLogger("tether.endpoint")
 
 RESULT_CHUNK = 500
 FLUSH_WINDOW = 0.005  # seconds; see EndpointDaemon._schedule_flush
+#: seconds the daemon holds its reports that tasks were received or started (see _flush_reports)
+STATE_WINDOW = 0.005
 #: holding more tasks than this (a backlog draining), results gather for DEEP_FLUSH_WINDOW:
 #: they have waited in the queue far longer anyway, and fewer, larger frames cost the service
 #: fewer commits
@@ -151,8 +154,9 @@ class EndpointDaemon:
         self._fetching: set[str] = set()  # tasks whose blobs are being downloaded
         self.ws: Any = None
         self.stopping = asyncio.Event()
-        self._running_buf: list[str] = []
-        self._running_since = 0.0
+        # reports not yet sent, task id -> when: "received" and "running" (see _flush_reports)
+        self._reports: dict[str, dict[str, float]] = {"received": {}, "running": {}}
+        self._reports_handle: asyncio.TimerHandle | None = None
         self._result_buf: list[dict[str, Any]] = []
         self._flush_handle: asyncio.TimerHandle | None = None
         self._last_flush = 0.0
@@ -355,10 +359,10 @@ class EndpointDaemon:
         self._last_activity = time.monotonic()
         self._accept_functions(msg.functions)
         now = time.time()
-        received = []
+        received = self._reports["received"]
         for t in msg.tasks:
             tid = t.id
-            received.append(tid)
+            received.setdefault(tid, now)
             if tid in self.inflight or tid in self.spool:
                 continue  # a re-dispatch of a task we already hold: at-least-once, not twice at once
             try:
@@ -382,8 +386,7 @@ class EndpointDaemon:
                 continue
             self.engine.submit(TaskSpec(tid, t.function, body, t.payload, t.spec, sandbox))
         self.peak_inflight = max(self.peak_inflight, len(self.inflight))
-        if received and self.ws is not None:
-            asyncio.ensure_future(self._send(encode(Received(ids=received, ts=now))))
+        self._schedule_reports()
 
     # --- large payloads (blobs) ---------------------------------------------------------------------
     async def _fetch_then_run(self, task: Any, body: bytes | None, sandbox: Any, args_ref: Any,
@@ -409,10 +412,33 @@ class EndpointDaemon:
     # --- engine callbacks (on the loop) ----------------------------------------------------------
     def _on_running(self, task_id: str, ts: float) -> None:
         if task_id in self.inflight:
-            if not self._running_buf:
-                self._running_since = ts
-            self._running_buf.append(task_id)
-            self._schedule_flush()
+            self._reports["running"].setdefault(task_id, ts)
+            self._schedule_reports()
+
+    def _schedule_reports(self) -> None:
+        if self._reports_handle is None:
+            self._reports_handle = asyncio.get_running_loop().call_later(STATE_WINDOW, self._flush_reports)
+
+    def _flush_reports(self) -> None:
+        """Send the "received" and "running" reports gathered for STATE_WINDOW.
+
+        A task that ended meanwhile needs neither: its result carries both times (see
+        :meth:`_finish`). So a quick task costs the service, the client and this daemon one
+        frame (its result), not three, and a burst of reports becomes one frame per kind.
+        """
+        self._reports_handle = None
+        if self.ws is None:
+            return  # re-derived on reconnect: the service knows what it sent, the hello says what is held
+        for kind, frame_type in (("received", Received), ("running", Running)):
+            pending = self._reports[kind]
+            if not pending:
+                continue
+            self._reports[kind] = {}
+            ids = list(pending)
+            for start in range(0, len(ids), MAX_IDS):
+                chunk = ids[start : start + MAX_IDS]
+                ts = min(pending[tid] for tid in chunk)
+                asyncio.ensure_future(self._send(encode(frame_type(ids=chunk, ts=ts))))
 
     def _on_result(self, result: dict[str, Any]) -> None:
         tid = result["id"]
@@ -429,6 +455,10 @@ class EndpointDaemon:
         """Spool and send a result (inline data, or a blob stub)."""
         tid = result["id"]
         self.inflight.discard(tid)
+        received = self._reports["received"].pop(tid, None)  # not reported yet: the result says it
+        if received is not None:
+            result.setdefault("times", {}).setdefault(TaskState.DISPATCHED.value, received)
+        self._reports["running"].pop(tid, None)  # the worker's own time is in the result
         data = result.get("data")
         too_big = self.max_result is not None and data is not None and len(data) > self.max_result
         if too_big and result["state"] == "success":
@@ -461,11 +491,6 @@ class EndpointDaemon:
         """Spool then send what the engine produced since the last flush, as one frame each."""
         self._flush_handle = None
         self._last_flush = asyncio.get_running_loop().time()
-        if self._running_buf:
-            ids, self._running_buf = self._running_buf, []
-            for start in range(0, len(ids), MAX_IDS):
-                asyncio.ensure_future(self._send(encode(Running(ids=ids[start : start + MAX_IDS],
-                                                                ts=self._running_since))))
         if self._result_buf:
             results, self._result_buf = self._result_buf, []
             self.spool.write(results)

@@ -3,8 +3,17 @@
 Unlike ``concurrent.futures.ProcessPoolExecutor`` it knows which worker runs which task, so
 ``cancel`` can kill exactly that worker's process group (the task and its children) and start
 a fresh worker, and a worker that dies fails only its own task, in words, never a hang.
-Each worker holds one running task plus ``prefetch`` queued ones, so it never idles waiting
-for the next message.
+Each worker holds one running task plus up to ``prefetch`` queued ones (8 by default), so it
+never sleeps between short tasks: a worker woken for every task spent more on the wake-up than
+on a no-op. Tasks go to a worker in one message however many there are.
+
+A deep queue must not trap work behind a long task, so idle workers steal. Tasks are numbered
+per worker, and each worker shares a gate with the engine: a lock and two counters in shared
+memory, the number of the task it last began and a floor. A worker begins a task only if its
+number is above the floor, and says so in ``started``, both under the lock. When a worker is
+idle and nothing is queued here, the engine raises a loaded worker's floor to the last number
+it handed out, under the lock, and gives the tasks numbered past ``started`` to others; the
+loaded worker skips them when it comes to them. A task is begun by one worker, never two.
 """
 
 from __future__ import annotations
@@ -26,6 +35,9 @@ from .worker import main as worker_main
 
 log = logging.getLogger("tether.endpoint.process")
 
+#: tasks queued on each worker beyond the running one, unless the config says otherwise
+DEFAULT_PREFETCH = 8
+
 
 class WorkerLost(RuntimeError):
     """The worker process running a task died."""
@@ -35,7 +47,12 @@ class WorkerLost(RuntimeError):
 class _Worker:
     proc: Any
     conn: Any
+    gate: Any  # a lock guarding the two counters below (see the module's docstring)
+    started: Any  # shared: number of the last task the worker began
+    floor: Any  # shared: the worker skips tasks numbered up to this (withdrawn from it)
     assigned: collections.deque = field(default_factory=collections.deque)  # TaskSpecs, in order
+    seq: dict[str, int] = field(default_factory=dict)  # task id -> its number on this worker
+    next_seq: int = 1
     functions: set[str] = field(default_factory=set)
     alive: bool = True
 
@@ -44,7 +61,7 @@ class ProcessEngine(Engine):
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.n_workers = int(self.config.get("workers", os.cpu_count() or 1))
-        self.prefetch = int(self.config.get("prefetch", 1))
+        self.prefetch = int(self.config.get("prefetch", DEFAULT_PREFETCH))
         self.ctx = multiprocessing.get_context("spawn")  # never fork a process that runs threads
         self.queue: collections.deque[TaskSpec] = collections.deque()
         self.workers: list[_Worker] = []
@@ -55,15 +72,16 @@ class ProcessEngine(Engine):
 
     def _spawn(self) -> _Worker:
         parent, child = self.ctx.Pipe()
+        gate, started, floor = self.ctx.Lock(), self.ctx.RawValue("q", 0), self.ctx.RawValue("q", 0)
         # not a daemon process: tasks may start processes of their own (multiprocessing pools,
         # Parsl's resource monitor), which daemonic processes may not; a worker still ends with
         # the endpoint, when its pipe closes or stop() kills its group
         proc = self.ctx.Process(target=worker_main, args=(child, self.allowed_methods, self.engine_info(),
-                                                           self.python_sandbox), daemon=False,
-                                name="tether-worker")
+                                                           self.python_sandbox, (gate, started, floor)),
+                                daemon=False, name="tether-worker")
         proc.start()
         child.close()  # so the worker's death shows as EOF on our end
-        worker = _Worker(proc, parent)
+        worker = _Worker(proc, parent, gate, started, floor)
         self.loop.add_reader(parent.fileno(), self._readable, worker)
         return worker
 
@@ -97,21 +115,55 @@ class ProcessEngine(Engine):
         self._assign()
 
     def _assign(self) -> None:
+        """Hand queued tasks to the least loaded workers, one message per worker however many
+        tasks it gets (a message is a syscall and a wake-up of the worker)."""
         limit = 1 + self.prefetch
+        batches: dict[int, list[tuple[Any, ...]]] = {}
         while self.queue:
             worker = min((w for w in self.workers if w.alive), key=lambda w: len(w.assigned), default=None)
             if worker is None or len(worker.assigned) >= limit:
-                return
+                break
             task = self.queue.popleft()
             body = None if task.function_id in worker.functions else task.function_body
             worker.functions.add(task.function_id)
             worker.assigned.append(task)
+            seq = worker.seq[task.id] = worker.next_seq
+            worker.next_seq += 1
             if len(worker.assigned) == 1:  # an idle worker starts it at once
                 self.on_running(task.id, time.time())
+            batches.setdefault(id(worker), []).append(
+                (seq, task.id, task.function_id, body, task.payload, str(task.sandbox), task.spec))
+        for worker in list(self.workers):
+            batch = batches.get(id(worker))
+            if batch is None:
+                continue
             try:
-                worker.conn.send(("task", task.id, task.function_id, body, task.payload, str(task.sandbox), task.spec))
+                worker.conn.send(("tasks", batch))
             except (OSError, ValueError):
                 self._worker_died(worker)
+        if not self.queue:
+            self._steal()
+
+    def _steal(self) -> None:
+        """An idle worker while another has tasks queued behind its running one: take those back
+        (see the module's docstring) and hand them out again."""
+        alive = [w for w in self.workers if w.alive]
+        if not any(not w.assigned for w in alive):
+            return
+        victim = max(alive, key=lambda w: len(w.assigned))
+        if len(victim.assigned) < 2:
+            return
+        with victim.gate:
+            started = victim.started.value
+            victim.floor.value = victim.next_seq - 1  # it skips all it holds and has not begun
+        withdrawn = [t for t in victim.assigned if victim.seq[t.id] > started]
+        if not withdrawn:
+            return
+        for t in withdrawn:
+            victim.assigned.remove(t)
+            del victim.seq[t.id]
+        self.queue.extendleft(reversed(withdrawn))
+        self._assign()
 
     def _readable(self, w: _Worker) -> None:
         try:
@@ -125,6 +177,7 @@ class ProcessEngine(Engine):
     def _on_finished(self, w: _Worker, result: dict[str, Any]) -> None:
         """A worker runs its assigned tasks in order, so when one ends the next one starts:
         that is when RUNNING is reported (saving the worker a message per task)."""
+        w.seq.pop(result["id"], None)
         if w.assigned and w.assigned[0].id == result["id"]:
             w.assigned.popleft()
             if w.assigned:
@@ -172,6 +225,7 @@ class ProcessEngine(Engine):
             for t in w.assigned:
                 if t.id != task_id:
                     continue
+                w.seq.pop(task_id, None)
                 if w.assigned[0].id == task_id:
                     # running (or about to): kill the process group, requeue the worker's other tasks
                     w.assigned.remove(t)

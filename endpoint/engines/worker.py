@@ -1,8 +1,14 @@
 """Main of a process-engine worker.
 
 The worker leads its own process group (``setsid``), so killing the group on cancel or
-walltime also kills anything the task started. A reader thread keeps taking messages while a
-task runs, so a queued task can be withdrawn (cancelled) before it ever starts.
+walltime also kills anything the task started.
+
+One thread does everything: before each task it takes whatever messages have already arrived
+(so a queued task cancelled meanwhile is withdrawn before it ever starts) and it blocks on the
+pipe only when it has nothing to run. A reader thread handing tasks to a runner thread cost
+two thread wake-ups per task, which on a two-core machine was most of a no-op task's cost. A
+small watcher thread, asleep nearly always, ends the worker when the endpoint daemon is gone
+while a task runs.
 """
 
 from __future__ import annotations
@@ -10,44 +16,67 @@ from __future__ import annotations
 import collections
 import os
 import threading
+import time
 from multiprocessing.connection import Connection
 from typing import Any
 
 from tether.endpoint.execute import run_task
 
+#: seconds between the watcher's checks that the daemon still lives
+PARENT_CHECK_S = 1.0
+
+
+def _exit_with_parent(parent: int) -> None:
+    """The daemon died (SIGKILL, say) while a task runs: end as the pipe's EOF would have."""
+    while True:
+        time.sleep(PARENT_CHECK_S)
+        if os.getppid() != parent:
+            os._exit(0)
+
 
 def main(conn: Connection, allowed_methods: frozenset[str] | None, engine_info: dict[str, Any] | None = None,
-         python_sandbox: bool = False) -> None:
+         python_sandbox: bool = False, gate: tuple[Any, Any, Any] | None = None) -> None:
+    """Run tasks from ``conn`` in order. ``gate`` = (lock, started, floor) shared with the engine:
+    a task numbered at or below ``floor`` is skipped (the engine gave it to another worker), and
+    ``started`` tells the engine what was begun (see engines/process.py)."""
     try:
         os.setsid()
     except OSError:  # already a group leader
         pass
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="tether-worker-watcher",
+                     daemon=True).start()
     queue: collections.deque[tuple[Any, ...]] = collections.deque()
-    ready = threading.Condition()
+    # function bodies as they arrive, until loaded: the task that brought one may be skipped
+    bodies: dict[str, bytes] = {}
 
-    def reader() -> None:
-        while True:
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                os._exit(0)  # the endpoint is gone: so are we
-            if msg[0] == "task":
-                with ready:
-                    queue.append(msg)
-                    ready.notify()
-            elif msg[0] == "cancel":
-                with ready:
-                    for item in list(queue):
-                        if item[1] == msg[1]:
-                            queue.remove(item)
-            elif msg[0] == "exit":
-                os._exit(0)
+    def take(msg: tuple[Any, ...]) -> None:
+        if msg[0] == "tasks":
+            for item in msg[1]:
+                if item[3] is not None:
+                    bodies[item[2]] = item[3]
+            queue.extend(msg[1])
+        elif msg[0] == "cancel":
+            for item in list(queue):
+                if item[1] == msg[1]:
+                    queue.remove(item)
+        elif msg[0] == "exit":
+            os._exit(0)
 
-    threading.Thread(target=reader, name="tether-worker-reader", daemon=True).start()
     while True:
-        with ready:
-            while not queue:
-                ready.wait()
-            _, task_id, fid, body, payload, sandbox, spec = queue.popleft()
+        try:
+            while not queue or conn.poll():  # block only with nothing to run
+                take(conn.recv())
+        except (EOFError, OSError):
+            os._exit(0)  # the endpoint is gone: so are we
+        seq, task_id, fid, body, payload, sandbox, spec = queue.popleft()
+        if gate is not None:
+            lock, started, floor = gate
+            with lock:
+                withdrawn = seq <= floor.value
+                if not withdrawn:
+                    started.value = seq
+            if withdrawn:
+                continue
+        body = bodies.pop(fid, None) if body is None else bodies.pop(fid, body)
         conn.send(("result", run_task(task_id, fid, body, payload, sandbox, allowed_methods,
                                       chdir=python_sandbox, spec=spec, engine=engine_info)))
