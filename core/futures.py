@@ -128,9 +128,12 @@ class TetherFuture(concurrent.futures.Future):
 
     def _record(self, state: str, ts: float | None) -> None:
         if ts is not None and state not in self.transitions:
+            rank = _ORDER.get(state, len(_ORDER))
+            last = next(reversed(self.transitions), None)  # kept in order: the last is the latest
+            in_order = last is None or _ORDER.get(last, len(_ORDER)) <= rank
             self.transitions[state] = ts
-            # reports arrive out of order (a result carries times that status updates lacked)
-            self.transitions = dict(sorted(self.transitions.items(), key=lambda kv: _ORDER.get(kv[0], len(_ORDER))))
+            if not in_order:  # reports arrive out of order (a result carries times that status updates lacked)
+                self.transitions = dict(sorted(self.transitions.items(), key=lambda kv: _ORDER.get(kv[0], len(_ORDER))))
         if _ORDER.get(state, 0) >= _ORDER.get(self.state, 0):  # never backwards
             self.state = state
 

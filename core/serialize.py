@@ -70,18 +70,25 @@ def serialize_into(obj: Any, out: Any, method: str = DEFAULT_METHOD) -> None:
         ) from exc
 
 
+#: headers already parsed (a process sees a handful: one per method and Python version)
+_parsed_headers: dict[bytes, dict[str, str]] = {}
+
+
 def parse_header(data: Any) -> tuple[dict[str, str], int]:
     """Return the header fields and the offset of the body (``data``: bytes, or any buffer such
-    as a memory-mapped file)."""
-    data = bytes(data[:256])
-    if not data.startswith(_MAGIC):
+    as a memory-mapped file). The fields are shared: read them, never change them."""
+    head = bytes(data[:256])
+    if not head.startswith(_MAGIC):
         raise SerializationError("payload has no Tether header; it was not made by tether.serialize")
-    end = data.find(b"\n", 0, 256)
+    end = head.find(b"\n", 0, 256)
     if end < 0:
         raise SerializationError("payload header is truncated")
-    fields = dict(
-        item.split("=", 1) for item in data[len(_MAGIC):end].decode().split(";") if "=" in item
-    )
+    line = head[:end]
+    fields = _parsed_headers.get(line)
+    if fields is None:
+        fields = dict(item.split("=", 1) for item in line[len(_MAGIC):].decode().split(";") if "=" in item)
+        if len(_parsed_headers) < 64:  # made-up headers cannot grow it
+            _parsed_headers[line] = fields
     return fields, end + 1
 
 

@@ -53,7 +53,6 @@ from tether.protocol import (
     Received,
     Refusal,
     Result,
-    ResultAck,
     Results,
     Running,
     StartUserEndpoint,
@@ -847,7 +846,7 @@ class Relay:
                 raise
         # foreign and duplicate results are acknowledged too: they will never be stored, and the
         # endpoint must not send them again forever
-        await send_or_drop(session, encode(ResultAck(ids=[r.id for r in results])))
+        session.acknowledge([r.id for r in results])
         await self._audit(session, [(r.id, r.state, r.times.get(r.state) or time.time()) for r in fresh])
         self.counters["results"] += len(fresh)
         self.counters["failed"] += sum(r.state == TaskState.FAILED.value for r in fresh)

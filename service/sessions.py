@@ -23,6 +23,7 @@ from tether.protocol import (
     ErrorCode,
     ErrorInfo,
     Result,
+    ResultAck,
     Results,
     Status,
     Task,
@@ -38,6 +39,9 @@ log = logging.getLogger("tether.service.relay")
 #: the largest frame the service sends: what clients and endpoints accept (see open_ws)
 PEER_MAX_FRAME = DEFAULT_MAX_FRAME
 STATUS_WINDOW = 0.005  # seconds a client's state updates are gathered before they are sent
+#: seconds an endpoint's result acknowledgements are gathered: the endpoint keeps those results
+#: spooled that much longer, and a frame (a wake-up of the endpoint) serves several results
+ACK_WINDOW = 0.01
 RESULT_CHUNK = 1000  # results per frame to a client
 
 
@@ -75,6 +79,9 @@ class ClientSession:
                 asyncio.get_running_loop().call_later(STATUS_WINDOW, self._flush_updates)
             self._updates.extend(items)
             return
+        if self._updates:  # a result supersedes the state changes of its task not yet sent
+            ended = {r.id for r in items}
+            self._updates = [u for u in self._updates if u[0] not in ended]
         self._results.extend(items)
         if not self._scheduled:
             self._scheduled = True
@@ -128,9 +135,22 @@ class EndpointSession:
         self.status: dict[str, Any] = {}
         self.connected_at = time.time()
         self.refused_reports = 0
+        self._acks: list[str] = []
 
     async def send(self, frame: bytes) -> None:
         await self.sender.send(frame)
+
+    def acknowledge(self, ids: list[str]) -> None:
+        """Tell the endpoint these results are stored (it drops them from its spool), gathered
+        for ACK_WINDOW into one frame."""
+        if not self._acks:
+            asyncio.get_running_loop().call_later(ACK_WINDOW, self._flush_acks)
+        self._acks.extend(ids)
+
+    def _flush_acks(self) -> None:
+        ids, self._acks = self._acks, []
+        for start in range(0, len(ids), MAX_IDS):
+            asyncio.ensure_future(send_or_drop(self, encode(ResultAck(ids=ids[start : start + MAX_IDS]))))
 
     @property
     def window(self) -> int:
