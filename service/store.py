@@ -35,6 +35,7 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    insert,
     or_,
     select,
     tuple_,
@@ -171,6 +172,39 @@ def _owned_by(owner: str) -> Any:
     return func.coalesce(tasks.c.owner_id, "") == owner
 
 
+# Statements of the task path, built once: SQLAlchemy then finds their compiled form without
+# building the expression and its cache key again for every frame (that was most of the
+# service's time per frame). ``ids`` are expanding IN lists, padded by _chunks.
+_IDS = bindparam("ids", expanding=True)
+_LOCK_OPEN_AMONG = select(tasks.c.id).where(and_(tasks.c.id.in_(_IDS), _OPEN)).order_by(tasks.c.id).with_for_update()
+_STORE_RESULT = (
+    update(tasks)
+    .where(and_(tasks.c.id == bindparam("b_id"), _OPEN))
+    .values(
+        state=bindparam("b_state"),
+        result=bindparam("b_result"),
+        error=bindparam("b_error"),
+        t_dispatched=func.coalesce(bindparam("b_dispatched"), tasks.c.t_dispatched),
+        t_running=func.coalesce(bindparam("b_running"), tasks.c.t_running),
+        t_done=bindparam("b_done"),
+        payload=None,  # the arguments are not needed once a result exists
+    )
+)
+_SET_STATE = {
+    state: update(tasks).where(and_(tasks.c.id == bindparam("b_id"), _OPEN))
+    .values({"state": state.value, _TIME_COLUMN[state]: bindparam("b_ts")})
+    for state in (TaskState.DISPATCHED, TaskState.RUNNING)
+}
+_LOAD_OPEN = select(tasks.c.id, tasks.c.owner_id, tasks.c.endpoint_id, tasks.c.function_id, tasks.c.payload,
+                    tasks.c.spec, tasks.c.uec, tasks.c.group_id).where(and_(tasks.c.id.in_(_IDS), _OPEN))
+_MARK_COLLECTED = (
+    update(tasks)
+    .where(and_(tasks.c.id.in_(_IDS), func.coalesce(tasks.c.owner_id, "") == bindparam("owner"),
+                tasks.c.collected_at.is_(None)))
+    .values(collected_at=bindparam("now"))
+)
+
+
 def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -250,6 +284,7 @@ class Store:
         # state report is applied only by that endpoint, without a SELECT. Bounded by what the
         # endpoints hold (flow control), not by the backlog: queued tasks enter when dispatched.
         self._open: dict[str, str] = {}
+        self._inserts: dict[tuple[str, str | None], Any] = {}  # see _insert
 
     @property
     def _conn(self) -> Connection:
@@ -278,17 +313,28 @@ class Store:
         return self._tx()
 
     def _insert(self, table: Table, rows: list[dict[str, Any]], returning: Any = None) -> Any:
-        """INSERT, skipping rows whose primary key exists; with ``returning``, the rows inserted."""
-        dialect = self.engine.dialect.name
-        if dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert
-        elif dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:  # pragma: no cover - other databases are not supported yet
-            raise RuntimeError(f"unsupported database {dialect}")
-        stmt = insert(table).on_conflict_do_nothing()
-        if returning is not None:
-            stmt = stmt.returning(returning)
+        """INSERT, skipping rows whose primary key exists; with ``returning``, the rows inserted.
+
+        SQLAlchemy cannot cache a statement with ``ON CONFLICT DO NOTHING`` (2.0.x): it compiled
+        the task insert anew for every submission, most of a one-task submission's cost. On
+        SQLite ``INSERT OR IGNORE`` says the same (our rows break no other constraint) and is
+        cached; the statement objects are built once, so not even their cache key is rebuilt.
+        """
+        key = (table.name, None if returning is None else str(returning))
+        stmt = self._inserts.get(key)
+        if stmt is None:
+            dialect = self.engine.dialect.name
+            if dialect == "sqlite":
+                stmt = insert(table).prefix_with("OR IGNORE")
+            elif dialect == "postgresql":
+                from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+                stmt = pg_insert(table).on_conflict_do_nothing()
+            else:  # pragma: no cover - other databases are not supported yet
+                raise RuntimeError(f"unsupported database {dialect}")
+            if returning is not None:
+                stmt = stmt.returning(returning)
+            self._inserts[key] = stmt
         return self._conn.execute(stmt, rows)
 
     # --- users -------------------------------------------------------------------------------
@@ -558,14 +604,8 @@ class Store:
         params = sorted(({"b_id": i, "b_ts": ts} for i, ts in stamps), key=lambda p: p["b_id"])
         if not params:
             return
-        col = _TIME_COLUMN[state]
-        stmt = (
-            update(tasks)
-            .where(and_(tasks.c.id == bindparam("b_id"), _OPEN))
-            .values({"state": state.value, col: bindparam("b_ts")})
-        )
         with self._tx() as conn:
-            conn.execute(stmt, params)
+            conn.execute(_SET_STATE[state], params)
 
     def _learn_open(self, ids: list[str]) -> dict[str, tuple[str, bool]]:
         """{id: (endpoint id, open?)} from the database, for ids this process has not seen."""
@@ -638,25 +678,11 @@ class Store:
         with self._tx() as conn:
             still_open: set[str] = set()
             for chunk in _chunks(sorted(r.id for r in fresh)):  # locked in id order, as set_state does
-                still_open.update(conn.execute(select(tasks.c.id).where(and_(tasks.c.id.in_(chunk), _OPEN))
-                                               .order_by(tasks.c.id).with_for_update()).scalars())
+                still_open.update(conn.execute(_LOCK_OPEN_AMONG, {"ids": chunk}).scalars())
             params = sorted((p for p in params if p["b_id"] in still_open), key=lambda p: p["b_id"])
             if not params:
                 return []
-            conn.execute(
-                update(tasks)
-                .where(and_(tasks.c.id == bindparam("b_id"), _OPEN))
-                .values(
-                    state=bindparam("b_state"),
-                    result=bindparam("b_result"),
-                    error=bindparam("b_error"),
-                    t_dispatched=func.coalesce(bindparam("b_dispatched"), tasks.c.t_dispatched),
-                    t_running=func.coalesce(bindparam("b_running"), tasks.c.t_running),
-                    t_done=bindparam("b_done"),
-                    payload=None,  # the arguments are not needed once a result exists
-                ),
-                params,
-            )
+            conn.execute(_STORE_RESULT, params)
         return [r for r in fresh if r.id in still_open]
 
     def track_dispatched(self, endpoint_id: str, ids: Iterable[str]) -> None:
@@ -686,10 +712,7 @@ class Store:
         out: list[Any] = []
         with self._tx() as conn:
             for chunk in _chunks(ids):
-                out.extend(conn.execute(
-                    select(tasks.c.id, tasks.c.owner_id, tasks.c.endpoint_id, tasks.c.function_id, tasks.c.payload,
-                           tasks.c.spec, tasks.c.uec, tasks.c.group_id)
-                    .where(and_(tasks.c.id.in_(chunk), _OPEN))).all())
+                out.extend(conn.execute(_LOAD_OPEN, {"ids": chunk}).all())
         return out
 
     def get_tasks(self, owner: str, ids: Sequence[str]) -> list[Any]:
@@ -749,12 +772,9 @@ class Store:
 
     def mark_collected(self, owner: str, ids: Sequence[str]) -> None:
         with self._tx() as conn:
+            now = time.time()
             for chunk in _chunks(ids):
-                conn.execute(
-                    update(tasks)
-                    .where(and_(tasks.c.id.in_(chunk), _owned_by(owner), tasks.c.collected_at.is_(None)))
-                    .values(collected_at=time.time())
-                )
+                conn.execute(_MARK_COLLECTED, {"ids": chunk, "owner": owner, "now": now})
 
     def purge(self, retention_s: float, uncollected_retention_s: float | None = None) -> int:
         """Forget finished tasks collected more than ``retention_s`` ago, and (if given) finished
