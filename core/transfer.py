@@ -80,12 +80,13 @@ class Spill(io.RawIOBase):
         return True
 
     def write(self, data: Any) -> int:
+        if not isinstance(data, bytes):  # pickle also writes memoryviews and PickleBuffers
+            data = memoryview(data).cast("B")
         buffer = self._buffer
         if buffer is not None:
-            n = data.nbytes if isinstance(data, memoryview) else len(data)
-            if buffer.tell() + n <= self.threshold or not self._move_to_file():
+            if buffer.tell() + len(data) <= self.threshold or not self._move_to_file():
                 return buffer.write(data)
-        view = memoryview(data).cast("B")
+        view = memoryview(data)
         self._hash.update(view)
         self._file.write(view)
         self._size += len(view)

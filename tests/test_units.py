@@ -108,3 +108,31 @@ def test_config_validation_messages(tmp_path, monkeypatch) -> None:
         load_config("e")
     with pytest.raises(ConfigError, match="tether endpoint configure nope"):
         load_config("nope")
+
+
+@pytest.mark.parametrize("threshold", [1 << 30, 4096])
+def test_a_spill_holds_what_pickle_writes_in_memory_or_on_disk(tmp_path, threshold: int) -> None:
+    """Pickle writes bytes, memoryviews and (protocol 5) PickleBuffers; a small value stays in
+    memory and touches no directory, a large one lands in a file, and both hash to what they hold."""
+    import hashlib
+
+    import numpy as np
+
+    from tether.serialize import serialize_into
+    from tether.transfer import Spill
+
+    value = {"array": np.arange(100_000), "text": "x" * 100}
+    asked: list[int] = []
+
+    def directory() -> object:
+        asked.append(1)
+        return tmp_path / "spill"
+
+    spill = Spill(threshold, directory, "t.args")
+    serialize_into(value, spill)
+    spill.close()
+    data = spill.path.read_bytes() if spill.spilled else spill.getvalue()
+    assert spill.spilled == (threshold == 4096) and bool(asked) == spill.spilled
+    assert spill.size == len(data) and spill.sha256 == hashlib.sha256(data).hexdigest()
+    loaded = deserialize(data)
+    assert (loaded["array"] == value["array"]).all() and loaded["text"] == value["text"]
