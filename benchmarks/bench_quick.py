@@ -3,7 +3,7 @@ and Parsl HTEX, in one run.
 
 Usage::
 
-    python benchmarks/bench_quick.py [--tries 3] [--n 3000] [--max-cpu-ratio 4.0] [--json PATH]
+    python benchmarks/bench_quick.py [--tries 5] [--n 3000] [--max-cpu-ratio 4.0] [--json PATH]
 
 Two kinds of figures, because wall-clock throughput on a shared two-core machine swings twice
 over with what else runs:
@@ -39,6 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers  # noqa: E402  (needs the sys.path line above when run as a script)
 
+#: the processes whose CPU time a system's tasks cost
+Processes = Callable[[], list[psutil.Process]]
+
 
 def _cpu_seconds(processes: list[psutil.Process]) -> float:
     """User + system seconds of these processes (a process that ended counts 0: never raises)."""
@@ -52,7 +55,7 @@ def _cpu_seconds(processes: list[psutil.Process]) -> float:
     return total
 
 
-def _round(submit: peers.Submit, processes: Callable[[], list[psutil.Process]], n: int) -> dict[str, float]:
+def _round(submit: peers.Submit, processes: Processes, n: int) -> dict[str, float]:
     """One throughput round: ``n`` no-ops at once; tasks/s and CPU microseconds per task."""
     procs = processes()
     cpu0, t0 = _cpu_seconds(procs), time.perf_counter()
@@ -70,12 +73,13 @@ def _best(rounds: list[dict[str, float]]) -> dict[str, float]:
 
 
 @contextmanager
-def _tether(workers: int) -> Iterator[tuple[peers.Submit, Callable[[], list[psutil.Process]]]]:
+def _tether(workers: int, db_url: str | None = None) -> Iterator[tuple[peers.Submit, Processes]]:
     from tether import Executor
     from tether.local import local_stack
 
     peers._export_import_root()
-    with local_stack(engine="process", workers=workers) as stack:
+    env = {"TETHER_DB_URL": db_url} if db_url else None
+    with local_stack(engine="process", workers=workers, env=env) as stack:
         with Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token) as ex:
 
             def processes() -> list[psutil.Process]:
@@ -87,27 +91,30 @@ def _tether(workers: int) -> Iterator[tuple[peers.Submit, Callable[[], list[psut
 
 
 @contextmanager
-def _pool(workers: int) -> Iterator[tuple[peers.Submit, Callable[[], list[psutil.Process]]]]:
+def _pool(workers: int) -> Iterator[tuple[peers.Submit, Processes]]:
     with peers.process_pool(workers) as submit:
         yield submit, lambda: [psutil.Process(), *psutil.Process().children(recursive=True)]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tries", type=int, default=3, help="throughput rounds per system (the best counts)")
+    p.add_argument("--tries", type=int, default=5, help="throughput rounds per system (the best counts)")
     p.add_argument("--n", type=int, default=3000, help="tasks per throughput round")
     p.add_argument("--n-latency", type=int, default=300, help="sequential round trips for the p50")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--max-cpu-ratio", type=float, default=None,
                    help="fail (exit 1) if Tether's CPU per task exceeds the pool's by more than this factor")
     p.add_argument("--no-htex", action="store_true", help="skip Parsl HTEX (no p50 ratio)")
+    p.add_argument("--db-url", help="the service's store (default: the embedded SQLite), e.g. "
+                   "postgresql+psycopg://postgres@127.0.0.1:5432/DB (an empty database)")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = p.parse_args(argv)
 
-    out: dict[str, Any] = {"n": args.n, "tries": args.tries, "workers": args.workers, "unix_time": time.time(),
+    out: dict[str, Any] = {"db": "postgresql" if args.db_url else "sqlite", "n": args.n, "tries": args.tries,
+                           "workers": args.workers, "unix_time": time.time(),
                            "cpu_count": os.cpu_count()}
     with ExitStack() as stack:
-        tether_submit, tether_procs = stack.enter_context(_tether(args.workers))
+        tether_submit, tether_procs = stack.enter_context(_tether(args.workers, args.db_url))
         pool_submit, pool_procs = stack.enter_context(_pool(args.workers))
         for submit in (tether_submit, pool_submit):  # workers started, functions known, imports done
             _round(submit, lambda: [], 300)
@@ -128,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     htex_p50 = out.get("parsl_htex", {}).get("latency", {}).get("p50_ms")
     out["p50_ratio_htex"] = t["latency"]["p50_ms"] / htex_p50 if htex_p50 else None
 
-    print(f"no-op tasks, {args.workers} workers, best of {args.tries} rounds of {args.n} ({os.cpu_count()} CPUs)")
+    print(f"no-op tasks, {args.workers} workers, best of {args.tries} rounds of {args.n} ({os.cpu_count()} CPUs, "
+          f"store: {out['db']})")
     print(f"  tether        {t['tasks_per_s']:8,.0f} tasks/s  {t['cpu_us_per_task']:6.0f} us CPU/task  "
           f"p50 {t['latency']['p50_ms']:.2f} ms")
     print(f"  process_pool  {pool['tasks_per_s']:8,.0f} tasks/s  {pool['cpu_us_per_task']:6.0f} us CPU/task")

@@ -90,7 +90,8 @@ def user_endpoint_config(directory: Path, template_file: str, schema_file: str, 
 DEFAULT_TEMPLATE = """\
 # The configuration of each user endpoint, rendered for every (user, user_endpoint_config).
 # Values the user passes in user_endpoint_config are checked by user_config_schema.json first;
-# every {{ value }} is written quoted, so a value cannot add keys or lines. Reserved variables:
+# every value inserted with double braces is written quoted, so a value cannot add keys or lines
+# (Jinja reads this whole file, comments too: braces here would be rendered). Reserved variables:
 # local_user, local_uid, local_home, identity_id, identity_username, endpoint_name, python_version.
 engine:
   type: process

@@ -136,3 +136,26 @@ def test_a_spill_holds_what_pickle_writes_in_memory_or_on_disk(tmp_path, thresho
     assert spill.size == len(data) and spill.sha256 == hashlib.sha256(data).hexdigest()
     loaded = deserialize(data)
     assert (loaded["array"] == value["array"]).all() and loaded["text"] == value["text"]
+
+
+def test_the_user_config_template_configure_writes_renders_unedited(tmp_path) -> None:
+    """`tether endpoint configure NAME --multi-user` writes a template (comments included) that
+    renders for a user as written: a newcomer's first task must not fail on it."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tether.endpoint.identity import LocalAccount
+    from tether.endpoint.user_config import user_endpoint_config
+
+    env = {"TETHER_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-m", "tether.cli", "endpoint", "configure", "cluster", "--multi-user"], env=env,
+                   check=True, capture_output=True, timeout=60)
+    directory = tmp_path / "endpoints" / "cluster"
+    account = LocalAccount("someone", 1234, 1234, "/home/someone", "/bin/bash")
+    for values, workers in (({}, 2), ({"workers": 3}, 3)):
+        text, config = user_endpoint_config(directory, "user_config_template.yaml.j2", "user_config_schema.json",
+                                            values, account, {"id": "i", "username": "someone"}, "cluster",
+                                            "cluster-someone")
+        assert yaml.safe_load(text)["engine"]["workers"] == workers
