@@ -61,7 +61,7 @@ from tether.transport import Backoff, open_ws
 
 from .config import EndpointConfig, load_config
 from .engines import TaskSpec, make_engine
-from .execute import failure
+from .execute import Allowlist, failure
 from .functions import FunctionStore
 from .payloads import EndpointPayloads, blob_failure
 from .spool import ResultSpool
@@ -195,7 +195,8 @@ class EndpointDaemon:
     def _make_engine(self) -> Any:
         return make_engine(
             self.config.engine, self._on_running, self._on_result,
-            allowed_methods=frozenset(self.engine_methods), retries_on_worker_loss=self.config.retries_on_worker_loss,
+            allowed_methods=Allowlist(data=self.allowed_methods, functions=frozenset(self.engine_methods)),
+            retries_on_worker_loss=self.config.retries_on_worker_loss,
             python_sandbox=self.config.python_sandbox,
         )
 
@@ -344,16 +345,21 @@ class EndpointDaemon:
         if limit is not None and len(task.payload) > limit:  # inline; blobs are checked before they are fetched
             raise TaskRefused(ErrorCode.PAYLOAD_TOO_LARGE, f"arguments of task {task.id} are {len(task.payload)} "
                               f"bytes, over this endpoint's max_payload_bytes ({limit})")
-        method = method_of(task.payload) if blob_ref_of(task.payload) is None else None  # a blob: checked when loaded
-        if method is not None and method not in self.allowed_methods:
-            raise TaskRefused(ErrorCode.INVALID_REQUEST, f"arguments serialized with {method!r}, which this endpoint "
-                              f"does not accept (allowed: {', '.join(sorted(self.allowed_methods))}); submit with "
-                              f"Executor(data_serializer='{sorted(self.allowed_methods)[0]}')")
+        if blob_ref_of(task.payload) is None:  # a blob is checked once it is here (_fetch_then_run)
+            self._check_arguments_method(method_of(task.payload))
         body = self.functions.get(fid)
         if body is not None and self.allowed_functions is None and blob_ref_of(body) is None \
                 and method_of(body) not in self.allowed_methods:
             raise TaskRefused(ErrorCode.INVALID_REQUEST, f"function {fid} is pickled code, which this endpoint "
                               "accepts only for functions in its allowed_functions")
+
+    def _check_arguments_method(self, method: str) -> None:
+        """TaskRefused unless arguments serialized with ``method`` may be loaded here (the worker
+        holds the same line: this is for the message)."""
+        if method not in self.allowed_methods:
+            raise TaskRefused(ErrorCode.INVALID_REQUEST, f"arguments serialized with {method!r}, which this endpoint "
+                              f"does not accept (allowed: {', '.join(sorted(self.allowed_methods))}); submit with "
+                              f"Executor(data_serializer='{sorted(self.allowed_methods)[0]}')")
 
     def _on_tasks(self, msg: Tasks) -> None:
         self._last_activity = time.monotonic()
@@ -404,6 +410,14 @@ class EndpointDaemon:
             self.payloads.discard(tid)
             return
         self._fetching.discard(tid)
+        if args_ref is not None:
+            try:
+                with open(self.payloads.args_path(tid), "rb") as fh:  # the header only, never the whole blob
+                    self._check_arguments_method(method_of(fh.read(256)))
+            except (TaskRefused, SerializationError, OSError) as exc:
+                self.payloads.discard(tid)
+                self._on_result(failure(tid, PermissionError(str(exc))))
+                return
         self.engine.submit(TaskSpec(tid, task.function, body, payload, task.spec, sandbox))
 
     async def _store_then_finish(self, result: dict[str, Any]) -> None:

@@ -94,6 +94,27 @@ class _TaskIdEnvironment:
 _task_env = _TaskIdEnvironment()
 
 
+@dataclass(frozen=True)
+class Allowlist:
+    """What a worker may deserialize, kept apart for arguments and for function bodies.
+
+    An endpoint that lists ``allowed_functions`` runs those (pickled code, checked by hash
+    before any reaches a worker) while taking only ``allowed_serialization_methods`` for
+    arguments. One set for both let a pickled argument through wherever the daemon did not
+    look at it first (a blob, fetched after its check): the worker must hold the line itself.
+    """
+
+    data: frozenset[str] | None
+    functions: frozenset[str] | None
+
+
+def _split(allowed: Allowlist | frozenset[str] | None) -> tuple[frozenset[str] | None, frozenset[str] | None]:
+    """(methods for arguments, methods for function bodies); a plain set applies to both."""
+    if isinstance(allowed, Allowlist):
+        return allowed.data, allowed.functions
+    return allowed, allowed
+
+
 def current_task() -> TaskContext | None:
     """The context of the task running in this thread, or None outside a task."""
     return getattr(_local, "task", None)
@@ -164,7 +185,7 @@ def run_task(
     body: bytes | None,
     payload: bytes,
     sandbox: str | None,
-    allowed_methods: frozenset[str] | None = None,
+    allowed_methods: Allowlist | frozenset[str] | None = None,
     chdir: bool = True,
     spec: dict[str, Any] | None = None,
     engine: dict[str, Any] | None = None,
@@ -183,12 +204,13 @@ def run_task(
 
 
 def _run(task_id: str, fid: str, body: bytes | None, payload: bytes, sandbox: str | None,
-         allowed_methods: frozenset[str] | None, chdir: bool, set_env: bool) -> dict[str, Any]:
+         allowed_methods: Allowlist | frozenset[str] | None, chdir: bool, set_env: bool) -> dict[str, Any]:
     started = time.time()
     times = {TaskState.RUNNING.value: started}
+    data_methods, function_methods = _split(allowed_methods)
     try:
-        fn = load_function(fid, body, allowed_methods)
-        args, kwargs = load_payload(payload, allowed_methods)
+        fn = load_function(fid, body, function_methods)
+        args, kwargs = load_payload(payload, data_methods)
     except BaseException as exc:  # noqa: BLE001
         return failure(task_id, exc, times)
     previous = None

@@ -217,6 +217,30 @@ def test_the_endpoint_checks_function_hashes_and_its_allow_lists(tmp_path: Path)
     assert helpers.square(3) == 9 and serialize(9)[-20:] in results["honest"].data
 
 
+@pytest.mark.parametrize("blob_threshold", [None, 64], ids=["inline", "blob"])
+def test_pickled_arguments_never_load_where_only_json_is_allowed(fresh_stack, tmp_path: Path,
+                                                                 blob_threshold: int | None) -> None:
+    """An endpoint that runs only its allowed functions on JSON arguments refuses pickled
+    arguments whether they come inline or as a blob (downloaded after the daemon's first look):
+    the pickle's code never runs, the task fails saying what to do, and JSON still works."""
+    marker = tmp_path / "unpickled"
+    with Executor(endpoint_id=fresh_stack.endpoint_id, service=fresh_stack.service_url, token=fresh_stack.token,
+                  blob_threshold=blob_threshold) as ex:
+        allowed = ex.register_function(helpers.identity)
+        config = fresh_stack.endpoint_dir() / "config.yaml"
+        fresh_stack.stop_endpoint()
+        text = config.read_text().replace("allowed_functions: null", f"allowed_functions: [{allowed}]")
+        config.write_text(text.replace("allowed_serialization_methods: [cloudpickle]",
+                                       "allowed_serialization_methods: [json]"))
+        fresh_stack.start_endpoint()
+        with pytest.raises(PermissionError, match="data_serializer='json'"):
+            ex.submit(helpers.identity, [helpers.RunsWhenLoaded(str(marker)), "x" * 200]).result(timeout=60)
+    assert not marker.exists(), "the endpoint unpickled an argument it should have refused"
+    with Executor(endpoint_id=fresh_stack.endpoint_id, service=fresh_stack.service_url, token=fresh_stack.token,
+                  data_serializer="json", blob_threshold=blob_threshold) as ex:
+        assert ex.submit(helpers.identity, ["ok", "y" * 200]).result(timeout=60) == ["ok", "y" * 200]
+
+
 def test_json_arguments_run_on_an_ordinary_endpoint(executor, stack) -> None:
     ex = Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token,
                   data_serializer="json")

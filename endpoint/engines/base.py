@@ -13,7 +13,10 @@ import abc
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tether.endpoint.execute import Allowlist
 
 OnRunning = Callable[[str, float], None]
 OnResult = Callable[[dict[str, Any]], None]
@@ -35,7 +38,7 @@ class Engine(abc.ABC):
     """Runs tasks. Subclasses must not block the loop in any method."""
 
     def __init__(self, config: dict[str, Any], on_running: OnRunning, on_result: OnResult,
-                 allowed_methods: frozenset[str] | None = None, retries_on_worker_loss: int = 0,
+                 allowed_methods: Allowlist | frozenset[str] | None = None, retries_on_worker_loss: int = 0,
                  python_sandbox: bool = False):
         self.config = config
         self.python_sandbox = python_sandbox  # chdir into TaskSpec.sandbox for Python functions

@@ -59,12 +59,15 @@ import typing
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tether.errors import ConfigError
 from tether.ids import child_path
 
 from .base import Engine, TaskSpec, cancelled_record
+
+if TYPE_CHECKING:
+    from tether.endpoint.execute import Allowlist
 
 log = logging.getLogger("tether.endpoint.parsl")
 
@@ -117,7 +120,7 @@ def run_in_worker(
     body: bytes | None,
     payload: bytes,
     sandbox: str | None,
-    allowed_methods: frozenset[str] | None,
+    allowed_methods: Allowlist | frozenset[str] | None,
     spec: dict[str, Any] | None,
     engine: dict[str, Any],
     control_dir: str | None,

@@ -20,7 +20,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-from tether.endpoint.execute import run_task
+from tether.endpoint.execute import Allowlist, run_task
 
 #: seconds between the watcher's checks that the daemon still lives
 PARENT_CHECK_S = 1.0
@@ -34,8 +34,9 @@ def _exit_with_parent(parent: int) -> None:
             os._exit(0)
 
 
-def main(conn: Connection, allowed_methods: frozenset[str] | None, engine_info: dict[str, Any] | None = None,
-         python_sandbox: bool = False, gate: tuple[Any, Any, Any] | None = None) -> None:
+def main(conn: Connection, allowed_methods: Allowlist | frozenset[str] | None,
+         engine_info: dict[str, Any] | None = None, python_sandbox: bool = False,
+         gate: tuple[Any, Any, Any] | None = None) -> None:
     """Run tasks from ``conn`` in order. ``gate`` = (lock, started, floor) shared with the engine:
     a task numbered at or below ``floor`` is skipped (the engine gave it to another worker), and
     ``started`` tells the engine what was begun (see engines/process.py)."""
