@@ -59,6 +59,8 @@ SCHEMA: dict[str, Any] = {
         "user_config_template": {"type": "string", "minLength": 1},
         "user_config_schema": {"type": "string", "minLength": 1},
         "min_uid": {"type": "integer", "minimum": 1},
+        "max_uid": {"type": "integer", "minimum": 1},
+        "allow_nologin_shells": {"type": "boolean"},
         "idle_timeout_s": {"type": "number", "exclusiveMinimum": 0},
         "allowed_users": {"type": "array", "items": {"type": "string", "minLength": 1}},
         "audit_log": {"type": "string", "minLength": 1},
@@ -89,6 +91,9 @@ class EndpointConfig:
     user_config_template: str = "user_config_template.yaml.j2"
     user_config_schema: str = "user_config_schema.json"
     min_uid: int = 1000
+    #: accounts above this (nobody is 65534) are refused, as are no-login shells unless allowed
+    max_uid: int = 60000
+    allow_nologin_shells: bool = False
     idle_timeout_s: float = 600.0
     allowed_users: list[str] = field(default_factory=list)  # ["*"]: every user of the service
     audit_log: str = "audit.log"

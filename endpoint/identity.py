@@ -33,12 +33,20 @@ class LocalAccount:
     shell: str
 
 
+#: accounts that stand for "no one" and must never own a user's work, whatever their uid
+SPECIAL_ACCOUNTS = frozenset({"nobody", "nfsnobody", "nogroup"})
+#: shells of accounts nobody may log in to
+NOLOGIN_SHELLS = frozenset({"nologin", "false"})
+
+
 class IdentityMapper:
     """The mapping rules of one file, reloaded when the file changes."""
 
-    def __init__(self, path: Path, min_uid: int = 1000):
+    def __init__(self, path: Path, min_uid: int = 1000, max_uid: int = 60000, allow_nologin_shells: bool = False):
         self.path = path
         self.min_uid = min_uid
+        self.max_uid = max_uid
+        self.allow_nologin_shells = allow_nologin_shells
         self._stamp: tuple[int, int] | None = None
         self._mappers: list[Any] = []
         self._lock = threading.Lock()
@@ -80,7 +88,9 @@ class IdentityMapper:
         return self.check_account(name)
 
     def check_account(self, name: str) -> LocalAccount:
-        """Refuse root, accounts under ``min_uid`` (system accounts) and accounts that do not exist."""
+        """Refuse root, accounts outside ``min_uid``..``max_uid`` (system accounts below, and
+        ``nobody`` and other special accounts above), accounts that cannot log in (a no-login
+        shell, unless the administrator allows them) and accounts that do not exist."""
         try:
             pw = pwd.getpwnam(name)
         except KeyError:
@@ -90,6 +100,13 @@ class IdentityMapper:
         if pw.pw_uid < self.min_uid:
             raise MappingRefused(f"the identity maps to {name!r} (uid {pw.pw_uid}), under this endpoint's min_uid "
                                  f"{self.min_uid}: system accounts are refused")
+        if pw.pw_name in SPECIAL_ACCOUNTS or pw.pw_uid > self.max_uid:
+            raise MappingRefused(f"the identity maps to {name!r} (uid {pw.pw_uid}), a special account above this "
+                                 f"endpoint's max_uid {self.max_uid} (such as nobody): it is refused")
+        shell = pw.pw_shell or "/bin/sh"
+        if not self.allow_nologin_shells and Path(shell).name in NOLOGIN_SHELLS:
+            raise MappingRefused(f"the identity maps to {name!r}, whose shell {shell} does not allow logging in; "
+                                 "such accounts are refused unless the administrator sets allow_nologin_shells: true")
         return LocalAccount(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir, pw.pw_shell or "/bin/sh")
 
 

@@ -52,6 +52,8 @@ identity_mapping: identity_mapping.json         # identity -> local account (glo
 user_config_template: user_config_template.yaml.j2   # each user endpoint's config.yaml
 user_config_schema: user_config_schema.json     # what users may put in user_endpoint_config
 min_uid: 1000                  # accounts under this uid (and root) are refused
+max_uid: 60000                 # accounts above it (nobody, nfsnobody) are refused too
+allow_nologin_shells: false    # accounts whose shell is nologin or false are refused
 idle_timeout_s: 600            # a user endpoint with no task for this long stops (restarted on demand)
 audit_log: audit.log
 heartbeat_s: 5
@@ -76,7 +78,8 @@ def render_user_config(name: str, user: str, values: dict[str, Any], identity_id
         raise ConfigError(f"endpoint {name!r} is not a multi-user endpoint")
     identity = {"id": identity_id or user, "username": user}
     try:
-        account = IdentityMapper(config.dir / config.identity_mapping, config.min_uid).local_account(identity)
+        account = IdentityMapper(config.dir / config.identity_mapping, config.min_uid, config.max_uid,
+                                 config.allow_nologin_shells).local_account(identity)
         text, _ = user_endpoint_config(config.dir, config.user_config_template, config.user_config_schema, values,
                                        account, identity, name, f"u-{name}")
     except (MappingRefused, UserConfigRefused) as exc:

@@ -82,7 +82,8 @@ class MultiUserDaemon(EndpointDaemon):
         super().__init__(config, credential)
         self.children: dict[str, UserEndpoint] = {}
         self.ca_file = credential.get("ca_file")
-        self.mapper = IdentityMapper(self.dir / config.identity_mapping, config.min_uid)
+        self.mapper = IdentityMapper(self.dir / config.identity_mapping, config.min_uid, config.max_uid,
+                                     config.allow_nologin_shells)
         self.logs_dir = self.dir / "user_endpoints"
         self.logs_dir.mkdir(mode=0o700, exist_ok=True)
         self._audit_file: TextIO = _private_append(self.dir / config.audit_log)

@@ -55,13 +55,18 @@ def _cli(stack: LocalStack, *args: str) -> str:
 @pytest.fixture(scope="module")
 def cluster(stack: LocalStack):
     """A multi-user endpoint 'cluster' on the session's service; users alice, bob (mapped to
-    tether_alice, tether_bob), carol (unmapped), mallory (mapped to root), sysop (to a system account)."""
+    tether_alice, tether_bob), carol (unmapped), mallory (mapped to root), sysop (to a system account),
+    ghost (to nobody), noshell (to an account whose shell is nologin)."""
     assert not _why_not(), _why_not()
     for local in USERS.values():
         try:
             pwd.getpwnam(local)
         except KeyError:
             subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", local], check=True)
+    try:
+        pwd.getpwnam("tether_noshell")
+    except KeyError:  # a real account that cannot log in: refused like a system account
+        subprocess.run(["useradd", "--shell", "/usr/sbin/nologin", "tether_noshell"], check=True)
     d = stack.endpoint_dir("cluster")
     _cli(stack, "endpoint", "configure", "cluster", "--multi-user", "--force")
     (d / "identity_mapping.json").write_text(json.dumps([{
@@ -70,6 +75,8 @@ def cluster(stack: LocalStack):
             {"source": "{username}", "match": "(alice|bob)", "output": "tether_{0}"},
             {"source": "{username}", "match": "mallory", "output": "root"},
             {"source": "{username}", "match": "sysop", "output": "daemon"},
+            {"source": "{username}", "match": "ghost", "output": "nobody"},
+            {"source": "{username}", "match": "noshell", "output": "tether_noshell"},
         ],
     }]))
     config = yaml.safe_load((d / "config.yaml").read_text())
@@ -78,7 +85,7 @@ def cluster(stack: LocalStack):
     (d / "user_config_template.yaml.j2").write_text(
         "engine:\n  type: process\n  workers: {{ workers | default(1) }}\nheartbeat_s: 1\n")
     tokens = {name: json.loads(_cli(stack, "service", "user-add", name, "--json"))["token"]
-              for name in ("alice", "bob", "carol", "mallory", "sysop")}
+              for name in ("alice", "bob", "carol", "mallory", "sysop", "ghost", "noshell")}
     endpoint_id = stack.start_endpoint("cluster")
     yield endpoint_id, tokens
     stack.stop_endpoint("cluster")
@@ -136,6 +143,8 @@ def test_each_user_runs_as_their_own_account(stack, cluster) -> None:
     ("carol", {}, "no local account is mapped to identity 'carol'"),
     ("mallory", {}, "maps to 'root', a privileged account; user code never runs as root"),
     ("sysop", {}, "under this endpoint's min_uid 1000"),
+    ("ghost", {}, "a special account above this endpoint's max_uid 60000"),
+    ("noshell", {}, "does not allow logging in"),
     ("alice", {"workers": "many"}, "refused by this endpoint's schema: workers: 'many' is not of type 'integer'"),
     ("alice", {"workers": 1, "partition": "x\nengine: {type: thread}"}, "Additional properties are not allowed"),
     ("alice", {"local_user": "root"}, "may not set local_user"),
