@@ -96,7 +96,19 @@ IdList = Annotated[list[Id], Meta(max_length=MAX_IDS)]
 Timestamp = Annotated[float, Meta(ge=0)]
 Count = Annotated[int, Meta(ge=0)]
 Scalar = int | float | str | bool | None
-ShortStr = Annotated[str, Meta(max_length=4096)]
+#: the longest short text field (a message, a name); fit longer text with :func:`fit_short`
+SHORT_STR_MAX = 4096
+ShortStr = Annotated[str, Meta(max_length=SHORT_STR_MAX)]
+
+
+def fit_short(text: str, limit: int = SHORT_STR_MAX) -> str:
+    """``text`` cut to ``limit`` characters, keeping its start and its end (where a log tail's
+    last line is): a message too long for its field is cut, never refused and lost."""
+    if len(text) <= limit:
+        return text
+    marker = " [...] "
+    head = (limit - len(marker)) // 2
+    return text[:head] + marker + text[len(text) - (limit - len(marker) - head):]
 Sha256 = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
 
 
@@ -380,6 +392,11 @@ class UserEndpointFailed(Frame, tag="user_endpoint_failed"):
 
     user_endpoint_id: Id
     message: ShortStr
+
+    def __post_init__(self) -> None:
+        # the sender's text (a log tail, say) may be long: the receiver refuses an oversized
+        # field, and then the user's tasks would wait forever instead of failing in words
+        self.message = fit_short(self.message)
 
 
 class Audit(Frame, tag="audit"):

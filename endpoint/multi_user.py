@@ -223,11 +223,19 @@ def _terminate(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None
         pass
 
 
+#: bytes read from the end of a user endpoint's log for its last lines
+TAIL_BYTES = 16 * 1024
+
+
 def _tail(path: Path, lines: int = 5) -> str:
+    """The last lines of a log, read from its end (a flooded log is never read whole)."""
     try:
-        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+        with open(path, "rb") as fh:
+            fh.seek(max(0, os.fstat(fh.fileno()).st_size - TAIL_BYTES))
+            text = fh.read(TAIL_BYTES).decode(errors="replace")
     except OSError:
         return "(no log)"
+    return " | ".join(text.strip().splitlines()[-lines:])
 
 
 def _private_append(path: Path) -> TextIO:

@@ -159,3 +159,15 @@ def test_the_user_config_template_configure_writes_renders_unedited(tmp_path) ->
                                             values, account, {"id": "i", "username": "someone"}, "cluster",
                                             "cluster-someone")
         assert yaml.safe_load(text)["engine"]["workers"] == workers
+
+
+def test_a_long_failure_message_is_cut_to_fit_never_refused() -> None:
+    """A user endpoint that dies with long log lines: the report reaches the service (its tasks
+    fail in words) with the message's start and its last line kept."""
+    from tether.protocol import SHORT_STR_MAX, UserEndpointFailed
+
+    long = "the user endpoint exited with code 1: " + "x" * 20_000 + " | MemoryError: the last line"
+    frame = encode(UserEndpointFailed(user_endpoint_id="ue-1", message=long))
+    msg = FrameDecoder(ENDPOINT_FRAMES, "an endpoint").decode(frame)
+    assert len(msg.message) <= SHORT_STR_MAX
+    assert msg.message.startswith("the user endpoint exited with code 1") and msg.message.endswith("the last line")
