@@ -11,6 +11,7 @@ Refusals travel as :class:`ErrorCode` values, never as text to be recognised by 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator
 from enum import StrEnum
 from typing import Annotated, Any, Generic, Literal, TypeVar
@@ -133,6 +134,12 @@ class Task(Struct, omit_defaults=True):
     #: task is dispatched to read them (endpoints find the blobs in the stubs themselves).
     blobs: Annotated[list[Id], Meta(max_length=MAX_TASK_BLOBS)] = []
 
+    def __post_init__(self) -> None:
+        if self.spec is not None:
+            _check_plain_data(self.spec, "a resource specification")
+        if self.uec is not None:
+            _check_plain_data(self.uec, "a user endpoint config")
+
 
 class ErrorInfo(Struct, omit_defaults=True):
     """What went wrong with a task: the remote exception's type name, message and traceback."""
@@ -213,13 +220,30 @@ Capacity = Annotated[dict[Annotated[str, Meta(max_length=64)], Scalar], Meta(max
 Versions = Annotated[dict[Annotated[str, Meta(max_length=64)], ShortStr], Meta(max_length=64)]
 #: heartbeat figures that must be counts (the dashboard and /metrics add them up)
 CAPACITY_COUNTS = ("workers_total", "workers_idle", "tasks_queued", "tasks_running")
+#: the most a capacity count may say: more workers than the largest machines have, more tasks
+#: than an endpoint may hold; one endpoint's made-up figure must not distort service-wide sums
+MAX_CAPACITY_COUNT = 10_000_000
 
 
 def _check_capacity(capacity: dict[str, Any]) -> None:
     for key in CAPACITY_COUNTS:
         value = capacity.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise ValueError(f"capacity '{key}' must be a count (an integer >= 0), got {value!r}")
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or not 0 <= value <= MAX_CAPACITY_COUNT):
+            raise ValueError(f"capacity '{key}' must be a count from 0 to {MAX_CAPACITY_COUNT:,}, got {value!r}")
+    for key, value in capacity.items():  # other figures are shown and summed: plausible numbers only
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**53:
+            raise ValueError(f"capacity '{key}' is implausibly large ({value})")
+
+
+def _check_plain_data(value: Any, what: str) -> None:
+    """``value`` must be JSON data (it is stored as JSON and shown): no bytes, no huge integers."""
+    if value is None:
+        return
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} must be plain JSON data (strings, numbers, lists, maps): {exc}") from None
 
 
 # --- frames ----------------------------------------------------------------------------------

@@ -40,6 +40,12 @@ def test_text_frames_are_refused() -> None:
     ({"t": "subscribe", "v": PROTOCOL_VERSION, "ids": ["a"] * 10_001}, r"length <= 10000"),
     ({"t": "hello", "v": PROTOCOL_VERSION}, r"'hello' is not a message a client may send"),
     ({"t": "submit", "v": 1}, r"protocol version 1 is not supported"),
+    ({"t": "submit", "v": PROTOCOL_VERSION, "ref": 1, "tasks": [
+        {"id": "a", "function": FID, "endpoint": "e", "payload": b"", "spec": {"num_ranks": b"\x00"}}]},
+     r"a resource specification must be plain JSON data"),
+    ({"t": "submit", "v": PROTOCOL_VERSION, "ref": 1, "tasks": [
+        {"id": "a", "function": FID, "endpoint": "e", "payload": b"", "uec": {"k": [b"x"]}}]},
+     r"a user endpoint config must be plain JSON data"),
 ])
 def test_client_frames_are_checked_at_the_edge(frame: dict, words: str) -> None:
     with pytest.raises(ProtocolError, match=words):
@@ -49,6 +55,9 @@ def test_client_frames_are_checked_at_the_edge(frame: dict, words: str) -> None:
 @pytest.mark.parametrize(("frame", "words"), [
     ({"t": "heartbeat", "capacity": "x"}, r"Expected `object`, got `str` - at `\$.capacity`"),
     ({"t": "heartbeat", "capacity": {"workers_idle": -1}}, r"'workers_idle' must be a count"),
+    ({"t": "heartbeat", "capacity": {"workers_total": 10**15}}, r"'workers_total' must be a count from 0"),
+    ({"t": "heartbeat", "capacity": {"workers_total": 2**64 - 1}}, r"'workers_total' must be a count from 0"),
+    ({"t": "hello", "capacity": {"blocks": 2**63}}, r"'blocks' is implausibly large"),
     ({"t": "hello", "versions": "x"}, r"at `\$.versions`"),
     ({"t": "result", "results": [{"id": "a", "state": "running"}]}, r"Invalid enum value 'running'"),
 ])
