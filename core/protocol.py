@@ -46,8 +46,10 @@ DEFAULT_PREFETCH = 1000
 MAX_IDS = 10_000
 #: Most tasks or results in one frame.
 MAX_BATCH = 10_000
-#: Most ids an endpoint reports as held (in flight or spooled) when it connects.
-MAX_HELD = 1_000_000
+#: Most ids an endpoint reports as held (in flight, and spooled) when it connects: what a daemon
+#: sends (it cuts each list here; a task left out is recognised and skipped if sent again). A
+#: million made-up ids once stalled the service's loop for seconds and held 160 MiB.
+MAX_HELD = MAX_IDS
 #: Arguments, results and function bodies larger than this travel as blobs (streamed over HTTP,
 #: stored on the service's disk) instead of inside frames; the service announces its own value.
 DEFAULT_BLOB_THRESHOLD = 8 * 1024 * 1024

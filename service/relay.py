@@ -93,6 +93,8 @@ PAGE_MIN = 64  # fewest rows read per page of an endpoint's backlog
 #: stored tasks waiting for an endpoint's room are kept in memory up to this many (and bytes), so
 #: a burst is sent on without reading the store back; beyond, they are paged from the store
 QUEUE_MAX = 10_000
+#: ids of a reconnecting endpoint's hello looked up at a time (SQLite answers on the event loop)
+WITHDRAW_SLICE = 1000
 QUEUE_BYTES = 32 * 1024 * 1024
 START_RETRY_S = 30.0  # a user endpoint asked for and not connected by then is asked for again
 #: how long a replica trusts its count of a user's open tasks (the quota) before counting again
@@ -615,9 +617,11 @@ class Relay:
             for child in await self.db.user_endpoints_with_open_tasks(session.endpoint_id):
                 await self._start_user_endpoint(child["id"], force=True)
             return
-        # what it holds counts against its window until it reports on it; the rest is paged to it
-        session.sent = set(hello.inflight) | set(hello.spooled)
-        await self._withdraw_ended(session, hello.inflight)
+        # what it holds counts against its window until it reports on it; the rest is paged to it.
+        # It cannot hold more tasks than its window: a longer list is made up, and is cut there.
+        inflight = hello.inflight[: session.window]
+        session.sent = set(inflight) | set(hello.spooled)
+        await self._withdraw_ended(session, inflight)
         session.backlog = True
         await self._refill(session)
 
@@ -626,7 +630,10 @@ class Relay:
         (cancelled, say) or are not its own are withdrawn, so they never run there."""
         if not held:
             return
-        mine = set((await self.db.dispatched_to(session.endpoint_id, held))[0])
+        mine: set[str] = set()
+        for start in range(0, len(held), WITHDRAW_SLICE):  # slices, so other sessions are served meanwhile
+            mine.update((await self.db.dispatched_to(session.endpoint_id, held[start : start + WITHDRAW_SLICE]))[0])
+            await asyncio.sleep(0)
         ended = [tid for tid in held if tid not in mine]
         if ended:
             session.sent.difference_update(ended)

@@ -312,6 +312,36 @@ def test_huge_id_lists_are_refused_at_the_edge(stack, evil_endpoint) -> None:
     assert httpx.get(stack.service_url + "/healthz", trust_env=False, timeout=5).json()["status"] == "ok"
 
 
+def test_a_made_up_hello_neither_stalls_the_service_nor_is_believed(stack, executor, mallory) -> None:
+    """Mallory's endpoint claims to hold 400,000 tasks, then the most a hello may list (with a
+    window of two): the first is refused at the edge, the second cut to what it could hold, and
+    meanwhile another tenant's round trips and /healthz stay quick."""
+    import time
+
+    cred = Client(stack.service_url, mallory).register_endpoint(f"liar-{uuid.uuid4().hex[:6]}")
+    liar = raw_endpoint(stack.service_url, cred["endpoint_id"], cred["secret"])
+    try:
+        liar.send(raw("hello", inflight=[f"t{i}" for i in range(400_000)]))
+        err, _ = liar.recv_until(lambda m: isinstance(m, Error))
+        assert err.code == ErrorCode.MALFORMED and "length <= 10000" in err.message
+    finally:
+        liar.close()
+    liar = raw_endpoint(stack.service_url, cred["endpoint_id"], cred["secret"])
+    try:
+        liar.send(raw("hello", capacity={"workers_total": 2}, inflight=[f"t{i}" for i in range(10_000)],
+                      spooled=[f"s{i}" for i in range(10_000)]))
+        assert isinstance(liar.recv(), Welcome)
+        worst = 0.0
+        for i in range(20):  # the bystander
+            t0 = time.perf_counter()
+            assert executor.submit(helpers.square, i).result(timeout=30) == i * i
+            assert httpx.get(stack.service_url + "/healthz", trust_env=False, timeout=5).status_code == 200
+            worst = max(worst, time.perf_counter() - t0)
+        assert worst < 2.0, f"another tenant waited {worst:.2f} s"
+    finally:
+        liar.close()
+
+
 def test_bad_heartbeats_and_hellos_never_reach_shared_views(stack, executor, mallory, evil_endpoint) -> None:
     evil_endpoint.send(raw("heartbeat", capacity="x", versions={}))
     evil_endpoint.send(raw("heartbeat", capacity={"workers_total": "x"}, versions={}))
