@@ -59,6 +59,7 @@ from .auth import Authenticator, GlobusSettings
 from .blobs import DEFAULT_MAX_BLOB, DEFAULT_ORPHAN_S, DEFAULT_QUOTA, BlobIndex, blob_routes
 from .bus import make_bus
 from .dashboard import DASHBOARD_HTML
+from .guard import BodyGuard, bearer
 from .metrics import make_registry, render
 from .models import (
     BatchAck,
@@ -119,12 +120,6 @@ class Settings:
     replica_id: str | None = None
     #: threads (database connections) per process for a database other than SQLite
     db_threads: int = DEFAULT_DB_THREADS
-
-
-def _bearer(value: str | None) -> str | None:
-    if value and value.lower().startswith("bearer "):
-        return value[7:].strip() or None
-    return None
 
 
 def _b64(text: str, what: str) -> bytes:
@@ -237,6 +232,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.relay = relay
     app.state.blobs = blob_index
     app.include_router(blob_routes(blob_index, authenticator, db))
+    # a body is read only from an authenticated peer that said how large it is (a REST batch may
+    # carry what a frame does, base64 and all)
+    app.add_middleware(BodyGuard, authenticate=authenticator.user_for, max_body=2 * max_frame)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -256,7 +254,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def current_user(request: Request) -> str:
         """Authenticate. Async on purpose: sync dependencies run in a thread pool, and the store's
         single connection must only be used from the event loop."""
-        token = _bearer(request.headers.get("authorization"))
+        token = bearer(request.headers.get("authorization"))
         if not token:
             raise HTTPException(401, "missing credentials: send 'Authorization: Bearer <token>'")
         user = await authenticator.user_for(token)
@@ -452,7 +450,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.websocket(CLIENT_WS_PATH)
     async def client_ws(ws: WebSocket) -> None:
-        token = _bearer(ws.headers.get("authorization"))
+        token = bearer(ws.headers.get("authorization"))
         user = await authenticator.user_for(token) if token else None
         if user is None or token is None:
             await refuse(ws, CLOSE_AUTH_FAILED, ErrorCode.AUTH_FAILED,
@@ -473,7 +471,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.websocket(ENDPOINT_WS_PATH)
     async def endpoint_ws(ws: WebSocket) -> None:
-        secret = _bearer(ws.headers.get("authorization"))
+        secret = bearer(ws.headers.get("authorization"))
         endpoint_id = ws.headers.get("x-tether-endpoint", "")
         ep = await db.endpoint_by_secret(endpoint_id, secret) if secret and endpoint_id else None
         if ep is None:

@@ -42,6 +42,7 @@ from tether.ids import child_path
 from tether.protocol import Task
 
 from .async_store import AsyncStore
+from .guard import bearer
 from .models import BlobCreate, BlobInfo, PathId
 from .models import error_responses as _errors
 from .store import Store, blobs, task_blobs, tasks
@@ -262,8 +263,7 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
 
     async def principal(request: Request) -> Principal:
         """A user's token, or an endpoint's credential with ``X-Tether-Endpoint``."""
-        value = request.headers.get("authorization") or ""
-        secret = value[7:].strip() if value.lower().startswith("bearer ") else ""
+        secret = bearer(request.headers.get("authorization")) or ""
         if not secret:
             raise HTTPException(401, "missing credentials: send 'Authorization: Bearer <token>'")
         endpoint_id = request.headers.get("x-tether-endpoint")

@@ -342,6 +342,46 @@ def test_a_made_up_hello_neither_stalls_the_service_nor_is_believed(stack, execu
         liar.close()
 
 
+def _post_raw(url: str, path: str, headers: dict[str, str], send_bytes: int) -> tuple[str, int]:
+    """POST over a bare socket announcing a 1 GiB body and pushing ``send_bytes`` of it: (the
+    status line the service answered, how many bytes it took before it answered and closed)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": host, "Content-Type": "application/json",
+                                                  "Content-Length": str(1 << 30), **headers}.items())
+    sent = 0
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode())
+        chunk = b"x" * (1 << 20)
+        try:
+            while sent < send_bytes:
+                sock.sendall(chunk)
+                sent += len(chunk)
+        except OSError:  # the service answered and closed: what we want
+            pass
+        answer = sock.recv(4096).decode(errors="replace")
+    return answer.split("\r\n", 1)[0], sent
+
+
+@pytest.mark.parametrize("auth", [None, "Bearer not-a-token", "Bearer VALID"], ids=["anonymous", "bad-token", "too-large"])
+def test_bodies_are_not_read_before_the_sender_is_known_and_its_size_allowed(stack, executor, auth: str | None) -> None:
+    """Anonymous or wrongly authenticated POSTs announcing 1 GiB, and an authenticated one
+    announcing more than any request may carry, are answered before their bodies are read: the
+    service does not grow by what they push, and another tenant's work goes on."""
+    import psutil
+
+    service = psutil.Process(stack.service_pid())
+    before = service.memory_info().rss
+    headers = {} if auth is None else {"Authorization": auth.replace("VALID", stack.token)}
+    status, _ = _post_raw(stack.service_url, "/v1/tasks", headers, send_bytes=100 << 20)
+    assert status.split()[1] == ("413" if auth == "Bearer VALID" else "401"), status
+    grown = service.memory_info().rss - before
+    assert grown < 32 << 20, f"the service grew by {grown >> 20} MiB reading a body it refused"
+    assert executor.submit(helpers.square, 6).result(timeout=30) == 36
+
+
 def test_bad_heartbeats_and_hellos_never_reach_shared_views(stack, executor, mallory, evil_endpoint) -> None:
     evil_endpoint.send(raw("heartbeat", capacity="x", versions={}))
     evil_endpoint.send(raw("heartbeat", capacity={"workers_total": "x"}, versions={}))
