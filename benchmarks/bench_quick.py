@@ -78,8 +78,8 @@ def _tether(workers: int, db_url: str | None = None) -> Iterator[tuple[peers.Sub
     from tether.local import local_stack
 
     peers._export_import_root()
-    env = {"TETHER_DB_URL": db_url} if db_url else None
-    with local_stack(engine="process", workers=workers, env=env) as stack:
+    more = {"env": {"TETHER_DB_URL": db_url}} if db_url else {}  # (older versions, measured for comparison, lack env)
+    with local_stack(engine="process", workers=workers, **more) as stack:
         with Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token) as ex:
 
             def processes() -> list[psutil.Process]:
