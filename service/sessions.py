@@ -39,6 +39,9 @@ log = logging.getLogger("tether.service.relay")
 #: the largest frame the service sends: what clients and endpoints accept (see open_ws)
 PEER_MAX_FRAME = DEFAULT_MAX_FRAME
 STATUS_WINDOW = 0.005  # seconds a client's state updates are gathered before they are sent
+#: seconds a submission's acknowledgement may wait for the next frame to its client: a quick task's
+#: result then carries it (two frames, one wake-up of the client), and acks of a burst travel together
+SUBMIT_ACK_WINDOW = 0.005
 #: seconds an endpoint's result acknowledgements are gathered: the endpoint keeps those results
 #: spooled that much longer, and a frame (a wake-up of the endpoint) serves several results
 ACK_WINDOW = 0.01
@@ -68,9 +71,25 @@ class ClientSession:
         self._updates: list[Any] = []
         self._results: list[Result] = []
         self._scheduled = False
+        self._acks: list[bytes] = []  # encoded SUBMIT_ACK frames held for SUBMIT_ACK_WINDOW
 
     async def send(self, frame: bytes) -> None:
         await self.sender.send(frame)
+
+    def hold_ack(self, frame: bytes) -> None:
+        """Send a submission's acknowledgement with the next frame to this client, or after
+        SUBMIT_ACK_WINDOW: written back to back, the frames reach the client in one wake-up."""
+        if not self._acks:
+            asyncio.get_running_loop().call_later(SUBMIT_ACK_WINDOW,
+                                                  lambda: asyncio.ensure_future(self.send_held_acks()))
+        self._acks.append(frame)
+
+    async def send_held_acks(self) -> None:
+        """Send the held acknowledgements now (before any frame that may concern their tasks)."""
+        while self._acks:
+            acks, self._acks = self._acks, []
+            for frame in acks:
+                await send_or_drop(self, frame)
 
     def push(self, key: str, items: list[Any]) -> None:
         if key == "updates":
@@ -88,6 +107,8 @@ class ClientSession:
             asyncio.get_running_loop().call_soon(self._flush_results)
 
     def _flush_updates(self) -> None:
+        if self._acks:
+            asyncio.ensure_future(self.send_held_acks())
         if self._updates:
             updates, self._updates = self._updates, []
             for start in range(0, len(updates), MAX_IDS):  # ~60 bytes each: MAX_IDS fit any frame
@@ -100,6 +121,7 @@ class ClientSession:
 
     async def send_results_now(self) -> None:
         """Send buffered results in this coroutine (the scheduled flush then finds nothing)."""
+        await self.send_held_acks()
         while self._results:
             results, self._results = self._results, []
             for batch in frame_batches(results, PEER_MAX_FRAME, RESULT_CHUNK):
