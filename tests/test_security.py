@@ -365,7 +365,8 @@ def _post_raw(url: str, path: str, headers: dict[str, str], send_bytes: int) -> 
     return answer.split("\r\n", 1)[0], sent
 
 
-@pytest.mark.parametrize("auth", [None, "Bearer not-a-token", "Bearer VALID"], ids=["anonymous", "bad-token", "too-large"])
+@pytest.mark.parametrize("auth", [None, "Bearer not-a-token", "Bearer VALID"],
+                         ids=["anonymous", "bad-token", "too-large"])
 def test_bodies_are_not_read_before_the_sender_is_known_and_its_size_allowed(stack, executor, auth: str | None) -> None:
     """Anonymous or wrongly authenticated POSTs announcing 1 GiB, and an authenticated one
     announcing more than any request may carry, are answered before their bodies are read: the
