@@ -93,11 +93,9 @@ PAGE_MIN = 64  # fewest rows read per page of an endpoint's backlog
 #: stored tasks waiting for an endpoint's room are kept in memory up to this many (and bytes), so
 #: a burst is sent on without reading the store back; beyond, they are paged from the store
 QUEUE_MAX = 10_000
-#: seconds the results pushed to clients wait to be stored together (see _store_results)
-RESULT_STORE_WINDOW = 0.005
+QUEUE_BYTES = 32 * 1024 * 1024
 #: ids of a reconnecting endpoint's hello looked up at a time (SQLite answers on the event loop)
 WITHDRAW_SLICE = 1000
-QUEUE_BYTES = 32 * 1024 * 1024
 START_RETRY_S = 30.0  # a user endpoint asked for and not connected by then is asked for again
 #: how long a replica trusts its count of a user's open tasks (the quota) before counting again
 QUOTA_RECOUNT_S = 5.0
@@ -139,15 +137,9 @@ class Relay:
         self._start_requested: dict[str, float] = {}  # user endpoint id -> when its start was asked for
         #: large payloads (service/blobs.py BlobIndex): checks that tasks name only their owner's blobs
         self.blobs: Any = None
-        #: results pushed to their clients and not yet stored: (endpoint session, the fresh results,
-        #: every id of their frames, to acknowledge once stored); see _store_results
-        self._unstored: list[tuple[EndpointSession, list[Result], list[str]]] = []
-        self._store_handle: asyncio.TimerHandle | None = None
 
     async def flush_deferred(self) -> None:
-        """Write results not yet stored, deferred state changes and collection marks (one
-        transaction per kind). Readers of the store call it first, so they see what was pushed."""
-        await self.store_pushed_results()
+        """Write deferred state changes and collection marks (one transaction per kind)."""
         for state, stamps in self._deferred.items():
             if stamps:
                 self._deferred[state] = {}
@@ -569,7 +561,6 @@ class Relay:
             self._push_results(results)
 
     async def cancel(self, user_id: str, ids: Sequence[str]) -> list[str]:
-        await self.store_pushed_results()  # a task whose result was pushed has ended: never cancelled
         rows = await self.db.cancel(user_id, ids)
         if not rows:
             return []
@@ -852,20 +843,19 @@ class Relay:
                     r.times.setdefault(state.value, ts)
         if self.replicated:
             fresh = await self._store_and_announce(session, results, fresh, set(foreign))
-            # foreign and duplicate results are acknowledged too: they will never be stored, and
-            # the endpoint must not send them again forever
-            session.acknowledge([r.id for r in results])
         else:
-            # Push first, store later, acknowledge last: the client has its result without waiting
-            # for a commit, the results of RESULT_STORE_WINDOW share one commit (written before any
-            # reader of the store looks, see flush_deferred), and the endpoint keeps them spooled
-            # until they are stored.
+            # Push first, store second, acknowledge third: the client has its result a commit
+            # sooner, and the endpoint keeps it spooled until it is stored.
             for client in self._push_results(fresh):
                 await client.send_results_now()
-            self._unstored.append((session, fresh, [r.id for r in results]))
-            # stored at once (the store is read directly by operators and tests right after a
-            # result arrives); RESULT_STORE_WINDOW gathering measured no clear gain (issue 16)
-            await self.store_pushed_results()
+            try:
+                await self.db.write_results(fresh)
+            except Exception:
+                self.db.store.unclaim(session.endpoint_id, fresh)  # not acknowledged: the endpoint sends them again
+                raise
+        # foreign and duplicate results are acknowledged too: they will never be stored, and the
+        # endpoint must not send them again forever
+        session.acknowledge([r.id for r in results])
         await self._audit(session, [(r.id, r.state, r.times.get(r.state) or time.time()) for r in fresh])
         self.counters["results"] += len(fresh)
         self.counters["failed"] += sum(r.state == TaskState.FAILED.value for r in fresh)
@@ -873,27 +863,6 @@ class Relay:
         session.sent.difference_update(r.id for r in results)
         if session.backlog or session.queue:
             await self._refill(session)
-
-    async def store_pushed_results(self) -> None:
-        """Store the results pushed since the last call in one transaction, then acknowledge them
-        to their endpoints. If the store fails they are not acknowledged: the endpoints send them
-        again (and a client that has one already ignores it)."""
-        if self._store_handle is not None:
-            self._store_handle.cancel()
-            self._store_handle = None
-        pending, self._unstored = self._unstored, []
-        if not pending:
-            return
-        try:
-            await self.db.write_results([r for _, fresh, _ in pending for r in fresh])
-        except Exception:  # noqa: BLE001 - logged; the endpoints resend what was not acknowledged
-            for session, fresh, _ in pending:
-                self.db.store.unclaim(session.endpoint_id, fresh)
-            log.exception("storing %d pushed results failed; their endpoints will send them again",
-                          sum(len(fresh) for _, fresh, _ in pending))
-            return
-        for session, _, ids in pending:
-            session.acknowledge(ids)
 
     async def _store_and_announce(self, session: EndpointSession, results: list[Result], fresh: list[Result],
                                   foreign: set[str]) -> list[Result]:
@@ -983,7 +952,6 @@ class Relay:
     async def delete_endpoint(self, endpoint_id: str) -> int:
         """Stop and forget an endpoint for good; its open tasks fail in words. Returns how many."""
         await self.stop_endpoint(endpoint_id)
-        await self.store_pushed_results()  # what its tasks returned stays theirs
         error = {"type": "EndpointDeleted", "code": ErrorCode.ENDPOINT_DELETED.value,
                  "message": f"endpoint {endpoint_id} was deleted by its owner before this task finished"}
         rows = await self.db.delete_endpoint(endpoint_id, error)
