@@ -240,8 +240,6 @@ def _check_capacity(capacity: dict[str, Any]) -> None:
 
 def _check_plain_data(value: Any, what: str) -> None:
     """``value`` must be JSON data (it is stored as JSON and shown): no bytes, no huge integers."""
-    if value is None:
-        return
     try:
         json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:

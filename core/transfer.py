@@ -59,9 +59,9 @@ class Spill(io.RawIOBase):
 
     It sits on every task's path (each argument tuple and each result goes through one), so it
     costs nothing until it spills: no hashing, no file-system call. ``directory`` may be a
-    callable, resolved (and the directory made) only on the first spill, and naming no directory
-    (None) keeps the value in memory; the sha256 of a
-    spilled value is computed as it is written, that of a small one only when asked for.
+    callable, resolved (and the directory made) only on the first spill; one that names no
+    directory (None) keeps the value in memory. The sha256 of a spilled value is computed as it
+    is written, that of a small one only when asked for.
     """
 
     def __init__(self, threshold: int, directory: Path | str | Callable[[], Path | str | None],

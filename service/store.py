@@ -165,7 +165,7 @@ _TIME_COLUMN = {
 }
 
 
-def _owned_by(owner: str) -> Any:
+def _owned_by(owner: Any) -> Any:
     """``owner_id = owner`` as a check on rows found by id. Written so that no planner uses the
     owner index for it: SQLite did, with bound ``id IN (...)`` lists, and scanned every task of
     the owner (a million-task backlog made each collection mark take a second)."""
@@ -199,8 +199,7 @@ _LOAD_OPEN = select(tasks.c.id, tasks.c.owner_id, tasks.c.endpoint_id, tasks.c.f
                     tasks.c.spec, tasks.c.uec, tasks.c.group_id).where(and_(tasks.c.id.in_(_IDS), _OPEN))
 _MARK_COLLECTED = (
     update(tasks)
-    .where(and_(tasks.c.id.in_(_IDS), func.coalesce(tasks.c.owner_id, "") == bindparam("owner"),
-                tasks.c.collected_at.is_(None)))
+    .where(and_(tasks.c.id.in_(_IDS), _owned_by(bindparam("owner")), tasks.c.collected_at.is_(None)))
     .values(collected_at=bindparam("now"))
 )
 
