@@ -30,6 +30,16 @@ def test_many_tasks_all_resolve_with_right_values(executor: Executor) -> None:
     assert [f.result(timeout=60) for f in futures] == [i * i for i in range(2000)]
 
 
+@pytest.mark.timeout(120)
+def test_large_arguments_and_results_in_flight_together_never_wedge_a_worker(executor: Executor) -> None:
+    """Each worker is sent several large arguments while it sends back a large result: neither
+    side may wait on the other (a blocking pipe once hung the Dask example this way)."""
+    chunk = 600_000  # past a pipe's buffer, under the blob threshold: it travels inline
+    futures = [executor.submit(bytes, bytes([i]) * chunk) for i in range(40)]
+    results = [f.result(timeout=90) for f in futures]
+    assert [(len(r), r[:1]) for r in results] == [(chunk, bytes([i])) for i in range(40)]
+
+
 def test_function_from_main_runs(stack) -> None:
     script = textwrap.dedent(f"""
         from tether import Executor

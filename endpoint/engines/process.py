@@ -14,6 +14,11 @@ number is above the floor, and says so in ``started``, both under the lock. When
 idle and nothing is queued here, the engine raises a loaded worker's floor to the last number
 it handed out, under the lock, and gives the tasks numbered past ``started`` to others; the
 loaded worker skips them when it comes to them. A task is begun by one worker, never two.
+
+The daemon never blocks on a worker's pipe. Tasks travel on one pipe and results on another;
+the daemon's end of the task pipe is non-blocking, and what a full pipe does not take waits in
+a buffer, written as the pipe drains. With one blocking two-way pipe, a worker sending a large
+result while the daemon sent it large arguments left each waiting on the other for ever.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ import logging
 import multiprocessing
 import os
 import signal
+import struct
 import time
 from dataclasses import dataclass, field
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from tether.endpoint.execute import failure
@@ -38,6 +45,19 @@ log = logging.getLogger("tether.endpoint.process")
 #: tasks queued on each worker beyond the running one, unless the config says otherwise
 DEFAULT_PREFETCH = 8
 
+#: bytes a task pipe holds before writes wait (Linux lets an unprivileged process ask for 1 MiB)
+PIPE_BYTES = 1 << 20
+_F_SETPIPE_SZ = 1031  # fcntl's constant on Linux; Python names it only from 3.10 on some builds
+
+
+def frame(message: Any, into: bytearray) -> None:
+    """Append ``message`` to ``into`` as ``Connection.recv`` on the worker's end reads it: a
+    pickle after its length (a 4-byte signed length, or -1 and an 8-byte one past 2 GiB)."""
+    data = ForkingPickler.dumps(message)
+    n = len(data)
+    into += struct.pack("!i", n) if n <= 0x7FFFFFFF else struct.pack("!iQ", -1, n)
+    into += data
+
 
 class WorkerLost(RuntimeError):
     """The worker process running a task died."""
@@ -46,7 +66,8 @@ class WorkerLost(RuntimeError):
 @dataclass
 class _Worker:
     proc: Any
-    conn: Any
+    conn: Any  # results from the worker (a Connection, read when readable)
+    tasks_fd: int  # tasks to the worker: a non-blocking pipe written through ``outbox``
     gate: Any  # a lock guarding the two counters below (see the module's docstring)
     started: Any  # shared: number of the last task the worker began
     floor: Any  # shared: the worker skips tasks numbered up to this (withdrawn from it)
@@ -55,6 +76,7 @@ class _Worker:
     next_seq: int = 1
     functions: set[str] = field(default_factory=set)
     alive: bool = True
+    outbox: bytearray = field(default_factory=bytearray)  # framed messages the pipe has not taken
 
 
 class ProcessEngine(Engine):
@@ -71,18 +93,30 @@ class ProcessEngine(Engine):
             self.workers.append(self._spawn())
 
     def _spawn(self) -> _Worker:
-        parent, child = self.ctx.Pipe()
+        tasks_in, tasks_out = self.ctx.Pipe(duplex=False)
+        results_in, results_out = self.ctx.Pipe(duplex=False)
         gate, started, floor = self.ctx.Lock(), self.ctx.RawValue("q", 0), self.ctx.RawValue("q", 0)
         # not a daemon process: tasks may start processes of their own (multiprocessing pools,
         # Parsl's resource monitor), which daemonic processes may not; a worker still ends with
         # the endpoint, when its pipe closes or stop() kills its group
-        proc = self.ctx.Process(target=worker_main, args=(child, self.allowed_methods, self.engine_info(),
-                                                           self.python_sandbox, (gate, started, floor)),
+        proc = self.ctx.Process(target=worker_main, args=((tasks_in, results_out), self.allowed_methods,
+                                                           self.engine_info(), self.python_sandbox,
+                                                           (gate, started, floor)),
                                 daemon=False, name="tether-worker")
         proc.start()
-        child.close()  # so the worker's death shows as EOF on our end
-        worker = _Worker(proc, parent, gate, started, floor)
-        self.loop.add_reader(parent.fileno(), self._readable, worker)
+        tasks_in.close()  # the worker's ends: its death shows as EOF on ours, ours as EOF on its
+        results_out.close()
+        tasks_fd = os.dup(tasks_out.fileno())  # written by hand (frame, _flush), not by Connection
+        tasks_out.close()
+        os.set_blocking(tasks_fd, False)
+        try:  # fewer partial writes for large arguments; the default (64 KiB) works too
+            import fcntl
+
+            fcntl.fcntl(tasks_fd, _F_SETPIPE_SZ, PIPE_BYTES)
+        except (ImportError, OSError):
+            pass
+        worker = _Worker(proc, results_in, tasks_fd, gate, started, floor)
+        self.loop.add_reader(results_in.fileno(), self._readable, worker)
         return worker
 
     async def stop(self) -> None:
@@ -95,10 +129,12 @@ class ProcessEngine(Engine):
         if not w.alive:
             return
         w.alive = False
-        try:
-            self.loop.remove_reader(w.conn.fileno())
-        except (ValueError, OSError):
-            pass
+        for remove in (lambda: self.loop.remove_reader(w.conn.fileno()),
+                       lambda: self.loop.remove_writer(w.tasks_fd)):
+            try:
+                remove()
+            except (ValueError, OSError):
+                pass
         try:
             os.killpg(w.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError, OSError):
@@ -108,6 +144,38 @@ class ProcessEngine(Engine):
                 pass
         w.proc.join(timeout=5)
         w.conn.close()
+        w.outbox.clear()
+        try:
+            os.close(w.tasks_fd)
+        except OSError:
+            pass
+
+    def _send(self, w: _Worker, message: Any) -> None:
+        """Queue ``message`` for ``w`` and write what the pipe takes now; the rest is written
+        when it drains (never blocking the daemon's loop, see the module's docstring)."""
+        if not w.alive:  # its pipe is closed (and the number may belong to another file now)
+            return
+        pending = bool(w.outbox)
+        frame(message, w.outbox)
+        if not pending:
+            self._flush(w)
+            if w.outbox and w.alive:
+                self.loop.add_writer(w.tasks_fd, self._drain, w)
+
+    def _flush(self, w: _Worker) -> None:
+        try:
+            while w.outbox:
+                written = os.write(w.tasks_fd, w.outbox)
+                del w.outbox[:written]
+        except BlockingIOError:
+            pass
+        except OSError:  # the worker is gone: its EOF on the result pipe says how
+            w.outbox.clear()
+
+    def _drain(self, w: _Worker) -> None:
+        self._flush(w)
+        if not w.outbox:
+            self.loop.remove_writer(w.tasks_fd)
 
     # --- dispatch -----------------------------------------------------------------------------
     def submit(self, task: TaskSpec) -> None:
@@ -135,12 +203,8 @@ class ProcessEngine(Engine):
                 (seq, task.id, task.function_id, body, task.payload, str(task.sandbox), task.spec))
         for worker in list(self.workers):
             batch = batches.get(id(worker))
-            if batch is None:
-                continue
-            try:
-                worker.conn.send(("tasks", batch))
-            except (OSError, ValueError):
-                self._worker_died(worker)
+            if batch is not None:
+                self._send(worker, ("tasks", batch))
         if not self.queue:
             self._steal()
 
@@ -236,10 +300,7 @@ class ProcessEngine(Engine):
                     self.workers[self.workers.index(w)] = self._spawn()
                 else:
                     w.assigned.remove(t)
-                    try:
-                        w.conn.send(("cancel", task_id))
-                    except (OSError, ValueError):
-                        pass
+                    self._send(w, ("cancel", task_id))
                 self.on_result(cancelled_record(task_id, now))
                 self._assign()
                 return

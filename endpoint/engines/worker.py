@@ -34,12 +34,14 @@ def _exit_with_parent(parent: int) -> None:
             os._exit(0)
 
 
-def main(conn: Connection, allowed_methods: Allowlist | frozenset[str] | None,
+def main(conns: tuple[Connection, Connection], allowed_methods: Allowlist | frozenset[str] | None,
          engine_info: dict[str, Any] | None = None, python_sandbox: bool = False,
          gate: tuple[Any, Any, Any] | None = None) -> None:
-    """Run tasks from ``conn`` in order. ``gate`` = (lock, started, floor) shared with the engine:
-    a task numbered at or below ``floor`` is skipped (the engine gave it to another worker), and
-    ``started`` tells the engine what was begun (see engines/process.py)."""
+    """Run tasks from ``conns[0]`` in order, sending results on ``conns[1]``. ``gate`` = (lock,
+    started, floor) shared with the engine: a task numbered at or below ``floor`` is skipped (the
+    engine gave it to another worker), and ``started`` tells the engine what was begun (see
+    engines/process.py)."""
+    conn, results = conns
     try:
         os.setsid()
     except OSError:  # already a group leader
@@ -79,5 +81,5 @@ def main(conn: Connection, allowed_methods: Allowlist | frozenset[str] | None,
             if withdrawn:
                 continue
         body = bodies.pop(fid, None) if body is None else bodies.pop(fid, body)
-        conn.send(("result", run_task(task_id, fid, body, payload, sandbox, allowed_methods,
+        results.send(("result", run_task(task_id, fid, body, payload, sandbox, allowed_methods,
                                       chdir=python_sandbox, spec=spec, engine=engine_info)))
