@@ -102,6 +102,15 @@ def service_start(
     blob_orphan_seconds: float = typer.Option(None, help="blobs no task names are deleted after this (default 3600)"),
     blob_dir: str = typer.Option(None, help="where blob files live (default $TETHER_HOME/service/blobs); replicas "
                                  "of one service must share it"),
+    max_connections: int = typer.Option(None, help="connections held at once, in all (default 2048)"),
+    max_connections_per_address: int = typer.Option(None, help="connections held at once from one address "
+                                                    "(default 256; 0: no cap, as behind a balancer)"),
+    header_timeout: float = typer.Option(None, help="seconds a connection may take to send a request's headers "
+                                         "(default 10)"),
+    send_timeout: float = typer.Option(None, help="seconds a peer may take to accept one frame before it is "
+                                       "dropped (default 30)"),
+    max_queued_bytes_per_connection: int = typer.Option(None, help="bytes that may wait for a slow reader before "
+                                                        "it is dropped (default 64 MiB)"),
     log_level: str = typer.Option(None, help="debug | info | warning | error (default warning)", show_default=False),
     log_format: str = typer.Option(None, help="text | json (default text, or TETHER_LOG_FORMAT)", show_default=False),
     tls_cert: str = typer.Option(None, help="PEM certificate: serve https/wss only"),
@@ -130,6 +139,9 @@ def service_start(
         "purge_interval_s": purge_interval, "blob_threshold_bytes": blob_threshold_bytes,
         "max_blob_bytes": max_blob_bytes, "blob_quota_bytes": blob_quota_bytes, "blob_orphan_s": blob_orphan_seconds,
         "blob_dir": str(Path(blob_dir).resolve()) if blob_dir else None,
+        "max_connections": max_connections, "max_connections_per_address": max_connections_per_address,
+        "header_timeout_s": header_timeout, "send_timeout_s": send_timeout,
+        "max_queued_bytes_per_connection": max_queued_bytes_per_connection,
         "log_level": log_level, "log_format": log_format, "allow_insecure_http": allow_insecure_http or None,
         "globus_client_id": globus_client_id, "globus_scope": globus_scope, "globus_auth_url": globus_auth_url,
         **{key: str(Path(value).resolve()) if value else None for key, value in paths.items()},
@@ -137,7 +149,8 @@ def service_start(
     _service_config(config, **flags)  # a mistake in the file or a flag is reported here, before anything starts
     args: list[str] = ["--config", str(config.resolve())] if config else []
     names = {"result_retention_s": "--result-retention", "uncollected_retention_s": "--uncollected-retention",
-             "purge_interval_s": "--purge-interval", "blob_orphan_s": "--blob-orphan-seconds"}
+             "purge_interval_s": "--purge-interval", "blob_orphan_s": "--blob-orphan-seconds",
+             "header_timeout_s": "--header-timeout", "send_timeout_s": "--send-timeout"}
     for key, value in flags.items():
         flag = names.get(key, "--" + key.replace("_", "-"))
         if value is True:

@@ -85,6 +85,7 @@ from .models import (
     WhoAmI,
 )
 from .models import error_responses as _errors
+from .outbound import DEFAULT_MAX_QUEUED, DEFAULT_SEND_TIMEOUT, Outbound
 from .relay import Relay, row_to_result
 from .sessions import ClientSession, EndpointSession
 from .store import EndpointIdTaken, Store, transitions
@@ -120,6 +121,10 @@ class Settings:
     replica_id: str | None = None
     #: threads (database connections) per process for a database other than SQLite
     db_threads: int = DEFAULT_DB_THREADS
+    #: bytes that may wait for one peer that reads slowly, and how long it may take one frame,
+    #: before it is dropped (service/outbound.py)
+    max_queued_bytes_per_connection: int = DEFAULT_MAX_QUEUED
+    send_timeout_s: float = DEFAULT_SEND_TIMEOUT
 
 
 def _b64(text: str, what: str) -> bytes:
@@ -127,22 +132,6 @@ def _b64(text: str, what: str) -> bytes:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise HTTPException(400, f"'{what}' must be base64") from None
-
-
-class _WSSender:
-    """Serialises concurrent sends on one WebSocket."""
-
-    def __init__(self, ws: WebSocket):
-        self.ws = ws
-        self.lock = asyncio.Lock()
-
-    async def send(self, frame: bytes) -> None:
-        async with self.lock:
-            await self.ws.send_bytes(frame)
-
-    async def close(self, code: int, reason: str) -> None:
-        async with self.lock:
-            await self.ws.close(code=code, reason=reason[:120])
 
 
 def _frame_bytes(message: dict[str, Any]) -> bytes | str | None:
@@ -443,6 +432,9 @@ def create_app(settings: Settings) -> FastAPI:
         return DASHBOARD_HTML
 
     # --- WebSockets ----------------------------------------------------------------------------
+    def outbound(ws: WebSocket, who: str) -> Outbound:
+        return Outbound(ws, settings.max_queued_bytes_per_connection, settings.send_timeout_s, who)
+
     async def refuse(ws: WebSocket, code: int, error_code: ErrorCode, message: str) -> None:
         await ws.accept()
         await ws.send_bytes(encode(Error(code=error_code, message=message, fatal=True)))
@@ -457,7 +449,7 @@ def create_app(settings: Settings) -> FastAPI:
                          "invalid or missing token: authentication failed")
             return
         await ws.accept()
-        session = ClientSession(_WSSender(ws), user, token)
+        session = ClientSession(outbound(ws, f"client of {user}"), user, token)
         await relay.client_connected(session)
         try:
             await session.send(encode(Welcome(user_id=user, max_payload=settings.max_payload_bytes,
@@ -480,7 +472,7 @@ def create_app(settings: Settings) -> FastAPI:
                          "deleted); re-register with 'tether endpoint start'")
             return
         await ws.accept()
-        session = EndpointSession(_WSSender(ws), ep, settings.prefetch)
+        session = EndpointSession(outbound(ws, f"endpoint {ep['id']}"), ep, settings.prefetch)
         try:
             first = await ws.receive()
             if first["type"] == "websocket.disconnect":

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import uvicorn
 from sqlalchemy.exc import OperationalError
+from uvicorn.config import HTTP_PROTOCOLS, WS_PROTOCOLS
+from uvicorn.importer import import_from_string
 
 from tether.config import service_file, tether_home, write_secret
 from tether.errors import ConfigError
@@ -23,6 +25,7 @@ from tether.protocol import DEFAULT_PREFETCH, service_max_frame
 
 from .app import Settings, create_app
 from .auth import GlobusSettings
+from .connections import ConnectionLimits, guarded_protocols
 from .schema import SchemaError, ensure_schema
 from .settings import ServiceConfig, redact, service_config
 from .store import make_engine
@@ -44,6 +47,15 @@ def _ws_implementation() -> str:
     except ImportError:
         return "websockets"
     return "websockets-sansio"
+
+
+def _http_implementation() -> type:
+    """uvicorn's HTTP protocol class: httptools where installed, h11 otherwise (as uvicorn picks)."""
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return import_from_string(HTTP_PROTOCOLS["h11"])
+    return import_from_string(HTTP_PROTOCOLS["httptools"])
 
 
 def serve(cfg: ServiceConfig) -> None:
@@ -98,7 +110,8 @@ def serve(cfg: ServiceConfig) -> None:
     settings = Settings(db_url=db_url, globus=globus, broker_url=cfg.broker_url, replica_id=cfg.replica_id)
     for name in ("max_payload_bytes", "prefetch", "max_open_tasks_per_user", "result_retention_s",
                  "uncollected_retention_s", "purge_interval_s", "db_threads", "blob_threshold_bytes",
-                 "max_blob_bytes", "blob_quota_bytes", "blob_orphan_s"):
+                 "max_blob_bytes", "blob_quota_bytes", "blob_orphan_s", "send_timeout_s",
+                 "max_queued_bytes_per_connection"):
         value = getattr(cfg, name)
         if value is not None:
             setattr(settings, name, value)
@@ -132,11 +145,20 @@ def serve(cfg: ServiceConfig) -> None:
         info["ca_file"] = str(Path(cfg.tls_ca).resolve())
     write_secret(service_file(), json.dumps(info))
 
+    limits = ConnectionLimits()
+    for name, key in (("max_connections", "max_connections"), ("max_per_address", "max_connections_per_address"),
+                      ("header_timeout_s", "header_timeout_s")):
+        if getattr(cfg, key) is not None:
+            setattr(limits, name, getattr(cfg, key))
+    limits.fit_to_descriptors()
+    http_protocol, ws_protocol = guarded_protocols(limits, _http_implementation(),
+                                                   import_from_string(WS_PROTOCOLS[_ws_implementation()]))
     config = uvicorn.Config(
         app,
+        http=http_protocol,
         log_level=cfg.log_level,
         log_config=None,  # uvicorn's loggers go through ours (text or JSON, see tether.logs)
-        ws=_ws_implementation(),
+        ws=ws_protocol,
         ws_max_size=service_max_frame(settings.max_payload_bytes),  # what the Welcome announces
         ws_ping_interval=20,
         ws_ping_timeout=60,
@@ -188,6 +210,16 @@ def parser() -> argparse.ArgumentParser:
                    help="bytes of blobs one user may have stored at once (default 100 GiB)")
     p.add_argument("--blob-orphan-seconds", type=float, default=None, dest="blob_orphan_s",
                    help="a blob no task names is deleted this long after it was declared (default 3600)")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help="connections held at once, in all (default 2048, and below the open-file limit)")
+    p.add_argument("--max-connections-per-address", type=int, default=None,
+                   help="connections held at once from one address (default 256; 0: no cap, as behind a balancer)")
+    p.add_argument("--header-timeout", type=float, default=None, metavar="SECONDS", dest="header_timeout_s",
+                   help="a connection that sends no complete request headers in this time is dropped (default 10)")
+    p.add_argument("--send-timeout", type=float, default=None, metavar="SECONDS", dest="send_timeout_s",
+                   help="a peer that takes no frame in this time is dropped (default 30)")
+    p.add_argument("--max-queued-bytes-per-connection", type=int, default=None,
+                   help="bytes that may wait for a peer that reads slowly before it is dropped (default 64 MiB)")
     p.add_argument("--tls-cert", default=None)
     p.add_argument("--tls-key", default=None)
     p.add_argument("--tls-ca", default=None)

@@ -53,6 +53,12 @@ SCHEMA: dict[str, Any] = {
         "max_blob_bytes": {"type": "integer", "minimum": 1},
         "blob_quota_bytes": {"type": "integer", "minimum": 1},
         "blob_orphan_s": {"type": "number", "exclusiveMinimum": 0},
+        # connections (docs/security.md, "Limits")
+        "max_connections": {"type": "integer", "minimum": 16},
+        "max_connections_per_address": {"type": "integer", "minimum": 0},
+        "header_timeout_s": {"type": "number", "exclusiveMinimum": 0},
+        "send_timeout_s": {"type": "number", "exclusiveMinimum": 0},
+        "max_queued_bytes_per_connection": {"type": "integer", "minimum": 65536},
         "log_level": {"enum": ["debug", "info", "warning", "error", "critical"]},
         "log_format": {"enum": ["text", "json"]},
         "allow_insecure_http": {"type": "boolean"},
@@ -108,6 +114,12 @@ class ServiceConfig:
     max_blob_bytes: int | None = None
     blob_quota_bytes: int | None = None
     blob_orphan_s: float | None = None
+    #: connections: caps in all and per address, how long headers may take, how far a peer may lag
+    max_connections: int | None = None
+    max_connections_per_address: int | None = None
+    header_timeout_s: float | None = None
+    send_timeout_s: float | None = None
+    max_queued_bytes_per_connection: int | None = None
     log_level: str = "warning"
     log_format: str | None = None
     allow_insecure_http: bool = False

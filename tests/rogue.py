@@ -70,8 +70,13 @@ class RawPeer:
         _, before = self.recv_until(lambda m: isinstance(m, Error) and marker in (m.ids or []))
         return before
 
+    def stop_reading(self) -> None:
+        """Leave what the service sends in the socket, as a peer that stopped reading does."""
+        self._loop.call_soon_threadsafe(self.ws.transport.pause_reading)
+
     def closed(self, timeout: float = 30) -> ConnectionClosed:
-        """Wait until the service closes the connection; return how."""
+        """Wait until the service closes the connection (reading what it sent before); return how."""
+        self._loop.call_soon_threadsafe(self.ws.transport.resume_reading)
         try:
             while True:
                 self._run(asyncio.wait_for(self.ws.recv(), timeout), timeout + 5)

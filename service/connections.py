@@ -1,0 +1,147 @@
+"""Limits at the transport, before any request is parsed: how many connections the service
+holds (in all and per address) and how long a connection may take to send its headers.
+
+uvicorn reads headers for as long as a peer cares to trickle them, and accepts connections
+until the process runs out of file descriptors: 1,100 half-open connections (slowloris) made
+``/healthz`` time out for everyone. Its protocol classes are the one place that sees every
+connection from its first byte, so the service runs them through :func:`guarded_protocols`,
+which adds three checks and nothing else:
+
+* a connection past ``max_connections`` in all, or ``max_connections_per_address`` from one
+  address, is answered ``503`` and closed at once;
+* a connection that has not completed a request's headers within ``header_timeout_s`` (since it
+  opened or since its previous request) is dropped; an upgraded WebSocket is left alone (its
+  pings find dead peers);
+* a WebSocket's ASGI scope carries the transport's ``abort`` and its write-buffer size
+  (``scope["extensions"]["tether.transport"]``), so a session can drop a peer that stopped
+  reading without waiting on it (see ``outbound.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("tether.service.connections")
+
+#: what a refused connection is told before it is closed
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+         b"Retry-After: 5\r\nContent-Length: %d\r\n\r\n%s")
+#: the key of the transport's hooks in a WebSocket's ASGI scope
+SCOPE_KEY = "tether.transport"
+#: file descriptors kept for the database, blob files and logs beyond the connection cap
+_RESERVED_FDS = 64
+
+
+@dataclass
+class ConnectionLimits:
+    """The caps, and the connections counted against them (one event loop: no locking)."""
+
+    max_connections: int = 2048
+    max_per_address: int = 256  # 0: no cap (behind a balancer every peer has its address)
+    header_timeout_s: float = 10.0
+    _open: dict[int, str] = field(default_factory=dict)  # id(transport) -> peer address
+    _per_address: dict[str, int] = field(default_factory=dict)
+
+    def fit_to_descriptors(self) -> None:
+        """Raise this process's open-file limit to its hard limit and keep the cap below it, so
+        the cap answers before ``accept`` fails with "out of system resource"."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+            except (ValueError, OSError):
+                pass
+        room = soft - _RESERVED_FDS
+        if room < self.max_connections:
+            log.warning("max_connections %d lowered to %d: the process may open %d files (ulimit -n)",
+                        self.max_connections, max(room, 16), soft)
+            self.max_connections = max(room, 16)
+
+    @property
+    def open_count(self) -> int:
+        return len(self._open)
+
+    def admit(self, transport: asyncio.BaseTransport) -> str | None:
+        """Count a new connection; None if admitted, else why not (in words)."""
+        peer = transport.get_extra_info("peername")
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        if len(self._open) >= self.max_connections:
+            return f"the service holds its most connections ({self.max_connections}); try again shortly"
+        if self.max_per_address and self._per_address.get(address, 0) >= self.max_per_address:
+            return f"{address} holds its most connections ({self.max_per_address}); close some and try again"
+        self._open[id(transport)] = address
+        self._per_address[address] = self._per_address.get(address, 0) + 1
+        return None
+
+    def release(self, transport: asyncio.BaseTransport | None) -> None:
+        """Uncount a connection (idempotent: its HTTP and WebSocket protocols may both say so)."""
+        address = self._open.pop(id(transport), None)
+        if address is None:
+            return
+        left = self._per_address[address] - 1
+        if left:
+            self._per_address[address] = left
+        else:
+            del self._per_address[address]
+
+
+def guarded_protocols(limits: ConnectionLimits, http_base: type, ws_base: type) -> tuple[type, type]:
+    """uvicorn's HTTP and WebSocket protocol classes with the limits above (see the docstring)."""
+
+    class GuardedHTTP(http_base):  # type: ignore[misc, valid-type]
+        _tether_timer: asyncio.TimerHandle | None = None
+        _tether_seen: Any = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            refusal = limits.admit(transport)
+            if refusal is not None:
+                body = refusal.encode()
+                transport.write(_BUSY % (len(body), body))  # type: ignore[attr-defined]
+                transport.close()
+                return
+            self._tether_arm()
+
+        def _tether_arm(self) -> None:
+            self._tether_seen = self.cycle
+            self._tether_timer = self.loop.call_later(limits.header_timeout_s, self._tether_check)
+
+        def _tether_check(self) -> None:
+            """Drop the connection unless a request's headers arrived since the timer was set
+            (or one is still being answered); re-arm otherwise."""
+            self._tether_timer = None
+            transport = self.transport
+            if transport.is_closing() or transport.get_protocol() is not self:  # closed, or upgraded
+                return
+            busy = self.cycle is not None and not self.cycle.response_complete
+            if not busy and self.cycle is self._tether_seen:
+                log.info("dropping a connection from %s: no complete request headers in %.0f s",
+                         (self.client or ("?",))[0], limits.header_timeout_s)
+                transport.abort()
+                return
+            self._tether_arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._tether_timer is not None:
+                self._tether_timer.cancel()
+            limits.release(getattr(self, "transport", None))
+            super().connection_lost(exc)
+
+    class GuardedWebSocket(ws_base):  # type: ignore[misc, valid-type]
+        async def run_asgi(self) -> None:
+            transport = self.transport
+            self.scope.setdefault("extensions", {})[SCOPE_KEY] = {
+                "abort": transport.abort, "buffered": transport.get_write_buffer_size}
+            await super().run_asgi()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            limits.release(getattr(self, "transport", None))
+            super().connection_lost(exc)
+
+    return GuardedHTTP, GuardedWebSocket

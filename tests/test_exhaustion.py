@@ -1,0 +1,185 @@
+"""Resource exhaustion (issue 17): one tenant tries to slow, starve or block the others.
+
+Each test runs an attack against a real service over real sockets and measures a bystander
+meanwhile: another tenant's submit round trip and ``/healthz`` stay under 0.5 s at p99, and the
+service's memory stays within a stated bound. The service in each test has limits of its own,
+set low through its flags so an attack reaches them in seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from tether import Executor
+from tether.local import LocalStack, local_stack
+from tether.protocol import CLOSE_AUTH_FAILED, Subscribe
+
+import helpers
+from conftest import database_env, wait_for
+from rogue import raw_client
+
+#: p99 of a bystander's round trip (submit -> result, then /healthz) while an attack runs
+BYSTANDER_P99_S = 0.5
+
+
+def _cli(stack: LocalStack, *args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "tether.cli", *args], env=stack.env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def _user(stack: LocalStack, name: str) -> dict[str, str]:
+    """A new user of ``stack``'s service: {user_id, name, token}."""
+    return json.loads(_cli(stack, "service", "user-add", name, "--json"))
+
+
+def _bystander_p99(stack: LocalStack, ex: Executor, rounds: int = 30) -> float:
+    """Another tenant's worst-but-one round trip: a task's result, then the health check."""
+    times = []
+    with httpx.Client(base_url=stack.service_url, trust_env=False, timeout=10) as http:
+        for i in range(rounds):
+            t0 = time.perf_counter()
+            assert ex.submit(helpers.square, i).result(timeout=30) == i * i
+            assert http.get("/healthz").status_code == 200
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[int(0.99 * (len(times) - 1))]
+
+
+def _service_log(stack: LocalStack) -> str:
+    return (Path(stack.home) / "service.log").read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def _stack(tmp_path: Path, *service_args: str) -> Iterator[tuple[LocalStack, Executor]]:
+    """A stack whose service has the limits given, and a bystander's executor on it."""
+    with database_env() as db, local_stack(tmp_path / "home", engine="process", workers=2,
+                                           service_args=service_args, env=db) as stack, \
+            Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token) as ex:
+        assert ex.submit(helpers.square, 2).result(timeout=60) == 4  # warm: workers loaded
+        yield stack, ex
+
+
+def _flood_unread(peer, frames: int, ids_per_frame: int = 10_000) -> None:
+    """Make the service answer ``frames`` x ~400 KB to ``peer``, which stopped reading: each
+    subscribe for unknown ids is answered by an error frame that lists them."""
+    peer.stop_reading()
+    try:
+        for n in range(frames):
+            peer.send(Subscribe(ids=[f"{n:04d}-{uuid.uuid4()}" for _ in range(ids_per_frame)]))
+    except ConnectionClosed:
+        pass  # dropped already
+
+
+@pytest.mark.timeout(180)
+def test_a_client_that_stops_reading_is_dropped_without_growing_the_service(tmp_path: Path) -> None:
+    """Mallory asks for answers and never reads them: once 2 MiB wait for her the service drops
+    her connection, having grown by no more than that and the socket's buffers; a bystander
+    never notices."""
+    with _stack(tmp_path, "--max-queued-bytes-per-connection", str(2 << 20)) as (stack, bystander):
+        service = psutil.Process(stack.service_pid())
+        rss_before = service.memory_info().rss
+        user = _user(stack, "mallory")
+        mallory = raw_client(stack.service_url, user["token"])
+        try:
+            _flood_unread(mallory, frames=60)
+            wait_for(lambda: f"dropping client of {user['user_id']}: it stopped reading" in _service_log(stack),
+                     timeout=60, what="the service to drop the client that stopped reading")
+            assert isinstance(mallory.closed(timeout=20), ConnectionClosed)
+            grown = service.memory_info().rss - rss_before
+            assert grown < 96 << 20, f"the service grew by {grown >> 20} MiB for a client that stopped reading"
+            assert _bystander_p99(stack, bystander) < BYSTANDER_P99_S
+        finally:
+            mallory.close()
+
+
+@pytest.mark.timeout(180)
+def test_closing_a_connection_never_waits_on_a_peer_that_stopped_reading(tmp_path: Path) -> None:
+    """Mallory's answers are stuck in her socket (well under the queue's bound, so she is not
+    dropped for it) when her token and Bob's are revoked: Bob's connection closes within the
+    credential check's second, and so does hers, not after a send deadline."""
+    with _stack(tmp_path) as (stack, bystander):
+        mallory = raw_client(stack.service_url, _user(stack, "mallory")["token"])
+        bob = raw_client(stack.service_url, _user(stack, "bob")["token"])
+        try:
+            _flood_unread(mallory, frames=60)  # ~24 MB: past any socket buffers, under 64 MiB
+            t0 = time.monotonic()
+            _cli(stack, "service", "token-revoke", "mallory")
+            _cli(stack, "service", "token-revoke", "bob")
+            closed = bob.closed(timeout=20)
+            assert closed.rcvd is not None and closed.rcvd.code == CLOSE_AUTH_FAILED
+            assert time.monotonic() - t0 < 4.5, "closing Bob's connection waited on Mallory's"
+            assert isinstance(mallory.closed(timeout=20), ConnectionClosed)  # ended, not still fed
+            assert time.monotonic() - t0 < 25
+            assert _bystander_p99(stack, bystander) < BYSTANDER_P99_S
+        finally:
+            mallory.close()
+            bob.close()
+
+
+def _half_open(source: str, port: int, count: int) -> list[socket.socket]:
+    """``count`` connections from ``source`` that start a request and never finish its headers."""
+    socks = []
+    for _ in range(count):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind((source, 0))
+        s.settimeout(15)
+        s.connect(("127.0.0.1", port))
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: tether\r\nX-Slow: ")
+        socks.append(s)
+    return socks
+
+
+def _answer(s: socket.socket) -> bytes:
+    """What the service sent before it closed this connection (b'' if it just dropped it)."""
+    chunks = []
+    try:
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks)
+
+
+@pytest.mark.timeout(120)
+def test_half_open_connections_are_capped_per_address_and_timed_out(tmp_path: Path) -> None:
+    """Slowloris from 127.0.0.2: past 40 connections the service answers 503 at once; the 40 it
+    holds are dropped when their headers are 3 s late. The bystander (127.0.0.1) never waits."""
+    with _stack(tmp_path, "--max-connections-per-address", "40", "--header-timeout", "3") as (stack, bystander):
+        _slowloris(stack, bystander)
+
+
+def _slowloris(limited: LocalStack, bystander: Executor) -> None:
+    port = int(limited.service_url.rsplit(":", 1)[1])
+    socks = _half_open("127.0.0.2", port, 100)
+    try:
+        assert _bystander_p99(limited, bystander, rounds=15) < BYSTANDER_P99_S
+        t0 = time.monotonic()
+        answers = [_answer(s) for s in socks]
+        refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+        assert len(refused) == 60, [a[:80] for a in answers[:3]]
+        assert b"127.0.0.2 holds its most connections (40)" in refused[0]
+        assert all(a == b"" for a in answers if a not in refused)  # held, then dropped: no answer
+        assert time.monotonic() - t0 < 10
+        assert _bystander_p99(limited, bystander, rounds=15) < BYSTANDER_P99_S
+    finally:
+        for s in socks:
+            s.close()
+    # the address may connect again once its connections are gone
+    with httpx.Client(base_url=limited.service_url, trust_env=False, timeout=10,
+                      transport=httpx.HTTPTransport(local_address="127.0.0.2")) as http:
+        assert http.get("/healthz").status_code == 200
