@@ -35,7 +35,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, Response
-from sqlalchemy import and_, delete, exists, func, select, update
+from sqlalchemy import and_, bindparam, delete, exists, func, select, update
 from starlette.requests import ClientDisconnect
 
 from tether.ids import child_path
@@ -52,6 +52,7 @@ log = logging.getLogger("tether.service.blobs")
 DEFAULT_MAX_BLOB = 16 * 1024**3
 DEFAULT_QUOTA = 100 * 1024**3
 DEFAULT_ORPHAN_S = 3600.0
+_STORED_BYTES = select(func.coalesce(func.sum(blobs.c.size), 0)).where(blobs.c.owner_id == bindparam("owner"))
 
 RESERVED, UPLOADING, COMPLETE = "reserved", "uploading", "complete"
 
@@ -104,8 +105,7 @@ class BlobIndex:
 
     def stored_bytes(self, owner: str) -> int:
         with self.store.transaction() as conn:
-            return int(conn.execute(select(func.coalesce(func.sum(blobs.c.size), 0))
-                                    .where(blobs.c.owner_id == owner)).scalar_one())
+            return int(conn.execute(_STORED_BYTES, {"owner": owner}).scalar_one())
 
     def reserve(self, who: Principal, body: BlobCreate) -> Any:
         """Check the limits on the declared size and record the blob (no bytes yet)."""
@@ -120,15 +120,18 @@ class BlobIndex:
         if body.size > self.max_blob:
             raise HTTPException(413, f"a blob of {body.size} bytes is over this service's limit of {self.max_blob} "
                                      "bytes per blob (--max-blob-bytes)")
-        used = self.stored_bytes(owner)
-        if used + body.size > self.quota:
-            raise HTTPException(429, f"storing {body.size} more bytes would take you over your quota of "
-                                     f"{self.quota} stored bytes ({used} in use); wait for results to be collected "
-                                     "and expire, or ask the service's operator for a larger --blob-quota-bytes")
         blob_id = str(uuid.uuid4())
         row = {"id": blob_id, "owner_id": owner, "uploader": who.uploader, "size": body.size, "sha256": body.sha256,
                "state": RESERVED, "created_at": time.time(), "linked": body.task_id is not None}
         with self.store.transaction() as conn:
+            # the check and the insert are one step (concurrent uploads cannot all fit one gap)
+            self.store.lock_owner(conn, owner, "blobs")
+            used = int(conn.execute(_STORED_BYTES, {"owner": owner}).scalar_one())
+            if used + body.size > self.quota:
+                raise HTTPException(429, f"storing {body.size} more bytes would take you over your quota of "
+                                         f"{self.quota} stored bytes ({used} in use); wait for results to be "
+                                         "collected and expire, or ask the service's operator for a larger "
+                                         "--blob-quota-bytes")
             conn.execute(blobs.insert().values(**row))
             if body.task_id is not None:
                 conn.execute(task_blobs.insert().values(task_id=body.task_id, blob_id=blob_id, role="result"))

@@ -120,6 +120,8 @@ class Relay:
         self.db = db
         self.max_open_per_user = max_open_per_user
         self._open_counts: dict[str, tuple[int, float]] = {}  # user -> (open tasks, when counted)
+        #: user -> [lock, submissions holding or awaiting it], while any is here
+        self._quota_locks: dict[str, list[Any]] = {}
         self.bus = bus or LocalBus()
         self.replicated = self.bus.remote
         self._user_sessions: dict[str, int] = defaultdict(int)  # connected client sessions per user
@@ -418,19 +420,15 @@ class Relay:
         rows: dict[str, dict[str, Any] | None] = {}  # endpoint rows this submission needs, read once each
         candidates, rejected, bodies = await self.validate_submission(user_id, msg, rows)
         await self.db.add_functions(user_id, bodies)
-        candidates = await self._within_quota(user_id, candidates, rejected)
         user_endpoints = await self._route_to_user_endpoints(user_id, candidates, rows)
         # stored before anything else sees it: a result can never overtake its task
-        inserted, resubmitted, taken = await self.db.insert_tasks(user_id, candidates, received)
+        inserted, resubmitted, taken = await self._insert_within_quota(user_id, candidates, rejected, received)
         if self.blobs is not None:
             await self.blobs.link([t for t in inserted if t.blobs])
         for tid in taken:
             rejected[tid] = Refusal(ErrorCode.ID_CONFLICT, f"task id {tid} is already in use; task ids must be "
                                     "unique (let the client make them: it uses random uuids)")
         self.counters["submitted"] += len(inserted)
-        if user_id in self._open_counts:
-            count, counted_at = self._open_counts[user_id]
-            self._open_counts[user_id] = (count + len(inserted), counted_at)
         by_endpoint: dict[str, list[Task]] = defaultdict(list)
         for t in inserted:
             by_endpoint[t.endpoint].append(t)
@@ -455,27 +453,51 @@ class Relay:
                 await self._send_current(session, await self.db.get_tasks(user_id, resubmitted))
         return ack
 
-    async def _within_quota(self, user_id: str, batch: list[Task], rejected: dict[str, Refusal]) -> list[Task]:
-        """The tasks of ``batch`` that fit the user's quota of open tasks; the rest are refused in
-        words. The count is the store's, re-read every QUOTA_RECOUNT_S and whenever the limit is
-        near (so replicas, each with its own count, agree where it matters)."""
+    async def _insert_within_quota(self, user_id: str, batch: list[Task], rejected: dict[str, Refusal],
+                                   received: float) -> tuple[list[Task], list[str], list[str]]:
+        """Store the tasks of ``batch`` that fit the user's quota of open tasks (``insert_tasks``'
+        answer); the rest are refused in words.
+
+        One user's submissions pass here one at a time on this replica, so the count kept here
+        (the store's, plus what was inserted since) is exact for this process; it is re-read
+        every QUOTA_RECOUNT_S. Once a batch would take the user past half the quota, the store
+        counts and inserts in one transaction under the user's lock, which holds across
+        replicas. Far from the limit nothing is counted per submission (a count reads every
+        open task of the user).
+        """
         limit = self.max_open_per_user
         if limit is None or not batch:
-            return batch
-        count, counted_at = self._open_counts.get(user_id, (0, -QUOTA_RECOUNT_S))
-        if time.monotonic() - counted_at >= QUOTA_RECOUNT_S or count + len(batch) > limit:
-            count = await self.db.count_open(user_id)
-            self._open_counts[user_id] = (count, time.monotonic())
-        room = max(0, limit - count)
-        if len(batch) <= room:
-            return batch
-        self.counters["refused_quota"] += len(batch) - room
-        refusal = Refusal(ErrorCode.QUOTA_EXCEEDED,
-                          f"you have {count} tasks waiting or running, and this service allows {limit} per user: "
-                          "wait for some to finish (or cancel some), then submit again")
-        for t in batch[room:]:
-            rejected[t.id] = refusal
-        return batch[:room]
+            return await self.db.insert_tasks(user_id, batch, received)
+        entry = self._quota_locks.get(user_id)
+        if entry is None:
+            entry = self._quota_locks[user_id] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                count, counted_at = self._open_counts.get(user_id, (0, -QUOTA_RECOUNT_S))
+                if time.monotonic() - counted_at >= QUOTA_RECOUNT_S:
+                    count = await self.db.count_open(user_id)
+                    counted_at = time.monotonic()
+                exact = count + len(batch) > limit // 2
+                inserted, resubmitted, taken = await self.db.insert_tasks(
+                    user_id, batch, received, max_open=limit if exact else None)
+                fitted = len(inserted) + len(resubmitted) + len(taken) == len(batch)
+                count = count + len(inserted) if fitted else limit  # refused ones met a full quota
+                self._open_counts[user_id] = (count, counted_at)
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._quota_locks[user_id]
+        settled = {t.id for t in inserted}.union(resubmitted, taken)
+        over = [t for t in batch if t.id not in settled]
+        if over:
+            self.counters["refused_quota"] += len(over)
+            refusal = Refusal(ErrorCode.QUOTA_EXCEEDED,
+                              f"you have {count} tasks waiting or running, and this service allows {limit} per "
+                              "user: wait for some to finish (or cancel some), then submit again")
+            for t in over:
+                rejected[t.id] = refusal
+        return inserted, resubmitted, taken
 
     async def _route_to_user_endpoints(self, user_id: str, batch: list[Task],
                                  rows: dict[str, dict[str, Any] | None]) -> set[str]:

@@ -38,6 +38,7 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    text,
     tuple_,
     update,
 )
@@ -202,6 +203,9 @@ _MARK_COLLECTED = (
     .where(and_(tasks.c.id.in_(_IDS), _owned_by(bindparam("owner")), tasks.c.collected_at.is_(None)))
     .values(collected_at=bindparam("now"))
 )
+_COUNT_OPEN = select(func.count()).select_from(tasks).where(and_(tasks.c.owner_id == bindparam("owner"), _OPEN))
+#: PostgreSQL: a lock held until the transaction ends, keyed by a 64-bit number (Store.lock_owner)
+_ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
 
 
 def _hash(secret: str) -> str:
@@ -310,6 +314,15 @@ class Store:
     def transaction(self) -> Any:
         """:meth:`_tx` for modules that keep tables of their own here (service/blobs.py)."""
         return self._tx()
+
+    def lock_owner(self, conn: Connection, owner: str, what: str) -> None:
+        """Hold ``owner``'s lock on ``what`` until this transaction ends, so a quota's check and
+        the insert it allows are one step for every replica. PostgreSQL: an advisory lock
+        (keyed by a hash of both); SQLite serialises writers itself and has one process."""
+        if self.engine.dialect.name != "postgresql":
+            return
+        key = int.from_bytes(hashlib.sha256(f"{what}:{owner}".encode()).digest()[:8], "big", signed=True)
+        conn.execute(_ADVISORY_LOCK, {"key": key})
 
     def _insert(self, table: Table, rows: list[dict[str, Any]], returning: Any = None) -> Any:
         """INSERT, skipping rows whose primary key exists; with ``returning``, the rows inserted.
@@ -558,13 +571,16 @@ class Store:
         return body
 
     # --- tasks -------------------------------------------------------------------------------
-    def insert_tasks(self, owner: str, batch: list[Any],
-                     now: float | None = None) -> tuple[list[Any], list[str], list[str]]:
+    def insert_tasks(self, owner: str, batch: list[Any], now: float | None = None,
+                     max_open: int | None = None) -> tuple[list[Any], list[str], list[str]]:
         """Store submitted tasks as waiting-for-endpoint, idempotently by task id.
 
         Returns (inserted tasks, ids the owner had already submitted, ids that belong to
         someone else). Only the first are new work; the second are a resubmission after a
         reconnect; the third are refused: an id is never merged into another owner's task.
+        With ``max_open``, the owner's open tasks are counted under the owner's lock in the
+        same transaction, and only the tasks that fit are inserted (the rest are neither of
+        the three: the caller refuses them): the quota holds however many replicas submit.
         """
         now = now or time.time()
         rows = [
@@ -586,6 +602,12 @@ class Store:
         if not rows:
             return [], [], []
         with self._tx() as conn:
+            if max_open is not None:
+                self.lock_owner(conn, owner, "tasks")
+                room = max(0, max_open - conn.execute(_COUNT_OPEN, {"owner": owner}).scalar_one())
+                batch, rows = batch[:room], rows[:room]
+                if not rows:
+                    return [], [], []
             inserted_ids = {r.id for r in self._insert(tasks, rows, returning=tasks.c.id)}
             existing = [t.id for t in batch if t.id not in inserted_ids]
             owners: dict[str, str] = {}
@@ -726,8 +748,7 @@ class Store:
     def count_open(self, owner: str) -> int:
         """How many of the owner's tasks have no result yet (waiting, dispatched or running)."""
         with self._tx() as conn:
-            return conn.execute(select(func.count()).select_from(tasks)
-                                .where(and_(tasks.c.owner_id == owner, _OPEN))).scalar_one()
+            return conn.execute(_COUNT_OPEN, {"owner": owner}).scalar_one()
 
     def finished_among(self, owner: str, ids: Sequence[str]) -> list[str]:
         """The owner's tasks among ``ids`` that have a result (ids only: a cheap check of what

@@ -5,7 +5,12 @@ fits is kept and runs."""
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
+import threading
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cloudpickle
@@ -17,7 +22,7 @@ from tether.local import local_stack
 from tether.serialize import function_id
 
 import helpers
-from conftest import database_env
+from conftest import database_env, needs_pg, pg_database
 
 LIMIT = 5
 
@@ -44,3 +49,53 @@ def test_tasks_over_a_users_quota_are_refused_in_words_and_the_rest_run(tmp_path
             stack.start_endpoint()  # what was accepted runs; once done, there is room again
             assert [f.result(timeout=60) for f in futures[:LIMIT]] == [i * i for i in range(LIMIT)]
             assert ex.submit(helpers.square, 12).result(timeout=60) == 144
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=needs_pg)])
+@pytest.mark.timeout(180)
+def test_concurrent_submissions_and_uploads_never_overshoot_a_quota(tmp_path: Path, backend: str) -> None:
+    """30 one-task submissions at once against a quota of 5 open tasks: exactly 5 are taken.
+    10 blob declarations of 300 kB at once against a quota of 1 MB: exactly 3. (The check and the
+    insert were separate steps, and on PostgreSQL 6 to 29 of the 30 got in.)"""
+    with contextlib.ExitStack() as cleanup:
+        env = {}
+        if backend == "postgres":
+            name = cleanup.enter_context(pg_database("tether_quota"))
+            env = {"TETHER_DB_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"}
+        stack = cleanup.enter_context(local_stack(
+            tmp_path / "home", workers=1, env=env,
+            service_args=("--max-open-tasks-per-user", str(LIMIT), "--blob-quota-bytes", "1000000")))
+        stack.stop_endpoint()  # what is accepted stays open
+        body = cloudpickle.dumps(helpers.square)
+        headers = {"Authorization": f"Bearer {stack.token}"}
+        with httpx.Client(base_url=stack.service_url, headers=headers, trust_env=False, timeout=60) as http:
+            http.post("/v1/functions", json={"function": base64.b64encode(body).decode()}).raise_for_status()
+
+        clients = [cleanup.enter_context(httpx.Client(base_url=stack.service_url, headers=headers, trust_env=False,
+                                                      timeout=60)) for _ in range(30)]
+        for c in clients:  # connected before the race starts, so the requests arrive together
+            c.get("/healthz").raise_for_status()
+
+        def at_once(request: Callable[[int], httpx.Response], n: int) -> list[int]:
+            start = threading.Barrier(n)
+
+            def one(i: int) -> int:
+                start.wait()
+                return request(i).status_code
+
+            with ThreadPoolExecutor(n) as pool:
+                return list(pool.map(one, range(n)))
+
+        def submit(i: int) -> httpx.Response:
+            task = {"task_id": str(uuid.uuid4()), "endpoint_id": stack.endpoint_id,
+                    "function_id": function_id(body), "payload": base64.b64encode(b"x").decode()}
+            return clients[i].post("/v1/tasks", json={"tasks": [task]})
+
+        def declare(i: int) -> httpx.Response:
+            blob = {"size": 300_000, "sha256": hashlib.sha256(str(i).encode()).hexdigest()}
+            return clients[i].post("/v1/blobs", json=blob)
+
+        codes = at_once(submit, 30)
+        assert sorted(set(codes)) == [200, 429] and codes.count(200) == LIMIT, codes
+        codes = at_once(declare, 10)
+        assert codes.count(429) == 7 and len([c for c in codes if c < 300]) == 3, codes
