@@ -103,10 +103,6 @@ class BlobIndex:
         with self.store.transaction() as conn:
             return conn.execute(select(blobs).where(blobs.c.id == blob_id)).first()
 
-    def stored_bytes(self, owner: str) -> int:
-        with self.store.transaction() as conn:
-            return int(conn.execute(_STORED_BYTES, {"owner": owner}).scalar_one())
-
     def reserve(self, who: Principal, body: BlobCreate) -> Any:
         """Check the limits on the declared size and record the blob (no bytes yet)."""
         owner = who.user_id

@@ -49,15 +49,6 @@ def _ws_implementation() -> str:
     return "websockets-sansio"
 
 
-def _http_implementation() -> type:
-    """uvicorn's HTTP protocol class: httptools where installed, h11 otherwise (as uvicorn picks)."""
-    try:
-        import httptools  # noqa: F401
-    except ImportError:
-        return import_from_string(HTTP_PROTOCOLS["h11"])
-    return import_from_string(HTTP_PROTOCOLS["httptools"])
-
-
 def serve(cfg: ServiceConfig) -> None:
     """Serve until SIGTERM/SIGINT. The embedded default needs nothing but a writable TETHER_HOME.
 
@@ -151,7 +142,7 @@ def serve(cfg: ServiceConfig) -> None:
         if getattr(cfg, key) is not None:
             setattr(limits, name, getattr(cfg, key))
     limits.fit_to_descriptors()
-    http_protocol, ws_protocol = guarded_protocols(limits, _http_implementation(),
+    http_protocol, ws_protocol = guarded_protocols(limits, import_from_string(HTTP_PROTOCOLS["auto"]),
                                                    import_from_string(WS_PROTOCOLS[_ws_implementation()]))
     config = uvicorn.Config(
         app,

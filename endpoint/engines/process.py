@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import fcntl
 import logging
 import multiprocessing
 import os
@@ -47,7 +48,6 @@ DEFAULT_PREFETCH = 8
 
 #: bytes a task pipe holds before writes wait (Linux lets an unprivileged process ask for 1 MiB)
 PIPE_BYTES = 1 << 20
-_F_SETPIPE_SZ = 1031  # fcntl's constant on Linux; Python names it only from 3.10 on some builds
 
 
 def frame(message: Any, into: bytearray) -> None:
@@ -110,10 +110,8 @@ class ProcessEngine(Engine):
         tasks_out.close()
         os.set_blocking(tasks_fd, False)
         try:  # fewer partial writes for large arguments; the default (64 KiB) works too
-            import fcntl
-
-            fcntl.fcntl(tasks_fd, _F_SETPIPE_SZ, PIPE_BYTES)
-        except (ImportError, OSError):
+            fcntl.fcntl(tasks_fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        except (AttributeError, OSError):  # not Linux
             pass
         worker = _Worker(proc, results_in, tasks_fd, gate, started, floor)
         self.loop.add_reader(results_in.fileno(), self._readable, worker)
