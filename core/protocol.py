@@ -90,6 +90,7 @@ class ErrorCode(StrEnum):
     INVALID_REQUEST = "invalid_request"
     USER_ENDPOINT_FAILED = "user_endpoint_failed"  # a multi-user endpoint could not start the user's endpoint
     QUOTA_EXCEEDED = "quota_exceeded"  # a per-user limit of the service (tasks waiting or running)
+    NOT_ADMITTED = "not_admitted"  # a multi-user endpoint's policy no longer admits the user
 
 
 # --- field types ------------------------------------------------------------------------------

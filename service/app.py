@@ -86,7 +86,7 @@ from .models import (
 )
 from .models import error_responses as _errors
 from .outbound import DEFAULT_MAX_QUEUED, DEFAULT_SEND_TIMEOUT, Outbound
-from .relay import Relay, row_to_result
+from .relay import Relay, not_admitted_message, row_to_result
 from .sessions import ClientSession, EndpointSession
 from .store import EndpointIdTaken, Store, transitions
 
@@ -335,6 +335,7 @@ def create_app(settings: Settings) -> FastAPI:
         if not ep.get("multi_user"):
             raise HTTPException(409, f"endpoint {endpoint_id} is not a multi-user endpoint; only those have a policy")
         await db.set_policy(endpoint_id, body.model_dump())
+        await relay.enforce_policy(endpoint_id)
         return body
 
     @app.get("/v1/endpoints/{endpoint_id}/user_endpoints", response_model=list[UserEndpointInfo],
@@ -466,6 +467,10 @@ def create_app(settings: Settings) -> FastAPI:
         secret = bearer(ws.headers.get("authorization"))
         endpoint_id = ws.headers.get("x-tether-endpoint", "")
         ep = await db.endpoint_by_secret(endpoint_id, secret) if secret and endpoint_id else None
+        if ep is not None and ep["parent_id"] and not await relay.parent_admits(ep, await db.get_endpoint(
+                ep["parent_id"])):
+            await refuse(ws, CLOSE_AUTH_FAILED, ErrorCode.AUTH_FAILED, not_admitted_message(ep["parent_id"]))
+            return
         if ep is None:
             await refuse(ws, CLOSE_AUTH_FAILED, ErrorCode.AUTH_FAILED,
                          f"endpoint {endpoint_id[:64] or '?'}: invalid credential (wrong, rotated, or the endpoint was "

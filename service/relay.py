@@ -351,7 +351,7 @@ class Relay:
         """Why ``user_id`` may not send tasks to ``endpoint_id``, or None if they may: it is
         theirs, or a multi-user endpoint whose policy admits them."""
         session = self.endpoints.get(endpoint_id)
-        if session is not None and session.owner_id == user_id and not session.multi_user:
+        if session is not None and session.owner_id == user_id and not session.multi_user and not session.parent_id:
             return None
         ep = await self._row(rows, endpoint_id)
         if ep is None or not (ep["owner_id"] == user_id or await self.admits(user_id, ep)):
@@ -359,7 +359,36 @@ class Relay:
                            f"unknown endpoint {endpoint_id}: no endpoint with this id is visible to you")
         if ep["deleted_at"] is not None:
             return Refusal(ErrorCode.ENDPOINT_DELETED, f"endpoint {endpoint_id} was deleted by its owner")
+        if ep["parent_id"] and not await self.parent_admits(ep, await self._row(rows, ep["parent_id"])):
+            return Refusal(ErrorCode.NOT_ADMITTED, not_admitted_message(ep["parent_id"]))
         return None
+
+    async def parent_admits(self, child: dict[str, Any], parent: dict[str, Any] | None) -> bool:
+        """Whether a user endpoint may still serve its owner: its multi-user endpoint exists and
+        its owner is that endpoint's owner or admitted by its policy (asked on every submission
+        and every connection, so removing a user from ``allowed_users`` holds on every path)."""
+        return parent is not None and parent["deleted_at"] is None and (
+            parent["owner_id"] == child["owner_id"] or await self.admits(child["owner_id"], parent))
+
+    async def enforce_policy(self, parent_id: str) -> int:
+        """After a multi-user endpoint's policy changed: the user endpoints of users it no longer
+        admits lose their credential and their connection (the process exits), and their open
+        tasks fail saying why. Returns how many user endpoints were stopped."""
+        parent = await self.db.get_endpoint(parent_id)
+        stopped = 0
+        for child in await self.db.user_endpoints(parent_id):
+            if await self.parent_admits(child, parent):
+                continue
+            stopped += 1
+            await self.db.void_secret(child["id"])
+            why = not_admitted_message(parent_id)
+            error = {"type": "NotAdmitted", "code": ErrorCode.NOT_ADMITTED.value, "message": why}
+            rows = await self.db.fail_open_tasks(child["id"], error)
+            await self.disconnect_endpoint(child["id"], CLOSE_AUTH_FAILED, why)
+            await self._announcefailed_result(rows, error)
+            log.info("multi-user endpoint %s no longer admits %s: user endpoint %s stopped, %d open task(s) failed",
+                     parent_id, child["owner_id"], child["id"], len(rows))
+        return stopped
 
     async def admits(self, user_id: str, ep: dict[str, Any]) -> bool:
         """Whether a multi-user endpoint's policy lets ``user_id`` (or their name) send it tasks."""
@@ -982,6 +1011,12 @@ class Relay:
         return len(rows)
 
 
+def not_admitted_message(parent_id: str) -> str:
+    """Why a user endpoint or task is refused once its owner is out of the parent's policy."""
+    return (f"multi-user endpoint {parent_id} no longer admits you: its owner removed you from its allowed_users; "
+            "ask them to add you again")
+
+
 def _loads(text: str | None) -> Any:
     return json.loads(text) if text else None
 
@@ -996,4 +1031,4 @@ def row_to_result(row: Any) -> Result:
     return Result(id=row.id, state=row.state, data=row.result, error=error, times=transitions(row))
 
 
-__all__ = ["MAX_IDS", "Relay", "row_to_result"]
+__all__ = ["MAX_IDS", "Relay", "not_admitted_message", "row_to_result"]

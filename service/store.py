@@ -467,6 +467,11 @@ class Store:
             conn.execute(update(endpoints).where(endpoints.c.id == endpoint_id).values(secret_hash=_hash(secret)))
         return secret
 
+    def void_secret(self, endpoint_id: str) -> None:
+        """Make an endpoint's credential useless until a new one is issued (``new_secret``)."""
+        with self._tx() as conn:
+            conn.execute(update(endpoints).where(endpoints.c.id == endpoint_id).values(secret_hash="revoked"))
+
     def set_local_user(self, endpoint_id: str, local_user: str) -> None:
         with self._tx() as conn:
             conn.execute(update(endpoints).where(endpoints.c.id == endpoint_id).values(local_user=local_user))

@@ -20,7 +20,7 @@ import psutil
 import pytest
 import yaml
 
-from tether import Client, Executor, TaskFailed
+from tether import Client, Executor, TaskFailed, TetherError
 from tether.local import LocalStack
 from tether.protocol import Error, ErrorCode, Subscribe
 
@@ -199,3 +199,41 @@ def test_values_cannot_inject_yaml(tmp_path: Path) -> None:
     text = render("engine:\n  type: htex\n  partition: {{ partition }}\n", {"partition": "debug\nengine: {type: x}"},
                   account, {"id": str(uuid.uuid4()), "username": "someone"}, "cluster")
     assert yaml.safe_load(text) == {"engine": {"type": "htex", "partition": "debug\nengine: {type: x}"}}
+
+
+def test_a_user_removed_from_the_policy_is_refused_everywhere_below_it(stack, cluster) -> None:
+    """Issue 17, item 2: the owner takes bob off ``allowed_users``. His running task fails saying
+    why, his user endpoint process ends, and he is refused both at the multi-user endpoint and at
+    the id of the user endpoint that was started for him; alice goes on being served."""
+    endpoint_id, tokens = cluster
+    owner = Client(stack.service_url, stack.token)
+    bob = Client(stack.service_url, tokens["bob"])
+    ex = _executor(stack, endpoint_id, tokens["bob"], workers=3)
+    slow = ex.submit(helpers.sleep_then, 300, "never")
+    wait_for(lambda: slow.state == "running", timeout=120, what="bob's slow task to run")
+    child = next(u for u in bob.list_user_endpoints(endpoint_id) if u["config"] == {"workers": 3})
+    bob_uid = pwd.getpwnam(USERS["bob"]).pw_uid
+
+    def bobs_processes() -> list[psutil.Process]:
+        return [p for p in psutil.process_iter(["uids", "cmdline"])
+                if p.info["uids"] and p.info["uids"].real == bob_uid]
+
+    assert bobs_processes()
+    try:
+        owner.set_endpoint_policy(endpoint_id, public=False, users=["alice"])
+        with pytest.raises(TaskFailed, match="no longer admits you"):
+            slow.result(timeout=60)
+        wait_for(lambda: not bobs_processes(), timeout=60, what="bob's user endpoints to stop")
+        # sent straight to his user endpoint's id, and through the multi-user endpoint: refused
+        direct = Executor(endpoint_id=child["endpoint_id"], service=stack.service_url, token=tokens["bob"])
+        with pytest.raises(TetherError, match="no longer admits you"):
+            direct.submit(helpers.square, 2).result(timeout=60)
+        with pytest.raises(TetherError, match="unknown endpoint"):
+            _executor(stack, endpoint_id, tokens["bob"], workers=3).submit(helpers.square, 2).result(timeout=60)
+        assert not bobs_processes()
+        assert _executor(stack, endpoint_id, tokens["alice"], workers=1).submit(helpers.square, 6).result(
+            timeout=120) == 36
+    finally:
+        owner.set_endpoint_policy(endpoint_id, public=True)
+    # admitted again: his user endpoint starts with a new credential
+    assert _executor(stack, endpoint_id, tokens["bob"], workers=3).submit(helpers.square, 7).result(timeout=120) == 49
