@@ -75,6 +75,11 @@ class BoundedCache(Generic[K, V]):
             self._bytes -= _size(value)
             return value
 
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self._bytes = 0
+
     def update(self, keys: object) -> None:
         """Add every key of an iterable with the value None (a bounded set)."""
         with self._lock:

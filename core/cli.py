@@ -100,6 +100,9 @@ def service_start(
     max_blob_bytes: int = typer.Option(None, help="largest blob (large argument/result) accepted (default 16 GiB)"),
     blob_quota_bytes: int = typer.Option(None, help="bytes of blobs one user may store at once (default 100 GiB)"),
     blob_orphan_seconds: float = typer.Option(None, help="blobs no task names are deleted after this (default 3600)"),
+    function_quota_bytes: int = typer.Option(None, help="bytes of function bodies one user may keep (default 1 GiB)"),
+    function_retention: float = typer.Option(None, help="seconds a function body no stored task names is kept after "
+                                             "it was last sent (default 30 days)"),
     blob_dir: str = typer.Option(None, help="where blob files live (default $TETHER_HOME/service/blobs); replicas "
                                  "of one service must share it"),
     max_connections: int = typer.Option(None, help="connections held at once, in all (default 2048)"),
@@ -138,6 +141,7 @@ def service_start(
         "result_retention_s": result_retention, "uncollected_retention_s": uncollected_retention,
         "purge_interval_s": purge_interval, "blob_threshold_bytes": blob_threshold_bytes,
         "max_blob_bytes": max_blob_bytes, "blob_quota_bytes": blob_quota_bytes, "blob_orphan_s": blob_orphan_seconds,
+        "function_quota_bytes": function_quota_bytes, "function_retention_s": function_retention,
         "blob_dir": str(Path(blob_dir).resolve()) if blob_dir else None,
         "max_connections": max_connections, "max_connections_per_address": max_connections_per_address,
         "header_timeout_s": header_timeout, "send_timeout_s": send_timeout,
@@ -150,7 +154,8 @@ def service_start(
     args: list[str] = ["--config", str(config.resolve())] if config else []
     names = {"result_retention_s": "--result-retention", "uncollected_retention_s": "--uncollected-retention",
              "purge_interval_s": "--purge-interval", "blob_orphan_s": "--blob-orphan-seconds",
-             "header_timeout_s": "--header-timeout", "send_timeout_s": "--send-timeout"}
+             "header_timeout_s": "--header-timeout", "send_timeout_s": "--send-timeout",
+             "function_retention_s": "--function-retention"}
     for key, value in flags.items():
         flag = names.get(key, "--" + key.replace("_", "-"))
         if value is True:

@@ -64,6 +64,8 @@ SCHEMA: dict[str, Any] = {
         "idle_timeout_s": {"type": "number", "exclusiveMinimum": 0},
         "allowed_users": {"type": "array", "items": {"type": "string", "minLength": 1}},
         "audit_log": {"type": "string", "minLength": 1},
+        "user_log_max_bytes": {"type": "integer", "minimum": 4096},
+        "user_log_bytes_per_s": {"type": "integer", "minimum": 1024},
     },
 }
 
@@ -97,6 +99,10 @@ class EndpointConfig:
     idle_timeout_s: float = 600.0
     allowed_users: list[str] = field(default_factory=list)  # ["*"]: every user of the service
     audit_log: str = "audit.log"
+    #: each user endpoint's output: bytes per log file (one previous file is kept), and the
+    #: average rate it is read at (a faster writer blocks on its own output)
+    user_log_max_bytes: int = 16 * 1024 * 1024
+    user_log_bytes_per_s: int = 1024 * 1024
 
     @property
     def dir(self) -> Path:

@@ -37,6 +37,7 @@ from .config import EndpointConfig
 from .daemon import EndpointDaemon
 from .identity import IdentityMapper, LocalAccount, MappingRefused
 from .user_config import UserConfigRefused, user_endpoint_config
+from .user_logs import UserLog, keep_output, tail
 
 log = logging.getLogger("tether.endpoint.multi_user")
 
@@ -53,6 +54,8 @@ class UserEndpoint:
     account: LocalAccount
     proc: subprocess.Popen[bytes]
     started: float
+    output_fd: int  # the reading end of its stdout/stderr pipe, until ``output`` owns it
+    output: UserLog | None = None
 
 
 class NoEngine:
@@ -128,6 +131,8 @@ class MultiUserDaemon(EndpointDaemon):
             log.warning("user endpoint %s for %s refused: %s", msg.user_endpoint_id, identity["username"], message)
             await self._send(encode(UserEndpointFailed(user_endpoint_id=msg.user_endpoint_id, message=message)))
             return
+        child.output = await keep_output(child.output_fd, self._log_path(msg.user_endpoint_id),
+                                         self.config.user_log_max_bytes, self.config.user_log_bytes_per_s)
         self.children[msg.user_endpoint_id] = child
         self.audit("started", user_endpoint_id=msg.user_endpoint_id, pid=child.proc.pid, **_who(child))
         await self._send(encode(UserEndpointStarted(user_endpoint_id=msg.user_endpoint_id,
@@ -157,23 +162,32 @@ class MultiUserDaemon(EndpointDaemon):
         if os.geteuid() == 0:
             switch = {"user": account.uid, "group": account.gid,
                       "extra_groups": os.getgrouplist(account.name, account.gid)}
-        log_path = self.logs_dir / f"{user_endpoint_id}.log"
-        with open(log_path, "ab") as log_file:
-            os.chmod(log_path, 0o600)
+        # its output goes into a pipe that this process reads into a capped log (user_logs.py)
+        read_fd, write_fd = os.pipe()
+        try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "tether.endpoint.user_endpoint"], stdin=subprocess.PIPE,
-                stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=account.home if Path(account.home).is_dir()
+                stdout=write_fd, stderr=subprocess.STDOUT, env=env, cwd=account.home if Path(account.home).is_dir()
                 else "/", umask=0o077, start_new_session=True, close_fds=True, **switch)
+        except OSError:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
         assert proc.stdin is not None
         try:
             proc.stdin.write(json.dumps(start_doc).encode())  # the credential goes on the pipe, nowhere else
             proc.stdin.close()
         except OSError:
             _terminate(proc)
+            os.close(read_fd)
             raise
         log.info("started user endpoint %s for %s as %s (uid %d, pid %d)", user_endpoint_id, identity["username"],
                  account.name, account.uid, proc.pid)
-        return UserEndpoint(user_endpoint_id, identity, account, proc, time.time())
+        return UserEndpoint(user_endpoint_id, identity, account, proc, time.time(), read_fd)
+
+    def _log_path(self, user_endpoint_id: str) -> Path:
+        return self.logs_dir / f"{user_endpoint_id}.log"
 
     # --- lifecycle of user endpoints ----------------------------------------------------------
     async def _reap(self) -> None:
@@ -187,10 +201,12 @@ class MultiUserDaemon(EndpointDaemon):
                 del self.children[user_endpoint_id]
                 self.audit("stopped", user_endpoint_id=user_endpoint_id, exit_code=code, **_who(child))
                 if code != 0:
-                    tail = _tail(self.logs_dir / f"{user_endpoint_id}.log")
+                    if child.output is not None:  # its last lines may still be in the pipe
+                        await asyncio.wait([child.output.closed], timeout=1.0)
+                    last = tail(self._log_path(user_endpoint_id))
                     await self._send(encode(UserEndpointFailed(
                         user_endpoint_id=user_endpoint_id,
-                        message=f"the user endpoint exited with code {code}: {tail}")))
+                        message=f"the user endpoint exited with code {code}: {last}")))
 
     async def _before_stop(self) -> None:
         children, self.children = list(self.children.values()), {}
@@ -221,21 +237,6 @@ def _terminate(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None
         os.killpg(proc.pid, sig)  # its own session: the whole group (workers, commands) goes
     except (ProcessLookupError, PermissionError):
         pass
-
-
-#: bytes read from the end of a user endpoint's log for its last lines
-TAIL_BYTES = 16 * 1024
-
-
-def _tail(path: Path, lines: int = 5) -> str:
-    """The last lines of a log, read from its end (a flooded log is never read whole)."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(max(0, os.fstat(fh.fileno()).st_size - TAIL_BYTES))
-            text = fh.read(TAIL_BYTES).decode(errors="replace")
-    except OSError:
-        return "(no log)"
-    return " | ".join(text.strip().splitlines()[-lines:])
 
 
 def _private_append(path: Path) -> TextIO:

@@ -86,7 +86,7 @@ from .models import (
 )
 from .models import error_responses as _errors
 from .outbound import DEFAULT_MAX_QUEUED, DEFAULT_SEND_TIMEOUT, Outbound
-from .relay import Relay, not_admitted_message, row_to_result
+from .relay import Relay, function_quota_message, not_admitted_message, row_to_result
 from .sessions import ClientSession, EndpointSession
 from .store import EndpointIdTaken, Store, transitions
 
@@ -105,6 +105,9 @@ class Settings:
     prefetch: int = DEFAULT_PREFETCH  # tasks an endpoint is sent beyond its workers (flow control)
     #: tasks a user may have without a result (waiting, dispatched, running); more are refused
     max_open_tasks_per_user: int = 2_000_000
+    #: bytes of function bodies a user may keep, and how long one no stored task names is kept
+    function_quota_bytes: int = 1024 * 1024 * 1024
+    function_retention_s: float = 30 * 24 * 3600
     credential_check_s: float = 1.0
     #: Globus Auth: accept Globus access tokens as well as the service's own (None: only its own)
     globus: GlobusSettings | None = None
@@ -173,7 +176,8 @@ def create_app(settings: Settings) -> FastAPI:
     db = AsyncStore(store, settings.db_threads)
     authenticator = Authenticator(db, settings.globus)
     relay = Relay(db, settings.max_payload_bytes, settings.prefetch, authenticator,
-                  make_bus(settings.broker_url, settings.replica_id), settings.max_open_tasks_per_user)
+                  make_bus(settings.broker_url, settings.replica_id), settings.max_open_tasks_per_user,
+                  settings.function_quota_bytes)
     blob_index = BlobIndex(store, Path(settings.blob_dir), settings.max_blob_bytes, settings.blob_quota_bytes,
                            settings.blob_orphan_s)
     relay.blobs = db.offload(blob_index)  # its queries run where the store's do (off the loop on PostgreSQL)
@@ -207,6 +211,9 @@ def create_app(settings: Settings) -> FastAPI:
                 n = await relay.blobs.purge()
                 if n:
                     log.info("deleted %d blobs (their tasks were purged, or no task named them)", n)
+                n = await db.purge_functions(settings.function_retention_s)
+                if n:
+                    log.info("deleted %d function bodies no stored task names, past their retention", n)
             except Exception:  # noqa: BLE001
                 log.exception("purge failed")
 
@@ -366,11 +373,12 @@ def create_app(settings: Settings) -> FastAPI:
         failed = await relay.delete_endpoint(endpoint_id)
         return EndpointAction(endpoint_id=endpoint_id, deleted=True, tasks_failed=failed)
 
-    @app.post("/v1/functions", response_model=FunctionInfo, tags=["functions"], responses=_errors(400))
+    @app.post("/v1/functions", response_model=FunctionInfo, tags=["functions"], responses=_errors(400, 429))
     async def register_function(body: FunctionRegistration, user: str = Depends(current_user)) -> FunctionInfo:
         raw = _b64(body.function, "function")
         fid = function_id(raw)  # the id is the hash of the body, computed here, never taken from the caller
-        await db.add_functions(user, {fid: raw})
+        if await db.add_functions(user, {fid: raw}, settings.function_quota_bytes):
+            raise HTTPException(429, function_quota_message(fid, len(raw), settings.function_quota_bytes))
         return FunctionInfo(function_id=fid)
 
     @app.get("/v1/functions/{function_id}", response_model=FunctionInfo, tags=["functions"], responses=_errors(404))

@@ -116,9 +116,11 @@ class Relay:
     """
 
     def __init__(self, db: AsyncStore, max_payload: int, prefetch: int = DEFAULT_PREFETCH, authenticator: Any = None,
-                 bus: LocalBus | RabbitBus | None = None, max_open_per_user: int | None = None):
+                 bus: LocalBus | RabbitBus | None = None, max_open_per_user: int | None = None,
+                 function_quota: int | None = None):
         self.db = db
         self.max_open_per_user = max_open_per_user
+        self.function_quota = function_quota  # bytes of function bodies one user may keep here
         self._open_counts: dict[str, tuple[int, float]] = {}  # user -> (open tasks, when counted)
         #: user -> [lock, submissions holding or awaiting it], while any is here
         self._quota_locks: dict[str, list[Any]] = {}
@@ -442,13 +444,24 @@ class Relay:
                 accepted.append(task)
         return accepted, rejected, bodies
 
+    def _refuse_functions(self, candidates: list[Task], rejected: dict[str, Refusal], over: set[str],
+                          bodies: dict[str, bytes]) -> list[Task]:
+        """Refuse the tasks whose function body did not fit the user's function quota."""
+        for t in candidates:
+            if t.function in over:
+                rejected[t.id] = Refusal(ErrorCode.QUOTA_EXCEEDED, function_quota_message(
+                    t.function, len(bodies[t.function]), self.function_quota or 0))
+        return [t for t in candidates if t.function not in over]
+
     async def submit(self, session: ClientSession | None, user_id: str, msg: Submit) -> SubmitAck:
         """Store, acknowledge and dispatch a batch of tasks; returns the acknowledgement."""
         received = time.time()
         self.counters["submit_frames"] += 1
         rows: dict[str, dict[str, Any] | None] = {}  # endpoint rows this submission needs, read once each
         candidates, rejected, bodies = await self.validate_submission(user_id, msg, rows)
-        await self.db.add_functions(user_id, bodies)
+        over = await self.db.add_functions(user_id, bodies, self.function_quota)
+        if over:
+            candidates = self._refuse_functions(candidates, rejected, over, bodies)
         user_endpoints = await self._route_to_user_endpoints(user_id, candidates, rows)
         # stored before anything else sees it: a result can never overtake its task
         inserted, resubmitted, taken = await self._insert_within_quota(user_id, candidates, rejected, received)
@@ -1011,6 +1024,13 @@ class Relay:
         return len(rows)
 
 
+def function_quota_message(fid: str, size: int, quota: int) -> str:
+    """Why a function body was refused: what it would take, the limit, and what frees room."""
+    return (f"function {fid} ({size} bytes) would take the function bodies you keep on this service past its "
+            f"limit of {quota} bytes per user; bodies no stored task names are deleted after the service's "
+            "function retention: register fewer distinct functions (pass data as arguments, not in closures)")
+
+
 def not_admitted_message(parent_id: str) -> str:
     """Why a user endpoint or task is refused once its owner is out of the parent's policy."""
     return (f"multi-user endpoint {parent_id} no longer admits you: its owner removed you from its allowed_users; "
@@ -1031,4 +1051,4 @@ def row_to_result(row: Any) -> Result:
     return Result(id=row.id, state=row.state, data=row.result, error=error, times=transitions(row))
 
 
-__all__ = ["MAX_IDS", "Relay", "not_admitted_message", "row_to_result"]
+__all__ = ["MAX_IDS", "Relay", "function_quota_message", "not_admitted_message", "row_to_result"]

@@ -102,7 +102,7 @@ def serve(cfg: ServiceConfig) -> None:
     for name in ("max_payload_bytes", "prefetch", "max_open_tasks_per_user", "result_retention_s",
                  "uncollected_retention_s", "purge_interval_s", "db_threads", "blob_threshold_bytes",
                  "max_blob_bytes", "blob_quota_bytes", "blob_orphan_s", "send_timeout_s",
-                 "max_queued_bytes_per_connection"):
+                 "max_queued_bytes_per_connection", "function_quota_bytes", "function_retention_s"):
         value = getattr(cfg, name)
         if value is not None:
             setattr(settings, name, value)
@@ -199,6 +199,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-blob-bytes", type=int, default=None, help="largest blob accepted (default 16 GiB)")
     p.add_argument("--blob-quota-bytes", type=int, default=None,
                    help="bytes of blobs one user may have stored at once (default 100 GiB)")
+    p.add_argument("--function-quota-bytes", type=int, default=None,
+                   help="bytes of function bodies one user may keep (default 1 GiB)")
+    p.add_argument("--function-retention", type=float, default=None, metavar="SECONDS", dest="function_retention_s",
+                   help="a function body no stored task names is deleted this long after it was last sent "
+                        "(default 30 days)")
     p.add_argument("--blob-orphan-seconds", type=float, default=None, dest="blob_orphan_s",
                    help="a blob no task names is deleted this long after it was declared (default 3600)")
     p.add_argument("--max-connections", type=int, default=None,

@@ -52,6 +52,8 @@ SCHEMA: dict[str, Any] = {
         "blob_threshold_bytes": {"type": "integer", "minimum": 1024},
         "max_blob_bytes": {"type": "integer", "minimum": 1},
         "blob_quota_bytes": {"type": "integer", "minimum": 1},
+        "function_quota_bytes": {"type": "integer", "minimum": 1},
+        "function_retention_s": {"type": "number", "minimum": 0},
         "blob_orphan_s": {"type": "number", "exclusiveMinimum": 0},
         # connections (docs/security.md, "Limits")
         "max_connections": {"type": "integer", "minimum": 16},
@@ -105,6 +107,9 @@ class ServiceConfig:
     max_payload_bytes: int | None = None
     prefetch: int | None = None
     max_open_tasks_per_user: int | None = None
+    #: bytes of function bodies one user may keep; how long one no stored task names is kept
+    function_quota_bytes: int | None = None
+    function_retention_s: float | None = None
     result_retention_s: float | None = None
     uncollected_retention_s: float | None = None
     purge_interval_s: float | None = None

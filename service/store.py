@@ -552,16 +552,55 @@ class Store:
         return rows
 
     # --- functions ---------------------------------------------------------------------------
-    def add_functions(self, owner: str, bodies: dict[str, bytes]) -> None:
-        """Keep function bodies under (owner, id); callers check that each id is its body's hash."""
+    def add_functions(self, owner: str, bodies: dict[str, bytes], quota: int | None = None) -> set[str]:
+        """Keep function bodies under (owner, id); callers check that each id is its body's hash.
+
+        Returns the ids refused because keeping them would take the owner past ``quota`` bytes
+        of function bodies. The check and the insert are one transaction under the owner's lock,
+        so concurrent registrations cannot overshoot. A body kept already is never refused: sent
+        again, it only counts as registered now (``created_at``), which keeps it from the purge.
+        """
         if not bodies:
-            return
+            return set()
         now = time.time()
-        with self._tx():
-            self._insert(functions,
-                         [{"owner_id": owner, "id": fid, "body": b, "created_at": now} for fid, b in bodies.items()])
-        for fid, body in bodies.items():
+        refused: set[str] = set()
+        with self._tx() as conn:
+            if quota is not None:
+                self.lock_owner(conn, owner, "functions")
+                mine = functions.c.owner_id == owner
+                kept = {r.id for r in conn.execute(select(functions.c.id).where(
+                    and_(mine, functions.c.id.in_(list(bodies)))))}
+                used = conn.execute(select(func.coalesce(func.sum(func.length(functions.c.body)), 0))
+                                    .where(mine)).scalar_one()
+                for fid, body in bodies.items():
+                    if fid in kept:
+                        continue
+                    if used + len(body) > quota:
+                        refused.add(fid)
+                    else:
+                        used += len(body)
+            fresh = {fid: body for fid, body in bodies.items() if fid not in refused}
+            if fresh:
+                self._insert(functions, [{"owner_id": owner, "id": fid, "body": b, "created_at": now}
+                                         for fid, b in fresh.items()])
+                conn.execute(update(functions).where(and_(functions.c.owner_id == owner,
+                                                          functions.c.id.in_(list(fresh)),
+                                                          functions.c.created_at < now)).values(created_at=now))
+        for fid, body in fresh.items():
             self._function_cache[(owner, fid)] = body
+        return refused
+
+    def purge_functions(self, retention_s: float) -> int:
+        """Forget function bodies registered more than ``retention_s`` ago that no stored task
+        names (a client sends a forgotten body again when the service says it does not know it)."""
+        named = select(tasks.c.owner_id, tasks.c.function_id)
+        with self._tx() as conn:
+            res = conn.execute(delete(functions).where(and_(
+                functions.c.created_at < time.time() - retention_s,
+                tuple_(functions.c.owner_id, functions.c.id).not_in(named))))
+        if res.rowcount:
+            self._function_cache.clear()
+        return res.rowcount or 0
 
     def get_function(self, owner: str, fid: str) -> bytes | None:
         body = self._function_cache.get((owner, fid))

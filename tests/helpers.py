@@ -110,3 +110,13 @@ class RunsWhenLoaded:
 
     def __reduce__(self):  # noqa: ANN204
         return (touch, (self.marker,))
+
+
+def flood_stdout(n_bytes: int, last_line: str) -> int:
+    """Print ``n_bytes`` of noise to the process's own stdout (fd 1), then ``last_line``."""
+    chunk = b"flood " * 10922 + b"\n"
+    written = 0
+    while written < n_bytes:
+        written += os.write(1, chunk)
+    os.write(1, last_line.encode() + b"\n")
+    return written

@@ -12,6 +12,7 @@ import os
 import pwd
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from conftest import wait_for
 from rogue import raw_client
 
 USERS = {"alice": "tether_alice", "bob": "tether_bob"}
+LOG_CAP = 1024 * 1024  # each user endpoint's log file, in this module's multi-user endpoint
 
 
 def _why_not() -> str | None:
@@ -80,7 +82,7 @@ def cluster(stack: LocalStack):
         ],
     }]))
     config = yaml.safe_load((d / "config.yaml").read_text())
-    config.update(idle_timeout_s=4, heartbeat_s=1)
+    config.update(idle_timeout_s=4, heartbeat_s=1, user_log_max_bytes=LOG_CAP, user_log_bytes_per_s=4 * LOG_CAP)
     (d / "config.yaml").write_text(yaml.safe_dump(config))
     (d / "user_config_template.yaml.j2").write_text(
         "engine:\n  type: process\n  workers: {{ workers | default(1) }}\nheartbeat_s: 1\n")
@@ -237,3 +239,33 @@ def test_a_user_removed_from_the_policy_is_refused_everywhere_below_it(stack, cl
         owner.set_endpoint_policy(endpoint_id, public=True)
     # admitted again: his user endpoint starts with a new credential
     assert _executor(stack, endpoint_id, tokens["bob"], workers=3).submit(helpers.square, 7).result(timeout=120) == 49
+
+
+def test_a_user_flooding_their_log_fills_neither_the_disk_nor_the_multi_user_endpoint(stack, cluster) -> None:
+    """Issue 17, item 10: 48 MiB printed by one user's task went whole into a root-owned log and
+    into the multi-user endpoint's memory. Now the log is cut at ``user_log_max_bytes`` (one
+    previous file kept), read at ``user_log_bytes_per_s`` (the flooder waits on its own output),
+    its last line is kept, and another user's tasks go on meanwhile."""
+    endpoint_id, tokens = cluster
+    daemon = psutil.Process(stack.endpoint_pid("cluster"))
+    rss_before = daemon.memory_info().rss
+    alice = _executor(stack, endpoint_id, tokens["alice"], workers=1)
+    assert alice.submit(helpers.square, 2).result(timeout=120) == 4  # her user endpoint is up
+    flood = _executor(stack, endpoint_id, tokens["bob"], workers=1).submit(
+        helpers.flood_stdout, 8 * LOG_CAP, "END-OF-FLOOD")
+    wait_for(lambda: flood.state == "running", timeout=120, what="the flood to start")
+    rounds = []
+    while not flood.done():
+        start = time.monotonic()
+        assert alice.submit(helpers.square, 3).result(timeout=60) == 9
+        rounds.append(time.monotonic() - start)
+    assert flood.result(timeout=120) >= 8 * LOG_CAP
+    assert len(rounds) >= 5 and sorted(rounds)[int(len(rounds) * 0.99)] < 0.5, rounds
+    child = next(u for u in Client(stack.service_url, tokens["bob"]).list_user_endpoints(endpoint_id)
+                 if u["config"] == {"workers": 1})
+    log = stack.endpoint_dir("cluster") / "user_endpoints" / f"{child['endpoint_id']}.log"
+    previous = log.with_name(log.name + ".1")
+    wait_for(lambda: b"END-OF-FLOOD" in log.read_bytes(), what="the flood's last line in the log")
+    assert log.stat().st_size <= LOG_CAP and previous.stat().st_size <= LOG_CAP
+    assert oct(log.stat().st_mode & 0o777) == "0o600" and oct(previous.stat().st_mode & 0o777) == "0o600"
+    assert daemon.memory_info().rss - rss_before < 32 * 1024 * 1024

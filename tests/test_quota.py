@@ -7,6 +7,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import json
+import os
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable
@@ -19,10 +23,10 @@ import pytest
 
 from tether import Executor, QuotaExceeded
 from tether.local import local_stack
-from tether.serialize import function_id
+from tether.serialize import function_id, serialize
 
 import helpers
-from conftest import database_env, needs_pg, pg_database
+from conftest import database_env, needs_pg, pg_database, wait_for
 
 LIMIT = 5
 
@@ -55,7 +59,8 @@ def test_tasks_over_a_users_quota_are_refused_in_words_and_the_rest_run(tmp_path
 @pytest.mark.timeout(180)
 def test_concurrent_submissions_and_uploads_never_overshoot_a_quota(tmp_path: Path, backend: str) -> None:
     """30 one-task submissions at once against a quota of 5 open tasks: exactly 5 are taken.
-    10 blob declarations of 300 kB at once against a quota of 1 MB: exactly 3. (The check and the
+    10 blob declarations of 300 kB at once against a quota of 1 MB: exactly 3; the same for
+    function bodies. (The check and the
     insert were separate steps, and on PostgreSQL 6 to 29 of the 30 got in.)"""
     with contextlib.ExitStack() as cleanup:
         env = {}
@@ -64,7 +69,8 @@ def test_concurrent_submissions_and_uploads_never_overshoot_a_quota(tmp_path: Pa
             env = {"TETHER_DB_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"}
         stack = cleanup.enter_context(local_stack(
             tmp_path / "home", workers=1, env=env,
-            service_args=("--max-open-tasks-per-user", str(LIMIT), "--blob-quota-bytes", "1000000")))
+            service_args=("--max-open-tasks-per-user", str(LIMIT), "--blob-quota-bytes", "1000000",
+                          "--function-quota-bytes", "1000000")))
         stack.stop_endpoint()  # what is accepted stays open
         body = cloudpickle.dumps(helpers.square)
         headers = {"Authorization": f"Bearer {stack.token}"}
@@ -97,5 +103,57 @@ def test_concurrent_submissions_and_uploads_never_overshoot_a_quota(tmp_path: Pa
 
         codes = at_once(submit, 30)
         assert sorted(set(codes)) == [200, 429] and codes.count(200) == LIMIT, codes
+        def register(i: int) -> httpx.Response:
+            return clients[i].post("/v1/functions", json={"function": base64.b64encode(os.urandom(300_000)).decode()})
+
         codes = at_once(declare, 10)
         assert codes.count(429) == 7 and len([c for c in codes if c < 300]) == 3, codes
+        codes = at_once(register, 10)
+        assert codes.count(429) == 7 and codes.count(200) == 3, codes
+
+
+@pytest.mark.timeout(120)
+def test_function_bodies_count_against_a_quota_and_unused_ones_are_purged(tmp_path: Path) -> None:
+    """Issue 17, item 9: 8 x 2 MiB of random bytes registered as "functions" were all kept under a
+    1 MB quota, forever. Bodies now count against ``function_quota_bytes`` (HTTP 429 over REST,
+    QuotaExceeded for a task), another user is unaffected, and a body no stored task names is
+    deleted past ``function_retention_s``, which frees the room."""
+    quota, body_size = 5 * 1024 * 1024, 2 * 1024 * 1024
+    with local_stack(tmp_path / "home", workers=1,
+                     service_args=("--function-quota-bytes", str(quota), "--function-retention", "3",
+                                   "--purge-interval", "1")) as stack:
+        http = httpx.Client(base_url=stack.service_url, headers={"Authorization": f"Bearer {stack.token}"},
+                            trust_env=False, timeout=60)
+
+        def register(body: bytes, client: httpx.Client = http) -> httpx.Response:
+            return client.post("/v1/functions", json={"function": base64.b64encode(body).decode()})
+
+        junk = [os.urandom(body_size) for _ in range(3)]
+        assert [register(b).status_code for b in junk] == [200, 200, 429]
+        refused = register(junk[2])
+        assert "past its limit of 5242880 bytes per user" in refused.json()["detail"], refused.text
+        assert register(junk[0]).status_code == 200  # a body kept already is never refused
+        # a task whose function carries more than the room left: refused in words, nothing stored
+        with Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token) as ex:
+            with pytest.raises(QuotaExceeded, match="function bodies you keep"):
+                ex.submit(helpers.closure_over(os.urandom(body_size)), 0).result(timeout=60)
+            assert ex.submit(helpers.square, 7).result(timeout=60) == 49  # a small function fits
+        # a body a stored task names is kept past the retention
+        named = cloudpickle.dumps(helpers.square)
+        assert register(named).status_code == 200
+        task = {"task_id": str(uuid.uuid4()), "endpoint_id": stack.endpoint_id, "function_id": function_id(named),
+                "payload": base64.b64encode(serialize(3)).decode()}
+        assert http.post("/v1/tasks", json={"tasks": [task]}).json()["accepted"] == [task["task_id"]]
+        # another user has a quota of their own
+        bob = json.loads(subprocess.run([sys.executable, "-m", "tether.cli", "service", "user-add", "bob", "--json"],
+                                        env=stack.env, capture_output=True, text=True, check=True).stdout)["token"]
+        with httpx.Client(base_url=stack.service_url, headers={"Authorization": f"Bearer {bob}"},
+                          trust_env=False, timeout=60) as bobs:
+            assert register(junk[2], bobs).status_code == 200
+        # past the retention, bodies no task names go, and their room with them
+        gone = [function_id(b) for b in junk[:2]]
+        wait_for(lambda: all(http.get(f"/v1/functions/{fid}").status_code == 404 for fid in gone),
+                 what="the unused function bodies to be purged")
+        assert http.get(f"/v1/functions/{function_id(named)}").status_code == 200
+        assert register(junk[2]).status_code == 200
+        http.close()
