@@ -65,6 +65,7 @@ SCHEMA: dict[str, Any] = {
         "allowed_users": {"type": "array", "items": {"type": "string", "minLength": 1}},
         "audit_log": {"type": "string", "minLength": 1},
         "user_log_max_bytes": {"type": "integer", "minimum": 4096},
+        "max_user_endpoints_per_user": {"type": "integer", "minimum": 1},
         "user_log_bytes_per_s": {"type": "integer", "minimum": 1024},
     },
 }
@@ -102,6 +103,8 @@ class EndpointConfig:
     #: each user endpoint's output: bytes per log file (one previous file is kept), and the
     #: average rate it is read at (a faster writer blocks on its own output)
     user_log_max_bytes: int = 16 * 1024 * 1024
+    #: user endpoints one identity may have running at once (one per distinct user_endpoint_config)
+    max_user_endpoints_per_user: int = 8
     user_log_bytes_per_s: int = 1024 * 1024
 
     @property

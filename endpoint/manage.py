@@ -55,6 +55,7 @@ min_uid: 1000                  # accounts under this uid (and root) are refused
 max_uid: 60000                 # accounts above it (nobody, nfsnobody) are refused too
 allow_nologin_shells: false    # accounts whose shell is nologin or false are refused
 idle_timeout_s: 600            # a user endpoint with no task for this long stops (restarted on demand)
+max_user_endpoints_per_user: 8 # running at once for one user (one per distinct user_endpoint_config)
 audit_log: audit.log
 user_log_max_bytes: 16777216   # each user endpoint's output (user_endpoints/ID.log): rotated past this
 user_log_bytes_per_s: 1048576  # read at most this fast on average; a user printing faster waits on their own output

@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -43,6 +44,10 @@ log = logging.getLogger("tether.endpoint.multi_user")
 
 #: what a user endpoint's environment starts from (nothing else of root's environment is passed)
 _PASSED_ENV = ("LANG", "LC_ALL", "TZ", "PYTHONUNBUFFERED", "TETHER_LOG_FORMAT")
+
+
+class TooManyUserEndpoints(Exception):
+    """An identity asked for one more user endpoint than this endpoint runs for one user."""
 
 
 @dataclass
@@ -84,6 +89,7 @@ class MultiUserDaemon(EndpointDaemon):
     def __init__(self, config: EndpointConfig, credential: dict[str, str]):
         super().__init__(config, credential)
         self.children: dict[str, UserEndpoint] = {}
+        self._starting: Counter[str] = Counter()  # identity id -> user endpoints being started
         self.ca_file = credential.get("ca_file")
         self.mapper = IdentityMapper(self.dir / config.identity_mapping, config.min_uid, config.max_uid,
                                      config.allow_nologin_shells)
@@ -122,9 +128,16 @@ class MultiUserDaemon(EndpointDaemon):
         if old is not None:  # the service issued a new credential: the old process cannot use it
             _terminate(old.proc)
         try:
-            child = await asyncio.get_running_loop().run_in_executor(
-                None, self._spawn, msg.user_endpoint_id, identity, msg.config, msg.secret)
-        except (MappingRefused, UserConfigRefused, OSError) as exc:
+            self._check_room(identity)
+            self._starting[identity["id"]] += 1
+            try:
+                child = await asyncio.get_running_loop().run_in_executor(
+                    None, self._spawn, msg.user_endpoint_id, identity, msg.config, msg.secret)
+            finally:
+                self._starting[identity["id"]] -= 1
+                if not self._starting[identity["id"]]:
+                    del self._starting[identity["id"]]
+        except (MappingRefused, UserConfigRefused, TooManyUserEndpoints, OSError) as exc:
             message = str(exc) if not isinstance(exc, OSError) else f"cannot start the process: {exc}"
             self.audit("refused", user_endpoint_id=msg.user_endpoint_id, identity=identity["username"],
                        identity_id=identity["id"], reason=message)
@@ -137,6 +150,18 @@ class MultiUserDaemon(EndpointDaemon):
         self.audit("started", user_endpoint_id=msg.user_endpoint_id, pid=child.proc.pid, **_who(child))
         await self._send(encode(UserEndpointStarted(user_endpoint_id=msg.user_endpoint_id,
                                                     local_user=child.account.name, uid=child.account.uid)))
+
+    def _check_room(self, identity: dict[str, str]) -> None:
+        """One identity runs at most ``max_user_endpoints_per_user`` user endpoints at once (each
+        distinct ``user_endpoint_config`` is one): processes on this host are shared by all."""
+        limit = self.config.max_user_endpoints_per_user
+        running = self._starting[identity["id"]] + sum(
+            1 for c in self.children.values() if c.identity["id"] == identity["id"])
+        if running >= limit:
+            raise TooManyUserEndpoints(
+                f"you have {running} user endpoints running here, and this endpoint allows {limit} per user: use "
+                f"fewer distinct user_endpoint_config values, or wait until one has been idle for "
+                f"{self.config.idle_timeout_s:g} s and stops")
 
     # --- starting a user endpoint (blocking: runs in a thread) ---------------------------------
     def _spawn(self, user_endpoint_id: str, identity: dict[str, str], values: dict[str, Any],

@@ -13,6 +13,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,13 +24,13 @@ import psutil
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from tether import Executor
+from tether import Client, Executor
 from tether.local import LocalStack, local_stack
-from tether.protocol import CLOSE_AUTH_FAILED, Subscribe
+from tether.protocol import CLOSE_AUTH_FAILED, Error, ErrorCode, Subscribe
 
 import helpers
 from conftest import database_env, wait_for
-from rogue import raw_client
+from rogue import raw, raw_client, raw_endpoint
 
 #: p99 of a bystander's round trip (submit -> result, then /healthz) while an attack runs
 BYSTANDER_P99_S = 0.5
@@ -183,3 +184,54 @@ def _slowloris(limited: LocalStack, bystander: Executor) -> None:
     with httpx.Client(base_url=limited.service_url, trust_env=False, timeout=10,
                       transport=httpx.HTTPTransport(local_address="127.0.0.2")) as http:
         assert http.get("/healthz").status_code == 200
+
+
+@pytest.mark.timeout(180)
+def test_oversized_hellos_from_many_endpoints_neither_stall_nor_grow_the_service(tmp_path: Path) -> None:
+    """Mallory's endpoints reconnect again and again, each time with the largest hello she can
+    make: one over the frame limit (closed with 1009 before it is decoded), one listing 400,000
+    ids (refused as malformed), one listing the most a hello may (believed up to its window).
+    Meanwhile a bystander's p99 stays under 0.5 s and the service grows by less than 64 MiB."""
+    with _stack(tmp_path, "--max-payload-bytes", str(4 << 20)) as (stack, bystander):
+        service = psutil.Process(stack.service_pid())
+        rss_before = service.memory_info().rss
+        user = _user(stack, "mallory")
+        client = Client(stack.service_url, user["token"])
+        creds = [client.register_endpoint(f"liar-{i}") for i in range(3)]
+        hellos = {
+            "over_frame": raw("hello", inflight=[f"{'x' * 40}-{i}" for i in range(200_000)]),  # ~9 MB
+            "over_ids": raw("hello", inflight=[f"t{i}" for i in range(400_000)]),
+            "most": raw("hello", capacity={"workers_total": 2}, inflight=[f"t{i}" for i in range(10_000)],
+                        spooled=[f"s{i}" for i in range(10_000)]),
+        }
+        seen: dict[str, set[str]] = {kind: set() for kind in hellos}
+        stop = threading.Event()
+
+        def attack(cred: dict[str, str]) -> None:
+            while not stop.is_set():
+                for kind, frame in hellos.items():
+                    peer = raw_endpoint(stack.service_url, cred["endpoint_id"], cred["secret"])
+                    try:
+                        peer.send(frame)
+                        answer = peer.recv(timeout=30)
+                        seen[kind].add(type(answer).__name__ + (f":{answer.code}" if isinstance(answer, Error) else ""))
+                    except ConnectionClosed as exc:
+                        seen[kind].add(f"closed:{exc.rcvd.code if exc.rcvd else None}")
+                    finally:
+                        peer.close()
+
+        attackers = [threading.Thread(target=attack, args=(c,), daemon=True) for c in creds]
+        for t in attackers:
+            t.start()
+        try:
+            wait_for(lambda: all(seen.values()), timeout=60, what="every kind of hello to be answered once")
+            p99 = _bystander_p99(stack, bystander)
+        finally:
+            stop.set()
+            for t in attackers:
+                t.join(60)
+        assert seen == {"over_frame": {"closed:1009"}, "over_ids": {f"Error:{ErrorCode.MALFORMED}"},
+                        "most": {"Welcome"}}, seen
+        assert p99 < BYSTANDER_P99_S, f"another tenant's p99 was {p99:.2f} s during the attack"
+        grown = service.memory_info().rss - rss_before
+        assert grown < 64 << 20, f"the service grew by {grown >> 20} MiB answering hellos"

@@ -82,7 +82,8 @@ def cluster(stack: LocalStack):
         ],
     }]))
     config = yaml.safe_load((d / "config.yaml").read_text())
-    config.update(idle_timeout_s=4, heartbeat_s=1, user_log_max_bytes=LOG_CAP, user_log_bytes_per_s=4 * LOG_CAP)
+    config.update(idle_timeout_s=4, heartbeat_s=1, user_log_max_bytes=LOG_CAP, user_log_bytes_per_s=4 * LOG_CAP,
+                  max_user_endpoints_per_user=3)
     (d / "config.yaml").write_text(yaml.safe_dump(config))
     (d / "user_config_template.yaml.j2").write_text(
         "engine:\n  type: process\n  workers: {{ workers | default(1) }}\nheartbeat_s: 1\n")
@@ -269,3 +270,35 @@ def test_a_user_flooding_their_log_fills_neither_the_disk_nor_the_multi_user_end
     assert log.stat().st_size <= LOG_CAP and previous.stat().st_size <= LOG_CAP
     assert oct(log.stat().st_mode & 0o777) == "0o600" and oct(previous.stat().st_mode & 0o777) == "0o600"
     assert daemon.memory_info().rss - rss_before < 32 * 1024 * 1024
+
+
+def test_one_user_cannot_start_more_user_endpoints_than_the_limit(stack, cluster) -> None:
+    """Every distinct user_endpoint_config is a process on the shared host: alice asks for four
+    at once where the endpoint allows three per user; three run, the fourth is refused in words."""
+    endpoint_id, tokens = cluster
+    alice = Client(stack.service_url, tokens["alice"])
+    uid = pwd.getpwnam(USERS["alice"]).pw_uid
+    wait_for(lambda: not any(u["online"] for u in alice.list_user_endpoints(endpoint_id)) and not any(
+        p.info["uids"] and p.info["uids"].real == uid for p in psutil.process_iter(["uids"])), timeout=60,
+        what="alice's earlier user endpoints to stop when idle")
+    audit = stack.endpoint_dir("cluster") / "audit.log"
+    wait_for(lambda: _running_per_audit(audit, "alice") == 0, what="the multi-user endpoint to notice")
+    futures = [_executor(stack, endpoint_id, tokens["alice"], workers=n).submit(helpers.sleep_then, 3, n)
+               for n in (5, 6, 7, 8)]
+    outcomes = []
+    for f in futures:
+        try:
+            outcomes.append(f.result(timeout=120))
+        except TaskFailed as exc:
+            outcomes.append(str(exc))
+    refused = [o for o in outcomes if isinstance(o, str)]
+    assert len(refused) == 1 and "this endpoint allows 3 per user" in refused[0], outcomes
+
+
+def _running_per_audit(audit: Path, identity: str) -> int:
+    """User endpoints of ``identity`` started and not yet stopped, as the audit log says."""
+    running = 0
+    for event in map(json.loads, audit.read_text().splitlines()):
+        if event.get("identity") == identity and event["event"] in ("started", "stopped"):
+            running += 1 if event["event"] == "started" else -1
+    return running
