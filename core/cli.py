@@ -151,6 +151,11 @@ def service_start(
         **{key: str(Path(value).resolve()) if value else None for key, value in paths.items()},
     }
     _service_config(config, **flags)  # a mistake in the file or a flag is reported here, before anything starts
+    info = _service_info()
+    running = _service_pid(info) if info else None
+    if running is not None:
+        _fail(f"a service is already running from {tether_home()} (pid {running}, {info.get('url')}); "
+              "'tether service stop' stops it (or set TETHER_HOME to run another)")
     args: list[str] = ["--config", str(config.resolve())] if config else []
     names = {"result_retention_s": "--result-retention", "uncollected_retention_s": "--uncollected-retention",
              "purge_interval_s": "--purge-interval", "blob_orphan_s": "--blob-orphan-seconds",
@@ -474,6 +479,10 @@ def endpoint_start(
     """Register (once) and run the endpoint; prints its endpoint id."""
     from tether.endpoint import manage
 
+    running = _endpoint_call(manage.daemon_pid, name)
+    if running:
+        _fail(f"endpoint {name!r} is already running (pid {running}); 'tether endpoint stop {name}' stops it, "
+              f"'tether endpoint restart {name}' restarts it in the background")
     cred = _endpoint_call(manage.ensure_registered, name)
     _endpoint_call(manage.apply_policy, name, cred)
     if detach:
@@ -512,7 +521,7 @@ def endpoint_restart(name: EndpointName) -> None:
 
 
 @endpoint_app.command("list")
-def endpoint_list(as_json: bool = typer.Option(False, "--json")) -> None:
+def endpoint_list(as_json: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
     """Endpoints configured in this TETHER_HOME."""
     from tether.endpoint import manage
 
@@ -529,7 +538,8 @@ def endpoint_list(as_json: bool = typer.Option(False, "--json")) -> None:
 
 
 @endpoint_app.command("status")
-def endpoint_status(name: EndpointName, as_json: bool = typer.Option(False, "--json")) -> None:
+def endpoint_status(name: Annotated[str, typer.Argument(help="the endpoint's name, or its id", show_default=False)],
+                    as_json: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
     """Daemon state, capacity and versions, locally and as the service sees it."""
     from tether.endpoint import manage
 
@@ -541,8 +551,11 @@ def endpoint_status(name: EndpointName, as_json: bool = typer.Option(False, "--j
     cap = (svc.get("status") or {}).get("capacity") or info["local"].get("capacity") or {}
     ver = (svc.get("status") or {}).get("versions") or info["local"].get("versions") or {}
     table = Table(show_header=False)
-    table.add_row("endpoint", f"{name} ({info.get('endpoint_id', 'not registered')})")
-    table.add_row("daemon", f"running, pid {info['pid']}" if info["running"] else "stopped")
+    table.add_row("endpoint", f"{info.get('name') or name} ({info.get('endpoint_id', 'not registered')})")
+    if info["running"] is None:
+        table.add_row("daemon", "not configured in this TETHER_HOME")
+    else:
+        table.add_row("daemon", f"running, pid {info['pid']}" if info["running"] else "stopped")
     if "service" in info:
         table.add_row("service", "[green]online[/]" if svc.get("online") else "[red]offline[/]")
     elif "service_error" in info:
@@ -615,7 +628,7 @@ def logout_command(service: str = typer.Option(..., help="the service URL")) -> 
 
 @app.command("whoami")
 def whoami_command(service: str = typer.Option(None, help="the service URL (default: as the client finds it)"),
-                   as_json: bool = typer.Option(False, "--json")) -> None:
+                   as_json: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
     """Who the service thinks you are."""
     from .client import Client
 
@@ -627,11 +640,41 @@ def whoami_command(service: str = typer.Option(None, help="the service URL (defa
         console.print(f"{me['name']} ({me['user_id']}) at {client.info.url}", highlight=False)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        console.print(f"tether {__version__} (Python {sys.version.split()[0]})", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """Tether: federated function execution for research computing."""
+
+
+def _no_flag_placeholders() -> None:
+    """typer >= 0.20 shows a ``<bool>`` type beside every flag in --help, where nothing is to be
+    typed; flags show none (other options keep their ``<int>``, ``<str>`` hints)."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        return None if self.is_flag else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
 def main() -> None:
+    with contextlib.suppress(ImportError, AttributeError):
+        _no_flag_placeholders()
     try:
         app()
-    except TetherError as exc:
-        _fail(str(exc))
+    except TetherError as exc:  # raised outside a command's own handling (the client's errors)
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -147,6 +147,10 @@ class Connection:
         self._closed = False
         self._ws: Any = None
         self._connected = threading.Event()
+        #: since when (time.monotonic) the service has not been reachable, and the last reason;
+        #: None while connected (what a future that times out, or a waiting shutdown, says)
+        self.down_since: float | None = time.monotonic()
+        self.down_reason = "not connected yet"
         # large payloads: what the service sends as blobs, and the threads that move them (never the loop's)
         self.blob_threshold: int | None = DEFAULT_BLOB_THRESHOLD  # as the service announces it (None: no blobs)
         self._blob_client: BlobClient | None = None
@@ -282,6 +286,21 @@ class Connection:
         finally:
             path.unlink(missing_ok=True)
 
+    def unreachable_for(self) -> float:
+        """Seconds the service has been out of reach (0 while connected)."""
+        since = self.down_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def why_waiting(self) -> str:
+        """What keeps results from arriving, when it is the connection; else ''."""
+        if self.fatal is not None:
+            return f"; the connection to {self.info.url} ended: {self.fatal}"
+        away = self.unreachable_for()
+        if not away:
+            return ""
+        return (f"; the service at {self.info.url} has not been reachable for {away:.0f} s ({self.down_reason}): "
+                "the client keeps trying, and results wait on the service meanwhile")
+
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
 
@@ -356,6 +375,7 @@ class Connection:
                     "signed by a private CA, set TETHER_CA_FILE to that CA's bundle"))
                 return
             except (OSError, TimeoutError, ConnectionClosed) as exc:
+                self.down_reason = str(exc) or type(exc).__name__
                 if not warned:
                     log.warning("cannot reach Tether service at %s (%s); retrying", self.info.url, exc)
                     warned = True
@@ -381,6 +401,7 @@ class Connection:
                 warned = False
                 self._ws = ws
                 await self._resume()
+                self.down_since = None
                 self._connected.set()
                 self._wake_pending = False
                 self._flush()
@@ -400,6 +421,8 @@ class Connection:
             finally:
                 self._ws = None
                 self._connected.clear()
+                if self.down_since is None:
+                    self.down_since, self.down_reason = time.monotonic(), "the connection was lost"
             if not self._closed:
                 log.info("reconnecting to %s", self.info.url)
                 await asyncio.sleep(backoff.next())

@@ -23,6 +23,10 @@ class EndpointOffline(TetherError):
     """The endpoint is not connected to the service."""
 
 
+class ServiceUnreachable(TetherError, ConnectionError):
+    """The service could not be reached for longer than the client was told to wait."""
+
+
 class UnknownEndpoint(TetherError):
     """The endpoint id does not exist, or is not visible to this identity."""
 
@@ -80,6 +84,19 @@ _hybrids: dict[type, type] = {}
 _TASK_FAILED_FIELDS = frozenset({"remote_type", "remote_message", "remote_traceback", "task_id"})
 
 
+def _remote_str(self: TaskFailed) -> str:
+    """A remote exception of a type known here: its own message (the type is its class's name),
+    then the remote traceback."""
+    text = self.remote_message
+    if self.remote_traceback:
+        text += f"\n\nRemote traceback (task {self.task_id}):\n{self.remote_traceback.rstrip()}"
+    return text
+
+
+def _remote_repr(self: TaskFailed) -> str:
+    return f"{type(self).__name__}{self.args!r}" if len(self.args) != 1 else f"{type(self).__name__}({self.args[0]!r})"
+
+
 def task_failed(error: dict[str, Any], original: BaseException | None, task_id: str) -> TaskFailed:
     """Build the exception a failed future raises.
 
@@ -87,8 +104,10 @@ def task_failed(error: dict[str, Any], original: BaseException | None, task_id: 
     derives from both :class:`TaskFailed` and that type, so ``except ZeroDivisionError`` and
     ``except TaskFailed`` both catch it, and the remote traceback is in its text.
     """
+    from .tracebacks import localize
+
     type_name = error.get("type") or "Exception"
-    args = (type_name, error.get("message", ""), error.get("traceback", ""), task_id)
+    args = (type_name, error.get("message", ""), localize(error.get("traceback") or ""), task_id)
     if isinstance(original, Exception):
         remote_cls: Any = type(original)
     else:  # the exception did not unpickle here; builtin types can still be matched by name
@@ -97,8 +116,10 @@ def task_failed(error: dict[str, Any], original: BaseException | None, task_id: 
     if isinstance(remote_cls, type) and issubclass(remote_cls, Exception) and not issubclass(remote_cls, TaskFailed):
         hybrid = _hybrids.get(remote_cls)
         if hybrid is None:
-            try:
-                hybrid = type(remote_cls.__name__, (TaskFailed, remote_cls), {"__module__": "tether.remote"})
+            try:  # named as the remote type, so an uncaught one prints "KeyError: 'b'", as it would locally
+                hybrid = type(remote_cls.__name__, (TaskFailed, remote_cls), {
+                    "__module__": remote_cls.__module__, "__qualname__": remote_cls.__qualname__,
+                    "__str__": _remote_str, "__repr__": _remote_repr})
             except TypeError:  # incompatible layouts (some C exception types)
                 hybrid = TaskFailed
             _hybrids[remote_cls] = hybrid
@@ -107,10 +128,11 @@ def task_failed(error: dict[str, Any], original: BaseException | None, task_id: 
         except Exception:  # a constructor that insists on its own signature
             pass
         else:
-            if original is not None:  # keep what the remote exception carried (e.g. .result)
+            if original is not None:  # keep what the remote exception carried (e.g. .result, .args)
                 for key, value in vars(original).items():
                     if key not in _TASK_FAILED_FIELDS:
                         setattr(exc, key, value)
+                exc.args = original.args
             return exc
     return TaskFailed(*args)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -11,13 +13,15 @@ from typing import Any
 
 from .config import find_service
 from .connection import Connection, spill_dir
-from .errors import TetherError
+from .errors import ServiceUnreachable, TetherError
 from .futures import TetherFuture
 from .ids import check_function_id, check_id, new_task_id
 from .protocol import Task, blob_stub
 from .resources import validate_resource_specification
 from .serialize import DATA_METHODS, function_id, serialize, serialize_into
 from .transfer import Spill
+
+log = logging.getLogger("tether.executor")
 
 
 class _FunctionCache:
@@ -71,6 +75,11 @@ class Executor(concurrent.futures.Executor):
             stream in (default 0.002); a task submitted after a quiet spell is sent at once.
             Both apply to the process-wide connection, and only when given: an Executor that
             does not set them leaves another's settings alone.
+        service_timeout: seconds ``shutdown(wait=True)`` (the end of a ``with`` block) keeps
+            waiting for results while the service is out of reach (default 60); then the
+            pending futures fail with :class:`ServiceUnreachable`, which says how to get them
+            back (:meth:`reload`) once it is up. Waits for results of a reachable service
+            never time out.
     """
 
     def __init__(
@@ -87,6 +96,7 @@ class Executor(concurrent.futures.Executor):
         data_serializer: str = "cloudpickle",
         blob_threshold: int | None = None,
         progress: bool | None = None,
+        service_timeout: float = 60.0,
     ):
         # ids are checked where they enter: they become file names on the endpoint
         self.endpoint_id = check_id(endpoint_id, "endpoint id") if endpoint_id is not None else None
@@ -112,6 +122,7 @@ class Executor(concurrent.futures.Executor):
         # on each future (which would make a Condition per pending future: 1.3 KB each)
         self._futures_lock = threading.Condition()
         self._shutdown = False
+        self.service_timeout = service_timeout
 
     # --- submission ----------------------------------------------------------------------------
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TetherFuture:
@@ -196,6 +207,7 @@ class Executor(concurrent.futures.Executor):
                     spec=spec, uec=uec, blobs=list(blobs or ()))
         fut = TetherFuture(task.id, on_cancel=self._conn.cancel)
         fut.progress = self.progress
+        fut.waiting_on = self._conn
         if spill is not None and spill.spilled:
             spill.close()
             self._conn.in_background(self._upload_then_submit, task, fut, body, spill)
@@ -265,6 +277,7 @@ class Executor(concurrent.futures.Executor):
         for item in client.get_task_group(self.task_group_id):
             tid = item["task_id"]
             fut = existing.get(tid) or TetherFuture(tid, on_cancel=self._conn.cancel)
+            fut.waiting_on = self._conn
             fut._record(item["state"], None)
             futures.append(fut)
         fresh = [f for f in futures if f.task_id not in existing]
@@ -289,8 +302,33 @@ class Executor(concurrent.futures.Executor):
                 for fut in futures:
                     fut.cancel()
         if wait:
-            with self._futures_lock:
-                self._futures_lock.wait_for(lambda: not self._futures)
+            self._wait_for_pending()
+
+    def _wait_for_pending(self) -> None:
+        """Wait for every pending future. While the service is out of reach, say so every 30 s;
+        once it has been out of reach for ``service_timeout``, stop: the pending futures fail
+        with :class:`ServiceUnreachable` (their tasks live on in the service, for :meth:`reload`)."""
+        said = time.monotonic()
+        with self._futures_lock:
+            while not self._futures_lock.wait_for(lambda: not self._futures, timeout=1.0):
+                away = self._conn.unreachable_for()
+                if away >= self.service_timeout:
+                    pending = list(self._futures)
+                    break
+                if away >= 5 and time.monotonic() - said >= 30:
+                    said = time.monotonic()
+                    log.warning("waiting for %d task(s); the service at %s has not been reachable for %.0f s "
+                                "(giving up after %.0f s)", len(self._futures), self._info.url, away,
+                                self.service_timeout)
+            else:
+                return
+        error = ServiceUnreachable(
+            f"the service at {self._info.url} has not been reachable for {away:.0f} s ({self._conn.down_reason}), "
+            f"so the Executor stopped waiting for {len(pending)} task(s). Tasks it accepted run and keep their "
+            f"results: once it is up, Executor(endpoint_id={self.endpoint_id!r}, "
+            f"task_group_id={self.task_group_id!r}).reload() returns their futures")
+        for fut in pending:
+            fut._settle(exception=error)
 
     def __enter__(self) -> Executor:
         return self

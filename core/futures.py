@@ -31,6 +31,8 @@ from .protocol import TaskState
 log = logging.getLogger("tether.futures")
 
 _ORDER = {state.value: i for i, state in enumerate(TaskState)}
+WAITING_FOR_ENDPOINT = TaskState.WAITING.value
+_HELD = frozenset({TaskState.DISPATCHED.value, TaskState.RUNNING.value})
 _DONE = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 #: guards the making of futures' conditions, and the state of futures that have none yet
 _MAKE_LOCK = threading.Lock()
@@ -87,6 +89,8 @@ class TetherFuture(concurrent.futures.Future):
         self.state: str = TaskState.RECEIVED.value
         self.transitions: dict[str, float] = {}
         self._on_cancel = on_cancel
+        #: the connection its result comes on (asked what it waits for when a wait times out)
+        self.waiting_on: Any = None
         #: how a large result's download shows progress (the Executor's ``progress`` option)
         self.progress: bool | None = None
         #: called (inline, with the future) once it is settled: the Executor's bookkeeping, not user code
@@ -127,6 +131,13 @@ class TetherFuture(concurrent.futures.Future):
         return self._state == RUNNING
 
     def _record(self, state: str, ts: float | None) -> None:
+        if state == WAITING_FOR_ENDPOINT and self.state in _HELD and ts is not None \
+                and ts >= max(self.transitions.values(), default=0.0):
+            # its endpoint went away while holding it: it waits again, and is dispatched again later
+            self.transitions = {s: t for s, t in self.transitions.items() if s not in _HELD}
+            self.transitions[state] = ts
+            self.state = state
+            return
         if ts is not None and state not in self.transitions:
             rank = _ORDER.get(state, len(_ORDER))
             last = next(reversed(self.transitions), None)  # kept in order: the last is the latest
@@ -238,6 +249,12 @@ class TetherFuture(concurrent.futures.Future):
             return super().result(timeout)
         except concurrent.futures.CancelledError:
             raise TaskCancelled(f"task {self.task_id} was cancelled") from None
+        except TimeoutError:
+            if self.done():
+                raise
+            why = self.waiting_on.why_waiting() if self.waiting_on is not None else ""
+            raise TimeoutError(f"task {self.task_id} has no result after {timeout:g} s (it is {self.state}){why}") \
+                from None
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         try:

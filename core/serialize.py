@@ -26,13 +26,17 @@ DEFAULT_METHOD = "cloudpickle"
 _MAGIC = b"tether:1;"
 _HEADER = f"tether:1;method={DEFAULT_METHOD};py={PY_VERSION}\n".encode()
 _JSON_HEADER = f"tether:1;method=json;py={PY_VERSION}\n".encode()
+#: what a serialization error names: what the client sends, and what a task returns
+ARGUMENTS = "Arguments and functions"
+RESULT = "A task's return value"
 #: methods a client may choose for arguments (functions are always cloudpickle)
 DATA_METHODS = ("cloudpickle", "json")
 
 
-def serialize(obj: Any, method: str = DEFAULT_METHOD) -> bytes:
+def serialize(obj: Any, method: str = DEFAULT_METHOD, what: str = ARGUMENTS) -> bytes:
     """Serialize with cloudpickle (functions from ``__main__`` and notebooks travel by value),
-    or with ``method="json"`` for plain data (lists, dicts, str, numbers, bool, None)."""
+    or with ``method="json"`` for plain data (lists, dicts, str, numbers, bool, None).
+    ``what`` names the value in an error (arguments and functions, or a task's result)."""
     if method == "json":
         try:
             return _JSON_HEADER + json.dumps(obj, allow_nan=False, separators=(",", ":")).encode()
@@ -46,13 +50,10 @@ def serialize(obj: Any, method: str = DEFAULT_METHOD) -> bytes:
     try:
         return _HEADER + cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
-        raise SerializationError(
-            f"cannot serialize {type(obj).__name__}: {type(exc).__name__}: {exc}. "
-            "Arguments and functions must be picklable by cloudpickle (no open files, locks or sockets)."
-        ) from exc
+        raise unpicklable(obj, exc, what) from exc
 
 
-def serialize_into(obj: Any, out: Any, method: str = DEFAULT_METHOD) -> None:
+def serialize_into(obj: Any, out: Any, method: str = DEFAULT_METHOD, what: str = ARGUMENTS) -> None:
     """:func:`serialize` into a writable binary file object, so a large value is written out as it
     is pickled instead of being held a second time, as bytes, in memory."""
     if method == "json":
@@ -64,10 +65,13 @@ def serialize_into(obj: Any, out: Any, method: str = DEFAULT_METHOD) -> None:
     try:
         cloudpickle.dump(obj, out, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
-        raise SerializationError(
-            f"cannot serialize {type(obj).__name__}: {type(exc).__name__}: {exc}. "
-            "Arguments and functions must be picklable by cloudpickle (no open files, locks or sockets)."
-        ) from exc
+        raise unpicklable(obj, exc, what) from exc
+
+
+def unpicklable(obj: Any, exc: BaseException, what: str) -> SerializationError:
+    """The error for a value cloudpickle refused: which value, why, and what is allowed."""
+    return SerializationError(f"cannot serialize {type(obj).__name__}: {type(exc).__name__}: {exc}. {what} must be "
+                              "picklable by cloudpickle (no open files, locks, sockets or generators).")
 
 
 #: headers already parsed (a process sees a handful: one per method and Python version)

@@ -558,6 +558,7 @@ def too_large_record(task_id: str, too_large: TooLarge[Any]) -> dict[str, Any]:
 def run_daemon(name: str) -> int:
     config = load_config(name)
     credential = read_credential(config.dir)
+    lock = _hold_lock(config.dir, name)  # one daemon per endpoint: a second would take over its connection
     configure_logging("INFO")
     (config.dir / "daemon.pid").write_text(str(os.getpid()))
     # tasks (and the worker processes, which inherit it) start in the endpoint's tasks/ directory
@@ -570,6 +571,26 @@ def run_daemon(name: str) -> int:
         return asyncio.run(daemon_class(config, credential).run())
     finally:
         (config.dir / "daemon.pid").unlink(missing_ok=True)
+        lock.close()
+
+
+def _hold_lock(directory: Path, name: str) -> Any:
+    """Lock ``daemon.lock`` for this process's life (the kernel lets go when it ends, however it
+    ends), or refuse to run: another daemon of this endpoint holds it."""
+    import fcntl
+
+    fh = open(directory / "daemon.lock", "a+")  # noqa: SIM115 - held open until the daemon ends
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        try:
+            pid = f" (pid {int((directory / 'daemon.pid').read_text())})"
+        except (OSError, ValueError):
+            pid = ""
+        raise ConfigError(f"endpoint {name!r} is already running{pid}; stop it first: tether endpoint stop "
+                          f"{name}") from None
+    return fh
 
 
 def main() -> None:

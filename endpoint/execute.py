@@ -15,7 +15,7 @@ from typing import Any
 
 from tether.errors import SerializationError
 from tether.protocol import DEFAULT_BLOB_THRESHOLD, TaskState
-from tether.serialize import deserialize, serialize, serialize_into
+from tether.serialize import RESULT, deserialize, serialize, serialize_into
 from tether.transfer import Spill, file_of, file_stub, load_file
 
 #: the endpoint daemon names a directory here (its ``blobs/``) where workers write results too
@@ -142,13 +142,13 @@ def serialize_result(task_id: str, value: Any) -> bytes:
     to (when the daemon named a directory for that): a large result is never held twice."""
     directory = os.environ.get(SPILL_DIR_ENV)
     if not directory:
-        return serialize(value)
+        return serialize(value, what=RESULT)
     # looked at only if the value is large: a worker on a node that does not see the daemon's
     # directory keeps its result in memory (and sends it through its pipe) instead
     spill = Spill(DEFAULT_BLOB_THRESHOLD, lambda: directory if os.path.isdir(directory) else None,
                   f"{task_id}.result")
     try:
-        serialize_into(value, spill)
+        serialize_into(value, spill, what=RESULT)
     except BaseException:
         spill.discard()
         raise

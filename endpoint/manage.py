@@ -194,6 +194,9 @@ def start_detached(name: str, timeout: float = 60.0) -> dict[str, Any]:
 
 def stop(name: str, timeout: float = 20.0) -> bool:
     """SIGTERM the daemon and wait for it to exit (SIGKILL after ``timeout``). False if not running."""
+    if not (endpoint_dir(name) / "config.yaml").exists():
+        raise ConfigError(f"no endpoint named {name!r} under {tether_home() / 'endpoints'}; "
+                          "'tether endpoint list' shows those configured here")
     pid = daemon_pid(name)
     if pid is None:
         return False
@@ -235,9 +238,19 @@ def _valid_name(name: str) -> bool:
 
 
 def status(name: str) -> dict[str, Any]:
-    """Local view (daemon, spool, capacity) merged with the service's view when reachable."""
+    """Local view (daemon, spool, capacity) merged with the service's view when reachable.
+    ``name`` may also be an endpoint id (one configured here, or any the service shows you)."""
     if not (endpoint_dir(name) / "config.yaml").exists():
-        raise ConfigError(f"no endpoint named {name!r} under {tether_home() / 'endpoints'}")
+        local = next((r["name"] for r in list_endpoints() if r["endpoint_id"] == name), None)
+        if local is not None:
+            return status(local)
+        if _is_uuid(name):
+            with Client() as client:
+                service = client.get_endpoint_status(name)
+            return {"name": service.get("name"), "endpoint_id": name, "running": None, "pid": None, "local": {},
+                    "service": service}
+        raise ConfigError(f"no endpoint named {name!r} under {tether_home() / 'endpoints'}; "
+                          "'tether endpoint list' shows those configured here (an endpoint id works too)")
     pid = daemon_pid(name)
     local = local_status(name) if pid else {}
     info: dict[str, Any] = {"name": name, "running": pid is not None, "pid": pid, "local": local}
@@ -251,6 +264,16 @@ def status(name: str) -> dict[str, Any]:
         except (TetherError, ConfigError) as exc:
             info["service_error"] = str(exc)
     return info
+
+
+def _is_uuid(text: str) -> bool:
+    import uuid
+
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
 
 
 def delete(name: str) -> None:

@@ -693,7 +693,8 @@ class Relay:
 
     async def _withdraw_ended(self, session: EndpointSession, held: list[str]) -> None:
         """Reconcile what a (re)connecting endpoint holds: tasks that ended while it was away
-        (cancelled, say) or are not its own are withdrawn, so they never run there."""
+        (cancelled, say) or are not its own are withdrawn, so they never run there; those it
+        still holds that were marked waiting for it are dispatched again."""
         if not held:
             return
         mine: set[str] = set()
@@ -701,6 +702,12 @@ class Relay:
             mine.update((await self.db.dispatched_to(session.endpoint_id, held[start : start + WITHDRAW_SLICE]))[0])
             await asyncio.sleep(0)
         ended = [tid for tid in held if tid not in mine]
+        if mine:
+            now = time.time()
+            await self.db.set_state([(tid, now) for tid in mine], TaskState.DISPATCHED, only_from=TaskState.WAITING)
+            back = [(tid, TaskState.DISPATCHED.value, now) for tid in mine]
+            self._push_status(mine, TaskState.DISPATCHED, now)
+            await self._tell_user(session.owner_id, "status", back)
         if ended:
             session.sent.difference_update(ended)
             self.counters["withdrawn_on_reconnect"] += len(ended)
@@ -719,6 +726,21 @@ class Relay:
             holder = (_loads(ep["status"]) or {}).get("replica")
             if holder in (None, self.bus.replica_id):  # not if it reconnected to another replica meanwhile
                 await self._save_presence(session, online=False)
+                await self._wait_again(session)
+
+    async def _wait_again(self, session: EndpointSession) -> None:
+        """The tasks a departed endpoint held wait for it again, and say so (in the store and to
+        their watchers) until it is back: they are dispatched again then."""
+        held = list(session.sent)
+        if not held:
+            return
+        for state in (TaskState.DISPATCHED, TaskState.RUNNING):  # a later flush must not move them back
+            for tid in held:
+                self._deferred[state].pop(tid, None)
+        now = time.time()
+        await self.db.set_state([(tid, now) for tid in held], TaskState.WAITING)
+        self._push_status(held, TaskState.WAITING, now)
+        await self._tell_user(session.owner_id, "status", [(tid, TaskState.WAITING.value, now) for tid in held])
 
     async def _save_presence(self, session: EndpointSession, online: bool) -> None:
         """Write an endpoint's status (capacity, versions, online, which replica holds it)."""

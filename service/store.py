@@ -194,8 +194,11 @@ _STORE_RESULT = (
 _SET_STATE = {
     state: update(tasks).where(and_(tasks.c.id == bindparam("b_id"), _OPEN))
     .values({"state": state.value, _TIME_COLUMN[state]: bindparam("b_ts")})
-    for state in (TaskState.DISPATCHED, TaskState.RUNNING)
+    for state in (TaskState.WAITING, TaskState.DISPATCHED, TaskState.RUNNING)
 }
+#: dispatched again: only tasks marked waiting (an endpoint that reconnects holding them)
+_REDISPATCH = (update(tasks).where(and_(tasks.c.id == bindparam("b_id"), tasks.c.state == TaskState.WAITING.value))
+               .values(state=TaskState.DISPATCHED.value, t_dispatched=bindparam("b_ts")))
 _LOAD_OPEN = select(tasks.c.id, tasks.c.owner_id, tasks.c.endpoint_id, tasks.c.function_id, tasks.c.payload,
                     tasks.c.spec, tasks.c.uec, tasks.c.group_id).where(and_(tasks.c.id.in_(_IDS), _OPEN))
 _MARK_COLLECTED = (
@@ -662,15 +665,17 @@ class Store:
         theirs = [tid for tid in existing if owners.get(tid) != owner]
         return inserted, mine, theirs
 
-    def set_state(self, stamps: Iterable[tuple[str, float]], state: TaskState) -> None:
-        """Move open tasks to a non-terminal state at the given times (terminal tasks never move again)."""
+    def set_state(self, stamps: Iterable[tuple[str, float]], state: TaskState,
+                  only_from: TaskState | None = None) -> None:
+        """Move open tasks to a non-terminal state at the given times (terminal tasks never move
+        again); with ``only_from`` (waiting -> dispatched), only tasks in that state move."""
         # rows are locked in id order, as write_results locks them: two writers never wait on
         # each other in a cycle (PostgreSQL reported deadlocks between the two before)
         params = sorted(({"b_id": i, "b_ts": ts} for i, ts in stamps), key=lambda p: p["b_id"])
         if not params:
             return
         with self._tx() as conn:
-            conn.execute(_SET_STATE[state], params)
+            conn.execute(_REDISPATCH if only_from is not None else _SET_STATE[state], params)
 
     def _learn_open(self, ids: list[str]) -> dict[str, tuple[str, bool]]:
         """{id: (endpoint id, open?)} from the database, for ids this process has not seen."""
