@@ -626,6 +626,24 @@ def logout_command(service: str = typer.Option(..., help="the service URL")) -> 
     console.print(f"logged out of {service}")
 
 
+@app.command("dashboard")
+def dashboard_command(
+    service: str = typer.Option(None, help="the service URL (default: as the client finds it)"),
+    open_browser: bool = typer.Option(False, "--open", help="open it in the default browser"),
+) -> None:
+    """Print a link to the service's dashboard that signs you in (your token rides in the URL's
+    fragment, which the browser never sends to any server; treat the link as the token)."""
+    from .config import find_service
+
+    info = find_service(service, None)
+    link = f"{info.url}/dashboard#token={info.token}"
+    print(link)
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(link)
+
+
 @app.command("whoami")
 def whoami_command(service: str = typer.Option(None, help="the service URL (default: as the client finds it)"),
                    as_json: bool = typer.Option(False, "--json", help="print as JSON")) -> None:

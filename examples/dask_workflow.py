@@ -7,6 +7,7 @@ with ``python examples/dask_workflow.py`` (it starts its own local service and e
 
 from __future__ import annotations
 
+import logging
 import time
 
 import dask.array as da
@@ -15,6 +16,10 @@ from distributed import Client
 
 from tether.dask import TetherCluster
 from tether.local import LocalStack, local_stack
+
+# distributed logs every P2P shuffle's start and end as a WARNING (with a LocalCluster too); they
+# say nothing is wrong, so this example keeps them out of its output
+logging.getLogger("distributed.shuffle").setLevel(logging.ERROR)
 
 
 def run(stack: LocalStack) -> None:

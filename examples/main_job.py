@@ -57,7 +57,7 @@ def main() -> None:
             except ValueError as exc:  # the remote type is preserved ...
                 assert isinstance(exc, TaskFailed)  # ... and it is a TaskFailed too, with the remote traceback
                 print(f"log(-1) raised       = {exc.remote_type}: {exc.remote_message}")
-            print(f"task {fut.task_id[:8]} went through: {', '.join(fut.transitions)}")
+            print(f"task {fut.task_id} went through: {', '.join(fut.transitions)}")
             n = 2000
             t1 = time.perf_counter()
             total = sum(f.result() for f in [ex.submit(abs, -i) for i in range(n)])

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from tether import __version__
+from tether.config import tether_home
 from tether.protocol import (
     CLIENT_FRAMES,
     CLIENT_WS_PATH,
@@ -54,11 +55,11 @@ from tether.protocol import (
 )
 from tether.serialize import function_id
 
+from . import dashboard
 from .async_store import DEFAULT_DB_THREADS, AsyncStore
 from .auth import Authenticator, GlobusSettings
 from .blobs import DEFAULT_MAX_BLOB, DEFAULT_ORPHAN_S, DEFAULT_QUOTA, BlobIndex, blob_routes
 from .bus import make_bus
-from .dashboard import DASHBOARD_HTML
 from .guard import BodyGuard, bearer
 from .metrics import make_registry, render
 from .models import (
@@ -112,7 +113,7 @@ class Settings:
     #: Globus Auth: accept Globus access tokens as well as the service's own (None: only its own)
     globus: GlobusSettings | None = None
     #: large payloads (service/blobs.py): where blob files live, what travels as a blob, the limits
-    blob_dir: str = "blobs"
+    blob_dir: str | None = None  # None: $TETHER_HOME/service/blobs (never the working directory)
     blob_threshold_bytes: int = DEFAULT_BLOB_THRESHOLD
     max_blob_bytes: int = DEFAULT_MAX_BLOB
     blob_quota_bytes: int = DEFAULT_QUOTA  # per user: bytes of blobs stored at once
@@ -178,7 +179,8 @@ def create_app(settings: Settings) -> FastAPI:
     relay = Relay(db, settings.max_payload_bytes, settings.prefetch, authenticator,
                   make_bus(settings.broker_url, settings.replica_id), settings.max_open_tasks_per_user,
                   settings.function_quota_bytes)
-    blob_index = BlobIndex(store, Path(settings.blob_dir), settings.max_blob_bytes, settings.blob_quota_bytes,
+    blob_dir = Path(settings.blob_dir) if settings.blob_dir else tether_home() / "service" / "blobs"
+    blob_index = BlobIndex(store, blob_dir, settings.max_blob_bytes, settings.blob_quota_bytes,
                            settings.blob_orphan_s)
     relay.blobs = db.offload(blob_index)  # its queries run where the store's do (off the loop on PostgreSQL)
     max_frame = service_max_frame(settings.max_payload_bytes)
@@ -423,22 +425,44 @@ def create_app(settings: Settings) -> FastAPI:
         rows = await db.group_task_ids(user, group_id)
         return GroupInfo(group_id=group_id, tasks=[GroupTask(task_id=r.id, state=r.state) for r in rows])
 
+    views: dict[str, tuple[float, DashboardInfo]] = {}  # user -> (when, view): one read per user per second
+
     @app.get("/v1/dashboard", response_model=DashboardInfo, tags=["operations"], responses=_errors())
     async def dashboard_data(user: str = Depends(current_user)) -> DashboardInfo:
-        """What the dashboard shows: your endpoints, your task counts, your recent failures."""
+        """What the dashboard shows: your endpoints with their workers, your open tasks, and
+        from your most recent tasks (at most ``window``) their states over time, throughput,
+        task groups and failures."""
+        now = time.time()
+        cached = views.get(user)
+        if cached is not None and now - cached[0] < 1.0:
+            return cached[1]
         await relay.flush_deferred()
+        rows = await db.recent_tasks(user, dashboard.WINDOW)
+        failed = sorted((r for r in rows if r.state == "failed"), key=lambda r: r.t_done or 0, reverse=True)[:20]
         failures = []
-        for r in await db.recent_failures(user):
+        for r in sorted(await db.get_tasks(user, [r.id for r in failed]), key=lambda r: r.t_done or 0, reverse=True):
             error = json.loads(r.error) if r.error else {}
-            failures.append({"task_id": r.id, "endpoint_id": r.endpoint_id, "ts": r.t_done,
+            failures.append({"task_id": r.id, "endpoint_id": r.endpoint_id, "group_id": r.group_id, "ts": r.t_done,
                              "error": f"{error.get('type', '?')}: {str(error.get('message', ''))[:300]}"})
-        return DashboardInfo(endpoints=[endpoint_info(ep) for ep in await db.list_endpoints(user)],
-                             task_counts=await db.count_by_state(user), recent_failures=failures)
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r.state] = counts.get(r.state, 0) + 1
+        view = DashboardInfo(
+            user=await db.user_name(user) or user, user_id=user, now=now,
+            endpoints=[endpoint_info(ep) for ep in await db.list_endpoints(user)],
+            open_counts=await db.open_by_state(user), task_counts=counts,
+            window={"tasks": len(rows), "limit": dashboard.WINDOW,
+                    "since": rows[-1].t_received if rows else None},
+            activity=dashboard.activity(rows, now), groups=dashboard.groups(rows), recent_failures=failures)
+        if len(views) > 1000:
+            views.clear()
+        views[user] = (now, view)
+        return view
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
-    async def dashboard() -> str:
-        return DASHBOARD_HTML
+    async def dashboard_page() -> str:
+        return dashboard.page()
 
     # --- WebSockets ----------------------------------------------------------------------------
     def outbound(ws: WebSocket, who: str) -> Outbound:

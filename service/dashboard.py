@@ -1,49 +1,99 @@
-"""The dashboard page: one static HTML file that asks for your token (kept in the browser tab's
-sessionStorage, sent as a Bearer header) and renders ``GET /v1/dashboard`` every few seconds.
-No template engine, no cookies, nothing a user could see of another's."""
+"""The dashboard: a static page (``dashboard.html``) and the figures it draws.
 
-DASHBOARD_HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Tether</title>
-<style>
- body{font-family:system-ui,sans-serif;margin:2rem;max-width:70rem;color:#222}
- table{border-collapse:collapse;margin:.5rem 0 1.5rem}td,th{padding:.3rem .8rem;border-bottom:1px solid #ddd;text-align:left}
- .on{color:#0a7d2c;font-weight:600}.off{color:#b00020}.muted{color:#777}code{font-size:.85em}
- #login{display:none}input{width:28rem;padding:.3rem}
-</style></head><body>
-<h1>Tether</h1>
-<p class="muted">API: <a href="/docs">/docs</a> · <a href="/openapi.json">/openapi.json</a> ·
-<a href="/healthz">/healthz</a> · <a href="/metrics">/metrics</a></p>
-<div id="login"><p>Paste your token (<code>token</code> in <code>$TETHER_HOME/service.json</code>):</p>
-<form id="f"><input id="tok" type="password" autocomplete="off"> <button>Sign in</button></form></div>
-<div id="main" style="display:none">
-<h2>Endpoints</h2><table id="eps"></table>
-<h2>Tasks</h2><table id="counts"></table>
-<h2>Recent failures</h2><table id="fails"></table>
-<p><button id="out">Sign out</button> <span class="muted" id="when"></span></p></div>
-<script>
-const $ = (id) => document.getElementById(id);
-const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({"&":"&amp;","<":"&lt;",">":"&gt;",'"':"&quot;","'":"&#39;"}[c]));
-function row(cells, th) { const t = th ? "th" : "td"; return "<tr>" + cells.map((c) => `<${t}>${c}</${t}>`).join("") + "</tr>"; }
-async function refresh() {
-  const token = sessionStorage.getItem("tether-token");
-  if (!token) { $("login").style.display = "block"; $("main").style.display = "none"; return; }
-  const r = await fetch("/v1/dashboard", {headers: {Authorization: "Bearer " + token}});
-  if (r.status === 401) { sessionStorage.removeItem("tether-token"); return refresh(); }
-  const d = await r.json();
-  $("login").style.display = "none"; $("main").style.display = "block";
-  $("eps").innerHTML = row(["name", "id", "state", "workers (idle/total)", "queued", "running", "python"], true) +
-    d.endpoints.map((e) => { const c = e.status.capacity || {}, v = e.status.versions || {};
-      return row([esc(e.name), `<code>${esc(e.endpoint_id)}</code>`,
-        e.online ? '<span class="on">online</span>' : '<span class="off">offline</span>',
-        `${esc(c.workers_idle ?? "-")}/${esc(c.workers_total ?? "-")}`, esc(c.tasks_queued ?? "-"),
-        esc(c.tasks_running ?? "-"), esc(v.python ?? "-")]); }).join("");
-  $("counts").innerHTML = row(Object.keys(d.task_counts).map(esc), true) + row(Object.values(d.task_counts).map(esc));
-  $("fails").innerHTML = row(["when", "task", "error"], true) + d.recent_failures.map((f) =>
-    row([esc(new Date(f.ts * 1000).toLocaleString()), `<code>${esc(f.task_id)}</code>`, esc(f.error)])).join("");
-  $("when").textContent = "updated " + new Date().toLocaleTimeString();
-}
-$("f").onsubmit = (e) => { e.preventDefault(); sessionStorage.setItem("tether-token", $("tok").value.trim()); refresh(); };
-$("out").onclick = () => { sessionStorage.removeItem("tether-token"); refresh(); };
-refresh(); setInterval(refresh, 5000);
-</script></body></html>
+The page signs in with the user's token (kept in the browser tab's sessionStorage, sent as a
+Bearer header; ``tether dashboard`` prints a link that carries it in the URL fragment, which
+never reaches a server) and renders ``GET /v1/dashboard`` every few seconds: live charts of the
+user's tasks by state, throughput and queue depth, endpoints with their workers' use, task
+groups with their progress, and failures whose traceback is one click away.
+
+What it costs the service is bounded whatever the user has run: the figures come from the
+user's ``WINDOW`` most recent tasks (one index range read) and their open tasks (the partial
+index of open tasks), computed here in one pass over at most ``WINDOW`` rows.
 """
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter, defaultdict
+from importlib import resources
+from typing import Any
+
+#: the most recent tasks the dashboard looks at
+WINDOW = 5000
+#: what the charts span, and in how many steps
+SPAN_S = 600.0
+STEPS = 60
+#: states whose counts are drawn over time, in the order they follow
+OPEN_STATES = ("waiting", "dispatched", "running")
+FINISHED_STATES = ("success", "failed", "cancelled")
+
+
+def page() -> str:
+    """The dashboard's HTML (one file: its own CSS and JavaScript, no outside requests)."""
+    return resources.files("tether.service").joinpath("dashboard.html").read_text()
+
+
+def _open_intervals(row: Any) -> list[tuple[str, float, float | None]]:
+    """(state, from, until) for the open states a task went through; until None: still in it."""
+    marks = [("waiting", row.t_received), ("waiting", row.t_waiting), ("dispatched", row.t_dispatched),
+             ("running", row.t_running)]
+    marks = [(s, t) for s, t in marks if t is not None]
+    out: list[tuple[str, float, float | None]] = []
+    for i, (state, start) in enumerate(marks):
+        end = marks[i + 1][1] if i + 1 < len(marks) else row.t_done
+        if end is not None and end <= start:
+            continue
+        if out and out[-1][0] == state:  # received, then waiting-for-endpoint: one "waiting" stretch
+            out[-1] = (state, out[-1][1], end)
+        else:
+            out.append((state, start, end))
+    return out
+
+
+def activity(rows: list[Any], now: float, span_s: float = SPAN_S, steps: int = STEPS) -> dict[str, Any]:
+    """Tasks by open state at the end of each step of the last ``span_s`` seconds, and tasks
+    finished (by outcome) and submitted during each step, from ``rows`` (see Store.recent_tasks)."""
+    step = span_s / steps
+    ends = [now - span_s + (i + 1) * step for i in range(steps)]
+    # state counts: +1 from the first step end inside a stretch, -1 from the first one past it
+    delta = {state: [0] * (steps + 1) for state in OPEN_STATES}
+    finished = {state: [0] * steps for state in FINISHED_STATES}
+    submitted = [0] * steps
+    for row in rows:
+        for state, start, end in _open_intervals(row):
+            first = bisect.bisect_left(ends, start)
+            last = bisect.bisect_left(ends, end) if end is not None else steps
+            if first < last:
+                delta[state][first] += 1
+                delta[state][last] -= 1
+        if row.t_done is not None and row.state in finished and ends[0] - step < row.t_done <= ends[-1]:
+            finished[row.state][min(steps - 1, bisect.bisect_left(ends, row.t_done))] += 1
+        if ends[0] - step < row.t_received <= ends[-1]:
+            submitted[min(steps - 1, bisect.bisect_left(ends, row.t_received))] += 1
+    counts: dict[str, list[int]] = {}
+    for state in OPEN_STATES:
+        running_total, series = 0, []
+        for d in delta[state][:steps]:
+            running_total += d
+            series.append(running_total)
+        counts[state] = series
+    return {"t": ends, "step_s": step, "by_state": counts, "finished": finished, "submitted": submitted}
+
+
+def groups(rows: list[Any], limit: int = 8) -> list[dict[str, Any]]:
+    """The task groups of ``rows`` with the latest submissions, with their counts by state."""
+    by_group: dict[str, Counter[str]] = defaultdict(Counter)
+    latest: dict[str, float] = {}
+    for row in rows:
+        gid = row.group_id or "(none)"
+        by_group[gid][row.state] += 1
+        latest[gid] = max(latest.get(gid, 0.0), row.t_received)
+    out = []
+    for gid in sorted(latest, key=latest.__getitem__, reverse=True)[:limit]:
+        c = by_group[gid]
+        out.append({"group_id": gid, "total": sum(c.values()), "last_submitted": latest[gid],
+                    "done": sum(c[s] for s in FINISHED_STATES), **{s: c[s] for s in FINISHED_STATES}})
+    return out
+
+
+__all__ = ["WINDOW", "activity", "groups", "page"]

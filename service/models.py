@@ -143,8 +143,17 @@ class GroupInfo(BaseModel):
 
 
 class DashboardInfo(BaseModel):
+    """What the dashboard draws (see service/dashboard.py): bounded, whatever the user has run."""
+
+    user: str
+    user_id: str
+    now: float
     endpoints: list[EndpointInfo]
-    task_counts: dict[str, int]
+    open_counts: dict[str, int] = Field(description="your open tasks by state")
+    task_counts: dict[str, int] = Field(description="your most recent tasks (see window) by state")
+    window: dict[str, Any] = Field(description="how many recent tasks the figures cover, at most, and since when")
+    activity: dict[str, Any] = Field(description="by state, finished and submitted, per step of the last 10 minutes")
+    groups: list[dict[str, Any]]
     recent_failures: list[dict[str, Any]]
 
 

@@ -106,7 +106,7 @@ def serve(cfg: ServiceConfig) -> None:
         value = getattr(cfg, name)
         if value is not None:
             setattr(settings, name, value)
-    settings.blob_dir = cfg.blob_dir or str(home / "service" / "blobs")
+    settings.blob_dir = cfg.blob_dir
     app = create_app(settings)
 
     # the local identity keeps its token across restarts, so clients and tests reconnect seamlessly;

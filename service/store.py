@@ -122,6 +122,8 @@ tasks = Table(
 # task leaves it when it ends and a page costs what it returns, not what the endpoint ever ran.
 Index("ix_tasks_endpoint_open", tasks.c.endpoint_id, tasks.c.t_received, tasks.c.id,
       sqlite_where=tasks.c.t_done.is_(None), postgresql_where=tasks.c.t_done.is_(None))
+# A user's tasks newest first, for the dashboard's bounded window (see Store.recent_tasks).
+Index("ix_tasks_owner_recent", tasks.c.owner_id, tasks.c.t_received)
 # A user's open tasks, counted for the per-user quota (see Store.count_open).
 Index("ix_tasks_owner_open", tasks.c.owner_id,
       sqlite_where=tasks.c.t_done.is_(None), postgresql_where=tasks.c.t_done.is_(None))
@@ -857,20 +859,23 @@ class Store:
             res = conn.execute(delete(tasks).where(expired))
         return res.rowcount or 0
 
-    def count_by_state(self, owner: str) -> dict[str, int]:
+    def open_by_state(self, owner: str) -> dict[str, int]:
+        """A user's open tasks by state (read through the partial index of open tasks)."""
         with self._tx() as conn:
             rows = conn.execute(
-                select(tasks.c.state, func.count()).where(tasks.c.owner_id == owner).group_by(tasks.c.state)
+                select(tasks.c.state, func.count()).where(and_(tasks.c.owner_id == owner, _OPEN))
+                .group_by(tasks.c.state)
             ).all()
         return {r[0]: r[1] for r in rows}
 
-    def recent_failures(self, owner: str, limit: int = 20) -> list[Any]:
+    def recent_tasks(self, owner: str, limit: int) -> list[Any]:
+        """A user's ``limit`` most recently submitted tasks, newest first, with their transition
+        times: what the dashboard draws (a bounded read, however many tasks the user has)."""
         with self._tx() as conn:
             return conn.execute(
-                select(tasks.c.id, tasks.c.endpoint_id, tasks.c.error, tasks.c.t_done)
-                .where(and_(tasks.c.owner_id == owner, tasks.c.state == TaskState.FAILED.value))
-                .order_by(tasks.c.t_done.desc())
-                .limit(limit)
+                select(tasks.c.id, tasks.c.state, tasks.c.group_id, tasks.c.endpoint_id, tasks.c.t_received,
+                       tasks.c.t_waiting, tasks.c.t_dispatched, tasks.c.t_running, tasks.c.t_done)
+                .where(tasks.c.owner_id == owner).order_by(tasks.c.t_received.desc()).limit(limit)
             ).all()
 
 

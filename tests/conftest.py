@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,11 +38,63 @@ TEST_MAX_PAYLOAD = 4 * 1024 * 1024
 #: endpoints, engine workers, HTEX managers, mpiexec ...), so the session can tell, at its end,
 #: which of the processes still alive are its own, on a machine other people share
 SESSION_MARKER = "TETHER_TEST_SESSION"
-os.environ[SESSION_MARKER] = uuid.uuid4().hex
+os.environ[SESSION_MARKER] = f"{os.getpid()}-{uuid.uuid4().hex}"
 
 
 #: helpers Python's multiprocessing starts for the test process itself; they end when it does
 _OWN_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
+def multi_user_missing() -> str | None:
+    """Why a multi-user endpoint cannot run here (None if it can): it needs root, and other
+    users must be able to run this Python."""
+    if os.geteuid() != 0:
+        return "needs root (useradd and setuid); run the tests as root, as CI does"
+    python = Path(sys.executable).resolve()
+    for parent in [*python.parents][::-1]:
+        if parent != Path("/") and not os.stat(parent).st_mode & 0o001:
+            return (f"{parent} is not traversable by other users, so user endpoints cannot run {python}; "
+                    f"`chmod o+x {parent}` (as .ci/run does) or install Tether system-wide")
+    return None
+
+
+def processes_marked(key: str, accept: Callable[[str], bool]) -> list[psutil.Process]:
+    """Live processes (not this one) whose environment has ``key`` with a value ``accept`` takes."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid == os.getpid() or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            value = proc.environ().get(key)
+            if value is not None and accept(value):
+                found.append(proc)
+        except (psutil.Error, OSError):  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def kill_all(procs: list[psutil.Process]) -> None:
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
+def _of_an_ended_session(mark: str) -> bool:
+    pid = mark.split("-", 1)[0]
+    return mark != os.environ[SESSION_MARKER] and pid.isdigit() and not psutil.pid_exists(int(pid))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """A session that was killed (SIGKILL, a CI timeout) could not stop what it started: its
+    services and endpoints are stopped here, by the next session. SIGTERM and SIGHUP end this
+    session as Ctrl-C does, so its fixtures stop what they started."""
+    kill_all(processes_marked(SESSION_MARKER, _of_an_ended_session))
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
 
 
 def processes_of_this_session() -> list[psutil.Process]:
@@ -49,16 +102,13 @@ def processes_of_this_session() -> list[psutil.Process]:
     carry this session's marker."""
     mark = os.environ[SESSION_MARKER]
     found = []
-    for proc in psutil.process_iter():
+    for proc in processes_marked(SESSION_MARKER, lambda value: value == mark):
         try:
-            if proc.pid == os.getpid() or proc.status() == psutil.STATUS_ZOMBIE:
-                continue
             if proc.ppid() == os.getpid() and any(h in " ".join(proc.cmdline()) for h in _OWN_HELPERS):
                 continue
-            if proc.environ().get(SESSION_MARKER) == mark:
-                found.append(proc)
-        except (psutil.Error, OSError):  # gone meanwhile, or not ours to read
+        except psutil.Error:
             continue
+        found.append(proc)
     return found
 
 

@@ -98,6 +98,7 @@ def test_a_failing_callback_does_not_hurt_the_connection(executor: Executor, cap
     assert executor.submit(helpers.square, 5).result(timeout=30) == 25
 
 
+@pytest.mark.slow
 def test_a_hundred_thousand_cancels_are_a_few_frames(fresh_stack) -> None:
     n = 100_000
     fresh_stack.stop_endpoint()

@@ -90,6 +90,7 @@ def _rss(pid: int) -> int:
     return psutil.Process(pid).memory_info().rss
 
 
+@pytest.mark.slow
 def test_memory_stays_flat_in_the_number_of_tasks(fresh_stack) -> None:
     """RSS of service, endpoint, its largest worker and client after N and after 2N tasks
     (N = 25,000, after the caches of the first N have filled): what grows with every task ever

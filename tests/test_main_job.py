@@ -10,15 +10,23 @@ from pathlib import Path
 
 import pytest
 
+from conftest import kill_all, processes_marked
+
 MAIN_JOB = Path(__file__).resolve().parents[1] / "examples" / "main_job.py"
+MARK = "TETHER_TEST_MAIN_JOB"
 
 
 @pytest.mark.timeout(180)
 def test_main_job_runs_end_to_end(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("TETHER_SERVICE_URL", "TETHER_TOKEN", "TETHER_HOME")}
     env["HOME"] = str(tmp_path)  # nothing from the developer's ~/.tether
-    proc = subprocess.run([sys.executable, str(MAIN_JOB)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=170)
+    env[MARK] = str(tmp_path)  # what the main job starts (detached service and endpoint too) carries it
+    try:
+        proc = subprocess.run([sys.executable, str(MAIN_JOB)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=170)
+    except subprocess.TimeoutExpired as exc:
+        kill_all(processes_marked(MARK, lambda value: value == str(tmp_path)))  # nothing left running
+        pytest.fail(f"the main job did not end within 170 s:\n{exc.stdout}\n{exc.stderr}")
     out = proc.stdout
     assert proc.returncode == 0, f"main job failed ({proc.returncode}):\n{out}\n{proc.stderr}"
     # the core Executor demo

@@ -26,24 +26,14 @@ from tether.local import LocalStack
 from tether.protocol import Error, ErrorCode, Subscribe
 
 import helpers
-from conftest import wait_for
+from conftest import multi_user_missing, wait_for
 from rogue import raw_client
 
 USERS = {"alice": "tether_alice", "bob": "tether_bob"}
 LOG_CAP = 1024 * 1024  # each user endpoint's log file, in this module's multi-user endpoint
 
 
-def _why_not() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (useradd and setuid); run the tests as root, as CI does"
-    python = Path(sys.executable).resolve()
-    for parent in [*python.parents][::-1]:
-        if parent != Path("/") and not os.stat(parent).st_mode & 0o001:
-            return (f"{parent} is not traversable by other users, so user endpoints cannot run {python}; "
-                    f"`chmod o+x {parent}` (as .ci/run does) or install Tether system-wide")
-    return None
-
-
+_why_not = multi_user_missing
 pytestmark = pytest.mark.skipif(bool(_why_not()) and not os.environ.get("CI"), reason=str(_why_not()))
 
 

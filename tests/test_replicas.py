@@ -28,7 +28,7 @@ from tether import Client, Executor
 from tether.errors import TaskCancelled
 
 import helpers
-from conftest import tether_cli, wait_for
+from conftest import multi_user_missing, tether_cli, wait_for
 from replicas import Replicas, missing
 
 MISSING = missing()
@@ -158,7 +158,7 @@ def test_a_rabbitmq_restart_mid_batch_loses_nothing(replicas: Replicas) -> None:
     assert _stored_successes(replicas) == n + 100
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="a multi-user endpoint needs root (useradd, setuid), as in CI")
+@pytest.mark.skipif(bool(multi_user_missing()) and not os.environ.get("CI"), reason=str(multi_user_missing()))
 def test_a_multi_user_endpoint_on_one_replica_serves_a_user_on_another(replicas: Replicas) -> None:
     """The user's tasks go through replica 0; the multi-user endpoint is connected to replica 1:
     the start request, the user endpoint's tasks and the results all cross the bus."""

@@ -127,6 +127,7 @@ def test_the_server_carries_broker_url_and_replica_id_to_the_app(tmp_path: Path)
     from tether.service.app import Settings, create_app
 
     app = create_app(Settings(db_url=f"sqlite:///{tmp_path / 'db.sqlite'}", broker_url=cfg.broker_url,
+                              blob_dir=str(tmp_path / 'blobs'),
                               replica_id=cfg.replica_id))
     try:
         assert app.state.settings.broker_url == "amqp://mq.example.org/tether"
