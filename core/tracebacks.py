@@ -4,9 +4,10 @@ cloudpickle sends the code of functions defined in a script or notebook by value
 its bytes deterministic, replaces each code object's file name with ``<dynamic-code>``; the
 line numbers and function names survive. So a traceback from the endpoint says
 ``File "<dynamic-code>", line 9, in keyerr`` where the user wrote the function. The client
-still has that code: this module finds it in ``__main__`` (functions, the methods of classes,
-and what they define inside), puts the real file name back and adds the source line, as a
-local traceback would show it.
+still has that code: this module finds it where cloudpickle took it from by value (``__main__``
+and the modules registered with ``cloudpickle.register_pickle_by_value``: their functions, the
+methods of their classes, and what those define inside), puts the real file name back and adds
+the source line, as a local traceback would show it.
 """
 
 from __future__ import annotations
@@ -21,18 +22,15 @@ from typing import Any
 _DYNAMIC = re.compile(r'^(?P<indent>\s*)File "<dynamic-code>", line (?P<line>\d+), in (?P<name>.+)$')
 
 
-def localize(text: str, namespace: dict[str, Any] | None = None) -> str:
+def localize(text: str) -> str:
     """``text`` with each ``<dynamic-code>`` frame named by the file (and source line) of the
-    function in ``namespace`` (default: ``__main__``) with that name and line; frames with no
-    match are left as they are."""
+    function sent by value with that name and line; frames with no match are left as they are."""
     if "<dynamic-code>" not in text:
         return text
-    if namespace is None:
-        main = sys.modules.get("__main__")
-        namespace = vars(main) if main is not None else {}
     codes: dict[str, list[types.CodeType]] = {}
-    for code in _codes_in(namespace):
-        codes.setdefault(code.co_name, []).append(code)
+    for namespace in _by_value_namespaces():
+        for code in _codes_in(namespace):
+            codes.setdefault(code.co_name, []).append(code)
     out: list[str] = []
     for line in text.splitlines():
         match = _DYNAMIC.match(line)
@@ -46,6 +44,13 @@ def localize(text: str, namespace: dict[str, Any] | None = None) -> str:
         if source:
             out.append(f"{indent}  {source}")
     return "\n".join(out) + ("\n" if text.endswith("\n") else "")
+
+
+def _by_value_namespaces() -> list[dict[str, Any]]:
+    import cloudpickle
+
+    names = ["__main__", *sorted(cloudpickle.list_registry_pickle_by_value())]
+    return [vars(sys.modules[name]) for name in names if name in sys.modules]
 
 
 def _find(codes: dict[str, list[types.CodeType]], name: str, line: int) -> types.CodeType | None:
