@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,6 +31,9 @@ cloudpickle.register_pickle_by_value(helpers)
 # endpoints started by the tests run with PYTHONUNBUFFERED set, as in many container images, so
 # the tests see what it does to output (see test_mpi_issue_example)
 os.environ["PYTHONUNBUFFERED"] = "1"
+
+# hypothesis keeps its caches in ./.hypothesis by default: never in the checkout
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(Path(tempfile.gettempdir()) / "tether-tests-hypothesis"))
 
 #: a payload limit low enough to test PayloadTooLarge cheaply
 TEST_MAX_PAYLOAD = 4 * 1024 * 1024

@@ -106,7 +106,7 @@ def _fuzz_session(peer: RawPeer, decoder: FrameDecoder, barrier: Callable[[], li
     stay up throughout (the barrier needs it)."""
     seen: list[bool] = []
 
-    @settings(max_examples=120, deadline=None, derandomize=True,
+    @settings(max_examples=120, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
     @given(frame=_frames)
     def check(frame: bytes) -> None:
