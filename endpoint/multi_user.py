@@ -127,16 +127,20 @@ class MultiUserDaemon(EndpointDaemon):
         old = self.children.pop(msg.user_endpoint_id, None)
         if old is not None:  # the service issued a new credential: the old process cannot use it
             _terminate(old.proc)
+        # counted from the check until it is among the children (or refused): starts that
+        # overlap see each other, so one identity never gets more than its share
+        self._starting[identity["id"]] += 1
         try:
             self._check_room(identity)
-            self._starting[identity["id"]] += 1
+            child = await asyncio.get_running_loop().run_in_executor(
+                None, self._spawn, msg.user_endpoint_id, identity, msg.config, msg.secret)
             try:
-                child = await asyncio.get_running_loop().run_in_executor(
-                    None, self._spawn, msg.user_endpoint_id, identity, msg.config, msg.secret)
-            finally:
-                self._starting[identity["id"]] -= 1
-                if not self._starting[identity["id"]]:
-                    del self._starting[identity["id"]]
+                child.output = await keep_output(child.output_fd, self._log_path(msg.user_endpoint_id),
+                                                 self.config.user_log_max_bytes, self.config.user_log_bytes_per_s)
+            except OSError:
+                _terminate(child.proc)  # a process whose output nobody reads would block on it
+                raise
+            self.children[msg.user_endpoint_id] = child
         except (MappingRefused, UserConfigRefused, TooManyUserEndpoints, OSError) as exc:
             message = str(exc) if not isinstance(exc, OSError) else f"cannot start the process: {exc}"
             self.audit("refused", user_endpoint_id=msg.user_endpoint_id, identity=identity["username"],
@@ -144,9 +148,10 @@ class MultiUserDaemon(EndpointDaemon):
             log.warning("user endpoint %s for %s refused: %s", msg.user_endpoint_id, identity["username"], message)
             await self._send(encode(UserEndpointFailed(user_endpoint_id=msg.user_endpoint_id, message=message)))
             return
-        child.output = await keep_output(child.output_fd, self._log_path(msg.user_endpoint_id),
-                                         self.config.user_log_max_bytes, self.config.user_log_bytes_per_s)
-        self.children[msg.user_endpoint_id] = child
+        finally:
+            self._starting[identity["id"]] -= 1
+            if not self._starting[identity["id"]]:
+                del self._starting[identity["id"]]
         self.audit("started", user_endpoint_id=msg.user_endpoint_id, pid=child.proc.pid, **_who(child))
         await self._send(encode(UserEndpointStarted(user_endpoint_id=msg.user_endpoint_id,
                                                     local_user=child.account.name, uid=child.account.uid)))
@@ -155,7 +160,7 @@ class MultiUserDaemon(EndpointDaemon):
         """One identity runs at most ``max_user_endpoints_per_user`` user endpoints at once (each
         distinct ``user_endpoint_config`` is one): processes on this host are shared by all."""
         limit = self.config.max_user_endpoints_per_user
-        running = self._starting[identity["id"]] + sum(
+        running = self._starting[identity["id"]] - 1 + sum(  # this start is among those counted
             1 for c in self.children.values() if c.identity["id"] == identity["id"])
         if running >= limit:
             raise TooManyUserEndpoints(

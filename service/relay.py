@@ -731,7 +731,7 @@ class Relay:
     async def _wait_again(self, session: EndpointSession) -> None:
         """The tasks a departed endpoint held wait for it again, and say so (in the store and to
         their watchers) until it is back: they are dispatched again then."""
-        held = list(session.sent)
+        held = self.db.store.held_by(session.endpoint_id, session.sent)[: session.window]
         if not held:
             return
         for state in (TaskState.DISPATCHED, TaskState.RUNNING):  # a later flush must not move them back

@@ -757,6 +757,11 @@ class Store:
             conn.execute(_STORE_RESULT, params)
         return [r for r in fresh if r.id in still_open]
 
+    def held_by(self, endpoint_id: str, ids: Iterable[str]) -> list[str]:
+        """Those of ``ids`` that are open tasks this process dispatched to ``endpoint_id`` (or
+        learned it holds): in memory, no query; ids an endpoint merely claims are not among them."""
+        return [tid for tid in ids if self._open.get(tid) == endpoint_id]
+
     def track_dispatched(self, endpoint_id: str, ids: Iterable[str]) -> None:
         """These open tasks were sent to this endpoint: its reports on them need no SELECT."""
         for tid in ids:
