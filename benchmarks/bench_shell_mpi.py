@@ -19,8 +19,8 @@ import sys
 import time
 
 from tether import Executor, MPIFunction, ShellFunction
-from tether.endpoint.mpi import find_launcher
 from tether.local import local_stack
+from tether.mpi import find_launcher
 
 
 def _stats(samples: list[float]) -> str:

@@ -21,8 +21,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .config import service_file, tether_home, write_secret
 from .errors import TetherError
+from .home import service_file, tether_home, write_secret
 from .ids import InvalidIdentifier, check_name
 from .processes import SERVICE_COMMANDS, is_recorded_process, signal_and_wait
 
@@ -202,7 +202,7 @@ def _service_info() -> dict[str, Any]:
 def _healthy(url: str, ca_file: str | None = None) -> bool:
     import httpx
 
-    from .config import tls_context
+    from .urls import tls_context
 
     verify = tls_context(url, ca_file) or True
     try:
@@ -491,7 +491,7 @@ def endpoint_start(
         print(cred["endpoint_id"])
         return
     print(cred["endpoint_id"], flush=True)
-    from tether.endpoint.daemon import run_daemon
+    from tether.endpoint.run import run_daemon
 
     raise typer.Exit(_endpoint_call(run_daemon, name))
 

@@ -9,35 +9,18 @@ for, and is only ever sent there (see :func:`find_service`).
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import ssl
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from .errors import ConfigError
+from .home import service_file
+from .urls import check_transport, same_service, service_key, tls_context
 
-
-def tether_home() -> Path:
-    return Path(os.environ.get("TETHER_HOME") or Path.home() / ".tether").expanduser().absolute()
-
-
-def service_file() -> Path:
-    return tether_home() / "service.json"
-
-
-def write_secret(path: Path, text: str) -> None:
-    """Write a secret file that only its owner can read (created 0600, never world-readable)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+__all__ = ["ServiceInfo", "find_service"]
 
 
 @dataclass(frozen=True)
@@ -58,34 +41,6 @@ class ServiceInfo:
         if self.url.startswith("http://"):
             return "ws://" + self.url[len("http://"):]
         raise ConfigError(f"service URL {self.url!r} must start with http:// or https://")
-
-
-def tls_context(url: str, ca_file: str | None = None) -> ssl.SSLContext | None:
-    """How an https:// service's certificate is verified (always verified: no opt-out): against
-    ``ca_file``, else the system CA bundle. None for http:// (loopback or explicitly allowed)."""
-    if not url.startswith("https://"):
-        return None
-    return ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
-
-
-def same_service(a: str, b: str) -> bool:
-    """Whether two URLs name the same service: scheme and host compared without case, default
-    ports made explicit, a trailing slash ignored. ``localhost`` and ``127.0.0.1`` differ (no
-    name resolution: a token is sent only where it visibly belongs)."""
-    key = _service_key(a)
-    return key is not None and key == _service_key(b)
-
-
-def _service_key(url: str) -> tuple[str, str, int, str] | None:
-    try:
-        parts = urlsplit(url.strip())
-        port = parts.port
-    except ValueError:
-        return None
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https") or not parts.hostname:
-        return None
-    return scheme, parts.hostname.lower(), port or (443 if scheme == "https" else 80), parts.path.rstrip("/")
 
 
 def _read_service_file(path: Path) -> dict[str, object]:
@@ -142,7 +97,7 @@ def find_service(service: str | None = None, token: str | None = None) -> Servic
             "no Tether service configured: pass Executor(service=URL), set TETHER_SERVICE_URL and "
             f"TETHER_TOKEN, or run 'tether service start' (which writes {path})"
         )
-    if _service_key(url) is None:
+    if service_key(url) is None:
         raise ConfigError(f"service URL {url!r} must be http:// or https:// followed by a host, "
                           f"e.g. http://127.0.0.1:8421")
     tok = token
@@ -170,29 +125,6 @@ def find_service(service: str | None = None, token: str | None = None) -> Servic
     if ca_file is None and file_url and same_service(file_url, url) and isinstance(data.get("ca_file"), str):
         ca_file = data["ca_file"]
     return ServiceInfo(url.rstrip("/"), tok, ca_file)
-
-
-def _loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_transport(url: str) -> None:
-    """Refuse to send credentials over plain http beyond this host, unless explicitly allowed
-    (``TETHER_ALLOW_INSECURE_HTTP=1``, for a network you trust, e.g. a test cluster)."""
-    parts = urlsplit(url)
-    if parts.scheme == "http" and not _loopback(parts.hostname) and os.environ.get("TETHER_ALLOW_INSECURE_HTTP") != "1":
-        raise ConfigError(
-            f"refusing to send credentials over plain http to {url}: tokens would cross the network "
-            "unencrypted. Use an https:// URL (tether service start --tls-cert ... --tls-key ...), or set "
-            "TETHER_ALLOW_INSECURE_HTTP=1 if this network is trusted"
-        )
 
 
 def _no_token_message(url: str, env_url: str | None, env_token: str | None, file_url: str | None,

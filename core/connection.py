@@ -29,7 +29,7 @@ from typing import Any
 from websockets.exceptions import ConnectionClosed
 
 from .bounded import BoundedCache
-from .config import ServiceInfo, tether_home
+from .config import ServiceInfo
 from .errors import (
     AuthError,
     PayloadTooLarge,
@@ -41,6 +41,7 @@ from .errors import (
     task_failed,
 )
 from .futures import TetherFuture, callbacks
+from .home import tether_home
 from .protocol import (
     CLIENT_WS_PATH,
     CLOSE_AUTH_FAILED,

@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .config import same_service, tether_home, write_secret
 from .errors import ConfigError
+from .home import tether_home, write_secret
+from .urls import same_service
 
 
 def _logins_file() -> Any:

@@ -125,7 +125,7 @@ def is_recorded_process(pid: int, commands: Sequence[Sequence[str]], recorded_at
     recorded pid counts only if the process now behind it
 
     - runs one of ``commands``: its argument vector holds the arguments of one of them in a row
-      (each item an ``fnmatch`` pattern, e.g. ``("tether.endpoint.daemon", "NAME")`` or
+      (each item an ``fnmatch`` pattern, e.g. ``("tether.endpoint.run", "NAME")`` or
       ``("*tether", "endpoint", "start", "NAME")``), and
     - started no later than ``recorded_at`` (the pid file's mtime; the process writes its own
       pid, so a process that started after the file was written cannot be its writer).
@@ -152,10 +152,12 @@ SERVICE_COMMANDS: tuple[tuple[str, ...], ...] = (
 
 
 def endpoint_commands(name: str) -> tuple[tuple[str, ...], ...]:
-    """How the daemon of endpoint ``name`` runs: detached (``python -m tether.endpoint.daemon NAME``)
-    or in the foreground of ``tether endpoint start NAME``. ``name`` must be a valid endpoint name
-    (:func:`tether.ids.check_name`), which has no ``fnmatch`` wildcards."""
+    """How the daemon of endpoint ``name`` runs: detached (``python -m tether.endpoint.run NAME``;
+    ``tether.endpoint.daemon`` before 2026-12, so a daemon an older release started is still
+    recognised) or in the foreground of ``tether endpoint start NAME``. ``name`` must be a valid
+    endpoint name (:func:`tether.ids.check_name`), which has no ``fnmatch`` wildcards."""
     return (
+        ("tether.endpoint.run", name),
         ("tether.endpoint.daemon", name),
         ("tether.cli", "endpoint", "start", name),
         ("*tether", "endpoint", "start", name),

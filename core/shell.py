@@ -40,7 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TetherError
+from .mpi import mpi_environment
 from .resources import check_mpi_specification
+from .runtime import current_task
 
 #: exception_name values, as Globus Compute's ShellResult reports them
 TIMEOUT_NAME = "subprocess.TimeoutExpired"
@@ -267,7 +269,7 @@ class ShellFunction:
         return self._execute(self.format((), kwargs), {})
 
     def _execute(self, cmd: str, extra_env: Mapping[str, str], unset: tuple[str, ...] = ()) -> ShellResult:
-        task = _current_task()
+        task = current_task()
         sandbox = Path(task.sandbox) if task is not None and task.sandbox else Path.cwd()
         sandbox.mkdir(parents=True, exist_ok=True)
         workdir = sandbox
@@ -345,10 +347,8 @@ class MPIFunction(ShellFunction):
         check_mpi_specification(resource_specification)
 
     def __call__(self, **kwargs: Any) -> ShellResult:
-        from tether.endpoint.mpi import mpi_environment
-
         cmd = self.format((), kwargs)
-        task = _current_task()
+        task = current_task()
         env = mpi_environment(task.spec if task else None, task.engine if task else {})
         # Unbuffered Python ranks write a line in pieces that interleave with other ranks'
         # ("0" "1" "\n" "\n"); buffered, each line is written whole. The user's env= still wins.
@@ -356,14 +356,6 @@ class MPIFunction(ShellFunction):
 
 
 # --- helpers ---------------------------------------------------------------------------------
-def _current_task() -> Any:
-    try:
-        from tether.endpoint.execute import current_task
-    except ImportError:  # a client-only install calling the function locally
-        return None
-    return current_task()
-
-
 def _kill_group(proc: subprocess.Popen[bytes], grace: float) -> None:
     """SIGTERM the command's process group, then SIGKILL whatever is left after ``grace`` seconds."""
     pgid = proc.pid  # the session leader: its pid is the group id

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tether.config import tether_home
 from tether.configfile import parse_yaml
 from tether.configfile import validate as validate_file
 from tether.errors import ConfigError
+from tether.home import tether_home
 from tether.ids import check_name, child_path
 
 ENGINE_TYPES = ("thread", "process", "htex", "mpi")
@@ -40,7 +40,7 @@ SCHEMA: dict[str, Any] = {
                     "type": {},  # checked once, above
                     "workers": {"type": "integer", "minimum": 1, "maximum": 4096},
                     "prefetch": {"type": "integer", "minimum": 0, "maximum": 1000},
-                    # how MPIFunction starts ranks on this host (see endpoint/mpi.py)
+                    # how MPIFunction starts ranks on this host (see core/mpi.py)
                     "mpi_launcher": {"enum": ["mpiexec", "srun", "aprun"]},
                 },
                 "additionalProperties": False,

@@ -1,7 +1,7 @@
 """The endpoint daemon: one outbound WebSocket to the service, an engine that runs the tasks,
 and a spool that keeps results until the service has them.
 
-``python -m tether.endpoint.daemon NAME`` runs it (``tether endpoint start`` does that);
+``python -m tether.endpoint.run NAME`` runs it (``tether endpoint start`` does that);
 the credential in ``$TETHER_HOME/endpoints/NAME/credential.json`` is the endpoint's own, issued
 at registration, never the owner's token.
 """
@@ -23,10 +23,9 @@ from typing import Any
 from websockets.exceptions import ConnectionClosed
 
 from tether import __version__
-from tether.config import tls_context, write_secret
 from tether.errors import ConfigError, PayloadTooLarge, SerializationError
+from tether.home import write_secret
 from tether.ids import InvalidIdentifier, child_path
-from tether.logs import configure_logging
 from tether.protocol import (
     CLOSE_AUTH_FAILED,
     CLOSE_CREDENTIAL_ROTATED,
@@ -58,8 +57,9 @@ from tether.protocol import (
 )
 from tether.serialize import PY_VERSION, function_id, method_of
 from tether.transport import Backoff, open_ws
+from tether.urls import tls_context
 
-from .config import EndpointConfig, load_config
+from .config import EndpointConfig
 from .engines import TaskSpec, make_engine
 from .execute import Allowlist, failure
 from .functions import FunctionStore
@@ -555,54 +555,4 @@ def too_large_record(task_id: str, too_large: TooLarge[Any]) -> dict[str, Any]:
                       "traceback": "", "code": ErrorCode.PAYLOAD_TOO_LARGE.value}}
 
 
-def run_daemon(name: str) -> int:
-    config = load_config(name)
-    credential = read_credential(config.dir)
-    lock = _hold_lock(config.dir, name)  # one daemon per endpoint: a second would take over its connection
-    configure_logging("INFO")
-    (config.dir / "daemon.pid").write_text(str(os.getpid()))
-    # tasks (and the worker processes, which inherit it) start in the endpoint's tasks/ directory
-    (config.dir / "tasks").mkdir(parents=True, exist_ok=True)
-    os.chdir(config.dir / "tasks")
-    daemon_class = EndpointDaemon
-    if config.multi_user:
-        from .multi_user import MultiUserDaemon as daemon_class
-    try:
-        return asyncio.run(daemon_class(config, credential).run())
-    finally:
-        (config.dir / "daemon.pid").unlink(missing_ok=True)
-        lock.close()
-
-
-def _hold_lock(directory: Path, name: str) -> Any:
-    """Lock ``daemon.lock`` for this process's life (the kernel lets go when it ends, however it
-    ends), or refuse to run: another daemon of this endpoint holds it."""
-    import fcntl
-
-    fh = open(directory / "daemon.lock", "a+")  # noqa: SIM115 - held open until the daemon ends
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
-        try:
-            pid = f" (pid {int((directory / 'daemon.pid').read_text())})"
-        except (OSError, ValueError):
-            pid = ""
-        raise ConfigError(f"endpoint {name!r} is already running{pid}; stop it first: tether endpoint stop "
-                          f"{name}") from None
-    return fh
-
-
-def main() -> None:
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m tether.endpoint.daemon NAME")
-    try:
-        sys.exit(run_daemon(sys.argv[1]))
-    except ConfigError as exc:
-        sys.exit(f"tether endpoint: {exc}")
-
-
-__all__ = ["EndpointDaemon", "run_daemon", "write_secret"]
-
-if __name__ == "__main__":
-    main()
+__all__ = ["EndpointDaemon", "read_credential", "too_large_record", "write_secret"]

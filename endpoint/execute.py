@@ -4,17 +4,16 @@ the same wherever it runs."""
 
 from __future__ import annotations
 
-import ctypes
 import os
-import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tether.errors import SerializationError
 from tether.protocol import DEFAULT_BLOB_THRESHOLD, TaskState
+from tether.runtime import TaskContext, running, task_id_environment
 from tether.serialize import RESULT, deserialize, serialize, serialize_into
 from tether.transfer import Spill, file_of, file_stub, load_file
 
@@ -23,75 +22,6 @@ from tether.transfer import Spill, file_of, file_stub, load_file
 SPILL_DIR_ENV = "TETHER_SPILL_DIR"
 
 _functions: dict[str, Any] = {}
-_local = threading.local()
-
-
-@dataclass
-class TaskContext:
-    """What a running task may know about itself (read with :func:`current_task`).
-
-    ``spec`` is the task's resource specification; ``engine`` holds engine facts a task may need
-    (e.g. the MPI launcher and the nodes of the block for MPIFunction).
-    """
-
-    task_id: str
-    sandbox: str | None
-    spec: dict[str, Any] | None = None
-    engine: dict[str, Any] = field(default_factory=dict)
-
-
-class _TaskIdEnvironment:
-    """``TETHER_TASK_ID`` in the worker's environment, set per task without a leak per task.
-
-    ``os.environ[...] = task_id`` calls libc ``setenv``, which never frees the strings it
-    replaces: a worker grew ~95 bytes with every task it ever ran. Here the variable lives in
-    one buffer handed to ``putenv`` once (POSIX keeps the pointer, not a copy) and rewritten in
-    place for each task, so children started with the inherited environment see it too;
-    ``os.environ``'s own mapping is updated directly so Python code sees the same value.
-    That uses ``os._Environ``'s private ``_data``/``encodekey``/``encodevalue`` (unchanged from
-    Python 3.2 through 3.13); where they or libc are missing, plain ``os.environ`` is the fallback.
-    """
-
-    NAME = "TETHER_TASK_ID"
-    CAPACITY = 128  # task ids are at most 64 characters (tether.ids)
-
-    def __init__(self) -> None:
-        self._prefix = f"{self.NAME}=".encode()
-        self._buffer = ctypes.create_string_buffer(len(self._prefix) + self.CAPACITY + 1)
-        self._installed = False
-        try:
-            libc = ctypes.CDLL(None)
-            self._putenv, self._unsetenv = libc.putenv, libc.unsetenv
-            self._putenv.argtypes, self._unsetenv.argtypes = [ctypes.c_void_p], [ctypes.c_char_p]
-            self._data = os.environ._data  # type: ignore[attr-defined]
-            self._key = os.environ.encodekey(self.NAME)  # type: ignore[attr-defined]
-            self._encode = os.environ.encodevalue  # type: ignore[attr-defined]
-            self.fast = os.name == "posix"
-        except (AttributeError, OSError):
-            self.fast = False
-
-    def set(self, task_id: str) -> None:
-        raw = task_id.encode()
-        if not self.fast or len(raw) > self.CAPACITY:
-            os.environ[self.NAME] = task_id
-            return
-        ctypes.memmove(self._buffer, self._prefix + raw + b"\0", len(self._prefix) + len(raw) + 1)
-        if not self._installed:
-            self._putenv(ctypes.addressof(self._buffer))
-            self._installed = True
-        self._data[self._key] = self._encode(task_id)
-
-    def clear(self) -> None:
-        if not self.fast:
-            os.environ.pop(self.NAME, None)
-            return
-        self._data.pop(self._key, None)
-        if self._installed:
-            self._unsetenv(self.NAME.encode())  # drops the pointer; the buffer is ours and stays
-            self._installed = False
-
-
-_task_env = _TaskIdEnvironment()
 
 
 @dataclass(frozen=True)
@@ -113,11 +43,6 @@ def _split(allowed: Allowlist | frozenset[str] | None) -> tuple[frozenset[str] |
     if isinstance(allowed, Allowlist):
         return allowed.data, allowed.functions
     return allowed, allowed
-
-
-def current_task() -> TaskContext | None:
-    """The context of the task running in this thread, or None outside a task."""
-    return getattr(_local, "task", None)
 
 
 def load_function(fid: str, body: bytes | None, allowed_methods: frozenset[str] | None = None) -> Any:
@@ -196,11 +121,8 @@ def run_task(
     ``chdir``: run in ``sandbox`` (created, and removed again if the task left it empty);
     ``set_env``: put ``TETHER_TASK_ID`` in the environment (not in shared-process engines).
     """
-    _local.task = TaskContext(task_id, sandbox, spec, engine or {})
-    try:
+    with running(TaskContext(task_id, sandbox, spec, engine or {})):
         return _run(task_id, fid, body, payload, sandbox, allowed_methods, chdir, set_env)
-    finally:
-        _local.task = None
 
 
 def _run(task_id: str, fid: str, body: bytes | None, payload: bytes, sandbox: str | None,
@@ -215,7 +137,7 @@ def _run(task_id: str, fid: str, body: bytes | None, payload: bytes, sandbox: st
         return failure(task_id, exc, times)
     previous = None
     if set_env:
-        _task_env.set(task_id)
+        task_id_environment.set(task_id)
     if sandbox is not None and chdir:
         Path(sandbox).mkdir(parents=True, exist_ok=True)
         previous = os.getcwd()
@@ -228,7 +150,7 @@ def _run(task_id: str, fid: str, body: bytes | None, payload: bytes, sandbox: st
         return failure(task_id, exc, times)
     finally:
         if set_env:
-            _task_env.clear()
+            task_id_environment.clear()
         if previous is not None:
             os.chdir(previous)
             try:

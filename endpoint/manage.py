@@ -1,6 +1,6 @@
 """What ``tether endpoint ...`` does: configure, register, start/stop daemons, report status.
 
-The daemon runs as ``python -m tether.endpoint.daemon NAME`` (no dependence on a console
+The daemon runs as ``python -m tether.endpoint.run NAME`` (no dependence on a console
 script being on PATH); ``daemon.pid`` and ``status.json`` in the endpoint's directory tell
 the CLI what it is doing. A pid from ``daemon.pid`` is signalled only after checking that it
 still is that daemon (see :func:`tether.processes.is_recorded_process`).
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from tether.client import Client
-from tether.config import tether_home, write_secret
 from tether.errors import ConfigError, TetherError
+from tether.home import tether_home, write_secret
 from tether.ids import check_name
 from tether.processes import endpoint_commands, is_recorded_process, signal_and_wait
 
@@ -174,7 +174,7 @@ def start_detached(name: str, timeout: float = 60.0) -> dict[str, Any]:
     log_path = d / "endpoint.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tether.endpoint.daemon", name],
+            [sys.executable, "-m", "tether.endpoint.run", name],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     deadline = time.monotonic() + timeout

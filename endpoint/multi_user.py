@@ -36,6 +36,7 @@ from tether.protocol import Audit, StartUserEndpoint, UserEndpointFailed, UserEn
 
 from .config import EndpointConfig
 from .daemon import EndpointDaemon
+from .engines.base import OnResult
 from .identity import IdentityMapper, LocalAccount, MappingRefused
 from .user_config import UserConfigRefused, user_endpoint_config
 from .user_logs import UserLog, keep_output, tail
@@ -66,8 +67,9 @@ class UserEndpoint:
 class NoEngine:
     """A multi-user endpoint's engine: it runs nothing (tasks go to user endpoints)."""
 
-    def __init__(self, daemon: MultiUserDaemon):
+    def __init__(self, daemon: MultiUserDaemon, on_result: OnResult):
         self.daemon = daemon
+        self.on_result = on_result
 
     async def start(self) -> None: ...
 
@@ -76,7 +78,7 @@ class NoEngine:
     def submit(self, task: Any) -> None:  # the service never dispatches tasks here
         from .execute import failure
 
-        self.daemon._on_result(failure(task.id, PermissionError("a multi-user endpoint runs no tasks itself")))
+        self.on_result(failure(task.id, PermissionError("a multi-user endpoint runs no tasks itself")))
 
     def cancel(self, task_id: str) -> None: ...
 
@@ -98,7 +100,7 @@ class MultiUserDaemon(EndpointDaemon):
         self._audit_file: TextIO = _private_append(self.dir / config.audit_log)
 
     def _make_engine(self) -> Any:
-        return NoEngine(self)
+        return NoEngine(self, self._on_result)
 
     async def run(self) -> int:
         if os.geteuid() != 0:

@@ -70,16 +70,14 @@ class RemoteApp:
 
 
 def _task_spec() -> dict[str, Any] | None:
-    try:
-        from tether.endpoint.execute import current_task
-    except ImportError:  # called outside an endpoint (a test calling the app by hand)
-        return None
-    task = current_task()
+    from tether.runtime import current_task
+
+    task = current_task()  # None outside an endpoint (a test calling the app by hand)
     return task.spec if task is not None else None
 
 
 def _engine_info() -> dict[str, Any]:
-    from tether.endpoint.execute import current_task
+    from tether.runtime import current_task
 
     task = current_task()
     return dict(task.engine) if task is not None else {}
@@ -93,7 +91,7 @@ def _mpi_environment(spec: dict[str, Any]) -> Iterator[None]:
     ``$PARSL_MPI_PREFIX`` must be. ``PYTHONUNBUFFERED`` is dropped meanwhile, as MPIFunction does:
     unbuffered Python ranks write a line in pieces that interleave with the other ranks' lines.
     """
-    from tether.endpoint.mpi import mpi_environment
+    from tether.mpi import mpi_environment
 
     env = mpi_environment(spec, _engine_info())  # an unsatisfiable spec fails the app here, in words
     shared = threading.current_thread() is not threading.main_thread()

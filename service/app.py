@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from tether import __version__
-from tether.config import tether_home
+from tether.home import tether_home
 from tether.protocol import (
     CLIENT_FRAMES,
     CLIENT_WS_PATH,

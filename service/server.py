@@ -18,8 +18,8 @@ from sqlalchemy.exc import OperationalError
 from uvicorn.config import HTTP_PROTOCOLS, WS_PROTOCOLS
 from uvicorn.importer import import_from_string
 
-from tether.config import service_file, tether_home, write_secret
 from tether.errors import ConfigError
+from tether.home import service_file, tether_home, write_secret
 from tether.logs import configure_logging
 from tether.protocol import DEFAULT_PREFETCH, service_max_frame
 

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from tether.config import tether_home
 from tether.configfile import load_yaml, validate
 from tether.errors import ConfigError
+from tether.home import tether_home
 
 _PATH = {"type": "string", "minLength": 1}
 

@@ -55,8 +55,8 @@ def run_snakemake_job(cmd: str, workdir: str | None, walltime: float | None, mpi
     if bindir not in path.split(os.pathsep):
         job_env["PATH"] = os.pathsep.join(p for p in (bindir, path) if p)
     if mpi:
-        from tether.endpoint.execute import current_task
-        from tether.endpoint.mpi import mpi_environment
+        from tether.mpi import mpi_environment
+        from tether.runtime import current_task
 
         task = current_task()
         job_env.update(mpi_environment(task.spec if task else None, task.engine if task else None))

@@ -247,7 +247,7 @@ def executor(stack: LocalStack) -> Iterator[Executor]:
 
 
 def _mpi_missing() -> str | None:
-    from tether.endpoint.mpi import MPILauncherNotFound, find_launcher
+    from tether.mpi import MPILauncherNotFound, find_launcher
 
     try:
         find_launcher("mpiexec")

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from tether import Client, Executor
-from tether.config import write_secret
 from tether.connection import Connection
 from tether.errors import TaskCancelled
+from tether.home import write_secret
 from tether.protocol import MAX_IDS
 
 import helpers

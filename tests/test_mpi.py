@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tether import Executor, InvalidResourceSpecification, MPIFunction, ShellFunction, TaskFailed
-from tether.endpoint.mpi import MPILauncherNotFound, compose_prefixes, find_launcher, mpi_environment
+from tether.mpi import MPILauncherNotFound, compose_prefixes, find_launcher, mpi_environment
 from tether.resources import check_mpi_specification, mpi_layout, validate_resource_specification
 
 from conftest import MPI_MISSING, needs_mpi

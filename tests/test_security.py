@@ -201,7 +201,7 @@ def test_the_endpoint_checks_function_hashes_and_its_allow_lists(tmp_path: Path)
         (ep_dir / "credential.json").write_text(json.dumps(
             {"endpoint_id": "guarded-id", "secret": "s", "service_url": f"http://127.0.0.1:{port}"}))
         env = {**os.environ, "TETHER_HOME": str(home)}
-        daemon = subprocess.Popen([sys.executable, "-m", "tether.endpoint.daemon", "guarded"], env=env,
+        daemon = subprocess.Popen([sys.executable, "-m", "tether.endpoint.run", "guarded"], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             assert got_all.wait(60), "the endpoint did not answer every task"

@@ -19,8 +19,10 @@ from pathlib import Path
 import pytest
 
 from tether import Client, ConfigError, Executor
-from tether.config import find_service, same_service, write_secret
+from tether.config import find_service
+from tether.home import write_secret
 from tether.ids import InvalidIdentifier
+from tether.urls import same_service
 
 #: names that would leave $TETHER_HOME/endpoints if they became a path unchecked
 PATH_LIKE_NAMES = ["..", ".", "a/b", "../decoy", "../../decoy", "ok/../..", ".hidden", "ok/"]

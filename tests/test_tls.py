@@ -19,8 +19,8 @@ import pytest
 import trustme
 
 from tether import Client, Executor, TetherError
-from tether.config import write_secret
 from tether.errors import ConfigError
+from tether.home import write_secret
 from tether.local import LocalStack
 
 import helpers

@@ -51,9 +51,9 @@ class Engine(abc.ABC):
     async def start(self) -> None: ...
 
     def engine_info(self) -> dict[str, Any]:
-        """Facts handed to every task of this engine (see ``execute.TaskContext.engine``)."""
+        """Facts handed to every task of this engine (see ``tether.runtime.TaskContext.engine``)."""
         info = {"type": self.config.get("type")}
-        if self.config.get("mpi_launcher"):  # for MPIFunction (endpoint/mpi.py)
+        if self.config.get("mpi_launcher"):  # for MPIFunction (core/mpi.py)
             info["mpi_launcher"] = self.config["mpi_launcher"]
         return info
 
@@ -81,21 +81,3 @@ def cancelled_record(task_id: str, ts: float, detail: str = "cancelled by its ow
         "error": {"type": "TaskCancelled", "message": detail, "traceback": ""},
         "times": {"cancelled": ts},
     }
-
-
-def make_engine(config: dict[str, Any], on_running: OnRunning, on_result: OnResult, **kwargs: Any) -> Engine:
-    """Build the engine named by ``config['type']``."""
-    kind = config.get("type", "process")
-    if kind == "thread":
-        from .thread import ThreadEngine
-
-        return ThreadEngine(config, on_running, on_result, **kwargs)
-    if kind == "process":
-        from .process import ProcessEngine
-
-        return ProcessEngine(config, on_running, on_result, **kwargs)
-    if kind in ("htex", "mpi"):
-        from .parsl_engine import HtexEngine, MPIEngine
-
-        return (HtexEngine if kind == "htex" else MPIEngine)(config, on_running, on_result, **kwargs)
-    raise ValueError(f"unknown engine type {kind!r}")

@@ -565,7 +565,7 @@ class ParslEngine(Engine):
     def _run_dir(self) -> Path:
         if self.config.get("_endpoint_dir"):
             return Path(self.config["_endpoint_dir"]) / "parsl"
-        from tether.config import tether_home
+        from tether.home import tether_home
 
         return tether_home() / "parsl" / uuid.uuid4().hex[:8]
 
