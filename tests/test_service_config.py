@@ -102,7 +102,7 @@ def test_flags_override_the_file_and_every_command_takes_config(tmp_path: Path) 
         assert "stopped the service" in tether_cli(env, "service", "stop", "--config", str(config)).stdout
     assert not (tmp_path / "elsewhere" / "service.json").exists()  # the config's home was used throughout
 
-    from tether.cli import db_app, service_app
+    from tether.service.cli import db_app, service_app
 
     commands = [c for c in service_app.registered_commands] + [c for c in db_app.registered_commands]
     for command in commands:
