@@ -283,7 +283,7 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
     create_schema = BlobCreate.model_json_schema()
     create_schema["properties"]["size"]["maximum"] = index.max_blob
 
-    @router.post("/v1/blobs", response_model=BlobInfo, status_code=201, responses=_errors(403, 404, 413, 429),
+    @router.post("/v1/blobs", response_model=BlobInfo, status_code=201, responses=_errors(400, 403, 404, 413, 429),
                  openapi_extra={"requestBody": {"content": {"application/json": {"schema": create_schema}}}})
     async def create_blob(body: BlobCreate, who: Principal = Depends(principal)) -> BlobInfo:
         """Declare a blob (size, sha256); then send its bytes with ``PUT /v1/blobs/{blob_id}``.
