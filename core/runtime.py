@@ -9,11 +9,9 @@ import of the endpoint package (a client-only install has the same module; outsi
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,14 +95,10 @@ def current_task() -> TaskContext | None:
     return getattr(_local, "task", None)
 
 
-@contextlib.contextmanager
-def running(context: TaskContext) -> Iterator[TaskContext]:
-    """Make ``context`` this thread's current task for the duration (what an engine's worker does)."""
+def set_current(context: TaskContext | None) -> None:
+    """Make ``context`` this thread's current task (None: no task): what an engine's worker does
+    around each call (a plain assignment: it runs once per task, on the hot path)."""
     _local.task = context
-    try:
-        yield context
-    finally:
-        _local.task = None
 
 
-__all__ = ["TaskContext", "current_task", "running", "task_id_environment"]
+__all__ = ["TaskContext", "current_task", "set_current", "task_id_environment"]

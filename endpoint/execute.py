@@ -13,7 +13,7 @@ from typing import Any
 
 from tether.errors import SerializationError
 from tether.protocol import DEFAULT_BLOB_THRESHOLD, TaskState
-from tether.runtime import TaskContext, running, task_id_environment
+from tether.runtime import TaskContext, set_current, task_id_environment
 from tether.serialize import RESULT, deserialize, serialize, serialize_into
 from tether.transfer import Spill, file_of, file_stub, load_file
 
@@ -121,8 +121,11 @@ def run_task(
     ``chdir``: run in ``sandbox`` (created, and removed again if the task left it empty);
     ``set_env``: put ``TETHER_TASK_ID`` in the environment (not in shared-process engines).
     """
-    with running(TaskContext(task_id, sandbox, spec, engine or {})):
+    set_current(TaskContext(task_id, sandbox, spec, engine or {}))
+    try:
         return _run(task_id, fid, body, payload, sandbox, allowed_methods, chdir, set_env)
+    finally:
+        set_current(None)
 
 
 def _run(task_id: str, fid: str, body: bytes | None, payload: bytes, sandbox: str | None,
