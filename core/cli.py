@@ -16,7 +16,7 @@ import typer
 from tether.endpoint.cli import endpoint_app
 from tether.service.cli import service_app
 
-from .console import console, err, fail
+from .console import console, fail, report
 from .errors import TetherError
 
 app = typer.Typer(help="Tether: federated function execution for research computing.", no_args_is_help=True,
@@ -127,7 +127,7 @@ def main() -> None:
     try:
         app()
     except TetherError as exc:  # raised outside a command's own handling (the client's errors)
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        report(str(exc))
         sys.exit(1)
 
 

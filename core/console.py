@@ -13,9 +13,14 @@ console = Console()
 err = Console(stderr=True)
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
-    """Say what is wrong (and how to fix it) on stderr, and end the command with ``code``."""
+def report(message: str) -> None:
+    """Say what is wrong (and how to fix it) on stderr."""
     err.print(f"[bold red]error:[/] {message}", highlight=False)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """:func:`report`, and end the command with ``code``."""
+    report(message)
     raise typer.Exit(code)
 
 
@@ -27,4 +32,4 @@ def need(extra: str, module: str) -> None:
         fail(f"this command needs the '{extra}' extra: pip install 'tether[{extra}]' ({exc})")
 
 
-__all__ = ["console", "err", "fail", "need"]
+__all__ = ["console", "err", "fail", "need", "report"]

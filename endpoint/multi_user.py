@@ -39,7 +39,7 @@ from .daemon import EndpointDaemon
 from .engines.base import OnResult
 from .identity import IdentityMapper, LocalAccount, MappingRefused
 from .user_config import UserConfigRefused, user_endpoint_config
-from .user_logs import UserLog, keep_output, tail
+from .user_logs import UserLog, keep_output, open_private, tail
 
 log = logging.getLogger("tether.endpoint.multi_user")
 
@@ -97,7 +97,7 @@ class MultiUserDaemon(EndpointDaemon):
                                      config.allow_nologin_shells)
         self.logs_dir = self.dir / "user_endpoints"
         self.logs_dir.mkdir(mode=0o700, exist_ok=True)
-        self._audit_file: TextIO = _private_append(self.dir / config.audit_log)
+        self._audit_file: TextIO = open_private(self.dir / config.audit_log, text=True)
 
     def _make_engine(self) -> Any:
         return NoEngine(self, self._on_result)
@@ -270,7 +270,3 @@ def _terminate(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None
     except (ProcessLookupError, PermissionError):
         pass
 
-
-def _private_append(path: Path) -> TextIO:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    return os.fdopen(fd, "a")

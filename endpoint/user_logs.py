@@ -19,16 +19,18 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any
 
 #: bytes read from the end of a log for its last lines
 TAIL_BYTES = 16 * 1024
 
 
-def _open_private(path: Path) -> BinaryIO:
+def open_private(path: Path, text: bool = False) -> Any:
+    """Open a file to append to that only this account reads (0600, also when it existed with
+    other bits): a user endpoint's log, unbuffered bytes; the audit log, ``text``."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    os.fchmod(fd, 0o600)  # an older file may have been made with other bits
-    return os.fdopen(fd, "ab", buffering=0)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "a") if text else os.fdopen(fd, "ab", buffering=0)
 
 
 class UserLog(asyncio.Protocol):
@@ -38,7 +40,7 @@ class UserLog(asyncio.Protocol):
         self.path = path
         self.max_bytes = max_bytes
         self.bytes_per_s = bytes_per_s
-        self._file = _open_private(path)
+        self._file = open_private(path)
         self._size = self._file.tell() if path.exists() else 0
         self._budget = float(bytes_per_s)  # a token bucket: one second's worth of burst
         self._refilled = 0.0
@@ -71,7 +73,7 @@ class UserLog(asyncio.Protocol):
         if self._size + len(data) > self.max_bytes:
             self._file.close()
             os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-            self._file = _open_private(self.path)
+            self._file = open_private(self.path)
             self._size = 0
         self._file.write(data)
         self._size += len(data)

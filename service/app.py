@@ -15,6 +15,7 @@ import binascii
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -444,13 +445,10 @@ def create_app(settings: Settings) -> FastAPI:
             error = json.loads(r.error) if r.error else {}
             failures.append({"task_id": r.id, "endpoint_id": r.endpoint_id, "group_id": r.group_id, "ts": r.t_done,
                              "error": f"{error.get('type', '?')}: {str(error.get('message', ''))[:300]}"})
-        counts: dict[str, int] = {}
-        for r in rows:
-            counts[r.state] = counts.get(r.state, 0) + 1
         view = DashboardInfo(
             user=await db.user_name(user) or user, user_id=user, now=now,
             endpoints=[endpoint_info(ep) for ep in await db.list_endpoints(user)],
-            open_counts=await db.open_by_state(user), task_counts=counts,
+            open_counts=await db.open_by_state(user), task_counts=dict(Counter(r.state for r in rows)),
             window={"tasks": len(rows), "limit": dashboard.WINDOW,
                     "since": rows[-1].t_received if rows else None},
             activity=dashboard.activity(rows, now), groups=dashboard.groups(rows), recent_failures=failures)

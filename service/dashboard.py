@@ -14,6 +14,7 @@ index of open tasks), computed here in one pass over at most ``WINDOW`` rows.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import Counter, defaultdict
 from importlib import resources
 from typing import Any
@@ -70,13 +71,7 @@ def activity(rows: list[Any], now: float, span_s: float = SPAN_S, steps: int = S
             finished[row.state][min(steps - 1, bisect.bisect_left(ends, row.t_done))] += 1
         if ends[0] - step < row.t_received <= ends[-1]:
             submitted[min(steps - 1, bisect.bisect_left(ends, row.t_received))] += 1
-    counts: dict[str, list[int]] = {}
-    for state in OPEN_STATES:
-        running_total, series = 0, []
-        for d in delta[state][:steps]:
-            running_total += d
-            series.append(running_total)
-        counts[state] = series
+    counts = {state: list(itertools.accumulate(delta[state][:steps])) for state in OPEN_STATES}
     return {"t": ends, "step_s": step, "by_state": counts, "finished": finished, "submitted": submitted}
 
 

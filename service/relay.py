@@ -704,7 +704,7 @@ class Relay:
         ended = [tid for tid in held if tid not in mine]
         if mine:
             now = time.time()
-            await self.db.set_state([(tid, now) for tid in mine], TaskState.DISPATCHED, only_from=TaskState.WAITING)
+            await self.db.redispatch([(tid, now) for tid in mine])
             back = [(tid, TaskState.DISPATCHED.value, now) for tid in mine]
             self._push_status(mine, TaskState.DISPATCHED, now)
             await self._tell_user(session.owner_id, "status", back)

@@ -667,17 +667,23 @@ class Store:
         theirs = [tid for tid in existing if owners.get(tid) != owner]
         return inserted, mine, theirs
 
-    def set_state(self, stamps: Iterable[tuple[str, float]], state: TaskState,
-                  only_from: TaskState | None = None) -> None:
-        """Move open tasks to a non-terminal state at the given times (terminal tasks never move
-        again); with ``only_from`` (waiting -> dispatched), only tasks in that state move."""
+    def set_state(self, stamps: Iterable[tuple[str, float]], state: TaskState) -> None:
+        """Move open tasks to a non-terminal state at the given times (terminal tasks never move again)."""
+        self._stamp(_SET_STATE[state], stamps)
+
+    def redispatch(self, stamps: Iterable[tuple[str, float]]) -> None:
+        """Tasks marked waiting when their endpoint left, and that it holds again on its return,
+        are dispatched again at the given times (the others among them are left as they are)."""
+        self._stamp(_REDISPATCH, stamps)
+
+    def _stamp(self, statement: Any, stamps: Iterable[tuple[str, float]]) -> None:
         # rows are locked in id order, as write_results locks them: two writers never wait on
         # each other in a cycle (PostgreSQL reported deadlocks between the two before)
         params = sorted(({"b_id": i, "b_ts": ts} for i, ts in stamps), key=lambda p: p["b_id"])
         if not params:
             return
         with self._tx() as conn:
-            conn.execute(_REDISPATCH if only_from is not None else _SET_STATE[state], params)
+            conn.execute(statement, params)
 
     def _learn_open(self, ids: list[str]) -> dict[str, tuple[str, bool]]:
         """{id: (endpoint id, open?)} from the database, for ids this process has not seen."""
