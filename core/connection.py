@@ -75,11 +75,16 @@ from .protocol import (
     task_frames,
     to_builtins,
 )
-from .serialize import PY_VERSION, deserialize, function_id
+from .serialize import deserialize, function_id
 from .transfer import BlobClient, load_file, sha256_of
 from .transport import Backoff, open_ws
+from .versions import Needed, differences
 
 log = logging.getLogger("tether.client")
+
+#: what a plain task needs alike on both sides: cloudpickled code loads only under the Python
+#: minor version that pickled it (plugins add their own packages, see tether.versions)
+PICKLED = (Needed("python", required=False),)
 
 #: seconds cancels are gathered before they are sent (a loop of fut.cancel() becomes a few frames)
 CANCEL_LINGER = 0.02
@@ -562,11 +567,12 @@ class Connection:
     def _check_endpoint(self, endpoint_id: str, brief: EndpointBrief) -> None:
         """Say once, in words, what will go wrong on an endpoint before its tasks fail."""
         self.endpoint_versions[endpoint_id] = brief.versions
-        python = brief.python
-        if python and python != PY_VERSION and endpoint_id not in self._warned:
+        python = differences(PICKLED, {"python": brief.python} if brief.python else {})
+        if python and endpoint_id not in self._warned:
             self._warned.add(endpoint_id)
-            text = (f"endpoint {endpoint_id} runs Python {python} but this client runs Python {PY_VERSION}: "
-                    "functions pickled here will fail to load there. Use the same Python minor version.")
+            text = (f"endpoint {endpoint_id} runs Python {python[0].there} but this client runs Python "
+                    f"{python[0].here}: functions pickled here will fail to load there. Use the same Python "
+                    "minor version.")
             log.warning(text)
             warnings.warn(text, RuntimeWarning, stacklevel=2)
         if not brief.online and ("offline", endpoint_id) not in self._warned:

@@ -133,3 +133,18 @@ def mpi_environment(spec: dict[str, Any] | None, engine: dict[str, Any] | None =
     env.update(prefixes)
     env["TETHER_MPI_PREFIX"] = env["PARSL_MPI_PREFIX"]
     return env
+
+
+#: variables an MPI task's command runs without, as Parsl's MPIFunction does: unbuffered Python
+#: ranks write a line in pieces that interleave with other ranks' ("0" "1" "\n" "\n"); buffered,
+#: each rank's line is written whole
+UNSET_FOR_MPI = ("PYTHONUNBUFFERED",)
+
+
+def task_mpi_environment() -> dict[str, str]:
+    """:func:`mpi_environment` for the task running in this thread (its resource specification
+    and its engine's facts); outside a task, the defaults of a one-host engine."""
+    from .runtime import current_task
+
+    task = current_task()
+    return mpi_environment(task.spec if task else None, task.engine if task else None)

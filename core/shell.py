@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TetherError
-from .mpi import mpi_environment
+from .mpi import UNSET_FOR_MPI, task_mpi_environment
 from .resources import check_mpi_specification
 from .runtime import current_task
 
@@ -348,11 +348,8 @@ class MPIFunction(ShellFunction):
 
     def __call__(self, **kwargs: Any) -> ShellResult:
         cmd = self.format((), kwargs)
-        task = current_task()
-        env = mpi_environment(task.spec if task else None, task.engine if task else {})
-        # Unbuffered Python ranks write a line in pieces that interleave with other ranks'
-        # ("0" "1" "\n" "\n"); buffered, each line is written whole. The user's env= still wins.
-        return self._execute(f"$PARSL_MPI_PREFIX {cmd}", env, unset=("PYTHONUNBUFFERED",))
+        # the user's env= still wins over the MPI variables
+        return self._execute(f"$PARSL_MPI_PREFIX {cmd}", task_mpi_environment(), unset=UNSET_FOR_MPI)
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ import math
 import warnings
 from typing import Any
 
-import cloudpickle
 import dask
 import distributed
 from distributed import Scheduler
@@ -33,31 +32,30 @@ from tornado.ioloop import PeriodicCallback
 
 from tether import Client, EndpointOffline, Executor, VersionMismatch
 from tether.ids import check_id
+from tether.versions import Needed, differences
 
 from .proxy import ProxyWorker
 from .workers import EndpointWorker
 
 MODES = ("proxy", "workers")
-#: packages whose versions must match between this side and the endpoint (pickled task objects)
-MATCHED_PACKAGES = ("dask", "distributed", "cloudpickle")
+#: what must agree between this side and the endpoint: Dask's task objects are pickled on one side
+#: and unpickled on the other (the endpoint must have dask and distributed at all)
+NEEDED = (Needed("python", required=False), Needed("dask"), Needed("distributed"),
+          Needed("cloudpickle", required=False))
 #: proxy-mode concurrency when the endpoint reports no workers yet (elastic blocks not started)
 DEFAULT_CONCURRENCY = 8
 
 
 def check_versions(endpoint_versions: dict[str, str], endpoint_name: str) -> None:
     """Raise :class:`VersionMismatch` naming every difference that breaks Dask's task objects."""
-    import platform
-
-    local = {"python": ".".join(platform.python_version_tuple()[:2]), "dask": dask.__version__,
-             "distributed": distributed.__version__, "cloudpickle": cloudpickle.__version__}
-    missing = [p for p in ("dask", "distributed") if p not in endpoint_versions]
+    found = differences(NEEDED, endpoint_versions)
+    missing = [d.package for d in found if d.there is None]
     if missing:
         raise VersionMismatch(
             f"endpoint {endpoint_name!r} has no {' or '.join(missing)} installed; the Dask plugin runs Dask's "
-            f"task objects there: install dask=={local['dask']} distributed=={local['distributed']} in the "
-            f"endpoint's environment (pip install 'tether[endpoint,dask]') and restart it")
-    diffs = [f"{p} {local[p]} here, {endpoint_versions[p]} on the endpoint"
-             for p in ("python", *MATCHED_PACKAGES) if p in endpoint_versions and endpoint_versions[p] != local[p]]
+            f"task objects there: install dask=={dask.__version__} distributed=={distributed.__version__} in "
+            f"the endpoint's environment (pip install 'tether[endpoint,dask]') and restart it")
+    diffs = [f"{d.package} {d.here} here, {d.there} on the endpoint" for d in found]
     if diffs:
         raise VersionMismatch(
             f"endpoint {endpoint_name!r} runs different versions: {'; '.join(diffs)}. Dask task objects are "

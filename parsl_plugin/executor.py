@@ -31,7 +31,7 @@ import tether
 from tether import Client, EndpointOffline, TetherError, TetherFuture
 from tether.config import find_service
 from tether.resources import validate_resource_specification
-from tether.serialize import PY_VERSION
+from tether.versions import Needed, differences, installed
 
 from .monitoring import MonitoredResult, ResultRadio
 from .remote import RemoteApp, RemoteOptions
@@ -281,11 +281,14 @@ class _MonitoredFuture(Future):
 
 
 # --- versions --------------------------------------------------------------------------------
+#: what must agree between the two sides: Parsl's app wrappers are pickled here and unpickled
+#: there, so both need the same Parsl; pickled code needs the same Python minor version
+NEEDED = (Needed("python", required=False), Needed("parsl"))
+
+
 def client_versions() -> dict[str, str]:
     """This side's Python and Parsl versions, in the endpoint heartbeat's format."""
-    from importlib.metadata import version
-
-    return {"python": PY_VERSION, "parsl": version("parsl")}
+    return installed(n.package for n in NEEDED)
 
 
 def version_problems(client: dict[str, str], endpoint: dict[str, str], endpoint_id: str) -> list[str]:
@@ -298,15 +301,16 @@ def version_problems(client: dict[str, str], endpoint: dict[str, str], endpoint_
         return [f"endpoint {endpoint_id} has not reported its versions yet (never connected?): "
                 f"Python and Parsl versions could not be compared"]
     problems = []
-    if endpoint.get("python") and endpoint["python"] != client["python"]:
-        problems.append(f"endpoint {endpoint_id} runs Python {endpoint['python']} but this client runs Python "
-                        f"{client['python']}: apps pickled here will fail to load there; use the same Python "
-                        f"minor version on both sides")
-    if not endpoint.get("parsl"):
-        problems.append(f"endpoint {endpoint_id} has no Parsl installed, and Parsl apps run Parsl's wrappers on "
-                        f"the endpoint: install it there (pip install 'tether[endpoint,parsl]') and restart it")
-    elif endpoint["parsl"] != client["parsl"]:
-        problems.append(f"endpoint {endpoint_id} runs Parsl {endpoint['parsl']} but this client runs Parsl "
-                        f"{client['parsl']}: Parsl's app wrappers may not load or behave the same there; install "
-                        f"parsl=={client['parsl']} on the endpoint (or this version here)")
+    for d in differences(NEEDED, endpoint, client):
+        if d.package == "python":
+            problems.append(f"endpoint {endpoint_id} runs Python {d.there} but this client runs Python {d.here}: "
+                            f"apps pickled here will fail to load there; use the same Python minor version on both "
+                            f"sides")
+        elif d.there is None:
+            problems.append(f"endpoint {endpoint_id} has no Parsl installed, and Parsl apps run Parsl's wrappers "
+                            f"on the endpoint: install it there (pip install 'tether[endpoint,parsl]') and restart it")
+        else:
+            problems.append(f"endpoint {endpoint_id} runs Parsl {d.there} but this client runs Parsl {d.here}: "
+                            f"Parsl's app wrappers may not load or behave the same there; install parsl=={d.here} "
+                            f"on the endpoint (or this version here)")
     return problems

@@ -59,7 +59,7 @@ class RemoteApp:
         with contextlib.ExitStack() as stack:
             spec = _task_spec()
             if spec and any(spec.get(k) for k in _RANK_KEYS):
-                stack.enter_context(_mpi_environment(spec))
+                stack.enter_context(_mpi_environment())
             if self.options.working_dir:
                 stack.enter_context(_working_directory(self.options.working_dir))
             if not self.options.monitoring:
@@ -76,30 +76,23 @@ def _task_spec() -> dict[str, Any] | None:
     return task.spec if task is not None else None
 
 
-def _engine_info() -> dict[str, Any]:
-    from tether.runtime import current_task
-
-    task = current_task()
-    return dict(task.engine) if task is not None else {}
-
-
 @contextlib.contextmanager
-def _mpi_environment(spec: dict[str, Any]) -> Iterator[None]:
+def _mpi_environment() -> Iterator[None]:
     """Put Parsl's MPI variables in ``os.environ`` for the duration of the app.
 
     Parsl's bash wrapper starts the command with the worker's environment, so this is where
-    ``$PARSL_MPI_PREFIX`` must be. ``PYTHONUNBUFFERED`` is dropped meanwhile, as MPIFunction does:
-    unbuffered Python ranks write a line in pieces that interleave with the other ranks' lines.
+    ``$PARSL_MPI_PREFIX`` must be. The variables of ``UNSET_FOR_MPI`` are dropped meanwhile.
     """
-    from tether.mpi import mpi_environment
+    from tether.mpi import UNSET_FOR_MPI, task_mpi_environment
 
-    env = mpi_environment(spec, _engine_info())  # an unsatisfiable spec fails the app here, in words
+    env = task_mpi_environment()  # an unsatisfiable spec fails the app here, in words
     shared = threading.current_thread() is not threading.main_thread()
     if shared:
         _ENVIRON_LOCK.acquire()
-    saved = {name: os.environ.get(name) for name in [*env, "PYTHONUNBUFFERED"]}
+    saved = {name: os.environ.get(name) for name in [*env, *UNSET_FOR_MPI]}
     try:
-        os.environ.pop("PYTHONUNBUFFERED", None)
+        for name in UNSET_FOR_MPI:
+            os.environ.pop(name, None)
         os.environ.update(env)
         yield
     finally:

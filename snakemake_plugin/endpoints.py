@@ -15,6 +15,7 @@ from snakemake_interface_common.exceptions import WorkflowError
 
 from tether import Client
 from tether.errors import AuthError, TetherError, UnknownEndpoint
+from tether.versions import Needed, differences
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,8 @@ class EndpointReport:
     warnings: tuple[str, ...] = ()
 
 
-def _minor(v: str) -> tuple[str, ...]:
-    return tuple(v.split(".")[:2])
+#: a job command written by one Snakemake is understood by another of the same minor version
+NEEDED = (Needed("snakemake", parts=2),)
 
 
 def check_endpoint(client: Client, endpoint_id: str, local_snakemake: str | None = None) -> EndpointReport:
@@ -62,21 +63,21 @@ def check_endpoint(client: Client, endpoint_id: str, local_snakemake: str | None
     if not versions:
         warnings.append(f"{label} has not reported its versions yet, so its Snakemake could not be checked")
         return EndpointReport(endpoint_id, name, online, tuple(warnings))
-    remote = versions.get("snakemake")
-    if not remote:
-        raise WorkflowError(
-            f"{label} has no Snakemake in its environment, and every job runs 'python -m snakemake' there. "
-            f"Install it next to the endpoint (pip install 'snakemake=={local_snakemake}') and restart it "
-            f"('tether endpoint restart {name}')"
-        )
-    if _minor(remote) != _minor(local_snakemake):
-        raise WorkflowError(
-            f"{label} runs Snakemake {remote} but this workflow runs Snakemake {local_snakemake}: a job "
-            f"command written by one is not understood by the other. Install the same version on both sides "
-            f"(pip install 'snakemake=={local_snakemake}' next to the endpoint, then 'tether endpoint "
-            f"restart {name}')"
-        )
-    if remote != local_snakemake:
+    for difference in differences(NEEDED, versions, {"snakemake": local_snakemake}):
+        remote = difference.there
+        if remote is None:
+            raise WorkflowError(
+                f"{label} has no Snakemake in its environment, and every job runs 'python -m snakemake' there. "
+                f"Install it next to the endpoint (pip install 'snakemake=={local_snakemake}') and restart it "
+                f"('tether endpoint restart {name}')"
+            )
+        if difference.breaking:
+            raise WorkflowError(
+                f"{label} runs Snakemake {remote} but this workflow runs Snakemake {local_snakemake}: a job "
+                f"command written by one is not understood by the other. Install the same version on both sides "
+                f"(pip install 'snakemake=={local_snakemake}' next to the endpoint, then 'tether endpoint "
+                f"restart {name}')"
+            )
         warnings.append(f"{label} runs Snakemake {remote}, this workflow {local_snakemake}; "
                         f"the same version on both sides is safest")
     return EndpointReport(endpoint_id, name, online, tuple(warnings))

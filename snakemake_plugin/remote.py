@@ -55,14 +55,10 @@ def run_snakemake_job(cmd: str, workdir: str | None, walltime: float | None, mpi
     if bindir not in path.split(os.pathsep):
         job_env["PATH"] = os.pathsep.join(p for p in (bindir, path) if p)
     if mpi:
-        from tether.mpi import mpi_environment
-        from tether.runtime import current_task
+        from tether.mpi import UNSET_FOR_MPI, task_mpi_environment
 
-        task = current_task()
-        job_env.update(mpi_environment(task.spec if task else None, task.engine if task else None))
-        # as MPIFunction does: unbuffered Python ranks write a line in pieces that interleave with
-        # other ranks' ("0" "1" "\n" "\n"); buffered, each rank's line is written whole
-        cmd = f"unset PYTHONUNBUFFERED; {cmd}"
+        job_env.update(task_mpi_environment())
+        cmd = f"unset {' '.join(UNSET_FOR_MPI)}; {cmd}"
     # the command is literal text, not a template: braces in Snakemake's arguments stay as they are
     literal = cmd.replace("{", "{{").replace("}", "}}")
     shell = ShellFunction(literal, walltime=walltime, cwd=workdir, env=job_env, snippet_lines=snippet_lines,

@@ -180,3 +180,18 @@ def test_a_long_failure_message_is_cut_to_fit_never_refused() -> None:
     msg = FrameDecoder(ENDPOINT_FRAMES, "an endpoint").decode(frame)
     assert len(msg.message) <= SHORT_STR_MAX
     assert msg.message.startswith("the user endpoint exited with code 1") and msg.message.endswith("the last line")
+
+
+def test_one_version_comparison_for_the_client_and_the_plugins() -> None:
+    from tether.versions import Difference, Needed, differences, installed
+
+    needed = (Needed("python", required=False), Needed("tool", parts=2), Needed("extra", required=False))
+    here = {"python": "3.11", "tool": "8.1.2", "extra": "1.0"}
+    assert differences(needed, dict(here), here) == []
+    assert differences(needed, {"tool": "8.1.2"}, here) == []  # optional ones may be absent there
+    assert differences(needed, {"python": "3.12", "tool": "8.1.3"}, here) == [
+        Difference("python", "3.11", "3.12", True), Difference("tool", "8.1.2", "8.1.3", False)]
+    assert differences(needed, {"tool": "8.2.0", "extra": "2.0"}, here) == [
+        Difference("tool", "8.1.2", "8.2.0", True), Difference("extra", "1.0", "2.0", True)]
+    assert differences(needed, {"python": "3.11"}, here) == [Difference("tool", "8.1.2", None, True)]
+    assert set(installed(["python", "msgspec", "surely-not-installed-here"])) == {"python", "msgspec"}
