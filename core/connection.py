@@ -307,9 +307,6 @@ class Connection:
         return (f"; the service at {self.info.url} has not been reachable for {away:.0f} s ({self.down_reason}): "
                 "the client keeps trying, and results wait on the service meanwhile")
 
-    def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
-
     def close(self) -> None:
         """Stop the background loop; pending futures stay pending (their results stay on the service)."""
         self._closed = True

@@ -52,10 +52,6 @@ def check_name(value: object, kind: str = "endpoint name") -> str:
     return _check(_NAME, value, kind, "use 1-128 letters, digits, '_', '-' or '.', starting with a letter or digit")
 
 
-def is_valid_id(value: object) -> bool:
-    return isinstance(value, str) and _ID.fullmatch(value) is not None
-
-
 def child_path(root: Path, name: str, kind: str = "id",
                check: Callable[[object, str], str] = check_id) -> Path:
     """``root / name``, refused unless ``name`` is valid and the result stays inside ``root``.

@@ -91,6 +91,12 @@ class ErrorCode(StrEnum):
     USER_ENDPOINT_FAILED = "user_endpoint_failed"  # a multi-user endpoint could not start the user's endpoint
     QUOTA_EXCEEDED = "quota_exceeded"  # a per-user limit of the service (tasks waiting or running)
     NOT_ADMITTED = "not_admitted"  # a multi-user endpoint's policy no longer admits the user
+    BLOB_CORRUPT = "blob_corrupt"  # an upload's bytes are not the size or sha256 declared (HTTP: see ERROR_HEADER)
+
+
+#: the HTTP response header that names an :class:`ErrorCode` where the status code alone does not
+#: say which error it is (a 409 is a corrupt upload or a blob already uploaded)
+ERROR_HEADER = "Tether-Error"
 
 
 # --- field types ------------------------------------------------------------------------------

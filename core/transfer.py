@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 
 from .errors import AuthError, BlobCorrupt, PayloadTooLarge, QuotaExceeded, TetherError
-from .protocol import BlobRef
+from .protocol import ERROR_HEADER, BlobRef, ErrorCode
 from .serialize import deserialize
 
 log = logging.getLogger("tether.transfer")
@@ -243,7 +243,7 @@ def _raise_for(response: httpx.Response, what: str) -> None:
         return
     text = f"{what}: {_detail(response)}"
     cls = {401: AuthError, 413: PayloadTooLarge, 429: QuotaExceeded}.get(response.status_code, TetherError)
-    if response.status_code == 400 and "sha256" in text:
+    if response.headers.get(ERROR_HEADER) == ErrorCode.BLOB_CORRUPT:
         cls = BlobCorrupt
     raise cls(text)
 

@@ -39,7 +39,7 @@ from sqlalchemy import and_, bindparam, delete, exists, func, select, update
 from starlette.requests import ClientDisconnect
 
 from tether.ids import child_path
-from tether.protocol import Task
+from tether.protocol import ERROR_HEADER, ErrorCode, Task
 
 from .async_store import AsyncStore
 from .guard import bearer
@@ -48,6 +48,9 @@ from .models import error_responses as _errors
 from .store import Store, blobs, task_blobs, tasks
 
 log = logging.getLogger("tether.service.blobs")
+
+#: names the refusal of an upload whose bytes are not what was declared (the client raises BlobCorrupt)
+_CORRUPT = {ERROR_HEADER: ErrorCode.BLOB_CORRUPT.value}
 
 DEFAULT_MAX_BLOB = 16 * 1024**3
 DEFAULT_QUOTA = 100 * 1024**3
@@ -308,10 +311,11 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
                 await _receive(request, out, digest, row.size, blob_id)
                 size = out.tell()
             if size != row.size:
-                raise HTTPException(409, f"the upload ended after {size} of the {row.size} bytes declared")
+                raise HTTPException(409, f"the upload ended after {size} of the {row.size} bytes declared",
+                                    headers=_CORRUPT)
             if digest.hexdigest() != row.sha256:
                 raise HTTPException(409, f"the bytes received hash to sha256 {digest.hexdigest()}, not to the "
-                                         f"{row.sha256} declared; the blob was not stored")
+                                         f"{row.sha256} declared; the blob was not stored", headers=_CORRUPT)
             os.replace(part, index.path(blob_id))
             await rows.set_state(blob_id, COMPLETE, UPLOADING)
             done = True

@@ -20,11 +20,11 @@ import psutil
 import pytest
 
 from tether import Client, Executor
-from tether.errors import PayloadTooLarge, QuotaExceeded
+from tether.errors import BlobCorrupt, PayloadTooLarge, QuotaExceeded
 from tether.local import LocalStack, local_stack
 from tether.protocol import ErrorCode, Submit, SubmitAck, Task, blob_stub
 from tether.serialize import function_id, serialize
-from tether.transfer import BlobClient, sha256_of
+from tether.transfer import BlobClient, _raise_for, sha256_of
 
 import helpers
 from conftest import wait_for
@@ -176,6 +176,9 @@ def test_the_bytes_of_an_upload_that_breaks_off_or_lies_about_its_hash_are_delet
     lying = http.post("/v1/blobs", json={"size": len(data), "sha256": "f" * 64}).json()
     answer = http.put(f"/v1/blobs/{lying['blob_id']}", content=data)
     assert answer.status_code == 409 and "not to the" in answer.json()["detail"]
+    assert short.headers["Tether-Error"] == answer.headers["Tether-Error"] == "blob_corrupt"
+    with pytest.raises(BlobCorrupt, match="not to the"):  # what the client raises for it
+        _raise_for(answer, "upload")
     assert not [p for p in _blob_files(small) if p.name.startswith((declared["blob_id"], lying["blob_id"]))]
     assert http.put(f"/v1/blobs/{declared['blob_id']}", content=data).status_code == 200  # may be sent again
     for blob_id in (declared["blob_id"], lying["blob_id"]):  # given up on: the owner deletes them
