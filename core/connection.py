@@ -152,7 +152,6 @@ class Connection:
         self._wake_pending = False
         self._closed = False
         self._ws: Any = None
-        self._connected = threading.Event()
         #: since when (time.monotonic) the service has not been reachable, and the last reason;
         #: None while connected (what a future that times out, or a waiting shutdown, says)
         self.down_since: float | None = time.monotonic()
@@ -405,7 +404,6 @@ class Connection:
                 self._ws = ws
                 await self._resume()
                 self.down_since = None
-                self._connected.set()
                 self._wake_pending = False
                 self._flush()
                 async for frame in ws:
@@ -423,7 +421,6 @@ class Connection:
                 await ws.close()
             finally:
                 self._ws = None
-                self._connected.clear()
                 if self.down_since is None:
                     self.down_since, self.down_reason = time.monotonic(), "the connection was lost"
             if not self._closed:
@@ -645,7 +642,6 @@ class Connection:
         futures, self.futures = self.futures, {}
         for fut in futures.values():
             fut._settle(exception=exc)
-        self._connected.set()
 
 
 #: spill files older than this were left by a process that died mid-transfer
