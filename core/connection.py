@@ -42,6 +42,7 @@ from .errors import (
 )
 from .futures import TetherFuture, callbacks
 from .home import tether_home
+from .linger import Linger
 from .protocol import (
     CLIENT_WS_PATH,
     CLOSE_AUTH_FAILED,
@@ -123,7 +124,8 @@ class Connection:
         self.info = info
         self.batch_size = batch_size
         self.batch_interval = batch_interval
-        self._last_send = 0.0
+        self._linger = Linger(self._flush, batch_interval)  # tasks: at once when quiet, else gathered
+        self._cancel_linger = Linger(self._flush, CANCEL_LINGER, eager=False)
         self.futures: dict[str, TetherFuture] = {}
         self.max_payload: int | None = None
         self.max_frame = DEFAULT_MAX_FRAME  # as the service announces it
@@ -341,15 +343,11 @@ class Connection:
         are still in flight, becomes a few large frames (throughput: each frame is a commit at
         the service and a syscall on each side).
         """
-        wait = self.batch_interval - (self._loop.time() - self._last_send)
-        in_flight = len(self.futures) > len(self._outbox)
         if self._cancels and not self._outbox and not self._control:
             # cancels are never urgent to the millisecond: gather a loop of fut.cancel() calls
-            self._loop.call_later(CANCEL_LINGER, self._flush)
-        elif wait > 0 and in_flight:
-            self._loop.call_later(wait, self._flush)
+            self._cancel_linger.poke()
         else:
-            self._flush()
+            self._linger.poke(busy=len(self.futures) > len(self._outbox))
 
     # --- the background loop -----------------------------------------------------------------
     def _run(self) -> None:
@@ -471,7 +469,7 @@ class Connection:
             return
         self._wake_pending = False
         if self._outbox:
-            self._last_send = self._loop.time()
+            self._linger.sent()
             tasks = [self._outbox.popleft() for _ in range(len(self._outbox))]
             limit, count = self._frame_limit(), min(self.batch_size, self.max_batch)
             for batch in task_frames(tasks, self._functions_to_send.get, limit, count):
