@@ -28,6 +28,7 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 
+from . import event_loop
 from .bounded import BoundedCache
 from .config import ServiceInfo
 from .errors import (
@@ -167,7 +168,7 @@ class Connection:
         # the Executors' cached ones (shared, not copied)
         self._function_sources: BoundedCache[str, tuple[str, bytes]] = BoundedCache(max_items=256)
         self._transfers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tether-transfer")
-        self._loop = asyncio.new_event_loop()
+        self._loop = event_loop.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="tether-connection", daemon=True)
         self._thread.start()
 

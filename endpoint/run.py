@@ -8,13 +8,13 @@ daemon the configuration asks for: an ordinary one, or a multi-user one.
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from tether import event_loop
 from tether.errors import ConfigError
 from tether.logs import configure_logging
 
@@ -34,7 +34,7 @@ def run_daemon(name: str) -> int:
     os.chdir(config.dir / "tasks")
     daemon_class = MultiUserDaemon if config.multi_user else EndpointDaemon
     try:
-        return asyncio.run(daemon_class(config, credential).run())
+        return event_loop.run(daemon_class(config, credential).run())
     finally:
         (config.dir / "daemon.pid").unlink(missing_ok=True)
         lock.close()

@@ -11,7 +11,6 @@ docs/multi-user.md).
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import json
 import os
@@ -41,6 +40,7 @@ def main() -> None:
     doc = json.loads(sys.stdin.read())
     sys.stdin.close()
 
+    from tether import event_loop
     from tether.logs import configure_logging
 
     from .config import endpoint_dir, parse_config
@@ -57,7 +57,7 @@ def main() -> None:
     os.chdir(directory / "tasks")
     daemon = EndpointDaemon(config, credential)  # the credential stays in memory only
     daemon.idle_exit_s = doc.get("idle_exit_s")
-    sys.exit(asyncio.run(daemon.run()))
+    sys.exit(event_loop.run(daemon.run()))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 #: bytes read from the end of a log for its last lines
 TAIL_BYTES = 16 * 1024
@@ -48,8 +48,8 @@ class UserLog(asyncio.Protocol):
         self.closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.ReadTransport)
-        self._transport = transport
+        # a read transport, but not necessarily a subclass of asyncio's (uvloop's is not)
+        self._transport = cast(asyncio.ReadTransport, transport)
         self._refilled = asyncio.get_running_loop().time()
 
     def data_received(self, data: bytes) -> None:

@@ -18,6 +18,7 @@ from sqlalchemy.exc import OperationalError
 from uvicorn.config import HTTP_PROTOCOLS, WS_PROTOCOLS
 from uvicorn.importer import import_from_string
 
+from tether import event_loop
 from tether.errors import ConfigError
 from tether.home import service_file, tether_home, write_secret
 from tether.logs import configure_logging
@@ -154,6 +155,7 @@ def serve(cfg: ServiceConfig) -> None:
         ws_ping_interval=20,
         ws_ping_timeout=60,
         lifespan="on",
+        loop=event_loop.name(),
         access_log=False,
         ssl_certfile=cfg.tls_cert,
         ssl_keyfile=cfg.tls_key,

@@ -209,6 +209,23 @@ def test_thread_engine_runs_tasks_and_cancels_queued_ones(tmp_path: Path) -> Non
             assert not marker.exists()
 
 
+def test_every_part_runs_on_the_standard_event_loop_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvloop is the default where it is installed (tether.event_loop); without it (Windows, or
+    TETHER_EVENT_LOOP=asyncio) the client, the service and the endpoint run on asyncio's loop,
+    and a worker's large result still crosses its pipe whole."""
+    from tether import event_loop
+    from tether.local import local_stack
+
+    assert event_loop.name() == "uvloop"  # installed with the service and endpoint extras
+    monkeypatch.setenv(event_loop.ENV, "asyncio")
+    assert event_loop.name() == "asyncio"
+    with local_stack(tmp_path / "home", env={event_loop.ENV: "asyncio"}) as st:
+        with Executor(endpoint_id=st.endpoint_id, service=st.service_url, token=st.token) as ex:
+            assert type(ex._conn._loop).__module__.startswith("asyncio")
+            assert list(ex.map(helpers.square, range(20))) == [i * i for i in range(20)]
+            assert len(ex.submit(bytes, 600_000).result(timeout=60)) == 600_000
+
+
 def test_endpoint_runs_only_allowed_functions(fresh_stack) -> None:
     with Executor(endpoint_id=fresh_stack.endpoint_id, service=fresh_stack.service_url,
                   token=fresh_stack.token) as ex:

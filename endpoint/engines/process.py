@@ -115,6 +115,10 @@ class ProcessEngine(Engine):
             pass
         worker = _Worker(proc, results_in, tasks_fd, gate, started, floor)
         self.loop.add_reader(results_in.fileno(), self._readable, worker)
+        # read with Connection.recv, which needs a blocking pipe: a message larger than the pipe
+        # arrives in parts. uvloop (libuv) makes a watched descriptor non-blocking, and a partial
+        # read then raised BlockingIOError, which looked like a dead worker.
+        os.set_blocking(results_in.fileno(), True)
         return worker
 
     async def stop(self) -> None:
