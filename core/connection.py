@@ -124,7 +124,6 @@ class Connection:
     def __init__(self, info: ServiceInfo, batch_size: int = 512, batch_interval: float = 0.002):
         self.info = info
         self.batch_size = batch_size
-        self.batch_interval = batch_interval
         self._linger = Linger(self._flush, batch_interval)  # tasks: at once when quiet, else gathered
         self._cancel_linger = Linger(self._flush, CANCEL_LINGER, eager=False)
         self.futures: dict[str, TetherFuture] = {}
@@ -171,6 +170,15 @@ class Connection:
         self._loop = event_loop.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="tether-connection", daemon=True)
         self._thread.start()
+
+    @property
+    def batch_interval(self) -> float:
+        """Seconds submissions gather while earlier tasks are in flight (a lone task goes at once)."""
+        return self._linger.window
+
+    @batch_interval.setter
+    def batch_interval(self, seconds: float) -> None:
+        self._linger.window = seconds
 
     # --- called from user threads ------------------------------------------------------------
     def submit(self, task: Task, future: TetherFuture, function_body: bytes | None) -> None:
