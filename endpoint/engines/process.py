@@ -36,9 +36,12 @@ from dataclasses import dataclass, field
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-from tether.endpoint.execute import failure
+import msgspec
 
-from .base import Engine, TaskSpec, cancelled_record
+from tether.protocol import Result
+from tether.results import cancelled, failure
+
+from .base import Engine, TaskSpec
 from .worker import main as worker_main
 
 log = logging.getLogger("tether.endpoint.process")
@@ -184,21 +187,22 @@ class ProcessEngine(Engine):
         """Hand queued tasks to the least loaded workers, one message per worker however many
         tasks it gets (a message is a syscall and a wake-up of the worker)."""
         limit = 1 + self.prefetch
-        batches: dict[int, list[tuple[Any, ...]]] = {}
+        batches: dict[int, list[tuple[int, TaskSpec]]] = {}
         while self.queue:
             worker = min((w for w in self.workers if w.alive), key=lambda w: len(w.assigned), default=None)
             if worker is None or len(worker.assigned) >= limit:
                 break
             task = self.queue.popleft()
-            body = None if task.function_id in worker.functions else task.function_body
+            sent = task  # kept whole here: a task taken back goes to a worker that may lack its function
+            if task.function_id in worker.functions and task.function_body is not None:
+                sent = msgspec.structs.replace(task, function_body=None)  # this worker has it already
             worker.functions.add(task.function_id)
             worker.assigned.append(task)
             seq = worker.seq[task.id] = worker.next_seq
             worker.next_seq += 1
             if len(worker.assigned) == 1:  # an idle worker starts it at once
                 self.on_running(task.id, time.time())
-            batches.setdefault(id(worker), []).append(
-                (seq, task.id, task.function_id, body, task.payload, str(task.sandbox), task.spec))
+            batches.setdefault(id(worker), []).append((seq, sent))
         for worker in list(self.workers):
             batch = batches.get(id(worker))
             if batch is not None:
@@ -236,19 +240,20 @@ class ProcessEngine(Engine):
             return
         self._assign()
 
-    def _on_finished(self, w: _Worker, result: dict[str, Any]) -> None:
+    def _on_finished(self, w: _Worker, result: Result) -> None:
         """A worker runs its assigned tasks in order, so when one ends the next one starts:
         that is when RUNNING is reported (saving the worker a message per task)."""
-        w.seq.pop(result["id"], None)
-        if w.assigned and w.assigned[0].id == result["id"]:
+        tid = result.id
+        w.seq.pop(tid, None)
+        if w.assigned and w.assigned[0].id == tid:
             w.assigned.popleft()
             if w.assigned:
                 self.on_running(w.assigned[0].id, time.time())
         else:  # cancelled while queued on the worker, raced with its start
             for t in list(w.assigned):
-                if t.id == result["id"]:
+                if t.id == tid:
                     w.assigned.remove(t)
-        self.retries.pop(result["id"], None)
+        self.retries.pop(tid, None)
         self.on_result(result)
 
     def _worker_died(self, w: _Worker) -> None:
@@ -281,7 +286,7 @@ class ProcessEngine(Engine):
         for t in self.queue:
             if t.id == task_id:
                 self.queue.remove(t)
-                self.on_result(cancelled_record(task_id, now))
+                self.on_result(cancelled(task_id, now))
                 return
         for w in self.workers:
             for t in w.assigned:
@@ -299,7 +304,7 @@ class ProcessEngine(Engine):
                 else:
                     w.assigned.remove(t)
                     self._send(w, ("cancel", task_id))
-                self.on_result(cancelled_record(task_id, now))
+                self.on_result(cancelled(task_id, now))
                 self._assign()
                 return
 

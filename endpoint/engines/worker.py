@@ -20,7 +20,9 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-from tether.endpoint.execute import Allowlist, run_task
+import msgspec
+
+from tether.endpoint.execute import Allowlist, TaskSpec, run_task
 
 #: seconds between the watcher's checks that the daemon still lives
 PARENT_CHECK_S = 1.0
@@ -48,19 +50,19 @@ def main(conns: tuple[Connection, Connection], allowed_methods: Allowlist | froz
         pass
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="tether-worker-watcher",
                      daemon=True).start()
-    queue: collections.deque[tuple[Any, ...]] = collections.deque()
+    queue: collections.deque[tuple[int, TaskSpec]] = collections.deque()  # (number, task), in order
     # function bodies as they arrive, until loaded: the task that brought one may be skipped
     bodies: dict[str, bytes] = {}
 
     def take(msg: tuple[Any, ...]) -> None:
         if msg[0] == "tasks":
-            for item in msg[1]:
-                if item[3] is not None:
-                    bodies[item[2]] = item[3]
+            for _, task in msg[1]:
+                if task.function_body is not None:
+                    bodies[task.function_id] = task.function_body
             queue.extend(msg[1])
         elif msg[0] == "cancel":
             for item in list(queue):
-                if item[1] == msg[1]:
+                if item[1].id == msg[1]:
                     queue.remove(item)
         elif msg[0] == "exit":
             os._exit(0)
@@ -71,7 +73,7 @@ def main(conns: tuple[Connection, Connection], allowed_methods: Allowlist | froz
                 take(conn.recv())
         except (EOFError, OSError):
             os._exit(0)  # the endpoint is gone: so are we
-        seq, task_id, fid, body, payload, sandbox, spec = queue.popleft()
+        seq, task = queue.popleft()
         if gate is not None:
             lock, started, floor = gate
             with lock:
@@ -80,6 +82,7 @@ def main(conns: tuple[Connection, Connection], allowed_methods: Allowlist | froz
                     started.value = seq
             if withdrawn:
                 continue
-        body = bodies.pop(fid, None) if body is None else bodies.pop(fid, body)
-        results.send(("result", run_task(task_id, fid, body, payload, sandbox, allowed_methods,
-                                      chdir=python_sandbox, spec=spec, engine=engine_info)))
+        body = bodies.pop(task.function_id, task.function_body)
+        if body is not task.function_body:  # its body came with a task that was skipped
+            task = msgspec.structs.replace(task, function_body=body)
+        results.send(("result", run_task(task, allowed_methods, chdir=python_sandbox, engine=engine_info)))
