@@ -9,7 +9,7 @@ once every result in it is acknowledged. After a crash every result still in a s
 again, and the service drops the ones it already has (results are exactly-once per task id
 there), so nothing is lost or doubled.
 
-Each record is a :class:`tether.protocol.Result` encoded with msgspec's msgpack: a map with the
+Each record is a :class:`tether.protocol.Result` as msgpack (:func:`tether.results.pack`): a map with the
 keys ``id``, ``state``, ``data``, ``error`` and ``times``, as the dicts an earlier version wrote,
 so its segments are read (and decoded as ``Result``) alike. A restart scans the segments with
 msgpack's streaming unpacker, which gives each record's offset; a record is decoded, and
@@ -27,17 +27,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 import msgpack
-import msgspec
 
 from tether.protocol import Result
+from tether.results import pack, unpack
 
 log = logging.getLogger("tether.endpoint.spool")
 
 SEGMENT_BYTES = 64 * 1024 * 1024
 TRUNCATE_BYTES = 1024 * 1024
-
-_encode = msgspec.msgpack.Encoder().encode
-_decode = msgspec.msgpack.Decoder(Result).decode
 
 
 class _Segment:
@@ -92,7 +89,7 @@ class ResultSpool:
     def write(self, results: list[Result]) -> None:
         """Append a batch; it is on disk (in the page cache, or fsynced if asked) on return."""
         segment = self._segment()
-        packed = [_encode(r) for r in results]
+        packed = [pack(r) for r in results]
         assert segment.fh is not None
         segment.fh.write(b"".join(packed))
         segment.fh.flush()
@@ -149,4 +146,4 @@ class ResultSpool:
             with fh:
                 for offset, length in sorted(spans):
                     fh.seek(offset)
-                    yield _decode(fh.read(length))
+                    yield unpack(fh.read(length))

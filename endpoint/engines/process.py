@@ -39,7 +39,7 @@ from typing import Any
 import msgspec
 
 from tether.protocol import Result
-from tether.results import cancelled, failure
+from tether.results import cancelled, failure, unpack
 
 from .base import Engine, TaskSpec
 from .worker import main as worker_main
@@ -234,7 +234,7 @@ class ProcessEngine(Engine):
     def _readable(self, w: _Worker) -> None:
         try:
             while w.alive and w.conn.poll():
-                self._on_finished(w, w.conn.recv()[1])
+                self._on_finished(w, unpack(w.conn.recv_bytes()))
         except (EOFError, OSError):
             self._worker_died(w)
             return

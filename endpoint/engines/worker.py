@@ -23,6 +23,7 @@ from typing import Any
 import msgspec
 
 from tether.endpoint.execute import Allowlist, TaskSpec, run_task
+from tether.results import pack
 
 #: seconds between the watcher's checks that the daemon still lives
 PARENT_CHECK_S = 1.0
@@ -39,7 +40,7 @@ def _exit_with_parent(parent: int) -> None:
 def main(conns: tuple[Connection, Connection], allowed_methods: Allowlist | frozenset[str] | None,
          engine_info: dict[str, Any] | None = None, python_sandbox: bool = False,
          gate: tuple[Any, Any, Any] | None = None) -> None:
-    """Run tasks from ``conns[0]`` in order, sending results on ``conns[1]``. ``gate`` = (lock,
+    """Run tasks from ``conns[0]`` in order, sending results on ``conns[1]`` (as msgpack bytes). ``gate`` = (lock,
     started, floor) shared with the engine: a task numbered at or below ``floor`` is skipped (the
     engine gave it to another worker), and ``started`` tells the engine what was begun (see
     engines/process.py)."""
@@ -85,4 +86,4 @@ def main(conns: tuple[Connection, Connection], allowed_methods: Allowlist | froz
         body = bodies.pop(task.function_id, task.function_body)
         if body is not task.function_body:  # its body came with a task that was skipped
             task = msgspec.structs.replace(task, function_body=body)
-        results.send(("result", run_task(task, allowed_methods, chdir=python_sandbox, engine=engine_info)))
+        results.send_bytes(pack(run_task(task, allowed_methods, chdir=python_sandbox, engine=engine_info)))
