@@ -36,12 +36,11 @@ from dataclasses import dataclass, field
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-import msgspec
-
 from tether.protocol import Result
 from tether.results import cancelled, failure, unpack
 
 from .base import Engine, TaskSpec
+from .worker import TaskItem
 from .worker import main as worker_main
 
 log = logging.getLogger("tether.endpoint.process")
@@ -187,22 +186,21 @@ class ProcessEngine(Engine):
         """Hand queued tasks to the least loaded workers, one message per worker however many
         tasks it gets (a message is a syscall and a wake-up of the worker)."""
         limit = 1 + self.prefetch
-        batches: dict[int, list[tuple[int, TaskSpec]]] = {}
+        batches: dict[int, list[TaskItem]] = {}
         while self.queue:
             worker = min((w for w in self.workers if w.alive), key=lambda w: len(w.assigned), default=None)
             if worker is None or len(worker.assigned) >= limit:
                 break
             task = self.queue.popleft()
-            sent = task  # kept whole here: a task taken back goes to a worker that may lack its function
-            if task.function_id in worker.functions and task.function_body is not None:
-                sent = msgspec.structs.replace(task, function_body=None)  # this worker has it already
+            body = None if task.function_id in worker.functions else task.function_body
             worker.functions.add(task.function_id)
             worker.assigned.append(task)
             seq = worker.seq[task.id] = worker.next_seq
             worker.next_seq += 1
             if len(worker.assigned) == 1:  # an idle worker starts it at once
                 self.on_running(task.id, time.time())
-            batches.setdefault(id(worker), []).append((seq, sent))
+            batches.setdefault(id(worker), []).append(
+                (seq, task.id, task.function_id, body, task.payload, task.spec, task.sandbox))
         for worker in list(self.workers):
             batch = batches.get(id(worker))
             if batch is not None:

@@ -20,13 +20,17 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-import msgspec
-
 from tether.endpoint.execute import Allowlist, TaskSpec, run_task
 from tether.results import pack
 
 #: seconds between the watcher's checks that the daemon still lives
 PARENT_CHECK_S = 1.0
+
+#: a task on the pipe: its number on this worker, then the fields of its TaskSpec in order (id,
+#: function id, body or None when the worker has it, payload, spec, sandbox). Plain fields,
+#: rebuilt here: pickling a TaskSpec looks its class up by name in every message, which cost the
+#: daemon more per task than all the rest of the hand-over
+TaskItem = tuple[int, str, str, bytes | None, bytes, dict[str, Any] | None, str | None]
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -51,19 +55,19 @@ def main(conns: tuple[Connection, Connection], allowed_methods: Allowlist | froz
         pass
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="tether-worker-watcher",
                      daemon=True).start()
-    queue: collections.deque[tuple[int, TaskSpec]] = collections.deque()  # (number, task), in order
+    queue: collections.deque[TaskItem] = collections.deque()
     # function bodies as they arrive, until loaded: the task that brought one may be skipped
     bodies: dict[str, bytes] = {}
 
     def take(msg: tuple[Any, ...]) -> None:
         if msg[0] == "tasks":
-            for _, task in msg[1]:
-                if task.function_body is not None:
-                    bodies[task.function_id] = task.function_body
+            for item in msg[1]:
+                if item[3] is not None:
+                    bodies[item[2]] = item[3]
             queue.extend(msg[1])
         elif msg[0] == "cancel":
             for item in list(queue):
-                if item[1].id == msg[1]:
+                if item[1] == msg[1]:
                     queue.remove(item)
         elif msg[0] == "exit":
             os._exit(0)
@@ -74,7 +78,7 @@ def main(conns: tuple[Connection, Connection], allowed_methods: Allowlist | froz
                 take(conn.recv())
         except (EOFError, OSError):
             os._exit(0)  # the endpoint is gone: so are we
-        seq, task = queue.popleft()
+        seq, task_id, fid, body, payload, spec, sandbox = queue.popleft()
         if gate is not None:
             lock, started, floor = gate
             with lock:
@@ -83,7 +87,5 @@ def main(conns: tuple[Connection, Connection], allowed_methods: Allowlist | froz
                     started.value = seq
             if withdrawn:
                 continue
-        body = bodies.pop(task.function_id, task.function_body)
-        if body is not task.function_body:  # its body came with a task that was skipped
-            task = msgspec.structs.replace(task, function_body=body)
+        task = TaskSpec(task_id, fid, bodies.pop(fid, body), payload, spec, sandbox)  # a body may have come earlier
         results.send_bytes(pack(run_task(task, allowed_methods, chdir=python_sandbox, engine=engine_info)))
