@@ -27,8 +27,9 @@ _functions: dict[str, Any] = {}
 
 
 class TaskSpec(Struct, frozen=True):
-    """A task as the daemon hands it to an engine and an engine to its worker: one record, which
-    crosses a process engine's pipe and a Parsl worker's pickle as it is."""
+    """A task as the daemon hands it to an engine and an engine to :func:`run_task`: one record
+    (a Parsl worker gets it pickled as it is; a process worker gets its fields, see
+    ``engines/worker.py``)."""
 
     id: str
     function_id: str
