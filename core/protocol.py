@@ -528,19 +528,15 @@ def _text_size(value: Any) -> int:
     return len(_encoder.encode(value)) if value else 0
 
 
-def wire_size(item: Any) -> int:
+def wire_size(item: Task | Result) -> int:
     """An upper bound on the bytes a task or result adds to a frame, without encoding its bulk.
 
-    Works for :class:`Task`, :class:`Result` and the result dicts engines produce: the bulk
-    bytes (arguments, return value) are counted exactly, small nested values by encoding them,
-    the rest by :data:`ITEM_OVERHEAD`.
+    For a :class:`Task` or a :class:`Result`: the bulk bytes (arguments, return value) are
+    counted exactly, small nested values by encoding them, the rest by :data:`ITEM_OVERHEAD`.
     """
     if isinstance(item, Task):
         return len(item.payload) + _text_size(item.spec) + _text_size(item.uec) + ITEM_OVERHEAD
-    if isinstance(item, Result):
-        return len(item.data or b"") + _text_size(item.error) + ITEM_OVERHEAD
-    data = item.get("data")
-    return len(data or b"") + _text_size(item.get("error")) + ITEM_OVERHEAD
+    return len(item.data or b"") + _text_size(item.error) + ITEM_OVERHEAD
 
 
 T = TypeVar("T")

@@ -18,7 +18,7 @@ from tether.home import tether_home
 from tether.ids import check_name, child_path
 
 ENGINE_TYPES = ("thread", "process", "htex", "mpi")
-#: Engines built on Parsl: their keys are checked against the installed Parsl (see engines/parsl_engine.py).
+#: Engines built on Parsl: their keys are checked against the installed Parsl (see engines/parsl/config.py).
 PARSL_ENGINE_TYPES = ("htex", "mpi")
 
 #: The schema of config.yaml. Engines that need more keys (Parsl's) extend ``engine``.
@@ -138,7 +138,7 @@ def parse_config(name: str, text: str, path: str) -> EndpointConfig:
     validate(data, str(path))
     engine = data.get("engine") or {}
     if engine.get("type") in PARSL_ENGINE_TYPES:
-        from .engines.parsl_engine import validate_engine
+        from .engines.parsl.config import validate_engine
 
         validate_engine(engine, str(path))
     cfg = EndpointConfig(name=name)

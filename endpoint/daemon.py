@@ -17,6 +17,7 @@ import platform
 import signal
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from tether.protocol import (
     Hello,
     ProtocolError,
     Received,
+    Result,
     ResultAck,
     Results,
     Running,
@@ -55,13 +57,14 @@ from tether.protocol import (
     frame_batches,
     wire_size,
 )
+from tether.results import failure, too_large
 from tether.serialize import PY_VERSION, function_id, method_of
 from tether.transport import Backoff, open_ws
 from tether.urls import tls_context
 
 from .config import EndpointConfig
 from .engines import TaskSpec, make_engine
-from .execute import Allowlist, failure
+from .execute import Allowlist
 from .functions import FunctionStore
 from .payloads import EndpointPayloads, blob_failure
 from .spool import ResultSpool
@@ -157,7 +160,7 @@ class EndpointDaemon:
         # reports not yet sent, task id -> when: "received" and "running" (see _flush_reports)
         self._reports: dict[str, dict[str, float]] = {"received": {}, "running": {}}
         self._reports_handle: asyncio.TimerHandle | None = None
-        self._result_buf: list[dict[str, Any]] = []
+        self._result_buf: list[Result] = []
         self._flush_handle: asyncio.TimerHandle | None = None
         self._last_flush = 0.0
         self.connected_since: float | None = None
@@ -375,8 +378,8 @@ class EndpointDaemon:
                 self._check_task(t)
                 sandbox = child_path(self.sandbox_root, tid, "task id")  # checked again where it becomes a path
             except (TaskRefused, InvalidIdentifier, SerializationError) as exc:
-                too_large = isinstance(exc, TaskRefused) and exc.code == ErrorCode.PAYLOAD_TOO_LARGE
-                self._on_result(blob_failure(tid, PayloadTooLarge(str(exc))) if too_large
+                oversize = isinstance(exc, TaskRefused) and exc.code == ErrorCode.PAYLOAD_TOO_LARGE
+                self._on_result(blob_failure(tid, PayloadTooLarge(str(exc))) if oversize
                                 else failure(tid, PermissionError(str(exc))))
                 continue
             self.inflight.add(tid)
@@ -388,14 +391,14 @@ class EndpointDaemon:
                 continue
             if blob_refs != (None, None):  # large arguments or function: fetched first, off the loop
                 self._fetching.add(tid)
-                asyncio.ensure_future(self._fetch_then_run(t, body, sandbox, *blob_refs))
+                asyncio.ensure_future(self._fetch_then_run(t, body, str(sandbox), *blob_refs))
                 continue
-            self.engine.submit(TaskSpec(tid, t.function, body, t.payload, t.spec, sandbox))
+            self.engine.submit(TaskSpec(tid, t.function, body, t.payload, t.spec, str(sandbox)))
         self.peak_inflight = max(self.peak_inflight, len(self.inflight))
         self._schedule_reports()
 
     # --- large payloads (blobs) ---------------------------------------------------------------------
-    async def _fetch_then_run(self, task: Any, body: bytes | None, sandbox: Any, args_ref: Any,
+    async def _fetch_then_run(self, task: Any, body: bytes | None, sandbox: str, args_ref: Any,
                               body_ref: Any) -> None:
         """Download a task's blobs, then hand it to the engine (unless it was cancelled meanwhile)."""
         tid = task.id
@@ -420,7 +423,7 @@ class EndpointDaemon:
                 return
         self.engine.submit(TaskSpec(tid, task.function, body, payload, task.spec, sandbox))
 
-    async def _store_then_finish(self, result: dict[str, Any]) -> None:
+    async def _store_then_finish(self, result: Result) -> None:
         self._finish(await self.payloads.store_result(result))
 
     # --- engine callbacks (on the loop) ----------------------------------------------------------
@@ -454,33 +457,33 @@ class EndpointDaemon:
                 ts = min(pending[tid] for tid in chunk)
                 asyncio.ensure_future(self._send(encode(frame_type(ids=chunk, ts=ts))))
 
-    def _on_result(self, result: dict[str, Any]) -> None:
-        tid = result["id"]
+    def _on_result(self, result: Result) -> None:
+        tid = result.id
         if tid in self.spool:
             return
         self.payloads.discard(tid)
-        if self.payloads.is_large(result.get("data"), self.blob_threshold):
+        if self.payloads.is_large(result.data, self.blob_threshold):
             # stored as a blob first; the task stays in flight until then
             asyncio.ensure_future(self._store_then_finish(result))
             return
         self._finish(result)
 
-    def _finish(self, result: dict[str, Any]) -> None:
+    def _finish(self, result: Result) -> None:
         """Spool and send a result (inline data, or a blob stub)."""
-        tid = result["id"]
+        tid = result.id
         self.inflight.discard(tid)
         received = self._reports["received"].pop(tid, None)  # not reported yet: the result says it
         if received is not None:
-            result.setdefault("times", {}).setdefault(TaskState.DISPATCHED.value, received)
+            result.times.setdefault(TaskState.DISPATCHED.value, received)
         self._reports["running"].pop(tid, None)  # the worker's own time is in the result
-        data = result.get("data")
+        data = result.data
         too_big = self.max_result is not None and data is not None and len(data) > self.max_result
-        if too_big and result["state"] == "success":
+        if too_big and result.state == TaskState.SUCCESS.value:
             result = failure(tid, ValueError(
                 f"result is {len(data)} bytes, over this endpoint's max_result_bytes ({self.max_result})"
                 " (PayloadTooLarge)"))
         elif wire_size(result) > self.max_frame - FRAME_ENVELOPE:  # spool what can be sent, never what cannot
-            result = too_large_record(tid, TooLarge(result, wire_size(result), self.max_frame))
+            result = too_large(tid, TooLarge(result, wire_size(result), self.max_frame))
         self._result_buf.append(result)
         self._schedule_flush()
 
@@ -511,12 +514,12 @@ class EndpointDaemon:
             for frame in self._result_frames(results):
                 asyncio.ensure_future(self._send(frame))
 
-    def _result_frames(self, results: Any) -> Any:
+    def _result_frames(self, results: Iterable[Result]) -> Iterator[bytes]:
         """RESULT frames within the service's limits; a result too large for any frame is
         replaced by a failure that says so (the service acknowledges it, the spool drops it)."""
         for batch in frame_batches(results, self.max_frame, RESULT_CHUNK):
             if isinstance(batch, TooLarge):
-                batch = [too_large_record(batch.item["id"], batch)]
+                batch = [too_large(batch.item.id, batch)]
             yield encode(Results(results=batch))
 
     async def _send(self, frame: bytes) -> None:
@@ -548,11 +551,4 @@ class EndpointDaemon:
         return time.monotonic() - self._last_activity > self.idle_exit_s
 
 
-def too_large_record(task_id: str, too_large: TooLarge[Any]) -> dict[str, Any]:
-    """A failed result in place of one too large to send."""
-    return {"id": task_id, "state": "failed", "data": None, "times": {"failed": time.time()},
-            "error": {"type": "PayloadTooLarge", "message": too_large.message("the result of this task"),
-                      "traceback": "", "code": ErrorCode.PAYLOAD_TOO_LARGE.value}}
-
-
-__all__ = ["EndpointDaemon", "read_credential", "too_large_record", "write_secret"]
+__all__ = ["EndpointDaemon", "read_credential", "write_secret"]

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import os
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from msgspec import Struct
+
 from tether.errors import SerializationError
-from tether.protocol import DEFAULT_BLOB_THRESHOLD, TaskState
+from tether.protocol import DEFAULT_BLOB_THRESHOLD, Result, TaskState
+from tether.results import failure, success
 from tether.runtime import TaskContext, set_current, task_id_environment
 from tether.serialize import RESULT, deserialize, serialize, serialize_into
 from tether.transfer import Spill, file_of, file_stub, load_file
@@ -22,6 +24,19 @@ from tether.transfer import Spill, file_of, file_stub, load_file
 SPILL_DIR_ENV = "TETHER_SPILL_DIR"
 
 _functions: dict[str, Any] = {}
+
+
+class TaskSpec(Struct, frozen=True):
+    """A task as the daemon hands it to an engine and an engine to :func:`run_task`: one record
+    (a Parsl worker gets it pickled as it is; a process worker gets its fields, see
+    ``engines/worker.py``)."""
+
+    id: str
+    function_id: str
+    function_body: bytes | None
+    payload: bytes
+    spec: dict[str, Any] | None
+    sandbox: str | None
 
 
 @dataclass(frozen=True)
@@ -81,61 +96,27 @@ def serialize_result(task_id: str, value: Any) -> bytes:
     return file_stub(spill.path, spill.sha256) if spill.path is not None else spill.getvalue()
 
 
-def error_record(exc: BaseException) -> dict[str, str]:
-    return {
-        "type": _qualname(type(exc)),
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(exc)),
-    }
+def run_task(task: TaskSpec, allowed_methods: Allowlist | frozenset[str] | None = None, *, chdir: bool = True,
+             engine: dict[str, Any] | None = None, set_env: bool = True) -> Result:
+    """Execute and return its RESULT record (never raises: a failure is a result too).
 
-
-def _qualname(cls: type) -> str:
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-
-
-def failure(task_id: str, exc: BaseException, times: dict[str, float] | None = None) -> dict[str, Any]:
-    """A failed-result record; the exception itself travels too when it pickles."""
-    try:
-        data: bytes | None = serialize(exc)
-    except Exception:  # noqa: BLE001 - the text form is enough
-        data = None
-    times = dict(times or {})
-    times[TaskState.FAILED.value] = time.time()
-    return {"id": task_id, "state": TaskState.FAILED.value, "data": data, "error": error_record(exc), "times": times}
-
-
-def run_task(
-    task_id: str,
-    fid: str,
-    body: bytes | None,
-    payload: bytes,
-    sandbox: str | None,
-    allowed_methods: Allowlist | frozenset[str] | None = None,
-    chdir: bool = True,
-    spec: dict[str, Any] | None = None,
-    engine: dict[str, Any] | None = None,
-    set_env: bool = True,
-) -> dict[str, Any]:
-    """Execute and return a RESULT record (never raises: a failure is a result too).
-
-    ``chdir``: run in ``sandbox`` (created, and removed again if the task left it empty);
+    ``chdir``: run in ``task.sandbox`` (created, and removed again if the task left it empty);
     ``set_env``: put ``TETHER_TASK_ID`` in the environment (not in shared-process engines).
     """
-    set_current(TaskContext(task_id, sandbox, spec, engine or {}))
+    set_current(TaskContext(task.id, task.sandbox, task.spec, engine or {}))
     try:
-        return _run(task_id, fid, body, payload, sandbox, allowed_methods, chdir, set_env)
+        return _run(task, allowed_methods, chdir, set_env)
     finally:
         set_current(None)
 
 
-def _run(task_id: str, fid: str, body: bytes | None, payload: bytes, sandbox: str | None,
-         allowed_methods: Allowlist | frozenset[str] | None, chdir: bool, set_env: bool) -> dict[str, Any]:
-    started = time.time()
-    times = {TaskState.RUNNING.value: started}
+def _run(task: TaskSpec, allowed_methods: Allowlist | frozenset[str] | None, chdir: bool, set_env: bool) -> Result:
+    task_id, sandbox = task.id, task.sandbox
+    times = {TaskState.RUNNING.value: time.time()}
     data_methods, function_methods = _split(allowed_methods)
     try:
-        fn = load_function(fid, body, function_methods)
-        args, kwargs = load_payload(payload, data_methods)
+        fn = load_function(task.function_id, task.function_body, function_methods)
+        args, kwargs = load_payload(task.payload, data_methods)
     except BaseException as exc:  # noqa: BLE001
         return failure(task_id, exc, times)
     previous = None
@@ -160,5 +141,4 @@ def _run(task_id: str, fid: str, body: bytes | None, payload: bytes, sandbox: st
                 os.rmdir(sandbox)  # only succeeds when the task left nothing behind
             except OSError:
                 pass
-    times[TaskState.SUCCESS.value] = time.time()
-    return {"id": task_id, "state": TaskState.SUCCESS.value, "data": data, "error": None, "times": times}
+    return success(task_id, data, times)

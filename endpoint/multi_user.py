@@ -33,10 +33,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from tether.protocol import Audit, StartUserEndpoint, UserEndpointFailed, UserEndpointStarted, encode
+from tether.results import failure
 
 from .config import EndpointConfig
 from .daemon import EndpointDaemon
-from .engines.base import OnResult
+from .engines.base import OnResult, TaskSpec
 from .identity import IdentityMapper, LocalAccount, MappingRefused
 from .user_config import UserConfigRefused, user_endpoint_config
 from .user_logs import UserLog, keep_output, open_private, tail
@@ -75,9 +76,7 @@ class NoEngine:
 
     async def stop(self) -> None: ...
 
-    def submit(self, task: Any) -> None:  # the service never dispatches tasks here
-        from .execute import failure
-
+    def submit(self, task: TaskSpec) -> None:  # the service never dispatches tasks here
         self.on_result(failure(task.id, PermissionError("a multi-user endpoint runs no tasks itself")))
 
     def cancel(self, task_id: str) -> None: ...

@@ -20,13 +20,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from tether.errors import PayloadTooLarge, QuotaExceeded, TetherError
 from tether.ids import child_path
-from tether.protocol import BlobRef, ErrorCode, blob_stub
+from tether.protocol import BlobRef, ErrorCode, Result, blob_stub
+from tether.results import failure
 from tether.transfer import BlobClient, file_of, file_stub, sha256_file
 from tether.transport import Backoff
 
-from .execute import SPILL_DIR_ENV, failure
+from .execute import SPILL_DIR_ENV
 
 log = logging.getLogger("tether.endpoint.payloads")
 
@@ -109,10 +112,10 @@ class EndpointPayloads:
         """Whether a result must go as a blob: the worker spilled it, or it is over the threshold."""
         return data is not None and (file_of(data) is not None or (threshold is not None and len(data) > threshold))
 
-    async def store_result(self, result: dict[str, Any]) -> dict[str, Any]:
+    async def store_result(self, result: Result) -> Result:
         """The result with its data stored as a blob of the task's owner (a stub in its place);
         network failures are retried, a refusal (too large, over quota) fails the task in words."""
-        tid, data = result["id"], result["data"]
+        tid, data = result.id, result.data
         local = file_of(data)
         try:
             if local is not None:
@@ -138,7 +141,7 @@ class EndpointPayloads:
                         raise
                     log.warning("storing the result of task %s failed (%s); retrying", tid, exc)
                     await asyncio.sleep(backoff.next())
-            return {**result, "data": blob_stub(ref)}
+            return msgspec.structs.replace(result, data=blob_stub(ref))
         except Exception as exc:  # noqa: BLE001 - the task fails with the reason, in words
             return blob_failure(tid, exc, "its result could not be stored on the service")
         finally:
@@ -146,14 +149,9 @@ class EndpointPayloads:
                 local[0].unlink(missing_ok=True)
 
 
-def blob_failure(task_id: str, exc: BaseException, context: str = "") -> dict[str, Any]:
+def blob_failure(task_id: str, exc: BaseException, context: str = "") -> Result:
     """A failed result for a payload that could not be fetched, stored or accepted; a size or
     quota refusal keeps its code, so the client raises PayloadTooLarge or QuotaExceeded."""
-    record = failure(task_id, exc)
-    if context:
-        record["error"]["message"] = f"{context}: {exc}"
-    if isinstance(exc, PayloadTooLarge):
-        record["error"]["code"] = ErrorCode.PAYLOAD_TOO_LARGE.value
-    elif isinstance(exc, QuotaExceeded):
-        record["error"]["code"] = ErrorCode.QUOTA_EXCEEDED.value
-    return record
+    code = (ErrorCode.PAYLOAD_TOO_LARGE if isinstance(exc, PayloadTooLarge)
+            else ErrorCode.QUOTA_EXCEEDED if isinstance(exc, QuotaExceeded) else None)
+    return failure(task_id, exc, message=f"{context}: {exc}" if context else None, code=code)

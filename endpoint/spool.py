@@ -8,6 +8,12 @@ when they must be sent again. Acknowledgements are kept in memory only; a segmen
 once every result in it is acknowledged. After a crash every result still in a segment is sent
 again, and the service drops the ones it already has (results are exactly-once per task id
 there), so nothing is lost or doubled.
+
+Each record is a :class:`tether.protocol.Result` as msgpack (:func:`tether.results.pack`): a map with the
+keys ``id``, ``state``, ``data``, ``error`` and ``times``, as the dicts an earlier version wrote,
+so its segments are read (and decoded as ``Result``) alike. A restart scans the segments with
+msgpack's streaming unpacker, which gives each record's offset; a record is decoded, and
+validated, only when it is sent again.
 """
 
 from __future__ import annotations
@@ -18,9 +24,12 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import msgpack
+
+from tether.protocol import Result
+from tether.results import pack, unpack
 
 log = logging.getLogger("tether.endpoint.spool")
 
@@ -77,10 +86,10 @@ class ResultSpool:
             self._current = _Segment(path, open(path, "ab"))
         return self._current
 
-    def write(self, results: list[dict[str, Any]]) -> None:
+    def write(self, results: list[Result]) -> None:
         """Append a batch; it is on disk (in the page cache, or fsynced if asked) on return."""
         segment = self._segment()
-        packed = [msgpack.packb(r, use_bin_type=True) for r in results]
+        packed = [pack(r) for r in results]
         assert segment.fh is not None
         segment.fh.write(b"".join(packed))
         segment.fh.flush()
@@ -88,7 +97,7 @@ class ResultSpool:
             os.fsync(segment.fh.fileno())
         offset = segment.size
         for r, data in zip(results, packed, strict=True):
-            self._remember(segment, r["id"], offset, len(data))
+            self._remember(segment, r.id, offset, len(data))
             offset += len(data)
         segment.size = offset
 
@@ -124,7 +133,7 @@ class ResultSpool:
     def ids(self) -> list[str]:
         return list(self._where)
 
-    def pending(self) -> Iterator[dict[str, Any]]:
+    def pending(self) -> Iterator[Result]:
         """Every result not yet acknowledged, read back from disk one at a time."""
         by_segment: dict[Path, list[tuple[int, int]]] = {}
         for segment, offset, length in list(self._where.values()):
@@ -137,4 +146,4 @@ class ResultSpool:
             with fh:
                 for offset, length in sorted(spans):
                     fh.seek(offset)
-                    yield msgpack.unpackb(fh.read(length), raw=False)
+                    yield unpack(fh.read(length))

@@ -891,9 +891,7 @@ class Store:
 
 
 def _error_dict(error: Any) -> dict[str, Any]:
-    """An error record (a protocol struct, or a dict from an engine) as a plain dict."""
-    if isinstance(error, dict):
-        return error
+    """A result's error (an ErrorInfo record: endpoints send no dicts) as a plain dict."""
     import msgspec
 
     return msgspec.structs.asdict(error)

@@ -99,7 +99,8 @@ def test_names_are_checked_again_where_they_become_paths(home: Path, monkeypatch
 
 
 def test_parsl_control_files_refuse_path_like_task_ids(tmp_path: Path) -> None:
-    from tether.endpoint.engines.parsl_engine import control_file, run_in_worker
+    from tether.endpoint.engines.parsl.worker import WorkerRun, control_file, run_in_worker
+    from tether.endpoint.execute import TaskSpec
 
     control = tmp_path / "run" / "control"
     control.mkdir(parents=True)
@@ -108,7 +109,7 @@ def test_parsl_control_files_refuse_path_like_task_ids(tmp_path: Path) -> None:
         with pytest.raises(InvalidIdentifier, match="invalid task id"):
             control_file(control, task_id, ".cancel")
         with pytest.raises(InvalidIdentifier, match="invalid task id"):
-            run_in_worker(task_id, "0" * 32, None, b"", None, None, None, {}, str(control), None)
+            run_in_worker(TaskSpec(task_id, "0" * 32, None, b"", None, None), WorkerRun({}, str(control), None))
     assert list(control.iterdir()) == []
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["control", "run"]
 

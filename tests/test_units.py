@@ -195,3 +195,35 @@ def test_one_version_comparison_for_the_client_and_the_plugins() -> None:
         Difference("tool", "8.1.2", "8.2.0", True), Difference("extra", "1.0", "2.0", True)]
     assert differences(needed, {"python": "3.11"}, here) == [Difference("tool", "8.1.2", None, True)]
     assert set(installed(["python", "msgspec", "surely-not-installed-here"])) == {"python", "msgspec"}
+
+
+def test_a_spool_written_by_the_previous_version_is_sent_after_an_upgrade(tmp_path) -> None:
+    """Results spooled as plain msgpack maps (before results were typed records) load as
+    ``Result``s, next to records written now, and leave the spool when acknowledged."""
+    from tether.endpoint.spool import ResultSpool
+    from tether.protocol import ErrorInfo, Result
+
+    old = [
+        {"id": "t-old-ok", "state": "success", "data": b"\x80\x04K\x01.", "error": None,
+         "times": {"running": 1.0, "success": 2.0, "dispatched": 0.5}},
+        {"id": "t-old-cancel", "state": "cancelled", "data": None, "times": {"cancelled": 3.0},
+         "error": {"type": "TaskCancelled", "message": "cancelled by its owner", "traceback": ""}},
+        {"id": "t-old-big", "state": "failed", "data": None, "times": {"failed": 4.0},
+         "error": {"type": "PayloadTooLarge", "message": "too big", "traceback": "", "code": "PAYLOAD_TOO_LARGE"}},
+    ]
+    (tmp_path / f"{1:020d}-1-0.spool").write_bytes(b"".join(msgpack.packb(r, use_bin_type=True) for r in old))
+
+    spool = ResultSpool(tmp_path)
+    spool.write([Result(id="t-new", state="success", data=b"new", times={"success": 5.0})])
+    pending = {r.id: r for r in spool.pending()}
+    assert sorted(pending) == ["t-new", "t-old-big", "t-old-cancel", "t-old-ok"]
+    assert all(isinstance(r, Result) for r in pending.values())
+    assert pending["t-old-ok"] == Result(id="t-old-ok", state="success", data=b"\x80\x04K\x01.",
+                                         times={"running": 1.0, "success": 2.0, "dispatched": 0.5})
+    assert pending["t-old-cancel"].error == ErrorInfo(type="TaskCancelled", message="cancelled by its owner")
+    assert pending["t-old-big"].error.code == "PAYLOAD_TOO_LARGE"
+
+    reopened = ResultSpool(tmp_path)  # a restart reads both formats back
+    assert sorted(reopened.ids()) == sorted(pending)
+    reopened.ack(["t-old-ok", "t-old-cancel", "t-old-big"])
+    assert [r.id for r in reopened.pending()] == ["t-new"]

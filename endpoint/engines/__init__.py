@@ -20,7 +20,7 @@ def make_engine(config: dict[str, Any], on_running: OnRunning, on_result: OnResu
 
         return ProcessEngine(config, on_running, on_result, **kwargs)
     if kind in ("htex", "mpi"):
-        from .parsl_engine import HtexEngine, MPIEngine  # on demand: Parsl is an optional extra
+        from .parsl.engine import HtexEngine, MPIEngine  # on demand: Parsl is an optional extra
 
         return (HtexEngine if kind == "htex" else MPIEngine)(config, on_running, on_result, **kwargs)
     raise ValueError(f"unknown engine type {kind!r}")

@@ -2,36 +2,23 @@
 
 Engines are driven from the daemon's asyncio loop and report back through two callbacks,
 which they must invoke *on that loop*: ``on_running(task_id, ts)`` when a task starts and
-``on_result(record)`` with a RESULT record (see :mod:`tether.protocol`) when it ends, for
-success, failure and cancellation alike. The thread and process engines live here; the
-Parsl-based engines (htex, mpi) implement the same interface.
+``on_result(result)`` with its :class:`tether.protocol.Result` (built with :mod:`tether.results`)
+when it ends, for success, failure and cancellation alike. This module says only what an engine
+is; the engines themselves (thread, process, and the Parsl-based htex and mpi) live beside it,
+and ``engines/__init__.py`` knows which exist.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from tether.endpoint.execute import Allowlist
+from tether.endpoint.execute import Allowlist, TaskSpec
+from tether.protocol import Result
 
 OnRunning = Callable[[str, float], None]
-OnResult = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class TaskSpec:
-    """A task as the daemon hands it to an engine."""
-
-    id: str
-    function_id: str
-    function_body: bytes | None
-    payload: bytes
-    spec: dict[str, Any] | None
-    sandbox: Path
+OnResult = Callable[[Result], None]
 
 
 class Engine(abc.ABC):
@@ -73,11 +60,4 @@ class Engine(abc.ABC):
         """Heartbeat figures: workers_total, workers_idle, tasks_queued, tasks_running (+ engine extras)."""
 
 
-def cancelled_record(task_id: str, ts: float, detail: str = "cancelled by its owner") -> dict[str, Any]:
-    return {
-        "id": task_id,
-        "state": "cancelled",
-        "data": None,
-        "error": {"type": "TaskCancelled", "message": detail, "traceback": ""},
-        "times": {"cancelled": ts},
-    }
+__all__ = ["Allowlist", "Engine", "OnResult", "OnRunning", "TaskSpec"]

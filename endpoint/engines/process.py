@@ -36,9 +36,11 @@ from dataclasses import dataclass, field
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-from tether.endpoint.execute import failure
+from tether.protocol import Result
+from tether.results import cancelled, failure, unpack
 
-from .base import Engine, TaskSpec, cancelled_record
+from .base import Engine, TaskSpec
+from .worker import TaskItem
 from .worker import main as worker_main
 
 log = logging.getLogger("tether.endpoint.process")
@@ -188,7 +190,7 @@ class ProcessEngine(Engine):
         """Hand queued tasks to the least loaded workers, one message per worker however many
         tasks it gets (a message is a syscall and a wake-up of the worker)."""
         limit = 1 + self.prefetch
-        batches: dict[int, list[tuple[Any, ...]]] = {}
+        batches: dict[int, list[TaskItem]] = {}
         while self.queue:
             worker = min((w for w in self.workers if w.alive), key=lambda w: len(w.assigned), default=None)
             if worker is None or len(worker.assigned) >= limit:
@@ -202,7 +204,7 @@ class ProcessEngine(Engine):
             if len(worker.assigned) == 1:  # an idle worker starts it at once
                 self.on_running(task.id, time.time())
             batches.setdefault(id(worker), []).append(
-                (seq, task.id, task.function_id, body, task.payload, str(task.sandbox), task.spec))
+                (seq, task.id, task.function_id, body, task.payload, task.spec, task.sandbox))
         for worker in list(self.workers):
             batch = batches.get(id(worker))
             if batch is not None:
@@ -234,25 +236,26 @@ class ProcessEngine(Engine):
     def _readable(self, w: _Worker) -> None:
         try:
             while w.alive and w.conn.poll():
-                self._on_finished(w, w.conn.recv()[1])
+                self._on_finished(w, unpack(w.conn.recv_bytes()))
         except (EOFError, OSError):
             self._worker_died(w)
             return
         self._assign()
 
-    def _on_finished(self, w: _Worker, result: dict[str, Any]) -> None:
+    def _on_finished(self, w: _Worker, result: Result) -> None:
         """A worker runs its assigned tasks in order, so when one ends the next one starts:
         that is when RUNNING is reported (saving the worker a message per task)."""
-        w.seq.pop(result["id"], None)
-        if w.assigned and w.assigned[0].id == result["id"]:
+        tid = result.id
+        w.seq.pop(tid, None)
+        if w.assigned and w.assigned[0].id == tid:
             w.assigned.popleft()
             if w.assigned:
                 self.on_running(w.assigned[0].id, time.time())
         else:  # cancelled while queued on the worker, raced with its start
             for t in list(w.assigned):
-                if t.id == result["id"]:
+                if t.id == tid:
                     w.assigned.remove(t)
-        self.retries.pop(result["id"], None)
+        self.retries.pop(tid, None)
         self.on_result(result)
 
     def _worker_died(self, w: _Worker) -> None:
@@ -285,7 +288,7 @@ class ProcessEngine(Engine):
         for t in self.queue:
             if t.id == task_id:
                 self.queue.remove(t)
-                self.on_result(cancelled_record(task_id, now))
+                self.on_result(cancelled(task_id, now))
                 return
         for w in self.workers:
             for t in w.assigned:
@@ -303,7 +306,7 @@ class ProcessEngine(Engine):
                 else:
                     w.assigned.remove(t)
                     self._send(w, ("cancel", task_id))
-                self.on_result(cancelled_record(task_id, now))
+                self.on_result(cancelled(task_id, now))
                 self._assign()
                 return
 

@@ -14,8 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from tether.endpoint.execute import run_task
+from tether.protocol import Result
+from tether.results import cancelled
 
-from .base import Engine, TaskSpec, cancelled_record
+from .base import Engine, TaskSpec
 
 
 class ThreadEngine(Engine):
@@ -40,9 +42,7 @@ class ThreadEngine(Engine):
             return
         ts = time.time()
         self.loop.call_soon_threadsafe(self._started, task.id, ts)
-        result = run_task(task.id, task.function_id, task.function_body, task.payload, str(task.sandbox),
-                          self.allowed_methods, chdir=False, spec=task.spec, engine=self.engine_info(),
-                          set_env=False)
+        result = run_task(task, self.allowed_methods, chdir=False, engine=self.engine_info(), set_env=False)
         self.loop.call_soon_threadsafe(self._finished, result)
 
     def _started(self, task_id: str, ts: float) -> None:
@@ -50,10 +50,10 @@ class ThreadEngine(Engine):
         self.running.add(task_id)
         self.on_running(task_id, ts)
 
-    def _finished(self, result: dict[str, Any]) -> None:
-        self.running.discard(result["id"])
-        if result["id"] in self.cancelled:
-            self.cancelled.discard(result["id"])  # already reported as cancelled
+    def _finished(self, result: Result) -> None:
+        self.running.discard(result.id)
+        if result.id in self.cancelled:
+            self.cancelled.discard(result.id)  # already reported as cancelled
         else:
             self.on_result(result)
 
@@ -61,7 +61,7 @@ class ThreadEngine(Engine):
         if task_id in self.queued or task_id in self.running:
             self.cancelled.add(task_id)
             self.queued.discard(task_id)
-            self.on_result(cancelled_record(task_id, time.time()))
+            self.on_result(cancelled(task_id, time.time()))
 
     def capacity(self) -> dict[str, Any]:
         return {

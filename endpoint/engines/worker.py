@@ -20,10 +20,17 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-from tether.endpoint.execute import Allowlist, run_task
+from tether.endpoint.execute import Allowlist, TaskSpec, run_task
+from tether.results import pack
 
 #: seconds between the watcher's checks that the daemon still lives
 PARENT_CHECK_S = 1.0
+
+#: a task on the pipe: its number on this worker, then the fields of its TaskSpec in order (id,
+#: function id, body or None when the worker has it, payload, spec, sandbox). Plain fields,
+#: rebuilt here: pickling a TaskSpec looks its class up by name in every message, which cost the
+#: daemon more per task than all the rest of the hand-over
+TaskItem = tuple[int, str, str, bytes | None, bytes, dict[str, Any] | None, str | None]
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -37,7 +44,7 @@ def _exit_with_parent(parent: int) -> None:
 def main(conns: tuple[Connection, Connection], allowed_methods: Allowlist | frozenset[str] | None,
          engine_info: dict[str, Any] | None = None, python_sandbox: bool = False,
          gate: tuple[Any, Any, Any] | None = None) -> None:
-    """Run tasks from ``conns[0]`` in order, sending results on ``conns[1]``. ``gate`` = (lock,
+    """Run tasks from ``conns[0]`` in order, sending results on ``conns[1]`` (as msgpack bytes). ``gate`` = (lock,
     started, floor) shared with the engine: a task numbered at or below ``floor`` is skipped (the
     engine gave it to another worker), and ``started`` tells the engine what was begun (see
     engines/process.py)."""
@@ -48,7 +55,7 @@ def main(conns: tuple[Connection, Connection], allowed_methods: Allowlist | froz
         pass
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="tether-worker-watcher",
                      daemon=True).start()
-    queue: collections.deque[tuple[Any, ...]] = collections.deque()
+    queue: collections.deque[TaskItem] = collections.deque()
     # function bodies as they arrive, until loaded: the task that brought one may be skipped
     bodies: dict[str, bytes] = {}
 
@@ -71,7 +78,7 @@ def main(conns: tuple[Connection, Connection], allowed_methods: Allowlist | froz
                 take(conn.recv())
         except (EOFError, OSError):
             os._exit(0)  # the endpoint is gone: so are we
-        seq, task_id, fid, body, payload, sandbox, spec = queue.popleft()
+        seq, task_id, fid, body, payload, spec, sandbox = queue.popleft()
         if gate is not None:
             lock, started, floor = gate
             with lock:
@@ -80,6 +87,5 @@ def main(conns: tuple[Connection, Connection], allowed_methods: Allowlist | froz
                     started.value = seq
             if withdrawn:
                 continue
-        body = bodies.pop(fid, None) if body is None else bodies.pop(fid, body)
-        results.send(("result", run_task(task_id, fid, body, payload, sandbox, allowed_methods,
-                                      chdir=python_sandbox, spec=spec, engine=engine_info)))
+        task = TaskSpec(task_id, fid, bodies.pop(fid, body), payload, spec, sandbox)  # a body may have come earlier
+        results.send_bytes(pack(run_task(task, allowed_methods, chdir=python_sandbox, engine=engine_info)))
