@@ -88,9 +88,11 @@ from .models import (
 )
 from .models import error_responses as _errors
 from .outbound import DEFAULT_MAX_QUEUED, DEFAULT_SEND_TIMEOUT, Outbound
-from .relay import Relay, function_quota_message, not_admitted_message, row_to_result
+from .policy import not_admitted_message
+from .relay import Relay
 from .sessions import ClientSession, EndpointSession
-from .store import EndpointIdTaken, Store, transitions
+from .store import EndpointIdTaken, Store, row_to_result, transitions
+from .submission import function_quota_message
 
 log = logging.getLogger("tether.service")
 
