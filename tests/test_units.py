@@ -180,3 +180,15 @@ def test_a_long_failure_message_is_cut_to_fit_never_refused() -> None:
     msg = FrameDecoder(ENDPOINT_FRAMES, "an endpoint").decode(frame)
     assert len(msg.message) <= SHORT_STR_MAX
     assert msg.message.startswith("the user endpoint exited with code 1") and msg.message.endswith("the last line")
+
+
+def test_replica_events_travel_as_tagged_records_and_another_version_is_refused() -> None:
+    from tether.service.replica_events import BUS_VERSION, Close, EventError, StatusChanged, decode_event, encode_event
+
+    event = decode_event(encode_event(StatusChanged(user_id="u", updates=[("t1", "running", 1.5)])))
+    assert isinstance(event, StatusChanged) and event.updates == [("t1", "running", 1.5)] and event.key == "user.u"
+    # the untagged events of earlier versions, and events of another bus version, are never misread
+    with pytest.raises(EventError, match="not an event of bus version"):
+        decode_event(msgpack.packb({"o": "r1", "k": "refill", "t": "ep-1", "d": ["t1"]}))
+    with pytest.raises(EventError, match=f"bus version {BUS_VERSION + 1}, not {BUS_VERSION}"):
+        decode_event(encode_event(Close(endpoint_id="e", code=4000, reason="r", v=BUS_VERSION + 1)))
