@@ -31,6 +31,9 @@ The relay is built in layers, one idea per module, each a class that builds on t
 * ``policy.py``: revoked credentials and multi-user endpoints' policies, enforced;
 * ``submission.py``: a client's batch checked, kept within quotas, stored, acknowledged, offered;
 * here: what a client frame or another replica's event asks for, and catching up with the store.
+
+Layers of one object rather than objects wired to each other: they share one process's
+sessions and routing memory, and a call between them on the task path stays a plain method call.
 """
 
 from __future__ import annotations
