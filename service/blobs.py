@@ -138,11 +138,7 @@ class BlobIndex:
 
     def _result_owner(self, endpoint_id: str, task_id: str) -> str:
         """The owner of an open task this endpoint holds (else 404: it is not the endpoint's)."""
-        mine, _ = self.store.dispatched_to(endpoint_id, [task_id])
-        owner = None
-        if mine:
-            with self.store.transaction() as conn:
-                owner = conn.execute(select(tasks.c.owner_id).where(tasks.c.id == task_id)).scalar()
+        owner = self.store.open_task_owner(endpoint_id, task_id)
         if owner is None:
             raise HTTPException(404, f"unknown task {task_id}: no open task with this id is dispatched to this "
                                      "endpoint")

@@ -5,14 +5,17 @@ which client sessions watch which tasks. Several replicas behind one URL share t
 but an endpoint is connected to one replica and the client that waits for its results maybe to
 another. The bus carries the *news* between them; the database stays the only truth:
 
-* ``ep.<endpoint id>``: work was stored for an endpoint (``refill``: the ids of the new tasks,
+* ``ep.<endpoint id>``: work was stored for an endpoint (``Refill``: the ids of the new tasks,
   which that replica sends at once if the endpoint has room), a frame must reach it
-  (``frame``: a stop, an audit record, a start request), tasks were cancelled (``cancel``), it
-  must be disconnected (``close``), or it connected elsewhere (``takeover``). Bound by the
-  replica that holds the endpoint's WebSocket.
-* ``user.<user id>``: results were stored (``results``: ids; the receiver reads them from the
-  database) or tasks changed state (``status``). Bound by every replica with a client session of
-  that user.
+  (``Forward``: a stop, an audit record), one of its user endpoints is to be started
+  (``StartUser``), tasks were cancelled (``CancelOn``), it must be disconnected (``Close``), or
+  it connected elsewhere (``Takeover``). Bound by the replica that holds the endpoint's WebSocket.
+* ``user.<user id>``: results were stored (``ResultsStored``: ids; the receiver reads them from
+  the database) or tasks changed state (``StatusChanged``). Bound by every replica with a client
+  session of that user.
+
+The events are typed records (:mod:`tether.service.replica_events`), each tagged with its kind
+and the bus version: a replica decodes them in one place and matches on their type.
 
 Events are hints, not payloads: losing one delays news and never loses work or results. Each
 replica re-reads the database when the broker reconnects and at a slow interval (see
@@ -38,23 +41,14 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgpack
+from .replica_events import Event, ReplicaEvent, decode_event, encode_event, items_of, tag_of, with_items
 
 log = logging.getLogger("tether.service.bus")
 
 EXCHANGE = "tether.events"
-#: events whose data is a list of items (ids, states): merged in the outbox, cut to this many
-LIST_KINDS = frozenset({"results", "status", "cancel", "refill"})
+#: mergeable events (lists of ids or states) carry at most this many items per message
 MAX_EVENT_ITEMS = 10_000
-Handler = Callable[[str, str, Any], Awaitable[None]]  # (kind, target id, data)
-
-
-def endpoint_key(endpoint_id: str) -> str:
-    return f"ep.{endpoint_id}"
-
-
-def user_key(user_id: str) -> str:
-    return f"user.{user_id}"
+Handler = Callable[[ReplicaEvent], Awaitable[None]]
 
 
 class LocalBus:
@@ -74,7 +68,7 @@ class LocalBus:
     async def unbind(self, key: str) -> None:
         return None
 
-    async def publish(self, key: str, kind: str, target: str, data: Any = None) -> bool:
+    async def publish(self, event: Event) -> bool:
         return True
 
     async def close(self) -> None:
@@ -101,8 +95,8 @@ class RabbitBus:
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self._sender: asyncio.Task[None] | None = None
-        #: events waiting to be sent, (routing key, kind) -> (target, items); list kinds are merged
-        self._outbox: dict[tuple[str, str], tuple[str, list[Any]]] = {}
+        #: events waiting to be sent, (routing key, kind) -> event; mergeable kinds are merged
+        self._outbox: dict[tuple[str, str], Event] = {}
         self._seq = itertools.count()
         self._ready = asyncio.Event()
         self._bound: set[str] = set()
@@ -141,9 +135,9 @@ class RabbitBus:
             message = await self._inbox.get()
             self.received += 1
             try:
-                event = msgpack.unpackb(message.body, raw=False)
-                if event.get("o") != self.replica_id:  # our own news was acted on when it was sent
-                    await handler(event["k"], event["t"], event.get("d"))
+                event = decode_event(message.body)
+                if event.origin != self.replica_id:  # our own news was acted on when it was sent
+                    await handler(event)
             except Exception:  # noqa: BLE001 - one bad event must not stop the others
                 log.exception("acting on a bus event failed")
             with contextlib.suppress(Exception):  # a channel lost meanwhile: the broker redelivers
@@ -160,15 +154,19 @@ class RabbitBus:
             with contextlib.suppress(Exception):  # gone with the connection: nothing to undo
                 await self._queue.unbind(self._exchange, routing_key=key)
 
-    async def publish(self, key: str, kind: str, target: str, data: Any = None) -> bool:
+    async def publish(self, event: Event) -> bool:
         """Queue an event for the other replicas (sent by :meth:`_send_outbox`, soon)."""
+        key, kind = event.key, tag_of(event)
         slot = (key, kind)
-        if kind in LIST_KINDS and slot in self._outbox:
-            self._outbox[slot][1].extend(data)  # ids and states of one kind for one target: one message
+        items = items_of(event)
+        queued = self._outbox.get(slot)
+        if items is not None and queued is not None:
+            items_of(queued).extend(items)  # type: ignore[union-attr]  # one kind, one target: one message
         else:
-            if slot in self._outbox:  # a frame, a close, ...: each its own message, in order
+            if queued is not None:  # a frame, a close, ...: each its own message, in order
                 slot = (key, f"{kind}#{next(self._seq)}")
-            self._outbox[slot] = (target, list(data) if kind in LIST_KINDS else [data])
+            # a mergeable event is copied: what later events add must not touch the caller's list
+            self._outbox[slot] = event if items is None else with_items(event, list(items))
         self._ready.set()
         return True
 
@@ -181,19 +179,19 @@ class RabbitBus:
             await self._ready.wait()
             self._ready.clear()
             outbox, self._outbox = self._outbox, {}
-            for (key, slot_kind), (target, items) in outbox.items():
-                kind = slot_kind.split("#", 1)[0]
-                chunks = [items[i : i + MAX_EVENT_ITEMS] for i in range(0, len(items), MAX_EVENT_ITEMS)] \
-                    if kind in LIST_KINDS else [items]
-                for chunk in chunks:
-                    data = chunk if kind in LIST_KINDS else chunk[0]
-                    body = msgpack.packb({"o": self.replica_id, "k": kind, "t": target, "d": data},
-                                         use_bin_type=True)
+            for (key, _slot), event in outbox.items():
+                items = items_of(event)
+                parts = [event] if items is None else [
+                    with_items(event, items[i : i + MAX_EVENT_ITEMS]) for i in range(0, len(items), MAX_EVENT_ITEMS)]
+                for part in parts:
+                    part.origin = self.replica_id
+                    body = encode_event(part)
                     try:
                         await self._exchange.publish(aio_pika.Message(body), routing_key=key)
                     except Exception as exc:  # noqa: BLE001 - broker down: news waits for the reconciliation
                         self.publish_failures += 1
-                        log.warning("could not publish '%s' for %s on the message broker: %s", kind, key, exc)
+                        log.warning("could not publish '%s' for %s on the message broker: %s", tag_of(part), key,
+                                    exc)
                     else:
                         self.published += 1
 

@@ -63,10 +63,6 @@ class ConnectionLimits:
                         self.max_connections, max(room, 16), soft)
             self.max_connections = max(room, 16)
 
-    @property
-    def open_count(self) -> int:
-        return len(self._open)
-
     def admit(self, transport: asyncio.BaseTransport) -> str | None:
         """Count a new connection; None if admitted, else why not (in words)."""
         peer = transport.get_extra_info("peername")

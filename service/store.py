@@ -45,7 +45,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 
 from tether.bounded import BoundedCache
-from tether.protocol import TaskState
+from tether.protocol import ErrorInfo, Result, TaskState
 
 log = logging.getLogger("tether.service.store")
 
@@ -268,6 +268,21 @@ def transitions(row: Any) -> dict[str, float]:
     return out
 
 
+def row_to_result(row: Any) -> Result:
+    """A stored task row as a RESULT record."""
+    error = None
+    if row.error:
+        e = json.loads(row.error)
+        error = ErrorInfo(type=str(e.get("type", "")), message=str(e.get("message", "")),
+                          traceback=str(e.get("traceback") or ""), code=e.get("code"))
+    return Result(id=row.id, state=row.state, data=row.result, error=error, times=transitions(row))
+
+
+def json_or_none(text: str | None) -> Any:
+    """A JSON column's value (None for NULL or empty)."""
+    return json.loads(text) if text else None
+
+
 class Store:
     """All durable state. Methods are synchronous and short; the service calls them through
     :class:`tether.service.async_store.AsyncStore` (inline for SQLite, in a small thread pool
@@ -288,10 +303,6 @@ class Store:
         self._local = threading.local()  # one connection per thread, from the engine's pool
         self._function_cache: BoundedCache[tuple[str, str], bytes] = BoundedCache(
             max_items=4096, max_bytes=256 * 1024 * 1024)
-        # open tasks dispatched by this process, and the endpoint each was sent to: a result or
-        # state report is applied only by that endpoint, without a SELECT. Bounded by what the
-        # endpoints hold (flow control), not by the backlog: queued tasks enter when dispatched.
-        self._open: dict[str, str] = {}
         self._inserts: dict[tuple[str, str | None], Any] = {}  # see _insert
 
     @property
@@ -552,8 +563,6 @@ class Store:
             conn.execute(update(tasks).where(and_(tasks.c.endpoint_id == endpoint_id, _OPEN))
                          .values(state=TaskState.FAILED.value, t_done=time.time(), payload=None,
                                  error=json.dumps(error)))
-        for r in rows:
-            self._open.pop(r.id, None)
         return rows
 
     # --- functions ---------------------------------------------------------------------------
@@ -685,51 +694,22 @@ class Store:
         with self._tx() as conn:
             conn.execute(statement, params)
 
-    def _learn_open(self, ids: list[str]) -> dict[str, tuple[str, bool]]:
-        """{id: (endpoint id, open?)} from the database, for ids this process has not seen."""
+    def open_task_endpoints(self, ids: Sequence[str]) -> dict[str, tuple[str, bool]]:
+        """{id: (endpoint id, open?)} for the tasks among ``ids`` that exist: what the relay asks
+        about reports on tasks it does not remember dispatching (see ``service/routing.py``)."""
         found: dict[str, tuple[str, bool]] = {}
         with self._tx() as conn:
             for chunk in _chunks(ids):
                 for r in conn.execute(select(tasks.c.id, tasks.c.endpoint_id, tasks.c.t_done)
                                       .where(tasks.c.id.in_(chunk))):
                     found[r.id] = (r.endpoint_id, r.t_done is None)
-                    if r.t_done is None:
-                        self._open[r.id] = r.endpoint_id
         return found
 
-    def dispatched_to(self, endpoint_id: str, ids: list[str]) -> tuple[list[str], list[str]]:
-        """Split ids an endpoint reports on into (open tasks of that endpoint, foreign ids).
-
-        Ids of its own finished tasks are in neither (a late report of a cancelled task, say);
-        foreign ids name tasks that are not this endpoint's, or do not exist.
-        """
-        unknown = [i for i in ids if i not in self._open]
-        looked_up = self._learn_open(unknown) if unknown else {}
-        mine, foreign = [], []
-        for tid in ids:
-            ep = self._open.get(tid)
-            if ep is not None:
-                (mine if ep == endpoint_id else foreign).append(tid)
-            elif looked_up.get(tid, ("", False))[0] != endpoint_id:
-                foreign.append(tid)
-        return mine, foreign
-
-    def claim_results(self, endpoint_id: str, results: list[Any]) -> tuple[list[Any], list[str]]:
-        """(results that are the first for an open task of this endpoint, ids that are not the
-        endpoint's to report). Duplicates are in neither; store the fresh with :meth:`write_results`."""
-        mine, foreign = self.dispatched_to(endpoint_id, [r.id for r in results])
-        wanted = set(mine)
-        fresh = []
-        for r in results:
-            if r.id in wanted:
-                wanted.discard(r.id)  # a second result for the same task in one frame is a duplicate
-                if self._open.pop(r.id, None) is not None:  # None: cancelled meanwhile on another thread
-                    fresh.append(r)
-        return fresh, foreign
-
-    def unclaim(self, endpoint_id: str, results: list[Any]) -> None:
-        for r in results:
-            self._open[r.id] = endpoint_id
+    def open_task_owner(self, endpoint_id: str, task_id: str) -> str | None:
+        """The owner of an open task of this endpoint (None: no such task, ended, or another's)."""
+        with self._tx() as conn:
+            return conn.execute(select(tasks.c.owner_id).where(
+                and_(tasks.c.id == task_id, tasks.c.endpoint_id == endpoint_id, _OPEN))).scalar()
 
     def write_results(self, fresh: list[Any]) -> list[Any]:
         """Store claimed results; returns those stored. The UPDATE is guarded by ``t_done IS
@@ -762,20 +742,6 @@ class Store:
                 return []
             conn.execute(_STORE_RESULT, params)
         return [r for r in fresh if r.id in still_open]
-
-    def held_by(self, endpoint_id: str, ids: Iterable[str]) -> list[str]:
-        """Those of ``ids`` that are open tasks this process dispatched to ``endpoint_id`` (or
-        learned it holds): in memory, no query; ids an endpoint merely claims are not among them."""
-        return [tid for tid in ids if self._open.get(tid) == endpoint_id]
-
-    def track_dispatched(self, endpoint_id: str, ids: Iterable[str]) -> None:
-        """These open tasks were sent to this endpoint: its reports on them need no SELECT."""
-        for tid in ids:
-            self._open[tid] = endpoint_id
-
-    def forget_open(self, ids: Iterable[str]) -> None:
-        for tid in ids:
-            self._open.pop(tid, None)
 
     def open_task_page(self, endpoint_id: str, after: tuple[float, str] | None, limit: int) -> list[Any]:
         """The next ``limit`` open tasks of an endpoint after ``after`` = (t_received, id), in
@@ -848,8 +814,6 @@ class Store:
                         .values(state=TaskState.CANCELLED.value, t_done=time.time(), payload=None, error=error)
                     )
                 cancelled.extend(rows)
-        for r in cancelled:
-            self._open.pop(r.id, None)
         return cancelled
 
     def mark_collected(self, owner: str, ids: Sequence[str]) -> None:

@@ -227,3 +227,15 @@ def test_a_spool_written_by_the_previous_version_is_sent_after_an_upgrade(tmp_pa
     assert sorted(reopened.ids()) == sorted(pending)
     reopened.ack(["t-old-ok", "t-old-cancel", "t-old-big"])
     assert [r.id for r in reopened.pending()] == ["t-new"]
+
+
+def test_replica_events_travel_as_tagged_records_and_another_version_is_refused() -> None:
+    from tether.service.replica_events import BUS_VERSION, Close, EventError, StatusChanged, decode_event, encode_event
+
+    event = decode_event(encode_event(StatusChanged(user_id="u", updates=[("t1", "running", 1.5)])))
+    assert isinstance(event, StatusChanged) and event.updates == [("t1", "running", 1.5)] and event.key == "user.u"
+    # the untagged events of earlier versions, and events of another bus version, are never misread
+    with pytest.raises(EventError, match="not an event of bus version"):
+        decode_event(msgpack.packb({"o": "r1", "k": "refill", "t": "ep-1", "d": ["t1"]}))
+    with pytest.raises(EventError, match=f"bus version {BUS_VERSION + 1}, not {BUS_VERSION}"):
+        decode_event(encode_event(Close(endpoint_id="e", code=4000, reason="r", v=BUS_VERSION + 1)))
