@@ -106,3 +106,14 @@ def test_no_import_cycles() -> None:
         if m not in state:
             visit(m)
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_every_package_folder_is_installed() -> None:
+    """pyproject lists the packages explicitly: a new folder left out of the list works in an
+    editable install and is missing from a wheel (the service then fails to start)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {_module_of(init) for room in ROOMS for init in (ROOT / room).rglob("__init__.py")
+               if "_build" not in init.parts and "__pycache__" not in init.parts}
+    assert folders <= listed, f"add to [tool.setuptools] packages in pyproject.toml: {sorted(folders - listed)}"
