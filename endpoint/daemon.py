@@ -27,6 +27,7 @@ from tether import __version__
 from tether.errors import ConfigError, PayloadTooLarge, SerializationError
 from tether.home import write_secret
 from tether.ids import InvalidIdentifier, child_path
+from tether.linger import Linger
 from tether.protocol import (
     CLOSE_AUTH_FAILED,
     CLOSE_CREDENTIAL_ROTATED,
@@ -72,7 +73,7 @@ from .spool import ResultSpool
 log = logging.getLogger("tether.endpoint")
 
 RESULT_CHUNK = 500
-FLUSH_WINDOW = 0.005  # seconds; see EndpointDaemon._schedule_flush
+FLUSH_WINDOW = 0.005  # seconds; see EndpointDaemon._finish
 #: seconds the daemon holds its reports that tasks were received or started (see _flush_reports)
 STATE_WINDOW = 0.005
 #: holding more tasks than this (a backlog draining), results gather for DEEP_FLUSH_WINDOW:
@@ -159,10 +160,9 @@ class EndpointDaemon:
         self.stopping = asyncio.Event()
         # reports not yet sent, task id -> when: "received" and "running" (see _flush_reports)
         self._reports: dict[str, dict[str, float]] = {"received": {}, "running": {}}
-        self._reports_handle: asyncio.TimerHandle | None = None
+        self._reports_linger = Linger(self._flush_reports, STATE_WINDOW, eager=False)
         self._result_buf: list[Result] = []
-        self._flush_handle: asyncio.TimerHandle | None = None
-        self._last_flush = 0.0
+        self._results_linger = Linger(self._flush, FLUSH_WINDOW)  # see _finish
         self.connected_since: float | None = None
         #: stop after this many seconds without a task (user endpoints of a multi-user endpoint)
         self.idle_exit_s: float | None = None
@@ -395,7 +395,7 @@ class EndpointDaemon:
                 continue
             self.engine.submit(TaskSpec(tid, t.function, body, t.payload, t.spec, str(sandbox)))
         self.peak_inflight = max(self.peak_inflight, len(self.inflight))
-        self._schedule_reports()
+        self._reports_linger.poke()
 
     # --- large payloads (blobs) ---------------------------------------------------------------------
     async def _fetch_then_run(self, task: Any, body: bytes | None, sandbox: str, args_ref: Any,
@@ -430,11 +430,7 @@ class EndpointDaemon:
     def _on_running(self, task_id: str, ts: float) -> None:
         if task_id in self.inflight:
             self._reports["running"].setdefault(task_id, ts)
-            self._schedule_reports()
-
-    def _schedule_reports(self) -> None:
-        if self._reports_handle is None:
-            self._reports_handle = asyncio.get_running_loop().call_later(STATE_WINDOW, self._flush_reports)
+            self._reports_linger.poke()
 
     def _flush_reports(self) -> None:
         """Send the "received" and "running" reports gathered for STATE_WINDOW.
@@ -443,7 +439,6 @@ class EndpointDaemon:
         :meth:`_finish`). So a quick task costs the service, the client and this daemon one
         frame (its result), not three, and a burst of reports becomes one frame per kind.
         """
-        self._reports_handle = None
         if self.ws is None:
             return  # re-derived on reconnect: the service knows what it sent, the hello says what is held
         for kind, frame_type in (("received", Received), ("running", Running)):
@@ -485,29 +480,14 @@ class EndpointDaemon:
         elif wire_size(result) > self.max_frame - FRAME_ENVELOPE:  # spool what can be sent, never what cannot
             result = too_large(tid, TooLarge(result, wire_size(result), self.max_frame))
         self._result_buf.append(result)
-        self._schedule_flush()
-
-    def _schedule_flush(self) -> None:
-        """Send at once when idle; under load, gather what the engine produces for a moment.
-
-        Like Nagle's algorithm: the last result of a burst goes out in the same loop iteration
-        (latency), but while other tasks are still running and results stream in, one frame per
-        ``FLUSH_WINDOW`` carries them all (throughput: every frame costs a spool write, a
-        syscall and a commit at the service).
-        """
-        loop = asyncio.get_running_loop()
-        window = DEEP_FLUSH_WINDOW if len(self.inflight) > DEEP_QUEUE else FLUSH_WINDOW
-        linger = bool(self.inflight) and loop.time() - self._last_flush < window
-        if self._flush_handle is not None:
-            if linger or self._flush_handle.when() <= loop.time():
-                return  # the pending flush takes this too
-            self._flush_handle.cancel()  # the burst is over: a lingering flush goes now
-        self._flush_handle = loop.call_at(loop.time() + (window if linger else 0), self._flush)
+        # the last result of a burst goes at once (latency); while other tasks still run, one
+        # frame per window carries what streams in (every frame costs a spool write, a syscall
+        # and a commit at the service), a longer window while a deep queue drains
+        self._results_linger.poke(busy=bool(self.inflight),
+                                  window=DEEP_FLUSH_WINDOW if len(self.inflight) > DEEP_QUEUE else FLUSH_WINDOW)
 
     def _flush(self) -> None:
         """Spool then send what the engine produced since the last flush, as one frame each."""
-        self._flush_handle = None
-        self._last_flush = asyncio.get_running_loop().time()
         if self._result_buf:
             results, self._result_buf = self._result_buf, []
             self.spool.write(results)

@@ -16,6 +16,7 @@ from collections import deque
 from typing import Any, Protocol
 
 from tether.bounded import BoundedCache
+from tether.linger import Linger
 from tether.protocol import (
     DEFAULT_MAX_FRAME,
     DEFAULT_PREFETCH,
@@ -72,6 +73,9 @@ class ClientSession:
         self._results: list[Result] = []
         self._scheduled = False
         self._acks: list[bytes] = []  # encoded SUBMIT_ACK frames held for SUBMIT_ACK_WINDOW
+        self._acks_linger = Linger(lambda: asyncio.ensure_future(self.send_held_acks()), SUBMIT_ACK_WINDOW,
+                                   eager=False)
+        self._updates_linger = Linger(self._flush_updates, STATUS_WINDOW, eager=False)
 
     async def send(self, frame: bytes) -> None:
         await self.sender.send(frame)
@@ -79,10 +83,8 @@ class ClientSession:
     def hold_ack(self, frame: bytes) -> None:
         """Send a submission's acknowledgement with the next frame to this client, or after
         SUBMIT_ACK_WINDOW: written back to back, the frames reach the client in one wake-up."""
-        if not self._acks:
-            asyncio.get_running_loop().call_later(SUBMIT_ACK_WINDOW,
-                                                  lambda: asyncio.ensure_future(self.send_held_acks()))
         self._acks.append(frame)
+        self._acks_linger.poke()
 
     async def send_held_acks(self) -> None:
         """Send the held acknowledgements now (before any frame that may concern their tasks)."""
@@ -94,9 +96,8 @@ class ClientSession:
     def push(self, key: str, items: list[Any]) -> None:
         if key == "updates":
             # state changes are not worth a frame each: gathered for STATUS_WINDOW
-            if not self._updates:
-                asyncio.get_running_loop().call_later(STATUS_WINDOW, self._flush_updates)
             self._updates.extend(items)
+            self._updates_linger.poke()
             return
         if self._updates:  # a result supersedes the state changes of its task not yet sent
             ended = {r.id for r in items}
@@ -158,6 +159,7 @@ class EndpointSession:
         self.connected_at = time.time()
         self.refused_reports = 0
         self._acks: list[str] = []
+        self._acks_linger = Linger(self._flush_acks, ACK_WINDOW, eager=False)
 
     async def send(self, frame: bytes) -> None:
         await self.sender.send(frame)
@@ -165,9 +167,8 @@ class EndpointSession:
     def acknowledge(self, ids: list[str]) -> None:
         """Tell the endpoint these results are stored (it drops them from its spool), gathered
         for ACK_WINDOW into one frame."""
-        if not self._acks:
-            asyncio.get_running_loop().call_later(ACK_WINDOW, self._flush_acks)
         self._acks.extend(ids)
+        self._acks_linger.poke()
 
     def _flush_acks(self) -> None:
         ids, self._acks = self._acks, []
