@@ -73,7 +73,8 @@ CONFIGS: dict[str, tuple[str, str, int | None]] = {
 FARM = r"""
 import asyncio, json, sys
 from tether.endpoint.config import load_config, write_default_config
-from tether.endpoint.daemon import EndpointDaemon, read_credential
+from tether.endpoint.credential import read_credential
+from tether.endpoint.daemon import EndpointDaemon
 from tether.endpoint.manage import ensure_registered
 
 urls, token = json.loads(sys.argv[1]), sys.argv[2]

@@ -31,7 +31,8 @@ from pathlib import Path
 FARM = r"""
 import asyncio, json, sys
 from tether.endpoint.config import load_config, write_default_config
-from tether.endpoint.daemon import EndpointDaemon, read_credential
+from tether.endpoint.credential import read_credential
+from tether.endpoint.daemon import EndpointDaemon
 from tether.endpoint.manage import ensure_registered
 
 async def main(names):

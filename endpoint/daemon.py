@@ -18,14 +18,12 @@ import signal
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 
 from tether import __version__
-from tether.errors import ConfigError, PayloadTooLarge, SerializationError
-from tether.home import write_secret
+from tether.errors import PayloadTooLarge, SerializationError
 from tether.ids import InvalidIdentifier, child_path
 from tether.linger import Linger
 from tether.protocol import (
@@ -59,11 +57,13 @@ from tether.protocol import (
     wire_size,
 )
 from tether.results import failure, too_large
-from tether.serialize import PY_VERSION, function_id, method_of
+from tether.serialize import function_id, method_of
 from tether.transport import Backoff, open_ws
 from tether.urls import tls_context
+from tether.versions import installed
 
 from .config import EndpointConfig
+from .credential import Credential
 from .engines import TaskSpec, make_engine
 from .execute import Allowlist
 from .functions import FunctionStore
@@ -104,33 +104,15 @@ def versions() -> dict[str, str]:
     Installed versions (not only imported modules): the plugins compare the endpoint's Parsl,
     Dask and Snakemake with the submitting side's before the first task runs.
     """
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": PY_VERSION, "python_full": platform.python_version(), "tether": __version__,
-           "platform": platform.platform()}
-    for dist in ("cloudpickle", "parsl", "dask", "distributed", "snakemake"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def read_credential(directory: Path) -> dict[str, str]:
-    path = directory / "credential.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path} is missing: register the endpoint with 'tether endpoint start'") from None
-    except ValueError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    return {**installed(("python", "cloudpickle", "parsl", "dask", "distributed", "snakemake")),
+            "python_full": platform.python_version(), "tether": __version__, "platform": platform.platform()}
 
 
 class EndpointDaemon:
     def __init__(self, config: EndpointConfig, credential: dict[str, str]):
         self.config = config
-        self.endpoint_id = credential["endpoint_id"]
-        self.secret = credential["secret"]
+        self.credential = Credential(config.dir, credential)
+        self.endpoint_id = self.credential.endpoint_id
         self.service_url = credential["service_url"].rstrip("/")
         # how the service's certificate is verified (https only): the CA it was registered with
         self.ssl_context = tls_context(self.service_url, credential.get("ca_file"))
@@ -152,8 +134,8 @@ class EndpointDaemon:
         self.refused_functions: dict[str, str] = {}
         self.max_result = config.max_result_bytes
         # large payloads: fetched into (and spilled results written to) blobs/ (endpoint/payloads.py)
-        self.payloads = EndpointPayloads(self.dir / "blobs", self.service_url, self._headers, self.ssl_context,
-                                         config.max_payload_bytes, config.max_result_bytes)
+        self.payloads = EndpointPayloads(self.dir / "blobs", self.service_url, self.credential.headers,
+                                         self.ssl_context, config.max_payload_bytes, config.max_result_bytes)
         self.blob_threshold: int | None = None  # what the service announces; None: it keeps no blobs
         self._fetching: set[str] = set()  # tasks whose blobs are being downloaded
         self.ws: Any = None
@@ -226,7 +208,7 @@ class EndpointDaemon:
     async def _link(self) -> None:
         self._backoff = backoff = Backoff(maximum=10.0)
         url = self.service_url.replace("http", "ws", 1) + ENDPOINT_WS_PATH
-        headers = self._headers()
+        headers = self.credential.headers()
         while not self.stopping.is_set():
             try:
                 ws = await open_ws(url, headers, ssl_context=self.ssl_context)
@@ -241,9 +223,9 @@ class EndpointDaemon:
                 if code in (CLOSE_AUTH_FAILED, CLOSE_CREDENTIAL_ROTATED):
                     # rotated: 'tether endpoint rotate-credential' writes the new one just after
                     patience = 15.0 if code == CLOSE_CREDENTIAL_ROTATED else 0.0
-                    if await self._await_new_credential(patience):
+                    if await self.credential.rotated(patience):
                         log.info("credential rotated; reconnecting with the new one")
-                        headers = self._headers()
+                        headers = self.credential.headers()
                         continue
                     raise CredentialRejected(
                         f"the service rejected this endpoint's credential ({exc.rcvd.reason}); "
@@ -264,28 +246,6 @@ class EndpointDaemon:
             if self.stopping.is_set():
                 return
             await asyncio.sleep(backoff.next())
-
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.secret}", "X-Tether-Endpoint": self.endpoint_id}
-
-    async def _await_new_credential(self, patience: float) -> bool:
-        deadline = time.monotonic() + patience
-        while not self._reload_credential():
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.1)
-        return True
-
-    def _reload_credential(self) -> bool:
-        """Pick up a credential rotated by ``tether endpoint rotate-credential``; True if it changed."""
-        try:
-            fresh = read_credential(self.dir)
-        except ConfigError:
-            return False
-        if fresh.get("endpoint_id") != self.endpoint_id or fresh.get("secret") in (None, self.secret):
-            return False
-        self.secret = fresh["secret"]
-        return True
 
     async def _session(self, ws: Any) -> None:
         # what it holds, so the service does not send it again (capped so the frame fits any
@@ -531,4 +491,4 @@ class EndpointDaemon:
         return time.monotonic() - self._last_activity > self.idle_exit_s
 
 
-__all__ = ["EndpointDaemon", "read_credential", "write_secret"]
+__all__ = ["EndpointDaemon"]

@@ -19,7 +19,8 @@ from tether.errors import ConfigError
 from tether.logs import configure_logging
 
 from .config import load_config
-from .daemon import EndpointDaemon, read_credential
+from .credential import read_credential
+from .daemon import EndpointDaemon
 from .multi_user import MultiUserDaemon
 
 
