@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .async_store import AsyncStore
-from .store import credential_hash
+from .database import credential_hash
 
 log = logging.getLogger("tether.service.auth")
 

@@ -45,7 +45,8 @@ from .async_store import AsyncStore
 from .guard import bearer
 from .models import BlobCreate, BlobInfo, PathId
 from .models import error_responses as _errors
-from .store import Store, blobs, task_blobs, tasks
+from .store import Store
+from .tables import blobs, task_blobs, tasks
 
 log = logging.getLogger("tether.service.blobs")
 

@@ -342,7 +342,7 @@ def service_token_revoke(name: str, config: ConfigOption = None, db_url: DbUrlOp
 def _db_engine(config: Path | None, db_url: str | None) -> tuple[Any, Any]:
     """(settings, SQLAlchemy engine) of the configured database, for the schema commands."""
     need("service", "tether.service.schema")
-    from tether.service.store import make_engine
+    from tether.service.database import make_engine
 
     cfg = _db_settings(config, db_url)
     _make_sqlite_dir(cfg.resolved_db_url())

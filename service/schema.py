@@ -1,6 +1,6 @@
 """The store's schema version: Alembic migrations, who runs them and when.
 
-The tables live in :mod:`tether.service.store`; how a database gets from one version of them to
+The tables live in :mod:`tether.service.tables`; how a database gets from one version of them to
 the next lives in ``migrations/versions/`` (one Alembic revision per change). This module
 decides what happens when a service or a ``tether service`` command opens a database:
 

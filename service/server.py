@@ -27,9 +27,9 @@ from tether.protocol import DEFAULT_PREFETCH, service_max_frame
 from .app import Settings, create_app
 from .auth import GlobusSettings
 from .connections import ConnectionLimits, guarded_protocols
+from .database import make_engine
 from .schema import SchemaError, ensure_schema
 from .settings import ServiceConfig, redact, service_config
-from .store import make_engine
 
 LOCAL_USER = "local"
 

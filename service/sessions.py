@@ -33,7 +33,7 @@ from tether.protocol import (
     frame_batches,
 )
 
-from .store import credential_hash
+from .database import credential_hash
 
 log = logging.getLogger("tether.service.relay")
 

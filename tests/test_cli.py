@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -100,10 +101,11 @@ def test_endpoint_stop_from_the_service(fresh_stack: LocalStack) -> None:
 def test_users_see_only_their_own_work(stack: LocalStack, executor: Executor) -> None:
     fut = executor.submit(helpers.square, 9)
     assert fut.result(timeout=30) == 81
-    out = tether(stack.env, "service", "user-add", "mallory").stdout
+    name = f"stranger-{uuid.uuid4().hex[:8]}"  # a new user: the session's stack has others (mallory)
+    out = tether(stack.env, "service", "user-add", name).stdout
     token = out.split("token:")[1].strip()
     other = Client(stack.service_url, token)
-    assert other.whoami()["name"] == "mallory"
+    assert other.whoami()["name"] == name
     assert other.list_endpoints() == []
     with pytest.raises(UnknownEndpoint):
         other.get_endpoint(stack.endpoint_id)

@@ -66,7 +66,8 @@ def _drift(url: str) -> list:
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    from tether.service.store import make_engine, metadata
+    from tether.service.database import make_engine
+    from tether.service.tables import metadata
 
     engine = make_engine(url)
     try:

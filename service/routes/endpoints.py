@@ -21,8 +21,8 @@ from ..models import (
     UserEndpointInfo,
 )
 from ..models import error_responses as _errors
+from ..registry import EndpointIdTaken
 from ..relay import Relay
-from ..store import EndpointIdTaken
 from .auth import current_user
 
 router = APIRouter()
