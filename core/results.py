@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Iterable, Iterator
 
 import msgspec
 
-from .protocol import ErrorCode, ErrorInfo, Result, TaskState, TooLarge
+from .protocol import ErrorCode, ErrorInfo, Result, Results, TaskState, TooLarge, encode, frame_batches
 from .serialize import serialize
 
 _SUCCESS, _FAILED, _CANCELLED = TaskState.SUCCESS.value, TaskState.FAILED.value, TaskState.CANCELLED.value
@@ -70,4 +71,14 @@ def too_large(task_id: str, oversize: TooLarge[Result]) -> Result:
                                   code=ErrorCode.PAYLOAD_TOO_LARGE.value))
 
 
-__all__ = ["cancelled", "error_info", "failure", "pack", "success", "too_large", "unpack"]
+def result_frames(results: Iterable[Result], max_frame: int, max_count: int) -> Iterator[bytes]:
+    """Encoded RESULT frames within ``max_frame`` bytes and ``max_count`` results; a result too
+    large for any frame travels as the failure that says so (:func:`too_large`), never not at all.
+    The endpoint sends its results this way, and the service its results to clients."""
+    for batch in frame_batches(results, max_frame, max_count):
+        if isinstance(batch, TooLarge):
+            batch = [too_large(batch.item.id, batch)]
+        yield encode(Results(results=batch))
+
+
+__all__ = ["cancelled", "error_info", "failure", "pack", "result_frames", "success", "too_large", "unpack"]

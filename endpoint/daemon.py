@@ -44,7 +44,6 @@ from tether.protocol import (
     Received,
     Result,
     ResultAck,
-    Results,
     Running,
     Stop,
     Tasks,
@@ -53,10 +52,9 @@ from tether.protocol import (
     Welcome,
     blob_ref_of,
     encode,
-    frame_batches,
     wire_size,
 )
-from tether.results import failure, too_large
+from tether.results import failure, result_frames, too_large
 from tether.serialize import function_id, method_of
 from tether.transport import Backoff, open_ws
 from tether.urls import tls_context
@@ -457,10 +455,7 @@ class EndpointDaemon:
     def _result_frames(self, results: Iterable[Result]) -> Iterator[bytes]:
         """RESULT frames within the service's limits; a result too large for any frame is
         replaced by a failure that says so (the service acknowledges it, the spool drops it)."""
-        for batch in frame_batches(results, self.max_frame, RESULT_CHUNK):
-            if isinstance(batch, TooLarge):
-                batch = [too_large(batch.item.id, batch)]
-            yield encode(Results(results=batch))
+        return result_frames(results, self.max_frame, RESULT_CHUNK)
 
     async def _send(self, frame: bytes) -> None:
         ws = self.ws

@@ -25,13 +25,11 @@ from tether.protocol import (
     ErrorInfo,
     Result,
     ResultAck,
-    Results,
     Status,
     Task,
-    TooLarge,
     encode,
-    frame_batches,
 )
+from tether.results import result_frames
 
 from .database import credential_hash
 
@@ -125,10 +123,9 @@ class ClientSession:
         await self.send_held_acks()
         while self._results:
             results, self._results = self._results, []
-            for batch in frame_batches(results, PEER_MAX_FRAME, RESULT_CHUNK):
-                if isinstance(batch, TooLarge):  # the client could not take it: it fails in words
-                    batch = [failed_result(batch.item.id, ErrorCode.PAYLOAD_TOO_LARGE, batch.message("this result"))]
-                await send_or_drop(self, encode(Results(results=batch)))
+            # a result too large for any frame reaches the client as the failure that says so
+            for frame in result_frames(results, PEER_MAX_FRAME, RESULT_CHUNK):
+                await send_or_drop(self, frame)
 
 
 class EndpointSession:
