@@ -16,6 +16,7 @@ from .errors import (
     InvalidResourceSpecification,
     PayloadTooLarge,
     QuotaExceeded,
+    ResultLost,
     SerializationError,
     ServiceUnreachable,
     TaskCancelled,
@@ -27,6 +28,7 @@ from .errors import (
 )
 from .executor import Executor
 from .futures import TetherFuture
+from .refs import RemoteValue
 from .shell import MPIFunction, ShellCommandFailed, ShellFunction, ShellResult
 
 __all__ = [
@@ -39,6 +41,8 @@ __all__ = [
     "MPIFunction",
     "PayloadTooLarge",
     "QuotaExceeded",
+    "RemoteValue",
+    "ResultLost",
     "ServiceUnreachable",
     "SerializationError",
     "ShellCommandFailed",

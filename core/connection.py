@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import concurrent.futures
 import contextlib
 import itertools
 import logging
@@ -35,6 +36,7 @@ from .errors import (
     AuthError,
     PayloadTooLarge,
     QuotaExceeded,
+    ResultLost,
     SerializationError,
     TaskRejected,
     TetherError,
@@ -58,9 +60,12 @@ from .protocol import (
     EndpointBrief,
     Error,
     ErrorCode,
+    Fetch,
+    Fetched,
     FrameDecoder,
     ProtocolError,
     Refusal,
+    Release,
     Result,
     Results,
     Status,
@@ -74,9 +79,11 @@ from .protocol import (
     blob_ref_of,
     blob_stub,
     encode,
+    kept_ref_of,
     task_frames,
     to_builtins,
 )
+from .refs import RemoteValue
 from .serialize import deserialize, function_id
 from .transfer import BlobClient, load_file, sha256_of
 from .transport import Backoff, open_ws
@@ -150,6 +157,11 @@ class Connection:
         #: frames sent, by type: what a mass cancel or a burst of submissions cost on the wire
         self.frames_sent: collections.Counter[str] = collections.Counter()
         self._collected: list[str] = []
+        #: kept results asked for (fetch_kept) and not answered yet: task id -> its data when it comes
+        self._fetches: dict[str, concurrent.futures.Future[bytes]] = {}
+        self._fetch_lock = threading.Lock()
+        #: kept results nobody here holds any more (handles garbage collected): sent with "collected"
+        self._releases: collections.deque[str] = collections.deque()
         self._warned: set[Any] = set()
         self._wake_pending = False
         self._closed = False
@@ -301,6 +313,48 @@ class Connection:
             fut._settle(value)
         finally:
             path.unlink(missing_ok=True)
+
+    # --- results kept on endpoints -------------------------------------------------------------
+    def kept_value(self, task_id: str, endpoint: str, size: int) -> RemoteValue:
+        """The handle of a result its endpoint keeps: fetched on demand, released when dropped."""
+        return RemoteValue(task_id, endpoint, size, self.fetch_kept, self._releases.append)
+
+    def fetch_kept(self, task_id: str, timeout: float | None = None) -> Any:
+        """The value of a kept result: asked for through the service (the endpoint uploads it as a
+        blob), downloaded here, checked by sha256 and deserialized. Concurrent asks share one fetch."""
+        if self.fatal is not None:
+            raise self.fatal
+        with self._fetch_lock:
+            waiting = self._fetches.get(task_id)
+            if waiting is None:
+                waiting = self._fetches[task_id] = concurrent.futures.Future()
+                self.send_control(encode(Fetch(ids=[task_id])))
+        try:
+            data = waiting.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"task {task_id}: its result, kept on its endpoint, did not arrive within "
+                               f"{timeout:g} s{self.why_waiting()}") from None
+        ref = blob_ref_of(data)
+        if ref is None:
+            return deserialize(data)
+        path = spill_dir() / f"{task_id}.{threading.get_ident()}.kept"
+        try:
+            self.blobs().download_to(ref, path, what=f"result of task {task_id}", progress=None)
+            return load_file(path)
+        finally:
+            path.unlink(missing_ok=True)
+
+    def _on_fetched(self, msg: Fetched) -> None:
+        with self._fetch_lock:
+            waiting = {tid: self._fetches.pop(tid, None) for tid in (*msg.data, *msg.errors)}
+        for tid, data in msg.data.items():
+            fut = waiting.get(tid)
+            if fut is not None:
+                fut.set_result(data)
+        for tid, error in msg.errors.items():
+            fut = waiting.get(tid)
+            if fut is not None:
+                fut.set_exception(ResultLost(f"task {tid}: {error.message}"))
 
     def unreachable_for(self) -> float:
         """Seconds the service has been out of reach (0 while connected)."""
@@ -468,6 +522,10 @@ class Connection:
         follow = [tid for tid in list(self.futures) if tid not in unacked_ids and tid not in queued_ids]
         for start in range(0, len(follow), MAX_IDS):
             self._loop.create_task(self._send(encode(Subscribe(ids=follow[start : start + MAX_IDS]))))
+        with self._fetch_lock:
+            fetching = list(self._fetches)
+        for start in range(0, len(fetching), MAX_IDS):  # asked before the cut: ask again
+            self._loop.create_task(self._send(encode(Fetch(ids=fetching[start : start + MAX_IDS]))))
 
     def _flush(self) -> None:
         """Drain queued control frames and tasks into frames on the socket (runs on the loop)."""
@@ -530,6 +588,8 @@ class Connection:
                     fut._mark_running()
         elif isinstance(msg, SubmitAck):
             self._on_ack(msg)
+        elif isinstance(msg, Fetched):
+            self._on_fetched(msg)
         elif isinstance(msg, Error):
             self._on_error(msg)
 
@@ -608,6 +668,10 @@ class Connection:
             # settled with one check-and-set: a cancel racing this result wins or loses cleanly
             if r.state == TaskState.SUCCESS:
                 try:
+                    kept = kept_ref_of(r.data)
+                    if kept is not None:  # it stays on its endpoint: result() fetches it when asked
+                        fut._settle_kept(self.kept_value(tid, kept.endpoint, kept.size))
+                        continue
                     ref = blob_ref_of(r.data)
                     if ref is not None:  # a large result: fetched off the loop, then the future resolves
                         self.in_background(self._fetch_result, fut, ref)
@@ -621,6 +685,8 @@ class Connection:
                 fut._settle(exception=PayloadTooLarge(f"task {tid}: {r.error.message}"))
             elif r.error is not None and r.error.code == ErrorCode.QUOTA_EXCEEDED:
                 fut._settle(exception=QuotaExceeded(f"task {tid}: {r.error.message}"))
+            elif r.error is not None and r.error.code in (ErrorCode.RESULT_LOST, ErrorCode.ENDPOINT_OFFLINE):
+                fut._settle(exception=ResultLost(f"task {tid}: {r.error.message}"))
             else:
                 original = None
                 if r.data:
@@ -637,6 +703,10 @@ class Connection:
         collected, self._collected = self._collected, []
         for start in range(0, len(collected), MAX_IDS):
             self.send_control(encode(Collected(ids=collected[start : start + MAX_IDS])))
+        if self._releases:  # drained, never swapped: finalizers append from any thread
+            released = [self._releases.popleft() for _ in range(len(self._releases))]
+            for start in range(0, len(released), MAX_IDS):
+                self.send_control(encode(Release(ids=released[start : start + MAX_IDS])))
 
     async def _collect_loop(self) -> None:
         while True:
@@ -649,6 +719,10 @@ class Connection:
         futures, self.futures = self.futures, {}
         for fut in futures.values():
             fut._settle(exception=exc)
+        with self._fetch_lock:
+            fetches, self._fetches = self._fetches, {}
+        for waiting in fetches.values():
+            waiting.set_exception(exc)
 
 
 #: spill files older than this were left by a process that died mid-transfer

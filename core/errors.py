@@ -139,3 +139,8 @@ def task_failed(error: dict[str, Any], original: BaseException | None, task_id: 
 
 class BlobCorrupt(TetherError):
     """A blob's bytes do not hash to what its reference says: it was not used."""
+
+
+class ResultLost(TetherError):
+    """A result kept on its endpoint is not there any more (released, expired, or its store was
+    lost), or the endpoint keeping it is out of reach: the message says which, and what to do."""

@@ -17,6 +17,7 @@ from .errors import ServiceUnreachable, TetherError
 from .futures import TetherFuture
 from .ids import check_function_id, check_id, new_task_id
 from .protocol import Task, blob_stub
+from .refs import RemoteValue, TaskInput, swap_inputs
 from .resources import validate_resource_specification
 from .serialize import DATA_METHODS, function_id, serialize, serialize_into
 from .transfer import Spill
@@ -190,6 +191,12 @@ class Executor(concurrent.futures.Executor):
         if self.endpoint_id is None:
             raise TetherError("Executor has no endpoint_id: pass Executor(endpoint_id=...) to submit tasks")
         self._check_call(fn, args, kwargs, spec)
+        swapped = None
+        if args or kwargs:  # futures and kept results among the arguments travel as references
+            args, kwargs, swapped = swap_inputs(args, kwargs, self._as_input)
+            if swapped is not None and self.data_serializer != "cloudpickle":
+                raise TetherError("futures and kept results as arguments need data_serializer='cloudpickle' "
+                                  f"(this Executor has {self.data_serializer!r})")
         task_id = new_task_id()
         threshold = self._threshold()
         spill = None
@@ -204,8 +211,10 @@ class Executor(concurrent.futures.Executor):
                 raise
             payload = b"" if spill.spilled else spill.getvalue()
         task = Task(id=task_id, function=fid, endpoint=self.endpoint_id, payload=payload, group=self.task_group_id,
-                    spec=spec, uec=uec, blobs=list(blobs or ()))
+                    spec=spec, uec=uec, blobs=list(blobs or ()), inputs=swapped.ids if swapped else [])
         fut = TetherFuture(task.id, on_cancel=self._conn.cancel)
+        if swapped is not None:
+            fut._inputs = swapped.holders  # not released before this task has read them
         fut.progress = self.progress
         fut.waiting_on = self._conn
         if spill is not None and spill.spilled:
@@ -215,6 +224,20 @@ class Executor(concurrent.futures.Executor):
             self._conn.submit(task, fut, body)  # may raise (PayloadTooLarge, AuthError): then nothing is tracked
         self._track(fut)
         return fut
+
+    def _as_input(self, obj: Any) -> Any:
+        """What an argument becomes: a placeholder for a future or a kept result of this service
+        (the endpoint puts the value in), the value of a finished future whose result is here,
+        or the object itself."""
+        if isinstance(obj, TetherFuture):
+            if obj.waiting_on is not self._conn:  # another service's task: its value travels
+                return obj.result()
+            if obj.done() and obj._kept is None and not obj.cancelled() and obj.exception() is None:
+                return obj.result()  # small, and here already
+            return TaskInput(obj.task_id)  # pending, kept remotely, or failed (the task fails in words)
+        if isinstance(obj, RemoteValue):
+            return TaskInput(obj.task_id) if obj._fetch == self._conn.fetch_kept else obj.fetch()
+        return obj
 
     def _upload_then_submit(self, task: Task, fut: TetherFuture, body: bytes | None, spill: Spill) -> None:
         """Upload large arguments (on a transfer thread), then queue the task naming the blob.

@@ -27,6 +27,7 @@ from typing import Any
 
 from .errors import TaskCancelled
 from .protocol import TaskState
+from .refs import RemoteValue
 
 log = logging.getLogger("tether.futures")
 
@@ -95,6 +96,10 @@ class TetherFuture(concurrent.futures.Future):
         self.progress: bool | None = None
         #: called (inline, with the future) once it is settled: the Executor's bookkeeping, not user code
         self._on_settled: Callable[[TetherFuture], None] | None = None
+        #: the handle of a result kept on the endpoint (fetched by ``result()``), or None
+        self._kept: RemoteValue | None = None
+        #: futures and handles this task takes as inputs, kept alive (not released) until it is done
+        self._inputs: list[Any] | None = None
 
     def __repr__(self) -> str:
         return f"<TetherFuture {self.task_id} {self.state}>"
@@ -191,7 +196,27 @@ class TetherFuture(concurrent.futures.Future):
         if not self._settle(exception=exception if exception is not None else TaskCancelled("no exception")):
             raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
 
+    def _settle_kept(self, kept: RemoteValue) -> bool:
+        """Settle with a result that stays on the endpoint: ``result()`` fetches it when asked."""
+        self._kept = kept
+        return self._settle(kept)
+
+    def remote_value(self) -> RemoteValue | None:
+        """The handle of this task's result if its endpoint keeps it (a large result), without
+        fetching anything; None for a result that came with the answer (or a pending task).
+        Pass the handle, or the future itself, to another task: only the reference travels."""
+        return self._kept
+
+    def release(self) -> None:
+        """Let the endpoint free this task's kept result now; ``result()`` afterwards returns it
+        only if it was fetched before. Otherwise the result is freed when the future (and every
+        handle to it) is garbage collected, or after the endpoint's retention period."""
+        kept = self._kept
+        if kept is not None:
+            kept.release()
+
     def _after_settled(self) -> None:
+        self._inputs = None  # its inputs may be released now
         done, self._on_settled = self._on_settled, None
         if done is not None:
             done(self)
@@ -244,7 +269,25 @@ class TetherFuture(concurrent.futures.Future):
 
     def result(self, timeout: float | None = None) -> Any:
         if self._state == FINISHED and self._exception is None:
-            return self._result  # settled: no need to make a condition to read it
+            value = self._result  # settled: no need to make a condition to read it
+        else:
+            value = self._wait_for_result(timeout)
+        if value is not None and value is self._kept:
+            value = self._fetch_kept(value, timeout)
+        return value
+
+    def _fetch_kept(self, kept: RemoteValue, timeout: float | None) -> Any:
+        """Download a kept result, once: the first caller fetches, the others wait for it."""
+        lock = self.__dict__.get("_fetch_lock")
+        if lock is None:
+            with _MAKE_LOCK:
+                lock = self.__dict__.setdefault("_fetch_lock", threading.Lock())
+        with lock:
+            if self._result is kept:
+                self._result = kept.fetch(timeout)
+            return self._result
+
+    def _wait_for_result(self, timeout: float | None) -> Any:
         try:
             return super().result(timeout)
         except concurrent.futures.CancelledError:

@@ -55,6 +55,8 @@ MAX_HELD = MAX_IDS
 DEFAULT_BLOB_THRESHOLD = 8 * 1024 * 1024
 #: Most blobs one task may reference (its arguments and its function body).
 MAX_TASK_BLOBS = 8
+#: most tasks whose results one task takes as inputs (futures passed as its arguments)
+MAX_TASK_INPUTS = 1024
 
 
 class TaskState(StrEnum):
@@ -92,6 +94,9 @@ class ErrorCode(StrEnum):
     QUOTA_EXCEEDED = "quota_exceeded"  # a per-user limit of the service (tasks waiting or running)
     NOT_ADMITTED = "not_admitted"  # a multi-user endpoint's policy no longer admits the user
     BLOB_CORRUPT = "blob_corrupt"  # an upload's bytes are not the size or sha256 declared (HTTP: see ERROR_HEADER)
+    INPUT_FAILED = "input_failed"  # a task this one takes as input failed or was cancelled
+    RESULT_LOST = "result_lost"  # a result kept on an endpoint is no longer there (released, expired, evicted)
+    ENDPOINT_OFFLINE = "endpoint_offline"  # what was asked for is on an endpoint that is not connected
 
 
 #: the HTTP response header that names an :class:`ErrorCode` where the status code alone does not
@@ -142,6 +147,10 @@ class Task(Struct, omit_defaults=True):
     #: the service accepts the task only if the submitter owns each, and lets the endpoint the
     #: task is dispatched to read them (endpoints find the blobs in the stubs themselves).
     blobs: Annotated[list[Id], Meta(max_length=MAX_TASK_BLOBS)] = []
+    #: ids of tasks whose results this task takes as arguments (``tether.refs.TaskInput`` stands
+    #: for each in the payload); the endpoint puts the values in before the call, from its own
+    #: kept results where it can, so data computed there never leaves it
+    inputs: Annotated[list[Id], Meta(max_length=MAX_TASK_INPUTS)] = []
 
     def __post_init__(self) -> None:
         if self.spec is not None:
@@ -208,6 +217,39 @@ def blob_ref_of(data: bytes | None) -> BlobRef | None:
         return _blob_ref_decoder.decode(data[len(BLOB_STUB_HEADER):])
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise ProtocolError(f"malformed blob reference: {exc}") from None
+
+
+class KeptRef(Struct, array_like=True):
+    """A result the endpoint that computed it keeps (``endpoint``), its size and sha256.
+
+    A result over the blob threshold stays on its endpoint: its frame carries a *kept stub*
+    (:func:`kept_stub`) instead of the bytes. A task on the same endpoint that takes it as an
+    input reads it there; anyone else asks for it (``fetch``) and the endpoint uploads it as a
+    blob then, once. The stub is what the service stores as the task's result.
+    """
+
+    endpoint: Id
+    size: Count
+    sha256: Sha256
+
+
+KEPT_STUB_HEADER = b"tether:1;method=kept\n"
+_kept_ref_decoder = msgspec.msgpack.Decoder(KeptRef)
+
+
+def kept_stub(ref: KeptRef) -> bytes:
+    """The bytes that stand, in a result frame, for a result kept on its endpoint."""
+    return KEPT_STUB_HEADER + msgspec.msgpack.encode(ref)
+
+
+def kept_ref_of(data: bytes | None) -> KeptRef | None:
+    """The kept result a result's data stands for, or None (inline data or a blob stub)."""
+    if not data or not data.startswith(KEPT_STUB_HEADER) or len(data) > 512:
+        return None
+    try:
+        return _kept_ref_decoder.decode(data[len(KEPT_STUB_HEADER):])
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ProtocolError(f"malformed kept-result reference: {exc}") from None
 
 
 class Refusal(Struct):
@@ -338,6 +380,31 @@ class Collected(Frame, tag="collected"):
     ids: IdList
 
 
+class Fetch(Frame, tag="fetch"):
+    """Results kept on an endpoint, asked for where they are needed.
+
+    C->S: the data of these tasks' results (the user asked for a value). E->S: the results of
+    these tasks, inputs of tasks the endpoint holds that it does not keep itself. S->E: upload
+    these kept results as blobs (someone elsewhere needs them). Each is answered by ``fetched``.
+    """
+
+    ids: IdList
+
+
+class Fetched(Frame, tag="fetched"):
+    """The answer to ``fetch``: per task, its result's data (inline bytes or a blob stub) or why
+    there is none (``result_lost``, ``endpoint_offline``, ``input_failed``, ``unknown_task``)."""
+
+    data: Annotated[dict[Id, bytes], Meta(max_length=MAX_IDS)] = {}
+    errors: Annotated[dict[Id, ErrorInfo], Meta(max_length=MAX_IDS)] = {}
+
+
+class Release(Frame, tag="release"):
+    """C->S, S->E: nobody holds these kept results any more; the endpoint may free them."""
+
+    ids: IdList
+
+
 class Hello(Frame, tag="hello"):
     """E->S, first frame: what the endpoint runs and which tasks it already holds."""
 
@@ -438,10 +505,12 @@ class Audit(Frame, tag="audit"):
 
 
 # What each side accepts from its peer: anything else is refused as "not a message X may send".
-CLIENT_FRAMES = Submit | Subscribe | Cancel | Collected
-ENDPOINT_FRAMES = Hello | Received | Running | Results | Heartbeat | UserEndpointStarted | UserEndpointFailed
-TO_CLIENT_FRAMES = Welcome | Error | SubmitAck | Status | Results
-TO_ENDPOINT_FRAMES = Welcome | Error | Tasks | Cancel | ResultAck | Stop | StartUserEndpoint | Audit
+CLIENT_FRAMES = Submit | Subscribe | Cancel | Collected | Fetch | Release
+ENDPOINT_FRAMES = (Hello | Received | Running | Results | Heartbeat | UserEndpointStarted | UserEndpointFailed | Fetch
+                   | Fetched)
+TO_CLIENT_FRAMES = Welcome | Error | SubmitAck | Status | Results | Fetched
+TO_ENDPOINT_FRAMES = Welcome | Error | Tasks | Cancel | ResultAck | Stop | StartUserEndpoint | Audit | Fetch | Fetched \
+    | Release
 
 
 class ProtocolError(ValueError):

@@ -53,6 +53,10 @@ SCHEMA: dict[str, Any] = {
         "allowed_functions": {"type": ["array", "null"], "items": {"type": "string"}},
         "max_result_bytes": {"type": "integer", "minimum": 1},
         "max_payload_bytes": {"type": "integer", "minimum": 1},
+        # results kept on the endpoint (docs/payloads.md): 0 bytes keeps none
+        "kept_results_max_bytes": {"type": "integer", "minimum": 0},
+        "kept_results_retention_s": {"type": "number", "exclusiveMinimum": 0},
+        "kept_results_dir": {"type": "string", "minLength": 1},
         # multi-user endpoints (docs/multi-user.md)
         "multi_user": {"type": "boolean"},
         "identity_mapping": {"type": "string", "minLength": 1},
@@ -87,6 +91,13 @@ class EndpointConfig:
     max_result_bytes: int | None = None
     #: the largest serialized arguments (and function body) this endpoint accepts; larger tasks fail in words
     max_payload_bytes: int | None = None
+    #: results over the blob threshold stay here (in ``kept_results_dir``, default
+    #: ``<endpoint>/results``) until released, up to this many bytes; past it they go to the
+    #: service as blobs, as every result did before; 0 keeps none
+    kept_results_max_bytes: int = 20 * 1024**3
+    #: a kept result nobody released is freed this long after it was computed (7 days)
+    kept_results_retention_s: float = 7 * 24 * 3600.0
+    kept_results_dir: str | None = None
     display_name: str | None = None
     # multi-user endpoints: files are relative to the endpoint's directory
     multi_user: bool = False
@@ -174,6 +185,7 @@ retries_on_worker_loss: 0   # re-run a task whose worker process died under it
 python_sandbox: false    # true: each Python function runs in tasks/<task id>/ (shell commands always do)
 allowed_serialization_methods: [cloudpickle]
 allowed_functions: null  # or a list of function ids this endpoint will run
+kept_results_max_bytes: 21474836480   # results over 8 MiB stay here until released (docs/payloads.md); 0: none
 """
     )
     return path
@@ -208,4 +220,5 @@ retries_on_worker_loss: 0
 python_sandbox: false
 allowed_serialization_methods: [cloudpickle]
 allowed_functions: null
+kept_results_max_bytes: 21474836480   # results over 8 MiB stay here until released (docs/payloads.md); 0: none
 """

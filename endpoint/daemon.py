@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -18,12 +19,14 @@ import signal
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
+import msgspec
 from websockets.exceptions import ConnectionClosed
 
 from tether import __version__
-from tether.errors import PayloadTooLarge, SerializationError
+from tether.errors import PayloadTooLarge, QuotaExceeded, SerializationError
 from tether.ids import InvalidIdentifier, child_path
 from tether.linger import Linger
 from tether.protocol import (
@@ -37,11 +40,16 @@ from tether.protocol import (
     Cancel,
     Error,
     ErrorCode,
+    ErrorInfo,
+    Fetch,
+    Fetched,
     FrameDecoder,
     Heartbeat,
     Hello,
+    KeptRef,
     ProtocolError,
     Received,
+    Release,
     Result,
     ResultAck,
     Running,
@@ -51,11 +59,14 @@ from tether.protocol import (
     TooLarge,
     Welcome,
     blob_ref_of,
+    blob_stub,
     encode,
+    kept_stub,
     wire_size,
 )
 from tether.results import failure, result_frames, too_large
 from tether.serialize import function_id, method_of
+from tether.transfer import file_of, sha256_file
 from tether.transport import Backoff, open_ws
 from tether.urls import tls_context
 from tether.versions import installed
@@ -65,6 +76,8 @@ from .credential import Credential
 from .engines import TaskSpec, make_engine
 from .execute import Allowlist
 from .functions import FunctionStore
+from .inputs import InputFailed, Inputs
+from .kept import KeptResults
 from .payloads import EndpointPayloads, blob_failure
 from .spool import ResultSpool
 
@@ -72,6 +85,8 @@ log = logging.getLogger("tether.endpoint")
 
 RESULT_CHUNK = 500
 FLUSH_WINDOW = 0.005  # seconds; see EndpointDaemon._finish
+#: how often kept results are checked against kept_results_retention_s
+KEPT_EXPIRE_EVERY_S = 600.0
 #: seconds the daemon holds its reports that tasks were received or started (see _flush_reports)
 STATE_WINDOW = 0.005
 #: holding more tasks than this (a backlog draining), results gather for DEEP_FLUSH_WINDOW:
@@ -135,6 +150,12 @@ class EndpointDaemon:
         self.payloads = EndpointPayloads(self.dir / "blobs", self.service_url, self.credential.headers,
                                          self.ssl_context, config.max_payload_bytes, config.max_result_bytes)
         self.blob_threshold: int | None = None  # what the service announces; None: it keeps no blobs
+        # large results stay here until released (endpoint/kept.py); tasks that take them as
+        # inputs read them here (endpoint/inputs.py)
+        kept_dir = Path(config.kept_results_dir).expanduser() if config.kept_results_dir else self.dir / "results"
+        self.kept = KeptResults(kept_dir, config.kept_results_max_bytes, config.kept_results_retention_s)
+        self._kept_expired = time.monotonic()
+        self.inputs = Inputs(self.kept, self.payloads, self.inflight.__contains__, self._send_soon)
         self._fetching: set[str] = set()  # tasks whose blobs are being downloaded
         self.ws: Any = None
         self.stopping = asyncio.Event()
@@ -197,6 +218,7 @@ class EndpointDaemon:
             "connected_since": self.connected_since, "updated": time.time(),
             "capacity": self.engine.capacity() if state != "stopped" else {}, "versions": versions(),
             "inflight": len(self.inflight), "peak_inflight": self.peak_inflight, "spooled": len(self.spool),
+            "kept_results": len(self.kept), "kept_bytes": self.kept.bytes,
         }
         tmp = self.dir / "status.json.tmp"
         tmp.write_text(json.dumps(status))
@@ -264,6 +286,7 @@ class EndpointDaemon:
         self._write_status("connected")
         for batch in self._result_frames(self.spool.pending()):  # results from before the cut go first
             await ws.send(batch)
+        self.inputs.resend()
         async for frame in ws:
             msg = _frames.decode(frame)
             if isinstance(msg, Tasks):
@@ -281,6 +304,12 @@ class EndpointDaemon:
                 log.info("stop requested by the service")
                 self.stopping.set()
                 return
+            elif isinstance(msg, Fetched):
+                self.inputs.fetched(msg)
+            elif isinstance(msg, Fetch):
+                asyncio.ensure_future(self._serve_kept(msg.ids))
+            elif isinstance(msg, Release):
+                self.kept.release(msg.ids)
             elif isinstance(msg, Error):
                 log.warning("service: %s (%s)", msg.message, msg.code)
             else:
@@ -347,7 +376,7 @@ class EndpointDaemon:
             except ProtocolError as exc:
                 self._on_result(failure(tid, PermissionError(str(exc))))
                 continue
-            if blob_refs != (None, None):  # large arguments or function: fetched first, off the loop
+            if blob_refs != (None, None) or t.inputs:  # large arguments, function or inputs: fetched first
                 self._fetching.add(tid)
                 asyncio.ensure_future(self._fetch_then_run(t, body, str(sandbox), *blob_refs))
                 continue
@@ -360,8 +389,16 @@ class EndpointDaemon:
                               body_ref: Any) -> None:
         """Download a task's blobs, then hand it to the engine (unless it was cancelled meanwhile)."""
         tid = task.id
+        inputs = None
         try:
             body, payload = await self.payloads.fetch(task, body, args_ref, body_ref)
+            if task.inputs:
+                inputs = await self.inputs.gather(tid, task.inputs)
+        except InputFailed as exc:
+            if tid in self._fetching:
+                self._fetching.discard(tid)
+                self._on_result(failure(tid, exc, message=str(exc), code=exc.code))
+            return
         except Exception as exc:  # noqa: BLE001 - refused, corrupt, unreachable: this task fails, in words
             if tid in self._fetching:
                 self._fetching.discard(tid)
@@ -369,6 +406,7 @@ class EndpointDaemon:
             return
         if tid not in self._fetching:  # cancelled meanwhile
             self.payloads.discard(tid)
+            self.inputs.done(tid)
             return
         self._fetching.discard(tid)
         if args_ref is not None:
@@ -379,7 +417,58 @@ class EndpointDaemon:
                 self.payloads.discard(tid)
                 self._on_result(failure(tid, PermissionError(str(exc))))
                 return
-        self.engine.submit(TaskSpec(tid, task.function, body, payload, task.spec, sandbox))
+        self.engine.submit(TaskSpec(tid, task.function, body, payload, task.spec, sandbox, inputs))
+
+    async def _keep_then_finish(self, result: Result) -> None:
+        """Keep a large result here (its frame carries a kept stub); when the store is full, or
+        the result is over ``max_result_bytes``, it goes the way results went before: a blob."""
+        tid, data = result.id, result.data
+        local = file_of(data)
+        if local is not None:
+            path, sha256 = local
+            size = path.stat().st_size
+            sha256 = sha256 or await asyncio.to_thread(sha256_file, path)
+            source: Path | bytes = path
+        else:
+            assert data is not None
+            source, size = data, len(data)
+            sha256 = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+        if (self.max_result is None or size <= self.max_result) and self.kept.room_for(size):
+            if await asyncio.to_thread(self.kept.keep, tid, source, sha256):
+                self._finish(msgspec.structs.replace(
+                    result, data=kept_stub(KeptRef(endpoint=self.endpoint_id, size=size, sha256=sha256))))
+                return
+        await self._store_then_finish(result)
+
+    async def _serve_kept(self, ids: list[str]) -> None:
+        """The service asks for kept results (a client wants the value, or a task on another
+        endpoint takes it as input): each is uploaded as a blob of its owner, or said to be gone."""
+        data: dict[str, bytes] = {}
+        errors: dict[str, ErrorInfo] = {}
+        for tid in ids:
+            if tid not in self.kept:
+                errors[tid] = ErrorInfo(type="ResultLost", code=ErrorCode.RESULT_LOST.value, message=(
+                    f"the result of task {tid} is no longer kept on endpoint {self.endpoint_id} (released, or "
+                    f"freed after kept_results_retention_s, or the endpoint's store was removed)"))
+                continue
+            self.kept.pin(tid)
+            try:
+                path = self.kept.path(tid)
+                size = path.stat().st_size
+                sha256 = self.kept.sha256(tid) or await asyncio.to_thread(sha256_file, path)
+                ref = await self.payloads.upload_result(tid, path, size, sha256)
+                data[tid] = blob_stub(ref)
+            except Exception as exc:  # noqa: BLE001 - the asker gets the reason in words
+                code = ErrorCode.QUOTA_EXCEEDED if isinstance(exc, QuotaExceeded) else ErrorCode.RESULT_LOST
+                errors[tid] = ErrorInfo(type=type(exc).__name__, code=code.value,
+                                        message=f"endpoint {self.endpoint_id} could not upload the result of task "
+                                                f"{tid}: {exc}")
+            finally:
+                self.kept.unpin(tid)
+        await self._send(encode(Fetched(data=data, errors=errors)))
+
+    def _send_soon(self, frame: bytes) -> None:
+        asyncio.ensure_future(self._send(frame))
 
     async def _store_then_finish(self, result: Result) -> None:
         self._finish(await self.payloads.store_result(result))
@@ -416,8 +505,9 @@ class EndpointDaemon:
             return
         self.payloads.discard(tid)
         if self.payloads.is_large(result.data, self.blob_threshold):
-            # stored as a blob first; the task stays in flight until then
-            asyncio.ensure_future(self._store_then_finish(result))
+            # kept here, or stored as a blob; the task stays in flight until then
+            keep = result.state == TaskState.SUCCESS.value and self.kept.max_bytes > 0
+            asyncio.ensure_future(self._keep_then_finish(result) if keep else self._store_then_finish(result))
             return
         self._finish(result)
 
@@ -438,6 +528,8 @@ class EndpointDaemon:
         elif wire_size(result) > self.max_frame - FRAME_ENVELOPE:  # spool what can be sent, never what cannot
             result = too_large(tid, TooLarge(result, wire_size(result), self.max_frame))
         self._result_buf.append(result)
+        self.inputs.done(tid)
+        self.inputs.produced(result)
         # the last result of a burst goes at once (latency); while other tasks still run, one
         # frame per window carries what streams in (every frame costs a spool write, a syscall
         # and a commit at the service), a longer window while a deep queue drains
@@ -474,6 +566,9 @@ class EndpointDaemon:
                 self.stopping.set()
                 return
             self._write_status("connected" if self.ws is not None else "disconnected")
+            if time.monotonic() - self._kept_expired > KEPT_EXPIRE_EVERY_S:
+                self._kept_expired = time.monotonic()
+                self.kept.expire()
             if self.ws is not None:
                 await self._send(encode(Heartbeat(capacity=self.engine.capacity(), versions=versions())))
 

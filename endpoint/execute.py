@@ -14,6 +14,7 @@ from msgspec import Struct
 
 from tether.errors import SerializationError
 from tether.protocol import DEFAULT_BLOB_THRESHOLD, Result, TaskState
+from tether.refs import fill_inputs
 from tether.results import failure, success
 from tether.runtime import TaskContext, set_current, task_id_environment
 from tether.serialize import RESULT, deserialize, serialize, serialize_into
@@ -37,6 +38,9 @@ class TaskSpec(Struct, frozen=True):
     payload: bytes
     spec: dict[str, Any] | None
     sandbox: str | None
+    #: the results of tasks this one takes as inputs (``Task.inputs``): inline data or file stubs
+    #: of kept results and downloads, put in place of the placeholders before the call
+    inputs: dict[str, bytes] | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,10 @@ def _run(task: TaskSpec, allowed_methods: Allowlist | frozenset[str] | None, chd
     try:
         fn = load_function(task.function_id, task.function_body, function_methods)
         args, kwargs = load_payload(task.payload, data_methods)
+        if task.inputs:  # results of other tasks, kept here or fetched: the allowlist holds for them too
+            values = {tid: load_payload(data, data_methods) for tid, data in task.inputs.items()}
+            args, kwargs = fill_inputs(args, kwargs, values)
+            del values
     except BaseException as exc:  # noqa: BLE001
         return failure(task_id, exc, times)
     previous = None

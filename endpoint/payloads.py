@@ -128,25 +128,31 @@ class EndpointPayloads:
             if self.max_result is not None and size > self.max_result:
                 raise PayloadTooLarge(f"result is {size} bytes, over this endpoint's max_result_bytes "
                                       f"({self.max_result})")
-            backoff = Backoff(initial=0.5, maximum=10.0)
-            for attempt in range(UPLOAD_ATTEMPTS):
-                try:
-                    ref = await asyncio.to_thread(self.client().upload, source, size, sha256, task_id=tid,
-                                                  what=f"result of task {tid}")
-                    break
-                except TetherError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - the network: try again a few times
-                    if attempt == UPLOAD_ATTEMPTS - 1:
-                        raise
-                    log.warning("storing the result of task %s failed (%s); retrying", tid, exc)
-                    await asyncio.sleep(backoff.next())
+            ref = await self.upload_result(tid, source, size, sha256)
             return msgspec.structs.replace(result, data=blob_stub(ref))
         except Exception as exc:  # noqa: BLE001 - the task fails with the reason, in words
             return blob_failure(tid, exc, "its result could not be stored on the service")
         finally:
             if local is not None:
                 local[0].unlink(missing_ok=True)
+
+
+    async def upload_result(self, tid: str, source: Path | bytes, size: int, sha256: str) -> BlobRef:
+        """Store a task's result as a blob of its owner: network failures are retried a few times,
+        a refusal (too large, over quota) is raised at once."""
+        backoff = Backoff(initial=0.5, maximum=10.0)
+        for attempt in range(UPLOAD_ATTEMPTS):
+            try:
+                return await asyncio.to_thread(self.client().upload, source, size, sha256, task_id=tid,
+                                               what=f"result of task {tid}")
+            except TetherError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the network: try again a few times
+                if attempt == UPLOAD_ATTEMPTS - 1:
+                    raise
+                log.warning("storing the result of task %s failed (%s); retrying", tid, exc)
+                await asyncio.sleep(backoff.next())
+        raise AssertionError("unreachable")
 
 
 def blob_failure(task_id: str, exc: BaseException, context: str = "") -> Result:

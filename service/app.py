@@ -52,7 +52,8 @@ def create_app(settings: Settings) -> FastAPI:
     blob_dir = Path(settings.blob_dir) if settings.blob_dir else tether_home() / "service" / "blobs"
     blob_index = BlobIndex(store, blob_dir, settings.max_blob_bytes, settings.blob_quota_bytes,
                            settings.blob_orphan_s)
-    relay.blobs = db.offload(blob_index)  # its queries run where the store's do (off the loop on PostgreSQL)
+    relay.blobs = db.offload(blob_index)
+    relay.fetches.blobs = relay.blobs  # its queries run where the store's do (off the loop on PostgreSQL)
     max_frame = service_max_frame(settings.max_payload_bytes)
     services = Services(
         settings=settings, store=store, db=db, relay=relay, authenticator=authenticator, blob_index=blob_index,

@@ -129,6 +129,8 @@ class AsyncStore:
     open_task_page = awaited(Store.open_task_page)
     load_open_tasks = awaited(Store.load_open_tasks)
     get_tasks = awaited(Store.get_tasks)
+    input_readers = awaited(Store.input_readers)
+    kept_result_owner = awaited(Store.kept_result_owner)
     finished_among = awaited(Store.finished_among)
     group_task_ids = awaited(Store.group_task_ids)
     cancel = awaited(Store.cancel)

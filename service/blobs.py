@@ -139,7 +139,7 @@ class BlobIndex:
 
     def _result_owner(self, endpoint_id: str, task_id: str) -> str:
         """The owner of an open task this endpoint holds (else 404: it is not the endpoint's)."""
-        owner = self.store.open_task_owner(endpoint_id, task_id)
+        owner = self.store.open_task_owner(endpoint_id, task_id) or self.store.kept_result_owner(endpoint_id, task_id)
         if owner is None:
             raise HTTPException(404, f"unknown task {task_id}: no open task with this id is dispatched to this "
                                      "endpoint")
@@ -201,6 +201,16 @@ class BlobIndex:
         with self.store.transaction() as conn:
             conn.execute(task_blobs.insert(), rows)
             conn.execute(update(blobs).where(blobs.c.id.in_({r["blob_id"] for r in rows})).values(linked=True))
+
+    def link_inputs(self, blob_id: str, task_ids: Iterable[str]) -> None:
+        """Tasks that take another task's result (this blob) as input name it: the endpoint they
+        are dispatched to may read it (see ``service/fetches.py``), and it lives as long as they do."""
+        with self.store.transaction() as conn:
+            have = {r.task_id for r in conn.execute(select(task_blobs.c.task_id).where(
+                and_(task_blobs.c.blob_id == blob_id, task_blobs.c.role == "input")))}
+            rows = [{"task_id": t, "blob_id": blob_id, "role": "input"} for t in set(task_ids) - have]
+            if rows:
+                conn.execute(task_blobs.insert(), rows)
 
     # --- lifetime ------------------------------------------------------------------------------
     def purge(self) -> int:

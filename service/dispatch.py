@@ -41,6 +41,7 @@ from tether.protocol import (
 
 from .async_store import AsyncStore
 from .bus import LocalBus, RabbitBus
+from .fetches import Fetches
 from .replica_events import Forward
 from .routing import Routes
 from .sessions import PEER_MAX_FRAME, EndpointSession, failed_result, send_or_drop
@@ -64,6 +65,8 @@ class Dispatch(Subscriptions):
         super().__init__(db, bus)
         self.prefetch = prefetch
         self.endpoints: dict[str, EndpointSession] = {}
+        #: kept results asked for by clients and endpoints (service/fetches.py)
+        self.fetches = Fetches(db, self.endpoints)
         self.routes = Routes()
         # State changes that are not worth a commit each (a lost one is re-derived: the task is
         # re-dispatched, or its result carries the times): written in bulk by flush_deferred().
@@ -197,7 +200,7 @@ class Dispatch(Subscriptions):
         for r in loaded:
             per_owner[r.owner_id].append(Task(id=r.id, function=r.function_id, endpoint=r.endpoint_id,
                                               payload=r.payload, group=r.group_id, spec=json_or_none(r.spec),
-                                              uec=json_or_none(r.uec)))
+                                              uec=json_or_none(r.uec), inputs=json_or_none(r.inputs) or []))
         for owner, items in per_owner.items():
             await self._dispatch(ep, owner, items)
 
@@ -302,6 +305,7 @@ class Dispatch(Subscriptions):
             except Exception:
                 self.routes.unclaim(session.endpoint_id, fresh)  # not acknowledged: the endpoint sends them again
                 raise
+        await self.fetches.results_stored(fresh)
         # foreign and duplicate results are acknowledged too: they will never be stored, and the
         # endpoint must not send them again forever
         session.acknowledge([r.id for r in results])

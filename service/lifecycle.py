@@ -26,6 +26,8 @@ from tether.protocol import (
     Cancel,
     ErrorCode,
     ErrorInfo,
+    Fetch,
+    Fetched,
     Heartbeat,
     Hello,
     Identity,
@@ -72,6 +74,10 @@ class EndpointLifecycle(Dispatch):
             await self._store_results(session, msg.results)
         elif isinstance(msg, UserEndpointStarted | UserEndpointFailed):
             await self._user_endpoint_report(session, msg)
+        elif isinstance(msg, Fetch):
+            await self.fetches.from_endpoint(session, msg.ids)
+        elif isinstance(msg, Fetched):
+            await self.fetches.uploaded(session, msg)
         elif isinstance(msg, Heartbeat):
             session.status = {"versions": msg.versions or session.status.get("versions", {}),
                               "capacity": msg.capacity}

@@ -53,6 +53,8 @@ from tether.protocol import (
     Error,
     ErrorCode,
     ErrorInfo,
+    Fetch,
+    Release,
     Result,
     Submit,
     Subscribe,
@@ -103,6 +105,10 @@ class Relay(Submission):
             await self.cancel(session.user_id, msg.ids)
         elif isinstance(msg, Collected):
             self._deferred_collected[session.user_id].extend(msg.ids)
+        elif isinstance(msg, Fetch):
+            await self.fetches.from_client(session, msg.ids)
+        elif isinstance(msg, Release):
+            await self.fetches.release(session.user_id, msg.ids)
 
     async def subscribe(self, session: ClientSession, msg: Subscribe) -> None:
         """Watch tasks (e.g. a reloaded task group); current state or result is sent at once."""

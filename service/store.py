@@ -27,7 +27,7 @@ from sqlalchemy import (
     update,
 )
 
-from tether.protocol import ErrorInfo, Result, TaskState
+from tether.protocol import ErrorInfo, Result, TaskState, kept_ref_of
 
 from .database import chunks
 from .registry import Registry
@@ -85,7 +85,8 @@ _SET_STATE = {
 _REDISPATCH = (update(tasks).where(and_(tasks.c.id == bindparam("b_id"), tasks.c.state == TaskState.WAITING.value))
                .values(state=TaskState.DISPATCHED.value, t_dispatched=bindparam("b_ts")))
 _LOAD_OPEN = select(tasks.c.id, tasks.c.owner_id, tasks.c.endpoint_id, tasks.c.function_id, tasks.c.payload,
-                    tasks.c.spec, tasks.c.uec, tasks.c.group_id).where(and_(tasks.c.id.in_(_IDS), _OPEN))
+                    tasks.c.spec, tasks.c.uec, tasks.c.group_id, tasks.c.inputs
+                    ).where(and_(tasks.c.id.in_(_IDS), _OPEN))
 _MARK_COLLECTED = (
     update(tasks)
     .where(and_(tasks.c.id.in_(_IDS), _owned_by(bindparam("owner")), tasks.c.collected_at.is_(None)))
@@ -181,6 +182,7 @@ class Store(Registry):
                 "payload": t.payload,
                 "spec": json.dumps(t.spec) if t.spec else None,
                 "uec": json.dumps(t.uec) if t.uec else None,
+                "inputs": json.dumps(t.inputs) if t.inputs else None,
                 "t_received": now,
                 "t_waiting": now,
             }
@@ -292,6 +294,30 @@ class Store(Registry):
             for chunk in chunks(ids):
                 out.extend(conn.execute(_LOAD_OPEN, {"ids": chunk}).all())
         return out
+
+    def input_readers(self, endpoint_id: str, ids: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
+        """For an endpoint asking for results it needs as inputs: ``{input id: [(open task on this
+        endpoint that takes it, that task's owner)]}``. An endpoint may read a result only that way."""
+        wanted = set(ids)
+        readers: dict[str, list[tuple[str, str]]] = {}
+        with self._tx() as conn:
+            for row in conn.execute(select(tasks.c.id, tasks.c.owner_id, tasks.c.inputs).where(
+                    and_(tasks.c.endpoint_id == endpoint_id, _OPEN, tasks.c.inputs.is_not(None)))):
+                for tid in json.loads(row.inputs):
+                    if tid in wanted:
+                        readers.setdefault(tid, []).append((row.id, row.owner_id))
+        return readers
+
+    def kept_result_owner(self, endpoint_id: str, task_id: str) -> str | None:
+        """The owner of a finished task whose result this endpoint keeps (it may upload it as a
+        blob when someone asks for it), else None."""
+        with self._tx() as conn:
+            row = conn.execute(select(tasks.c.owner_id, tasks.c.result).where(
+                and_(tasks.c.id == task_id, tasks.c.state == TaskState.SUCCESS.value))).first()
+        if row is None:
+            return None
+        kept = kept_ref_of(row.result)
+        return row.owner_id if kept is not None and kept.endpoint == endpoint_id else None
 
     def get_tasks(self, owner: str, ids: Sequence[str]) -> list[Any]:
         """The owner's tasks among ``ids`` (others' are simply not found)."""

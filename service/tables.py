@@ -71,6 +71,7 @@ tasks = Table(
     Column("t_done", Float),
     Column("collected_at", Float),
     Column("retried", Boolean, default=False),
+    Column("inputs", Text),  # JSON list of the task ids whose results it takes as arguments
     Index("ix_tasks_endpoint_state", "endpoint_id", "state"),
     Index("ix_tasks_owner_group", "owner_id", "group_id"),
 )

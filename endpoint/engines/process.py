@@ -204,7 +204,7 @@ class ProcessEngine(Engine):
             if len(worker.assigned) == 1:  # an idle worker starts it at once
                 self.on_running(task.id, time.time())
             batches.setdefault(id(worker), []).append(
-                (seq, task.id, task.function_id, body, task.payload, task.spec, task.sandbox))
+                (seq, task.id, task.function_id, body, task.payload, task.spec, task.sandbox, task.inputs))
         for worker in list(self.workers):
             batch = batches.get(id(worker))
             if batch is not None:

@@ -27,10 +27,10 @@ from tether.results import pack
 PARENT_CHECK_S = 1.0
 
 #: a task on the pipe: its number on this worker, then the fields of its TaskSpec in order (id,
-#: function id, body or None when the worker has it, payload, spec, sandbox). Plain fields,
+#: function id, body or None when the worker has it, payload, spec, sandbox, inputs). Plain fields,
 #: rebuilt here: pickling a TaskSpec looks its class up by name in every message, which cost the
 #: daemon more per task than all the rest of the hand-over
-TaskItem = tuple[int, str, str, bytes | None, bytes, dict[str, Any] | None, str | None]
+TaskItem = tuple[int, str, str, bytes | None, bytes, dict[str, Any] | None, str | None, dict[str, bytes] | None]
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -78,7 +78,7 @@ def main(conns: tuple[Connection, Connection], allowed_methods: Allowlist | froz
                 take(conn.recv())
         except (EOFError, OSError):
             os._exit(0)  # the endpoint is gone: so are we
-        seq, task_id, fid, body, payload, spec, sandbox = queue.popleft()
+        seq, task_id, fid, body, payload, spec, sandbox, inputs = queue.popleft()
         if gate is not None:
             lock, started, floor = gate
             with lock:
@@ -87,5 +87,6 @@ def main(conns: tuple[Connection, Connection], allowed_methods: Allowlist | froz
                     started.value = seq
             if withdrawn:
                 continue
-        task = TaskSpec(task_id, fid, bodies.pop(fid, body), payload, spec, sandbox)  # a body may have come earlier
+        # a body may have come earlier
+        task = TaskSpec(task_id, fid, bodies.pop(fid, body), payload, spec, sandbox, inputs)
         results.send_bytes(pack(run_task(task, allowed_methods, chdir=python_sandbox, engine=engine_info)))

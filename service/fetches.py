@@ -1,0 +1,214 @@
+"""Results kept on endpoints, brought to whoever asks: a client's ``fetch`` (a user wants a
+value), an endpoint's ``fetch`` (a task it holds takes another task's result as input), a
+client's ``release`` (nobody holds a kept result any more).
+
+The service never holds the bytes of a kept result in memory: it asks the endpoint that keeps
+it to upload it as a blob (once; the stub is remembered, and the blob lives as long as its
+task), then answers with the stub, which the asker downloads. A result the service stores
+itself (inline, or a blob) is answered from the store. An endpoint may read only the inputs of
+open tasks dispatched to it, and they must be their owners' own tasks
+(:meth:`Store.input_readers`); a client only its own tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any
+
+from tether.bounded import BoundedCache
+from tether.protocol import (
+    MAX_IDS,
+    ErrorCode,
+    ErrorInfo,
+    Fetch,
+    Fetched,
+    Release,
+    TaskState,
+    blob_ref_of,
+    encode,
+    kept_ref_of,
+)
+
+from .async_store import AsyncStore
+from .sessions import EndpointSession, send_or_drop
+
+log = logging.getLogger("tether.service.fetches")
+
+#: blob stubs of kept results already uploaded, so a second ask costs no second upload
+UPLOADED_CACHE = 65536
+#: askers waiting for one result (a bound: a client asking again and again adds nothing)
+MAX_WAITERS_PER_TASK = 256
+
+
+class Fetches:
+    """Who waits for which result, and the frames that answer them."""
+
+    def __init__(self, db: AsyncStore, endpoints: dict[str, EndpointSession], blobs: Any = None):
+        self.db = db
+        self.endpoints = endpoints
+        self.blobs = blobs  # service/blobs.py BlobIndex: lets an endpoint read an input's blob
+        self._waiting: dict[str, dict[int, Any]] = defaultdict(dict)  # task id -> {id(session): session}
+        self._readers: dict[str, list[str]] = {}  # input id -> open tasks of the asking endpoint that take it
+        self._uploaded: BoundedCache[str, bytes] = BoundedCache(max_items=UPLOADED_CACHE)
+        self._asked: set[str] = set()  # kept results an endpoint was asked to upload, not answered yet
+
+    # --- asks -----------------------------------------------------------------------------------
+    async def from_client(self, session: Any, ids: list[str]) -> None:
+        """A client wants the values of its tasks' kept results."""
+        rows = await self.db.get_tasks(session.user_id, ids)
+        known = {r.id for r in rows}
+        errors = {tid: _error(ErrorCode.UNKNOWN_TASK, f"task {tid} is not one of yours (or it was purged)")
+                  for tid in ids if tid not in known}
+        await self._answer_rows(session, rows, errors, asker_endpoint=None)
+
+    async def from_endpoint(self, session: EndpointSession, ids: list[str]) -> None:
+        """An endpoint wants results that tasks it holds take as inputs."""
+        readers = await self.db.input_readers(session.endpoint_id, ids)
+        errors = {tid: _error(ErrorCode.UNKNOWN_TASK, f"task {tid} is not an input of a task this endpoint holds")
+                  for tid in ids if tid not in readers}
+        rows = []
+        by_owner: dict[str, list[str]] = defaultdict(list)
+        for tid, pairs in readers.items():
+            by_owner[pairs[0][1]].append(tid)
+        for owner, wanted in by_owner.items():  # an input must be its reader's owner's own task
+            found = await self.db.get_tasks(owner, wanted)
+            rows.extend(found)
+            missing = set(wanted) - {r.id for r in found}
+            errors.update({tid: _error(ErrorCode.UNKNOWN_TASK, f"input task {tid} is not a task of the owner of "
+                                       "the task that takes it (or it was purged)") for tid in missing})
+        for tid, pairs in readers.items():
+            self._readers[tid] = [reader for reader, _ in pairs]
+        await self._answer_rows(session, rows, errors, asker_endpoint=session.endpoint_id)
+
+    async def _answer_rows(self, asker: Any, rows: list[Any], errors: dict[str, ErrorInfo],
+                           asker_endpoint: str | None) -> None:
+        data: dict[str, bytes] = {}
+        upload: dict[str, list[str]] = defaultdict(list)  # keeping endpoint -> tasks to upload
+        for r in rows:
+            tid = r.id
+            if r.state in (TaskState.FAILED.value, TaskState.CANCELLED.value):
+                what = "was cancelled" if r.state == TaskState.CANCELLED.value else "failed"
+                errors[tid] = _error(ErrorCode.INPUT_FAILED, f"task {tid} {what}: {_message(r.error)}")
+                continue
+            if r.state != TaskState.SUCCESS.value:  # not finished: answered when its result is stored
+                self._wait(tid, asker)
+                continue
+            kept = kept_ref_of(r.result)
+            if kept is None:
+                data[tid] = r.result if r.result is not None else b""
+                continue
+            stub = self._uploaded.get(tid)
+            if stub is not None:
+                data[tid] = stub
+            elif kept.endpoint == asker_endpoint:
+                errors[tid] = _error(ErrorCode.RESULT_LOST, f"the result of task {tid} was kept on this endpoint "
+                                     "and is no longer there (released, or freed after kept_results_retention_s)")
+            elif kept.endpoint not in self.endpoints:
+                errors[tid] = _error(ErrorCode.ENDPOINT_OFFLINE, f"the result of task {tid} is kept on endpoint "
+                                     f"{kept.endpoint}, which is not connected (to this service replica); it can "
+                                     "be fetched once it is")
+            else:
+                self._wait(tid, asker)
+                if tid not in self._asked:
+                    self._asked.add(tid)
+                    upload[kept.endpoint].append(tid)
+        await self._send(asker, data, errors)
+        for endpoint_id, ids in upload.items():
+            ep = self.endpoints.get(endpoint_id)
+            if ep is not None:
+                for start in range(0, len(ids), MAX_IDS):
+                    await send_or_drop(ep, encode(Fetch(ids=ids[start : start + MAX_IDS])))
+
+    def _wait(self, tid: str, asker: Any) -> None:
+        waiting = self._waiting[tid]
+        if len(waiting) < MAX_WAITERS_PER_TASK:
+            waiting[id(asker)] = asker
+
+    # --- answers --------------------------------------------------------------------------------
+    async def uploaded(self, session: EndpointSession, msg: Fetched) -> None:
+        """An endpoint uploaded kept results (or says why it could not): the askers get them."""
+        for tid, stub in msg.data.items():
+            self._asked.discard(tid)
+            if blob_ref_of(stub) is not None:  # only blob stubs: an endpoint never answers with data
+                self._uploaded[tid] = stub
+                await self._deliver(tid, stub, None)
+        for tid, error in msg.errors.items():
+            self._asked.discard(tid)
+            await self._deliver(tid, None, error)
+
+    async def results_stored(self, results: list[Any]) -> None:
+        """Results just stored: askers waiting for them get them (kept ones after an upload)."""
+        if not self._waiting:
+            return
+        for r in results:
+            if r.id not in self._waiting:
+                continue
+            if r.state == TaskState.SUCCESS.value and kept_ref_of(r.data) is not None:
+                kept = kept_ref_of(r.data)
+                ep = self.endpoints.get(kept.endpoint)
+                if ep is None:
+                    await self._deliver(r.id, None, _error(ErrorCode.ENDPOINT_OFFLINE, f"the result of task {r.id} "
+                                                           f"is kept on endpoint {kept.endpoint}, not connected"))
+                elif r.id not in self._asked:
+                    self._asked.add(r.id)
+                    await send_or_drop(ep, encode(Fetch(ids=[r.id])))
+                continue
+            if r.state == TaskState.SUCCESS.value:
+                await self._deliver(r.id, r.data if r.data is not None else b"", None)
+            else:
+                what = "was cancelled" if r.state == TaskState.CANCELLED.value else "failed"
+                await self._deliver(r.id, None, _error(ErrorCode.INPUT_FAILED, f"task {r.id} {what}: "
+                                                       f"{r.error.message if r.error else ''}"))
+
+    async def _deliver(self, tid: str, data: bytes | None, error: ErrorInfo | None) -> None:
+        waiting = self._waiting.pop(tid, {})
+        readers = self._readers.pop(tid, [])
+        for asker in waiting.values():
+            if data is not None and isinstance(asker, EndpointSession) and self.blobs is not None:
+                await self._let_read(data, readers)
+            await self._send(asker, {tid: data} if data is not None else {}, {tid: error} if error else {})
+
+    async def _let_read(self, data: bytes, readers: list[str]) -> None:
+        """An endpoint downloads an input's blob: the tasks that read it name it, as their own
+        arguments' blobs are named (see BlobIndex.may_read)."""
+        ref = blob_ref_of(data)
+        if ref is not None and readers:
+            await self.blobs.link_inputs(ref.id, readers)
+
+    async def _send(self, asker: Any, data: dict[str, bytes], errors: dict[str, ErrorInfo]) -> None:
+        if isinstance(asker, EndpointSession) and self.blobs is not None:
+            for tid, item in data.items():
+                await self._let_read(item, self._readers.get(tid, []))
+        if data or errors:
+            await send_or_drop(asker, encode(Fetched(data=data, errors=errors)))
+
+    # --- release --------------------------------------------------------------------------------
+    async def release(self, user_id: str, ids: list[str]) -> None:
+        """A client holds these kept results no more: the endpoints keeping them may free them."""
+        by_endpoint: dict[str, list[str]] = defaultdict(list)
+        for r in await self.db.get_tasks(user_id, ids):
+            kept = kept_ref_of(r.result) if r.state == TaskState.SUCCESS.value else None
+            if kept is not None:
+                by_endpoint[kept.endpoint].append(r.id)
+        for endpoint_id, released in by_endpoint.items():
+            ep = self.endpoints.get(endpoint_id)
+            if ep is not None:  # an endpoint away frees them after kept_results_retention_s
+                await send_or_drop(ep, encode(Release(ids=released)))
+
+
+def _error(code: ErrorCode, message: str) -> ErrorInfo:
+    return ErrorInfo(type="ResultLost" if code != ErrorCode.INPUT_FAILED else "InputFailed", message=message,
+                     code=code.value)
+
+
+def _message(error_json: str | None) -> str:
+    """The stored error's message (the store keeps it as JSON)."""
+    import json
+
+    if not error_json:
+        return "no error recorded"
+    try:
+        return str(json.loads(error_json).get("message", ""))
+    except (ValueError, AttributeError):
+        return error_json
