@@ -89,6 +89,14 @@ def rescheduled(start: float, stop: float) -> dict[str, Any]:
     return msg
 
 
+def finished(value: Any, nbytes: int, start: float, stop: float) -> dict[str, Any]:
+    """The worker's message for a task that returned ``value`` (``_run_task_simple``'s success
+    message): ``nbytes`` is what the scheduler plans with, the real size also for a value the
+    endpoint keeps (``value`` is then its small handle)."""
+    return {"op": "task-finished", "status": "OK", "result": value, "nbytes": nbytes,
+            "type": type(value) if value is not None else None, "start": start, "stop": stop, "thread": 0}
+
+
 def failed(exc: BaseException, start: float, stop: float) -> dict[str, Any]:
     """The message for a task that failed in Tether rather than in user code (payload too
     large, endpoint worker died, ...): the Dask future raises ``exc``."""

@@ -1,13 +1,20 @@
 """Proxy mode: a Dask worker on the user's side whose tasks run on a Tether endpoint.
 
-The worker keeps Dask's state machine, data and scheduling; only the computation moves. Its
-executor receives each task as ``_run_task_simple(task, data, time_delay)`` (see
-:mod:`tether.dask._compat`), sends it with its inputs through the service, and hands back the
-message the endpoint produced, so results, timings and the task's own exceptions look exactly as
-with a local worker. Nothing connects to the user's machine: the endpoint only talks to the service.
+The worker keeps Dask's state machine and scheduling; the computation moves, and so does the
+data. Its executor receives each task as ``_run_task_simple(task, data, time_delay)`` (see
+:mod:`tether.dask._compat`), sends it with its inputs through the service, and makes the
+worker's message from what comes back, so results, timings and the task's own exceptions look
+exactly as with a local worker. Nothing connects to the user's machine: the endpoint only talks
+to the service.
+
+A large value stays on the endpoint (a kept result, see ``docs/payloads.md``): the worker's
+``data`` holds its :class:`tether.RemoteValue`, the scheduler plans with its real size, the next
+task that needs it reads it on the endpoint, and releasing the key frees it there. Only what
+leaves the worker (``compute``/``gather`` to the client) is fetched: a handle fetches its value
+when it is pickled.
 
 Tasks that need the worker object itself (P2P shuffle transfer/unpack, actors, ``get_worker()``)
-run here, in a thread, as a thread-pool worker would run them.
+run here, in a thread, as a thread-pool worker would run them, with their inputs fetched.
 """
 
 from __future__ import annotations
@@ -21,14 +28,15 @@ from time import time
 from typing import Any
 
 import cloudpickle
+from dask.sizeof import sizeof
 from distributed import Worker
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.threadpoolexecutor import ThreadPoolExecutor
 
-from tether import Executor, TetherError, TetherFuture
+from tether import Executor, RemoteValue, TetherError, TetherFuture
 
 from . import remote
-from ._compat import failed, functions_in, rescheduled, run_task_on_worker, run_task_simple
+from ._compat import failed, finished, functions_in, rescheduled, run_task_on_worker, run_task_simple
 
 # the endpoint needs dask/distributed, not this plugin: remote.py travels by value
 cloudpickle.register_pickle_by_value(remote)
@@ -104,6 +112,9 @@ class EndpointTaskExecutor(concurrent.futures.Executor):
         self.local = local
         self.worker: Worker | None = None
         self._in_flight: dict[Any, _ProxyFuture] = {}
+        #: keys whose values the endpoint keeps: released there when the worker releases the key
+        #: (not left to garbage collection: the worker's bookkeeping may hold a message a while)
+        self._kept: dict[Any, RemoteValue] = {}
         self._lock = threading.Lock()
         #: counters a user (and the tests) can read: where tasks ran
         self.counts = {"endpoint": 0, "local": 0, "fallback": 0}
@@ -114,7 +125,7 @@ class EndpointTaskExecutor(concurrent.futures.Executor):
         task, data, time_delay = args
         if self._needs_worker(task):
             self.counts["local"] += 1
-            return self.local.submit(run_task_on_worker, self.worker, task, data, time_delay)
+            return self.local.submit(_run_here, self.worker, task, data, time_delay)
         return self._submit_remote(task, data, time_delay)
 
     def _needs_worker(self, task: Any) -> bool:
@@ -151,15 +162,24 @@ class EndpointTaskExecutor(concurrent.futures.Executor):
         if exc is not None:  # Tether could not run it (endpoint worker died, ...): the task errs with that
             outer.set_result(failed(exc, start, time()))
             return
-        msg = inner.result()
-        if msg == remote.NEEDS_WORKER and self.worker is not None:
+        kept = inner.remote_value()  # a large value stays on the endpoint: its handle, not its bytes
+        value = kept if kept is not None else inner.result()
+        if type(value) is str and value == remote.NEEDS_WORKER and self.worker is not None:
             self.counts["fallback"] += 1
             logger.info("task %s needs a Dask worker (get_worker/get_client); running it on the proxy worker",
                         task.key)
-            local = self.local.submit(run_task_on_worker, self.worker, task, data, time_delay)
+            local = self.local.submit(_run_here, self.worker, task, data, time_delay)
             local.add_done_callback(functools.partial(_copy_outcome, outer))
             return
-        outer.set_result(msg)
+        if type(value) is tuple and len(value) == 2 and value[0] == remote.ERRED:
+            outer.set_result(value[1])
+            return
+        times = inner.transitions
+        if kept is not None:
+            with self._lock:
+                self._kept[task.key] = kept
+        nbytes = kept.size if kept is not None else sizeof(value)
+        outer.set_result(finished(value, nbytes, times.get("running", start), times.get("success", time())))
 
     def cancel_key(self, key: Any) -> None:
         """The worker released a task it is executing (``client.cancel``): kill it on the endpoint."""
@@ -168,13 +188,30 @@ class EndpointTaskExecutor(concurrent.futures.Executor):
         if outer is not None and outer.remote is not None:
             outer.remote.cancel()
 
+    def release_key(self, key: Any) -> None:
+        """The worker dropped a key's value: the endpoint may free it now."""
+        with self._lock:
+            kept = self._kept.pop(key, None)
+        if kept is not None:
+            kept.release()
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """The worker is closing: remote tasks still running are cancelled (their results are
-        unwanted); the local threads are the worker's to stop."""
+        unwanted), values the endpoint keeps are released; the local threads are the worker's
+        to stop."""
         with self._lock:
             in_flight, self._in_flight = list(self._in_flight.values()), {}
+            kept, self._kept = list(self._kept.values()), {}
         for outer in in_flight:
             outer.cancel()
+        for value in kept:  # the cluster is closing: nothing will read them again
+            value.release()
+
+
+def _run_here(worker: Worker, task: Any, data: dict, time_delay: float) -> dict[str, Any]:
+    """Run a worker-bound task in this thread, its inputs kept on the endpoint fetched first."""
+    data = {k: v.fetch() if type(v) is RemoteValue else v for k, v in data.items()}
+    return run_task_on_worker(worker, task, data, time_delay)
 
 
 def _copy_outcome(outer: concurrent.futures.Future, done: concurrent.futures.Future) -> None:
@@ -188,7 +225,8 @@ def _copy_outcome(outer: concurrent.futures.Future, done: concurrent.futures.Fut
 
 
 class _CancelOnRelease(WorkerPlugin):
-    """Turns the worker's release of an executing task into a cancel on the endpoint.
+    """Turns the worker's release of an executing task into a cancel on the endpoint, and its
+    release of a value the endpoint keeps into a release there.
 
     A thread-pool worker cannot stop a running task and lets it finish; Tether can kill it.
     """
@@ -201,6 +239,8 @@ class _CancelOnRelease(WorkerPlugin):
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         if start in ("executing", "long-running") and finish in ("released", "cancelled", "forgotten"):
             self.executor.cancel_key(key)
+        elif start == "memory" and finish in ("released", "forgotten", "error"):
+            self.executor.release_key(key)
 
 
 class ProxyWorker(Worker):

@@ -17,6 +17,8 @@ from typing import Any
 
 #: returned instead of a task message when the task turned out to need a Dask worker
 NEEDS_WORKER = "tether-needs-worker"
+#: the first item of what a task that raised returns: ``(ERRED, the worker's own message)``
+ERRED = "tether-dask-erred"
 
 
 def _raised_for_want_of_a_worker(exc: BaseException | None) -> bool:
@@ -39,17 +41,22 @@ def _raised_for_want_of_a_worker(exc: BaseException | None) -> bool:
     return False
 
 
-def run_dask_task(task: Any, data: dict, time_delay: float) -> dict[str, Any] | str:
-    """Run one Dask task as a worker's executor would, returning the worker's own message.
+def run_dask_task(task: Any, data: dict, time_delay: float) -> Any:
+    """Run one Dask task as a worker's executor would.
 
-    The task's own exception travels back inside the message (``exception`` is pickled by Dask
-    itself); ``actual_exception`` is dropped when it does not pickle, since Dask only needs it
-    to recognise ``Reschedule``.
+    Returns the task's value itself, so that a large one stays on the endpoint as any large
+    Tether result does (the proxy worker holds a reference, and the next task that needs it
+    reads it there); the proxy makes the worker's message. A task that raised returns
+    ``(ERRED, message)``: its exception travels inside the message (``exception`` is pickled
+    by Dask itself); ``actual_exception`` is dropped when it does not pickle, since Dask only
+    needs it to recognise ``Reschedule``.
     """
     import cloudpickle
     from distributed.worker import _run_task_simple
 
     msg: dict[str, Any] = _run_task_simple(task, data, time_delay)
+    if msg.get("op") == "task-finished":
+        return msg["result"]
     if msg.get("op") == "task-erred":
         exc = msg.get("actual_exception")
         if _raised_for_want_of_a_worker(exc):
@@ -58,7 +65,7 @@ def run_dask_task(task: Any, data: dict, time_delay: float) -> dict[str, Any] | 
             cloudpickle.dumps(exc)
         except Exception:
             msg["actual_exception"] = None
-    return msg
+    return ERRED, msg
 
 
 def _tail(path: Path, lines: int) -> str:

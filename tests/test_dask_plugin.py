@@ -296,3 +296,42 @@ def test_worker_mode_on_slurm(tmp_path: Path) -> None:
             assert client.gather(futures) == [i * i for i in range(200)]
             df = dd.from_dict({"k": [i % 5 for i in range(1000)], "x": range(1000)}, npartitions=4)
             assert df.groupby("k").x.sum().compute().sum() == sum(range(1000))
+
+
+def _kept_on_endpoint(home: Path) -> int:
+    d = home / "endpoints" / "local" / "results"
+    return len(list(d.iterdir())) if d.exists() else 0
+
+
+def _service_blob_bytes(home: Path) -> int:
+    d = home / "service" / "blobs"
+    return sum(p.stat().st_size for p in d.iterdir() if p.is_file()) if d.exists() else 0
+
+
+def test_persisted_data_stays_on_the_endpoint_and_only_results_come_back(fresh_stack: LocalStack) -> None:
+    """Issue 20: persist() leaves large partitions on the endpoint (the proxy worker holds
+    handles, the scheduler sees their real sizes), reductions run there, compute() fetches only
+    what it returns, and releasing the keys frees the endpoint's memory."""
+    np = pytest.importorskip("numpy")
+    with cluster_for(fresh_stack) as cluster, Client(cluster) as client:
+        x = da.random.RandomState(0).random((4 * 1536, 1024), chunks=(1536, 1024))  # 4 chunks of 12 MiB
+        x = x.persist()
+        wait(x)
+        worker = cluster.proxy_worker
+        assert worker is not None
+        held = [worker.data[k] for k in worker.data.keys()]
+        assert held and all(type(v).__name__ == "RemoteValue" for v in held), held
+        sizes = client.run_on_scheduler(lambda dask_scheduler: sum(
+            ts.nbytes for ts in dask_scheduler.tasks.values() if ts.state == "memory"))
+        assert sizes >= 4 * 12 * 1024 * 1024, "the scheduler plans with the partitions' real sizes"
+        assert _kept_on_endpoint(fresh_stack.home) == 4
+        total, mean, top = dask.compute(x.sum(), x.mean(), x.max())
+        assert _service_blob_bytes(fresh_stack.home) == 0, "no partition crossed the service"
+        expected = x.compute()  # what the user asks for comes back, as its value
+        assert isinstance(expected, np.ndarray) and expected.shape == (4 * 1536, 1024)
+        assert np.isclose(float(total), float(expected.sum()))
+        assert np.isclose(float(mean), float(expected.mean()))
+        assert float(top) == float(expected.max())
+        del x, held, expected
+        wait_for(lambda: _kept_on_endpoint(fresh_stack.home) == 0, 60,
+                 "the endpoint to free the partitions after their keys were released")
