@@ -63,6 +63,7 @@ from .protocol import (
     Fetch,
     Fetched,
     FrameDecoder,
+    KeptRef,
     ProtocolError,
     Refusal,
     Release,
@@ -315,9 +316,9 @@ class Connection:
             path.unlink(missing_ok=True)
 
     # --- results kept on endpoints -------------------------------------------------------------
-    def kept_value(self, task_id: str, endpoint: str, size: int) -> RemoteValue:
+    def kept_value(self, task_id: str, kept: KeptRef) -> RemoteValue:
         """The handle of a result its endpoint keeps: fetched on demand, released when dropped."""
-        return RemoteValue(task_id, endpoint, size, self.fetch_kept, self._releases.append)
+        return RemoteValue(task_id, kept.endpoint, kept.size, self.fetch_kept, self._releases.append, kept.type)
 
     def fetch_kept(self, task_id: str, timeout: float | None = None) -> Any:
         """The value of a kept result: asked for through the service (the endpoint uploads it as a
@@ -670,7 +671,7 @@ class Connection:
                 try:
                     kept = kept_ref_of(r.data)
                     if kept is not None:  # it stays on its endpoint: result() fetches it when asked
-                        fut._settle_kept(self.kept_value(tid, kept.endpoint, kept.size))
+                        fut._settle_kept(self.kept_value(tid, kept))
                         continue
                     ref = blob_ref_of(r.data)
                     if ref is not None:  # a large result: fetched off the loop, then the future resolves

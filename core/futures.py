@@ -100,6 +100,9 @@ class TetherFuture(concurrent.futures.Future):
         self._kept: RemoteValue | None = None
         #: futures and handles this task takes as inputs, kept alive (not released) until it is done
         self._inputs: list[Any] | None = None
+        #: what ``result()`` returns for a kept result instead of fetching it (the Parsl plugin: a
+        #: lazy proxy, so the DataFlowKernel passes it on to the next app without fetching)
+        self.kept_as: Callable[[RemoteValue], Any] | None = None
 
     def __repr__(self) -> str:
         return f"<TetherFuture {self.task_id} {self.state}>"
@@ -273,7 +276,8 @@ class TetherFuture(concurrent.futures.Future):
         else:
             value = self._wait_for_result(timeout)
         if value is not None and value is self._kept:
-            value = self._fetch_kept(value, timeout)
+            present = self.kept_as
+            value = present(value) if present is not None else self._fetch_kept(value, timeout)
         return value
 
     def _fetch_kept(self, kept: RemoteValue, timeout: float | None) -> Any:

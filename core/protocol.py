@@ -180,6 +180,8 @@ class Result(Struct, omit_defaults=True):
     data: bytes | None = None
     error: ErrorInfo | None = None
     times: Annotated[dict[Annotated[str, Meta(max_length=32)], Timestamp], Meta(max_length=16)] = {}
+    #: E (worker -> daemon): the type of a value too large for a frame (see :class:`KeptRef`)
+    kind: Annotated[str, Meta(max_length=256)] | None = None
 
 
 class BlobRef(Struct, array_like=True):
@@ -231,6 +233,8 @@ class KeptRef(Struct, array_like=True):
     endpoint: Id
     size: Count
     sha256: Sha256
+    #: the value's type (``module.QualName``), so a proxy can answer ``isinstance`` unfetched
+    type: Annotated[str, Meta(max_length=256)] = ""
 
 
 KEPT_STUB_HEADER = b"tether:1;method=kept\n"

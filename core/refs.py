@@ -15,6 +15,7 @@ object, is pickled as the value itself (a handle fetches its value when it is pi
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -49,11 +50,13 @@ class RemoteValue:
     ``release()``), the endpoint is told it may free the result.
     """
 
-    __slots__ = ("task_id", "endpoint", "size", "_fetch", "_finalizer", "__weakref__")
+    __slots__ = ("task_id", "endpoint", "size", "type_name", "_fetch", "_finalizer", "__weakref__")
 
     def __init__(self, task_id: str, endpoint: str, size: int, fetch: Callable[[str, float | None], Any],
-                 release: Callable[[str], None] | None):
+                 release: Callable[[str], None] | None, type_name: str = ""):
         self.task_id, self.endpoint, self.size = task_id, endpoint, size
+        #: the value's type as ``module.QualName`` ("" when the endpoint did not say)
+        self.type_name = type_name
         self._fetch = fetch
         self._finalizer = weakref.finalize(self, release, task_id) if release is not None else None
         if self._finalizer is not None:
@@ -62,6 +65,15 @@ class RemoteValue:
     def fetch(self, timeout: float | None = None) -> Any:
         """The value itself: downloaded now (raises :class:`tether.ResultLost` if it is gone)."""
         return self._fetch(self.task_id, timeout)
+
+    def value_type(self) -> type | None:
+        """The value's class, if its module is already imported here (never imported for it:
+        the name comes from the endpoint), else None."""
+        module, _, qualname = self.type_name.rpartition(".")
+        found: Any = sys.modules.get(module)
+        for part in qualname.split(".") if found is not None else ():
+            found = getattr(found, part, None)
+        return found if isinstance(found, type) else None
 
     def release(self) -> None:
         """Let the endpoint free the result now (later fetches raise ``ResultLost``)."""

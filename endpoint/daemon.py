@@ -435,8 +435,8 @@ class EndpointDaemon:
             sha256 = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
         if (self.max_result is None or size <= self.max_result) and self.kept.room_for(size):
             if await asyncio.to_thread(self.kept.keep, tid, source, sha256):
-                self._finish(msgspec.structs.replace(
-                    result, data=kept_stub(KeptRef(endpoint=self.endpoint_id, size=size, sha256=sha256))))
+                ref = KeptRef(endpoint=self.endpoint_id, size=size, sha256=sha256, type=result.kind or "")
+                self._finish(msgspec.structs.replace(result, kind=None, data=kept_stub(ref)))
                 return
         await self._store_then_finish(result)
 

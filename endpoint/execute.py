@@ -134,10 +134,14 @@ def _run(task: TaskSpec, allowed_methods: Allowlist | frozenset[str] | None, chd
         Path(sandbox).mkdir(parents=True, exist_ok=True)
         previous = os.getcwd()
         os.chdir(sandbox)
+    kind = None
     try:
         value = fn(*args, **kwargs)
         del args, kwargs  # a large argument need not outlive the call
         data = serialize_result(task_id, value)
+        if file_of(data) is not None:  # large: its type travels with it (see KeptRef.type)
+            cls = type(value)
+            kind = f"{cls.__module__}.{cls.__qualname__}"
     except BaseException as exc:  # noqa: BLE001 - SystemExit in user code is a task failure, not ours
         return failure(task_id, exc, times)
     finally:
@@ -149,4 +153,7 @@ def _run(task: TaskSpec, allowed_methods: Allowlist | frozenset[str] | None, chd
                 os.rmdir(sandbox)  # only succeeds when the task left nothing behind
             except OSError:
                 pass
-    return success(task_id, data, times)
+    result = success(task_id, data, times)
+    if kind is not None:
+        result.kind = kind[:256]
+    return result

@@ -14,8 +14,9 @@ See ``docs/parsl.md``.
 from __future__ import annotations
 
 from .executor import InvalidResourceSpecification, TetherExecutor, version_problems
+from .kept import KeptProxy, resolve
 from .monitoring import ResultRadio
 from .remote import WorkingDirUnavailable
 
-__all__ = ["InvalidResourceSpecification", "ResultRadio", "TetherExecutor", "WorkingDirUnavailable",
-           "version_problems"]
+__all__ = ["InvalidResourceSpecification", "KeptProxy", "ResultRadio", "TetherExecutor", "WorkingDirUnavailable",
+           "resolve", "version_problems"]

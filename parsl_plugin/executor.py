@@ -33,6 +33,7 @@ from tether.config import find_service
 from tether.resources import validate_resource_specification
 from tether.versions import Needed, differences, installed
 
+from .kept import kept_proxy, with_handles
 from .monitoring import MonitoredResult, ResultRadio
 from .remote import RemoteApp, RemoteOptions
 
@@ -200,6 +201,8 @@ class TetherExecutor(ParslExecutor):
                 f"not {type(uec).__name__}", {USER_ENDPOINT_CONFIG})
         if self.require_online:
             self._require_online()
+        if args or kwargs:  # results kept on the endpoint go back to it as references
+            args, kwargs = with_handles(args, kwargs)
         try:
             fut = self._executor.submit_task(self._remote_app(func), args, kwargs,
                                              resource_specification=spec or None, user_endpoint_config=uec)
@@ -208,6 +211,7 @@ class TetherExecutor(ParslExecutor):
         fut.parsl_executor_task_id = fut.task_id  # type: ignore[attr-defined]
         if self._options.monitoring:
             return _MonitoredFuture(fut, self.remote_monitoring_radio)
+        fut.kept_as = kept_proxy  # a result kept on the endpoint reaches the DFK as a lazy proxy
         return fut
 
     def _remote_app(self, func: Any) -> RemoteApp:
