@@ -16,6 +16,7 @@ from __future__ import annotations
 from .executor import InvalidResourceSpecification, TetherExecutor, version_problems
 from .monitoring import ResultRadio
 from .remote import WorkingDirUnavailable
+from .staging import TetherFileStaging
 
-__all__ = ["InvalidResourceSpecification", "ResultRadio", "TetherExecutor", "WorkingDirUnavailable",
-           "version_problems"]
+__all__ = ["InvalidResourceSpecification", "ResultRadio", "TetherExecutor", "TetherFileStaging",
+           "WorkingDirUnavailable", "version_problems"]
