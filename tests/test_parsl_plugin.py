@@ -17,11 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import cloudpickle
-import parsl
 import pytest
 from parsl import AUTO_LOGNAME, File, bash_app, python_app
 from parsl.app.errors import AppTimeout, BashExitFailure, MissingOutputs
-from parsl.config import Config
 from parsl.executors.errors import InvalidResourceSpecification as ParslInvalidResourceSpecification
 
 import tether
@@ -31,31 +29,12 @@ from tether.parsl import TetherExecutor, version_problems
 
 import helpers
 from conftest import needs_mpi, pid_alive, wait_for
-from parsl_stack import engine_stack
+from parsl_stack import engine_stack, loaded, tether_executor
 
 # apps defined here run on the endpoint's workers, which cannot import this module
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 PY = sys.executable
-
-
-
-
-def tether_executor(stack: LocalStack, label: str = "tether", endpoint_id: str | None = None,
-                    **kwargs: object) -> TetherExecutor:
-    return TetherExecutor(endpoint_id=endpoint_id or stack.endpoint_id, label=label, service=stack.service_url,
-                          token=stack.token, **kwargs)
-
-
-@contextlib.contextmanager
-def loaded(tmp_path: Path, *executors: TetherExecutor, **config: object) -> Iterator[parsl.DataFlowKernel]:
-    """A DataFlowKernel for one test; cleaned up (and Parsl's global DFK cleared) after it."""
-    dfk = parsl.load(Config(executors=list(executors), run_dir=str(tmp_path / "runinfo"), **config))
-    try:
-        yield dfk
-    finally:
-        dfk.cleanup()
-        parsl.clear()
 
 
 @contextlib.contextmanager
