@@ -23,6 +23,12 @@ The journey of one app try:
    words) and its streams (always) are mapped and travel back in the result; the directory goes;
 4. here, :meth:`Landing.land` writes them to the submitter's paths before the app's future
    resolves, so a DataFuture's file exists when the next app starts.
+
+What this leans on of Parsl beyond the ``Staging`` interface (checked with parsl 2026.10.26): the
+DataFlowKernel hands the provider the very File objects it then passes to the executor (so a
+mark found on one is found on the other), an app's exception comes back as a
+``RemoteExceptionWrapper`` value (``e_type``, ``e_value``), and ``parsl.utils.get_std_fname_mode``
+reads a stream argument.
 """
 
 from __future__ import annotations
