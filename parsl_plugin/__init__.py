@@ -17,6 +17,7 @@ from .executor import InvalidResourceSpecification, TetherExecutor, version_prob
 from .kept import KeptProxy, resolve
 from .monitoring import ResultRadio
 from .remote import WorkingDirUnavailable
+from .staging import TetherFileStaging
 
-__all__ = ["InvalidResourceSpecification", "KeptProxy", "ResultRadio", "TetherExecutor", "WorkingDirUnavailable",
-           "resolve", "version_problems"]
+__all__ = ["InvalidResourceSpecification", "KeptProxy", "ResultRadio", "TetherExecutor", "TetherFileStaging",
+           "WorkingDirUnavailable", "resolve", "version_problems"]

@@ -9,7 +9,8 @@ Parsl's behaviour, not a re-implementation of it.
 
 Per-app options (``parsl_resource_specification``, including ``user_endpoint_config``) travel
 with each task through :meth:`tether.Executor.submit_task`: nothing shared is changed around a
-submit, and a bad option fails that app alone.
+submit, and a bad option fails that app alone. So do an app's files, by default
+(``staging="tether"``, :mod:`tether.parsl.staging`): the endpoint need not see this machine's disk.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from parsl.data_provider.ftp import FTPInTaskStaging
+from parsl.data_provider.http import HTTPInTaskStaging
 from parsl.data_provider.staging import Staging
 from parsl.executors.base import ParslExecutor
 from parsl.executors.errors import InvalidResourceSpecification as ParslInvalidResourceSpecification
@@ -36,6 +39,7 @@ from tether.versions import Needed, differences, installed
 from .kept import kept_proxy, with_handles
 from .monitoring import MonitoredResult, ResultRadio
 from .remote import RemoteApp, RemoteOptions
+from .staging import STAGING_KWARG, Landing, StagedResult, TetherFileStaging, outbound
 
 log = logging.getLogger("tether.parsl")
 
@@ -46,6 +50,10 @@ USER_ENDPOINT_CONFIG = "user_endpoint_config"
 _MONITORABLE_ENGINES = ("htex", "mpi")
 #: seconds an endpoint's online state is trusted before ``require_online`` asks the service again
 _ONLINE_TTL = 2.0
+#: how an app's files reach the endpoint: through Tether, or by a file system both sides see
+STAGING_MODES = ("tether", "shared")
+#: threads that write the files apps send back (never the shared callback thread: a large file takes a while)
+_LANDING_THREADS = 4
 
 
 class InvalidResourceSpecification(tether.InvalidResourceSpecification, ParslInvalidResourceSpecification):
@@ -74,8 +82,15 @@ class TetherExecutor(ParslExecutor):
             in ``parsl_resource_specification["user_endpoint_config"]``.
         working_dir: a directory *on the endpoint* where apps run (created if missing) and where
             Parsl's staging providers put files; relative paths in apps resolve there. Needs an
-            endpoint engine that gives each task its own process (process, htex, mpi).
-        storage_access: Parsl staging providers (Parsl's default list when None).
+            endpoint engine that gives each task its own process (process, htex, mpi). Apps whose
+            files travel through Tether run in ``<working_dir>/<task id>`` instead.
+        staging: ``"tether"`` (default): an app's ``file`` Files (inputs, outputs) and its
+            ``stdout``/``stderr`` paths travel through Tether, so the endpoint needs no view of this
+            machine's files, and works as well when it has one; ``"shared"``: paths are used as
+            they are, on the endpoint (a file system both sides see, as with Parsl's own executors).
+        storage_access: Parsl staging providers; by default ``[TetherFileStaging(),
+            HTTPInTaskStaging(), FTPInTaskStaging()]`` with ``staging="tether"`` and Parsl's default
+            list with ``staging="shared"``.
         require_online: fail an app at once with :class:`tether.EndpointOffline` when the endpoint
             is offline; by default apps wait at the service until the endpoint connects.
         batch_size, batch_interval: the client's submission batching (see :class:`tether.Executor`).
@@ -91,6 +106,7 @@ class TetherExecutor(ParslExecutor):
         resource_specification: dict[str, Any] | None = None,
         user_endpoint_config: dict[str, Any] | None = None,
         working_dir: str | None = None,
+        staging: str = "tether",
         storage_access: list[Staging] | None = None,
         require_online: bool = False,
         batch_size: int | None = None,
@@ -106,8 +122,15 @@ class TetherExecutor(ParslExecutor):
                 validate_resource_specification(resource_specification)
             except tether.InvalidResourceSpecification as exc:
                 raise InvalidResourceSpecification(str(exc), set(resource_specification)) from None
+        if staging not in STAGING_MODES:
+            raise ValueError(f"staging must be one of {', '.join(map(repr, STAGING_MODES))}, not {staging!r}: "
+                             f"'tether' moves an app's files through Tether, 'shared' uses paths as they are on the "
+                             f"endpoint")
+        if storage_access is None and staging == "tether":
+            storage_access = [TetherFileStaging(), HTTPInTaskStaging(), FTPInTaskStaging()]
         self.endpoint_id = endpoint_id
         self.label = label
+        self.staging = staging
         self.service = service
         self._token = token
         self.resource_specification = dict(resource_specification or {})
@@ -127,10 +150,12 @@ class TetherExecutor(ParslExecutor):
         self._apps: OrderedDict[int, tuple[Any, RemoteApp]] = OrderedDict()
         self._apps_lock = threading.Lock()
         self._online: tuple[float, bool] = (0.0, False)
+        self._landing: ThreadPoolExecutor | None = None
+        self._landing_lock = threading.Lock()
 
     def __repr__(self) -> str:  # never shows the token
         return (f"TetherExecutor(endpoint_id={self.endpoint_id!r}, label={self.label!r}, "
-                f"working_dir={self.working_dir!r})")
+                f"working_dir={self.working_dir!r}, staging={self.staging!r})")
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -178,6 +203,8 @@ class TetherExecutor(ParslExecutor):
         for the app futures to let them finish first."""
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._landing is not None:
+            self._landing.shutdown(wait=False)
         super().shutdown()
 
     def monitor_resources(self) -> bool:
@@ -203,16 +230,33 @@ class TetherExecutor(ParslExecutor):
             self._require_online()
         if args or kwargs:  # results kept on the endpoint go back to it as references
             args, kwargs = with_handles(args, kwargs)
+        staged = outbound(self._file_stagings(), getattr(func, "__name__", "app"), args, kwargs,
+                          streams=self.staging == "tether")
+        landing = None
+        if staged is not None:
+            bundle, landing = staged
+            kwargs = {**kwargs, STAGING_KWARG: bundle}
         try:
             fut = self._executor.submit_task(self._remote_app(func), args, kwargs,
                                              resource_specification=spec or None, user_endpoint_config=uec)
         except tether.InvalidResourceSpecification as exc:
             raise InvalidResourceSpecification(str(exc), set(spec)) from None
         fut.parsl_executor_task_id = fut.task_id  # type: ignore[attr-defined]
-        if self._options.monitoring:
-            return _MonitoredFuture(fut, self.remote_monitoring_radio)
+        if self._options.monitoring or landing is not None:
+            radio = self.remote_monitoring_radio if self._options.monitoring else None
+            return _SettledFuture(fut, radio, landing, self._landing_pool() if landing is not None else None)
         fut.kept_as = kept_proxy  # a result kept on the endpoint reaches the DFK as a lazy proxy
         return fut
+
+    def _file_stagings(self) -> list[TetherFileStaging]:
+        return [p for p in (self.storage_access or ()) if isinstance(p, TetherFileStaging)]
+
+    def _landing_pool(self) -> ThreadPoolExecutor:
+        with self._landing_lock:
+            if self._landing is None:
+                self._landing = ThreadPoolExecutor(_LANDING_THREADS,
+                                                   thread_name_prefix=f"tether-parsl-{self.label}-files")
+            return self._landing
 
     def _remote_app(self, func: Any) -> RemoteApp:
         """One RemoteApp per app function, so the client serializes (and the endpoint loads) it once."""
@@ -258,29 +302,52 @@ class TetherExecutor(ParslExecutor):
         return bool(exec_fu.cancel())
 
 
-class _MonitoredFuture(Future):
-    """The future the DFK sees when monitoring is on: unwraps :class:`MonitoredResult` and hands its
-    messages to the DFK's monitoring, then resolves with the app's own value."""
+class _SettledFuture(Future):
+    """The future the DFK sees when a result carries more than the app's value: monitoring
+    messages (handed to the DFK's monitoring) and files sent back (written here, off the shared
+    callback thread, before this future resolves, so an output's DataFuture means the file exists).
+    Task id, state and transitions are the Tether future's."""
 
-    def __init__(self, inner: TetherFuture, radio: ResultRadio):
+    def __init__(self, inner: TetherFuture, radio: ResultRadio | None, landing: Landing | None,
+                 pool: ThreadPoolExecutor | None):
         super().__init__()
         self.tether_future = inner
         self.parsl_executor_task_id = inner.task_id
         self._radio = radio
-        inner.add_done_callback(self._settle)
+        self._landing = landing
+        self._pool = pool
+        inner.add_done_callback(self._schedule)
+
+    def __getattr__(self, name: str) -> Any:  # task_id, state, transitions, ...
+        if name.startswith("_") or name == "tether_future":
+            raise AttributeError(name)
+        return getattr(self.tether_future, name)
 
     def cancel(self) -> bool:
         return self.tether_future.cancel()
 
+    def _schedule(self, inner: Future) -> None:
+        if self._pool is not None:
+            try:
+                self._pool.submit(self._settle, inner)
+                return
+            except RuntimeError:  # the executor is shutting down: settle here
+                pass
+        self._settle(inner)
+
     def _settle(self, inner: Future) -> None:
         try:
             value = inner.result()
+            if isinstance(value, MonitoredResult):
+                if self._radio is not None:
+                    self._radio.deliver(value.messages)
+                value = value.value
+            if isinstance(value, StagedResult):
+                assert self._landing is not None
+                value = self._landing.land(value)
         except BaseException as exc:  # noqa: BLE001 - the try's failure, handed to the DFK as it is
             self.set_exception(exc)
             return
-        if isinstance(value, MonitoredResult):
-            self._radio.deliver(value.messages)
-            value = value.value
         self.set_result(value)
 
 

@@ -9,6 +9,8 @@ module only supplies what Parsl's own workers would have set up around it:
   specification asks for ranks, composed by the endpoint from the task's specification, exactly
   as for :class:`tether.MPIFunction`;
 * the executor's ``working_dir`` as the current directory, when one is set;
+* for an app whose files travel through Tether (:mod:`tether.parsl.staging`), a fresh directory
+  of its own holding its input files, from which its outputs and streams are taken back;
 * a place where Parsl's monitoring wrapper can leave its messages, which then travel back with
   the result (see :mod:`tether.parsl.monitoring`).
 
@@ -20,11 +22,13 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from .monitoring import MonitoredResult, collect_messages
+from .staging import STAGING_KWARG
 
 #: keys of a resource specification that make a task an MPI task
 _RANK_KEYS = ("num_ranks", "ranks_per_node")
@@ -56,17 +60,25 @@ class RemoteApp:
         return f"RemoteApp({self.__name__})"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        bundle = kwargs.pop(STAGING_KWARG, None)
         with contextlib.ExitStack() as stack:
             spec = _task_spec()
             if spec and any(spec.get(k) for k in _RANK_KEYS):
                 stack.enter_context(_mpi_environment())
-            if self.options.working_dir:
+            directory = None
+            if bundle is not None:  # files travel with the app: it runs in a directory of its own
+                directory = stack.enter_context(_task_directory(self.options.working_dir))
+                bundle.unpack(directory, kwargs)
+                if threading.current_thread() is threading.main_thread():
+                    stack.enter_context(_working_directory(directory))
+            elif self.options.working_dir:
                 stack.enter_context(_working_directory(self.options.working_dir))
-            if not self.options.monitoring:
-                return self.func(*args, **kwargs)
-            spool = stack.enter_context(collect_messages())
+            spool = stack.enter_context(collect_messages()) if self.options.monitoring else None
             value = self.func(*args, **kwargs)
-            return MonitoredResult(value, spool.read())
+            if bundle is not None:
+                assert directory is not None
+                value = bundle.collect(value, self.__name__, directory)  # before the directory goes
+            return MonitoredResult(value, spool.read()) if spool is not None else value
 
 
 def _task_spec() -> dict[str, Any] | None:
@@ -131,3 +143,26 @@ def _working_directory(path: str) -> Iterator[None]:
         yield
     finally:
         os.chdir(previous)
+
+
+@contextlib.contextmanager
+def _task_directory(working_dir: str | None) -> Iterator[str]:
+    """A fresh directory for one app try whose files travel through Tether, removed afterwards
+    (its outputs have been mapped by then): ``<working_dir>/<task id>`` when the executor has a
+    ``working_dir``, else the task's own sandbox (``tasks/<task id>`` of the endpoint)."""
+    from tether.files import remove_tree
+    from tether.runtime import current_task
+
+    task = current_task()
+    task_id = task.task_id if task is not None else uuid.uuid4().hex
+    if working_dir:
+        path = os.path.join(os.path.abspath(os.path.expanduser(working_dir)), task_id)
+    elif task is not None and task.sandbox:
+        path = os.path.abspath(task.sandbox)
+    else:  # not on an endpoint (a test calling the app by hand)
+        path = os.path.join(os.path.abspath(os.getcwd()), f"tether-{task_id}")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    try:
+        yield path
+    finally:
+        remove_tree(path)

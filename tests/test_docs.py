@@ -63,9 +63,14 @@ def test_the_quickstart_pastes_in_order(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("page", ["parsl.md", "dask.md"])
-def test_each_plugin_pages_runnable_example_runs(tmp_path: Path, page: str) -> None:
+@pytest.mark.parametrize(("page", "section"), [("parsl.md", "## A runnable example"),
+                                               ("parsl.md", "## Files without a shared file system"),
+                                               ("dask.md", "## A runnable example")])
+def test_each_plugin_pages_runnable_example_runs(tmp_path: Path, page: str, section: str) -> None:
     text = (ROOT / "docs" / page).read_text()
-    example = text[text.index("## A runnable example"):]
+    example = text[text.index(section):]
     code = next(m[2] for m in BLOCK.finditer(example) if m[1] == "python")
-    _run([sys.executable, "-c", code], _env(tmp_path / "home"), tmp_path)
+    out = _run([sys.executable, "-c", code], _env(tmp_path / "home"), tmp_path)
+    if "shared file system" in section:  # what the page's comments say it prints
+        assert out.split("\n\n")[0] == "5 words" and "summarised" in out, out
+        assert "BashExitFailure False" in out and out.rstrip().endswith("no such tool"), out

@@ -17,11 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import cloudpickle
-import parsl
 import pytest
 from parsl import AUTO_LOGNAME, File, bash_app, python_app
 from parsl.app.errors import AppTimeout, BashExitFailure, MissingOutputs
-from parsl.config import Config
 from parsl.executors.errors import InvalidResourceSpecification as ParslInvalidResourceSpecification
 
 import tether
@@ -31,31 +29,12 @@ from tether.parsl import TetherExecutor, version_problems
 
 import helpers
 from conftest import needs_mpi, pid_alive, wait_for
-from parsl_stack import engine_stack
+from parsl_stack import engine_stack, loaded, tether_executor
 
 # apps defined here run on the endpoint's workers, which cannot import this module
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 PY = sys.executable
-
-
-
-
-def tether_executor(stack: LocalStack, label: str = "tether", endpoint_id: str | None = None,
-                    **kwargs: object) -> TetherExecutor:
-    return TetherExecutor(endpoint_id=endpoint_id or stack.endpoint_id, label=label, service=stack.service_url,
-                          token=stack.token, **kwargs)
-
-
-@contextlib.contextmanager
-def loaded(tmp_path: Path, *executors: TetherExecutor, **config: object) -> Iterator[parsl.DataFlowKernel]:
-    """A DataFlowKernel for one test; cleaned up (and Parsl's global DFK cleared) after it."""
-    dfk = parsl.load(Config(executors=list(executors), run_dir=str(tmp_path / "runinfo"), **config))
-    try:
-        yield dfk
-    finally:
-        dfk.cleanup()
-        parsl.clear()
 
 
 @contextlib.contextmanager
@@ -131,7 +110,8 @@ def read_file(inputs=()) -> str:  # noqa: B006
 
 # --- the issue's example ---------------------------------------------------------------------
 @needs_mpi
-def test_issue_example(stack: LocalStack, tmp_path: Path) -> None:
+def test_issue_example(stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     ex = tether_executor(stack, label="hpc")
     with loaded(tmp_path, ex, retries=1):
         assert add(1, add(2, 3)).result(timeout=60) == 6  # dependencies resolved by Parsl
@@ -141,8 +121,8 @@ def test_issue_example(stack: LocalStack, tmp_path: Path) -> None:
         assert "to-stderr" in Path(h.stderr).read_text()
         assert str(tmp_path / "runinfo") in h.stdout  # AUTO_LOGNAME: Parsl's task_logs of this run
         ring(parsl_resource_specification={"num_ranks": 4}, stdout="ring.out").result(timeout=90)
-        # a relative path is relative to where the endpoint runs apps (no working_dir: its tasks directory)
-        lines = sorted((stack.endpoint_dir() / "tasks" / "ring.out").read_text().splitlines())
+        # a relative path is relative to the script's directory: the file came back through Tether
+        lines = sorted((tmp_path / "ring.out").read_text().splitlines())
         assert lines == ["0 4", "1 4", "2 4", "3 4"]
 
         # the try's future carries the Tether task id, which the service knows
@@ -198,8 +178,9 @@ def test_bash_app_files_and_failures(stack: LocalStack, tmp_path: Path) -> None:
 
 
 def test_working_dir_is_where_apps_run_on_the_endpoint(stack: LocalStack, tmp_path: Path) -> None:
+    """staging="shared": paths are the endpoint's, relative ones relative to working_dir there."""
     wd = tmp_path / "wd"
-    with loaded(tmp_path, tether_executor(stack, working_dir=str(wd))):
+    with loaded(tmp_path, tether_executor(stack, working_dir=str(wd), staging="shared")):
         assert shell("echo relative", stdout="rel.out").result(timeout=60) == 0
         assert (wd / "rel.out").read_text() == "relative\n"
         assert cwd_and_env().result(timeout=60)["cwd"] == str(wd)
@@ -480,10 +461,13 @@ heartbeat_s: 0.5
 """
 
 
-def test_on_an_htex_endpoint_with_resource_monitoring(tmp_path: Path) -> None:
+def test_on_an_htex_endpoint_with_resource_monitoring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The endpoint hands apps to Parsl's own HighThroughputExecutor: Parsl's resource monitor runs
-    around each app there, and its messages reach this DFK's monitoring database with the results."""
+    around each app there, and its messages reach this DFK's monitoring database with the results.
+    A bash app's relative stdout comes back here through Tether (staging="tether", the default)."""
     from parsl.monitoring import MonitoringHub
+
+    monkeypatch.chdir(tmp_path)
 
     with engine_stack(tmp_path / "home", HTEX_ENDPOINT) as st:
         wait_for(lambda: Client(st.service_url, st.token).get_endpoint(st.endpoint_id)["status"]
@@ -495,7 +479,8 @@ def test_on_an_htex_endpoint_with_resource_monitoring(tmp_path: Path) -> None:
             assert shell("sleep 0.6; echo in-wd", stdout="wd.out").result(timeout=60) == 0
             with pytest.raises(ZeroDivisionError):
                 divide(1, 0).result(timeout=60)
-    assert (tmp_path / "wd" / "wd.out").read_text() == "in-wd\n"
+    assert (tmp_path / "wd.out").read_text() == "in-wd\n"
+    assert list((tmp_path / "wd").iterdir()) == []  # the app's own directory on the endpoint went with it
     db = sqlite3.connect(tmp_path / "runinfo" / "monitoring.db")
     assert db.execute("SELECT COUNT(*) FROM try WHERE task_try_time_running IS NOT NULL").fetchone()[0] == 4
     resources = db.execute("SELECT COUNT(DISTINCT task_id), MAX(psutil_process_time_user) FROM resource").fetchone()

@@ -239,3 +239,19 @@ def test_replica_events_travel_as_tagged_records_and_another_version_is_refused(
         decode_event(msgpack.packb({"o": "r1", "k": "refill", "t": "ep-1", "d": ["t1"]}))
     with pytest.raises(EventError, match=f"bus version {BUS_VERSION + 1}, not {BUS_VERSION}"):
         decode_event(encode_event(Close(endpoint_id="e", code=4000, reason="r", v=BUS_VERSION + 1)))
+
+
+def test_where_a_submitters_file_goes_in_a_tasks_directory() -> None:
+    """tether.files: relative paths keep their names; absolute ones (or ones climbing out) are
+    kept apart by a digest of where they came from; nothing lands outside the directory."""
+    from tether.files import ELSEWHERE, inside, task_relative_name
+
+    assert task_relative_name("data/in.csv") == "data/in.csv"
+    assert task_relative_name("./data//in.csv") == "data/in.csv"
+    a, b = task_relative_name("/home/me/a/x.txt"), task_relative_name("/home/me/b/x.txt")
+    assert a != b and a.startswith(ELSEWHERE + "/") and a.endswith("/x.txt")
+    assert task_relative_name("../up.txt").startswith(ELSEWHERE + "/")
+    assert inside("/t/1", "data/in.csv") == "/t/1/data/in.csv"
+    for bad in ("../2/x", "/etc/passwd", "a/../../x"):
+        with pytest.raises(ValueError, match="not a path inside"):
+            inside("/t/1", bad)
