@@ -147,3 +147,39 @@ def test_a_full_store_sends_results_to_the_service_as_before(tmp_path):
             assert fut.remote_value() is None
             assert hashlib.sha256(fut.result()).hexdigest() == digest(make_bytes(BIG))
         assert kept_files(s.home) == []
+
+
+def test_an_input_kept_on_another_endpoint_moves_endpoint_to_endpoint(fresh_stack, ex):
+    """Through the service, uploaded once by the endpoint that keeps it; never through the client."""
+    fresh_stack.configure_endpoint("process", 1, name="other")
+    other = fresh_stack.start_endpoint("other")
+    try:
+        with Executor(endpoint_id=other, service=fresh_stack.service_url, token=fresh_stack.token) as there:
+            produced = ex.submit(make_bytes, BIG)
+            used = there.submit(digest, produced)
+            assert used.result(timeout=90) == digest(make_bytes(BIG))
+            assert len(service_blobs(fresh_stack.home)) == 1, "uploaded once, by the endpoint that keeps it"
+            again = there.submit(len, produced)  # a second reader: the same blob, no second upload
+            assert again.result(timeout=90) == BIG
+            assert len(service_blobs(fresh_stack.home)) == 1
+            # a small result that finished before its reader was submitted travels by value
+            small = ex.submit(lambda: 7)
+            assert small.result(timeout=60) == 7
+            assert there.submit(lambda x: x * 6, small).result(timeout=60) == 42
+    finally:
+        fresh_stack.stop_endpoint("other")
+
+
+def test_an_input_on_an_offline_endpoint_is_reported_in_words(fresh_stack, ex):
+    fresh_stack.configure_endpoint("process", 1, name="other")
+    other = fresh_stack.start_endpoint("other")
+    produced = ex.submit(make_bytes, BIG)
+    assert produced.exception(timeout=60) is None
+    fresh_stack.stop_endpoint()  # the endpoint that keeps it goes away
+    try:
+        with Executor(endpoint_id=other, service=fresh_stack.service_url, token=fresh_stack.token) as there:
+            used = there.submit(len, produced)
+            with pytest.raises(ResultLost, match=f"kept on endpoint {fresh_stack.endpoint_id}, which is not connected"):
+                used.result(timeout=90)
+    finally:
+        fresh_stack.stop_endpoint("other")
