@@ -68,6 +68,9 @@ class Executor(concurrent.futures.Executor):
         blob_threshold: arguments and function bodies that serialize to more bytes than this
             travel as blobs, streamed through the service's disk (default: what the service
             announces, 8 MiB). Results above the threshold come back the same way.
+        keep_results_over: results that serialize to more bytes than this stay on the endpoint
+            (a kept result: ``result()`` fetches it when asked, and passing the future to
+            another task sends only a reference); default: the blob threshold (8 MiB).
         progress: how a blob transfer shows progress: ``None`` (default) a bar on stderr when it
             is a terminal and INFO log lines otherwise, for transfers of 64 MiB or more;
             ``True`` always a bar; ``False`` never.
@@ -98,6 +101,7 @@ class Executor(concurrent.futures.Executor):
         blob_threshold: int | None = None,
         progress: bool | None = None,
         service_timeout: float = 60.0,
+        keep_results_over: int | None = None,
     ):
         # ids are checked where they enter: they become file names on the endpoint
         self.endpoint_id = check_id(endpoint_id, "endpoint id") if endpoint_id is not None else None
@@ -117,6 +121,9 @@ class Executor(concurrent.futures.Executor):
             self._conn.batch_interval = batch_interval
         self._functions = _FunctionCache()
         self.blob_threshold = blob_threshold
+        if keep_results_over is not None and (not isinstance(keep_results_over, int) or keep_results_over < 0):
+            raise TetherError(f"keep_results_over must be a number of bytes (>= 0), not {keep_results_over!r}")
+        self.keep_results_over = keep_results_over
         self.progress = progress
         self._futures: set[TetherFuture] = set()
         # notified when the last pending future settles: shutdown(wait=True) waits on this, not
@@ -139,16 +146,17 @@ class Executor(concurrent.futures.Executor):
         *,
         resource_specification: dict[str, Any] | None = None,
         user_endpoint_config: dict[str, Any] | None = None,
+        keep_over: int | None = None,
     ) -> TetherFuture:
-        """Submit ``fn(*args, **kwargs)`` with this call's own resource specification and user
-        endpoint config (the Executor's defaults otherwise).
+        """Submit ``fn(*args, **kwargs)`` with this call's own resource specification, user
+        endpoint config and ``keep_results_over`` (``keep_over``; the Executor's otherwise).
 
         Plugins (Parsl, Dask, Snakemake) use this: per-task options travel with the task, so
         no shared attribute is swapped around a submit (which races between threads).
         """
         fid, body, blobs = self._function(fn)
         return self._submit(fid, None if self._conn.known_function(fid) else body, tuple(args), dict(kwargs or {}),
-                            fn, resource_specification, user_endpoint_config, blobs)
+                            fn, resource_specification, user_endpoint_config, blobs, keep_over)
 
     def submit_to_registered_function(
         self, function_id: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
@@ -183,7 +191,7 @@ class Executor(concurrent.futures.Executor):
         return function_id(stub), stub, [ref.id]
     def _submit(self, fid: str, body: bytes | None, args: tuple, kwargs: dict, fn: Any,
                 spec: dict[str, Any] | None = None, uec: dict[str, Any] | None = None,
-                blobs: list[str] | None = None) -> TetherFuture:
+                blobs: list[str] | None = None, keep_over: int | None = None) -> TetherFuture:
         spec = spec if spec is not None else self.resource_specification
         uec = uec if uec is not None else self.user_endpoint_config
         if self._shutdown:
@@ -211,7 +219,8 @@ class Executor(concurrent.futures.Executor):
                 raise
             payload = b"" if spill.spilled else spill.getvalue()
         task = Task(id=task_id, function=fid, endpoint=self.endpoint_id, payload=payload, group=self.task_group_id,
-                    spec=spec, uec=uec, blobs=list(blobs or ()), inputs=swapped.ids if swapped else [])
+                    spec=spec, uec=uec, blobs=list(blobs or ()), inputs=swapped.ids if swapped else [],
+                    keep=keep_over if keep_over is not None else self.keep_results_over)
         fut = TetherFuture(task.id, on_cancel=self._conn.cancel)
         if swapped is not None:
             fut._inputs = swapped.holders  # not released before this task has read them

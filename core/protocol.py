@@ -151,6 +151,9 @@ class Task(Struct, omit_defaults=True):
     #: for each in the payload); the endpoint puts the values in before the call, from its own
     #: kept results where it can, so data computed there never leaves it
     inputs: Annotated[list[Id], Meta(max_length=MAX_TASK_INPUTS)] = []
+    #: a result serialized to more bytes than this stays on the endpoint (a kept result); by
+    #: default those over the blob threshold. The Dask plugin keeps smaller ones too.
+    keep: Count | None = None
 
     def __post_init__(self) -> None:
         if self.spec is not None:

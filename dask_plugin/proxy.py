@@ -43,6 +43,10 @@ cloudpickle.register_pickle_by_value(remote)
 
 logger = logging.getLogger("tether.dask")
 
+#: a value that serializes to more bytes than this stays on the endpoint (partitions, chunks);
+#: smaller ones (scalars, small aggregates) come back with the answer
+KEEP_OVER = 64 * 1024
+
 #: code from these packages needs the worker it runs on (P2P shuffle plugins, actors, worker_client)
 _WORKER_BOUND_PACKAGE = "distributed"
 
@@ -137,7 +141,7 @@ class EndpointTaskExecutor(concurrent.futures.Executor):
         start = time()
         outer = _ProxyFuture()
         try:
-            inner = self.tether.submit_task(remote.run_dask_task, (task, data, time_delay))
+            inner = self.tether.submit_task(remote.run_dask_task, (task, data, time_delay), keep_over=KEEP_OVER)
         except TetherError as exc:  # refused before it left (payload too large, bad credentials, ...)
             outer.set_result(failed(exc, start, time()))
             return outer

@@ -157,6 +157,7 @@ class EndpointDaemon:
         self._kept_expired = time.monotonic()
         self.inputs = Inputs(self.kept, self.payloads, self.inflight.__contains__, self._send_soon)
         self._fetching: set[str] = set()  # tasks whose blobs are being downloaded
+        self._keep_over: dict[str, int] = {}  # tasks whose results stay here above a size of their own
         self.ws: Any = None
         self.stopping = asyncio.Event()
         # reports not yet sent, task id -> when: "received" and "running" (see _flush_reports)
@@ -298,6 +299,7 @@ class EndpointDaemon:
                     if tid in self._fetching:  # not in the engine yet: it never will be
                         self._fetching.discard(tid)
                         self.inflight.discard(tid)
+                        self._keep_over.pop(tid, None)
                     elif tid in self.inflight:
                         self.engine.cancel(tid)
             elif isinstance(msg, Stop):
@@ -370,6 +372,8 @@ class EndpointDaemon:
                                 else failure(tid, PermissionError(str(exc))))
                 continue
             self.inflight.add(tid)
+            if t.keep is not None:
+                self._keep_over[tid] = t.keep
             body = self.functions.get(t.function)
             try:
                 blob_refs = (blob_ref_of(t.payload), blob_ref_of(body))
@@ -438,7 +442,10 @@ class EndpointDaemon:
                 ref = KeptRef(endpoint=self.endpoint_id, size=size, sha256=sha256, type=result.kind or "")
                 self._finish(msgspec.structs.replace(result, kind=None, data=kept_stub(ref)))
                 return
-        await self._store_then_finish(result)
+        if local is not None or (self.blob_threshold is not None and size > self.blob_threshold):
+            await self._store_then_finish(result)
+        else:  # small enough for a frame: it goes as it would have without keep_over
+            self._finish(result)
 
     async def _serve_kept(self, ids: list[str]) -> None:
         """The service asks for kept results (a client wants the value, or a task on another
@@ -504,11 +511,18 @@ class EndpointDaemon:
         if tid in self.spool:
             return
         self.payloads.discard(tid)
-        if self.payloads.is_large(result.data, self.blob_threshold):
+        keep_over = self._keep_over.pop(tid, None) if self._keep_over else None
+        data = result.data
+        large = self.payloads.is_large(data, self.blob_threshold)
+        if large or (keep_over is not None and data is not None and len(data) > keep_over):
             # kept here, or stored as a blob; the task stays in flight until then
             keep = result.state == TaskState.SUCCESS.value and self.kept.max_bytes > 0
-            asyncio.ensure_future(self._keep_then_finish(result) if keep else self._store_then_finish(result))
-            return
+            if keep:
+                asyncio.ensure_future(self._keep_then_finish(result))
+                return
+            if large:
+                asyncio.ensure_future(self._store_then_finish(result))
+                return
         self._finish(result)
 
     def _finish(self, result: Result) -> None:

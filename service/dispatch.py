@@ -200,7 +200,8 @@ class Dispatch(Subscriptions):
         for r in loaded:
             per_owner[r.owner_id].append(Task(id=r.id, function=r.function_id, endpoint=r.endpoint_id,
                                               payload=r.payload, group=r.group_id, spec=json_or_none(r.spec),
-                                              uec=json_or_none(r.uec), inputs=json_or_none(r.inputs) or []))
+                                              uec=json_or_none(r.uec), inputs=json_or_none(r.inputs) or [],
+                                              keep=r.keep_over))
         for owner, items in per_owner.items():
             await self._dispatch(ep, owner, items)
 

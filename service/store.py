@@ -85,7 +85,7 @@ _SET_STATE = {
 _REDISPATCH = (update(tasks).where(and_(tasks.c.id == bindparam("b_id"), tasks.c.state == TaskState.WAITING.value))
                .values(state=TaskState.DISPATCHED.value, t_dispatched=bindparam("b_ts")))
 _LOAD_OPEN = select(tasks.c.id, tasks.c.owner_id, tasks.c.endpoint_id, tasks.c.function_id, tasks.c.payload,
-                    tasks.c.spec, tasks.c.uec, tasks.c.group_id, tasks.c.inputs
+                    tasks.c.spec, tasks.c.uec, tasks.c.group_id, tasks.c.inputs, tasks.c.keep_over
                     ).where(and_(tasks.c.id.in_(_IDS), _OPEN))
 _MARK_COLLECTED = (
     update(tasks)
@@ -183,6 +183,7 @@ class Store(Registry):
                 "spec": json.dumps(t.spec) if t.spec else None,
                 "uec": json.dumps(t.uec) if t.uec else None,
                 "inputs": json.dumps(t.inputs) if t.inputs else None,
+                "keep_over": t.keep,
                 "t_received": now,
                 "t_waiting": now,
             }

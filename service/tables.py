@@ -72,6 +72,7 @@ tasks = Table(
     Column("collected_at", Float),
     Column("retried", Boolean, default=False),
     Column("inputs", Text),  # JSON list of the task ids whose results it takes as arguments
+    Column("keep_over", BigInteger),  # results larger than this stay on the endpoint (Task.keep)
     Index("ix_tasks_endpoint_state", "endpoint_id", "state"),
     Index("ix_tasks_owner_group", "owner_id", "group_id"),
 )

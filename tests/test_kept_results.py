@@ -183,3 +183,13 @@ def test_an_input_on_an_offline_endpoint_is_reported_in_words(fresh_stack, ex):
                 used.result(timeout=90)
     finally:
         fresh_stack.stop_endpoint("other")
+
+
+def test_keep_results_over_keeps_smaller_results_too(fresh_stack):
+    with Executor(endpoint_id=fresh_stack.endpoint_id, service=fresh_stack.service_url, token=fresh_stack.token,
+                  keep_results_over=1024) as ex:
+        small, large = ex.submit(lambda: b"x" * 100), ex.submit(lambda: b"y" * 4096)
+        assert small.result(timeout=60) == b"x" * 100 and small.remote_value() is None
+        assert large.exception(timeout=60) is None and large.remote_value() is not None
+        assert ex.submit(len, large).result(timeout=60) == 4096
+        assert large.result(timeout=60) == b"y" * 4096

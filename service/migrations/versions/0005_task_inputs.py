@@ -1,4 +1,5 @@
-"""Tasks remember which other tasks' results they take as arguments.
+"""Tasks remember which other tasks' results they take as arguments, and above what size their
+own result stays on the endpoint.
 
 Revision ID: 0005_task_inputs
 Revises: 0004_owner_recent_index
@@ -22,7 +23,9 @@ depends_on = None
 
 def upgrade() -> None:
     op.add_column("tasks", sa.Column("inputs", sa.Text(), nullable=True))
+    op.add_column("tasks", sa.Column("keep_over", sa.BigInteger(), nullable=True))
 
 
 def downgrade() -> None:
+    op.drop_column("tasks", "keep_over")
     op.drop_column("tasks", "inputs")
