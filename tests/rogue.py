@@ -42,6 +42,7 @@ class RawPeer:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
         self._decoder = decoder
+        self.headers = headers  # what it authenticated with (for HTTP requests as the same peer)
         self.ws = self._run(open_ws(url, headers))
 
     def _run(self, coro: Coroutine[Any, Any, Any], timeout: float = 30) -> Any:

@@ -28,9 +28,12 @@ from tether.protocol import (
     ENDPOINT_FRAMES,
     Error,
     ErrorCode,
+    Fetch,
+    Fetched,
     FrameDecoder,
     Hello,
     Received,
+    Release,
     Result,
     Results,
     Running,
@@ -93,6 +96,31 @@ def test_forged_results_and_states_from_another_users_endpoint_are_refused(stack
     assert fut.result(timeout=30) == "real"  # the victim's own result, never the forged one
     metrics = httpx.get(stack.service_url + "/metrics", trust_env=False).text
     assert 'tether_task_events_total{event="refused_endpoint_reports"}' in metrics
+
+
+def test_nobody_else_fetches_or_releases_a_kept_result(stack, executor, evil_endpoint, mallory) -> None:
+    """A result kept on the victim's endpoint: Mallory's client and Mallory's endpoint ask for it
+    (or release it, or upload a blob in its name) and get nothing; the victim still has it."""
+    size = 9 * 1024 * 1024
+    fut = executor.submit(bytes, size)
+    assert fut.exception(timeout=60) is None and fut.remote_value() is not None
+    thief = raw_client(stack.service_url, mallory)
+    try:
+        thief.send(Fetch(ids=[fut.task_id]))
+        answer, _ = thief.recv_until(lambda m: isinstance(m, Fetched))
+        assert not answer.data and answer.errors[fut.task_id].code == ErrorCode.UNKNOWN_TASK
+        thief.send(Release(ids=[fut.task_id]))
+    finally:
+        thief.close()
+    evil_endpoint.send(Fetch(ids=[fut.task_id]))
+    answer, _ = evil_endpoint.recv_until(lambda m: isinstance(m, Fetched))
+    assert not answer.data and answer.errors[fut.task_id].code == ErrorCode.UNKNOWN_TASK
+    assert "not an input of a task this endpoint holds" in answer.errors[fut.task_id].message
+    upload = httpx.post(f"{stack.service_url}/v1/blobs", json={"size": 10, "sha256": "0" * 64,
+                                                               "task_id": fut.task_id},
+                        headers=evil_endpoint.headers, trust_env=False)
+    assert upload.status_code == 404
+    assert fut.result(timeout=60) == bytes(size)  # released by nobody who may
 
 
 def test_a_reused_task_id_cannot_steal_a_result(stack, executor, mallory) -> None:
