@@ -355,7 +355,9 @@ class Connection:
         for tid, error in msg.errors.items():
             fut = waiting.get(tid)
             if fut is not None:
-                fut.set_exception(ResultLost(f"task {tid}: {error.message}"))
+                kind = {ErrorCode.PAYLOAD_TOO_LARGE.value: PayloadTooLarge,
+                        ErrorCode.QUOTA_EXCEEDED.value: QuotaExceeded}.get(error.code or "", ResultLost)
+                fut.set_exception(kind(f"task {tid}: {error.message}"))
 
     def unreachable_for(self) -> float:
         """Seconds the service has been out of reach (0 while connected)."""

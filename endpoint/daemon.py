@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -22,11 +21,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import msgspec
 from websockets.exceptions import ConnectionClosed
 
 from tether import __version__
-from tether.errors import PayloadTooLarge, QuotaExceeded, SerializationError
+from tether.errors import PayloadTooLarge, SerializationError
 from tether.ids import InvalidIdentifier, child_path
 from tether.linger import Linger
 from tether.protocol import (
@@ -40,13 +38,11 @@ from tether.protocol import (
     Cancel,
     Error,
     ErrorCode,
-    ErrorInfo,
     Fetch,
     Fetched,
     FrameDecoder,
     Heartbeat,
     Hello,
-    KeptRef,
     ProtocolError,
     Received,
     Release,
@@ -59,14 +55,11 @@ from tether.protocol import (
     TooLarge,
     Welcome,
     blob_ref_of,
-    blob_stub,
     encode,
-    kept_stub,
     wire_size,
 )
 from tether.results import failure, result_frames, too_large
 from tether.serialize import function_id, method_of
-from tether.transfer import file_of, sha256_file
 from tether.transport import Backoff, open_ws
 from tether.urls import tls_context
 from tether.versions import installed
@@ -77,7 +70,7 @@ from .engines import TaskSpec, make_engine
 from .execute import Allowlist
 from .functions import FunctionStore
 from .inputs import InputFailed, Inputs
-from .kept import KeptResults
+from .kept import KeptResults, keep_result, upload_kept
 from .payloads import EndpointPayloads, blob_failure
 from .spool import ResultSpool
 
@@ -426,53 +419,18 @@ class EndpointDaemon:
     async def _keep_then_finish(self, result: Result) -> None:
         """Keep a large result here (its frame carries a kept stub); when the store is full, or
         the result is over ``max_result_bytes``, it goes the way results went before: a blob."""
-        tid, data = result.id, result.data
-        local = file_of(data)
-        if local is not None:
-            path, sha256 = local
-            size = path.stat().st_size
-            sha256 = sha256 or await asyncio.to_thread(sha256_file, path)
-            source: Path | bytes = path
-        else:
-            assert data is not None
-            source, size = data, len(data)
-            sha256 = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
-        if (self.max_result is None or size <= self.max_result) and self.kept.room_for(size):
-            if await asyncio.to_thread(self.kept.keep, tid, source, sha256):
-                ref = KeptRef(endpoint=self.endpoint_id, size=size, sha256=sha256, type=result.kind or "")
-                self._finish(msgspec.structs.replace(result, kind=None, data=kept_stub(ref)))
-                return
-        if local is not None or (self.blob_threshold is not None and size > self.blob_threshold):
+        kept = await keep_result(self.kept, result, self.endpoint_id, self.max_result)
+        if kept is not None:
+            self._finish(kept)
+        elif self.payloads.is_large(result.data, self.blob_threshold):
             await self._store_then_finish(result)
         else:  # small enough for a frame: it goes as it would have without keep_over
             self._finish(result)
 
     async def _serve_kept(self, ids: list[str]) -> None:
         """The service asks for kept results (a client wants the value, or a task on another
-        endpoint takes it as input): each is uploaded as a blob of its owner, or said to be gone."""
-        data: dict[str, bytes] = {}
-        errors: dict[str, ErrorInfo] = {}
-        for tid in ids:
-            if tid not in self.kept:
-                errors[tid] = ErrorInfo(type="ResultLost", code=ErrorCode.RESULT_LOST.value, message=(
-                    f"the result of task {tid} is no longer kept on endpoint {self.endpoint_id} (released, or "
-                    f"freed after kept_results_retention_s, or the endpoint's store was removed)"))
-                continue
-            self.kept.pin(tid)
-            try:
-                path = self.kept.path(tid)
-                size = path.stat().st_size
-                sha256 = self.kept.sha256(tid) or await asyncio.to_thread(sha256_file, path)
-                ref = await self.payloads.upload_result(tid, path, size, sha256)
-                data[tid] = blob_stub(ref)
-            except Exception as exc:  # noqa: BLE001 - the asker gets the reason in words
-                code = ErrorCode.QUOTA_EXCEEDED if isinstance(exc, QuotaExceeded) else ErrorCode.RESULT_LOST
-                errors[tid] = ErrorInfo(type=type(exc).__name__, code=code.value,
-                                        message=f"endpoint {self.endpoint_id} could not upload the result of task "
-                                                f"{tid}: {exc}")
-            finally:
-                self.kept.unpin(tid)
-        await self._send(encode(Fetched(data=data, errors=errors)))
+        endpoint takes it as input): uploaded as blobs of their owners, or said to be gone."""
+        await self._send(encode(await upload_kept(self.kept, self.payloads, self.endpoint_id, ids)))
 
     def _send_soon(self, frame: bytes) -> None:
         asyncio.ensure_future(self._send(frame))

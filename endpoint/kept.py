@@ -18,12 +18,23 @@ lost with the process that computed it.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import msgspec
+
+from tether.errors import PayloadTooLarge, QuotaExceeded
 from tether.ids import InvalidIdentifier, check_id, child_path
+from tether.protocol import ErrorCode, ErrorInfo, Fetched, KeptRef, Result, blob_stub, kept_stub
+from tether.transfer import file_of, sha256_file
+
+if TYPE_CHECKING:
+    from .payloads import EndpointPayloads
 
 log = logging.getLogger("tether.endpoint.kept")
 
@@ -141,3 +152,52 @@ class KeptResults:
         self._sha256.pop(task_id, None)
         self.bytes -= size
         self.path(task_id).unlink(missing_ok=True)
+
+
+async def keep_result(kept: KeptResults, result: Result, endpoint_id: str, max_result: int | None) -> Result | None:
+    """The result with its data kept here (a kept stub in its frame), or None when it cannot be
+    kept (the store is full, or it is over ``max_result_bytes``): the caller sends it on as before."""
+    data = result.data
+    local = file_of(data)
+    if local is not None:  # the worker wrote it to a file: moved into the store, not copied
+        path, sha256 = local
+        size = path.stat().st_size
+        sha256 = sha256 or await asyncio.to_thread(sha256_file, path)
+        source: Path | bytes = path
+    else:
+        assert data is not None
+        source, size = data, len(data)
+        sha256 = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+    if (max_result is not None and size > max_result) or not kept.room_for(size):
+        return None
+    if not await asyncio.to_thread(kept.keep, result.id, source, sha256):
+        return None
+    ref = KeptRef(endpoint=endpoint_id, size=size, sha256=sha256, type=result.kind or "")
+    return msgspec.structs.replace(result, kind=None, data=kept_stub(ref))
+
+
+async def upload_kept(kept: KeptResults, payloads: EndpointPayloads, endpoint_id: str, ids: list[str]) -> Fetched:
+    """Upload kept results as blobs of their owners (someone elsewhere asked for them): the
+    answer names each blob, or says in words why there is none."""
+    data: dict[str, bytes] = {}
+    errors: dict[str, ErrorInfo] = {}
+    for tid in ids:
+        if tid not in kept:
+            errors[tid] = ErrorInfo(type="ResultLost", code=ErrorCode.RESULT_LOST.value, message=(
+                f"the result of task {tid} is no longer kept on endpoint {endpoint_id} (released, or freed after "
+                "kept_results_retention_s, or the endpoint's store was removed)"))
+            continue
+        kept.pin(tid)  # not freed while it is read
+        try:
+            path = kept.path(tid)
+            size = path.stat().st_size
+            sha256 = kept.sha256(tid) or await asyncio.to_thread(sha256_file, path)
+            data[tid] = blob_stub(await payloads.upload_result(tid, path, size, sha256))
+        except Exception as exc:  # noqa: BLE001 - the asker gets the reason in words
+            code = (ErrorCode.QUOTA_EXCEEDED if isinstance(exc, QuotaExceeded) else ErrorCode.PAYLOAD_TOO_LARGE
+                    if isinstance(exc, PayloadTooLarge) else ErrorCode.RESULT_LOST)
+            errors[tid] = ErrorInfo(type=type(exc).__name__, code=code.value,
+                                    message=f"endpoint {endpoint_id} could not upload the result of task {tid}: {exc}")
+        finally:
+            kept.unpin(tid)
+    return Fetched(data=data, errors=errors)
