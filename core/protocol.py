@@ -216,12 +216,17 @@ def blob_ref_of(data: bytes | None) -> BlobRef | None:
     """The blob a payload, result or function body stands for, or None for inline data.
 
     A stub that is malformed raises :class:`ProtocolError` (a peer shaped it wrongly)."""
-    if not data or not data.startswith(BLOB_STUB_HEADER) or len(data) > 512:
+    return _ref_in_stub(data, BLOB_STUB_HEADER, _blob_ref_decoder, "blob reference")
+
+
+def _ref_in_stub(data: bytes | None, header: bytes, decoder: msgspec.msgpack.Decoder[Any], what: str) -> Any:
+    """The record after ``header`` in a stub, or None for data that is no such stub."""
+    if not data or not data.startswith(header) or len(data) > 1024:
         return None
     try:
-        return _blob_ref_decoder.decode(data[len(BLOB_STUB_HEADER):])
+        return decoder.decode(data[len(header):])
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise ProtocolError(f"malformed blob reference: {exc}") from None
+        raise ProtocolError(f"malformed {what}: {exc}") from None
 
 
 class KeptRef(Struct, array_like=True):
@@ -251,12 +256,8 @@ def kept_stub(ref: KeptRef) -> bytes:
 
 def kept_ref_of(data: bytes | None) -> KeptRef | None:
     """The kept result a result's data stands for, or None (inline data or a blob stub)."""
-    if not data or not data.startswith(KEPT_STUB_HEADER) or len(data) > 512:
-        return None
-    try:
-        return _kept_ref_decoder.decode(data[len(KEPT_STUB_HEADER):])
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise ProtocolError(f"malformed kept-result reference: {exc}") from None
+    ref: KeptRef | None = _ref_in_stub(data, KEPT_STUB_HEADER, _kept_ref_decoder, "kept-result reference")
+    return ref
 
 
 class Refusal(Struct):
