@@ -10,6 +10,7 @@ import httpx
 
 from .config import find_service
 from .errors import AuthError, EndpointOffline, PayloadTooLarge, TetherError, UnknownEndpoint
+from .protocol import blob_ref_of, kept_ref_of
 from .serialize import deserialize, function_id
 
 
@@ -123,7 +124,14 @@ class Client:
         info = self.get_task(task_id)
         if info["state"] != "success":
             raise TetherError(f"task {task_id} is {info['state']}: {info.get('error')}")
-        return deserialize(base64.b64decode(info["result"]))
+        data = base64.b64decode(info["result"])
+        if blob_ref_of(data) is not None or kept_ref_of(data) is not None:
+            # a large result (a blob on the service, or kept on its endpoint): the client's
+            # connection fetches it, downloads it and checks it
+            from .connection import Connection
+
+            return Connection.get(self.info).fetch_kept(task_id)
+        return deserialize(data)
 
     def get_batch_status(self, task_ids: list[str]) -> dict[str, Any]:
         return self._call("POST", "/v1/batch_status", json={"task_ids": task_ids})

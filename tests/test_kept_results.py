@@ -193,3 +193,12 @@ def test_keep_results_over_keeps_smaller_results_too(fresh_stack):
         assert large.exception(timeout=60) is None and large.remote_value() is not None
         assert ex.submit(len, large).result(timeout=60) == 4096
         assert large.result(timeout=60) == b"y" * 4096
+
+
+def test_the_rest_client_fetches_a_kept_result(fresh_stack, ex):
+    from tether import Client
+
+    fut = ex.submit(make_bytes, BIG)
+    assert fut.exception(timeout=60) is None
+    with Client(fresh_stack.service_url, fresh_stack.token) as client:
+        assert client.get_result(fut.task_id) == make_bytes(BIG)
