@@ -13,6 +13,7 @@ open tasks dispatched to it, and they must be their owners' own tasks
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -39,6 +40,8 @@ log = logging.getLogger("tether.service.fetches")
 UPLOADED_CACHE = 65536
 #: askers waiting for one result (a bound: a client asking again and again adds nothing)
 MAX_WAITERS_PER_TASK = 256
+#: seconds after which an upload asked of an endpoint and not answered is asked again
+ASK_AGAIN_S = 30.0
 
 
 class Fetches:
@@ -49,9 +52,12 @@ class Fetches:
         self.endpoints = endpoints
         self.blobs = blobs  # service/blobs.py BlobIndex: lets an endpoint read an input's blob
         self._waiting: dict[str, dict[int, Any]] = defaultdict(dict)  # task id -> {id(session): session}
-        self._readers: dict[str, list[str]] = {}  # input id -> open tasks of the asking endpoint that take it
+        #: (asking endpoint, input id) -> its open tasks that take that input
+        self._readers: dict[tuple[str, str], list[str]] = {}
         self._uploaded: BoundedCache[str, bytes] = BoundedCache(max_items=UPLOADED_CACHE)
-        self._asked: set[str] = set()  # kept results an endpoint was asked to upload, not answered yet
+        #: kept results an endpoint was asked to upload and has not answered: when (asked again
+        #: after ASK_AGAIN_S, in case that endpoint went away meanwhile)
+        self._asked: dict[str, float] = {}
 
     # --- asks -----------------------------------------------------------------------------------
     async def from_client(self, session: Any, ids: list[str]) -> None:
@@ -67,18 +73,24 @@ class Fetches:
         readers = await self.db.input_readers(session.endpoint_id, ids)
         errors = {tid: _error(ErrorCode.UNKNOWN_TASK, f"task {tid} is not an input of a task this endpoint holds")
                   for tid in ids if tid not in readers}
+        wanted: dict[str, set[str]] = defaultdict(set)  # owner -> inputs their tasks here take
+        for tid, pairs in readers.items():
+            for _, owner in pairs:
+                wanted[owner].add(tid)
+        owned: dict[str, tuple[Any, str]] = {}  # an input must be its reader's owner's own task
+        for owner, ids_of_owner in wanted.items():
+            for row in await self.db.get_tasks(owner, list(ids_of_owner)):
+                owned[row.id] = (row, owner)
         rows = []
-        by_owner: dict[str, list[str]] = defaultdict(list)
         for tid, pairs in readers.items():
-            by_owner[pairs[0][1]].append(tid)
-        for owner, wanted in by_owner.items():  # an input must be its reader's owner's own task
-            found = await self.db.get_tasks(owner, wanted)
-            rows.extend(found)
-            missing = set(wanted) - {r.id for r in found}
-            errors.update({tid: _error(ErrorCode.UNKNOWN_TASK, f"input task {tid} is not a task of the owner of "
-                                       "the task that takes it (or it was purged)") for tid in missing})
-        for tid, pairs in readers.items():
-            self._readers[tid] = [reader for reader, _ in pairs]
+            if tid not in owned:
+                errors[tid] = _error(ErrorCode.UNKNOWN_TASK, f"input task {tid} is not a task of the owner of the "
+                                     "task that takes it (or it was purged)")
+                continue
+            row, owner = owned[tid]
+            rows.append(row)
+            self._readers[(session.endpoint_id, tid)] = [reader for reader, reader_owner in pairs
+                                                         if reader_owner == owner]
         await self._answer_rows(session, rows, errors, asker_endpoint=session.endpoint_id)
 
     async def _answer_rows(self, asker: Any, rows: list[Any], errors: dict[str, ErrorInfo],
@@ -110,8 +122,7 @@ class Fetches:
                                      "be fetched once it is")
             else:
                 self._wait(tid, asker)
-                if tid not in self._asked:
-                    self._asked.add(tid)
+                if self._ask(tid):
                     upload[kept.endpoint].append(tid)
         await self._send(asker, data, errors)
         for endpoint_id, ids in upload.items():
@@ -119,6 +130,14 @@ class Fetches:
             if ep is not None:
                 for start in range(0, len(ids), MAX_IDS):
                     await send_or_drop(ep, encode(Fetch(ids=ids[start : start + MAX_IDS])))
+
+    def _ask(self, tid: str) -> bool:
+        """Whether to ask the keeping endpoint to upload ``tid`` now (not if it was just asked)."""
+        now = time.monotonic()
+        if now - self._asked.get(tid, -ASK_AGAIN_S) < ASK_AGAIN_S:
+            return False
+        self._asked[tid] = now
+        return True
 
     def _wait(self, tid: str, asker: Any) -> None:
         waiting = self._waiting[tid]
@@ -129,12 +148,12 @@ class Fetches:
     async def uploaded(self, session: EndpointSession, msg: Fetched) -> None:
         """An endpoint uploaded kept results (or says why it could not): the askers get them."""
         for tid, stub in msg.data.items():
-            self._asked.discard(tid)
+            self._asked.pop(tid, None)
             if blob_ref_of(stub) is not None:  # only blob stubs: an endpoint never answers with data
                 self._uploaded[tid] = stub
                 await self._deliver(tid, stub, None)
         for tid, error in msg.errors.items():
-            self._asked.discard(tid)
+            self._asked.pop(tid, None)
             await self._deliver(tid, None, error)
 
     async def results_stored(self, results: list[Any]) -> None:
@@ -150,8 +169,7 @@ class Fetches:
                 if ep is None:
                     await self._deliver(r.id, None, _error(ErrorCode.ENDPOINT_OFFLINE, f"the result of task {r.id} "
                                                            f"is kept on endpoint {kept.endpoint}, not connected"))
-                elif r.id not in self._asked:
-                    self._asked.add(r.id)
+                elif self._ask(r.id):
                     await send_or_drop(ep, encode(Fetch(ids=[r.id])))
                 continue
             if r.state == TaskState.SUCCESS.value:
@@ -162,11 +180,7 @@ class Fetches:
                                                        f"{r.error.message if r.error else ''}"))
 
     async def _deliver(self, tid: str, data: bytes | None, error: ErrorInfo | None) -> None:
-        waiting = self._waiting.pop(tid, {})
-        readers = self._readers.pop(tid, [])
-        for asker in waiting.values():
-            if data is not None and isinstance(asker, EndpointSession) and self.blobs is not None:
-                await self._let_read(data, readers)
+        for asker in self._waiting.pop(tid, {}).values():
             await self._send(asker, {tid: data} if data is not None else {}, {tid: error} if error else {})
 
     async def _let_read(self, data: bytes, readers: list[str]) -> None:
@@ -177,9 +191,11 @@ class Fetches:
             await self.blobs.link_inputs(ref.id, readers)
 
     async def _send(self, asker: Any, data: dict[str, bytes], errors: dict[str, ErrorInfo]) -> None:
-        if isinstance(asker, EndpointSession) and self.blobs is not None:
-            for tid, item in data.items():
-                await self._let_read(item, self._readers.get(tid, []))
+        if isinstance(asker, EndpointSession):
+            for tid in (*data, *errors):
+                readers = self._readers.pop((asker.endpoint_id, tid), [])  # answered: no longer remembered
+                if tid in data and self.blobs is not None:
+                    await self._let_read(data[tid], readers)
         if data or errors:
             await send_or_drop(asker, encode(Fetched(data=data, errors=errors)))
 
