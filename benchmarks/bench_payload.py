@@ -113,6 +113,34 @@ def _round_trips(submit: Callable[..., Any], data: bytes, repeat: int) -> float:
     return statistics.median(times)
 
 
+class _CPUSeconds:
+    """CPU seconds (user + system) spent by this process, the service, the endpoint and its
+    workers: what a round trip costs whatever else the host is running (wall times on a shared
+    machine are not)."""
+
+    def __init__(self, service_pid: int, endpoint_pid: int | None):
+        import psutil
+
+        self.processes = [psutil.Process(), psutil.Process(service_pid)]
+        if endpoint_pid:
+            self.processes.append(psutil.Process(endpoint_pid))
+        self.start = self._total()
+
+    def _total(self) -> float:
+        total = 0.0
+        for process in self.processes:
+            for p in [process, *process.children(recursive=True)]:
+                try:
+                    times = p.cpu_times()
+                except Exception:  # noqa: BLE001 - a worker that just ended
+                    continue
+                total += times.user + times.system
+        return total
+
+    def spent(self) -> float:
+        return self._total() - self.start
+
+
 class _PeakRSS:
     def __init__(self, pid: int):
         import psutil
@@ -150,7 +178,10 @@ def run(sizes: list[int], peer_max: int, repeat: int, only: set[str]) -> list[di
             for row in rows:
                 _log(f"tether: {row['MiB']} MiB")
                 rss = _PeakRSS(stack.service_pid())
-                row["tether_s"] = _round_trips(ex.submit, payloads[row["MiB"]], 1 if row["MiB"] >= 1024 else repeat)
+                rounds = 1 if row["MiB"] >= 1024 else repeat
+                cpu = _CPUSeconds(stack.service_pid(), stack.endpoint_pid())
+                row["tether_s"] = _round_trips(ex.submit, payloads[row["MiB"]], rounds)
+                row["tether_cpu_s"] = round(cpu.spent() / rounds, 2)  # the warm-up's share is negligible
                 row["service_rss_growth_MiB"] = round(rss.growth() / MiB, 1)
                 row["service_rss_peak_MiB"] = round(rss.peak / MiB, 1)
     for name, factory in (("parsl_htex", peers.parsl_htex), ("dask_local", peers.dask_local)):
@@ -169,7 +200,7 @@ def run(sizes: list[int], peer_max: int, repeat: int, only: set[str]) -> list[di
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    head = ("MiB", "loopback s", "cat copy s", "tether s", "tether/loopback", "vs cat", "tether MiB/s",
+    head = ("MiB", "loopback s", "cat copy s", "tether s", "tether/loopback", "vs cat", "tether MiB/s", "tether CPU s",
             "service RSS +MiB", "service RSS peak MiB", "parsl s", "dask s")
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
@@ -182,7 +213,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
             str(r["MiB"]), fmt(r["loopback_s"]), fmt(r["cat_copy_s"]), fmt(tether),
             "-" if tether is None else f"{tether / r['loopback_s']:.1f}x",
             "-" if tether is None else f"{2 * r['cat_copy_s'] / tether:.2f}",
-            "-" if tether is None else f"{r['MiB'] / tether:.0f}",
+            "-" if tether is None else f"{r['MiB'] / tether:.0f}", str(r.get("tether_cpu_s", "-")),
             str(r.get("service_rss_growth_MiB", "-")), str(r.get("service_rss_peak_MiB", "-")),
             fmt(r.get("parsl_htex_s")), fmt(r.get("dask_local_s")),
         ]))

@@ -40,6 +40,7 @@ from starlette.requests import ClientDisconnect
 
 from tether.ids import child_path
 from tether.protocol import ERROR_HEADER, ErrorCode, Task
+from tether.transfer import hash_and_write
 
 from .async_store import AsyncStore
 from .guard import bearer
@@ -217,22 +218,13 @@ class BlobIndex:
         return len(ids)
 
 
-#: bytes gathered before they are hashed and written, off the event loop
-WRITE_BATCH = 8 * 1024 * 1024
-
-
-async def _hash_and_write(view: memoryview, out: Any, digest: Any) -> None:
-    """One batch hashed and written at once, each in a thread (both let go of the GIL): on a
-    host with a spare core the batch costs the slower of the two, not their sum."""
-    outcomes = await asyncio.gather(asyncio.to_thread(digest.update, view), asyncio.to_thread(out.write, view),
-                                    return_exceptions=True)  # both end before a failure is raised
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException):
-            raise outcome
+#: bytes gathered before they are hashed and written, off the event loop: few thread hops, and
+#: small enough that a batch is still in the CPU's cache when the thread hashes it
+WRITE_BATCH = 1024 * 1024
 
 
 async def _receive(request: Request, out: Any, digest: Any, declared: int, blob_id: str) -> None:
-    """Hash and write a request body as it arrives, in batches handed to threads: the event
+    """Hash and write a request body as it arrives, in batches handed to a thread: the event
     loop (every other client's frames) never waits on the disk or on hashing, and receiving
     the next batch overlaps writing the last. Two buffers, allocated once and taken in turn:
     the bytes are copied once, from the socket's pieces into a buffer, and never again."""
@@ -246,7 +238,7 @@ async def _receive(request: Request, out: Any, digest: Any, declared: int, blob_
         nonlocal pending, current, filled, turn
         if pending is not None:
             await pending  # the other buffer is free again
-        pending = asyncio.ensure_future(_hash_and_write(current[:filled], out, digest))
+        pending = asyncio.ensure_future(asyncio.to_thread(hash_and_write, current[:filled], digest, out))
         turn ^= 1
         current, filled = memoryview(buffers[turn]), 0
 
