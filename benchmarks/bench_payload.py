@@ -12,8 +12,10 @@ times, client -> service -> endpoint and back, and each time through the service
 ``cat`` out of it into another file, one way; ``vs cat`` is the speed of Tether's round trip
 (the bytes go both ways) as a fraction of two such copies (issue 20 asks for >= 0.3 at 1 GiB).
 Parsl and Dask run for sizes up to ``--peer-max`` MiB (they pickle whole payloads into
-messages; a gibibyte costs them several copies in memory). The service's peak RSS growth
-during Tether's runs is sampled too: it must stay flat, whatever the size.
+messages; a gibibyte costs them several copies in memory). The service's peak RSS (and its
+growth) during Tether's runs is sampled too: it must stay flat, whatever the size; and the CPU
+seconds of every Tether process per round trip, which other load on the host disturbs less
+than the wall time.
 """
 
 from __future__ import annotations
@@ -127,14 +129,14 @@ class _CPUSeconds:
         self.start = self._total()
 
     def _total(self) -> float:
+        every = {p.pid: p for process in self.processes for p in [process, *process.children(recursive=True)]}
         total = 0.0
-        for process in self.processes:
-            for p in [process, *process.children(recursive=True)]:
-                try:
-                    times = p.cpu_times()
-                except Exception:  # noqa: BLE001 - a worker that just ended
-                    continue
-                total += times.user + times.system
+        for p in every.values():  # each once, whichever is whose child
+            try:
+                times = p.cpu_times()
+            except Exception:  # noqa: BLE001 - a worker that just ended
+                continue
+            total += times.user + times.system
         return total
 
     def spent(self) -> float:
