@@ -211,7 +211,7 @@ class Executor(concurrent.futures.Executor):
         if threshold is None:
             payload = serialize((args, kwargs), self.data_serializer)
         else:  # serialized to a file once past the threshold: a large argument is never held twice
-            spill = Spill(threshold, spill_dir, f"{task_id}.args")  # the directory only if it spills
+            spill = Spill(threshold, spill_dir, f"{task_id}.args", by_reference=True)  # a directory if it spills
             try:
                 serialize_into((args, kwargs), spill, self.data_serializer)
             except BaseException:
@@ -255,7 +255,7 @@ class Executor(concurrent.futures.Executor):
             if fut.done():  # cancelled while waiting for a transfer thread
                 return
             assert spill.path is not None
-            ref = self._conn.blobs().upload(spill.path, spill.size, spill.sha256, what=f"arguments of task {task.id}",
+            ref = self._conn.blobs().upload(spill, spill.size, spill.sha256, what=f"arguments of task {task.id}",
                                             progress=self.progress)
             task.payload = blob_stub(ref)
             task.blobs = [*task.blobs, ref.id]

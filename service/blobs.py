@@ -40,6 +40,7 @@ from starlette.requests import ClientDisconnect
 
 from tether.ids import child_path
 from tether.protocol import ERROR_HEADER, ErrorCode, Task
+from tether.transfer import hash_and_write
 
 from .async_store import AsyncStore
 from .guard import bearer
@@ -227,41 +228,50 @@ class BlobIndex:
         return len(ids)
 
 
-#: bytes gathered before they are hashed and written, off the event loop
-WRITE_BATCH = 4 * 1024 * 1024
+#: bytes gathered before they are hashed and written, off the event loop: few thread hops, and
+#: small enough that a batch is still in the CPU's cache when the thread hashes it
+WRITE_BATCH = 1024 * 1024
 
 
 async def _receive(request: Request, out: Any, digest: Any, declared: int, blob_id: str) -> None:
     """Hash and write a request body as it arrives, in batches handed to a thread: the event
     loop (every other client's frames) never waits on the disk or on hashing, and receiving
-    the next batch overlaps writing the last. At most two batches are in memory."""
-
-    def write(batch: bytes) -> None:
-        digest.update(batch)
-        out.write(batch)
-
+    the next batch overlaps writing the last. Two buffers, allocated once and taken in turn:
+    the bytes are copied once, from the socket's pieces into a buffer, and never again."""
+    buffers = [bytearray(min(WRITE_BATCH, max(declared, 1))) for _ in range(2)]
+    current, filled = memoryview(buffers[0]), 0
+    turn = 0
     pending: Any = None
-    buffer = bytearray()
     received = 0
+
+    async def flush() -> None:
+        nonlocal pending, current, filled, turn
+        if pending is not None:
+            await pending  # the other buffer is free again
+        pending = asyncio.ensure_future(asyncio.to_thread(hash_and_write, current[:filled], digest, out))
+        turn ^= 1
+        current, filled = memoryview(buffers[turn]), 0
+
     try:
         async for chunk in request.stream():
             received += len(chunk)
             if received > declared:
                 raise HTTPException(409, f"more bytes than the {declared} declared for blob {blob_id}")
-            buffer += chunk
-            if len(buffer) >= WRITE_BATCH:
-                if pending is not None:
-                    await pending
-                pending = asyncio.ensure_future(asyncio.to_thread(write, bytes(buffer)))
-                buffer.clear()
+            piece = memoryview(chunk)
+            while piece:
+                n = min(len(piece), len(current) - filled)
+                current[filled : filled + n] = piece[:n]
+                filled, piece = filled + n, piece[n:]
+                if filled == len(current):
+                    await flush()
     except BaseException:
         if pending is not None:  # never leave a write running on a file about to be closed
             await asyncio.gather(pending, return_exceptions=True)
         raise
+    if filled:
+        await flush()
     if pending is not None:
         await pending
-    if buffer:
-        await asyncio.to_thread(write, bytes(buffer))
 
 
 def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRouter:

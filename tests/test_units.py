@@ -147,6 +147,29 @@ def test_a_spill_holds_what_pickle_writes_in_memory_or_on_disk(tmp_path, thresho
     assert (loaded["array"] == value["array"]).all() and loaded["text"] == value["text"]
 
 
+def test_a_client_spill_keeps_large_bytes_by_reference_and_streams_them_in_order(tmp_path) -> None:
+    """The client's spill of a large ``bytes`` argument: the bytes are not written to its file (the
+    caller holds them, and they cannot change), yet the pieces an upload sends are the whole
+    pickle, in order, and hash to the digest the spill declares; a mutable buffer still goes to
+    the file, since it could change before the upload."""
+    import hashlib
+
+    from tether.serialize import serialize_into
+    from tether.transfer import BY_REFERENCE_MIN, Spill
+
+    big = bytes(range(256)) * (3 * BY_REFERENCE_MIN // 256)
+    value = ({"big": big, "mutable": bytearray(2 * BY_REFERENCE_MIN), "again": big, "small": b"x" * 10}, {})
+    spill = Spill(4096, tmp_path, "t.args", by_reference=True)
+    serialize_into(value, spill)
+    spill.close()
+    sent = b"".join(bytes(piece) for piece in spill.pieces())
+    assert len(sent) == spill.size and hashlib.sha256(sent).hexdigest() == spill.sha256
+    assert spill.path.stat().st_size == spill.size - len(big)  # all but the bytes object (pickled once)
+    assert deserialize(sent) == value
+    spill.discard()
+    assert not spill.path.exists()
+
+
 def test_the_user_config_template_configure_writes_renders_unedited(tmp_path) -> None:
     """`tether endpoint configure NAME --multi-user` writes a template (comments included) that
     renders for a user as written: a newcomer's first task must not fail on it."""
