@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tether.bounded import BoundedCache
@@ -51,6 +52,10 @@ class Fetches:
         self.db = db
         self.endpoints = endpoints
         self.blobs = blobs  # service/blobs.py BlobIndex: lets an endpoint read an input's blob
+        #: starts a user endpoint that is not running (stopped after its idle timeout) and says
+        #: whether it is one: its kept results are asked for once it connects
+        self.wake: Callable[[str], Awaitable[bool]] | None = None
+        self._after_start: dict[str, set[str]] = defaultdict(set)  # user endpoint -> kept results wanted
         self._waiting: dict[str, dict[int, Any]] = defaultdict(dict)  # task id -> {id(session): session}
         #: (asking endpoint, input id) -> its open tasks that take that input
         self._readers: dict[tuple[str, str], list[str]] = {}
@@ -117,6 +122,9 @@ class Fetches:
                 errors[tid] = _error(ErrorCode.RESULT_LOST, f"the result of task {tid} was kept on this endpoint "
                                      "and is no longer there (released, or freed after kept_results_retention_s)")
             elif kept.endpoint not in self.endpoints:
+                if await self._woken(kept.endpoint, tid):
+                    self._wait(tid, asker)
+                    continue
                 errors[tid] = _error(ErrorCode.ENDPOINT_OFFLINE, f"the result of task {tid} is kept on endpoint "
                                      f"{kept.endpoint}, which is not connected (to this service replica); it can "
                                      "be fetched once it is")
@@ -130,6 +138,24 @@ class Fetches:
             if ep is not None:
                 for start in range(0, len(ids), MAX_IDS):
                     await send_or_drop(ep, encode(Fetch(ids=ids[start : start + MAX_IDS])))
+
+    async def _woken(self, endpoint_id: str, tid: str) -> bool:
+        """A user endpoint keeps ``tid`` and is not running: start it, and ask once it connects."""
+        if self.wake is None or not await self.wake(endpoint_id):
+            return False
+        self._after_start[endpoint_id].add(tid)
+        return True
+
+    async def endpoint_connected(self, session: EndpointSession) -> None:
+        """An endpoint connected: the kept results wanted from it while it was away are asked for."""
+        wanted = self._after_start.pop(session.endpoint_id, set())
+        ids = [tid for tid in wanted if tid in self._waiting]
+        for tid in ids:
+            self._asked.pop(tid, None)
+        for start in range(0, len(ids), MAX_IDS):
+            chunk = [tid for tid in ids[start : start + MAX_IDS] if self._ask(tid)]
+            if chunk:
+                await send_or_drop(session, encode(Fetch(ids=chunk)))
 
     def _ask(self, tid: str) -> bool:
         """Whether to ask the keeping endpoint to upload ``tid`` now (not if it was just asked)."""
@@ -167,8 +193,10 @@ class Fetches:
                 kept = kept_ref_of(r.data)
                 ep = self.endpoints.get(kept.endpoint)
                 if ep is None:
-                    await self._deliver(r.id, None, _error(ErrorCode.ENDPOINT_OFFLINE, f"the result of task {r.id} "
-                                                           f"is kept on endpoint {kept.endpoint}, not connected"))
+                    if not await self._woken(kept.endpoint, r.id):
+                        await self._deliver(r.id, None, _error(ErrorCode.ENDPOINT_OFFLINE, f"the result of task "
+                                                               f"{r.id} is kept on endpoint {kept.endpoint}, not "
+                                                               "connected"))
                 elif self._ask(r.id):
                     await send_or_drop(ep, encode(Fetch(ids=[r.id])))
                 continue

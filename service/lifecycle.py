@@ -65,6 +65,7 @@ class EndpointLifecycle(Dispatch):
     def __init__(self, db: AsyncStore, bus: LocalBus | RabbitBus | None = None, prefetch: int = DEFAULT_PREFETCH):
         super().__init__(db, bus, prefetch)
         self._start_requested: dict[str, float] = {}  # user endpoint id -> when its start was asked for
+        self.fetches.wake = self._wake_user_endpoint
 
     async def endpoint_message(self, session: EndpointSession, msg: Any) -> None:
         """Act on one (already validated) endpoint frame; only its own tasks are touched."""
@@ -111,6 +112,7 @@ class EndpointLifecycle(Dispatch):
         await self._tell_endpoint(Takeover(endpoint_id=session.endpoint_id, replica=self.bus.replica_id))
         await self._save_presence(session, online=True)
         self._start_requested.pop(session.endpoint_id, None)
+        await self.fetches.endpoint_connected(session)
         if session.multi_user:  # user endpoints with work waiting for them: start them now
             for child in await self.db.user_endpoints_with_open_tasks(session.endpoint_id):
                 await self._start_user_endpoint(child["id"], force=True)
@@ -179,6 +181,15 @@ class EndpointLifecycle(Dispatch):
                                                                  "replica": self.bus.replica_id})
 
     # --- user endpoints ------------------------------------------------------------------------
+    async def _wake_user_endpoint(self, endpoint_id: str) -> bool:
+        """Start a user endpoint that stopped (someone wants a result it keeps); False if
+        ``endpoint_id`` is no user endpoint."""
+        child = await self.db.get_endpoint(endpoint_id)
+        if child is None or child["parent_id"] is None:
+            return False
+        await self._start_user_endpoint(endpoint_id)
+        return True
+
     async def _start_user_endpoint(self, user_endpoint_id: str, force: bool = False) -> None:
         """Ask the multi-user endpoint to start a user endpoint, with a fresh credential for it
         (once per START_RETRY_S; if the parent is offline, when it connects)."""
