@@ -160,7 +160,8 @@ class Fetches:
     def _ask(self, tid: str) -> bool:
         """Whether to ask the keeping endpoint to upload ``tid`` now (not if it was just asked)."""
         now = time.monotonic()
-        if now - self._asked.get(tid, -ASK_AGAIN_S) < ASK_AGAIN_S:
+        last = self._asked.get(tid)
+        if last is not None and now - last < ASK_AGAIN_S:
             return False
         self._asked[tid] = now
         return True
