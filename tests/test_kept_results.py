@@ -202,3 +202,50 @@ def test_the_rest_client_fetches_a_kept_result(fresh_stack, ex):
     assert fut.exception(timeout=60) is None
     with Client(fresh_stack.service_url, fresh_stack.token) as client:
         assert client.get_result(fut.task_id) == make_bytes(BIG)
+
+
+def test_a_cancelled_input_fails_the_task_waiting_for_it_in_words(ex):
+    import time as _time
+
+    slow = ex.submit(lambda: (_time.sleep(30), b"never")[1])
+    after = ex.submit(len, slow)
+    wait_for(lambda: slow.state == "running", 60, "the producer to start")
+    slow.cancel()
+    with pytest.raises(TaskFailed, match=f"input task {slow.task_id} was cancelled"):
+        after.result(timeout=60)
+
+
+def _reconfigure(stack, **keys: object) -> None:
+    import yaml
+
+    config = stack.home / "endpoints" / "local" / "config.yaml"
+    data = yaml.safe_load(config.read_text())
+    data.update(keys)
+    config.write_text(yaml.safe_dump(data))
+    stack.stop_endpoint()
+    stack.start_endpoint()
+
+
+def test_past_its_bytes_the_store_sends_results_to_the_service(fresh_stack, ex):
+    _reconfigure(fresh_stack, kept_results_max_bytes=20 * MIB)
+    first, second = ex.submit(make_bytes, BIG, 1), ex.submit(make_bytes, BIG, 2)
+    assert first.result(timeout=60) == make_bytes(BIG, 1) and second.result(timeout=60) == make_bytes(BIG, 2)
+    assert sorted(f is not None for f in (first.remote_value(), second.remote_value())) == [False, True]
+    assert len(kept_files(fresh_stack.home)) == 1  # one fits in 20 MiB; the other went as a blob
+
+
+def test_a_result_past_its_retention_is_freed_and_reported_lost(fresh_stack, ex):
+    import os
+    import time as _time
+
+    fut = ex.submit(make_bytes, BIG)
+    assert fut.exception(timeout=60) is None
+    (path,) = kept_files(fresh_stack.home)
+    old = _time.time() - 3600
+    os.utime(path, (old, old))  # computed an hour ago, as far as the store can tell
+    _reconfigure(fresh_stack, kept_results_retention_s=60)  # read back at start: past its retention
+    assert kept_files(fresh_stack.home) == []
+    with pytest.raises(ResultLost, match="kept_results_retention_s"):
+        fut.result(timeout=60)
+    with pytest.raises(ResultLost, match="no longer"):
+        ex.submit(len, fut).result(timeout=60)
