@@ -320,7 +320,7 @@ class Connection:
         """The handle of a result its endpoint keeps: fetched on demand, released when dropped."""
         return RemoteValue(task_id, kept.endpoint, kept.size, self.fetch_kept, self._releases.append, kept.type)
 
-    def fetch_kept(self, task_id: str, timeout: float | None = None) -> Any:
+    def fetch_kept(self, task_id: str, timeout: float | None = None, progress: bool | None = None) -> Any:
         """The value of a kept result: asked for through the service (the endpoint uploads it as a
         blob), downloaded here, checked by sha256 and deserialized. Concurrent asks share one fetch."""
         if self.fatal is not None:
@@ -340,7 +340,7 @@ class Connection:
             return deserialize(data)
         path = spill_dir() / f"{task_id}.{threading.get_ident()}.kept"
         try:
-            self.blobs().download_to(ref, path, what=f"result of task {task_id}", progress=None)
+            self.blobs().download_to(ref, path, what=f"result of task {task_id}", progress=progress)
             return load_file(path)
         finally:
             path.unlink(missing_ok=True)

@@ -288,7 +288,7 @@ class TetherFuture(concurrent.futures.Future):
                 lock = self.__dict__.setdefault("_fetch_lock", threading.Lock())
         with lock:
             if self._result is kept:
-                self._result = kept.fetch(timeout)
+                self._result = kept.fetch(timeout, self.progress)
             return self._result
 
     def _wait_for_result(self, timeout: float | None) -> Any:

@@ -52,7 +52,7 @@ class RemoteValue:
 
     __slots__ = ("task_id", "endpoint", "size", "type_name", "_fetch", "_finalizer", "__weakref__")
 
-    def __init__(self, task_id: str, endpoint: str, size: int, fetch: Callable[[str, float | None], Any],
+    def __init__(self, task_id: str, endpoint: str, size: int, fetch: Callable[[str, float | None, bool | None], Any],
                  release: Callable[[str], None] | None, type_name: str = ""):
         self.task_id, self.endpoint, self.size = task_id, endpoint, size
         #: the value's type as ``module.QualName`` ("" when the endpoint did not say)
@@ -62,9 +62,10 @@ class RemoteValue:
         if self._finalizer is not None:
             self._finalizer.atexit = False  # at exit the service's retention frees it; no frames then
 
-    def fetch(self, timeout: float | None = None) -> Any:
-        """The value itself: downloaded now (raises :class:`tether.ResultLost` if it is gone)."""
-        return self._fetch(self.task_id, timeout)
+    def fetch(self, timeout: float | None = None, progress: bool | None = None) -> Any:
+        """The value itself: downloaded now (raises :class:`tether.ResultLost` if it is gone).
+        ``progress`` as for :class:`tether.Executor` (a bar or log lines for 64 MiB and more)."""
+        return self._fetch(self.task_id, timeout, progress)
 
     def value_type(self) -> type | None:
         """The value's class, if its module is already imported here (never imported for it:
