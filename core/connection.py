@@ -45,6 +45,7 @@ from .errors import (
 )
 from .futures import TetherFuture, callbacks
 from .home import tether_home
+from .kept import KeptAsks
 from .linger import Linger
 from .protocol import (
     CLIENT_WS_PATH,
@@ -60,13 +61,11 @@ from .protocol import (
     EndpointBrief,
     Error,
     ErrorCode,
-    Fetch,
     Fetched,
     FrameDecoder,
     KeptRef,
     ProtocolError,
     Refusal,
-    Release,
     Result,
     Results,
     Status,
@@ -158,11 +157,8 @@ class Connection:
         #: frames sent, by type: what a mass cancel or a burst of submissions cost on the wire
         self.frames_sent: collections.Counter[str] = collections.Counter()
         self._collected: list[str] = []
-        #: kept results asked for (fetch_kept) and not answered yet: task id -> its data when it comes
-        self._fetches: dict[str, concurrent.futures.Future[bytes]] = {}
-        self._fetch_lock = threading.Lock()
-        #: kept results nobody here holds any more (handles garbage collected): sent with "collected"
-        self._releases: collections.deque[str] = collections.deque()
+        #: results kept on endpoints: fetches waiting for their answer, releases to send (core/kept.py)
+        self._kept = KeptAsks(self.send_control)
         self._warned: set[Any] = set()
         self._wake_pending = False
         self._closed = False
@@ -318,20 +314,15 @@ class Connection:
     # --- results kept on endpoints -------------------------------------------------------------
     def kept_value(self, task_id: str, kept: KeptRef) -> RemoteValue:
         """The handle of a result its endpoint keeps: fetched on demand, released when dropped."""
-        return RemoteValue(task_id, kept.endpoint, kept.size, self.fetch_kept, self._releases.append, kept.type)
+        return RemoteValue(task_id, kept.endpoint, kept.size, self.fetch_kept, self._kept.released.append, kept.type)
 
     def fetch_kept(self, task_id: str, timeout: float | None = None, progress: bool | None = None) -> Any:
         """The value of a kept result: asked for through the service (the endpoint uploads it as a
         blob), downloaded here, checked by sha256 and deserialized. Concurrent asks share one fetch."""
         if self.fatal is not None:
             raise self.fatal
-        with self._fetch_lock:
-            waiting = self._fetches.get(task_id)
-            if waiting is None:
-                waiting = self._fetches[task_id] = concurrent.futures.Future()
-                self.send_control(encode(Fetch(ids=[task_id])))
         try:
-            data = waiting.result(timeout)
+            data = self._kept.ask(task_id).result(timeout)
         except concurrent.futures.TimeoutError:
             raise TimeoutError(f"task {task_id}: its result, kept on its endpoint, did not arrive within "
                                f"{timeout:g} s{self.why_waiting()}") from None
@@ -344,20 +335,6 @@ class Connection:
             return load_file(path)
         finally:
             path.unlink(missing_ok=True)
-
-    def _on_fetched(self, msg: Fetched) -> None:
-        with self._fetch_lock:
-            waiting = {tid: self._fetches.pop(tid, None) for tid in (*msg.data, *msg.errors)}
-        for tid, data in msg.data.items():
-            fut = waiting.get(tid)
-            if fut is not None:
-                fut.set_result(data)
-        for tid, error in msg.errors.items():
-            fut = waiting.get(tid)
-            if fut is not None:
-                kind = {ErrorCode.PAYLOAD_TOO_LARGE.value: PayloadTooLarge,
-                        ErrorCode.QUOTA_EXCEEDED.value: QuotaExceeded}.get(error.code or "", ResultLost)
-                fut.set_exception(kind(f"task {tid}: {error.message}"))
 
     def unreachable_for(self) -> float:
         """Seconds the service has been out of reach (0 while connected)."""
@@ -525,10 +502,8 @@ class Connection:
         follow = [tid for tid in list(self.futures) if tid not in unacked_ids and tid not in queued_ids]
         for start in range(0, len(follow), MAX_IDS):
             self._loop.create_task(self._send(encode(Subscribe(ids=follow[start : start + MAX_IDS]))))
-        with self._fetch_lock:
-            fetching = list(self._fetches)
-        for start in range(0, len(fetching), MAX_IDS):  # asked before the cut: ask again
-            self._loop.create_task(self._send(encode(Fetch(ids=fetching[start : start + MAX_IDS]))))
+        for frame in self._kept.frames_to_resend():  # asked before the cut: ask again
+            self._loop.create_task(self._send(frame))
 
     def _flush(self) -> None:
         """Drain queued control frames and tasks into frames on the socket (runs on the loop)."""
@@ -592,7 +567,7 @@ class Connection:
         elif isinstance(msg, SubmitAck):
             self._on_ack(msg)
         elif isinstance(msg, Fetched):
-            self._on_fetched(msg)
+            self._kept.answered(msg)
         elif isinstance(msg, Error):
             self._on_error(msg)
 
@@ -706,10 +681,8 @@ class Connection:
         collected, self._collected = self._collected, []
         for start in range(0, len(collected), MAX_IDS):
             self.send_control(encode(Collected(ids=collected[start : start + MAX_IDS])))
-        if self._releases:  # drained, never swapped: finalizers append from any thread
-            released = [self._releases.popleft() for _ in range(len(self._releases))]
-            for start in range(0, len(released), MAX_IDS):
-                self.send_control(encode(Release(ids=released[start : start + MAX_IDS])))
+        for frame in self._kept.release_frames():
+            self.send_control(frame)
 
     async def _collect_loop(self) -> None:
         while True:
@@ -722,10 +695,7 @@ class Connection:
         futures, self.futures = self.futures, {}
         for fut in futures.values():
             fut._settle(exception=exc)
-        with self._fetch_lock:
-            fetches, self._fetches = self._fetches, {}
-        for waiting in fetches.values():
-            waiting.set_exception(exc)
+        self._kept.fail_all(exc)
 
 
 #: spill files older than this were left by a process that died mid-transfer
