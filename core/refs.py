@@ -8,9 +8,10 @@ computed on an endpoint and used there never crosses the user's machine.
 
 Both sides use this module: the client swaps futures and handles for placeholders
 (:func:`swap_inputs`), the endpoint's worker swaps placeholders for values (:func:`fill_inputs`).
-Only plain containers (``list``, ``tuple``, ``dict``, ``set``) a few levels deep are searched,
-the way Parsl and Dask look for futures in arguments; anything deeper, or inside another
-object, is pickled as the value itself (a handle fetches its value when it is pickled).
+Only plain containers (``list``, ``tuple``, ``dict``, ``set``) of up to ``SEARCH_ITEMS`` items,
+``SEARCH_DEPTH`` levels deep, are searched, the way Parsl and Dask look for futures in
+arguments; anything else is pickled as the value itself (a handle fetches its value when it is
+pickled).
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ from typing import Any
 
 #: how deep containers in a task's arguments are searched for futures and handles
 SEARCH_DEPTH = 4
+#: containers with more items are not searched (a list of a million numbers costs its submit
+#: nothing extra); put futures in smaller containers, or pass them directly
+SEARCH_ITEMS = 10_000
 _CONTAINERS = (list, tuple, dict, set, frozenset)
-_PLAIN = (int, float, str, bytes, bool)
+_PLAIN = (int, float, str, bytes, bool, type(None))
 
 
 class TaskInput:
@@ -113,6 +117,8 @@ def swap_inputs(args: tuple, kwargs: dict, resolve: Callable[[Any], Any]) -> tup
     arguments and what was swapped for placeholders (None when nothing was): the common case
     costs one pass over the arguments and returns the same objects.
     """
+    if not kwargs and all(type(a) in _PLAIN for a in args):  # the common case: nothing to look into
+        return args, kwargs, None
     found = Swapped()
     new_args = _swap(args, resolve, found, SEARCH_DEPTH)
     new_kwargs = _swap(kwargs, resolve, found, SEARCH_DEPTH) if kwargs else kwargs
@@ -122,7 +128,7 @@ def swap_inputs(args: tuple, kwargs: dict, resolve: Callable[[Any], Any]) -> tup
 def _swap(obj: Any, resolve: Callable[[Any], Any], found: Swapped, depth: int) -> Any:
     kind = type(obj)
     if kind in _CONTAINERS:
-        if depth == 0:
+        if depth == 0 or len(obj) > SEARCH_ITEMS:
             return obj
         if kind is dict:
             items = {k: _swap(v, resolve, found, depth - 1) for k, v in obj.items()}
@@ -131,7 +137,7 @@ def _swap(obj: Any, resolve: Callable[[Any], Any], found: Swapped, depth: int) -
         if all(a is b for a, b in zip(items_list, obj, strict=True)):
             return obj
         return kind(items_list)
-    if kind in _PLAIN or obj is None:
+    if kind in _PLAIN:
         return obj
     new = resolve(obj)
     if type(new) is TaskInput:

@@ -278,3 +278,26 @@ def test_where_a_submitters_file_goes_in_a_tasks_directory() -> None:
     for bad in ("../2/x", "/etc/passwd", "a/../../x"):
         with pytest.raises(ValueError, match="not a path inside"):
             inside("/t/1", bad)
+
+
+def test_futures_in_arguments_become_placeholders_and_back() -> None:
+    """tether.refs: what the client swaps out is what the worker fills in, containers and all;
+    arguments with nothing to swap are returned as the same objects."""
+    from tether.refs import SEARCH_ITEMS, TaskInput, fill_inputs, swap_inputs
+
+    class Ref:  # stands for a future
+        def __init__(self, tid: str) -> None:
+            self.tid = tid
+
+    def resolve(obj: object) -> object:
+        return TaskInput(obj.tid) if isinstance(obj, Ref) else obj
+
+    a, b = Ref("t-a"), Ref("t-b")
+    plain = (1, "x", None, [1, 2], {"k": (3,)})
+    args, kwargs, swapped = swap_inputs(plain, {}, resolve)
+    assert swapped is None and args is plain
+    args, kwargs, swapped = swap_inputs((a, [1, {"deep": (b,)}], {a}), {"k": [b]}, resolve)
+    assert swapped is not None and swapped.ids == ["t-a", "t-b", "t-a", "t-b"] and swapped.holders[0] is a
+    assert fill_inputs(args, kwargs, {"t-a": "A", "t-b": "B"}) == (("A", [1, {"deep": ("B",)}], {"A"}), {"k": ["B"]})
+    huge = [a] * (SEARCH_ITEMS + 1)  # not searched: passed as it is
+    assert swap_inputs((huge,), {}, resolve)[2] is None
