@@ -203,6 +203,15 @@ class BlobIndex:
             conn.execute(task_blobs.insert(), rows)
             conn.execute(update(blobs).where(blobs.c.id.in_({r["blob_id"] for r in rows})).values(linked=True))
 
+    def is_result_of(self, blob_id: str, task_id: str) -> bool:
+        """Whether ``blob_id`` was stored as ``task_id``'s result (and is complete)."""
+        with self.store.transaction() as conn:
+            return conn.execute(
+                select(task_blobs.c.task_id).join(blobs, blobs.c.id == task_blobs.c.blob_id)
+                .where(and_(task_blobs.c.blob_id == blob_id, task_blobs.c.task_id == task_id,
+                            task_blobs.c.role == "result", blobs.c.state == COMPLETE)).limit(1)
+            ).first() is not None
+
     def link_inputs(self, blob_id: str, task_ids: Iterable[str]) -> None:
         """Tasks that take another task's result (this blob) as input name it: the endpoint they
         are dispatched to may read it (see ``service/fetches.py``), and it lives as long as they do."""

@@ -63,6 +63,7 @@ class Fetches:
         #: kept results an endpoint was asked to upload and has not answered: when (asked again
         #: after ASK_AGAIN_S, in case that endpoint went away meanwhile)
         self._asked: dict[str, float] = {}
+        self._asked_of: dict[str, str] = {}  # ... and which endpoint: the only one whose answer counts
 
     # --- asks -----------------------------------------------------------------------------------
     async def from_client(self, session: Any, ids: list[str]) -> None:
@@ -130,7 +131,7 @@ class Fetches:
                                      "be fetched once it is")
             else:
                 self._wait(tid, asker)
-                if self._ask(tid):
+                if self._ask(tid, kept.endpoint):
                     upload[kept.endpoint].append(tid)
         await self._send(asker, data, errors)
         for endpoint_id, ids in upload.items():
@@ -153,17 +154,19 @@ class Fetches:
         for tid in ids:
             self._asked.pop(tid, None)
         for start in range(0, len(ids), MAX_IDS):
-            chunk = [tid for tid in ids[start : start + MAX_IDS] if self._ask(tid)]
+            chunk = [tid for tid in ids[start : start + MAX_IDS] if self._ask(tid, session.endpoint_id)]
             if chunk:
                 await send_or_drop(session, encode(Fetch(ids=chunk)))
 
-    def _ask(self, tid: str) -> bool:
-        """Whether to ask the keeping endpoint to upload ``tid`` now (not if it was just asked)."""
+    def _ask(self, tid: str, endpoint_id: str) -> bool:
+        """Whether to ask ``endpoint_id``, which keeps ``tid``, to upload it now (not if it was
+        just asked); only that endpoint's answer will be taken."""
         now = time.monotonic()
         last = self._asked.get(tid)
-        if last is not None and now - last < ASK_AGAIN_S:
+        if last is not None and now - last < ASK_AGAIN_S and self._asked_of.get(tid) == endpoint_id:
             return False
         self._asked[tid] = now
+        self._asked_of[tid] = endpoint_id
         return True
 
     def _wait(self, tid: str, asker: Any) -> None:
@@ -173,15 +176,26 @@ class Fetches:
 
     # --- answers --------------------------------------------------------------------------------
     async def uploaded(self, session: EndpointSession, msg: Fetched) -> None:
-        """An endpoint uploaded kept results (or says why it could not): the askers get them."""
-        for tid, stub in msg.data.items():
+        """An endpoint uploaded kept results (or says why it could not): the askers get them.
+
+        Only answers to what this endpoint was asked, naming a blob stored as that task's result,
+        are taken: anything else (another endpoint's blob offered as a victim's input, which a
+        reader would unpickle) is dropped and logged.
+        """
+        mine = {tid for tid in (*msg.data, *msg.errors) if self._asked_of.get(tid) == session.endpoint_id}
+        if len(mine) < len(msg.data) + len(msg.errors):
+            log.warning("endpoint %s answered for kept results it was not asked for; ignored", session.endpoint_id)
+        for tid in mine:
             self._asked.pop(tid, None)
-            if blob_ref_of(stub) is not None:  # only blob stubs: an endpoint never answers with data
+            self._asked_of.pop(tid, None)
+        for tid, stub in msg.data.items():
+            ref = blob_ref_of(stub)  # only blob stubs: an endpoint never answers with data
+            if tid in mine and ref is not None and (self.blobs is None or await self.blobs.is_result_of(ref.id, tid)):
                 self._uploaded[tid] = stub
                 await self._deliver(tid, stub, None)
         for tid, error in msg.errors.items():
-            self._asked.pop(tid, None)
-            await self._deliver(tid, None, error)
+            if tid in mine:
+                await self._deliver(tid, None, error)
 
     async def results_stored(self, results: list[Any]) -> None:
         """Results just stored: askers waiting for them get them (kept ones after an upload)."""
@@ -198,7 +212,7 @@ class Fetches:
                         await self._deliver(r.id, None, _error(ErrorCode.ENDPOINT_OFFLINE, f"the result of task "
                                                                f"{r.id} is kept on endpoint {kept.endpoint}, not "
                                                                "connected"))
-                elif self._ask(r.id):
+                elif self._ask(r.id, kept.endpoint):
                     await send_or_drop(ep, encode(Fetch(ids=[r.id])))
                 continue
             if r.state == TaskState.SUCCESS.value:

@@ -123,6 +123,24 @@ def test_nobody_else_fetches_or_releases_a_kept_result(stack, executor, evil_end
     assert fut.result(timeout=60) == bytes(size)  # released by nobody who may
 
 
+def test_an_endpoint_cannot_answer_for_a_result_it_was_not_asked_for(stack, executor, evil_endpoint) -> None:
+    """Mallory's endpoint offers a blob as the upload of the victim's kept result (which a reader
+    would unpickle): the service takes uploads only from the endpoint it asked, naming a blob
+    stored as that task's result; the victim gets the real value."""
+    from tether.protocol import BlobRef, blob_stub
+
+    size = 9 * 1024 * 1024
+    fut = executor.submit(bytes, size)
+    assert fut.exception(timeout=60) is None and fut.remote_value() is not None
+    forged = blob_stub(BlobRef(id=str(uuid.uuid4()), size=10, sha256="0" * 64))
+    evil_endpoint.send(Fetched(data={fut.task_id: forged}))
+    # frames arrive in order: once a report on an unknown task is refused, the forgery was handled
+    evil_endpoint.send(Received(ids=["after-forged-upload"]))
+    evil_endpoint.recv_until(lambda m: isinstance(m, Error) and "after-forged-upload" in (m.ids or []))
+    assert fut.result(timeout=60) == bytes(size)
+    assert executor.submit(len, fut).result(timeout=60) == size
+
+
 def test_a_reused_task_id_cannot_steal_a_result(stack, executor, mallory) -> None:
     evil_id = Client(stack.service_url, mallory).register_endpoint("thief")["endpoint_id"]
     fut = executor.submit(helpers.sleep_then, 1.0, "the victim's secret")
