@@ -20,6 +20,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     delete,
+    exists,
     func,
     or_,
     select,
@@ -31,7 +32,7 @@ from tether.protocol import ErrorInfo, Result, TaskState, kept_ref_of
 
 from .database import chunks
 from .registry import Registry
-from .tables import endpoints, tasks
+from .tables import endpoints, task_inputs, tasks
 
 log = logging.getLogger("tether.service.store")
 
@@ -199,6 +200,10 @@ class Store(Registry):
                 if not rows:
                     return [], [], []
             inserted_ids = {r.id for r in self._insert(tasks, rows, returning=tasks.c.id)}
+            links = [{"task_id": t.id, "input_id": x} for t in batch if t.inputs and t.id in inserted_ids
+                     for x in set(t.inputs)]
+            if links:
+                self._insert(task_inputs, links)
             existing = [t.id for t in batch if t.id not in inserted_ids]
             owners: dict[str, str] = {}
             for chunk in chunks(existing):
@@ -299,14 +304,14 @@ class Store(Registry):
     def input_readers(self, endpoint_id: str, ids: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
         """For an endpoint asking for results it needs as inputs: ``{input id: [(open task on this
         endpoint that takes it, that task's owner)]}``. An endpoint may read a result only that way."""
-        wanted = set(ids)
         readers: dict[str, list[tuple[str, str]]] = {}
         with self._tx() as conn:
-            for row in conn.execute(select(tasks.c.id, tasks.c.owner_id, tasks.c.inputs).where(
-                    and_(tasks.c.endpoint_id == endpoint_id, _OPEN, tasks.c.inputs.is_not(None)))):
-                for tid in json.loads(row.inputs):
-                    if tid in wanted:
-                        readers.setdefault(tid, []).append((row.id, row.owner_id))
+            for chunk in chunks(list(set(ids))):
+                for row in conn.execute(
+                        select(task_inputs.c.input_id, tasks.c.id, tasks.c.owner_id)
+                        .join(tasks, tasks.c.id == task_inputs.c.task_id)
+                        .where(and_(task_inputs.c.input_id.in_(chunk), tasks.c.endpoint_id == endpoint_id, _OPEN))):
+                    readers.setdefault(row.input_id, []).append((row.id, row.owner_id))
         return readers
 
     def kept_result_owner(self, endpoint_id: str, task_id: str) -> str | None:
@@ -388,6 +393,8 @@ class Store(Registry):
                                         tasks.c.t_done < now - uncollected_retention_s))
         with self._tx() as conn:
             res = conn.execute(delete(tasks).where(expired))
+            if res.rowcount:  # the inputs of tasks that are gone
+                conn.execute(delete(task_inputs).where(~exists().where(tasks.c.id == task_inputs.c.task_id)))
         return res.rowcount or 0
 
     def open_by_state(self, owner: str) -> dict[str, int]:

@@ -76,6 +76,15 @@ tasks = Table(
     Index("ix_tasks_endpoint_state", "endpoint_id", "state"),
     Index("ix_tasks_owner_group", "owner_id", "group_id"),
 )
+# Which tasks take which results as inputs (Task.inputs): an endpoint asking for an input is
+# answered by an index lookup, at the cost of a row per input of the tasks that have any.
+task_inputs = Table(
+    "task_inputs",
+    metadata,
+    Column("task_id", String(64), primary_key=True),
+    Column("input_id", String(64), primary_key=True),
+    Index("ix_task_inputs_input", "input_id"),
+)
 # An endpoint's open tasks in submission order, for paging through a backlog: partial, so a
 # task leaves it when it ends and a page costs what it returns, not what the endpoint ever ran.
 Index("ix_tasks_endpoint_open", tasks.c.endpoint_id, tasks.c.t_received, tasks.c.id,
