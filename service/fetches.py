@@ -41,6 +41,8 @@ log = logging.getLogger("tether.service.fetches")
 UPLOADED_CACHE = 65536
 #: askers waiting for one result (a bound: a client asking again and again adds nothing)
 MAX_WAITERS_PER_TASK = 256
+#: results asked for and not here yet, in all (past it an ask is refused, QuotaExceeded, in words)
+MAX_WAITING = 100_000
 #: seconds after which an upload asked of an endpoint and not answered is asked again
 ASK_AGAIN_S = 30.0
 
@@ -109,6 +111,10 @@ class Fetches:
                 what = "was cancelled" if r.state == TaskState.CANCELLED.value else "failed"
                 errors[tid] = _error(ErrorCode.INPUT_FAILED, f"task {tid} {what}: {_message(r.error)}")
                 continue
+            if not self._room(tid):
+                errors[tid] = _error(ErrorCode.QUOTA_EXCEEDED, f"the service holds {MAX_WAITING} asks for results "
+                                     "that are not here yet; ask for this one again later")
+                continue
             if r.state != TaskState.SUCCESS.value:  # not finished: answered when its result is stored
                 self._wait(tid, asker)
                 continue
@@ -168,6 +174,10 @@ class Fetches:
         self._asked[tid] = now
         self._asked_of[tid] = endpoint_id
         return True
+
+    def _room(self, tid: str) -> bool:
+        """Whether an asker may wait for ``tid`` (the tasks waited for are bounded in all)."""
+        return tid in self._waiting or len(self._waiting) < MAX_WAITING
 
     def _wait(self, tid: str, asker: Any) -> None:
         waiting = self._waiting[tid]
