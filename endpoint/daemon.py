@@ -80,6 +80,8 @@ RESULT_CHUNK = 500
 FLUSH_WINDOW = 0.005  # seconds; see EndpointDaemon._finish
 #: how often kept results are checked against kept_results_retention_s
 KEPT_EXPIRE_EVERY_S = 600.0
+#: how often inputs asked of the service and not answered yet are asked for again
+INPUTS_ASK_AGAIN_S = 30.0
 #: seconds the daemon holds its reports that tasks were received or started (see _flush_reports)
 STATE_WINDOW = 0.005
 #: holding more tasks than this (a backlog draining), results gather for DEEP_FLUSH_WINDOW:
@@ -148,6 +150,7 @@ class EndpointDaemon:
         kept_dir = Path(config.kept_results_dir).expanduser() if config.kept_results_dir else self.dir / "results"
         self.kept = KeptResults(kept_dir, config.kept_results_max_bytes, config.kept_results_retention_s)
         self._kept_expired = time.monotonic()
+        self._inputs_asked = time.monotonic()
         self.inputs = Inputs(self.kept, self.payloads, self.inflight.__contains__, self._send_soon)
         self._fetching: set[str] = set()  # tasks whose blobs are being downloaded
         self._keep_over: dict[str, int] = {}  # tasks whose results stay here above a size of their own
@@ -544,6 +547,10 @@ class EndpointDaemon:
             if time.monotonic() - self._kept_expired > KEPT_EXPIRE_EVERY_S:
                 self._kept_expired = time.monotonic()
                 self.kept.expire()
+            if self.ws is not None and time.monotonic() - self._inputs_asked > INPUTS_ASK_AGAIN_S:
+                # inputs asked of the service and not answered (another replica stored them, say): again
+                self._inputs_asked = time.monotonic()
+                self.inputs.resend()
             if self.ws is not None:
                 await self._send(encode(Heartbeat(capacity=self.engine.capacity(), versions=versions())))
 
