@@ -70,17 +70,22 @@ class Fetches:
     # --- asks -----------------------------------------------------------------------------------
     async def from_client(self, session: Any, ids: list[str]) -> None:
         """A client wants the values of its tasks' kept results."""
+        ids, errors = self._wait_first(session, ids)
         rows = await self.db.get_tasks(session.user_id, ids)
         known = {r.id for r in rows}
-        errors = {tid: _error(ErrorCode.UNKNOWN_TASK, f"task {tid} is not one of yours (or it was purged)")
-                  for tid in ids if tid not in known}
+        for tid in ids:
+            if tid not in known:
+                errors[tid] = _error(ErrorCode.UNKNOWN_TASK, f"task {tid} is not one of yours (or it was purged)")
         await self._answer_rows(session, rows, errors, asker_endpoint=None)
 
     async def from_endpoint(self, session: EndpointSession, ids: list[str]) -> None:
         """An endpoint wants results that tasks it holds take as inputs."""
+        ids, errors = self._wait_first(session, ids)
         readers = await self.db.input_readers(session.endpoint_id, ids)
-        errors = {tid: _error(ErrorCode.UNKNOWN_TASK, f"task {tid} is not an input of a task this endpoint holds")
-                  for tid in ids if tid not in readers}
+        for tid in ids:
+            if tid not in readers:
+                errors[tid] = _error(ErrorCode.UNKNOWN_TASK, f"task {tid} is not an input of a task this endpoint "
+                                     "holds")
         wanted: dict[str, set[str]] = defaultdict(set)  # owner -> inputs their tasks here take
         for tid, pairs in readers.items():
             for _, owner in pairs:
@@ -101,8 +106,25 @@ class Fetches:
                                                          if reader_owner == owner]
         await self._answer_rows(session, rows, errors, asker_endpoint=session.endpoint_id)
 
+    def _wait_first(self, asker: Any, ids: list[str]) -> tuple[list[str], dict[str, ErrorInfo]]:
+        """Register ``asker`` as waiting for ``ids`` *before* the store is read: a result stored
+        while the read is under way (it may see the row as it was) still reaches it. Returns the
+        ids registered and the refusals of the others (over the bound)."""
+        taken: list[str] = []
+        errors: dict[str, ErrorInfo] = {}
+        for tid in ids:
+            if tid in self._waiting or len(self._waiting) < MAX_WAITING:
+                self._wait(tid, asker)
+                taken.append(tid)
+            else:
+                errors[tid] = _error(ErrorCode.QUOTA_EXCEEDED, f"the service holds {MAX_WAITING} asks for results "
+                                     "that are not here yet; ask for this one again later")
+        return taken, errors
+
     async def _answer_rows(self, asker: Any, rows: list[Any], errors: dict[str, ErrorInfo],
                            asker_endpoint: str | None) -> None:
+        """Answer what the store already has; the asker stays registered (see :meth:`_wait_first`)
+        for what is not there yet."""
         data: dict[str, bytes] = {}
         upload: dict[str, list[str]] = defaultdict(list)  # keeping endpoint -> tasks to upload
         for r in rows:
@@ -111,12 +133,7 @@ class Fetches:
                 what = "was cancelled" if r.state == TaskState.CANCELLED.value else "failed"
                 errors[tid] = _error(ErrorCode.INPUT_FAILED, f"task {tid} {what}: {_message(r.error)}")
                 continue
-            if not self._room(tid):
-                errors[tid] = _error(ErrorCode.QUOTA_EXCEEDED, f"the service holds {MAX_WAITING} asks for results "
-                                     "that are not here yet; ask for this one again later")
-                continue
             if r.state != TaskState.SUCCESS.value:  # not finished: answered when its result is stored
-                self._wait(tid, asker)
                 continue
             kept = kept_ref_of(r.result)
             if kept is None:
@@ -130,15 +147,14 @@ class Fetches:
                                      "and is no longer there (released, or freed after kept_results_retention_s)")
             elif kept.endpoint not in self.endpoints:
                 if await self._woken(kept.endpoint, tid):
-                    self._wait(tid, asker)
                     continue
                 errors[tid] = _error(ErrorCode.ENDPOINT_OFFLINE, f"the result of task {tid} is kept on endpoint "
                                      f"{kept.endpoint}, which is not connected (to this service replica); it can "
                                      "be fetched once it is")
-            else:
-                self._wait(tid, asker)
-                if self._ask(tid, kept.endpoint):
-                    upload[kept.endpoint].append(tid)
+            elif self._ask(tid, kept.endpoint):
+                upload[kept.endpoint].append(tid)
+        for tid in (*data, *errors):  # answered now: no longer waiting
+            self._unwait(tid, asker)
         await self._send(asker, data, errors)
         for endpoint_id, ids in upload.items():
             ep = self.endpoints.get(endpoint_id)
@@ -175,14 +191,17 @@ class Fetches:
         self._asked_of[tid] = endpoint_id
         return True
 
-    def _room(self, tid: str) -> bool:
-        """Whether an asker may wait for ``tid`` (the tasks waited for are bounded in all)."""
-        return tid in self._waiting or len(self._waiting) < MAX_WAITING
-
     def _wait(self, tid: str, asker: Any) -> None:
         waiting = self._waiting[tid]
         if len(waiting) < MAX_WAITERS_PER_TASK:
             waiting[id(asker)] = asker
+
+    def _unwait(self, tid: str, asker: Any) -> None:
+        waiting = self._waiting.get(tid)
+        if waiting is not None:
+            waiting.pop(id(asker), None)
+            if not waiting:
+                del self._waiting[tid]
 
     # --- answers --------------------------------------------------------------------------------
     async def uploaded(self, session: EndpointSession, msg: Fetched) -> None:
