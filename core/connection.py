@@ -323,6 +323,7 @@ class Connection:
             raise self.fatal
         try:
             data = self._kept.ask(task_id).result(timeout)
+            self._collected.append(task_id)  # the user has it now: its retention starts
         except concurrent.futures.TimeoutError:
             raise TimeoutError(f"task {task_id}: its result, kept on its endpoint, did not arrive within "
                                f"{timeout:g} s{self.why_waiting()}") from None
@@ -637,7 +638,9 @@ class Connection:
         for r in results:
             tid = r.id
             fut = self.futures.pop(tid, None)
-            self._collected.append(tid)
+            if r.state != TaskState.SUCCESS or kept_ref_of(r.data) is None:
+                # a kept result is collected when it is fetched (its retention starts then), not now
+                self._collected.append(tid)
             if fut is None or fut.done():
                 continue
             for state, ts in r.times.items():

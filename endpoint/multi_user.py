@@ -128,6 +128,8 @@ class MultiUserDaemon(EndpointDaemon):
         old = self.children.pop(msg.user_endpoint_id, None)
         if old is not None:  # the service issued a new credential: the old process cannot use it
             _terminate(old.proc)
+            self.audit("stopped", user_endpoint_id=msg.user_endpoint_id, exit_code=old.proc.poll(),
+                       reason="replaced by a new start", **_who(old))
         # counted from the check until it is among the children (or refused): starts that
         # overlap see each other, so one identity never gets more than its share
         self._starting[identity["id"]] += 1

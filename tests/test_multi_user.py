@@ -179,18 +179,18 @@ def test_a_result_kept_by_an_idle_user_endpoint_is_fetched_by_starting_it_again(
     """Issue 20: a large result stays with the user endpoint that computed it (as its user, in its
     home); when that endpoint has stopped for idleness, asking for the result starts it again."""
     endpoint_id, tokens = cluster
-    ex = _executor(stack, endpoint_id, tokens["alice"], workers=3)
+    ex = _executor(stack, endpoint_id, tokens["bob"], workers=3)
     size = 9 * 1024 * 1024
     fut = ex.submit(bytes, size)
     assert fut.exception(timeout=120) is None
     kept = fut.remote_value()
-    assert kept is not None and kept.endpoint != endpoint_id  # kept by alice's user endpoint
-    client = Client(stack.service_url, tokens["alice"])
+    assert kept is not None and kept.endpoint != endpoint_id  # kept by bob's user endpoint
+    client = Client(stack.service_url, tokens["bob"])
 
     def mine() -> dict:
         return next(u for u in client.list_user_endpoints(endpoint_id) if u["endpoint_id"] == kept.endpoint)
 
-    wait_for(lambda: not mine()["online"], timeout=60, what="alice's idle user endpoint to stop")
+    wait_for(lambda: not mine()["online"], timeout=60, what="bob's idle user endpoint to stop")
     assert fut.result(timeout=120) == bytes(size)  # it started again to hand the result over
     assert ex.submit(len, fut).result(timeout=120) == size  # and reads it there as an input
 
