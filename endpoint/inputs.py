@@ -61,9 +61,7 @@ class Inputs:
         ask: list[str] = []
         for tid in dict.fromkeys(input_ids):
             if tid in self.kept:
-                self.kept.pin(tid)
-                pinned.append(tid)
-                values[tid] = file_stub(self.kept.path(tid), self.kept.sha256(tid) or "")
+                values[tid] = self._read_kept(tid, pinned)
             elif self.holds(tid):
                 fut = loop.create_future()
                 self._local.setdefault(tid, []).append(fut)
@@ -83,9 +81,7 @@ class Inputs:
                 if tid not in self.kept:
                     raise InputFailed(f"input task {tid}: its result was freed before this task could read it",
                                       ErrorCode.RESULT_LOST)
-                self.kept.pin(tid)
-                pinned.append(tid)
-                data = file_stub(self.kept.path(tid), self.kept.sha256(tid) or "")
+                data = self._read_kept(tid, pinned)
             ref = blob_ref_of(data)
             if ref is not None:  # kept on another endpoint (or stored by the service): download it here
                 path = child_path(self.payloads.dir, task_id, "task id")
@@ -96,6 +92,12 @@ class Inputs:
                 data = file_stub(path, ref.sha256)
             values[tid] = data
         return values
+
+    def _read_kept(self, tid: str, pinned: list[str]) -> bytes:
+        """A kept result as a task's input: pinned until the task ends, handed over as a file stub."""
+        self.kept.pin(tid)
+        pinned.append(tid)
+        return file_stub(self.kept.path(tid), self.kept.sha256(tid) or "")
 
     def produced(self, result: Result) -> None:
         """A task here ended: the tasks waiting for its result go on (or fail, in words)."""

@@ -233,8 +233,8 @@ class Fetches:
         for r in results:
             if r.id not in self._waiting:
                 continue
-            if r.state == TaskState.SUCCESS.value and kept_ref_of(r.data) is not None:
-                kept = kept_ref_of(r.data)
+            kept = kept_ref_of(r.data) if r.state == TaskState.SUCCESS.value else None
+            if kept is not None:
                 ep = self.endpoints.get(kept.endpoint)
                 if ep is None:
                     if not await self._woken(kept.endpoint, r.id):
