@@ -85,7 +85,7 @@ from .protocol import (
 )
 from .refs import RemoteValue
 from .serialize import deserialize, function_id
-from .transfer import BlobClient, load_file, sha256_of
+from .transfer import BlobClient, sha256_of
 from .transport import Backoff, open_ws
 from .versions import Needed, differences
 
@@ -297,10 +297,8 @@ class Connection:
 
     def _fetch_result(self, fut: TetherFuture, ref: BlobRef) -> None:
         """Download a result stored as a blob, check it, and resolve its future."""
-        path = spill_dir() / f"{fut.task_id}.result"
         try:
-            self.blobs().download_to(ref, path, what=f"result of task {fut.task_id}", progress=fut.progress)
-            value = load_file(path)
+            value = self.blobs().load(ref, what=f"result of task {fut.task_id}", progress=fut.progress)
         except TetherError as exc:
             fut._settle(exception=exc)
         except Exception as exc:  # noqa: BLE001 - the network or the disk: the future says so
@@ -308,8 +306,6 @@ class Connection:
                                               f"{type(exc).__name__}: {exc}"))
         else:
             fut._settle(value)
-        finally:
-            path.unlink(missing_ok=True)
 
     # --- results kept on endpoints -------------------------------------------------------------
     def kept_value(self, task_id: str, kept: KeptRef) -> RemoteValue:
@@ -330,12 +326,7 @@ class Connection:
         ref = blob_ref_of(data)
         if ref is None:
             return deserialize(data)
-        path = spill_dir() / f"{task_id}.{threading.get_ident()}.kept"
-        try:
-            self.blobs().download_to(ref, path, what=f"result of task {task_id}", progress=progress)
-            return load_file(path)
-        finally:
-            path.unlink(missing_ok=True)
+        return self.blobs().load(ref, what=f"result of task {task_id}", progress=progress)
 
     def unreachable_for(self) -> float:
         """Seconds the service has been out of reach (0 while connected)."""

@@ -13,7 +13,7 @@ over plain HTTP(S) with httpx, streaming: nothing here holds a blob whole in mem
   user's quota, 429, before any byte moves), then ``PUT /v1/blobs/{id}`` streams the bytes.
   Downloads stream to a file and are checked against the reference's sha256.
 * :func:`file_stub` / :func:`load_file`: how the endpoint hands a downloaded blob to a worker
-  (a path, not the bytes: the worker maps the file and unpickles from it).
+  (a path, not the bytes: the worker unpickles from the file).
 * :class:`TransferProgress`: a progress bar on a terminal, log lines otherwise.
 """
 
@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import io
+import json
 import logging
-import mmap
 import os
 import ssl
 import sys
@@ -32,12 +33,14 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import certifi
 import httpx
 
 from .errors import AuthError, BlobCorrupt, PayloadTooLarge, QuotaExceeded, TetherError
 from .protocol import ERROR_HEADER, BlobRef, ErrorCode
-from .serialize import deserialize
+from .serialize import deserialize_from
 
 log = logging.getLogger("tether.transfer")
 
@@ -53,6 +56,8 @@ PROGRESS_MIN = 64 * 1024 * 1024
 #: seconds between progress log lines when stderr is not a terminal
 LOG_EVERY_S = 10.0
 BLOBS_PATH = "/v1/blobs"
+#: seconds a download may wait for its next bytes
+DOWNLOAD_TIMEOUT_S = 300.0
 #: the header of a local file stub (endpoint daemon -> its workers; never on the wire)
 FILE_STUB_HEADER = b"tether:1;method=file\n"
 
@@ -291,13 +296,54 @@ def _detail(response: httpx.Response) -> str:
 
 def _raise_for(response: httpx.Response, what: str) -> None:
     """A refusal as the matching typed error, with the service's words."""
-    if response.status_code < 400:
-        return
-    text = f"{what}: {_detail(response)}"
-    cls = {401: AuthError, 413: PayloadTooLarge, 429: QuotaExceeded}.get(response.status_code, TetherError)
-    if response.headers.get(ERROR_HEADER) == ErrorCode.BLOB_CORRUPT:
+    if response.status_code >= 400:
+        _raise_for_status(response.status_code, response.headers.get(ERROR_HEADER), _detail(response), what)
+
+
+def _raise_for_status(status: int, error_code: str | None, detail: str, what: str) -> None:
+    if detail.startswith("{"):
+        with contextlib.suppress(ValueError, AttributeError):
+            detail = str(json.loads(detail).get("detail") or detail)
+    cls = {401: AuthError, 413: PayloadTooLarge, 429: QuotaExceeded}.get(status, TetherError)
+    if error_code == ErrorCode.BLOB_CORRUPT:
         cls = BlobCorrupt
-    raise cls(text)
+    raise cls(f"{what}: {detail}")
+
+
+class BlobReader(io.RawIOBase):
+    """A blob's body as it arrives, hashed piece by piece (at most ``CHUNK`` bytes per read, so
+    each piece is hashed while still in the CPU's cache). :meth:`finish` checks size and sha256."""
+
+    def __init__(self, response: http.client.HTTPResponse, ref: BlobRef, what: str, progress: TransferProgress):
+        super().__init__()
+        self.response, self.ref, self.what, self.progress = response, ref, what, progress
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")[:CHUNK]
+        n = self.response.readinto(view)
+        if n:
+            self.digest.update(view[:n])
+            self.size += n
+            self.progress.update(n)
+        elif self.size < self.ref.size:
+            raise BlobCorrupt(f"{self.what} {self.ref.id}: the download ended after {self.size} of "
+                              f"{self.ref.size} bytes; it was not used")
+        return n
+
+    def finish(self) -> None:
+        """Read what is left (nothing, for a well-formed value) and check the whole."""
+        spare = bytearray(CHUNK)
+        while self.readinto(spare):
+            pass
+        if self.size != self.ref.size or self.digest.hexdigest() != self.ref.sha256:
+            raise BlobCorrupt(f"{self.what} {self.ref.id}: received {self.size} bytes with sha256 "
+                              f"{self.digest.hexdigest()}, expected {self.ref.size} bytes with sha256 "
+                              f"{self.ref.sha256}; it was not used")
 
 
 class BlobClient:
@@ -312,7 +358,9 @@ class BlobClient:
                  progress: bool | None = None):
         self.url = url.rstrip("/")
         self.progress = progress
-        self._http = httpx.Client(base_url=self.url, headers=headers, verify=ssl_context or True, trust_env=False,
+        self._headers = dict(headers)
+        self._ssl = ssl_context or ssl.create_default_context(cafile=certifi.where())
+        self._http = httpx.Client(base_url=self.url, headers=headers, verify=self._ssl, trust_env=False,
                                   timeout=httpx.Timeout(60.0, connect=10.0))
 
     def close(self) -> None:
@@ -359,35 +407,66 @@ class BlobClient:
             progress.update(len(piece))
             yield piece
 
+    def _get(self, ref: BlobRef, what: str) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """Open ``GET /v1/blobs/{id}`` on a connection of its own (refusals raised in words).
+
+        Downloads use the standard library's HTTP client, not httpx: its response's ``readinto``
+        receives the body straight into the caller's buffer, where httpx (through h11) copies
+        each piece twice more on the way; on a gibibyte that is seconds of CPU."""
+        parts = urlsplit(self.url)
+        if parts.scheme == "https":
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                parts.hostname or "localhost", parts.port or 443, timeout=DOWNLOAD_TIMEOUT_S, context=self._ssl)
+        else:
+            conn = http.client.HTTPConnection(parts.hostname or "localhost", parts.port or 80,
+                                              timeout=DOWNLOAD_TIMEOUT_S)
+        try:
+            conn.request("GET", f"{parts.path.rstrip('/')}{BLOBS_PATH}/{ref.id}", headers=self._headers)
+            response = conn.getresponse()
+            if response.status >= 400:
+                body = response.read(65536).decode(errors="replace")
+                _raise_for_status(response.status, response.getheader(ERROR_HEADER), body,
+                                  f"download of {what} {ref.id} refused")
+        except BaseException:
+            conn.close()
+            raise
+        return conn, response
+
     def download_to(self, ref: BlobRef, path: Path, what: str = "blob", progress: bool | None = None) -> Path:
         """Stream blob ``ref`` into ``path`` and check its size and sha256 (BlobCorrupt, and no
         file, if they differ)."""
-        digest = hashlib.sha256()
-        size = 0
-        shown = TransferProgress(f"download {what}", ref.size, self.progress if progress is None else progress)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".part")
         try:
-            with self._http.stream("GET", f"{BLOBS_PATH}/{ref.id}",
-                                   timeout=httpx.Timeout(60.0, connect=10.0, read=300.0)) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    _raise_for(response, f"download of {what} {ref.id} refused")
-                with open(tmp, "wb") as out:
-                    # as the socket delivers them (64 KiB): each piece is hashed and written while in the cache
-                    for piece in response.iter_raw():
-                        digest.update(piece)
-                        size += len(piece)
-                        out.write(piece)
-                        shown.update(len(piece))
-            if size != ref.size or digest.hexdigest() != ref.sha256:
-                raise BlobCorrupt(f"{what} {ref.id}: received {size} bytes with sha256 {digest.hexdigest()}, "
-                                  f"expected {ref.size} bytes with sha256 {ref.sha256}; it was not used")
+            with self.reader(ref, what, progress) as body, open(tmp, "wb") as out:
+                buffer = bytearray(CHUNK)
+                while n := body.readinto(buffer):  # each piece hashed (by the reader) and written while in the cache
+                    out.write(memoryview(buffer)[:n])
             os.replace(tmp, path)
             return path
         finally:
-            shown.close()
             tmp.unlink(missing_ok=True)
+
+    def load(self, ref: BlobRef, what: str = "blob", progress: bool | None = None,
+             allowed_methods: frozenset[str] | None = None) -> Any:
+        """Download blob ``ref`` and deserialize it as it arrives: no file, and the bytes of a large
+        value are received straight into the object they make. Checked like :meth:`download_to`;
+        a value whose bytes do not match is dropped (BlobCorrupt)."""
+        with self.reader(ref, what, progress) as body:
+            value = deserialize_from(io.BufferedReader(body, CHUNK), allowed_methods)
+            body.finish()
+        return value
+
+    @contextlib.contextmanager
+    def reader(self, ref: BlobRef, what: str = "blob", progress: bool | None = None) -> Iterator[BlobReader]:
+        """Blob ``ref``'s bytes as a raw binary file that hashes what it reads."""
+        shown = TransferProgress(f"download {what}", ref.size, self.progress if progress is None else progress)
+        conn, response = self._get(ref, what)
+        try:
+            yield BlobReader(response, ref, what, shown)
+        finally:
+            conn.close()
+            shown.close()
 
     def delete(self, blob_id: str) -> None:
         _raise_for(self._http.delete(f"{BLOBS_PATH}/{blob_id}"), f"delete of blob {blob_id}")
@@ -424,22 +503,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux only
-
-
 def load_file(path: Path, allowed_methods: frozenset[str] | None = None) -> Any:
-    """Deserialize a file without reading it into memory first: the file is mapped and unpickled
-    from the map, so the value exists once in memory, not twice."""
+    """Deserialize a file without reading it into memory first: pickle reads it into the
+    objects it makes (see :func:`tether.serialize.deserialize_from`), so the value exists once
+    in memory, not twice."""
     with open(path, "rb") as fh:
-        if os.fstat(fh.fileno()).st_size == 0:
-            return deserialize(b"", allowed_methods)
-        # every page is read once, in order: map them all now (one call) rather than fault them in
-        mapped = mmap.mmap(fh.fileno(), 0, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=mmap.PROT_READ)
-    try:
-        return deserialize(mapped, allowed_methods)
-    finally:
-        with contextlib.suppress(BufferError):  # a value still viewing the map keeps it open
-            mapped.close()
+        return deserialize_from(fh, allowed_methods)
 
 
 __all__ = ["BlobClient", "Spill", "TransferProgress", "file_of", "file_stub", "hash_and_write", "load_file",

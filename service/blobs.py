@@ -238,46 +238,47 @@ class BlobIndex:
 
 
 #: bytes gathered before they are hashed and written, off the event loop: few thread hops, and
-#: small enough that a batch is still in the CPU's cache when the thread hashes it
+#: each piece is still in the CPU's cache when the thread hashes then writes it
 WRITE_BATCH = 1024 * 1024
+
+
+def _hash_and_write_all(pieces: list[bytes], digest: Any, out: Any) -> None:
+    for piece in pieces:
+        hash_and_write(piece, digest, out)
 
 
 async def _receive(request: Request, out: Any, digest: Any, declared: int, blob_id: str) -> None:
     """Hash and write a request body as it arrives, in batches handed to a thread: the event
     loop (every other client's frames) never waits on the disk or on hashing, and receiving
-    the next batch overlaps writing the last. Two buffers, allocated once and taken in turn:
-    the bytes are copied once, from the socket's pieces into a buffer, and never again."""
-    buffers = [bytearray(min(WRITE_BATCH, max(declared, 1))) for _ in range(2)]
-    current, filled = memoryview(buffers[0]), 0
-    turn = 0
+    the next batch overlaps writing the last. A batch is the server's own pieces, kept as they
+    came: the bytes are not copied again on their way to the file (at most two batches, about
+    ``2 * WRITE_BATCH`` bytes, are held per upload)."""
+    batch: list[bytes] = []
+    batched = received = 0
     pending: Any = None
-    received = 0
 
     async def flush() -> None:
-        nonlocal pending, current, filled, turn
+        nonlocal pending, batch, batched
         if pending is not None:
-            await pending  # the other buffer is free again
-        pending = asyncio.ensure_future(asyncio.to_thread(hash_and_write, current[:filled], digest, out))
-        turn ^= 1
-        current, filled = memoryview(buffers[turn]), 0
+            await pending  # one batch in the thread at a time, in order
+        pending = asyncio.ensure_future(asyncio.to_thread(_hash_and_write_all, batch, digest, out))
+        batch, batched = [], 0
 
     try:
         async for chunk in request.stream():
             received += len(chunk)
             if received > declared:
                 raise HTTPException(409, f"more bytes than the {declared} declared for blob {blob_id}")
-            piece = memoryview(chunk)
-            while piece:
-                n = min(len(piece), len(current) - filled)
-                current[filled : filled + n] = piece[:n]
-                filled, piece = filled + n, piece[n:]
-                if filled == len(current):
+            if chunk:
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched >= WRITE_BATCH:
                     await flush()
     except BaseException:
         if pending is not None:  # never leave a write running on a file about to be closed
             await asyncio.gather(pending, return_exceptions=True)
         raise
-    if filled:
+    if batch:
         await flush()
     if pending is not None:
         await pending
