@@ -20,7 +20,7 @@ from .protocol import Task, blob_stub
 from .refs import RemoteValue, TaskInput, swap_inputs
 from .resources import validate_resource_specification
 from .serialize import DATA_METHODS, function_id, serialize, serialize_into
-from .transfer import Spill
+from .transfer import SEND_ATTEMPTS, Spill
 
 log = logging.getLogger("tether.executor")
 
@@ -249,26 +249,33 @@ class Executor(concurrent.futures.Executor):
         return obj
 
     def _upload_then_submit(self, task: Task, fut: TetherFuture, body: bytes | None, spill: Spill) -> None:
-        """Upload large arguments (on a transfer thread), then queue the task naming the blob.
-        A refusal (too large, over quota) or a failed upload fails this task alone."""
+        """Declare large arguments as a blob, queue the task naming it, then upload them (on a
+        transfer thread): the endpoint's download follows the upload as it happens, so the
+        bytes cross the service once, not one trip after the other. A refusal (too large, over
+        quota) fails this task alone, before it is sent; an upload that fails after it was sent
+        (tried ``SEND_ATTEMPTS`` times) fails its future and cancels it."""
+        submitted = False
         try:
             if fut.done():  # cancelled while waiting for a transfer thread
                 return
             assert spill.path is not None
-            ref = self._conn.blobs().upload(spill, spill.size, spill.sha256, what=f"arguments of task {task.id}",
-                                            progress=self.progress)
+            blobs = self._conn.blobs()
+            what = f"arguments of task {task.id}"
+            ref = blobs.declare(spill.size, spill.sha256, what=what)
             task.payload = blob_stub(ref)
             task.blobs = [*task.blobs, ref.id]
+            if fut.done():
+                return
+            self._conn.submit(task, fut, body)
+            submitted = True
+            blobs.send(ref, spill, what=what, progress=self.progress, attempts=SEND_ATTEMPTS)
+        except Exception as exc:  # noqa: BLE001 - the service, the network or the disk: the future says so
             if not fut.done():
-                self._conn.submit(task, fut, body)
-        except TetherError as exc:
-            if not fut.done():
-                fut._settle(exception=exc)
-        except Exception as exc:  # noqa: BLE001 - the network or the disk: the future says so
-            if not fut.done():
-                fut._settle(exception=TetherError(
+                fut._settle(exception=exc if isinstance(exc, TetherError) else TetherError(
                     f"task {task.id}: uploading its arguments ({spill.size} bytes) failed: "
                     f"{type(exc).__name__}: {exc}"))
+            if submitted:
+                self._conn.cancel(task.id)  # it would wait for arguments that are not coming
         finally:
             spill.discard()
 

@@ -147,6 +147,8 @@ def deserialize_from(fh: io.BufferedReader, allowed_methods: frozenset[str] | No
             raise SerializationError(f"cannot deserialize JSON payload: {exc}") from None
     try:
         return pickle.load(fh)
+    except OSError:
+        raise  # the file or the download failed, not the payload: the caller may read it again
     except Exception as exc:
         raise SerializationError(f"cannot deserialize payload: {type(exc).__name__}: {exc}") from exc
 

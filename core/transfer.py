@@ -56,6 +56,10 @@ PROGRESS_MIN = 64 * 1024 * 1024
 #: seconds between progress log lines when stderr is not a terminal
 LOG_EVERY_S = 10.0
 BLOBS_PATH = "/v1/blobs"
+#: times a client sends a declared blob before it gives up (network failures only)
+SEND_ATTEMPTS = 3
+#: times a download is tried before it gives up (network failures only)
+DOWNLOAD_ATTEMPTS = 3
 #: seconds a download may wait for its next bytes
 DOWNLOAD_TIMEOUT_S = 300.0
 #: the header of a local file stub (endpoint daemon -> its workers; never on the wire)
@@ -310,6 +314,15 @@ def _raise_for_status(status: int, error_code: str | None, detail: str, what: st
     raise cls(f"{what}: {detail}")
 
 
+class DownloadBrokeOff(OSError):
+    """The body ended early: the connection broke, or the upload the service was passing on
+    broke off. Asked again (:data:`DOWNLOAD_ATTEMPTS`)."""
+
+
+#: network failures of a download that are worth another try
+_RETRIED = (OSError, http.client.HTTPException)
+
+
 class BlobReader(io.RawIOBase):
     """A blob's body as it arrives, hashed piece by piece (at most ``CHUNK`` bytes per read, so
     each piece is hashed while still in the CPU's cache). :meth:`finish` checks size and sha256."""
@@ -325,14 +338,18 @@ class BlobReader(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")[:CHUNK]
-        n = self.response.readinto(view)
+        try:
+            n = self.response.readinto(view)
+        except http.client.HTTPException as exc:  # IncompleteRead: the body ended early
+            raise DownloadBrokeOff(f"{self.what} {self.ref.id}: the download broke off after {self.size} of "
+                                   f"{self.ref.size} bytes ({type(exc).__name__})") from exc
         if n:
             self.digest.update(view[:n])
             self.size += n
             self.progress.update(n)
         elif self.size < self.ref.size:
-            raise BlobCorrupt(f"{self.what} {self.ref.id}: the download ended after {self.size} of "
-                              f"{self.ref.size} bytes; it was not used")
+            raise DownloadBrokeOff(f"{self.what} {self.ref.id}: the download ended after {self.size} of "
+                                   f"{self.ref.size} bytes")
         return n
 
     def finish(self) -> None:
@@ -370,27 +387,49 @@ class BlobClient:
                what: str = "blob", progress: bool | None = None) -> BlobRef:
         """Store ``source`` (a file, bytes, or a spilled :class:`Spill`) on the service; its size and
         sha256 are declared first, so a refusal (413 too large, 429 over quota) costs no transfer."""
+        ref = self.declare(size, sha256, task_id=task_id, what=what)
+        try:
+            self.send(ref, source, what=what, progress=progress)
+        except Exception:
+            # given up: withdraw the declaration now rather than let it count against the quota until
+            # it expires (a result's declaration, an endpoint's, goes with its task instead)
+            with contextlib.suppress(httpx.HTTPError):
+                self._http.delete(f"{BLOBS_PATH}/{ref.id}")
+            raise
+        return ref
+
+    def declare(self, size: int, sha256: str, *, task_id: str | None = None, what: str = "blob") -> BlobRef:
+        """Declare a blob (``POST /v1/blobs``): the limits are checked, no byte moves. The
+        reference may be handed on at once (a task naming its arguments, a kept result's answer):
+        a reader's download follows the upload (:meth:`send`) as it happens."""
         body: dict[str, Any] = {"size": size, "sha256": sha256}
         if task_id is not None:
             body["task_id"] = task_id
         created = self._http.post(BLOBS_PATH, json=body)
         _raise_for(created, f"{what} ({size} bytes) refused by the service")
-        blob_id = created.json()["blob_id"]
-        shown = TransferProgress(f"upload {what}", size, self.progress if progress is None else progress)
-        try:
-            sent = self._http.put(f"{BLOBS_PATH}/{blob_id}", content=self._chunks(source, shown),
-                                  headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
-                                  timeout=httpx.Timeout(60.0, connect=10.0, write=300.0, read=300.0))
-            _raise_for(sent, f"upload of {what} failed")
-        except Exception:
-            # given up: withdraw the declaration now rather than let it count against the quota until
-            # it expires (a result's declaration, an endpoint's, goes with its task instead)
-            with contextlib.suppress(httpx.HTTPError):
-                self._http.delete(f"{BLOBS_PATH}/{blob_id}")
-            raise
-        finally:
-            shown.close()
-        return BlobRef(id=blob_id, size=size, sha256=sha256)
+        return BlobRef(id=created.json()["blob_id"], size=size, sha256=sha256)
+
+    def send(self, ref: BlobRef, source: Path | bytes | Spill, *, what: str = "blob", progress: bool | None = None,
+             attempts: int = 1) -> None:
+        """Stream a declared blob's bytes (``PUT /v1/blobs/{id}``). A network failure is tried
+        again, up to ``attempts`` times in all (the declaration stays: the same blob is sent
+        again, and a reader that was following it asks again); a refusal is raised at once."""
+        for attempt in range(attempts):
+            shown = TransferProgress(f"upload {what}", ref.size, self.progress if progress is None else progress)
+            try:
+                sent = self._http.put(f"{BLOBS_PATH}/{ref.id}", content=self._chunks(source, shown),
+                                      headers={"Content-Length": str(ref.size),
+                                               "Content-Type": "application/octet-stream"},
+                                      timeout=httpx.Timeout(60.0, connect=10.0, write=300.0, read=300.0))
+                _raise_for(sent, f"upload of {what} failed")
+                return
+            except httpx.TransportError as exc:
+                if attempt == attempts - 1:
+                    raise
+                log.warning("upload of %s failed (%s); sending it again", what, exc)
+                time.sleep(0.5 * (attempt + 1))
+            finally:
+                shown.close()
 
     @staticmethod
     def _chunks(source: Path | bytes | Spill, progress: TransferProgress) -> Iterator[memoryview]:
@@ -437,11 +476,16 @@ class BlobClient:
         file, if they differ)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".part")
-        try:
+
+        def once() -> None:
             with self.reader(ref, what, progress) as body, open(tmp, "wb") as out:
                 buffer = bytearray(CHUNK)
                 while n := body.readinto(buffer):  # each piece hashed (by the reader) and written while in the cache
                     out.write(memoryview(buffer)[:n])
+                body.finish()
+
+        try:
+            _again_if_broken(once, what)
             os.replace(tmp, path)
             return path
         finally:
@@ -452,10 +496,13 @@ class BlobClient:
         """Download blob ``ref`` and deserialize it as it arrives: no file, and the bytes of a large
         value are received straight into the object they make. Checked like :meth:`download_to`;
         a value whose bytes do not match is dropped (BlobCorrupt)."""
-        with self.reader(ref, what, progress) as body:
-            value = deserialize_from(io.BufferedReader(body, CHUNK), allowed_methods)
-            body.finish()
-        return value
+        def once() -> Any:
+            with self.reader(ref, what, progress) as body:
+                value = deserialize_from(io.BufferedReader(body, CHUNK), allowed_methods)
+                body.finish()
+            return value
+
+        return _again_if_broken(once, what)
 
     @contextlib.contextmanager
     def reader(self, ref: BlobRef, what: str = "blob", progress: bool | None = None) -> Iterator[BlobReader]:
@@ -470,6 +517,21 @@ class BlobClient:
 
     def delete(self, blob_id: str) -> None:
         _raise_for(self._http.delete(f"{BLOBS_PATH}/{blob_id}"), f"delete of blob {blob_id}")
+
+
+def _again_if_broken(download: Callable[[], Any], what: str) -> Any:
+    """Run ``download``, again if the network broke it (a refusal or a bad sha256 is final)."""
+    for attempt in range(DOWNLOAD_ATTEMPTS):
+        try:
+            return download()
+        except TetherError:
+            raise
+        except _RETRIED as exc:
+            if attempt == DOWNLOAD_ATTEMPTS - 1:
+                raise
+            log.warning("download of %s failed (%s); asking again", what, exc)
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 # --- endpoint daemon -> worker -------------------------------------------------------------------

@@ -434,9 +434,11 @@ class EndpointDaemon:
         """The service asks for kept results (a client wants the value, or a task on another
         endpoint takes it as input): uploaded as blobs of their owners, or said to be gone."""
         self._last_activity = time.monotonic()  # a user endpoint does not stop for idleness mid-upload
-        answer = await upload_kept(self.kept, self.payloads, self.endpoint_id, ids)
+        async def answer(fetched: Fetched) -> None:
+            await self._send(encode(fetched))
+
+        await upload_kept(self.kept, self.payloads, self.endpoint_id, ids, answer)
         self._last_activity = time.monotonic()
-        await self._send(encode(answer))
 
     def _send_soon(self, frame: bytes) -> None:
         asyncio.ensure_future(self._send(frame))

@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -176,28 +177,35 @@ async def keep_result(kept: KeptResults, result: Result, endpoint_id: str, max_r
     return msgspec.structs.replace(result, kind=None, data=kept_stub(ref))
 
 
-async def upload_kept(kept: KeptResults, payloads: EndpointPayloads, endpoint_id: str, ids: list[str]) -> Fetched:
-    """Upload kept results as blobs of their owners (someone elsewhere asked for them): the
-    answer names each blob, or says in words why there is none."""
-    data: dict[str, bytes] = {}
-    errors: dict[str, ErrorInfo] = {}
+async def upload_kept(kept: KeptResults, payloads: EndpointPayloads, endpoint_id: str, ids: list[str],
+                      answer: Callable[[Fetched], Awaitable[None]]) -> None:
+    """Upload kept results as blobs of their owners (someone elsewhere asked for them). Each is
+    declared, answered (the answer names the blob, or says in words why there is none), then
+    sent: the asker's download follows the upload, so the bytes cross the service once."""
     for tid in ids:
         if tid not in kept:
-            errors[tid] = ErrorInfo(type="ResultLost", code=ErrorCode.RESULT_LOST.value, message=(
+            await answer(Fetched(errors={tid: ErrorInfo(type="ResultLost", code=ErrorCode.RESULT_LOST.value, message=(
                 f"the result of task {tid} is no longer kept on endpoint {endpoint_id} (released, or freed after "
-                "kept_results_retention_s, or the endpoint's store was removed)"))
+                "kept_results_retention_s, or the endpoint's store was removed)"))}))
             continue
         kept.pin(tid)  # not freed while it is read
         try:
             path = kept.path(tid)
             size = path.stat().st_size
             sha256 = kept.sha256(tid) or await asyncio.to_thread(sha256_file, path)
-            data[tid] = blob_stub(await payloads.upload_result(tid, path, size, sha256))
+            ref = await payloads.declare_result(tid, size, sha256)
         except Exception as exc:  # noqa: BLE001 - the asker gets the reason in words
+            kept.unpin(tid)
             code = (ErrorCode.QUOTA_EXCEEDED if isinstance(exc, QuotaExceeded) else ErrorCode.PAYLOAD_TOO_LARGE
                     if isinstance(exc, PayloadTooLarge) else ErrorCode.RESULT_LOST)
-            errors[tid] = ErrorInfo(type=type(exc).__name__, code=code.value,
-                                    message=f"endpoint {endpoint_id} could not upload the result of task {tid}: {exc}")
+            await answer(Fetched(errors={tid: ErrorInfo(
+                type=type(exc).__name__, code=code.value,
+                message=f"endpoint {endpoint_id} could not upload the result of task {tid}: {exc}")}))
+            continue
+        try:
+            await answer(Fetched(data={tid: blob_stub(ref)}))
+            await payloads.send_result(ref, path)
+        except Exception as exc:  # noqa: BLE001 - the asker's download breaks off and says so
+            log.warning("sending the result of task %s failed: %s", tid, exc)
         finally:
             kept.unpin(tid)
-    return Fetched(data=data, errors=errors)

@@ -140,11 +140,23 @@ class EndpointPayloads:
     async def upload_result(self, tid: str, source: Path | bytes, size: int, sha256: str) -> BlobRef:
         """Store a task's result as a blob of its owner: network failures are retried a few times,
         a refusal (too large, over quota) is raised at once."""
+        return await self._retried(tid, self.client().upload, source, size, sha256, task_id=tid,
+                                   what=f"result of task {tid}")
+
+    async def declare_result(self, tid: str, size: int, sha256: str) -> BlobRef:
+        """Declare a task's result as a blob of its owner (no byte moves yet: see :meth:`send_result`),
+        retried like :meth:`upload_result`."""
+        return await self._retried(tid, self.client().declare, size, sha256, task_id=tid, what=f"result of task {tid}")
+
+    async def send_result(self, ref: BlobRef, source: Path) -> None:
+        """Send a declared result's bytes (readers of the blob follow them as they arrive)."""
+        await asyncio.to_thread(self.client().send, ref, source, what=f"result {ref.id}", attempts=UPLOAD_ATTEMPTS)
+
+    async def _retried(self, tid: str, call: Any, *args: Any, **kwargs: Any) -> Any:
         backoff = Backoff(initial=0.5, maximum=10.0)
         for attempt in range(UPLOAD_ATTEMPTS):
             try:
-                return await asyncio.to_thread(self.client().upload, source, size, sha256, task_id=tid,
-                                               what=f"result of task {tid}")
+                return await asyncio.to_thread(call, *args, **kwargs)
             except TetherError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the network: try again a few times

@@ -28,13 +28,13 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from sqlalchemy import and_, bindparam, delete, exists, func, select, update
 from starlette.requests import ClientDisconnect
 
@@ -81,6 +81,49 @@ class _BlobFile(FileResponse):
     chunk_size = 1024 * 1024
 
 
+#: a reader of a blob still being uploaded gives up after this long without a new byte
+FOLLOW_IDLE_S = 60.0
+#: a reader of a blob being uploaded through another replica waits at most this long for its end
+FOLLOW_ELSEWHERE_S = 1800.0
+#: bytes per read while following an upload
+FOLLOW_PIECE = 1024 * 1024
+
+
+class Arrival:
+    """An upload under way in this process, for readers that stream it as it arrives.
+
+    A task's arguments reach its endpoint, and a kept result its client, while they are still
+    being uploaded: the reader follows the upload's file, never ahead of what is written. The
+    reader checks the sha256 it was given at the end, as for any download, so an upload that
+    ends in a mismatch is caught there too; one that breaks off breaks the readers' streams."""
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.ended = False
+        self.ok = False
+        self._changed = asyncio.Event()
+
+    def advance(self, written: int) -> None:
+        self.written = written
+        self._wake()
+
+    def end(self, ok: bool) -> None:
+        self.ended, self.ok = True, ok
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def changed(self, timeout: float) -> bool:
+        """Wait for the next change; False if none came within ``timeout``."""
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
 class BlobIndex:
     """The blobs' rows (in the service's store) and files (in ``root``)."""
 
@@ -88,6 +131,8 @@ class BlobIndex:
                  orphan_s: float = DEFAULT_ORPHAN_S):
         self.store, self.root = store, root
         self.max_blob, self.quota, self.orphan_s = max_blob, quota, orphan_s
+        #: uploads under way in this process (one entry per upload in progress)
+        self.arriving: dict[str, Arrival] = {}
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._drop_interrupted()
 
@@ -147,14 +192,13 @@ class BlobIndex:
         return owner
 
     def may_read(self, who: Principal, row: Any) -> bool:
-        """Users read their own blobs; endpoints those named by an open task dispatched to them."""
+        """Users read their own blobs; endpoints those named by an open task dispatched to them
+        (complete or still being uploaded)."""
         if row is None:
             return False
         if who.user_id is not None:
             return row.owner_id == who.user_id
-        if row.state != COMPLETE:
-            return False
-        assert who.endpoint is not None
+        assert who.endpoint is not None  # the bytes may still be arriving: the download follows them
         with self.store.transaction() as conn:
             return conn.execute(
                 select(task_blobs.c.task_id).join(tasks, tasks.c.id == task_blobs.c.task_id)
@@ -184,14 +228,15 @@ class BlobIndex:
 
     # --- what the relay asks -------------------------------------------------------------------
     def owned(self, owner: str, blob_ids: Iterable[str]) -> set[str]:
-        """Which of these blobs ``owner`` owns and has uploaded completely."""
+        """Which of these blobs ``owner`` owns (declared: a task may be sent while its arguments
+        are still being uploaded, and its endpoint's download follows the upload)."""
         wanted = list(set(blob_ids))
         found: set[str] = set()
         with self.store.transaction() as conn:
             for start in range(0, len(wanted), 500):
                 found.update(r.id for r in conn.execute(
                     select(blobs.c.id).where(and_(blobs.c.id.in_(wanted[start : start + 500]),
-                                                  blobs.c.owner_id == owner, blobs.c.state == COMPLETE))))
+                                                  blobs.c.owner_id == owner))))
         return found
 
     def link(self, stored: Iterable[Task]) -> None:
@@ -204,12 +249,12 @@ class BlobIndex:
             conn.execute(update(blobs).where(blobs.c.id.in_({r["blob_id"] for r in rows})).values(linked=True))
 
     def is_result_of(self, blob_id: str, task_id: str) -> bool:
-        """Whether ``blob_id`` was stored as ``task_id``'s result (and is complete)."""
+        """Whether ``blob_id`` was declared as ``task_id``'s result (complete or being uploaded)."""
         with self.store.transaction() as conn:
             return conn.execute(
                 select(task_blobs.c.task_id).join(blobs, blobs.c.id == task_blobs.c.blob_id)
                 .where(and_(task_blobs.c.blob_id == blob_id, task_blobs.c.task_id == task_id,
-                            task_blobs.c.role == "result", blobs.c.state == COMPLETE)).limit(1)
+                            task_blobs.c.role == "result")).limit(1)
             ).first() is not None
 
     def link_inputs(self, blob_id: str, task_ids: Iterable[str]) -> None:
@@ -245,9 +290,10 @@ WRITE_BATCH = 1024 * 1024
 def _hash_and_write_all(pieces: list[bytes], digest: Any, out: Any) -> None:
     for piece in pieces:
         hash_and_write(piece, digest, out)
+    out.flush()  # readers following the upload read the file
 
 
-async def _receive(request: Request, out: Any, digest: Any, declared: int, blob_id: str) -> None:
+async def _receive(request: Request, out: Any, digest: Any, declared: int, blob_id: str, arrival: Arrival) -> None:
     """Hash and write a request body as it arrives, in batches handed to a thread: the event
     loop (every other client's frames) never waits on the disk or on hashing, and receiving
     the next batch overlaps writing the last. A batch is the server's own pieces, kept as they
@@ -256,12 +302,26 @@ async def _receive(request: Request, out: Any, digest: Any, declared: int, blob_
     batch: list[bytes] = []
     batched = received = 0
     pending: Any = None
+    written = 0  # bytes in the file once ``pending`` is done
+
+    async def settle() -> None:
+        nonlocal pending
+        if pending is not None:
+            await pending
+            pending = None
+
+    def written_to(upto: int) -> Callable[[Any], None]:
+        def advance(done: Any) -> None:
+            if not done.cancelled() and done.exception() is None:
+                arrival.advance(upto)  # readers may have these bytes now, while the next batch arrives
+        return advance
 
     async def flush() -> None:
-        nonlocal pending, batch, batched
-        if pending is not None:
-            await pending  # one batch in the thread at a time, in order
+        nonlocal pending, batch, batched, written
+        await settle()  # one batch in the thread at a time, in order
         pending = asyncio.ensure_future(asyncio.to_thread(_hash_and_write_all, batch, digest, out))
+        written += batched
+        pending.add_done_callback(written_to(written))
         batch, batched = [], 0
 
     try:
@@ -280,8 +340,30 @@ async def _receive(request: Request, out: Any, digest: Any, declared: int, blob_
         raise
     if batch:
         await flush()
-    if pending is not None:
-        await pending
+    await settle()
+
+
+async def _follow(fh: Any, arrival: Arrival, size: int, blob_id: str) -> AsyncIterator[bytes]:
+    """A blob's bytes read from its upload's file as they are written: never past what the
+    upload has written, ending with it; an upload that breaks off (or stalls for
+    ``FOLLOW_IDLE_S``) breaks this stream off too, and the reader sees it short."""
+    sent = 0
+    try:
+        while sent < size:
+            if arrival.written > sent:
+                piece = await asyncio.to_thread(os.pread, fh.fileno(), min(FOLLOW_PIECE, arrival.written - sent),
+                                                sent)
+                if not piece:
+                    raise OSError(f"blob {blob_id}: its file ended at {sent} bytes")
+                sent += len(piece)
+                yield piece
+            elif arrival.ended:
+                if not arrival.ok or arrival.written <= sent:
+                    raise OSError(f"blob {blob_id}: its upload broke off at {arrival.written} of {size} bytes")
+            elif not await arrival.changed(FOLLOW_IDLE_S):
+                raise OSError(f"blob {blob_id}: no bytes arrived for {FOLLOW_IDLE_S:g} s")
+    finally:
+        fh.close()
 
 
 def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRouter:
@@ -333,9 +415,10 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
             raise HTTPException(409, f"blob {blob_id} is already uploaded, or being uploaded")
         part = index.path(blob_id, part=True)
         digest, size, done = hashlib.sha256(), 0, False
+        arrival = index.arriving[blob_id] = Arrival()
         try:
             with open(part, "wb") as out:
-                await _receive(request, out, digest, row.size, blob_id)
+                await _receive(request, out, digest, row.size, blob_id, arrival)
                 size = out.tell()
             if size != row.size:
                 raise HTTPException(409, f"the upload ended after {size} of the {row.size} bytes declared",
@@ -350,6 +433,8 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
             log.info("upload of blob %s broke off before its %d bytes; its bytes are deleted", blob_id, row.size)
             raise HTTPException(400, "the upload broke off") from None
         finally:
+            index.arriving.pop(blob_id, None)
+            arrival.end(done)  # readers following the upload finish, or break off
             if not done:  # the bytes go at once; the declaration may be uploaded again (or expires, orphan_s)
                 part.unlink(missing_ok=True)
                 await rows.set_state(blob_id, RESERVED, UPLOADING)
@@ -359,14 +444,37 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
         200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
               "description": "the blob's bytes"}, **_errors(404, 409)})
     async def download_blob(blob_id: PathId, who: Principal = Depends(principal)) -> Response:
-        """A blob's bytes, streamed from disk. Yours, or (endpoints) named by a task dispatched to you."""
+        """A blob's bytes, streamed from disk. Yours, or (endpoints) named by a task dispatched to you.
+        A blob still being uploaded is streamed as its bytes arrive (the reader checks the sha256
+        at the end); one declared but not yet sent is waited for."""
         row = await rows.get(blob_id)
         if not await rows.may_read(who, row):
             raise HTTPException(404, f"unknown blob {blob_id}")
-        if row.state != COMPLETE:
-            raise HTTPException(409, f"blob {blob_id} is {row.state}: its bytes have not all arrived yet")
-        return _BlobFile(index.path(blob_id), media_type="application/octet-stream",
-                         headers={"X-Tether-Sha256": row.sha256})
+        headers = {"X-Tether-Sha256": row.sha256}
+        if row.state == RESERVED and not row.linked:  # nothing names it: nobody is about to send it
+            raise HTTPException(409, f"blob {blob_id} is declared but its bytes have not been sent")
+        # the task or the answer naming it went ahead of its bytes: follow the upload when it starts
+        # (here: in ``arriving``; on another replica: its row), giving up if it does not
+        started = time.monotonic()
+        checked = started
+        while row.state != COMPLETE:
+            arrival = index.arriving.get(blob_id)
+            if arrival is not None:  # no await between this and the open: the upload cannot end in between
+                fh = open(index.path(blob_id, part=True), "rb")  # noqa: SIM115 - closed by _follow
+                headers["Content-Length"] = str(row.size)
+                return StreamingResponse(_follow(fh, arrival, row.size, blob_id),
+                                         media_type="application/octet-stream", headers=headers)
+            waited = time.monotonic() - started
+            if waited > (FOLLOW_ELSEWHERE_S if row.state == UPLOADING else FOLLOW_IDLE_S):
+                raise HTTPException(409, f"blob {blob_id}: its bytes did not arrive within {waited:.0f} s "
+                                         "(the upload has not started, or stopped); ask again later")
+            await asyncio.sleep(0.05)
+            if time.monotonic() - checked >= 1.0:
+                checked = time.monotonic()
+                row = await rows.get(blob_id)
+                if row is None:
+                    raise HTTPException(404, f"unknown blob {blob_id}")
+        return _BlobFile(index.path(blob_id), media_type="application/octet-stream", headers=headers)
 
     @router.delete("/v1/blobs/{blob_id}", status_code=204, response_class=Response, responses=_errors(404, 409))
     async def delete_blob(blob_id: PathId, who: Principal = Depends(principal)) -> Response:

@@ -130,7 +130,7 @@ class Submission(Policy):
                                         f"{self.max_payload} bytes")
             elif any(b not in owned for b in task.blobs):
                 rejected[tid] = Refusal(ErrorCode.UNKNOWN_BLOB, f"blob {next(b for b in task.blobs if b not in owned)} "
-                                        "is not one of your complete uploads (or it expired with its tasks)")
+                                        "is not one of your uploads (or it expired with its tasks)")
             elif task.function in forged:
                 rejected[tid] = Refusal(ErrorCode.FUNCTION_ID_MISMATCH,
                                         f"function id {task.function} is not the hash of the body sent with it")

@@ -5,6 +5,7 @@ per-endpoint limits, readable only by who may, and deleted with their tasks."""
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import psutil
@@ -185,6 +187,84 @@ def test_the_bytes_of_an_upload_that_breaks_off_or_lies_about_its_hash_are_delet
         assert http.delete(f"/v1/blobs/{blob_id}").status_code == 204
 
 
+def _follow(url: str, token: str, blob_id: str, first: int, got_first: threading.Event, out: list) -> None:
+    """Read a blob over plain HTTP: ``first`` bytes (then ``got_first`` is set), then the rest;
+    ``out`` gets the bytes, or the exception that ended the read."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:
+        conn.request("GET", f"/v1/blobs/{blob_id}", headers={"Authorization": f"Bearer {token}"})
+        response = conn.getresponse()
+        head = response.read(first)
+        got_first.set()
+        out.append(head + response.read())
+    except Exception as exc:  # noqa: BLE001 - the test looks at it
+        out.append(exc)
+    finally:
+        conn.close()
+
+
+def test_a_task_goes_ahead_of_its_arguments_and_readers_follow_their_upload(small: LocalStack) -> None:
+    """A task is sent as soon as its large arguments are declared: its endpoint's download (and
+    any reader's) follows the upload as the bytes arrive, instead of waiting for it to end. A
+    reader whose upload breaks off sees its body end short; asking again, it reads the bytes
+    sent again, checked."""
+    value = os.urandom(4 * MiB)
+    data = serialize(((value,), {}))
+    blobs = BlobClient(small.service_url, {"Authorization": f"Bearer {small.token}"})
+    ref = blobs.declare(len(data), sha256_of(data))
+    body = serialize(helpers.sha256_hex)
+    client = raw_client(small.service_url, small.token)
+    tid = str(uuid.uuid4())
+    try:
+        client.send(Submit(ref=1, functions={function_id(body): body}, tasks=[Task(
+            id=tid, function=function_id(body), endpoint=small.endpoint_id, payload=blob_stub(ref), blobs=[ref.id])]))
+        ack, _ = client.recv_until(lambda m: isinstance(m, SubmitAck))
+        assert ack.accepted == [tid]  # named before a byte of it was sent
+    finally:
+        client.close()
+    put = httpx.Client(base_url=small.service_url, headers={"Authorization": f"Bearer {small.token}"},
+                       trust_env=False, timeout=60)
+
+    # an upload that breaks off: a reader following it has its first bytes, then a short body
+    got_first, out = threading.Event(), []
+    reader = threading.Thread(target=_follow, args=(small.service_url, small.token, ref.id, MiB, got_first, out))
+    reader.start()
+
+    def breaks_off() -> Iterator[bytes]:
+        yield data[: 2 * MiB]
+        assert got_first.wait(30), "the reader did not get bytes of an upload under way"
+        raise RuntimeError("the uploader stops")
+
+    with pytest.raises(RuntimeError, match="the uploader stops"):
+        put.put(f"/v1/blobs/{ref.id}", content=breaks_off(), headers={"Content-Length": str(len(data))})
+    reader.join(60)
+    assert isinstance(out[0], http.client.IncompleteRead), out
+
+    # the same blob sent again: a reader that asked (before it started) follows it to the end
+    got_first, out = threading.Event(), []
+    reader = threading.Thread(target=_follow, args=(small.service_url, small.token, ref.id, MiB, got_first, out))
+    reader.start()
+    loaded: list = []
+    loader = threading.Thread(target=lambda: loaded.append(blobs.load(ref)))
+    loader.start()
+
+    def in_two_halves() -> Iterator[bytes]:
+        yield data[: 2 * MiB]
+        # the reader has bytes while the rest is not sent yet: the service passes them on as they arrive
+        assert got_first.wait(30), "the reader did not get bytes of an upload under way"
+        yield data[2 * MiB :]
+
+    assert put.put(f"/v1/blobs/{ref.id}", content=in_two_halves(),
+                   headers={"Content-Length": str(len(data))}).status_code == 200
+    reader.join(60)
+    loader.join(60)
+    assert out == [data] and loaded == [((value,), {})]
+    # and the endpoint, which got the task before the bytes, ran it on them
+    assert wait_for(lambda: Client(small.service_url, small.token).get_task(tid)["state"] == "success", timeout=60)
+    assert Client(small.service_url, small.token).get_result(tid) == hashlib.sha256(value).hexdigest()
+
+
 def test_blobs_are_readable_only_by_their_owner_and_the_endpoint_running_their_task(small: LocalStack) -> None:
     data = b"secret" * MiB
     mine = BlobClient(small.service_url, {"Authorization": f"Bearer {small.token}"}).upload(
@@ -209,7 +289,7 @@ def test_blobs_are_readable_only_by_their_owner_and_the_endpoint_running_their_t
                                       payload=blob_stub(mine), blobs=[mine.id])]))
         ack, _ = thief.recv_until(lambda m: isinstance(m, SubmitAck))
         assert ack.accepted == [] and ack.rejected[tid].code == ErrorCode.UNKNOWN_BLOB
-        assert "is not one of your complete uploads" in ack.rejected[tid].message
+        assert "is not one of your uploads" in ack.rejected[tid].message
     finally:
         thief.close()
     with _executor(small) as ex:  # the owner's own endpoint reads her blobs while it runs her task
