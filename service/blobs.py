@@ -23,6 +23,7 @@ one declared or stored but never named by a task is deleted after ``orphan_s``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -133,6 +134,8 @@ class BlobIndex:
         self.max_blob, self.quota, self.orphan_s = max_blob, quota, orphan_s
         #: uploads under way in this process (one entry per upload in progress)
         self.arriving: dict[str, Arrival] = {}
+        #: blobs whose readers wait for their upload to start here (set when it does)
+        self.awaited: dict[str, asyncio.Event] = {}
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._drop_interrupted()
 
@@ -416,6 +419,9 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
         part = index.path(blob_id, part=True)
         digest, size, done = hashlib.sha256(), 0, False
         arrival = index.arriving[blob_id] = Arrival()
+        started = index.awaited.pop(blob_id, None)
+        if started is not None:
+            started.set()
         try:
             with open(part, "wb") as out:
                 await _receive(request, out, digest, row.size, blob_id, arrival)
@@ -456,7 +462,6 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
         # the task or the answer naming it went ahead of its bytes: follow the upload when it starts
         # (here: in ``arriving``; on another replica: its row), giving up if it does not
         started = time.monotonic()
-        checked = started
         while row.state != COMPLETE:
             arrival = index.arriving.get(blob_id)
             if arrival is not None:  # no await between this and the open: the upload cannot end in between
@@ -466,14 +471,16 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
                                          media_type="application/octet-stream", headers=headers)
             waited = time.monotonic() - started
             if waited > (FOLLOW_ELSEWHERE_S if row.state == UPLOADING else FOLLOW_IDLE_S):
+                index.awaited.pop(blob_id, None)  # (readers still waiting make a new one)
                 raise HTTPException(409, f"blob {blob_id}: its bytes did not arrive within {waited:.0f} s "
                                          "(the upload has not started, or stopped); ask again later")
-            await asyncio.sleep(0.05)
-            if time.monotonic() - checked >= 1.0:
-                checked = time.monotonic()
-                row = await rows.get(blob_id)
-                if row is None:
-                    raise HTTPException(404, f"unknown blob {blob_id}")
+            # woken when the upload starts here; its row is read again each second (another replica's)
+            event = index.awaited.setdefault(blob_id, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), 1.0)
+            row = await rows.get(blob_id)
+            if row is None:
+                raise HTTPException(404, f"unknown blob {blob_id}")
         return _BlobFile(index.path(blob_id), media_type="application/octet-stream", headers=headers)
 
     @router.delete("/v1/blobs/{blob_id}", status_code=204, response_class=Response, responses=_errors(404, 409))
