@@ -417,13 +417,15 @@ class BlobClient:
         for attempt in range(attempts):
             shown = TransferProgress(f"upload {what}", ref.size, self.progress if progress is None else progress)
             try:
-                sent = self._http.put(f"{BLOBS_PATH}/{ref.id}", content=self._chunks(source, shown),
-                                      headers={"Content-Length": str(ref.size),
-                                               "Content-Type": "application/octet-stream"},
-                                      timeout=httpx.Timeout(60.0, connect=10.0, write=300.0, read=300.0))
-                _raise_for(sent, f"upload of {what} failed")
+                conn, response = self._request("PUT", ref.id, f"upload of {what} failed", self._chunks(source, shown),
+                                               {"Content-Length": str(ref.size),
+                                                "Content-Type": "application/octet-stream"})
+                response.read()
+                conn.close()
                 return
-            except httpx.TransportError as exc:
+            except TetherError:
+                raise
+            except _RETRIED as exc:
                 if attempt == attempts - 1:
                     raise
                 log.warning("upload of %s failed (%s); sending it again", what, exc)
@@ -446,12 +448,15 @@ class BlobClient:
             progress.update(len(piece))
             yield piece
 
-    def _get(self, ref: BlobRef, what: str) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        """Open ``GET /v1/blobs/{id}`` on a connection of its own (refusals raised in words).
+    def _request(self, method: str, blob_id: str, refused: str, body: Iterator[memoryview] | None = None,
+                 headers: dict[str, str] | None = None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """``method /v1/blobs/{id}`` on a connection of its own; a refusal is raised in words,
+        starting with ``refused``.
 
-        Downloads use the standard library's HTTP client, not httpx: its response's ``readinto``
-        receives the body straight into the caller's buffer, where httpx (through h11) copies
-        each piece twice more on the way; on a gibibyte that is seconds of CPU."""
+        The bytes of blobs go through the standard library's HTTP client, not httpx: it sends
+        each piece as it is given and its response's ``readinto`` receives the body straight
+        into the caller's buffer, where httpx (through h11) copies each piece once more on the
+        way out and twice more on the way in; on a gibibyte that is seconds of CPU."""
         parts = urlsplit(self.url)
         if parts.scheme == "https":
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
@@ -460,12 +465,12 @@ class BlobClient:
             conn = http.client.HTTPConnection(parts.hostname or "localhost", parts.port or 80,
                                               timeout=DOWNLOAD_TIMEOUT_S)
         try:
-            conn.request("GET", f"{parts.path.rstrip('/')}{BLOBS_PATH}/{ref.id}", headers=self._headers)
+            conn.request(method, f"{parts.path.rstrip('/')}{BLOBS_PATH}/{blob_id}", body=body,
+                         headers={**self._headers, **(headers or {})})
             response = conn.getresponse()
             if response.status >= 400:
-                body = response.read(65536).decode(errors="replace")
-                _raise_for_status(response.status, response.getheader(ERROR_HEADER), body,
-                                  f"download of {what} {ref.id} refused")
+                detail = response.read(65536).decode(errors="replace")
+                _raise_for_status(response.status, response.getheader(ERROR_HEADER), detail, refused)
         except BaseException:
             conn.close()
             raise
@@ -508,7 +513,7 @@ class BlobClient:
     def reader(self, ref: BlobRef, what: str = "blob", progress: bool | None = None) -> Iterator[BlobReader]:
         """Blob ``ref``'s bytes as a raw binary file that hashes what it reads."""
         shown = TransferProgress(f"download {what}", ref.size, self.progress if progress is None else progress)
-        conn, response = self._get(ref, what)
+        conn, response = self._request("GET", ref.id, f"download of {what} {ref.id} refused")
         try:
             yield BlobReader(response, ref, what, shown)
         finally:
