@@ -198,4 +198,24 @@ def endpoint_rotate_credential(name: str) -> None:
     console.print(f"endpoint [bold]{name}[/] ({cred['endpoint_id']}) has a new credential; the old one is void")
 
 
+@endpoint_app.command("diagnose")
+def endpoint_diagnose(
+    name: EndpointName,
+    output: str = typer.Option(None, "--output", "-o", help="where to write the bundle (default: "
+                               "./tether-diagnose-NAME-TIME.tar.gz)"),
+) -> None:
+    """Write a bundle for whoever supports you: the endpoint's configuration and the end of its
+    logs (secrets removed, the credential left out), versions, and whether the service answers."""
+    from pathlib import Path
+
+    need("endpoint", "tether.endpoint.diagnose")
+    from tether.endpoint import diagnose
+
+    path = _endpoint_call(diagnose.bundle, name, Path(output) if output else None)
+    reach = json.loads(diagnose.connectivity_summary(path))
+    console.print(f"wrote [bold]{path}[/] (mode 0600; no credential or token in it)")
+    console.print("service: " + ("[green]reachable[/]" if reach.get("ok") else f"[red]not reachable[/]: "
+                                                                              f"{reach.get('error', reach)}"))
+
+
 __all__ = ["endpoint_app"]

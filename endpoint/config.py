@@ -71,6 +71,10 @@ SCHEMA: dict[str, Any] = {
         "user_log_max_bytes": {"type": "integer", "minimum": 4096},
         "max_user_endpoints_per_user": {"type": "integer", "minimum": 1},
         "user_log_bytes_per_s": {"type": "integer", "minimum": 1024},
+        # the administrator's commands around the daemon (endpoint/hooks.py)
+        "endpoint_setup": {"type": "string", "minLength": 1},
+        "endpoint_teardown": {"type": "string", "minLength": 1},
+        "endpoint_hook_timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 86400},
     },
 }
 
@@ -117,6 +121,10 @@ class EndpointConfig:
     #: user endpoints one identity may have running at once (one per distinct user_endpoint_config)
     max_user_endpoints_per_user: int = 8
     user_log_bytes_per_s: int = 1024 * 1024
+    #: shell commands run before the daemon serves and after it stops (see endpoint/hooks.py)
+    endpoint_setup: str | None = None
+    endpoint_teardown: str | None = None
+    endpoint_hook_timeout_s: float = 300.0
 
     @property
     def dir(self) -> Path:

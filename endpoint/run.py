@@ -21,6 +21,7 @@ from tether.logs import configure_logging
 from .config import load_config
 from .credential import read_credential
 from .daemon import EndpointDaemon
+from .hooks import run_hook
 from .multi_user import MultiUserDaemon
 
 
@@ -35,7 +36,11 @@ def run_daemon(name: str) -> int:
     os.chdir(config.dir / "tasks")
     daemon_class = MultiUserDaemon if config.multi_user else EndpointDaemon
     try:
-        return event_loop.run(daemon_class(config, credential).run())
+        run_hook(config, "endpoint_setup", credential.get("endpoint_id"))  # a failure stops the start, in words
+        try:
+            return event_loop.run(daemon_class(config, credential).run())
+        finally:
+            run_hook(config, "endpoint_teardown", credential.get("endpoint_id"))
     finally:
         (config.dir / "daemon.pid").unlink(missing_ok=True)
         lock.close()
