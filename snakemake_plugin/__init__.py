@@ -78,11 +78,12 @@ class Executor(RemoteExecutor):
 
         import tether
 
-        from . import remote
+        from . import remote, warm
         from .submission import parse_user_endpoint_config
 
-        # the endpoint runs the job function without this plugin installed: ship its module by value
+        # the endpoint runs the job function without this plugin installed: ship its modules by value
         cloudpickle.register_pickle_by_value(remote)
+        cloudpickle.register_pickle_by_value(warm)
         settings: ExecutorSettings = self.workflow.executor_settings or ExecutorSettings()
         self._settings = settings
         self._default_uec = parse_user_endpoint_config(settings.user_endpoint_config,
@@ -133,7 +134,8 @@ class Executor(RemoteExecutor):
         shared_io = SharedFSUsage.INPUT_OUTPUT in self.workflow.storage_settings.shared_fs_usage
         cmd = self.format_job_exec(job)
         self.logger.debug(f"Tether job command: {cmd}")
-        args = (cmd, os.getcwd() if shared_io else None, sub.walltime, sub.mpi, SNIPPET_LINES)
+        warm_key = None if self._settings.cold_start else str(self.workflow.main_snakefile)
+        args = (cmd, os.getcwd() if shared_io else None, sub.walltime, sub.mpi, SNIPPET_LINES, warm_key)
         return self._executor(sub.endpoint_id).submit_task(
             remote.run_snakemake_job, args, resource_specification=sub.resource_specification,
             user_endpoint_config=sub.user_endpoint_config)

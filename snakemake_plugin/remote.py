@@ -7,10 +7,15 @@ standard library and ``tether``: anything imported at module level must exist on
 
 from __future__ import annotations
 
+import logging
 import os
+import shlex
 import sys
+from pathlib import Path
 
 from tether.shell import ShellFunction, ShellResult
+
+from . import warm
 
 #: the variable the job command names its interpreter by (see Executor.get_python_executable)
 PYTHON_VAR = "TETHER_PYTHON"
@@ -37,10 +42,19 @@ if sys.argv[1:3] == ["-m", "snakemake"]:
 runpy.run_module("snakemake", run_name="__main__", alter_sys=True)
 """
 
+#: the warm runner's text, read here (on the submitting side) and carried with the job function:
+#: the endpoint does not have this plugin installed
+WARM_SOURCE = Path(warm.__file__).read_text()
+
 
 def run_snakemake_job(cmd: str, workdir: str | None, walltime: float | None, mpi: bool,
-                      snippet_lines: int) -> ShellResult:
+                      snippet_lines: int, warm_key: str | None = None) -> ShellResult:
     """Run one ``python -m snakemake ...`` job command under bash, as a ShellFunction would.
+
+    With ``warm_key`` (the workflow's Snakefile) the job's ``python`` is the warm runner's client
+    (see :mod:`.warm`): the command, and so everything Snakemake does, is unchanged, but Snakemake
+    starts in a fork of this worker's runner instead of a new interpreter. Without one, or when
+    the runner cannot be had, the job starts cold and its stderr (and the endpoint's log) says why.
 
     The job runs with the endpoint's own environment first on ``PATH`` (as if its virtualenv
     were activated): ``$TETHER_PYTHON`` and ``python`` are the endpoint's interpreter, which has
@@ -50,6 +64,18 @@ def run_snakemake_job(cmd: str, workdir: str | None, walltime: float | None, mpi
     ``PYTHONUNBUFFERED``, like an MPIFunction.
     """
     job_env = {PYTHON_VAR: sys.executable, MAIN_VAR: SNAKEMAKE_MAIN}
+    if warm_key is not None:
+        socket_path, why = warm.ensure_runner(WARM_SOURCE, warm_key)
+        if socket_path is not None:
+            try:
+                job_env[PYTHON_VAR] = warm.client_script(WARM_SOURCE)
+                job_env[warm.SOCKET_VAR] = socket_path
+            except OSError as exc:
+                why = str(exc)
+        if why is not None:
+            message = f"tether: not using the warm Snakemake runner: {why}; starting a new interpreter"
+            logging.getLogger("tether.snakemake").warning(message)
+            cmd = f"echo {shlex.quote(message)} >&2; {cmd}"
     bindir = os.path.dirname(sys.executable)
     path = os.environ.get("PATH", "")
     if bindir not in path.split(os.pathsep):
