@@ -2,11 +2,13 @@
 
 Usage::
 
-    python benchmarks/bench_snakemake_plugin.py [--n 200] [--only local,tether,grouped,slurm,tether-slurm]
+    python benchmarks/bench_snakemake_plugin.py [--n 200] [--only local,tether,cold,grouped,slurm,tether-slurm]
 
 - ``local``: Snakemake's own local executor (``--cores 2``): the ceiling, no remote jobs at all;
-- ``tether``: ``--executor tether`` on a local process endpoint with 2 workers (one
-  ``python -m snakemake`` per job, as every remote executor does);
+- ``tether``: ``--executor tether`` on a local process endpoint with 2 workers (each job's
+  ``python -m snakemake`` starts in a fork of the endpoint's warm runner);
+- ``cold``: the same with ``--tether-cold-start``: each job starts a new interpreter, as every
+  other remote executor does (and as this plugin did before its warm runner);
 - ``grouped``: the same with ``--group-components`` (20 rules per remote job), Snakemake's own
   answer to per-job overhead;
 - ``slurm``: ``snakemake-executor-plugin-slurm`` on the one-node Slurm (``.ci/slurm-setup.sh``);
@@ -111,7 +113,7 @@ def process_endpoint() -> Iterator[LocalStack]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200, help="jobs in the workflow")
-    ap.add_argument("--only", default="local,tether,grouped,slurm,tether-slurm")
+    ap.add_argument("--only", default="local,tether,cold,grouped,slurm,tether-slurm")
     args = ap.parse_args()
     only = set(args.only.split(","))
     n = args.n
@@ -124,11 +126,13 @@ def main() -> None:
 
     if "local" in only:
         record("local", run_workflow(n, ["--cores", "2"]))
-    if only & {"tether", "grouped"}:
+    if only & {"tether", "cold", "grouped"}:
         with process_endpoint() as stack:
             base = ["--executor", "tether", "--tether-endpoint-id", stack.endpoint_id, "--jobs", "16"]
             if "tether" in only:
                 record("tether", run_workflow(n, base, tether_env(stack)))
+            if "cold" in only:
+                record("cold", run_workflow(n, [*base, "--tether-cold-start"], tether_env(stack)))
             if "grouped" in only:
                 grouping = ["--groups", "trivial=g", "--group-components", "g=20"]
                 record("grouped", run_workflow(n, [*base, *grouping], tether_env(stack)))

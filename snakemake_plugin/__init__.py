@@ -133,6 +133,11 @@ class Executor(RemoteExecutor):
 
         shared_io = SharedFSUsage.INPUT_OUTPUT in self.workflow.storage_settings.shared_fs_usage
         cmd = self.format_job_exec(job)
+        if not job.is_group():
+            # one job to run: which scheduler picks it cannot change what runs, and the default
+            # (ILP) starts a solver process in every job (~20 ms of a trivial job's ~60 on the
+            # endpoint). The last --scheduler given wins; nothing follows the general args here.
+            cmd = f"{cmd} --scheduler greedy"
         self.logger.debug(f"Tether job command: {cmd}")
         warm_key = None if self._settings.cold_start else str(self.workflow.main_snakefile)
         args = (cmd, os.getcwd() if shared_io else None, sub.walltime, sub.mpi, SNIPPET_LINES, warm_key)

@@ -115,6 +115,26 @@ def test_issue_workflow(snake: SnakeStack, tmp_path: Path) -> None:
     assert logs and "this rule fails on purpose" in (wf / logs[0]).read_text()
 
 
+def test_jobs_start_warm_and_share_nothing(snake: SnakeStack, tmp_path: Path) -> None:
+    """Both jobs start in forks of one warm runner (not a new interpreter each), and the second sees
+    nothing the first left in its process; --tether-cold-start gives the same outputs, cold."""
+    wf = _workflow("warm", tmp_path)
+    out = snake.run(wf, "--jobs", "1")  # one at a time: both go to the same (first idle) worker
+    assert out.returncode == 0, out.stderr
+    first_parent, first_cmdline = (wf / "first.txt").read_text().splitlines()
+    second_parent, left_behind = (wf / "second.txt").read_text().splitlines()
+    assert " serve " in first_cmdline and "smk-python-" in first_cmdline, first_cmdline  # the runner
+    assert first_parent == second_parent  # the same runner started both...
+    assert left_behind == "[None, None]"  # ...and the second saw nothing of the first
+    assert "not using the warm Snakemake runner" not in out.stderr
+
+    cold = _workflow("warm", tmp_path / "cold")
+    out = snake.run(cold, "--jobs", "1", "--tether-cold-start")
+    assert out.returncode == 0, out.stderr
+    assert "/bin/bash" in (cold / "first.txt").read_text().splitlines()[1]  # started by the job's shell
+    assert (cold / "second.txt").read_text().splitlines()[1] == "[None, None]"
+
+
 def test_ctrl_c_cancels_remote_jobs(snake: SnakeStack, tmp_path: Path) -> None:
     wf = _workflow("workflow", tmp_path)
     pidfile = wf / "sleeper.pid"
