@@ -13,6 +13,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from tether.files import FileContent, inside
+from tether.runtime import current_task
 from tether.shell import ShellFunction, ShellResult
 
 from . import warm
@@ -47,14 +49,20 @@ runpy.run_module("snakemake", run_name="__main__", alter_sys=True)
 WARM_SOURCE = Path(warm.__file__).read_text()
 
 
-def run_snakemake_job(cmd: str, workdir: str | None, walltime: float | None, mpi: bool,
-                      snippet_lines: int, warm_key: str | None = None) -> ShellResult:
+def run_snakemake_job(cmd: str, workdir: str | None, walltime: float | None, mpi: bool, snippet_lines: int,
+                      warm_key: str | None = None, files: dict[str, FileContent] | None = None,
+                      products: list[str] | None = None,
+                      logs: list[str] | None = None) -> ShellResult | tuple[ShellResult, dict[str, FileContent]]:
     """Run one ``python -m snakemake ...`` job command under bash, as a ShellFunction would.
 
     With ``warm_key`` (the workflow's Snakefile) the job's ``python`` is the warm runner's client
     (see :mod:`.warm`): the command, and so everything Snakemake does, is unchanged, but Snakemake
     starts in a fork of this worker's runner instead of a new interpreter. Without one, or when
     the runner cannot be had, the job starts cold and its stderr (and the endpoint's log) says why.
+
+    Without a shared file system (see :mod:`.staging`) ``files`` are written into the task's
+    sandbox, where the job runs, and with ``products`` the result is ``(ShellResult, files)``:
+    the products the job made when it succeeded, and its ``logs`` whether it succeeded or not.
 
     The job runs with the endpoint's own environment first on ``PATH`` (as if its virtualenv
     were activated): ``$TETHER_PYTHON`` and ``python`` are the endpoint's interpreter, which has
@@ -89,4 +97,27 @@ def run_snakemake_job(cmd: str, workdir: str | None, walltime: float | None, mpi
     literal = cmd.replace("{", "{{").replace("}", "}}")
     shell = ShellFunction(literal, walltime=walltime, cwd=workdir, env=job_env, snippet_lines=snippet_lines,
                           name="snakemake job")
-    return shell()
+    task = current_task()
+    sandbox = task.sandbox if task is not None and task.sandbox else os.getcwd()
+    for name, content in (files or {}).items():
+        content.write(inside(sandbox, name))
+    result = shell()
+    if products is None:
+        return result
+    wanted = [*(products if result.returncode == 0 else ()), *(logs or ())]
+    return result, _collect(sandbox, wanted)
+
+
+def _collect(sandbox: str, names: list[str]) -> dict[str, FileContent]:
+    """The files named (a directory: every file in it) that exist in the sandbox."""
+    found: dict[str, FileContent] = {}
+    for name in names:
+        path = inside(sandbox, name)
+        if os.path.isfile(path):
+            found[name] = FileContent.read(path)
+        elif os.path.isdir(path):
+            for root, _, children in os.walk(path):
+                for child in children:
+                    full = os.path.join(root, child)
+                    found[os.path.relpath(full, sandbox)] = FileContent.read(full)
+    return found

@@ -33,6 +33,7 @@ from tether import Client
 from tether.local import LocalStack, local_stack
 
 from conftest import needs_mpi, pid_alive, wait_for
+from parsl_stack import blind_endpoint_missing, endpoint_blind_to
 
 WORKFLOWS = Path(__file__).parent / "snakemake"
 
@@ -173,6 +174,45 @@ def test_no_shared_file_system(snake: SnakeStack, tmp_path: Path) -> None:
         where = line.split(" ran in ")[1]
         assert f"{os.sep}tasks{os.sep}" in where and not where.startswith(str(wf))
     assert not (wf / "a.txt").exists() and not (wf / "b.txt").exists()
+
+
+@pytest.mark.timeout(180)
+def test_files_travel_to_an_endpoint_that_cannot_see_them(snake: SnakeStack,
+                                                          tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No shared file system and no storage: the endpoint runs where the workflow directory is hidden
+    (an empty tmpfs covers it in the endpoint's mount namespace); inputs go there and outputs come
+    back through the service, byte-identical to the local executor's; a second run does nothing."""
+    missing = blind_endpoint_missing()
+    if missing and not os.environ.get("CI"):
+        pytest.skip(missing)
+    laptop = tmp_path_factory.mktemp("laptop")
+    wf = _workflow("files", laptop)
+    local = _workflow("files", tmp_path_factory.mktemp("local"))
+    made = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", "--config", f"origin={local}"],
+                          cwd=local, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert made.returncode == 0, made.stderr
+    with endpoint_blind_to(snake.stack, "blind", laptop) as blind:
+        cmd = [*snake.command("--jobs", "4", "--shared-fs-usage", "none", "--config", f"origin={wf}")]
+        cmd[cmd.index("--tether-endpoint-id") + 1] = blind
+        out = subprocess.run(cmd, cwd=wf, env=snake.env, capture_output=True, text=True, timeout=120,
+                             stdin=subprocess.DEVNULL)
+        assert out.returncode == 0, out.stderr
+        assert (wf / "seen.txt").read_text() == "hidden\n"  # the jobs could not read the workflow directory
+        assert (local / "seen.txt").read_text() == "visible\n"
+        given = {p.relative_to(WORKFLOWS / "files") for p in (WORKFLOWS / "files").rglob("*")}
+        outputs = sorted(name for p in local.rglob("*") if p.is_file() and (name := p.relative_to(local)) not in given
+                         and name.parts[0] not in (".snakemake", "benchmarks") and name.name != "seen.txt")
+        assert len(outputs) == 9, outputs  # outputs and logs (a benchmark's times differ)
+        for name in outputs:
+            assert (wf / name).read_bytes() == (local / name).read_bytes(), name
+        assert (wf / "benchmarks/stats.tsv").read_text().startswith("s\th:m:s")  # the benchmark came back
+        moved = re.search(r"Tether: moved (\d+) file\(s\), .* to endpoints and (\d+) file\(s\)", out.stderr)
+        assert moved and int(moved.group(2)) == len(outputs) + 2, out.stderr[-2000:]  # + seen.txt, the benchmark
+
+        again = subprocess.run(cmd, cwd=wf, env=snake.env, capture_output=True, text=True, timeout=120,
+                               stdin=subprocess.DEVNULL)
+        assert again.returncode == 0, again.stderr
+        assert "Nothing to be done" in again.stderr
 
 
 def test_unknown_endpoint_is_refused_before_any_job(snake: SnakeStack, tmp_path: Path) -> None:
