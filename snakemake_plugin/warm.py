@@ -28,12 +28,17 @@ Keep it to the standard library.
 
 from __future__ import annotations
 
-import array
+# the client starts with every job: only modules that cost nothing to import up here (``socket``
+# pulls in enum, selectors and collections: ~30 ms under load; ``_socket`` has all the client uses)
+import _socket
 import marshal
 import os
-import socket
 import struct
 import sys
+
+TYPE_CHECKING = False  # not typing's: importing typing costs the client more than the rest together
+if TYPE_CHECKING:
+    import socket
 
 #: the environment variable naming the runner's socket, for the client
 SOCKET_VAR = "TETHER_WARM_SOCKET"
@@ -63,7 +68,7 @@ def client(argv: list[str]) -> None:
     elif not path:
         why = f"${SOCKET_VAR} is not set"
     if why is None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             sock.connect(path)
             request = marshal.dumps(("job", argv[1:], dict(os.environ), os.getcwd(), _umask()))
@@ -93,14 +98,15 @@ def _umask() -> int:
     return mask
 
 
-def _send(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+def _send(sock: socket.socket | _socket.socket, data: bytes, fds: list[int]) -> None:
     message = struct.pack(_HEADER, len(data)) + data
-    sent = sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
+    sent = sock.sendmsg([message], rights)
     if sent < len(message):
         sock.sendall(message[sent:])
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
+def _recv_exactly(sock: socket.socket | _socket.socket, n: int) -> bytes | None:
     data = b""
     while len(data) < n:
         try:
@@ -115,6 +121,8 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
 
 def ping(path: str, timeout: float = 5.0) -> bool:
     """Whether a runner answers at ``path``."""
+    import socket
+
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -176,6 +184,7 @@ def ensure_runner(source: str, key: str, timeout: float = 120.0) -> tuple[str | 
     ``(None, why)`` when there is none (the job then starts cold, and says why)."""
     import fcntl
     import hashlib
+    import socket
     import subprocess
 
     if not hasattr(os, "fork") or not hasattr(os, "pidfd_open") or not hasattr(socket, "AF_UNIX"):
@@ -272,6 +281,7 @@ def serve(path: str) -> None:
     import gc
     import selectors
     import signal
+    import socket
     import time
 
     try:
@@ -403,6 +413,9 @@ def serve(path: str) -> None:
 
 def _read_request(conn: socket.socket, buf: bytearray, fds: list[int]) -> tuple | bool | None:
     """Read what has arrived: the request when complete, None for more to come, False if broken."""
+    import array
+    import socket
+
     try:
         data, ancillary, _, _ = conn.recvmsg(1 << 16, socket.CMSG_SPACE(16 * array.array("i").itemsize))
     except BlockingIOError:
