@@ -27,6 +27,8 @@ from tether.files import FileContent, inside
 
 #: Snakemake leaves sources larger than this out of its own source archive; so do we
 MAX_SOURCE_BYTES = 10_000_000
+#: sources travel with every job (not once per run, as Snakemake's archive does): above this, say so
+SOURCES_WARN_BYTES = 1 << 20
 
 
 @dataclass
@@ -54,6 +56,11 @@ class Staging:
                          f"make it an input of the rules that need it")
                     continue
                 found.append(name)
+            total = sum(os.path.getsize(name) for name in found)
+            if total > SOURCES_WARN_BYTES:
+                warn(f"Tether: the workflow's sources ({len(found)} files, {_size(total)}, git-tracked files "
+                     f"included, as Snakemake counts them) travel with every job; keep large files out of git "
+                     f"or make them inputs of the rules that need them")
             self._sources = found
         return self._sources
 

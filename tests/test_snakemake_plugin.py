@@ -11,12 +11,15 @@ plugin is found from the README's editable install.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pwd
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
@@ -32,7 +35,7 @@ from snakemake_executor_plugin_tether.submission import submission_for
 from tether import Client
 from tether.local import LocalStack, local_stack
 
-from conftest import needs_mpi, pid_alive, wait_for
+from conftest import multi_user_missing, needs_mpi, pid_alive, wait_for
 from parsl_stack import blind_endpoint_missing, endpoint_blind_to
 
 WORKFLOWS = Path(__file__).parent / "snakemake"
@@ -176,29 +179,74 @@ def test_no_shared_file_system(snake: SnakeStack, tmp_path: Path) -> None:
     assert not (wf / "a.txt").exists() and not (wf / "b.txt").exists()
 
 
-@pytest.mark.timeout(180)
-def test_files_travel_to_an_endpoint_that_cannot_see_them(snake: SnakeStack,
-                                                          tmp_path_factory: pytest.TempPathFactory) -> None:
-    """No shared file system and no storage: the endpoint runs where the workflow directory is hidden
-    (an empty tmpfs covers it in the endpoint's mount namespace); inputs go there and outputs come
-    back through the service, byte-identical to the local executor's; a second run does nothing."""
-    missing = blind_endpoint_missing()
-    if missing and not os.environ.get("CI"):
-        pytest.skip(missing)
-    laptop = tmp_path_factory.mktemp("laptop")
-    wf = _workflow("files", laptop)
+@pytest.fixture(scope="module")
+def files_by_the_local_executor(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 'files' workflow as Snakemake's local executor makes it: what the endpoint must match."""
     local = _workflow("files", tmp_path_factory.mktemp("local"))
     made = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", "--config", f"origin={local}"],
                           cwd=local, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert made.returncode == 0, made.stderr
-    with endpoint_blind_to(snake.stack, "blind", laptop) as blind:
-        cmd = [*snake.command("--jobs", "4", "--shared-fs-usage", "none", "--config", f"origin={wf}")]
-        cmd[cmd.index("--tether-endpoint-id") + 1] = blind
+    assert (local / "seen.txt").read_text() == "visible\n"
+    return local
+
+
+@contextlib.contextmanager
+def _endpoint_as_another_user(snake: SnakeStack, user: str) -> Iterator[str]:
+    """An endpoint on the stack's service run by POSIX user ``user`` (made if missing), with a
+    TETHER_HOME of its own: it cannot enter root's 0700 directories, the workflow's among them."""
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", user], check=True, timeout=60)
+        account = pwd.getpwnam(user)
+    home = Path(tempfile.mkdtemp(prefix="tether-snake-other-"))
+    shutil.copy(snake.stack.home / "service.json", home / "service.json")
+    for path in (home, home / "service.json"):
+        os.chown(path, account.pw_uid, account.pw_gid)
+    env = dict(snake.stack.env, TETHER_HOME=str(home), HOME=account.pw_dir, USER=user, LOGNAME=user)
+
+    def cli(*args: str) -> str:
+        out = subprocess.run(["runuser", "-u", user, "--", sys.executable, "-m", "tether.cli", *args], env=env,
+                             capture_output=True, text=True, timeout=120, cwd=home)
+        assert out.returncode == 0, f"{args}: {out.stdout}\n{out.stderr}"
+        return out.stdout
+
+    cli("endpoint", "configure", "other", "--engine", "process", "--workers", "2")
+    endpoint_id = cli("endpoint", "start", "other", "--detach").strip().splitlines()[-1].strip()
+    try:
+        yield endpoint_id
+    finally:
+        cli("endpoint", "stop", "other")
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("isolation", ["another POSIX user", "a mount namespace"])
+def test_files_travel_to_an_endpoint_that_cannot_see_them(snake: SnakeStack, isolation: str,
+                                                          files_by_the_local_executor: Path,
+                                                          tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No shared file system and no storage: the endpoint cannot see the workflow directory (it runs
+    as another POSIX user, for whom the directory is mode 0700; or where an empty tmpfs covers the
+    directory); inputs go there and outputs come back through the service, byte-identical to the
+    local executor's; a second run does nothing."""
+    missing = multi_user_missing() if isolation == "another POSIX user" else blind_endpoint_missing()
+    if missing and not os.environ.get("CI"):
+        pytest.skip(missing)
+    laptop = tmp_path_factory.mktemp("laptop")
+    wf = _workflow("files", laptop)
+    wf.chmod(0o700)
+    local = files_by_the_local_executor
+    if isolation == "another POSIX user":
+        endpoint = _endpoint_as_another_user(snake, "tether_snake")
+    else:
+        endpoint = endpoint_blind_to(snake.stack, "blind", laptop)
+    with endpoint as endpoint_id:
+        cmd = snake.command("--jobs", "4", "--shared-fs-usage", "none", "--config", f"origin={wf}")
+        cmd[cmd.index("--tether-endpoint-id") + 1] = endpoint_id
         out = subprocess.run(cmd, cwd=wf, env=snake.env, capture_output=True, text=True, timeout=120,
                              stdin=subprocess.DEVNULL)
         assert out.returncode == 0, out.stderr
-        assert (wf / "seen.txt").read_text() == "hidden\n"  # the jobs could not read the workflow directory
-        assert (local / "seen.txt").read_text() == "visible\n"
+        assert (wf / "seen.txt").read_text() == "hidden\n"  # the jobs could not see the workflow directory
         given = {p.relative_to(WORKFLOWS / "files") for p in (WORKFLOWS / "files").rglob("*")}
         outputs = sorted(name for p in local.rglob("*") if p.is_file() and (name := p.relative_to(local)) not in given
                          and name.parts[0] not in (".snakemake", "benchmarks") and name.name != "seen.txt")
