@@ -35,7 +35,7 @@ from snakemake_executor_plugin_tether.submission import submission_for
 from tether import Client
 from tether.local import LocalStack, local_stack
 
-from conftest import multi_user_missing, needs_mpi, pid_alive, wait_for
+from conftest import MPI_MISSING, multi_user_missing, needs_mpi, pid_alive, wait_for
 from parsl_stack import blind_endpoint_missing, endpoint_blind_to
 
 WORKFLOWS = Path(__file__).parent / "snakemake"
@@ -179,12 +179,18 @@ def test_no_shared_file_system(snake: SnakeStack, tmp_path: Path) -> None:
     assert not (wf / "a.txt").exists() and not (wf / "b.txt").exists()
 
 
+#: the 'files' workflow has an MPI rule too where MPI is installed (always in CI)
+FILES_MPI = int(MPI_MISSING is None or bool(os.environ.get("CI")))
+
+
 @pytest.fixture(scope="module")
 def files_by_the_local_executor(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The 'files' workflow as Snakemake's local executor makes it: what the endpoint must match."""
     local = _workflow("files", tmp_path_factory.mktemp("local"))
-    made = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", "--config", f"origin={local}"],
-                          cwd=local, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")  # mpiexec
+    made = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", "--config", f"origin={local}",
+                           f"mpi={FILES_MPI}"], env=env, cwd=local, capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
     assert made.returncode == 0, made.stderr
     assert (local / "seen.txt").read_text() == "visible\n"
     return local
@@ -241,7 +247,7 @@ def test_files_travel_to_an_endpoint_that_cannot_see_them(snake: SnakeStack, iso
     else:
         endpoint = endpoint_blind_to(snake.stack, "blind", laptop)
     with endpoint as endpoint_id:
-        cmd = snake.command("--jobs", "4", "--shared-fs-usage", "none", "--config", f"origin={wf}")
+        cmd = snake.command("--jobs", "4", "--shared-fs-usage", "none", "--config", f"origin={wf}", f"mpi={FILES_MPI}")
         cmd[cmd.index("--tether-endpoint-id") + 1] = endpoint_id
         out = subprocess.run(cmd, cwd=wf, env=snake.env, capture_output=True, text=True, timeout=120,
                              stdin=subprocess.DEVNULL)
@@ -250,7 +256,7 @@ def test_files_travel_to_an_endpoint_that_cannot_see_them(snake: SnakeStack, iso
         given = {p.relative_to(WORKFLOWS / "files") for p in (WORKFLOWS / "files").rglob("*")}
         outputs = sorted(name for p in local.rglob("*") if p.is_file() and (name := p.relative_to(local)) not in given
                          and name.parts[0] not in (".snakemake", "benchmarks") and name.name != "seen.txt")
-        assert len(outputs) == 9, outputs  # outputs and logs (a benchmark's times differ)
+        assert len(outputs) == 9 + FILES_MPI, outputs  # outputs and logs (a benchmark's times differ)
         for name in outputs:
             assert (wf / name).read_bytes() == (local / name).read_bytes(), name
         assert (wf / "benchmarks/stats.tsv").read_text().startswith("s\th:m:s")  # the benchmark came back
