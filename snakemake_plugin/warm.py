@@ -39,6 +39,7 @@ import sys
 TYPE_CHECKING = False  # not typing's: importing typing costs the client more than the rest together
 if TYPE_CHECKING:
     import socket
+    import subprocess
 
 #: the environment variable naming the runner's socket, for the client
 SOCKET_VAR = "TETHER_WARM_SOCKET"
@@ -138,7 +139,7 @@ def ping(path: str, timeout: float = 5.0) -> bool:
 # --- worker ------------------------------------------------------------------------------------
 
 #: runners this worker started: key -> (socket path, process); failures: key -> why
-_runners: dict[str, tuple[str, object]] = {}
+_runners: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
 _failed: dict[str, str] = {}
 
 
@@ -198,8 +199,8 @@ def ensure_runner(source: str, key: str, timeout: float = 120.0) -> tuple[str | 
         return None, str(exc)
     path = os.path.join(directory, f"smk-{os.getpid()}-{digest}.sock")
     known = _runners.get(key)
-    if known is not None and known[0] == path and ping(path):
-        return path, None
+    if known is not None and known[0] == path and known[1].poll() is None:
+        return path, None  # alive: no need to ask (if it ends meanwhile, the job's client starts cold)
     with open(os.path.join(directory, f"smk-{os.getpid()}-{digest}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # threads of a thread engine: one starts it
         if ping(path):

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
+import psutil
 import pytest
 from snakemake.common.tests import TestWorkflowsLocalStorageBase
 from snakemake_interface_common.exceptions import WorkflowError
@@ -148,6 +149,9 @@ def test_ctrl_c_cancels_remote_jobs(snake: SnakeStack, tmp_path: Path) -> None:
         wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 60, "the remote job to start")
         remote_pid = int(pidfile.read_text())
         assert pid_alive(remote_pid)
+        # the job runs in a fork of the warm runner (the fork keeps the runner's command line)
+        ancestors = [" ".join(p.cmdline()) for p in psutil.Process(remote_pid).parents()[:3]]
+        assert any(" serve " in line for line in ancestors), ancestors
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
