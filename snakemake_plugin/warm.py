@@ -85,8 +85,12 @@ def client(argv: list[str]) -> None:
             if code < 0:  # killed by a signal: die of it, so the shell reports 128+N as it would
                 import signal
 
-                signal.signal(-code, signal.SIG_DFL)
+                try:
+                    signal.signal(-code, signal.SIG_DFL)
+                except (OSError, ValueError):  # SIGKILL, SIGSTOP: already their defaults
+                    pass
                 os.kill(os.getpid(), -code)
+                code = 128 - code  # (a signal that did not end us: as the shell would report it)
             sys.exit(code)
     print(f"tether: not using the warm Snakemake runner ({why}); starting a new interpreter", file=sys.stderr)
     sys.stderr.flush()
