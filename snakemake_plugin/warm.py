@@ -237,6 +237,50 @@ def ensure_runner(source: str, key: str, timeout: float = 120.0) -> tuple[str | 
         return path, None
 
 
+def run_in_runner(path: str, argv: list[str], env: dict[str, str], cwd: str, fds: list[int],
+                  walltime: float | None) -> tuple[int, bool]:
+    """What the client does, from the worker itself (no shell, no client interpreter): run
+    ``python ARGV`` in the runner at ``path`` with ``fds`` as its stdin, stdout and stderr.
+    Returns the job's status (-N: killed by signal N) and whether ``walltime`` ran out, in which
+    case the runner was told to kill the job (it does: SIGTERM, then SIGKILL) and was awaited.
+
+    Raises OSError when the runner cannot be reached (before anything ran), :class:`RunnerLost`
+    when it went away while the job ran. If the worker is killed meanwhile (a cancel), the
+    connection closes and the runner kills the job."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(path)
+        _send(sock, marshal.dumps(("job", argv, env, cwd, _umask())), fds)
+        sock.settimeout(walltime)
+        timed_out = False
+        try:
+            status = _recv_exactly_or_timeout(sock, _STATUS_SIZE)
+        except TimeoutError:
+            timed_out = True
+            sock.shutdown(socket.SHUT_WR)  # the runner reads end-of-file: it kills the job's group
+            sock.settimeout(KILL_GRACE + 60)
+            status = _recv_exactly(sock, _STATUS_SIZE)
+        if status is None:
+            raise RunnerLost("the warm Snakemake runner ended while the job ran")
+        return struct.unpack(_STATUS, status)[0], timed_out
+
+
+class RunnerLost(Exception):
+    """The runner went away while a job ran (not an OSError: the job may have done some work)."""
+
+
+def _recv_exactly_or_timeout(sock: socket.socket, n: int) -> bytes | None:
+    """As :func:`_recv_exactly`, but a timeout is raised, not taken for a closed connection."""
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
 # --- runner ------------------------------------------------------------------------------------
 
 

@@ -124,9 +124,15 @@ def test_jobs_start_warm_and_share_nothing(snake: SnakeStack, tmp_path: Path) ->
     """Both jobs start in forks of one warm runner (not a new interpreter each), and the second sees
     nothing the first left in its process; --tether-cold-start gives the same outputs, cold."""
     wf = _workflow("warm", tmp_path)
-    out = snake.run(wf, "--jobs", "1")  # one at a time: both go to the same (first idle) worker
+    # one at a time: both go to the same (first idle) worker. --envvars puts an export in the job's
+    # command, so it runs in bash, with the runner's client as its python (the other tests' jobs run
+    # in the runner straight from the worker)
+    out = subprocess.run(snake.command("--jobs", "1", "--envvars", "TETHER_SNAKE_VAR"), cwd=wf, capture_output=True,
+                         env=dict(snake.env, TETHER_SNAKE_VAR="carried"), text=True, timeout=100,
+                         stdin=subprocess.DEVNULL)
     assert out.returncode == 0, out.stderr
-    first_parent, first_cmdline = (wf / "first.txt").read_text().splitlines()
+    first_parent, first_cmdline, variable = (wf / "first.txt").read_text().splitlines()
+    assert variable == "carried"
     second_parent, left_behind = (wf / "second.txt").read_text().splitlines()
     assert " serve " in first_cmdline and "smk-python-" in first_cmdline, first_cmdline  # the runner
     assert first_parent == second_parent  # the same runner started both...
@@ -137,6 +143,7 @@ def test_jobs_start_warm_and_share_nothing(snake: SnakeStack, tmp_path: Path) ->
     out = snake.run(cold, "--jobs", "1", "--tether-cold-start")
     assert out.returncode == 0, out.stderr
     assert "/bin/bash" in (cold / "first.txt").read_text().splitlines()[1]  # started by the job's shell
+    assert (cold / "first.txt").read_text().splitlines()[2] == "None"  # not given: not there
     assert (cold / "second.txt").read_text().splitlines()[1] == "[None, None]"
 
 
