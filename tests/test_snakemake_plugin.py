@@ -312,6 +312,22 @@ def test_bad_resources_are_errors_in_words(resources: dict, message: str) -> Non
         submission_for("rule r", resources, "some-endpoint", None)
 
 
+@pytest.mark.parametrize(("args", "argv"), [
+    ("-m snakemake --target-jobs 'a:i=1' --cores 'all' --config 'x=$HOME'",
+     ["-m", "snakemake", "--target-jobs", "a:i=1", "--cores", "all", "--config", "x=$HOME"]),
+    ("-m snakemake --config x=$HOME", None),  # bash would expand it: bash runs it
+    ('-m snakemake --config "x y"', None),
+    ("-m snakemake --rule a;b", None),
+    ("-m snakemake --rule a*", None),
+    ("-m snakemake 'unterminated", None),
+])
+def test_only_commands_bash_would_merely_split_skip_bash(args: str, argv: list[str] | None) -> None:
+    from snakemake_executor_plugin_tether.remote import COMMAND_HEAD, _plain_arguments
+
+    assert _plain_arguments(COMMAND_HEAD + args) == argv
+    assert _plain_arguments("export X='1' && " + COMMAND_HEAD + args) is None
+
+
 def test_resources_map_to_a_submission() -> None:
     sub = submission_for("rule r", {"runtime": 90, "tasks": 8, "nodes": 2, "mpi": "mpiexec",
                                     "tether_endpoint_id": "other", "tether_user_endpoint_config": '{"q": "debug"}'},
