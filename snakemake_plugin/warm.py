@@ -355,6 +355,7 @@ def serve(path: str) -> None:
     idle_since = time.monotonic()
     print("ready", flush=True)
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the worker reads no more of it
+    signal.signal(signal.SIGTERM, _end_on_sigterm)  # end as below: jobs killed, files removed
 
     def finish(job: _Job, status: int | None) -> None:
         sel.unregister(job.pidfd)
@@ -454,10 +455,15 @@ def serve(path: str) -> None:
     finally:
         for job in jobs.values():
             _kill_group(job.pid, signal.SIGKILL)
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        for name in (path, path.removesuffix(".sock") + ".lock"):
+            try:
+                os.unlink(name)
+            except OSError:
+                pass
+
+
+def _end_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _read_request(conn: socket.socket, buf: bytearray, fds: list[int]) -> tuple | bool | None:
@@ -511,9 +517,11 @@ def _become_job(argv: list[str], env: dict[str, str], cwd: str, umask: int, fds:
     """In the fork: become ``python -c CODE ARGS`` as the client's interpreter would have been."""
     import atexit
     import builtins
+    import signal
     import threading
     import traceback
 
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the runner's handler is not the job's
     os.setsid()
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
