@@ -2,11 +2,13 @@
 
 Usage::
 
-    python benchmarks/bench_snakemake_plugin.py [--n 200] [--only local,tether,grouped,slurm,tether-slurm]
+    python benchmarks/bench_snakemake_plugin.py [--n 200] [--only local,tether,cold,grouped,slurm,tether-slurm]
 
 - ``local``: Snakemake's own local executor (``--cores 2``): the ceiling, no remote jobs at all;
-- ``tether``: ``--executor tether`` on a local process endpoint with 2 workers (one
-  ``python -m snakemake`` per job, as every remote executor does);
+- ``tether``: ``--executor tether`` on a local process endpoint with 2 workers (each job's
+  ``python -m snakemake`` starts in a fork of the endpoint's warm runner);
+- ``cold``: the same with ``--tether-cold-start``: each job starts a new interpreter, as every
+  other remote executor does (and as this plugin did before its warm runner);
 - ``grouped``: the same with ``--group-components`` (20 rules per remote job), Snakemake's own
   answer to per-job overhead;
 - ``slurm``: ``snakemake-executor-plugin-slurm`` on the one-node Slurm (``.ci/slurm-setup.sh``);
@@ -14,13 +16,19 @@ Usage::
   same Slurm (one pilot job; the Snakemake jobs are tasks inside it).
 
 Prints wall time, jobs per second, the per-job cost and ratios against the local executor and the
-slurm plugin measured in the same run. Never passes or fails on time.
+slurm plugin measured in the same run, and for the local executor and the Tether variants the CPU
+time each cost (Snakemake and its children; the service, the endpoint and all it started): on a
+shared machine wall time swings with what else runs, CPU time much less. ``--rounds 3`` runs the
+local executor and the Tether variants three times, interleaved, and keeps each one's best.
+Never passes or fails on time.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -32,6 +40,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+
+import psutil  # noqa: E402
 
 from tether.local import LocalStack, local_stack  # noqa: E402
 
@@ -81,21 +91,57 @@ def slurm_missing() -> str | None:
     return None
 
 
-def run_workflow(n: int, args: list[str], env: dict[str, str] | None = None) -> float:
-    """Run the workflow in a fresh directory; return its wall time (seconds)."""
+def run_workflow(n: int, args: list[str], env: dict[str, str] | None = None,
+                 stack: LocalStack | None = None) -> tuple[float, float]:
+    """Run the workflow in a fresh directory; return its wall time and the CPU time it cost
+    (seconds): Snakemake and what it started, plus, with ``stack``, the service, the endpoint and
+    everything the endpoint started (workers, warm runners, jobs). CPU time does not care what
+    else the shared machine runs meanwhile; wall time does."""
     with tempfile.TemporaryDirectory(prefix="bench-smk-", dir=os.getcwd()) as tmp:
         wd = Path(tmp)
         (wd / "Snakefile").write_text(SNAKEFILE)
         cmd = [sys.executable, "-m", "snakemake", "all", "--config", f"count={n}", *args]
+        roots = [stack.service_pid(), stack.endpoint_pid()] if stack is not None else []
+        cpu0 = _children_cpu() + tree_cpu(roots)
         t0 = time.perf_counter()
         out = subprocess.run(cmd, cwd=wd, env=env or dict(os.environ), capture_output=True, text=True,
                              stdin=subprocess.DEVNULL, timeout=3600)
         elapsed = time.perf_counter() - t0
+        cpu = _children_cpu() + tree_cpu(roots) - cpu0
         made = len(list((wd / "out").glob("*.txt"))) if (wd / "out").is_dir() else 0
         if out.returncode != 0 or made != n:
             raise RuntimeError(f"snakemake {' '.join(args)} failed (exit {out.returncode}, {made}/{n} outputs):\n"
                                f"{out.stderr[-3000:]}")
-    return elapsed
+    return elapsed, cpu
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def tree_cpu(pids: list[int | None]) -> float:
+    """CPU seconds used so far by these processes and their descendants, living or reaped (a
+    reaped child's time is in its parent's ``children_*``)."""
+    total, seen = 0.0, set()
+    for pid in pids:
+        if pid is None:
+            continue
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for proc in procs:
+            if proc.pid in seen:
+                continue
+            seen.add(proc.pid)
+            try:
+                t = proc.cpu_times()
+            except psutil.Error:
+                continue
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
 
 
 def tether_env(stack: LocalStack) -> dict[str, str]:
@@ -111,27 +157,39 @@ def process_endpoint() -> Iterator[LocalStack]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200, help="jobs in the workflow")
-    ap.add_argument("--only", default="local,tether,grouped,slurm,tether-slurm")
+    ap.add_argument("--only", default="local,tether,cold,grouped,slurm,tether-slurm")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run local, tether, cold and grouped this many times, interleaved; keep each one's best")
     args = ap.parse_args()
     only = set(args.only.split(","))
     n = args.n
     results: dict[str, float] = {}
+    cpus: dict[str, float] = {}
     skipped: dict[str, str] = {}
 
-    def record(name: str, seconds: float) -> None:
-        results[name] = seconds
-        print(f"{name:<14} {seconds:7.1f} s  {n / seconds:6.1f} jobs/s", flush=True)
+    def record(name: str, measured: tuple[float, float], with_cpu: bool = True) -> None:
+        seconds, cpu = measured
+        results[name] = min(seconds, results.get(name, seconds))
+        if with_cpu:
+            cpus[name] = min(cpu, cpus.get(name, cpu))
+        print(f"{name:<14} {seconds:7.1f} s  {n / seconds:6.1f} jobs/s"
+              + (f"  CPU {cpu:6.1f} s" if with_cpu else ""), flush=True)
 
-    if "local" in only:
-        record("local", run_workflow(n, ["--cores", "2"]))
-    if only & {"tether", "grouped"}:
-        with process_endpoint() as stack:
+    stack_cm = process_endpoint() if only & {"tether", "cold", "grouped"} else contextlib.nullcontext()
+    with stack_cm as stack:
+        for _ in range(args.rounds):
+            if "local" in only:
+                record("local", run_workflow(n, ["--cores", "2"]))
+            if stack is None:
+                continue
             base = ["--executor", "tether", "--tether-endpoint-id", stack.endpoint_id, "--jobs", "16"]
             if "tether" in only:
-                record("tether", run_workflow(n, base, tether_env(stack)))
+                record("tether", run_workflow(n, base, tether_env(stack), stack))
+            if "cold" in only:
+                record("cold", run_workflow(n, [*base, "--tether-cold-start"], tether_env(stack), stack))
             if "grouped" in only:
                 grouping = ["--groups", "trivial=g", "--group-components", "g=20"]
-                record("grouped", run_workflow(n, [*base, *grouping], tether_env(stack)))
+                record("grouped", run_workflow(n, [*base, *grouping], tether_env(stack), stack))
     missing = slurm_missing() if only & {"slurm", "tether-slurm"} else None
     if "slurm" in only:
         if missing:
@@ -140,7 +198,7 @@ def main() -> None:
             record("slurm", run_workflow(n, [
                 "--executor", "slurm", "--jobs", "16", "--default-resources", f"slurm_partition={SLURM_PARTITION}",
                 "runtime=10", "mem_mb=100", "--seconds-between-status-checks", "1", "--slurm-status-command",
-                "squeue"]))
+                "squeue"]), with_cpu=False)  # (Slurm's daemons and job steps are not this process's children)
     if "tether-slurm" in only:
         if missing:
             skipped["tether-slurm"] = missing
@@ -149,14 +207,20 @@ def main() -> None:
                 with engine_stack(Path(home) / "home", SLURM_HTEX) as stack:
                     record("tether-slurm", run_workflow(n, [
                         "--executor", "tether", "--tether-endpoint-id", stack.endpoint_id, "--jobs", "16"],
-                        tether_env(stack)))
+                        tether_env(stack)), with_cpu=False)
 
-    print(f"\n{n} trivial jobs, 2 cores; ratios are wall-time speedups (higher is faster):")
+    print(f"\n{n} trivial jobs, 2 cores; per job: wall time (best of {args.rounds}) and CPU time; "
+          f"ratios are per-job costs over the local executor's (lower is faster):")
     for name, seconds in results.items():
         parts = [f"{name:<14} per job {seconds / n * 1000:7.0f} ms"]
-        for peer in ("local", "slurm"):
-            if peer in results and peer != name:
-                parts.append(f"{results[peer] / seconds:5.2f}x {peer}")
+        if name in cpus:
+            parts.append(f"CPU {cpus[name] / n * 1000:6.0f} ms")
+        if "local" in results and name != "local":
+            parts.append(f"wall {seconds / results['local']:6.2f}x local")
+            if name in cpus and "local" in cpus:
+                parts.append(f"CPU {cpus[name] / cpus['local']:6.2f}x local")
+        if "slurm" in results and name != "slurm":
+            parts.append(f"{results['slurm'] / seconds:6.1f}x faster than slurm")
         print("   ".join(parts))
     for name, why in skipped.items():
         print(f"{name:<14} skipped: {why}")

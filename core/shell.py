@@ -319,14 +319,8 @@ class ShellFunction:
                 raise
         finally:
             os.close(life_w)
-        returncode = TIMEOUT_RETURNCODE if timed_out else proc.returncode
-        out, out_trimmed = _tail(out_path, self.snippet_lines)
-        err, err_trimmed = _tail(err_path, self.snippet_lines)
-        if not (out_trimmed or err_trimmed):  # the result holds everything: nothing to keep
-            _unlink(out_path, err_path)
-        name = TIMEOUT_NAME if timed_out else (FAILED_NAME if returncode != 0 else None)
-        result = ShellResult(cmd, returncode, out, err, name)
-        if self.check and returncode != 0:
+        result = collect_result(cmd, proc.returncode, timed_out, out_path, err_path, self.snippet_lines)
+        if self.check and result.returncode != 0:
             raise ShellCommandFailed(_failure_message(result, self.walltime), result)
         return result
 
@@ -350,6 +344,21 @@ class MPIFunction(ShellFunction):
         cmd = self.format((), kwargs)
         # the user's env= still wins over the MPI variables
         return self._execute(f"$PARSL_MPI_PREFIX {cmd}", task_mpi_environment(), unset=UNSET_FOR_MPI)
+
+
+def collect_result(cmd: str, returncode: int, timed_out: bool, out_path: str, err_path: str,
+                   snippet_lines: int) -> ShellResult:
+    """The result of a command whose output went to ``out_path`` and ``err_path``: the last
+    ``snippet_lines`` of each (the files are removed when the result holds all of them), and 124 if
+    its walltime killed it. Shared with what runs a command another way (the Snakemake plugin's
+    warm runner), so a result reads the same whichever way its command ran."""
+    returncode = TIMEOUT_RETURNCODE if timed_out else returncode
+    out, out_trimmed = _tail(out_path, snippet_lines)
+    err, err_trimmed = _tail(err_path, snippet_lines)
+    if not (out_trimmed or err_trimmed):  # the result holds everything: nothing to keep
+        _unlink(out_path, err_path)
+    name = TIMEOUT_NAME if timed_out else (FAILED_NAME if returncode != 0 else None)
+    return ShellResult(cmd, returncode, out, err, name)
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -441,4 +450,4 @@ def _failure_message(result: ShellResult, walltime: float | None, tail_lines: in
     return f"{head}\n(stderr was empty)"
 
 
-__all__ = ["MPIFunction", "ShellCommandFailed", "ShellFunction", "ShellResult", "ShellTemplateError"]
+__all__ = ["MPIFunction", "ShellCommandFailed", "ShellFunction", "ShellResult", "ShellTemplateError", "collect_result"]

@@ -60,6 +60,8 @@ common_settings = CommonSettings(
     # no pip install on every job: the storage plugin is installed next to the endpoint (docs)
     auto_deploy_default_storage_provider=False,
     init_seconds_before_status_checks=0,
+    # without a shared FS and without a storage provider, jobs carry their files (staging.py)
+    can_transfer_local_files=True,
 )
 
 
@@ -78,11 +80,13 @@ class Executor(RemoteExecutor):
 
         import tether
 
-        from . import remote
+        from . import remote, warm
+        from .staging import Staging
         from .submission import parse_user_endpoint_config
 
-        # the endpoint runs the job function without this plugin installed: ship its module by value
+        # the endpoint runs the job function without this plugin installed: ship its modules by value
         cloudpickle.register_pickle_by_value(remote)
+        cloudpickle.register_pickle_by_value(warm)
         settings: ExecutorSettings = self.workflow.executor_settings or ExecutorSettings()
         self._settings = settings
         self._default_uec = parse_user_endpoint_config(settings.user_endpoint_config,
@@ -98,6 +102,7 @@ class Executor(RemoteExecutor):
         self._checked_lock = threading.Lock()
         self._snakemake_version = version("snakemake")
         self._log_dir = Path(".snakemake", "tether_logs")
+        self._staging = Staging()
         if settings.endpoint_id:  # fail before the first job, not at it
             self._endpoint_ready(settings.endpoint_id)
         self.logger.info(f"Tether: jobs run as tasks of group {self._group} on {self._client.info.url}")
@@ -119,24 +124,50 @@ class Executor(RemoteExecutor):
         try:
             sub = submission_for(what, job.resources, self._settings.endpoint_id, self._default_uec)
             self._endpoint_ready(sub.endpoint_id)
-            future = self._submit(job, sub)
+            future, products, logs = self._submit(job, sub)
         except (WorkflowError, TetherError) as exc:
             self.report_job_error(SubmittedJobInfo(job), msg=f"{exc}\n")
             return
         future.add_done_callback(self._on_done)
-        info = SubmittedJobInfo(job, external_jobid=future.task_id, aux={"future": future, "submission": sub})
+        info = SubmittedJobInfo(job, external_jobid=future.task_id, aux={"future": future, "submission": sub,
+                                                                         "products": products, "logs": logs})
         self.report_job_submission(info)
 
-    def _submit(self, job: JobExecutorInterface, sub: Submission) -> tether.TetherFuture:
+    def _submit(self, job: JobExecutorInterface,
+                sub: Submission) -> tuple[tether.TetherFuture, list[str] | None, list[str] | None]:
+        """Submit the job's task; also what it brings back (its products and logs), when this plugin
+        moves its files."""
         from . import remote
 
-        shared_io = SharedFSUsage.INPUT_OUTPUT in self.workflow.storage_settings.shared_fs_usage
+        storage = self.workflow.storage_settings
+        shared_io = SharedFSUsage.INPUT_OUTPUT in storage.shared_fs_usage
         cmd = self.format_job_exec(job)
+        if not job.is_group():
+            # one job to run: which scheduler picks it cannot change what runs, and the default
+            # (ILP) starts a solver process in every job (~20 ms of a trivial job's ~60 on the
+            # endpoint). The last --scheduler given wins; nothing follows the general args here.
+            cmd = f"{cmd} --scheduler greedy"
         self.logger.debug(f"Tether job command: {cmd}")
-        args = (cmd, os.getcwd() if shared_io else None, sub.walltime, sub.mpi, SNIPPET_LINES)
-        return self._executor(sub.endpoint_id).submit_task(
+        warm_key = None if self._settings.cold_start else str(self.workflow.main_snakefile)
+        names: list[str] = []
+        products = logs = None
+        if SharedFSUsage.SOURCES not in storage.shared_fs_usage:
+            names += self._staging.sources(self.workflow, self.logger.warning)
+        if not shared_io and not storage.default_storage_provider:  # this plugin moves the files
+            local = [str(f) for f in job.input if not getattr(f, "is_storage", False)]
+            names += [f for f in local if os.path.exists(f)] if job.is_group() else local
+            # every member's files: Snakemake checks a group's intermediate outputs too
+            members = list(job.jobs) if job.is_group() else [job]
+            products = [str(f) for j in members for f in j.products(include_logfiles=False)
+                        if not getattr(f, "is_storage", False)]
+            logs = [str(f) for j in members for f in j.log]
+        files = self._staging.files_for(f"rule {job.name}", names) if names else None
+        args = (cmd, os.getcwd() if shared_io else None, sub.walltime, sub.mpi, SNIPPET_LINES, warm_key, files,
+                products, logs)
+        future = self._executor(sub.endpoint_id).submit_task(
             remote.run_snakemake_job, args, resource_specification=sub.resource_specification,
             user_endpoint_config=sub.user_endpoint_config)
+        return future, products, logs
 
     def _executor(self, endpoint_id: str) -> tether.Executor:
         import tether
@@ -195,6 +226,10 @@ class Executor(RemoteExecutor):
 
         try:
             result: ShellResult = future.result()
+            if isinstance(result, tuple):  # (result, files) without a shared file system
+                result, files = result
+                aux = info.aux
+                self._staging.write_back([*aux["products"], *aux["logs"]], files, os.getcwd())
         except TaskCancelled:
             if not self._cancelling:  # cancelled by someone else (the REST API, another process)
                 self.report_job_error(info, msg=f"Tether task {future.task_id} was cancelled.\n")
@@ -279,6 +314,9 @@ class Executor(RemoteExecutor):
         for ex in self._executors.values():
             ex.shutdown(wait=False)
         self._client.close()
+        summary = self._staging.summary()
+        if summary:
+            self.logger.info(summary)
 
 
 __all__ = ["Executor", "ExecutorSettings", "common_settings"]

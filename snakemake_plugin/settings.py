@@ -53,3 +53,13 @@ class ExecutorSettings(ExecutorSettingsBase):
             "required": False,
         },
     )
+    cold_start: bool = field(
+        default=False,
+        metadata={
+            "help": "Start every job in a new Python interpreter on the endpoint, as Snakemake's cluster executors "
+            "do, instead of in a fork of a warm runner that has Snakemake imported already (about a second "
+            "slower per job; for comparison, or if a job misbehaves only when warm).",
+            "env_var": True,
+            "required": False,
+        },
+    )

@@ -11,16 +11,20 @@ plugin is found from the README's editable install.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pwd
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
+import psutil
 import pytest
 from snakemake.common.tests import TestWorkflowsLocalStorageBase
 from snakemake_interface_common.exceptions import WorkflowError
@@ -32,7 +36,8 @@ from snakemake_executor_plugin_tether.submission import submission_for
 from tether import Client
 from tether.local import LocalStack, local_stack
 
-from conftest import needs_mpi, pid_alive, wait_for
+from conftest import MPI_MISSING, multi_user_missing, needs_mpi, pid_alive, wait_for
+from parsl_stack import blind_endpoint_missing, endpoint_blind_to
 
 WORKFLOWS = Path(__file__).parent / "snakemake"
 
@@ -115,6 +120,33 @@ def test_issue_workflow(snake: SnakeStack, tmp_path: Path) -> None:
     assert logs and "this rule fails on purpose" in (wf / logs[0]).read_text()
 
 
+def test_jobs_start_warm_and_share_nothing(snake: SnakeStack, tmp_path: Path) -> None:
+    """Both jobs start in forks of one warm runner (not a new interpreter each), and the second sees
+    nothing the first left in its process; --tether-cold-start gives the same outputs, cold."""
+    wf = _workflow("warm", tmp_path)
+    # one at a time: both go to the same (first idle) worker. --envvars puts an export in the job's
+    # command, so it runs in bash, with the runner's client as its python (the other tests' jobs run
+    # in the runner straight from the worker)
+    out = subprocess.run(snake.command("--jobs", "1", "--envvars", "TETHER_SNAKE_VAR"), cwd=wf, capture_output=True,
+                         env=dict(snake.env, TETHER_SNAKE_VAR="carried"), text=True, timeout=100,
+                         stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr
+    first_parent, first_cmdline, variable = (wf / "first.txt").read_text().splitlines()
+    assert variable == "carried"
+    second_parent, left_behind = (wf / "second.txt").read_text().splitlines()
+    assert " serve " in first_cmdline and "smk-python-" in first_cmdline, first_cmdline  # the runner
+    assert first_parent == second_parent  # the same runner started both...
+    assert left_behind == "[None, None]"  # ...and the second saw nothing of the first
+    assert "not using the warm Snakemake runner" not in out.stderr
+
+    cold = _workflow("warm", tmp_path / "cold")
+    out = snake.run(cold, "--jobs", "1", "--tether-cold-start")
+    assert out.returncode == 0, out.stderr
+    assert "/bin/bash" in (cold / "first.txt").read_text().splitlines()[1]  # started by the job's shell
+    assert (cold / "first.txt").read_text().splitlines()[2] == "None"  # not given: not there
+    assert (cold / "second.txt").read_text().splitlines()[1] == "[None, None]"
+
+
 def test_ctrl_c_cancels_remote_jobs(snake: SnakeStack, tmp_path: Path) -> None:
     wf = _workflow("workflow", tmp_path)
     pidfile = wf / "sleeper.pid"
@@ -124,6 +156,9 @@ def test_ctrl_c_cancels_remote_jobs(snake: SnakeStack, tmp_path: Path) -> None:
         wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 60, "the remote job to start")
         remote_pid = int(pidfile.read_text())
         assert pid_alive(remote_pid)
+        # the job runs in a fork of the warm runner (the fork keeps the runner's command line)
+        ancestors = [" ".join(p.cmdline()) for p in psutil.Process(remote_pid).parents()[:3]]
+        assert any(" serve " in line for line in ancestors), ancestors
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -153,6 +188,96 @@ def test_no_shared_file_system(snake: SnakeStack, tmp_path: Path) -> None:
         where = line.split(" ran in ")[1]
         assert f"{os.sep}tasks{os.sep}" in where and not where.startswith(str(wf))
     assert not (wf / "a.txt").exists() and not (wf / "b.txt").exists()
+
+
+#: the 'files' workflow has an MPI rule too where MPI is installed (always in CI)
+FILES_MPI = int(MPI_MISSING is None or bool(os.environ.get("CI")))
+
+
+@pytest.fixture(scope="module")
+def files_by_the_local_executor(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 'files' workflow as Snakemake's local executor makes it: what the endpoint must match."""
+    local = _workflow("files", tmp_path_factory.mktemp("local"))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")  # mpiexec
+    made = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", "--config", f"origin={local}",
+                           f"mpi={FILES_MPI}"], env=env, cwd=local, capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert made.returncode == 0, made.stderr
+    assert (local / "seen.txt").read_text() == "visible\n"
+    return local
+
+
+@contextlib.contextmanager
+def _endpoint_as_another_user(snake: SnakeStack, user: str) -> Iterator[str]:
+    """An endpoint on the stack's service run by POSIX user ``user`` (made if missing), with a
+    TETHER_HOME of its own: it cannot enter root's 0700 directories, the workflow's among them."""
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", user], check=True, timeout=60)
+        account = pwd.getpwnam(user)
+    home = Path(tempfile.mkdtemp(prefix="tether-snake-other-"))
+    shutil.copy(snake.stack.home / "service.json", home / "service.json")
+    for path in (home, home / "service.json"):
+        os.chown(path, account.pw_uid, account.pw_gid)
+    env = dict(snake.stack.env, TETHER_HOME=str(home), HOME=account.pw_dir, USER=user, LOGNAME=user)
+
+    def cli(*args: str) -> str:
+        out = subprocess.run(["runuser", "-u", user, "--", sys.executable, "-m", "tether.cli", *args], env=env,
+                             capture_output=True, text=True, timeout=120, cwd=home)
+        assert out.returncode == 0, f"{args}: {out.stdout}\n{out.stderr}"
+        return out.stdout
+
+    cli("endpoint", "configure", "other", "--engine", "process", "--workers", "2")
+    endpoint_id = cli("endpoint", "start", "other", "--detach").strip().splitlines()[-1].strip()
+    try:
+        yield endpoint_id
+    finally:
+        cli("endpoint", "stop", "other")
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("isolation", ["another POSIX user", "a mount namespace"])
+def test_files_travel_to_an_endpoint_that_cannot_see_them(snake: SnakeStack, isolation: str,
+                                                          files_by_the_local_executor: Path,
+                                                          tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No shared file system and no storage: the endpoint cannot see the workflow directory (it runs
+    as another POSIX user, for whom the directory is mode 0700; or where an empty tmpfs covers the
+    directory); inputs go there and outputs come back through the service, byte-identical to the
+    local executor's; a second run does nothing."""
+    missing = multi_user_missing() if isolation == "another POSIX user" else blind_endpoint_missing()
+    if missing and not os.environ.get("CI"):
+        pytest.skip(missing)
+    laptop = tmp_path_factory.mktemp("laptop")
+    wf = _workflow("files", laptop)
+    wf.chmod(0o700)
+    local = files_by_the_local_executor
+    if isolation == "another POSIX user":
+        endpoint = _endpoint_as_another_user(snake, "tether_snake")
+    else:
+        endpoint = endpoint_blind_to(snake.stack, "blind", laptop)
+    with endpoint as endpoint_id:
+        cmd = snake.command("--jobs", "4", "--shared-fs-usage", "none", "--config", f"origin={wf}", f"mpi={FILES_MPI}")
+        cmd[cmd.index("--tether-endpoint-id") + 1] = endpoint_id
+        out = subprocess.run(cmd, cwd=wf, env=snake.env, capture_output=True, text=True, timeout=120,
+                             stdin=subprocess.DEVNULL)
+        assert out.returncode == 0, out.stderr
+        assert (wf / "seen.txt").read_text() == "hidden\n"  # the jobs could not see the workflow directory
+        given = {p.relative_to(WORKFLOWS / "files") for p in (WORKFLOWS / "files").rglob("*")}
+        outputs = sorted(name for p in local.rglob("*") if p.is_file() and (name := p.relative_to(local)) not in given
+                         and name.parts[0] not in (".snakemake", "benchmarks") and name.name != "seen.txt")
+        assert len(outputs) == 9 + FILES_MPI, outputs  # outputs and logs (a benchmark's times differ)
+        for name in outputs:
+            assert (wf / name).read_bytes() == (local / name).read_bytes(), name
+        assert (wf / "benchmarks/stats.tsv").read_text().startswith("s\th:m:s")  # the benchmark came back
+        moved = re.search(r"Tether: moved (\d+) file\(s\), .* to endpoints and (\d+) file\(s\)", out.stderr)
+        assert moved and int(moved.group(2)) == len(outputs) + 2, out.stderr[-2000:]  # + seen.txt, the benchmark
+
+        again = subprocess.run(cmd, cwd=wf, env=snake.env, capture_output=True, text=True, timeout=120,
+                               stdin=subprocess.DEVNULL)
+        assert again.returncode == 0, again.stderr
+        assert "Nothing to be done" in again.stderr
 
 
 def test_unknown_endpoint_is_refused_before_any_job(snake: SnakeStack, tmp_path: Path) -> None:
@@ -185,6 +310,22 @@ def test_unsatisfiable_mpi_request_fails_in_words(snake: SnakeStack, tmp_path: P
 def test_bad_resources_are_errors_in_words(resources: dict, message: str) -> None:
     with pytest.raises(WorkflowError, match=re.escape(message)):
         submission_for("rule r", resources, "some-endpoint", None)
+
+
+@pytest.mark.parametrize(("args", "argv"), [
+    ("-m snakemake --target-jobs 'a:i=1' --cores 'all' --config 'x=$HOME'",
+     ["-m", "snakemake", "--target-jobs", "a:i=1", "--cores", "all", "--config", "x=$HOME"]),
+    ("-m snakemake --config x=$HOME", None),  # bash would expand it: bash runs it
+    ('-m snakemake --config "x y"', None),
+    ("-m snakemake --rule a;b", None),
+    ("-m snakemake --rule a*", None),
+    ("-m snakemake 'unterminated", None),
+])
+def test_only_commands_bash_would_merely_split_skip_bash(args: str, argv: list[str] | None) -> None:
+    from snakemake_executor_plugin_tether.remote import COMMAND_HEAD, _plain_arguments
+
+    assert _plain_arguments(COMMAND_HEAD + args) == argv
+    assert _plain_arguments("export X='1' && " + COMMAND_HEAD + args) is None
 
 
 def test_resources_map_to_a_submission() -> None:
