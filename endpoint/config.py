@@ -71,6 +71,9 @@ SCHEMA: dict[str, Any] = {
         "user_log_max_bytes": {"type": "integer", "minimum": 4096},
         "max_user_endpoints_per_user": {"type": "integer", "minimum": 1},
         "user_log_bytes_per_s": {"type": "integer", "minimum": 1024},
+        # PAM account checks and sessions for user endpoints (endpoint/pam.py)
+        "pam": {"type": "object", "additionalProperties": False, "properties": {
+            "enabled": {"type": "boolean"}, "service": {"type": "string", "pattern": "^[A-Za-z0-9_.-]+$"}}},
         # the administrator's commands around the daemon (endpoint/hooks.py)
         "endpoint_setup": {"type": "string", "minLength": 1},
         "endpoint_teardown": {"type": "string", "minLength": 1},
@@ -121,6 +124,9 @@ class EndpointConfig:
     #: user endpoints one identity may have running at once (one per distinct user_endpoint_config)
     max_user_endpoints_per_user: int = 8
     user_log_bytes_per_s: int = 1024 * 1024
+    #: {enabled: bool, service: str}: PAM account checks before a user endpoint starts and a PAM
+    #: session around it (endpoint/pam.py)
+    pam: dict[str, Any] = field(default_factory=dict)
     #: shell commands run before the daemon serves and after it stops (see endpoint/hooks.py)
     endpoint_setup: str | None = None
     endpoint_teardown: str | None = None

@@ -35,6 +35,7 @@ from typing import Any, TextIO
 from tether.protocol import Audit, StartUserEndpoint, UserEndpointFailed, UserEndpointStarted, encode
 from tether.results import failure
 
+from . import pam
 from .config import EndpointConfig
 from .daemon import EndpointDaemon
 from .engines.base import OnResult, TaskSpec
@@ -178,6 +179,9 @@ class MultiUserDaemon(EndpointDaemon):
         if os.geteuid() != 0 and account.uid != os.geteuid():
             raise MappingRefused(f"the identity maps to {account.name!r}, but this multi-user endpoint does not run "
                                  "as root and can only start user endpoints as its own account")
+        pam_service = self.config.pam.get("service", pam.DEFAULT_SERVICE) if self.config.pam.get("enabled") else None
+        if pam_service is not None:
+            pam.check_account(account.name, pam_service)  # an expired or locked account starts nothing
         name = f"u-{user_endpoint_id}"
         text, config = user_endpoint_config(self.dir, self.config.user_config_template,
                                             self.config.user_config_schema, values, account, identity,
@@ -191,15 +195,18 @@ class MultiUserDaemon(EndpointDaemon):
         env.update({"HOME": account.home, "USER": account.name, "LOGNAME": account.name, "SHELL": account.shell,
                     "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
                     "TETHER_HOME": str(Path(account.home) / ".tether")})
+        argv = [sys.executable, "-m", "tether.endpoint.user_endpoint"]
         switch: dict[str, Any] = {}
-        if os.geteuid() == 0:
+        if os.geteuid() == 0 and pam_service is not None:  # the launcher opens the session, then becomes the user
+            argv = pam.launcher_argv(pam_service, account.name, argv)
+        elif os.geteuid() == 0:
             switch = {"user": account.uid, "group": account.gid,
                       "extra_groups": os.getgrouplist(account.name, account.gid)}
         # its output goes into a pipe that this process reads into a capped log (user_logs.py)
         read_fd, write_fd = os.pipe()
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "tether.endpoint.user_endpoint"], stdin=subprocess.PIPE,
+                argv, stdin=subprocess.PIPE,
                 stdout=write_fd, stderr=subprocess.STDOUT, env=env, cwd=account.home if Path(account.home).is_dir()
                 else "/", umask=0o077, start_new_session=True, close_fds=True, **switch)
         except OSError:
