@@ -68,9 +68,19 @@ class Client:
         return self._call("POST", "/v1/endpoints", json={"name": name, "endpoint_id": endpoint_id,
                                                          "multi_user": multi_user})
 
-    def set_endpoint_policy(self, endpoint_id: str, public: bool = False, users: list[str] | None = None) -> dict:
-        """Who may send tasks to your multi-user endpoint: everyone (``public``) or these user names/ids."""
-        return self._call("PUT", f"/v1/endpoints/{endpoint_id}/policy", json={"public": public, "users": users or []})
+    def set_endpoint_policy(self, endpoint_id: str, public: bool = False, users: list[str] | None = None,
+                            user_config_schema: dict[str, Any] | None = None,
+                            user_config_variables: list[str] | None = None) -> dict:
+        """Who may send tasks to your multi-user endpoint: everyone (``public``) or these user
+        names/ids; and what they may pass as ``user_endpoint_config`` (shown to them)."""
+        return self._call("PUT", f"/v1/endpoints/{endpoint_id}/policy", json={
+            "public": public, "users": users or [], "user_config_schema": user_config_schema,
+            "user_config_variables": user_config_variables or []})
+
+    def endpoint_user_config_schema(self, endpoint_id: str) -> dict[str, Any]:
+        """What you may pass as ``user_endpoint_config`` to a multi-user endpoint you may use:
+        ``{"endpoint_id", "schema" (JSON Schema, or None), "variables" (the template's)}``."""
+        return self._call("GET", f"/v1/endpoints/{endpoint_id}/user_config_schema")
 
     def list_user_endpoints(self, endpoint_id: str) -> list[dict[str, Any]]:
         """User endpoint processes of a multi-user endpoint (all for its owner, yours otherwise)."""

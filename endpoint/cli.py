@@ -198,6 +198,21 @@ def endpoint_rotate_credential(name: str) -> None:
     console.print(f"endpoint [bold]{name}[/] ({cred['endpoint_id']}) has a new credential; the old one is void")
 
 
+@endpoint_app.command("show-config-schema")
+def endpoint_show_config_schema(
+    endpoint_id: Annotated[str, typer.Argument(help="the multi-user endpoint's id", show_default=False)],
+) -> None:
+    """What you may pass as user_endpoint_config to a multi-user endpoint: its administrator's JSON
+    Schema and the variables its template uses (printed as JSON)."""
+    from tether.client import Client
+
+    try:
+        with Client() as client:
+            print(json.dumps(client.endpoint_user_config_schema(endpoint_id), indent=2))
+    except TetherError as exc:
+        fail(str(exc))
+
+
 @endpoint_app.command("diagnose")
 def endpoint_diagnose(
     name: EndpointName,

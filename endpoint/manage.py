@@ -117,9 +117,16 @@ def apply_policy(name: str, cred: dict[str, str]) -> None:
     config = load_config(name)
     if not config.multi_user:
         return
+    from .user_config import template_variables
+
     users = [u for u in config.allowed_users if u != "*"]
+    # what users may pass, so they can read it before a task fails (tether endpoint show-config-schema)
+    schema_file, template_file = config.dir / config.user_config_schema, config.dir / config.user_config_template
+    schema = json.loads(schema_file.read_text()) if schema_file.exists() else None
+    variables = template_variables(template_file.read_text()) if template_file.exists() else []
     with Client(cred["service_url"]) as client:
-        client.set_endpoint_policy(cred["endpoint_id"], public="*" in config.allowed_users, users=users)
+        client.set_endpoint_policy(cred["endpoint_id"], public="*" in config.allowed_users, users=users,
+                                   user_config_schema=schema, user_config_variables=variables)
 
 
 def rotate_credential(name: str) -> dict[str, str]:

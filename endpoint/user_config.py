@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-from jinja2 import StrictUndefined, TemplateError
+from jinja2 import StrictUndefined, TemplateError, meta
 from jinja2.sandbox import SandboxedEnvironment
 
 from tether.errors import ConfigError
@@ -52,7 +52,16 @@ def check_values(values: dict[str, Any], schema: dict[str, Any]) -> None:
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(values), key=lambda e: list(e.path))
     if errors:
         parts = [f"{'.'.join(map(str, e.absolute_path)) or '(top level)'}: {e.message}" for e in errors]
-        raise UserConfigRefused("user_endpoint_config refused by this endpoint's schema: " + "; ".join(parts))
+        allowed = sorted((schema.get("properties") or {}).keys())
+        hint = (f" (allowed keys: {', '.join(allowed)}; 'tether endpoint show-config-schema ENDPOINT_ID' shows the "
+                "whole schema)") if allowed else ""
+        raise UserConfigRefused("user_endpoint_config refused by this endpoint's schema: " + "; ".join(parts) + hint)
+
+
+def template_variables(template_text: str) -> list[str]:
+    """The variables a user config template uses that a user may give (those the endpoint
+    provides, such as ``local_user``, left out): what ``show-config-schema`` lists."""
+    return sorted(meta.find_undeclared_variables(_env.parse(template_text)) - set(RESERVED))
 
 
 def render(template_text: str, values: dict[str, Any], account: LocalAccount, identity: dict[str, str],

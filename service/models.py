@@ -8,13 +8,17 @@ declared with :func:`error_responses`, so the OpenAPI document describes the ser
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from fastapi import Path
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from tether.ids import FUNCTION_ID_PATTERN, ID_PATTERN, NAME_PATTERN
 from tether.protocol import MAX_BATCH, MAX_IDS
+
+#: the largest user config schema a multi-user endpoint may publish
+MAX_SCHEMA_BYTES = 64 * 1024
 
 #: standard base64 (RFC 4648, padded): what the payload fields must be
 BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
@@ -50,6 +54,29 @@ class EndpointPolicy(BaseModel):
     public: bool = Field(default=False, description="every user of this service")
     users: list[Annotated[str, Field(max_length=255)]] = Field(default_factory=list, max_length=10_000,
                                                                description="user names or ids")
+    user_config_schema: dict[str, Any] | None = Field(
+        default=None, description="the JSON Schema a user's user_endpoint_config must satisfy (shown to the users "
+                                  "the policy admits)")
+    user_config_variables: list[Annotated[str, Field(max_length=255)]] = Field(
+        default_factory=list, max_length=1000, description="the variables the user config template uses")
+
+    @field_validator("user_config_schema")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and len(json.dumps(value)) > MAX_SCHEMA_BYTES:
+            raise ValueError(f"a user config schema is at most {MAX_SCHEMA_BYTES} bytes of JSON")
+        return value
+
+
+class UserConfigSchema(BaseModel):
+    """What a user may pass as ``user_endpoint_config`` to a multi-user endpoint."""
+
+    endpoint_id: str
+    schema_: dict[str, Any] | None = Field(alias="schema", serialization_alias="schema",
+                                           description="the JSON Schema the values must satisfy (null: none given)")
+    variables: list[str] = Field(description="the variables the endpoint's user config template uses")
+
+    model_config = {"populate_by_name": True}
 
 
 class UserEndpointInfo(BaseModel):

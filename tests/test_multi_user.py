@@ -154,6 +154,26 @@ def test_refusals_reach_the_user_as_task_errors(stack, cluster, user: str, confi
         assert not any(e["event"] == "started" for e in mine)
 
 
+def test_users_read_what_they_may_pass_before_a_task_fails(stack, cluster) -> None:
+    endpoint_id, tokens = cluster
+    schema = json.loads((stack.endpoint_dir("cluster") / "user_config_schema.json").read_text())
+    shown = Client(stack.service_url, tokens["alice"]).endpoint_user_config_schema(endpoint_id)
+    assert shown["schema"] == schema and "workers" in shown["variables"]
+    assert not {"local_user", "local_home"} & set(shown["variables"])  # the endpoint provides those
+    as_alice = {**stack.env, "TETHER_TOKEN": tokens["alice"], "TETHER_SERVICE_URL": stack.service_url}
+    out = subprocess.run([sys.executable, "-m", "tether.cli", "endpoint", "show-config-schema", endpoint_id],
+                         env=as_alice, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and json.loads(out.stdout) == shown, out.stderr
+    # not a multi-user endpoint, or not one you may use: said in words
+    with pytest.raises(TetherError, match="not a multi-user endpoint"):
+        Client(stack.service_url, stack.token).endpoint_user_config_schema(stack.endpoint_id)
+    with pytest.raises(TetherError, match="unknown endpoint"):
+        Client(stack.service_url, tokens["alice"]).endpoint_user_config_schema(stack.endpoint_id)
+    # and a value the schema refuses names the keys that are allowed
+    with pytest.raises(TaskFailed, match="allowed keys: .*workers"):
+        _executor(stack, endpoint_id, tokens["alice"], wrokers=1).submit(helpers.square, 2).result(timeout=60)
+
+
 def test_idle_user_endpoints_stop_and_start_again_on_demand(stack, cluster) -> None:
     endpoint_id, tokens = cluster
     ex = _executor(stack, endpoint_id, tokens["bob"], workers=2)

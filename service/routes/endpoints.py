@@ -18,6 +18,7 @@ from ..models import (
     EndpointPolicy,
     EndpointRegistration,
     PathId,
+    UserConfigSchema,
     UserEndpointInfo,
 )
 from ..models import error_responses as _errors
@@ -95,6 +96,21 @@ async def set_policy(endpoint_id: PathId, body: EndpointPolicy, user: str = Depe
     await svc.db.set_policy(endpoint_id, body.model_dump())
     await svc.relay.enforce_policy(endpoint_id)
     return body
+
+
+@router.get("/v1/endpoints/{endpoint_id}/user_config_schema", response_model=UserConfigSchema, tags=["endpoints"],
+            responses=_errors(404, 409), response_model_by_alias=True)
+async def user_config_schema(endpoint_id: PathId, user: str = Depends(current_user),
+                             svc: Services = Depends(services)) -> UserConfigSchema:
+    """What you may pass as ``user_endpoint_config`` to a multi-user endpoint you may use: the
+    JSON Schema its administrator checks values against, and the variables its template uses."""
+    ep = await own_endpoint(svc, endpoint_id, user, admitted=True)
+    if not ep.get("multi_user"):
+        raise HTTPException(409, f"endpoint {endpoint_id} is not a multi-user endpoint; it takes no "
+                                 "user_endpoint_config")
+    policy = json.loads(ep["policy"]) if ep.get("policy") else {}
+    return UserConfigSchema(endpoint_id=endpoint_id, schema=policy.get("user_config_schema"),
+                            variables=policy.get("user_config_variables") or [])
 
 
 @router.get("/v1/endpoints/{endpoint_id}/user_endpoints", response_model=list[UserEndpointInfo],
