@@ -414,7 +414,7 @@ class BlobClient:
         """Stream a declared blob's bytes (``PUT /v1/blobs/{id}``). A network failure is tried
         again, up to ``attempts`` times in all (the declaration stays: the same blob is sent
         again, and a reader that was following it asks again); a refusal is raised at once."""
-        for attempt in range(attempts):
+        def once() -> None:
             shown = TransferProgress(f"upload {what}", ref.size, self.progress if progress is None else progress)
             try:
                 conn, response = self._request("PUT", ref.id, f"upload of {what} failed", self._chunks(source, shown),
@@ -422,16 +422,10 @@ class BlobClient:
                                                 "Content-Type": "application/octet-stream"})
                 response.read()
                 conn.close()
-                return
-            except TetherError:
-                raise
-            except _RETRIED as exc:
-                if attempt == attempts - 1:
-                    raise
-                log.warning("upload of %s failed (%s); sending it again", what, exc)
-                time.sleep(0.5 * (attempt + 1))
             finally:
                 shown.close()
+
+        _again_if_broken(once, f"upload of {what}", attempts)
 
     @staticmethod
     def _chunks(source: Path | bytes | Spill, progress: TransferProgress) -> Iterator[memoryview]:
@@ -490,7 +484,7 @@ class BlobClient:
                 body.finish()
 
         try:
-            _again_if_broken(once, what)
+            _again_if_broken(once, f"download of {what}")
             os.replace(tmp, path)
             return path
         finally:
@@ -507,7 +501,7 @@ class BlobClient:
                 body.finish()
             return value
 
-        return _again_if_broken(once, what)
+        return _again_if_broken(once, f"download of {what}")
 
     @contextlib.contextmanager
     def reader(self, ref: BlobRef, what: str = "blob", progress: bool | None = None) -> Iterator[BlobReader]:
@@ -524,17 +518,19 @@ class BlobClient:
         _raise_for(self._http.delete(f"{BLOBS_PATH}/{blob_id}"), f"delete of blob {blob_id}")
 
 
-def _again_if_broken(download: Callable[[], Any], what: str) -> Any:
-    """Run ``download``, again if the network broke it (a refusal or a bad sha256 is final)."""
-    for attempt in range(DOWNLOAD_ATTEMPTS):
+def _again_if_broken(transfer: Callable[[], Any], what: str, attempts: int = 0) -> Any:
+    """Run ``transfer`` (``attempts`` times at most: :data:`DOWNLOAD_ATTEMPTS` if not given), again
+    while the network breaks it; a refusal or a bad sha256 is final."""
+    attempts = attempts or DOWNLOAD_ATTEMPTS
+    for attempt in range(attempts):
         try:
-            return download()
+            return transfer()
         except TetherError:
             raise
         except _RETRIED as exc:
-            if attempt == DOWNLOAD_ATTEMPTS - 1:
+            if attempt == attempts - 1:
                 raise
-            log.warning("download of %s failed (%s); asking again", what, exc)
+            log.warning("%s failed (%s); trying again", what, exc)
             time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -14,11 +13,11 @@ from tether import Executor
 from tether.local import LocalStack
 
 import helpers
+from conftest import tether_cli
 
 
-def _tether(stack: LocalStack, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tether.cli", *args], env=stack.env, capture_output=True,
-                          text=True, timeout=120, cwd=cwd)
+def _tether(stack: LocalStack, *args: str) -> subprocess.CompletedProcess:
+    return tether_cli(stack.env, *args, check=False)
 
 
 def _add_to_config(stack: LocalStack, name: str, text: str) -> None:

@@ -21,7 +21,7 @@ import yaml
 from tether import Executor, TaskFailed
 from tether.local import LocalStack
 
-from conftest import multi_user_missing
+from conftest import multi_user_missing, tether_cli
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -54,10 +54,7 @@ def limits_and_uid() -> tuple[tuple[int, int], int]:
 
 
 def _cli(stack: LocalStack, *args: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "tether.cli", *args], env=stack.env, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out.stdout
+    return tether_cli(stack.env, *args).stdout
 
 
 @pytest.fixture(scope="module")
