@@ -70,12 +70,14 @@ class Client:
 
     def set_endpoint_policy(self, endpoint_id: str, public: bool = False, users: list[str] | None = None,
                             user_config_schema: dict[str, Any] | None = None,
-                            user_config_variables: list[str] | None = None) -> dict:
-        """Who may send tasks to your multi-user endpoint: everyone (``public``) or these user
-        names/ids; and what they may pass as ``user_endpoint_config`` (shown to them)."""
+                            user_config_variables: list[str] | None = None,
+                            authentication: dict[str, Any] | None = None) -> dict:
+        """Who may send tasks to your endpoint. A multi-user endpoint: everyone (``public``) or
+        these user names/ids, and what they may pass as ``user_endpoint_config`` (shown to them).
+        Any endpoint: ``authentication`` (``allowed_domains``, ``max_session_age_s``)."""
         return self._call("PUT", f"/v1/endpoints/{endpoint_id}/policy", json={
             "public": public, "users": users or [], "user_config_schema": user_config_schema,
-            "user_config_variables": user_config_variables or []})
+            "user_config_variables": user_config_variables or [], "authentication": authentication})
 
     def endpoint_user_config_schema(self, endpoint_id: str) -> dict[str, Any]:
         """What you may pass as ``user_endpoint_config`` to a multi-user endpoint you may use:

@@ -74,6 +74,10 @@ SCHEMA: dict[str, Any] = {
         # PAM account checks and sessions for user endpoints (endpoint/pam.py)
         "pam": {"type": "object", "additionalProperties": False, "properties": {
             "enabled": {"type": "boolean"}, "service": {"type": "string", "pattern": "^[A-Za-z0-9_.-]+$"}}},
+        # which identities may send tasks (service/authentication_policy.py)
+        "authentication_policy": {"type": "object", "additionalProperties": False, "properties": {
+            "allowed_domains": {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 100},
+            "max_session_age_s": {"type": "number", "exclusiveMinimum": 0}}},
         # the administrator's commands around the daemon (endpoint/hooks.py)
         "endpoint_setup": {"type": "string", "minLength": 1},
         "endpoint_teardown": {"type": "string", "minLength": 1},
@@ -127,6 +131,9 @@ class EndpointConfig:
     #: {enabled: bool, service: str}: PAM account checks before a user endpoint starts and a PAM
     #: session around it (endpoint/pam.py)
     pam: dict[str, Any] = field(default_factory=dict)
+    #: {allowed_domains: [...], max_session_age_s: N}: which identities may send tasks, checked by
+    #: the service before a task reaches the endpoint (service/authentication_policy.py)
+    authentication_policy: dict[str, Any] = field(default_factory=dict)
     #: shell commands run before the daemon serves and after it stops (see endpoint/hooks.py)
     endpoint_setup: str | None = None
     endpoint_teardown: str | None = None

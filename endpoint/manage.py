@@ -113,9 +113,13 @@ def ensure_registered(name: str, service: str | None = None, token: str | None =
 
 
 def apply_policy(name: str, cred: dict[str, str]) -> None:
-    """Tell the service who may use a multi-user endpoint (``allowed_users`` in its config)."""
+    """Tell the service who may use the endpoint: for a multi-user one, ``allowed_users`` (and
+    what they may pass); for any, its ``authentication_policy``. Sent at every start."""
     config = load_config(name)
-    if not config.multi_user:
+    authentication = config.authentication_policy or None
+    if not config.multi_user:  # sent even when there is none: one taken out of config.yaml goes
+        with Client(cred["service_url"]) as client:
+            client.set_endpoint_policy(cred["endpoint_id"], authentication=authentication)
         return
     from .user_config import template_variables
 
@@ -126,7 +130,8 @@ def apply_policy(name: str, cred: dict[str, str]) -> None:
     variables = template_variables(template_file.read_text()) if template_file.exists() else []
     with Client(cred["service_url"]) as client:
         client.set_endpoint_policy(cred["endpoint_id"], public="*" in config.allowed_users, users=users,
-                                   user_config_schema=schema, user_config_variables=variables)
+                                   user_config_schema=schema, user_config_variables=variables,
+                                   authentication=authentication)
 
 
 def rotate_credential(name: str) -> dict[str, str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .async_store import AsyncStore
+from .authentication_policy import Identity
 from .database import credential_hash
 
 log = logging.getLogger("tether.service.auth")
@@ -57,12 +58,20 @@ class Authenticator:
         self.globus = globus
         self._client: Any = None
         self._cache: OrderedDict[str, tuple[str, float]] = OrderedDict()  # token hash -> (user, valid until)
+        #: token hash -> (Globus username, time of its session's last sign-in): what authentication
+        #: policies check (per token: one user's tokens may come from older and newer sessions)
+        self._identities: OrderedDict[str, Identity] = OrderedDict()
 
     async def user_for(self, token: str) -> str | None:
         user = await self.db.user_by_token(token)
         if user is not None or self.globus is None:
             return user
         return await self._globus_user(token)
+
+    def identity_of(self, token: str) -> Identity | None:
+        """The Globus identity behind ``token`` as last introspected (username, sign-in time), or
+        None for a token of this service's own."""
+        return self._identities.get(credential_hash(token)) if self.globus is not None else None
 
     async def still_valid_at_globus(self, token: str) -> bool:
         """For open connections whose token the store no longer (or never) knew: is it a Globus
@@ -81,7 +90,11 @@ class Authenticator:
             return None
         user = await self._accept(data)
         self._cache.pop(key, None)
+        self._identities.pop(key, None)
         if user is not None:
+            self._identities[key] = (str(data["username"]), _signed_in_at(data, str(data["sub"])))
+            while len(self._identities) > GLOBUS_CACHE_SIZE:
+                self._identities.popitem(last=False)
             valid_until = time.monotonic() + min(GLOBUS_CACHE_S, max(0.0, float(data.get("exp", 0)) - time.time()))
             self._cache[key] = (user, valid_until)
             while len(self._cache) > GLOBUS_CACHE_SIZE:
@@ -95,7 +108,7 @@ class Authenticator:
             assert self.globus is not None
             self._client = globus_sdk.ConfidentialAppAuthClient(self.globus.client_id, self.globus.client_secret,
                                                                 base_url=self.globus.base_url)
-        return dict(self._client.oauth2_token_introspect(token).data)
+        return dict(self._client.oauth2_token_introspect(token, include="session_info").data)
 
     async def _accept(self, data: dict[str, Any]) -> str | None:
         """The service user for an introspection answer, or None if the token must be refused."""
@@ -112,3 +125,14 @@ class Authenticator:
         if not isinstance(identity, str) or not isinstance(username, str):
             return None
         return await self.db.user_for_identity(identity, username)
+
+
+def _signed_in_at(data: dict[str, Any], identity: str) -> float | None:
+    """When ``identity`` last signed in, from an introspection's ``session_info`` (None if it
+    does not say): its own authentication, else the session's latest."""
+    authentications = (data.get("session_info") or {}).get("authentications") or {}
+    if not isinstance(authentications, dict):
+        return None
+    times = {k: v.get("auth_time") for k, v in authentications.items() if isinstance(v, dict)}
+    chosen = times.get(identity) or max((t for t in times.values() if isinstance(t, int | float)), default=None)
+    return float(chosen) if isinstance(chosen, int | float) else None

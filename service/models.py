@@ -48,6 +48,15 @@ class EndpointRegistration(BaseModel):
                              "in a user endpoint process under that user's local account")
 
 
+class AuthenticationPolicy(BaseModel):
+    """Which identities may send an endpoint tasks (see service/authentication_policy.py)."""
+
+    allowed_domains: list[Annotated[str, Field(max_length=255)]] = Field(
+        default_factory=list, max_length=100, description="identities must be user@one-of-these (or a subdomain)")
+    max_session_age_s: float | None = Field(default=None, gt=0, description="identities must have signed in within "
+                                                                              "this many seconds")
+
+
 class EndpointPolicy(BaseModel):
     """Who may send tasks to a multi-user endpoint (its owner always may)."""
 
@@ -59,6 +68,8 @@ class EndpointPolicy(BaseModel):
                                   "the policy admits)")
     user_config_variables: list[Annotated[str, Field(max_length=255)]] = Field(
         default_factory=list, max_length=1000, description="the variables the user config template uses")
+    authentication: AuthenticationPolicy | None = Field(
+        default=None, description="which identities may send tasks (any endpoint, not only multi-user ones)")
 
     @field_validator("user_config_schema")
     @classmethod

@@ -10,6 +10,7 @@ cursor into its backlog).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import deque
@@ -138,6 +139,9 @@ class EndpointSession:
         self.secret_hash: str = endpoint["secret_hash"]
         self.multi_user: bool = bool(endpoint.get("multi_user"))
         self.parent_id: str | None = endpoint.get("parent_id")
+        #: its authentication policy (checked on every submission without reading its row)
+        self.authentication: dict[str, Any] | None = (json.loads(endpoint["policy"]).get("authentication")
+                                                      if endpoint.get("policy") else None)
         self.sent_functions: BoundedCache[str, None] = BoundedCache(max_items=65536)
         self.prefetch = prefetch
         self.workers = 0

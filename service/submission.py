@@ -19,6 +19,8 @@ from tether.protocol import DEFAULT_PREFETCH, EndpointBrief, ErrorCode, Refusal,
 from tether.serialize import function_id
 
 from .async_store import AsyncStore
+from .authentication_policy import Identity
+from .authentication_policy import refusal as authentication_refusal
 from .bus import LocalBus, RabbitBus
 from .policy import Policy, not_admitted_message
 from .replica_events import Refill
@@ -54,12 +56,16 @@ class Submission(Policy):
         #: large payloads (service/blobs.py BlobIndex): checks that tasks name only their owner's blobs
         self.blobs: Any = None
 
-    async def submit(self, session: ClientSession | None, user_id: str, msg: Submit) -> SubmitAck:
-        """Store, acknowledge and dispatch a batch of tasks; returns the acknowledgement."""
+    async def submit(self, session: ClientSession | None, user_id: str, msg: Submit, token: str = "") -> SubmitAck:
+        """Store, acknowledge and dispatch a batch of tasks; returns the acknowledgement.
+        ``token`` (a REST request's; a connection's is its session's) names the identity that
+        endpoints' authentication policies judge."""
         received = time.time()
         self.counters["submit_frames"] += 1
         rows: Rows = {}
-        candidates, rejected, bodies = await self.validate_submission(user_id, msg, rows)
+        token = session.token if session is not None else token
+        identity = self.authenticator.identity_of(token) if self.authenticator is not None and token else None
+        candidates, rejected, bodies = await self.validate_submission(user_id, msg, rows, identity)
         over = await self.db.add_functions(user_id, bodies, self.function_quota)
         if over:
             candidates = self._refuse_functions(candidates, rejected, over, bodies)
@@ -97,7 +103,7 @@ class Submission(Policy):
         return ack
 
     # --- checks -------------------------------------------------------------------------------
-    async def validate_submission(self, user_id: str, msg: Submit, rows: Rows
+    async def validate_submission(self, user_id: str, msg: Submit, rows: Rows, identity: Identity | None = None
                                   ) -> tuple[list[Task], dict[str, Refusal], dict[str, bytes]]:
         """Split a submission into (tasks to store, {task id: refusal}, function bodies to keep)."""
         bodies: dict[str, bytes] = {}
@@ -120,7 +126,7 @@ class Submission(Policy):
                 continue
             seen.add(tid)
             if task.endpoint not in endpoint_refusal:
-                endpoint_refusal[task.endpoint] = await self._endpoint_refusal(user_id, task.endpoint, rows)
+                endpoint_refusal[task.endpoint] = await self._endpoint_refusal(user_id, task.endpoint, rows, identity)
             refusal = endpoint_refusal[task.endpoint]
             if refusal is not None:
                 rejected[tid] = refusal
@@ -147,12 +153,13 @@ class Submission(Policy):
             rows[endpoint_id] = await self.db.get_endpoint(endpoint_id)
         return rows[endpoint_id]
 
-    async def _endpoint_refusal(self, user_id: str, endpoint_id: str, rows: Rows) -> Refusal | None:
+    async def _endpoint_refusal(self, user_id: str, endpoint_id: str, rows: Rows,
+                                identity: Identity | None = None) -> Refusal | None:
         """Why ``user_id`` may not send tasks to ``endpoint_id``, or None if they may: it is
         theirs, or a multi-user endpoint whose policy admits them."""
         session = self.endpoints.get(endpoint_id)
         if session is not None and session.owner_id == user_id and not session.multi_user and not session.parent_id:
-            return None
+            return self._authentication_refusal(endpoint_id, session.authentication, identity)
         ep = await self._row(rows, endpoint_id)
         if ep is None or not (ep["owner_id"] == user_id or await self.admits(user_id, ep)):
             return Refusal(ErrorCode.UNKNOWN_ENDPOINT,
@@ -161,7 +168,21 @@ class Submission(Policy):
             return Refusal(ErrorCode.ENDPOINT_DELETED, f"endpoint {endpoint_id} was deleted by its owner")
         if ep["parent_id"] and not await self.parent_admits(ep, await self._row(rows, ep["parent_id"])):
             return Refusal(ErrorCode.NOT_ADMITTED, not_admitted_message(ep["parent_id"]))
-        return None
+        # a user endpoint answers to its multi-user endpoint's policy, whichever id the task names
+        governing = await self._row(rows, ep["parent_id"]) if ep["parent_id"] else ep
+        policy = (json.loads(governing["policy"]).get("authentication")
+                  if governing and governing.get("policy") else None)
+        return self._authentication_refusal(governing["id"] if governing else endpoint_id, policy, identity)
+
+    @staticmethod
+    def _authentication_refusal(endpoint_id: str, policy: dict[str, Any] | None,
+                                identity: Identity | None) -> Refusal | None:
+        """The endpoint's authentication policy applied to the submitter's identity (see
+        ``service/authentication_policy.py``); None when there is no policy (the common case)."""
+        if not policy:
+            return None
+        why = authentication_refusal(endpoint_id, policy, identity)
+        return None if why is None else Refusal(*why)
 
     def _refuse_functions(self, candidates: list[Task], rejected: dict[str, Refusal], over: set[str],
                           bodies: dict[str, bytes]) -> list[Task]:

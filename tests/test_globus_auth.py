@@ -22,7 +22,7 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from tether import AuthError, Client, Executor
+from tether import AuthError, Client, Executor, TetherError
 from tether.local import LocalStack
 
 import helpers
@@ -144,6 +144,50 @@ def test_a_globus_user_runs_tasks_on_their_endpoint(globus_stack, tmp_path: Path
         assert ex.submit(helpers.square, 9).result(timeout=60) == 81
     finally:
         bob.stop_endpoint("bobs")
+
+
+def test_an_authentication_policy_admits_by_domain_and_recent_sign_in(globus_stack) -> None:
+    """An endpoint's ``authentication_policy`` is checked by the service before a task reaches it:
+    an identity of another domain, or a session older than allowed, is refused in words; the
+    same user signed in recently runs tasks."""
+    stack, auth = globus_stack
+    now = time.time()
+    dave = {"sub": "d4d4d4d4-1111-4222-8333-444455556666", "username": "dave@lab.example.org", "scope": SCOPE,
+            "exp": now + 3600}
+
+    def signed_in(ago: float) -> dict:
+        return {"session_id": "s", "authentications": {dave["sub"]: {"auth_time": int(now - ago), "idp": "lab"}}}
+
+    auth.tokens["dave-fresh"] = {**dave, "session_info": signed_in(60)}
+    auth.tokens["dave-stale"] = {**dave, "session_info": signed_in(7200)}
+    env = {**stack.env, "TETHER_SERVICE_URL": stack.service_url, "TETHER_TOKEN": "dave-fresh"}
+    owner = LocalStack(home=stack.home, env=env, service_url=stack.service_url, token="dave-fresh", port=stack.port)
+    owner.configure_endpoint("thread", 1, name="guarded")
+    config = owner.endpoint_dir("guarded") / "config.yaml"
+    original = config.read_text()
+    config.write_text(original + "authentication_policy: {allowed_domains: [example.org], max_session_age_s: 600}\n")
+    endpoint_id = owner.start_endpoint("guarded")
+    try:
+        with Executor(endpoint_id=endpoint_id, service=stack.service_url, token="dave-fresh") as ex:
+            assert ex.submit(helpers.square, 7).result(timeout=60) == 49  # a subdomain of example.org, just signed in
+        with Executor(endpoint_id=endpoint_id, service=stack.service_url, token="dave-stale") as ex:
+            with pytest.raises(TetherError, match=r"requires an identity from example.org and a sign-in within the "
+                                                  r"last 600 s; you signed in 72\d\d s ago: sign in again"):
+                ex.submit(helpers.square, 7).result(timeout=60)
+        owner.stop_endpoint("guarded")
+        config.write_text(original + "authentication_policy: {allowed_domains: [other.org]}\n")
+        owner.start_endpoint("guarded")
+        with Executor(endpoint_id=endpoint_id, service=stack.service_url, token="dave-fresh") as ex:
+            with pytest.raises(TetherError, match="your identity is 'dave@lab.example.org': sign in with an identity "
+                                                  "from other.org"):
+                ex.submit(helpers.square, 7).result(timeout=60)
+        owner.stop_endpoint("guarded")
+        config.write_text(original)  # the policy taken out of config.yaml: gone at the next start
+        owner.start_endpoint("guarded")
+        with Executor(endpoint_id=endpoint_id, service=stack.service_url, token="dave-stale") as ex:
+            assert ex.submit(helpers.square, 8).result(timeout=60) == 64
+    finally:
+        owner.stop_endpoint("guarded")
 
 
 def test_login_whoami_logout_with_the_native_app_flow(globus_stack, tmp_path: Path) -> None:

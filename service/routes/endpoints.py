@@ -89,12 +89,17 @@ async def endpoint_status(endpoint_id: PathId, user: str = Depends(current_user)
             responses=_errors(400, 404, 409))
 async def set_policy(endpoint_id: PathId, body: EndpointPolicy, user: str = Depends(current_user),
                      svc: Services = Depends(services)) -> EndpointPolicy:
-    """Who may send tasks to your multi-user endpoint."""
+    """Who may send tasks to your endpoint: for a multi-user endpoint, which users (and what they
+    may pass); for any endpoint, which identities (its authentication policy)."""
     ep = await own_endpoint(svc, endpoint_id, user)
-    if not ep.get("multi_user"):
-        raise HTTPException(409, f"endpoint {endpoint_id} is not a multi-user endpoint; only those have a policy")
+    if not ep.get("multi_user") and (body.public or body.users or body.user_config_schema):
+        raise HTTPException(409, f"endpoint {endpoint_id} is not a multi-user endpoint; only those admit other users "
+                                 "(an authentication policy alone may be set on any endpoint)")
     await svc.db.set_policy(endpoint_id, body.model_dump())
     await svc.relay.enforce_policy(endpoint_id)
+    session = svc.relay.endpoints.get(endpoint_id)
+    if session is not None:  # connected here: its next submissions are checked against the new policy
+        session.authentication = body.authentication.model_dump() if body.authentication else None
     return body
 
 

@@ -7,11 +7,12 @@ import base64
 import json
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Request
 
 from tether.protocol import ErrorCode, Submit, Task, to_builtins
 
 from ..context import Services, services
+from ..guard import bearer
 from ..models import (
     BatchAck,
     GroupInfo,
@@ -44,11 +45,12 @@ def task_info(row: Any) -> TaskInfo:  # callers flush deferred states first
 
 
 @router.post("/v1/tasks", response_model=BatchAck, tags=["tasks"], responses=_errors(400, 429))
-async def submit_batch(body: RestBatch, user: str = Depends(current_user),
+async def submit_batch(body: RestBatch, request: Request, user: str = Depends(current_user),
                        svc: Services = Depends(services)) -> BatchAck:
     tasks = [Task(id=t.task_id, endpoint=t.endpoint_id, function=t.function_id, payload=b64(t.payload, "payload"),
                   group=t.group_id, spec=t.resource_specification) for t in body.tasks]
-    ack = await svc.relay.submit(None, user, Submit(ref=0, tasks=tasks))
+    ack = await svc.relay.submit(None, user, Submit(ref=0, tasks=tasks),
+                                 token=bearer(request.headers.get("authorization")) or "")
     quota = [v.message for v in ack.rejected.values() if v.code == ErrorCode.QUOTA_EXCEEDED]
     if quota and not ack.accepted:  # nothing taken, for a per-user limit: a 429 the caller can back off on
         raise HTTPException(429, quota[0])
