@@ -464,8 +464,14 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
         started = time.monotonic()
         while row.state != COMPLETE:
             arrival = index.arriving.get(blob_id)
-            if arrival is not None:  # no await between this and the open: the upload cannot end in between
-                fh = open(index.path(blob_id, part=True), "rb")  # noqa: SIM115 - closed by _follow
+            if arrival is not None:
+                try:
+                    fh = open(index.path(blob_id, part=True), "rb")  # noqa: SIM115 - closed by _follow
+                except FileNotFoundError:  # it ended just now (renamed to its final name): read the row again
+                    row = await rows.get(blob_id)
+                    if row is None:
+                        raise HTTPException(404, f"unknown blob {blob_id}") from None
+                    continue
                 headers["Content-Length"] = str(row.size)
                 return StreamingResponse(_follow(fh, arrival, row.size, blob_id),
                                          media_type="application/octet-stream", headers=headers)
