@@ -63,8 +63,10 @@ from tether.protocol import (
 )
 
 from .replica_events import (
+    ALL_KEY,
     CancelOn,
     Close,
+    EndpointChanged,
     Forward,
     Refill,
     ReplicaEvent,
@@ -148,6 +150,7 @@ class Relay(Submission):
     async def start(self) -> None:
         """Connect to the bus (a no-op without a broker)."""
         await self.bus.start(self.on_event, self.reconcile)
+        await self.bus.bind(ALL_KEY)  # news for every replica (an endpoint's row changed)
 
     async def on_event(self, event: ReplicaEvent) -> None:
         """Act on news from another replica."""
@@ -158,6 +161,9 @@ class Relay(Submission):
                 return
             case ResultsStored(user_id=user_id, ids=ids):
                 await self._push_stored(user_id, ids)
+                return
+            case EndpointChanged(endpoint_id=endpoint_id):
+                self.endpoint_rows.forget(endpoint_id)
                 return
         ep = self.endpoints.get(event.endpoint_id)
         if ep is None:

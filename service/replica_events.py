@@ -7,7 +7,8 @@ matches on its type. Replicas of one deployment run one version; a replica of an
 (or an old untagged message) is refused in words and logged, never misread.
 
 Events name their target: an endpoint (``ep.<id>``, heard by the replica that holds its
-WebSocket) or a user (``user.<id>``, heard by every replica with a client of that user). Events
+WebSocket), a user (``user.<id>``, heard by every replica with a client of that user), or every
+replica (``replicas``: an endpoint's row changed, so cached copies are dropped). Events
 are hints, not payloads: losing one delays news and never loses work (see ``bus.py``).
 """
 
@@ -25,6 +26,10 @@ BUS_VERSION = 1
 def endpoint_key(endpoint_id: str) -> str:
     """The routing key of an endpoint's news."""
     return f"ep.{endpoint_id}"
+
+
+#: the routing key every replica binds: news for all of them
+ALL_KEY = "replicas"
 
 
 def user_key(user_id: str) -> str:
@@ -105,6 +110,16 @@ class Takeover(EndpointEvent, tag="takeover"):
     replica: str
 
 
+class EndpointChanged(Event, tag="endpoint_changed"):
+    """An endpoint was deleted (or re-registered): every replica reads its row again."""
+
+    endpoint_id: str
+
+    @property
+    def key(self) -> str:
+        return ALL_KEY
+
+
 class StatusChanged(UserEvent, tag="status"):
     """Tasks of the user changed state: ``[task id, state, unix time]`` each."""
 
@@ -119,7 +134,8 @@ class ResultsStored(UserEvent, tag="results"):
     merged: ClassVar[str | None] = "ids"
 
 
-ReplicaEvent = Refill | CancelOn | Forward | StartUser | Close | Takeover | StatusChanged | ResultsStored
+ReplicaEvent = (Refill | CancelOn | Forward | StartUser | Close | Takeover | StatusChanged | ResultsStored
+                | EndpointChanged)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(ReplicaEvent)
