@@ -68,8 +68,10 @@ from .replica_events import (
     Close,
     EndpointChanged,
     Forward,
+    Offered,
     Refill,
     ReplicaEvent,
+    ResultsPushed,
     ResultsStored,
     StartUser,
     StatusChanged,
@@ -162,6 +164,10 @@ class Relay(Submission):
             case ResultsStored(user_id=user_id, ids=ids):
                 await self._push_stored(user_id, ids)
                 return
+            case ResultsPushed(results=results):
+                for client in self._push_results(results):
+                    await client.send_results_now()
+                return
             case EndpointChanged(endpoint_id=endpoint_id):
                 self.endpoint_rows.forget(endpoint_id)
                 return
@@ -171,6 +177,8 @@ class Relay(Submission):
         match event:
             case Refill(ids=ids):
                 await self._offer_stored(ep, ids)
+            case Offered(tasks=tasks):
+                await self._offer_carried(ep, tasks)
             case CancelOn(ids=ids):
                 await self._cancel_on(ep, ids)
             case Forward(frame=frame):

@@ -21,7 +21,7 @@ from tether.serialize import function_id
 from .async_store import AsyncStore
 from .bus import LocalBus, RabbitBus
 from .policy import Policy, not_admitted_message
-from .replica_events import Refill
+from .replica_events import Offered, OwnedTask, Refill, inline
 from .sessions import ClientSession
 from .store import json_or_none
 
@@ -83,7 +83,13 @@ class Submission(Policy):
             if ep is not None:
                 await self._offer(ep, user_id, items)
                 continue
-            await self._tell_endpoint(Refill(endpoint_id=endpoint_id, ids=[t.id for t in items]))  # elsewhere, maybe
+            if self.replicated:  # held elsewhere, maybe: small tasks travel whole, larger ones by id
+                carried = [OwnedTask(user_id, t) for t in items if inline(t)]
+                if carried:
+                    await self._tell_endpoint(Offered(endpoint_id=endpoint_id, tasks=carried))
+                if len(carried) < len(items):
+                    await self._tell_endpoint(Refill(endpoint_id=endpoint_id,
+                                                     ids=[t.id for t in items if not inline(t)]))
             if endpoint_id in user_endpoints:
                 await self._start_user_endpoint(endpoint_id)
         briefs = {eid: await self._endpoint_brief(eid, rows) for eid in {t.endpoint for t in candidates}}
