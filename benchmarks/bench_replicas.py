@@ -375,8 +375,8 @@ class CpuUsage:
     def _machine_busy() -> float:
         import psutil
 
-        t = psutil.cpu_times()
-        return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+        t = psutil.cpu_times()  # guest time is counted in user already
+        return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
 
     def shares(self) -> dict[str, float]:
         """Cores used by each kind (1.0 = one core busy all along), and the machine's in all."""
@@ -520,7 +520,8 @@ def _rows(results: list[Result]) -> list[list[str]]:
 
 def print_table(results: list[Result], args: argparse.Namespace) -> None:
     """Render with rich when installed, else as aligned plain text; then what limited each run."""
-    title = (f"no-op tasks: {args.tasks_per_endpoint} per endpoint, {args.clients} clients, latency n={args.n_latency} "
+    title = (f"no-op tasks: {args.tasks or args.tasks_per_endpoint} {'in all' if args.tasks else 'per endpoint'}, "
+             f"{args.clients} clients, latency n={args.n_latency} "
              f"({os.cpu_count()} CPUs, clients {'through haproxy' if args.through_haproxy else 'direct to replicas'}"
              f"{', endpoints through haproxy' if args.kill else ''})")
     rows = _rows(results)
@@ -554,6 +555,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--endpoints", default="10,100",
                    help="endpoint daemons (thread engine, 1 worker each); a comma list runs each count")
     p.add_argument("--tasks-per-endpoint", type=int, default=50, help="throughput: no-ops sent to each endpoint")
+    p.add_argument("--tasks", type=int, default=0,
+                   help="throughput: this many no-ops in all, whatever the endpoint count (overrides the above)")
     p.add_argument("--clients", type=int, default=3, help="client processes, spread over the replicas")
     p.add_argument("--n-latency", type=int, default=200, help="timed sequential round trips")
     p.add_argument("--warmup-latency", type=int, default=20)
@@ -571,6 +574,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.endpoints, args.tasks_per_endpoint, args.n_latency, args.warmup_latency = "10", 10, 50, 10
         args.kill_tasks = min(args.kill_tasks, 200)
     args.endpoint_counts = [int(x) for x in str(args.endpoints).split(",") if x.strip()]
+    args.per_endpoint = {n: max(1, args.tasks // n) if args.tasks else args.tasks_per_endpoint
+                         for n in args.endpoint_counts}
     args.kill = args.kill_tasks > 0
     args.configs = [c.strip() for c in args.only.split(",") if c.strip()]
     unknown = sorted(set(args.configs) - set(CONFIGS))
@@ -597,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = []
     for count in args.endpoint_counts:
-        args.endpoints = count
+        args.endpoints, args.tasks_per_endpoint = count, args.per_endpoint[count]
         results.extend(run_config(key, args) for key in args.configs)
     add_ratios(results)
     print_table(results, args)

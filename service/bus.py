@@ -196,8 +196,9 @@ class RabbitBus:
                 for part in parts:
                     part.origin = self.replica_id
                     body = encode_event(part)
-                    try:
-                        await self._exchange.publish(aio_pika.Message(body), routing_key=key)
+                    try:  # not mandatory: news for an endpoint no replica holds (yet) is dropped, not
+                        # returned to us and logged as an error by aiormq (its replica reads the store)
+                        await self._exchange.publish(aio_pika.Message(body), routing_key=key, mandatory=False)
                     except Exception as exc:  # noqa: BLE001 - broker down: news waits for the reconciliation
                         self.publish_failures += 1
                         log.warning("could not publish '%s' for %s on the message broker: %s", tag_of(part), key,

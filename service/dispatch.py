@@ -67,7 +67,7 @@ class Dispatch(Subscriptions):
         self.endpoints: dict[str, EndpointSession] = {}
         #: kept results asked for by clients and endpoints (service/fetches.py)
         self.fetches = Fetches(db, self.endpoints)
-        self.routes = Routes()
+        self.routes = Routes(remember_ended=self.replicated)
         # State changes that are not worth a commit each (a lost one is re-derived: the task is
         # re-dispatched, or its result carries the times): written in bulk by flush_deferred().
         self._deferred: dict[TaskState, dict[str, float]] = {TaskState.DISPATCHED: {}, TaskState.RUNNING: {}}

@@ -23,8 +23,10 @@ RECENTLY_ENDED = 100_000
 class Routes:
     """Task id -> endpoint id, for open tasks this process dispatched (or looked up)."""
 
-    def __init__(self) -> None:
+    def __init__(self, remember_ended: bool = False) -> None:
         self._open: dict[str, str] = {}
+        #: with several replicas only: one process has no copies of tasks on their way to it
+        self._remember_ended = remember_ended
         #: tasks that ended here lately (insertion-ordered, bounded): a task offered by another
         #: replica after it was cancelled, or after its result came back through a page of the
         #: store, is not sent again (the store answered that for re-read tasks; carried ones
@@ -32,6 +34,8 @@ class Routes:
         self._ended: dict[str, None] = {}
 
     def _end(self, ids: Iterable[str]) -> None:
+        if not self._remember_ended:
+            return
         ended = self._ended
         for tid in ids:
             ended[tid] = None
@@ -78,7 +82,8 @@ class Routes:
                 wanted.discard(r.id)  # a second result for the same task in one frame is a duplicate
                 if self._open.pop(r.id, None) is not None:
                     fresh.append(r)
-        self._end(r.id for r in fresh)
+        if self._remember_ended:
+            self._end(r.id for r in fresh)
         return fresh
 
     def unclaim(self, endpoint_id: str, results: Iterable[Any]) -> None:
