@@ -382,7 +382,9 @@ class CpuUsage:
         """Cores used by each kind (1.0 = one core busy all along), and the machine's in all."""
         wall = max(time.monotonic() - self.t0, 1e-9)
         out = {kind: (self._seconds(procs) - self.start[kind]) / wall for kind, procs in self.kinds.items()}
-        out["machine"] = (self._machine_busy() - self.busy0) / wall
+        # /proc/stat ticks are coarse (and this VM's run slightly fast): over a short phase the
+        # machine's figure can pass its core count; it is clamped there
+        out["machine"] = min((self._machine_busy() - self.busy0) / wall, float(os.cpu_count() or 1))
         out["cores"] = float(os.cpu_count() or 1)
         return out
 

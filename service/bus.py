@@ -5,19 +5,21 @@ which client sessions watch which tasks. Several replicas behind one URL share t
 but an endpoint is connected to one replica and the client that waits for its results maybe to
 another. The bus carries the *news* between them; the database stays the only truth:
 
-* ``ep.<endpoint id>``: work was stored for an endpoint (``Refill``: the ids of the new tasks,
-  which that replica sends at once if the endpoint has room), a frame must reach it
+* ``ep.<endpoint id>``: work was stored for an endpoint (``Offered``: small tasks whole, which
+  that replica offers as its own submissions; ``Refill``: the ids of larger ones, read back), a frame must reach it
   (``Forward``: a stop, an audit record), one of its user endpoints is to be started
   (``StartUser``), tasks were cancelled (``CancelOn``), it must be disconnected (``Close``), or
   it connected elsewhere (``Takeover``). Bound by the replica that holds the endpoint's WebSocket.
-* ``user.<user id>``: results were stored (``ResultsStored``: ids; the receiver reads them from
-  the database) or tasks changed state (``StatusChanged``). Bound by every replica with a client
-  session of that user.
+* ``user.<user id>``: results were stored (``ResultsPushed``: small results whole;
+  ``ResultsStored``: ids, read back) or tasks changed state (``StatusChanged``). Bound by every
+  replica with a client session of that user.
+* ``replicas``: an endpoint's row changed (``EndpointChanged``): every replica drops its copy.
 
 The events are typed records (:mod:`tether.service.replica_events`), each tagged with its kind
 and the bus version: a replica decodes them in one place and matches on their type.
 
-Events are hints, not payloads: losing one delays news and never loses work or results. Each
+Events are hints: losing one delays news and never loses work or results (small tasks and
+results ride in their events to spare the receiver a read, but each was stored first). Each
 replica re-reads the database when the broker reconnects and at a slow interval (see
 :meth:`tether.service.relay.Relay.reconcile`), and tasks and results live in the database.
 Messages are acknowledged after the relay has acted on them, in order, one at a time.

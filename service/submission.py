@@ -21,7 +21,7 @@ from tether.serialize import function_id
 from .async_store import AsyncStore
 from .bus import LocalBus, RabbitBus
 from .policy import Policy, not_admitted_message
-from .replica_events import Offered, OwnedTask, Refill, inline
+from .replica_events import Offered, OfferedTo, OwnedTask, Refill, inline
 from .sessions import ClientSession
 from .store import json_or_none
 
@@ -85,7 +85,10 @@ class Submission(Policy):
                 continue
             if self.replicated:  # held elsewhere, maybe: small tasks travel whole, larger ones by id
                 carried = [OwnedTask(user_id, t) for t in items if inline(t)]
-                if carried:
+                holder = self._holder(rows.get(endpoint_id))
+                if carried and holder:  # one message per batch for every endpoint that replica holds
+                    await self.bus.publish(OfferedTo(replica=holder, tasks=carried))
+                elif carried:
                     await self._tell_endpoint(Offered(endpoint_id=endpoint_id, tasks=carried))
                 if len(carried) < len(items):
                     await self._tell_endpoint(Refill(endpoint_id=endpoint_id,
@@ -101,6 +104,14 @@ class Submission(Policy):
             if resubmitted:  # sent again after a reconnect: the client may have missed its news
                 await self._send_current(session, await self.db.get_tasks(user_id, resubmitted))
         return ack
+
+    def _holder(self, row: dict[str, Any] | None) -> str | None:
+        """The other replica that holds an endpoint, as its row (read lately) says; None if
+        unknown. A stale answer costs a forward (the receiver sends on what it does not hold)."""
+        if row is None or not self.is_online(row):
+            return None
+        holder = (json_or_none(row.get("status")) or {}).get("replica")
+        return holder if holder and holder != self.bus.replica_id else None
 
     # --- checks -------------------------------------------------------------------------------
     async def validate_submission(self, user_id: str, msg: Submit, rows: Rows
