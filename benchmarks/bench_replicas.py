@@ -1,15 +1,16 @@
-"""Replicas: no-op throughput and p50 on SQLite, PostgreSQL, and PostgreSQL + RabbitMQ with 1-3 replicas.
+"""Replicas: no-op throughput, p50/p99 and recovery from a SIGKILL on SQLite, PostgreSQL, and
+PostgreSQL + RabbitMQ with 1-3 replicas, with 10 and 100 endpoints.
 
-    python benchmarks/bench_replicas.py [--endpoints 100] [--tasks-per-endpoint 50] [--clients 3]
-                                        [--n-latency 200] [--db-threads 4] [--only a,b,c,d,e]
-                                        [--through-haproxy] [--json PATH] [--quick]
+    python benchmarks/bench_replicas.py [--endpoints 10,100] [--tasks 1000 | --tasks-per-endpoint 50]
+                                        [--clients 3] [--n-latency 200] [--kill-tasks 1000] [--db-threads 4]
+                                        [--only a,b,c,d,e] [--through-haproxy] [--json PATH] [--quick]
 
 A fast check: ``python benchmarks/bench_replicas.py --quick``; figures and what they mean are in
 ``docs/benchmarks.md`` (Replicas). Needs ``pip install -e '.[test,bench]'`` (psycopg, aio-pika,
 pytest for the test harness), PostgreSQL on 127.0.0.1:5432 (trust), RabbitMQ on 127.0.0.1:5672 (guest) and haproxy, as
 ``tests/test_replicas.py`` does; each configuration gets a fresh database, dropped after.
 
-Five configurations, measured one after the other with the same workload:
+Five configurations, measured one after the other with the same workload, for each endpoint count:
 
     a  the embedded default: ``tether service start`` on SQLite, one process
     b  one service on PostgreSQL, no broker
@@ -18,20 +19,28 @@ Five configurations, measured one after the other with the same workload:
     e  the same, 3 replicas
 
 Workload: ``--endpoints`` real endpoint daemons (thread engine, one worker each) run in one
-"farm" process, as in ``bench_scale.py``; endpoint ``i`` registers with, and connects directly
-to, replica ``i % n``. ``--clients`` client processes (the same number in every configuration,
-so only the service side changes) connect directly to replica ``j % n``; together they submit
-``--tasks-per-endpoint`` no-ops to every endpoint at once (client ``j`` takes rounds ``r`` with
-``r % clients == j``) and wait for every result: tasks/s is all tasks over first submission to
-last result. With several replicas most tasks therefore cross replicas through the broker, as
-they do behind a load balancer. The latency is ``--n-latency`` sequential round trips from
-this process, connected to replica 0, to endpoint 1, which is on replica 1 when there are
-two or more (so every round trip crosses replicas). ``--through-haproxy`` sends endpoints
-and clients through the balancer instead (placement is then haproxy's round robin).
+"farm" process, as in ``bench_scale.py``; in (c)-(e) they connect through haproxy, as in
+production (so they fail over when a replica dies), and haproxy spreads them over the replicas.
+``--clients`` client processes (the same number in every configuration, so only the service side
+changes) connect directly to replica ``j % n``; together they submit ``--tasks`` no-ops (or
+``--tasks-per-endpoint`` to every endpoint) at once and wait for every result: tasks/s is all
+tasks over first submission to last result. With several replicas most tasks therefore cross
+replicas through the broker. The latency is ``--n-latency`` sequential round trips from this
+process, connected to replica 0, to an endpoint held by another replica when there are two or
+more (so every round trip crosses replicas).
 
-Ratios are to (a): ``tps / a`` < 1 is less throughput than the embedded default, ``p50 / a``
-> 1 a slower round trip. All processes share this machine's cores: on a small machine more
-replicas cannot add capacity, only show what the broker and the shared database cost.
+Then (c)-(e) lose a replica: ``--kill-tasks`` no-ops are submitted through haproxy, and once a
+fifth are done the replica holding the most endpoints is SIGKILLed (with one replica, it is
+started again at once, as a supervisor would). Reported: the time from the kill until the first
+result of a task whose endpoint was on that replica, tasks never resolved (lost) and resolved
+twice (duplicated).
+
+Ratios are to (a) and to (c), among runs with as many endpoints. During the throughput phase the
+benchmark adds up the CPU time of each kind of process (replicas, PostgreSQL, RabbitMQ, haproxy,
+endpoints, clients) and of the whole machine, and names what limited the run: on this project's
+2-core machine every process shares two cores, so more replicas cannot add capacity here; what
+the figures can show is that a replica costs nothing (tasks/s / c near 1). ``--through-haproxy``
+sends the clients through the balancer too.
 """
 
 from __future__ import annotations
@@ -557,8 +566,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--endpoints", default="10,100",
                    help="endpoint daemons (thread engine, 1 worker each); a comma list runs each count")
     p.add_argument("--tasks-per-endpoint", type=int, default=50, help="throughput: no-ops sent to each endpoint")
-    p.add_argument("--tasks", type=int, default=0,
-                   help="throughput: this many no-ops in all, whatever the endpoint count (overrides the above)")
+    p.add_argument("--tasks", type=int, default=1000,
+                   help="throughput: this many no-ops in all, whatever the endpoint count (0: --tasks-per-endpoint)")
     p.add_argument("--clients", type=int, default=3, help="client processes, spread over the replicas")
     p.add_argument("--n-latency", type=int, default=200, help="timed sequential round trips")
     p.add_argument("--warmup-latency", type=int, default=20)
@@ -573,7 +582,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--_client", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.endpoints, args.tasks_per_endpoint, args.n_latency, args.warmup_latency = "10", 10, 50, 10
+        args.endpoints, args.tasks, args.n_latency, args.warmup_latency = "10", 100, 50, 10
         args.kill_tasks = min(args.kill_tasks, 200)
     args.endpoint_counts = [int(x) for x in str(args.endpoints).split(",") if x.strip()]
     args.per_endpoint = {n: max(1, args.tasks // n) if args.tasks else args.tasks_per_endpoint
