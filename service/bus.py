@@ -13,7 +13,8 @@ another. The bus carries the *news* between them; the database stays the only tr
 * ``user.<user id>``: results were stored (``ResultsPushed``: small results whole;
   ``ResultsStored``: ids, read back) or tasks changed state (``StatusChanged``). Bound by every
   replica with a client session of that user.
-* ``replicas``: an endpoint's row changed (``EndpointChanged``): every replica drops its copy.
+* ``replica.<replica id>``: small tasks for the endpoints one replica holds (``OfferedTo``),
+  one message per batch; bound by that replica.
 
 The events are typed records (:mod:`tether.service.replica_events`), each tagged with its kind
 and the bus version: a replica decodes them in one place and matches on their type.

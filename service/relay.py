@@ -63,10 +63,8 @@ from tether.protocol import (
 )
 
 from .replica_events import (
-    ALL_KEY,
     CancelOn,
     Close,
-    EndpointChanged,
     Forward,
     Offered,
     OfferedTo,
@@ -155,7 +153,6 @@ class Relay(Submission):
     async def start(self) -> None:
         """Connect to the bus (a no-op without a broker)."""
         await self.bus.start(self.on_event, self.reconcile)
-        await self.bus.bind(ALL_KEY)  # news for every replica (an endpoint's row changed)
         await self.bus.bind(replica_key(self.bus.replica_id))  # tasks for the endpoints held here
 
     async def on_event(self, event: ReplicaEvent) -> None:
@@ -174,9 +171,6 @@ class Relay(Submission):
                 return
             case OfferedTo(tasks=tasks):
                 await self._offer_to_held(tasks)
-                return
-            case EndpointChanged(endpoint_id=endpoint_id):
-                self.endpoint_rows.forget(endpoint_id)
                 return
         ep = self.endpoints.get(event.endpoint_id)
         if ep is None:

@@ -12,8 +12,7 @@ larger is named by id, and the database stays the only truth either way.
 
 Events name their target: an endpoint (``ep.<id>``, heard by the replica that holds its
 WebSocket), a replica (``replica.<id>``: tasks for the endpoints it holds, in one message), a
-user (``user.<id>``, heard by every replica with a client of that user), or every replica
-(``replicas``: an endpoint's row changed, so cached copies are dropped). Events are hints:
+user (``user.<id>``, heard by every replica with a client of that user). Events are hints:
 losing one delays news and never loses work (see ``bus.py``).
 """
 
@@ -42,10 +41,6 @@ def inline(item: Task | Result) -> bool:
 def endpoint_key(endpoint_id: str) -> str:
     """The routing key of an endpoint's news."""
     return f"ep.{endpoint_id}"
-
-
-#: the routing key every replica binds: news for all of them
-ALL_KEY = "replicas"
 
 
 def replica_key(replica_id: str) -> str:
@@ -161,16 +156,6 @@ class Takeover(EndpointEvent, tag="takeover"):
     replica: str
 
 
-class EndpointChanged(Event, tag="endpoint_changed"):
-    """An endpoint was deleted (or re-registered): every replica reads its row again."""
-
-    endpoint_id: str
-
-    @property
-    def key(self) -> str:
-        return ALL_KEY
-
-
 class StatusChanged(UserEvent, tag="status"):
     """Tasks of the user changed state: ``[task id, state, unix time]`` each."""
 
@@ -194,7 +179,7 @@ class ResultsPushed(UserEvent, tag="result_items"):
 
 
 ReplicaEvent = (Refill | Offered | OfferedTo | CancelOn | Forward | StartUser | Close | Takeover | StatusChanged
-                | ResultsStored | ResultsPushed | EndpointChanged)
+                | ResultsStored | ResultsPushed)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(ReplicaEvent)

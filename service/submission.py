@@ -159,10 +159,13 @@ class Submission(Policy):
         return accepted, rejected, bodies
 
     async def _row(self, rows: Rows, endpoint_id: str) -> dict[str, Any] | None:
-        """An endpoint's row, read at most once per submission (``rows`` holds those read), and
-        for an ordinary endpoint at most once a second per replica (``endpoint_rows.py``)."""
+        """An endpoint's row, read at most once per submission (``rows`` holds those read).
+
+        Read fresh every time on purpose: a copy kept a second (invalidated by a broadcast on
+        delete) let a submission racing a delete on another replica store a task for the
+        deleted endpoint, which then never ended (tests/test_replicas.py caught it)."""
         if endpoint_id not in rows:
-            rows[endpoint_id] = await self.endpoint_rows.get(endpoint_id)
+            rows[endpoint_id] = await self.db.get_endpoint(endpoint_id)
         return rows[endpoint_id]
 
     async def _endpoint_refusal(self, user_id: str, endpoint_id: str, rows: Rows) -> Refusal | None:
