@@ -12,7 +12,7 @@ import json
 from typing import Annotated, Any
 
 from fastapi import Path
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from tether.ids import FUNCTION_ID_PATTERN, ID_PATTERN, NAME_PATTERN
 from tether.protocol import MAX_BATCH, MAX_IDS
@@ -29,6 +29,26 @@ PathId = Annotated[str, Path(pattern=ID_PATTERN)]
 PathFunctionId = Annotated[str, Path(pattern=FUNCTION_ID_PATTERN)]
 
 
+def _json_integer(value: Any) -> Any:
+    """JSON Schema's integer: any number without a fractional part (``922.0`` is one), never a string
+    or a boolean; strict mode alone would refuse ``922.0``, lax mode would take ``"922"``."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+#: an integer as JSON Schema means it, inside a strict :class:`Body`
+JsonInt = Annotated[int, BeforeValidator(_json_integer)]
+
+
+class Body(BaseModel):
+    """A request body: values must have the documented JSON type (``0`` is not ``false``, ``"1"`` is
+    not ``1``), as the OpenAPI document says; a client sending the wrong type hears so (422) instead
+    of having its value reinterpreted."""
+
+    model_config = ConfigDict(strict=True)
+
+
 class ErrorDetail(BaseModel):
     """Every error the service itself raises: what is wrong, in words."""
 
@@ -40,7 +60,7 @@ class WhoAmI(BaseModel):
     name: str | None
 
 
-class EndpointRegistration(BaseModel):
+class EndpointRegistration(Body):
     name: str = Field(min_length=1, max_length=128, pattern=NAME_PATTERN)
     endpoint_id: IdStr | None = Field(default=None, description="re-register (rotate the credential of) this endpoint "
                                       "of yours; omit to register a new endpoint (the service makes its id)")
@@ -48,7 +68,7 @@ class EndpointRegistration(BaseModel):
                              "in a user endpoint process under that user's local account")
 
 
-class AuthenticationPolicy(BaseModel):
+class AuthenticationPolicy(Body):
     """Which identities may send an endpoint tasks (see service/authentication_policy.py)."""
 
     allowed_domains: list[Annotated[str, Field(max_length=255)]] = Field(
@@ -57,7 +77,7 @@ class AuthenticationPolicy(BaseModel):
                                                                               "this many seconds")
 
 
-class EndpointPolicy(BaseModel):
+class EndpointPolicy(Body):
     """Who may send tasks to a multi-user endpoint (its owner always may)."""
 
     public: bool = Field(default=False, description="every user of this service")
@@ -118,7 +138,7 @@ class EndpointAction(BaseModel):
     tasks_failed: int | None = None
 
 
-class FunctionRegistration(BaseModel):
+class FunctionRegistration(Body):
     function: Base64Str = Field(description="base64 of the serialized function (tether.serialize)")
 
 
@@ -138,11 +158,11 @@ class TaskInfo(BaseModel):
     user_endpoint_config: dict[str, Any] | None = None
 
 
-class TaskIds(BaseModel):
+class TaskIds(Body):
     task_ids: list[IdStr] = Field(max_length=MAX_IDS)
 
 
-class RestTask(BaseModel):
+class RestTask(Body):
     task_id: IdStr
     endpoint_id: IdStr
     function_id: FunctionIdStr
@@ -151,7 +171,7 @@ class RestTask(BaseModel):
     resource_specification: dict[str, Any] | None = None
 
 
-class RestBatch(BaseModel):
+class RestBatch(Body):
     tasks: list[RestTask] = Field(max_length=MAX_BATCH)
 
 
@@ -202,11 +222,11 @@ class Health(BaseModel):
     uptime_s: float
 
 
-class BlobCreate(BaseModel):
+class BlobCreate(Body):
     """Declare a blob before sending its bytes: the limits are checked on these figures, so a
     refused upload costs no transfer."""
 
-    size: int = Field(ge=0, le=2**62, description="exact number of bytes that will be sent")
+    size: JsonInt = Field(ge=0, le=2**62, description="exact number of bytes that will be sent")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex sha256 of those bytes; the upload is refused "
                         "if they hash to anything else")
     task_id: IdStr | None = Field(default=None, description="endpoints only: the task whose result this is (a "
