@@ -21,7 +21,7 @@ from typing import Any
 
 import cloudpickle
 
-from .errors import SerializationError, VersionMismatch
+from .errors import MethodNotAllowed, SerializationError, VersionMismatch
 
 PY_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 DEFAULT_METHOD = "cloudpickle"
@@ -102,9 +102,9 @@ def _check_method(fields: dict[str, str], allowed_methods: frozenset[str] | None
     """The payload's method, if this side allows it and can load it (else the error in words)."""
     method = fields.get("method", "?")
     if allowed_methods is not None and method not in allowed_methods:
-        raise SerializationError(
-            f"serialization method {method!r} is not allowed here (allowed: {', '.join(sorted(allowed_methods))})"
-        )
+        raise MethodNotAllowed(
+            f"serialization method {method!r} is not allowed here (allowed: {', '.join(sorted(allowed_methods))})",
+            method)
     if method not in ("json", DEFAULT_METHOD):
         raise SerializationError(f"unknown serialization method {method!r}")
     if method == DEFAULT_METHOD:

@@ -39,10 +39,12 @@ from urllib.parse import urlsplit
 
 import certifi
 import httpx
+import msgspec
 
 from .errors import AuthError, BlobCorrupt, PayloadTooLarge, QuotaExceeded, TetherError
 from .protocol import ERROR_HEADER, SHA256_HEADER, BlobRef, ErrorCode
 from .serialize import deserialize_from
+from .urls import tls_context
 
 log = logging.getLogger("tether.transfer")
 
@@ -66,6 +68,8 @@ DOWNLOAD_ATTEMPTS = 3
 DOWNLOAD_TIMEOUT_S = 300.0
 #: the header of a local file stub (endpoint daemon -> its workers; never on the wire)
 FILE_STUB_HEADER = b"tether:1;method=file\n"
+#: the header of a service stub (endpoint daemon -> its workers on its host; never on the wire)
+SERVICE_STUB_HEADER = b"tether:1;method=service\n"
 
 
 class Spill(io.RawIOBase):
@@ -555,6 +559,51 @@ def file_of(data: Any) -> tuple[Path, str] | None:
         sha256, _, path = data[len(FILE_STUB_HEADER):].partition(b"\n")
         return Path(os.fsdecode(path)), sha256.decode()
     return None
+
+
+class ServiceBlob(msgspec.Struct, array_like=True, frozen=True):
+    """A blob a worker reads from the service itself, with its endpoint's credential: where the
+    worker runs beside the daemon, arguments go from the service straight into the value they
+    make, as they are uploaded, instead of through a file the daemon writes first."""
+
+    url: str
+    headers: dict[str, str]
+    ca_file: str | None
+    ref: BlobRef
+
+
+_service_blob_decoder = msgspec.msgpack.Decoder(ServiceBlob)
+
+
+def service_stub(url: str, headers: dict[str, str], ca_file: str | None, ref: BlobRef) -> bytes:
+    """Stands for serialized data in blob ``ref``, read from the service by the worker."""
+    return SERVICE_STUB_HEADER + msgspec.msgpack.encode(ServiceBlob(url, headers, ca_file, ref))
+
+
+def service_blob_of(data: Any) -> ServiceBlob | None:
+    """The blob a service stub names, or None for other data (a daemon makes these stubs, and
+    refuses any payload from the wire whose header names a method it does not allow, as
+    ``service`` never is)."""
+    if isinstance(data, bytes) and data.startswith(SERVICE_STUB_HEADER) and len(data) < 16384:
+        return _service_blob_decoder.decode(data[len(SERVICE_STUB_HEADER):])
+    return None
+
+
+_worker_clients: dict[tuple[str, str | None, tuple[tuple[str, str], ...]], BlobClient] = {}
+_worker_clients_lock = threading.Lock()  # (a thread engine's tasks share the process)
+
+
+def load_service_blob(blob: ServiceBlob, allowed_methods: frozenset[str] | None, what: str) -> Any:
+    """Download and deserialize ``blob`` as it arrives (one client per service and credential
+    in this process, so its connections are reused task after task)."""
+    key = (blob.url, blob.ca_file, tuple(sorted(blob.headers.items())))
+    with _worker_clients_lock:
+        client = _worker_clients.get(key)
+        if client is None:
+            _worker_clients.clear()  # a rotated credential: the old client is no longer asked
+            client = _worker_clients[key] = BlobClient(blob.url, blob.headers, tls_context(blob.url, blob.ca_file),
+                                                       progress=False)
+    return client.load(blob.ref, what, progress=False, allowed_methods=allowed_methods)
 
 
 def _file_pieces(path: Path) -> Iterator[memoryview]:

@@ -82,6 +82,8 @@ class _Worker:
 
 
 class ProcessEngine(Engine):
+    workers_read_blobs = True  # workers on this host: see Engine.workers_read_blobs
+
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.n_workers = int(self.config.get("workers", os.cpu_count() or 1))
