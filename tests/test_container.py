@@ -1,0 +1,200 @@
+"""Workers in a container image (``engine.container``), with real podman: an image built here
+(``FROM scratch`` and a marker file; the host's system, this Python and this checkout mounted
+read-only through ``options``), and tasks that prove from the inside that they run in it: the
+marker, ``TETHER_TASK_ID``, a shell command in its sandbox, MPI ranks, cancel; on the process
+engine, the htex engine and through the Parsl plugin. Config mistakes are refused in words."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import cloudpickle
+import psutil
+import pytest
+
+from tether import Executor, MPIFunction, ShellFunction, TaskCancelled
+from tether.local import LocalStack
+
+from conftest import MPI_MISSING, home_env, tether_cli, wait_for
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKER = "tether container marker " + uuid.uuid4().hex[:8]
+PODMAN_MISSING = None if shutil.which("podman") else "podman is not installed (apt-get install podman; .ci/podman-setup.sh)"
+pytestmark = pytest.mark.skipif(PODMAN_MISSING is not None and not os.environ.get("CI"), reason=PODMAN_MISSING or "")
+
+
+def host_mounts() -> list[str]:
+    """``options`` that lend the image this host's system, this Python (the venv's interpreter
+    lives under pyenv) and this checkout, read-only: the image itself holds only the marker."""
+    dirs = ["/usr", "/lib", "/lib64", "/bin", os.path.realpath(sys.base_prefix), sys.prefix, str(ROOT)]
+    out: list[str] = []
+    for d in dict.fromkeys(d for d in dirs if os.path.isdir(d)):
+        out += ["--volume", f"{d}:{d}:ro"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A local image with only the marker in it (no registry is reachable from CI)."""
+    context = tmp_path_factory.mktemp("image")
+    (context / "marker").write_text(MARKER)
+    (context / "Containerfile").write_text("FROM scratch\nCOPY marker /etc/tether-marker\n")
+    tag = f"localhost/tether-test-marker:{uuid.uuid4().hex[:8]}"
+    subprocess.run(["podman", "build", "-q", "-t", tag, str(context)], check=True, capture_output=True, timeout=120)
+    yield tag
+    subprocess.run(["podman", "rmi", "-f", tag], capture_output=True, timeout=60)
+
+
+def container_yaml(image: str, engine: str = "type: process\n  workers: 2") -> str:
+    options = ", ".join(host_mounts())
+    return f"""engine:
+  {engine}
+  container:
+    type: podman
+    image: {image}
+    python: {sys.executable}
+    options: [{options}]
+heartbeat_s: 0.5
+"""
+
+
+def inside() -> dict:
+    """Runs in the task: what only the image, the task's environment and its context hold."""
+    from tether.runtime import current_task
+
+    with open("/etc/tether-marker") as fh:
+        marker = fh.read()
+    return {"marker": marker, "task_id": os.environ.get("TETHER_TASK_ID"), "pid": os.getpid(),
+            "sandbox": current_task().sandbox}
+
+
+SHELL = ShellFunction('cat /etc/tether-marker; echo; echo "$TETHER_TASK_ID"; pwd; echo made > here.txt; cat here.txt',
+                      walltime=60)
+
+
+def check_task(ex: Executor) -> None:
+    fut = ex.submit(inside)
+    got = fut.result(timeout=120)
+    assert got["marker"] == MARKER  # only the image has this file
+    assert got["task_id"] == fut.task_id
+    fut = ex.submit(SHELL)
+    r = fut.result(timeout=120)
+    assert r.returncode == 0, r.stderr
+    marker, task_id, cwd, made = r.stdout.splitlines()
+    assert (marker, task_id, made) == (MARKER, fut.task_id, "made")
+    assert cwd.endswith(f"/tasks/{fut.task_id}")
+
+
+@pytest.fixture(scope="module")
+def process_stack(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    from parsl_stack import engine_stack
+
+    with engine_stack(tmp_path_factory.mktemp("home"), container_yaml(image)) as stack:
+        yield stack
+
+
+@pytest.fixture
+def process_executor(process_stack: LocalStack) -> Iterator[Executor]:
+    with Executor(endpoint_id=process_stack.endpoint_id, service=process_stack.service_url,
+                  token=process_stack.token) as ex:
+        yield ex
+
+
+@pytest.mark.timeout(240)
+def test_process_engine_runs_tasks_in_the_image(process_executor: Executor) -> None:
+    check_task(process_executor)
+    # the function's body reaches a worker once; later tasks of it run too
+    assert [f.result(timeout=120)["marker"] for f in [process_executor.submit(inside) for _ in range(6)]] == [MARKER] * 6
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(MPI_MISSING is not None and not os.environ.get("CI"), reason=MPI_MISSING or "")
+def test_mpi_ranks_run_in_the_image(process_executor: Executor) -> None:
+    process_executor.resource_specification = {"num_ranks": 2}
+    try:
+        r = process_executor.submit(MPIFunction("cat /etc/tether-marker", walltime=60)).result(timeout=120)
+    finally:
+        process_executor.resource_specification = None
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(MARKER) == 2, r.stdout  # once per rank
+
+
+def _sleeping(pattern: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if pattern in " ".join(proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
+
+
+@pytest.mark.timeout(240)
+def test_cancel_kills_the_task_in_the_image(process_executor: Executor) -> None:
+    seconds = 300 + int(uuid.uuid4().int % 1000)  # a command line no other test runs
+    fut = process_executor.submit(ShellFunction(f"cat /etc/tether-marker && sleep {seconds}"))
+    wait_for(lambda: _sleeping(f"sleep {seconds}"), timeout=120, what="the command to start in the container")
+    fut.cancel()
+    with pytest.raises(TaskCancelled):
+        fut.result(timeout=30)
+    wait_for(lambda: not _sleeping(f"sleep {seconds}"), timeout=30, what="the cancelled command to end")
+    check_task(process_executor)  # the replacement worker is in the image too
+
+
+@pytest.mark.timeout(300)
+def test_htex_engine_runs_tasks_in_the_image(image: str, tmp_path: Path) -> None:
+    from parsl_stack import engine_stack
+
+    yaml = container_yaml(image, "type: htex\n  max_workers_per_node: 1\n  provider: "
+                                 "{type: LocalProvider, init_blocks: 1, min_blocks: 0, max_blocks: 1}")
+    with engine_stack(tmp_path / "home", yaml) as stack, \
+            Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token) as ex:
+        check_task(ex)
+        # a Parsl app through the plugin, to the same endpoint
+        import parsl
+        from parsl import python_app
+
+        from parsl_stack import loaded, tether_executor
+
+        @python_app(executors=["tether"])
+        def read_marker() -> str:
+            with open("/etc/tether-marker") as fh:
+                return fh.read() + "|" + os.environ["TETHER_TASK_ID"]
+
+        with loaded(tmp_path, tether_executor(stack)):
+            marker, task_id = read_marker().result(timeout=120).split("|")
+        assert marker == MARKER and task_id
+        assert parsl is not None
+
+
+BAD = {
+    "type: podmn\n    image: x": "'podmn' is not a container runtime Tether knows; choose one of podman",
+    "type: podman": "engine.container.image: missing",
+    "type: apptainer\n    image: x.sif": "apptainer is not installed on this host",
+    "type: custom\n    cmd: run-it": "needs cmd, a shell command with {command}",
+    "type: podman\n    image: x\n    optons: []": "engine.container.optons: unknown key",
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("container", list(BAD))
+def test_bad_container_config_is_refused_in_words(container: str, tmp_path: Path) -> None:
+    if container.startswith("type: apptainer") and shutil.which("apptainer"):
+        pytest.skip("apptainer is installed here")
+    env = {**home_env(tmp_path), "COLUMNS": "1000"}  # messages unwrapped
+    tether_cli(env, "endpoint", "configure", "box", "--engine", "process")
+    config = tmp_path / "endpoints" / "box" / "config.yaml"
+    config.write_text(f"engine:\n  type: process\n  container:\n    {container}\n")
+    started = time.monotonic()
+    out = tether_cli(env, "endpoint", "start", "box", "--detach", check=False)
+    assert out.returncode != 0
+    assert BAD[container] in out.stdout + out.stderr
+    assert str(config) in out.stdout + out.stderr
+    assert time.monotonic() - started < 60
