@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import time
 import uuid
@@ -23,55 +22,27 @@ from tether import Executor, MPIFunction, ShellFunction, TaskCancelled
 from tether.local import LocalStack
 
 from conftest import MPI_MISSING, home_env, tether_cli, wait_for
+from container_image import container_yaml, marker_image
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-ROOT = Path(__file__).resolve().parents[1]
 MARKER = "tether container marker " + uuid.uuid4().hex[:8]
-PODMAN_MISSING = None if shutil.which("podman") else "podman is not installed (apt-get install podman; .ci/podman-setup.sh)"
+PODMAN_MISSING = None if shutil.which("podman") else (
+    "podman is not installed (apt-get install podman runc; .ci/podman-setup.sh configures it)")
 pytestmark = pytest.mark.skipif(PODMAN_MISSING is not None and not os.environ.get("CI"), reason=PODMAN_MISSING or "")
 
 
-def host_mounts() -> list[str]:
-    """``options`` that lend the image this host's system, this Python (the venv's interpreter
-    lives under pyenv) and this checkout, read-only: the image itself holds only the marker."""
-    dirs = ["/usr", "/lib", "/lib64", "/bin", os.path.realpath(sys.base_prefix), sys.prefix, str(ROOT)]
-    out: list[str] = []
-    for d in dict.fromkeys(d for d in dirs if os.path.isdir(d)):
-        out += ["--volume", f"{d}:{d}:ro"]
-    return out
-
-
 @pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A local image with only the marker in it (no registry is reachable from CI)."""
-    context = tmp_path_factory.mktemp("image")
-    (context / "marker").write_text(MARKER)
-    (context / "Containerfile").write_text("FROM scratch\nCOPY marker /etc/tether-marker\n")
-    tag = f"localhost/tether-test-marker:{uuid.uuid4().hex[:8]}"
-    subprocess.run(["podman", "build", "-q", "-t", tag, str(context)], check=True, capture_output=True, timeout=120)
-    yield tag
-    subprocess.run(["podman", "rmi", "-f", tag], capture_output=True, timeout=60)
-
-
-def container_yaml(image: str, engine: str = "type: process\n  workers: 2") -> str:
-    options = ", ".join(host_mounts())
-    return f"""engine:
-  {engine}
-  container:
-    type: podman
-    image: {image}
-    python: {sys.executable}
-    options: [{options}]
-heartbeat_s: 0.5
-"""
+def image() -> Iterator[str]:
+    with marker_image(MARKER) as tag:
+        yield tag
 
 
 def inside() -> dict:
     """Runs in the task: what only the image, the task's environment and its context hold."""
     from tether.runtime import current_task
 
-    with open("/etc/tether-marker") as fh:
+    with open("/etc/tether-marker") as fh:  # container_image.MARKER_PATH
         marker = fh.read()
     return {"marker": marker, "task_id": os.environ.get("TETHER_TASK_ID"), "pid": os.getpid(),
             "sandbox": current_task().sandbox}
@@ -113,7 +84,8 @@ def process_executor(process_stack: LocalStack) -> Iterator[Executor]:
 def test_process_engine_runs_tasks_in_the_image(process_executor: Executor) -> None:
     check_task(process_executor)
     # the function's body reaches a worker once; later tasks of it run too
-    assert [f.result(timeout=120)["marker"] for f in [process_executor.submit(inside) for _ in range(6)]] == [MARKER] * 6
+    futures = [process_executor.submit(inside) for _ in range(6)]
+    assert [f.result(timeout=120)["marker"] for f in futures] == [MARKER] * 6
 
 
 @pytest.mark.timeout(240)

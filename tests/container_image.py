@@ -1,0 +1,53 @@
+"""A container image for the container tests and benchmark: ``FROM scratch`` and a marker file,
+built locally with podman (no registry is reachable from CI), and the ``options`` that lend it
+this host's system, this Python (the venv's interpreter lives under pyenv) and this checkout,
+read-only. A task that reads the marker proves it runs in the image."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKER_PATH = "/etc/tether-marker"
+
+
+def host_mounts() -> list[str]:
+    dirs = ["/usr", "/lib", "/lib64", "/bin", os.path.realpath(sys.base_prefix), sys.prefix, str(ROOT)]
+    out: list[str] = []
+    for d in dict.fromkeys(d for d in dirs if os.path.isdir(d)):
+        out += ["--volume", f"{d}:{d}:ro"]
+    return out
+
+
+@contextlib.contextmanager
+def marker_image(marker: str) -> Iterator[str]:
+    """Build an image holding ``marker`` at MARKER_PATH; yield its tag; remove it after."""
+    with tempfile.TemporaryDirectory(prefix="tether-image-") as context:
+        (Path(context) / "marker").write_text(marker)
+        (Path(context) / "Containerfile").write_text(f"FROM scratch\nCOPY marker {MARKER_PATH}\n")
+        tag = f"localhost/tether-test-marker:{uuid.uuid4().hex[:8]}"
+        subprocess.run(["podman", "build", "-q", "-t", tag, context], check=True, capture_output=True, timeout=120)
+    try:
+        yield tag
+    finally:
+        subprocess.run(["podman", "rmi", "-f", tag], capture_output=True, timeout=60)
+
+
+def container_yaml(image: str, engine: str = "type: process\n  workers: 2") -> str:
+    """An endpoint's config.yaml: ``engine`` (its lines under ``engine:``) with its workers in ``image``."""
+    return f"""engine:
+  {engine}
+  container:
+    type: podman
+    image: {image}
+    python: {sys.executable}
+    options: [{", ".join(host_mounts())}]
+heartbeat_s: 0.5
+"""
