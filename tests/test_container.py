@@ -108,15 +108,20 @@ def _sleeping(pattern: str) -> list[psutil.Process]:
     return found
 
 
-@pytest.mark.timeout(240)
-def test_cancel_kills_the_task_in_the_image(process_executor: Executor) -> None:
+def cancel_running(ex: Executor) -> None:
+    """A command running in the image is killed by cancel."""
     seconds = 300 + int(uuid.uuid4().int % 1000)  # a command line no other test runs
-    fut = process_executor.submit(ShellFunction(f"cat /etc/tether-marker && sleep {seconds}"))
+    fut = ex.submit(ShellFunction(f"cat /etc/tether-marker && sleep {seconds}"))
     wait_for(lambda: _sleeping(f"sleep {seconds}"), timeout=120, what="the command to start in the container")
     fut.cancel()
     with pytest.raises(TaskCancelled):
         fut.result(timeout=30)
     wait_for(lambda: not _sleeping(f"sleep {seconds}"), timeout=30, what="the cancelled command to end")
+
+
+@pytest.mark.timeout(240)
+def test_cancel_kills_the_task_in_the_image(process_executor: Executor) -> None:
+    cancel_running(process_executor)
     check_task(process_executor)  # the replacement worker is in the image too
 
 
@@ -124,10 +129,12 @@ def test_cancel_kills_the_task_in_the_image(process_executor: Executor) -> None:
 def test_htex_engine_runs_tasks_in_the_image(image: str, tmp_path: Path) -> None:
     from parsl_stack import engine_stack
 
-    yaml = container_yaml(image, "type: htex\n  max_workers_per_node: 1\n  provider: "
+    yaml = container_yaml(image, "type: htex\n  max_workers_per_node: 1\n  heartbeat_period: 1\n  provider: "
                                  "{type: LocalProvider, init_blocks: 1, min_blocks: 0, max_blocks: 1}")
     with engine_stack(tmp_path / "home", yaml) as stack, \
             Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token) as ex:
+        check_task(ex)
+        cancel_running(ex)  # by the pid the worker reported: the image shares the host's pids
         check_task(ex)
         # a Parsl app through the plugin, to the same endpoint
         import parsl
