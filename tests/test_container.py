@@ -177,3 +177,16 @@ def test_bad_container_config_is_refused_in_words(container: str, tmp_path: Path
     assert BAD[container] in out.stdout + out.stderr
     assert str(config) in out.stdout + out.stderr
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.timeout(240)
+def test_dask_task_runs_in_the_image(process_stack: LocalStack) -> None:
+    pytest.importorskip("distributed", reason="the Dask plugin needs pip install 'tether[dask]'")
+    from distributed import Client
+
+    from tether.dask import TetherCluster
+
+    with TetherCluster(endpoint_id=process_stack.endpoint_id, service=process_stack.service_url,
+                       token=process_stack.token) as cluster, Client(cluster) as client:
+        got = client.submit(inside, pure=False).result(timeout=120)
+    assert got["marker"] == MARKER and got["task_id"]
