@@ -219,6 +219,7 @@ def write_default_config(name: str, engine: str = "process", workers: int | None
 engine:
   type: {engine}          # thread | process
   workers: {workers}            # tasks that run at once
+  # container: {{type: podman, image: NAME, options: []}}   # workers in an image (docs/endpoint-admin.md)
 heartbeat_s: 5           # how often capacity and versions are reported to the service
 retries_on_worker_loss: 0   # re-run a task whose worker process died under it
 python_sandbox: false    # true: each Python function runs in tasks/<task id>/ (shell commands always do)

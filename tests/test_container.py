@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from tether import Executor, MPIFunction, ShellFunction, TaskCancelled
+from tether.endpoint.engines.container_worker import ContainerExited
 from tether.local import LocalStack
 
 from conftest import MPI_MISSING, home_env, tether_cli, wait_for
@@ -151,6 +152,22 @@ def test_htex_engine_runs_tasks_in_the_image(image: str, tmp_path: Path) -> None
             marker, task_id = read_marker().result(timeout=120).split("|")
         assert marker == MARKER and task_id
         assert parsl is not None
+
+
+@pytest.mark.timeout(240)
+def test_an_image_that_cannot_start_fails_tasks_in_words(image: str, tmp_path: Path) -> None:
+    from parsl_stack import engine_stack
+
+    missing = "localhost/tether-no-such-image:1"
+    with engine_stack(tmp_path / "home", container_yaml(missing, "type: process\n  workers: 1")) as stack, \
+            Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token) as ex:
+        with pytest.raises(ContainerExited) as info:
+            ex.submit(inside).result(timeout=120)
+        assert "the worker's container ended" in str(info.value)
+        assert missing in str(info.value)  # podman's own words name the image it could not find
+        # the endpoint keeps serving: the next task is tried (and fails) the same way
+        with pytest.raises(ContainerExited):
+            ex.submit(inside).result(timeout=120)
 
 
 BAD = {

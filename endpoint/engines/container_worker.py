@@ -58,6 +58,7 @@ class ContainerRunner:
     def start(self) -> None:
         """Start the container (at the worker's start: its start-up overlaps the first task's wait)."""
         self.known = set()
+        self.relay: threading.Thread | None = None
         self.tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
         try:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -66,8 +67,9 @@ class ContainerRunner:
             self.proc = None
             self.tail.append(f"cannot run {self.argv[0]!r}: {exc}")
             return
-        threading.Thread(target=self._relay_stderr, args=(self.proc, self.tail), daemon=True,
-                         name="tether-container-stderr").start()
+        self.relay = threading.Thread(target=self._relay_stderr, args=(self.proc, self.tail), daemon=True,
+                                      name="tether-container-stderr")
+        self.relay.start()
         self.tasks = Connection(os.dup(self.proc.stdin.fileno()), readable=False)  # type: ignore[union-attr]
         self.results = Connection(os.dup(self.proc.stdout.fileno()), writable=False)  # type: ignore[union-attr]
         self.proc.stdin.close()  # type: ignore[union-attr]
@@ -112,9 +114,11 @@ class ContainerRunner:
                 code = self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
+            if self.relay is not None:
+                self.relay.join(timeout=5)  # its last words, which say why
         said = "\n".join(self.tail) or "(nothing on stderr)"
-        return (f"the worker's container ended (exit code {code}) while running this task; the command was "
-                f"{' '.join(self.argv)}\nits last output:\n{said}")
+        return (f"the worker's container ended (exit code {code}) before this task's result; its last "
+                f"output:\n{said}\nThe command was: {' '.join(self.argv)}")
 
 
 def _exit_on_hangup() -> None:
