@@ -6,8 +6,10 @@
 # passes the endpoint's `container.options` to podman as they are.
 set -euo pipefail
 
-if ! command -v podman >/dev/null 2>&1 || ! [ -x /usr/sbin/runc ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO=sudo
+if ! command -v podman >/dev/null 2>&1 || ! { command -v runc >/dev/null 2>&1 || [ -x /usr/sbin/runc ]; }; then
+  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc
 fi
 
 nofile=$(ulimit -Hn); nproc=$(ulimit -Hu)
@@ -15,11 +17,11 @@ limit() {  # at most 4096, and never above the host's hard limit
   local hard=$1
   if [ "$hard" = unlimited ] || [ "$hard" -gt 4096 ]; then echo 4096; else echo "$hard"; fi
 }
-mkdir -p /etc/containers
+$SUDO mkdir -p /etc/containers
 conf=/etc/containers/containers.conf
 if ! grep -q "tether-ci" "$conf" 2>/dev/null; then
-  [ -f "$conf" ] && cp "$conf" "$conf.before-tether-ci"
-  cat > "$conf" <<CONF
+  if [ -f "$conf" ]; then $SUDO cp "$conf" "$conf.before-tether-ci"; fi
+  $SUDO tee "$conf" >/dev/null <<CONF
 # written by tether's .ci/podman-setup.sh (tether-ci)
 [containers]
 default_ulimits = ["nofile=$(limit "$nofile"):$(limit "$nofile")", "nproc=$(limit "$nproc"):$(limit "$nproc")"]
@@ -32,4 +34,4 @@ CONF
 fi
 
 # a smoke test that says what is wrong here rather than in the middle of a test
-podman info >/dev/null
+$SUDO podman info >/dev/null
