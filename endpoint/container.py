@@ -51,6 +51,10 @@ KEYS = {
 }
 #: variables a worker reads, passed into the image when the endpoint has them
 PASSED_ENV = ("TETHER_SPILL_DIR", "TETHER_PARSL_RUN", "TETHER_LOG_LEVEL", "PYTHONUNBUFFERED")
+#: what Parsl's MPI mode reads to find a batch job's nodes (``mpi_resource_management``), passed
+#: by name: podman and docker take the value from where the runtime starts (the job's node), if set
+SCHEDULER_ENV = ("PBS_NODEFILE", "PBS_JOBID", "SLURM_JOB_ID", "SLURM_JOBID", "SLURM_NODELIST", "SLURM_JOB_NODELIST",
+                 "SLURM_JOB_NUM_NODES", "LSB_JOBID", "LSB_HOSTS", "LSB_MCPU_HOSTS")
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,8 @@ class ContainerSpec:
         for name in PASSED_ENV:
             if name in os.environ:
                 out += ["--env", name]
+        for name in SCHEDULER_ENV:
+            out += ["--env", name]
         return [*out, *self.options, str(self.image)]
 
     def executable(self) -> str:

@@ -155,6 +155,24 @@ def test_htex_engine_runs_tasks_in_the_image(image: str, tmp_path: Path) -> None
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.skipif(MPI_MISSING is not None and not os.environ.get("CI"), reason=MPI_MISSING or "")
+def test_mpi_engine_ranks_run_in_the_image(image: str, tmp_path: Path) -> None:
+    from parsl_stack import engine_stack
+
+    yaml = container_yaml(image, "type: mpi\n  mpi_launcher: mpiexec\n  max_workers_per_block: 1\n  provider: "
+                                 "{type: LocalProvider, max_blocks: 1, launcher: {type: SimpleLauncher}}")
+    # Parsl's prefix names a bare mpiexec: the image's PATH must hold it (here: the venv's mpich wheel)
+    ranks = MPIFunction("cat /etc/tether-marker", env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"},
+                        walltime=60)
+    with engine_stack(tmp_path / "home", yaml) as stack, \
+            Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token,
+                     resource_specification={"num_nodes": 1, "num_ranks": 2}) as ex:
+        r = ex.submit(ranks).result(timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(MARKER) == 2, r.stdout  # once per rank
+
+
+@pytest.mark.timeout(240)
 def test_an_image_that_cannot_start_fails_tasks_in_words(image: str, tmp_path: Path) -> None:
     from parsl_stack import engine_stack
 
