@@ -87,6 +87,8 @@ def test_process_engine_runs_tasks_in_the_image(process_executor: Executor) -> N
     # the function's body reaches a worker once; later tasks of it run too
     futures = [process_executor.submit(inside) for _ in range(6)]
     assert [f.result(timeout=120)["marker"] for f in futures] == [MARKER] * 6
+    # a result past the blob threshold comes back from inside the image
+    assert process_executor.submit(os.urandom, 9 << 20).result(timeout=120).__len__() == 9 << 20
 
 
 @pytest.mark.timeout(240)
