@@ -31,7 +31,12 @@ def marker_image(marker: str) -> Iterator[str]:
     """Build an image holding ``marker`` at MARKER_PATH; yield its tag; remove it after."""
     with tempfile.TemporaryDirectory(prefix="tether-image-") as context:
         (Path(context) / "marker").write_text(marker)
-        (Path(context) / "Containerfile").write_text(f"FROM scratch\nCOPY marker {MARKER_PATH}\n")
+        # the accounts a real image has (Snakemake looks its user up)
+        uid, gid = os.getuid(), os.getgid()
+        (Path(context) / "passwd").write_text(f"root:x:0:0:root:/root:/bin/sh\nuser:x:{uid}:{gid}::/tmp:/bin/sh\n")
+        (Path(context) / "group").write_text(f"root:x:0:\nuser:x:{gid}:\n")
+        (Path(context) / "Containerfile").write_text(
+            f"FROM scratch\nCOPY marker {MARKER_PATH}\nCOPY passwd /etc/passwd\nCOPY group /etc/group\n")
         tag = f"localhost/tether-test-marker:{uuid.uuid4().hex[:8]}"
         subprocess.run(["podman", "build", "-q", "-t", tag, context], check=True, capture_output=True, timeout=120)
     try:
@@ -40,14 +45,18 @@ def marker_image(marker: str) -> Iterator[str]:
         subprocess.run(["podman", "rmi", "-f", tag], capture_output=True, timeout=60)
 
 
-def container_yaml(image: str, engine: str = "type: process\n  workers: 2") -> str:
-    """An endpoint's config.yaml: ``engine`` (its lines under ``engine:``) with its workers in ``image``."""
+def container_yaml(image: str, engine: str = "type: process\n  workers: 2", shared: str | None = None,
+                   extra: tuple[str, ...] = ()) -> str:
+    """An endpoint's config.yaml: ``engine`` (its lines under ``engine:``) with its workers in ``image``;
+    ``shared``: a directory mounted read-write too (a workflow's, as a shared filesystem would be);
+    ``extra``: more options for podman."""
+    options = host_mounts() + (["--volume", f"{shared}:{shared}"] if shared else []) + list(extra)
     return f"""engine:
   {engine}
   container:
     type: podman
     image: {image}
     python: {sys.executable}
-    options: [{", ".join(host_mounts())}]
+    options: [{", ".join(options)}]
 heartbeat_s: 0.5
 """

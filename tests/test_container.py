@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import time
 import uuid
@@ -67,10 +68,16 @@ def check_task(ex: Executor) -> None:
 
 
 @pytest.fixture(scope="module")
-def process_stack(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Seen by the client and, mounted, by the tasks in the image: a shared filesystem's part."""
+    return tmp_path_factory.mktemp("shared")
+
+
+@pytest.fixture(scope="module")
+def process_stack(image: str, workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     from parsl_stack import engine_stack
 
-    with engine_stack(tmp_path_factory.mktemp("home"), container_yaml(image)) as stack:
+    with engine_stack(tmp_path_factory.mktemp("home"), container_yaml(image, shared=str(workdir))) as stack:
         yield stack
 
 
@@ -179,7 +186,8 @@ def test_an_image_that_cannot_start_fails_tasks_in_words(image: str, tmp_path: P
     from parsl_stack import engine_stack
 
     missing = "localhost/tether-no-such-image:1"
-    with engine_stack(tmp_path / "home", container_yaml(missing, "type: process\n  workers: 1")) as stack, \
+    yaml = container_yaml(missing, "type: process\n  workers: 1", extra=("--pull=never",))  # no registry here
+    with engine_stack(tmp_path / "home", yaml) as stack, \
             Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token) as ex:
         with pytest.raises(ContainerExited) as info:
             ex.submit(inside).result(timeout=120)
@@ -227,3 +235,20 @@ def test_dask_task_runs_in_the_image(process_stack: LocalStack) -> None:
                        token=process_stack.token) as cluster, Client(cluster) as client:
         got = client.submit(inside, pure=False).result(timeout=120)
     assert got["marker"] == MARKER and got["task_id"]
+
+
+@pytest.mark.timeout(240)
+def test_snakemake_rule_runs_in_the_image(process_stack: LocalStack, workdir: Path) -> None:
+    pytest.importorskip("snakemake", reason="the Snakemake plugin needs pip install 'tether[snakemake]'")
+    wf = workdir / "snakemake"
+    wf.mkdir()
+    (wf / "Snakefile").write_text(
+        'rule marker:\n    output: "marker.txt"\n'
+        '    shell: "(cat /etc/tether-marker; echo; echo task=$TETHER_TASK_ID) > {output}"\n')
+    env = dict(process_stack.env, TETHER_SERVICE_URL=process_stack.service_url, TETHER_TOKEN=process_stack.token)
+    out = subprocess.run([sys.executable, "-m", "snakemake", "--executor", "tether", "--tether-endpoint-id",
+                          process_stack.endpoint_id, "--jobs", "1"], cwd=wf, env=env, capture_output=True,
+                         text=True, timeout=200, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr
+    marker, task = (wf / "marker.txt").read_text().splitlines()
+    assert marker == MARKER and task.startswith("task=") and len(task) > len("task=")
