@@ -96,6 +96,8 @@ class ProcessEngine(Engine):
         self.retries: dict[str, int] = {}
         self.stopping = False
         self.container_argv = process_worker_command(self.config)  # None: workers run on this host
+        # in a container, workers may not reach the service (or see its CA): they read files
+        self.workers_read_blobs = self.container_argv is None
         for _ in range(self.n_workers):
             self.workers.append(self._spawn())
 
