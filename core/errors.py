@@ -39,6 +39,16 @@ class InvalidResourceSpecification(TetherError, ValueError):
     """A resource specification has unknown keys or values that cannot be satisfied."""
 
 
+class InvalidEnvironment(TetherError, ValueError):
+    """An environment request (``Executor(environment=...)``) is malformed: said before it is sent."""
+
+
+class EnvironmentUnavailable(TetherError):
+    """The endpoint cannot give a task the environment it asked for: environments are off there,
+    no interpreter of that Python version is allowed, or building it failed (the installer's
+    own message is in the text)."""
+
+
 class SerializationError(TetherError):
     """A function, its arguments or its result could not be (de)serialized."""
 
