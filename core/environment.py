@@ -26,6 +26,7 @@ from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, packages_distributions, version
 from typing import Annotated, Any
 
+import cloudpickle
 import msgspec
 from msgspec import Meta, Struct
 
@@ -129,6 +130,19 @@ def _top(name: str | None) -> str | None:
     return name.split(".", 1)[0] if name else None
 
 
+def _by_value(obj: Any) -> bool:
+    """Does cloudpickle send ``obj``'s code itself (then what the code uses matters), or a
+    reference to its module? Its own answer where it has one (a private function, checked with
+    cloudpickle 3.0-3.1); otherwise: functions of ``__main__`` and functions defined in functions."""
+    decide = getattr(getattr(cloudpickle, "cloudpickle", None), "_should_pickle_by_reference", None)
+    if decide is not None:
+        try:
+            return not decide(obj)
+        except Exception:  # noqa: BLE001 - a cloudpickle that changed its mind: fall back
+            pass
+    return obj.__module__ in ("__main__", "__mp_main__") or "<locals>" in obj.__qualname__
+
+
 def _add(found: set[str], module: str | None) -> None:
     top = _top(module)
     if top and top not in ("__main__", "builtins", "__mp_main__"):
@@ -145,7 +159,7 @@ def _visit(obj: Any, found: set[str], seen: set[int]) -> None:
     fn = getattr(obj, "__func__", obj)  # bound methods
     if isinstance(fn, type):
         _add(found, fn.__module__)
-        if fn.__module__ in ("__main__", "__mp_main__"):  # pickled by value: what its methods use travels too
+        if _by_value(fn):  # its methods' code travels: what they use matters
             for member in vars(fn).values():
                 if isinstance(member, types.FunctionType | staticmethod | classmethod):
                     _visit(getattr(member, "__func__", member), found, seen)
@@ -158,7 +172,7 @@ def _visit(obj: Any, found: set[str], seen: set[int]) -> None:
             _visit(obj.func, found, seen)
         return
     _add(found, fn.__module__)
-    if fn.__module__ not in ("__main__", "__mp_main__"):
+    if not _by_value(fn):
         return  # pickled by reference: its module's distribution is all it needs
     for cell in fn.__closure__ or ():
         try:

@@ -89,21 +89,23 @@ def find_uv(configured: str | None = None) -> str | None:
     return str(beside) if beside.exists() else shutil.which("uv")
 
 
-def tether_source() -> str:
-    """What to install so the environment has this Tether: the local checkout or file it was
-    installed from (editable if it was), else this release from the index."""
+def tether_source() -> list[str]:
+    """What uv installs so the environment runs this very Tether (its workers must speak the
+    daemon's protocol): the checkout this code runs from, editable, when it runs from one; else
+    the file it was installed from; else this release from the index."""
+    import tether
+
+    checkout = Path(tether.__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").exists() and (checkout / "endpoint").is_dir():
+        return ["-e", str(checkout)]
     try:
         dist = distribution("tether")
-    except PackageNotFoundError:  # running from a source tree without an install
-        return str(Path(__file__).resolve().parent.parent)
-    text = dist.read_text("direct_url.json")
-    if text:
-        info = json.loads(text)
-        url = info.get("url", "")
-        if url.startswith("file://"):
-            path = url[len("file://"):]
-            return f"-e {path}" if info.get("dir_info", {}).get("editable") else path
-    return f"tether=={dist.version}"
+    except PackageNotFoundError:
+        return [f"tether=={tether.__version__}"]
+    info = json.loads(dist.read_text("direct_url.json") or "{}")
+    if str(info.get("url", "")).startswith("file://"):
+        return [info["url"][len("file://"):]]
+    return [f"tether=={dist.version}"]
 
 
 def directory_size(path: Path) -> int:
@@ -197,11 +199,15 @@ class EnvironmentCache:
         venv = where / "venv"
         started = time.monotonic()
         index = ["--index-url", self.settings.index_url] if self.settings.index_url else []
-        source = tether_source().split(" ", 1)
+        source = tether_source()
         logfile = where / BUILD_LOG
-        await self._run(logfile, [uv, "venv", "--no-project", "--python", interpreter, str(venv)])
-        await self._run(logfile, [uv, "pip", "install", "--python", str(venv / "bin" / "python"), *index,
-                                  *source, *request.requirements])
+        try:
+            await self._run(logfile, [uv, "venv", "--no-project", "--python", interpreter, str(venv)])
+            await self._run(logfile, [uv, "pip", "install", "--python", str(venv / "bin" / "python"), *index,
+                                      *source, *request.requirements])
+        except BaseException:  # the build log stays, for the administrator; the rest goes
+            await asyncio.to_thread(shutil.rmtree, venv, True)
+            raise
         built_s = time.monotonic() - started
         manifest = {"python": request.python, "requirements": request.requirements, "interpreter": interpreter,
                     "built_at": time.time(), "build_s": round(built_s, 3)}
