@@ -196,7 +196,10 @@ def test_tasks_run_on_the_python_and_packages_they_ask_for_built_once(stack, cli
     assert log.count("$ ") == 2 and log.count(" venv ") == 1  # two tasks at once, one build
     manifest = json.loads((key_dir / MANIFEST).read_text())
 
-    # "match" computes the same request (Python 3.12, packaging 23.2): the cached environment serves it
+    # "match" computes the same request (Python 3.12, packaging 23.2): after a restart (no workers
+    # left from before), the environment cached on disk serves it
+    stack.stop_endpoint("envs")
+    assert stack.start_endpoint("envs") == endpoint_id
     assert _run_client(client312, stack, endpoint_id, "match", tmp_path) == [[[3, 12], "23.2"]]
     assert json.loads((key_dir / MANIFEST).read_text()) == manifest  # not rebuilt
     assert (key_dir / BUILD_LOG).read_text() == log
