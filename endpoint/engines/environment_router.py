@@ -42,7 +42,8 @@ class EnvironmentRouter(Engine):
         self.cache = cache
         self.config_path = config_path
         self.pools: dict[str, EnvironmentPool] = {}
-        self.last_used: dict[str, float] = {}
+        self.last_used: dict[str, float] = {}  # environment key -> when a task last came or went
+        self.touched: dict[str, float] = {}  # environment key -> when its directory was last touched
         self.waiting: dict[str, list[TaskSpec]] = {}  # environment key -> tasks waiting for its build
         self.placed: dict[str, str] = {}  # task id -> environment key, while it runs in a pool
         self._watcher: asyncio.Task[None] | None = None
@@ -116,8 +117,10 @@ class EnvironmentRouter(Engine):
     def _on_pool_result(self, result: Result) -> None:
         key = self.placed.pop(result.id, None)
         if key is not None:
-            self.last_used[key] = time.monotonic()
-            self.cache.touch(key)
+            now = self.last_used[key] = time.monotonic()
+            if now - self.touched.get(key, 0.0) >= 1.0:  # the disk's record of use, once a second at most
+                self.touched[key] = now
+                self.cache.touch(key)
         self.on_result(result)
 
     def _fail(self, task_id: str, exc: BaseException) -> None:
