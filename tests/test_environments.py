@@ -33,6 +33,8 @@ from conftest import tether_cli
 
 #: a pure-Python package at a release other than the one this venv has (25.x)
 PINNED = "packaging==23.2"
+#: the client's numpy: another major release than this venv's (2.x), with wheels for 3.12
+NUMPY = "numpy==1.26.4"
 CHECKOUT = Path(tether.__file__).resolve().parent.parent
 
 
@@ -130,7 +132,7 @@ def client312(tmp_path_factory) -> Path:
     python = EnvironmentCache(EnvironmentSettings(), where).find_interpreter("3.12")
     subprocess.run([uv, "venv", "-q", "--python", python, str(where)], check=True, timeout=120)
     subprocess.run([uv, "pip", "install", "-q", "--python", str(where / "bin" / "python"), "-e", str(CHECKOUT),
-                    PINNED], check=True, timeout=600)
+                    PINNED, NUMPY], check=True, timeout=600)
     return where / "bin" / "python"
 
 
@@ -167,19 +169,35 @@ if mode == "explicit":  # two tasks at once for an environment not built yet, th
     with Executor(endpoint_id=endpoint) as ex:
         out.append(ex.submit_task(where, environment={"python": "3.12", "requirements": [PINNED]})
                    .result(timeout=120))
-else:
+elif mode == "match":
     with Executor(endpoint_id=endpoint, environment="match") as ex:
         out = [ex.submit(matched).result(timeout=600)]
+elif mode == "numpy":  # the issue's case: the client's Python and numpy, not the endpoint's
+    import numpy as np
+
+    def with_numpy(n):
+        return [list(sys.version_info[:2]), np.__version__, float(np.arange(n).sum())]
+
+    with Executor(endpoint_id=endpoint, environment="match") as ex:
+        out = [ex.submit(with_numpy, 10).result(timeout=600)]
+    with Executor(endpoint_id=endpoint) as ex:  # without: the endpoint's Python refuses the 3.12 pickle
+        try:
+            ex.submit(with_numpy, 10).result(timeout=60)
+        except Exception as exc:
+            out.append(str(exc).splitlines()[0])
 print(json.dumps(out))
 """.replace("PINNED", repr(PINNED))
 
 
-def _run_client(python: Path, stack: LocalStack, endpoint_id: str, mode: str, tmp_path: Path) -> list:
+def _run_client(python: Path, stack: LocalStack, endpoint_id: str, mode: str, tmp_path: Path,
+                stderr: list[str] | None = None) -> list:
     script = tmp_path / "client.py"
     script.write_text(CLIENT)
     proc = subprocess.run([str(python), str(script), endpoint_id, mode], env=stack.env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
+    if stderr is not None:
+        stderr.append(proc.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -211,6 +229,21 @@ def test_tasks_run_on_the_python_and_packages_they_ask_for_built_once(stack, cli
     assert envs["cached"][0]["bytes"] > 1_000_000
     shown = tether_cli(stack.env, "endpoint", "status", "envs").stdout
     assert key_dir.name in shown and PINNED in shown and "MiB" in shown
+
+
+@needs_uv_and_312
+@pytest.mark.timeout(600)
+def test_match_runs_on_the_clients_python_and_numpy_not_the_endpoints(stack, client312, env_endpoint, tmp_path):
+    import numpy
+
+    endpoint_id, _ = env_endpoint
+    assert sys.version_info[:2] == (3, 11) and numpy.__version__.startswith("2.")  # the endpoint's daemon
+    said: list[str] = []
+    matched, without = _run_client(client312, stack, endpoint_id, "numpy", tmp_path, said)
+    assert matched == [[3, 12], NUMPY.split("==")[1], 45.0]
+    assert "VersionMismatch" in without and "serialized by Python 3.12 but is being loaded by Python 3.11" in without
+    assert "runs Python 3.11 but this client runs Python 3.12" in said[0]  # before the first task, as before
+    assert "environment='match'" in said[0]
 
 
 @needs_uv_and_312
