@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import cloudpickle
+import psutil
 import pytest
 import yaml
 
@@ -29,7 +30,7 @@ from tether.environment import EnvironmentRequest, imported_modules, match_envir
 from tether.errors import ConfigError
 from tether.local import LocalStack
 
-from conftest import tether_cli
+from conftest import tether_cli, wait_for
 
 #: a pure-Python package at a release other than the one this venv has (25.x)
 PINNED = "packaging==23.2"
@@ -136,6 +137,10 @@ def client312(tmp_path_factory) -> Path:
     return where / "bin" / "python"
 
 
+#: the test endpoint's environment workers stop after this long without a task
+IDLE_S = 2.0
+
+
 @pytest.fixture(scope="module")
 def env_endpoint(stack: LocalStack, tmp_path_factory) -> tuple[str, Path]:
     """An endpoint beside the stack's that builds environments into a cache of its own."""
@@ -143,7 +148,7 @@ def env_endpoint(stack: LocalStack, tmp_path_factory) -> tuple[str, Path]:
     stack.configure_endpoint("process", 1, name="envs")
     config = stack.endpoint_dir("envs") / "config.yaml"
     config.write_text(config.read_text() + yaml.safe_dump(
-        {"environments": {"enabled": True, "cache_dir": str(cache), "workers": 1}}))
+        {"environments": {"enabled": True, "cache_dir": str(cache), "workers": 1, "idle_timeout_s": IDLE_S}}))
     endpoint_id = stack.start_endpoint("envs")
     yield endpoint_id, cache
     stack.stop_endpoint("envs")
@@ -224,9 +229,9 @@ def test_tasks_run_on_the_python_and_packages_they_ask_for_built_once(stack, cli
 
     status = tether_cli(stack.env, "endpoint", "status", "envs", "--json")
     envs = json.loads(status.stdout)["environments"]
-    assert envs["enabled"] and [(e["key"], e["python"], e["requirements"]) for e in envs["cached"]] == [
-        (key_dir.name, "3.12", [PINNED])]
-    assert envs["cached"][0]["bytes"] > 1_000_000
+    (entry,) = [e for e in envs["cached"] if e["key"] == key_dir.name]
+    assert envs["enabled"] and (entry["python"], entry["requirements"]) == ("3.12", [PINNED])
+    assert entry["bytes"] > 1_000_000 and envs["total_bytes"] >= entry["bytes"]
     shown = tether_cli(stack.env, "endpoint", "status", "envs").stdout
     assert key_dir.name in shown and PINNED in shown and "MiB" in shown
 
@@ -244,6 +249,26 @@ def test_match_runs_on_the_clients_python_and_numpy_not_the_endpoints(stack, cli
     assert "VersionMismatch" in without and "serialized by Python 3.12 but is being loaded by Python 3.11" in without
     assert "runs Python 3.11 but this client runs Python 3.12" in said[0]  # before the first task, as before
     assert "environment='match'" in said[0]
+
+
+def _environment_workers(stack: LocalStack) -> list[psutil.Process]:
+    found = []
+    for child in psutil.Process(stack.endpoint_pid("envs")).children():
+        try:
+            if "environment_worker" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:  # gone, or a zombie on its way out
+            continue
+    return found
+
+
+@needs_uv_and_312
+@pytest.mark.timeout(300)
+def test_idle_environment_workers_stop_and_start_again(stack, client312, env_endpoint, tmp_path):
+    endpoint_id, _ = env_endpoint
+    assert _run_client(client312, stack, endpoint_id, "match", tmp_path) == [[[3, 12], "23.2"]]
+    wait_for(lambda: not _environment_workers(stack), timeout=IDLE_S + 15, what="idle environment workers to stop")
+    assert _run_client(client312, stack, endpoint_id, "match", tmp_path) == [[[3, 12], "23.2"]]
 
 
 @needs_uv_and_312

@@ -128,7 +128,7 @@ class EnvironmentRouter(Engine):
 
     async def _stop_idle_pools(self) -> None:
         while True:
-            await asyncio.sleep(IDLE_CHECK_S)
+            await asyncio.sleep(min(IDLE_CHECK_S, self.settings.idle_timeout_s / 2))
             now = time.monotonic()
             for key, pool in list(self.pools.items()):
                 if pool.idle() and now - self.last_used.get(key, now) >= self.settings.idle_timeout_s:
