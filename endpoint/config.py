@@ -88,7 +88,8 @@ SCHEMA: dict[str, Any] = {
             "workers": {"type": "integer", "minimum": 1, "maximum": 4096},
             "idle_timeout_s": {"type": "number", "exclusiveMinimum": 0},
             "build_timeout_s": {"type": "number", "exclusiveMinimum": 0},
-            "uv": {"type": "string", "minLength": 1}}},
+            "uv": {"type": "string", "minLength": 1},
+            "system_certs": {"type": "boolean"}}},
         # the administrator's commands around the daemon (endpoint/hooks.py)
         "endpoint_setup": {"type": "string", "minLength": 1},
         "endpoint_teardown": {"type": "string", "minLength": 1},

@@ -62,6 +62,8 @@ class EnvironmentSettings:
     idle_timeout_s: float = 300.0  # an environment's workers stop when it has had no task this long
     build_timeout_s: float = 900.0
     uv: str | None = None  # the uv binary; default: the one beside this Python, or on PATH
+    #: uv trusts the host's certificate store (a site's own CA, a proxy's), not only its bundled roots
+    system_certs: bool = True
 
     @classmethod
     def from_config(cls, data: dict[str, Any] | None) -> EnvironmentSettings:
@@ -89,15 +91,27 @@ def find_uv(configured: str | None = None) -> str | None:
     return str(beside) if beside.exists() else shutil.which("uv")
 
 
-def tether_source() -> list[str]:
+#: what a copy of the checkout leaves out (see :func:`tether_source`)
+_NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "venv", "__pycache__", "*.egg-info", "build", "dist", "site",
+                                     ".pytest_cache", ".ruff_cache", ".mypy_cache", "node_modules")
+
+
+def tether_source(scratch: Path) -> list[str]:
     """What uv installs so the environment runs this very Tether (its workers must speak the
-    daemon's protocol): the checkout this code runs from, editable, when it runs from one; else
-    the file it was installed from; else this release from the index."""
+    daemon's protocol): the checkout this code runs from, editable, when it runs from one (a
+    copy of it, installed as it is now, when this user may not write there: building writes
+    into the source tree, and a user endpoint runs as its user, not as the checkout's owner);
+    else the file it was installed from; else this release from the index. ``scratch``: an empty
+    directory of this build, for the copy."""
     import tether
 
     checkout = Path(tether.__file__).resolve().parent.parent
     if (checkout / "pyproject.toml").exists() and (checkout / "endpoint").is_dir():
-        return ["-e", str(checkout)]
+        if os.access(checkout, os.W_OK):
+            return ["-e", str(checkout)]
+        copy = scratch / "tether-source"
+        shutil.copytree(checkout, copy, ignore=_NOT_SOURCE, symlinks=True)
+        return [str(copy)]
     try:
         dist = distribution("tether")
     except PackageNotFoundError:
@@ -199,7 +213,9 @@ class EnvironmentCache:
         venv = where / "venv"
         started = time.monotonic()
         index = ["--index-url", self.settings.index_url] if self.settings.index_url else []
-        source = tether_source()
+        scratch = where / "scratch"
+        scratch.mkdir()
+        source = await asyncio.to_thread(tether_source, scratch)
         logfile = where / BUILD_LOG
         try:
             await self._run(logfile, [uv, "venv", "--no-project", "--python", interpreter, str(venv)])
@@ -208,6 +224,8 @@ class EnvironmentCache:
         except BaseException:  # the build log stays, for the administrator; the rest goes
             await asyncio.to_thread(shutil.rmtree, venv, True)
             raise
+        finally:
+            await asyncio.to_thread(shutil.rmtree, scratch, True)
         built_s = time.monotonic() - started
         manifest = {"python": request.python, "requirements": request.requirements, "interpreter": interpreter,
                     "built_at": time.time(), "build_s": round(built_s, 3)}
@@ -220,6 +238,9 @@ class EnvironmentCache:
         """Run one uv step, its output appended to the build log; a failure raises with uv's words."""
         env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
         env.setdefault("UV_NO_PROGRESS", "1")
+        if self.settings.system_certs:  # both spellings: older uv reads UV_NATIVE_TLS
+            env.setdefault("UV_SYSTEM_CERTS", "1")
+            env.setdefault("UV_NATIVE_TLS", "1")
         proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
                                                     stderr=asyncio.subprocess.STDOUT, env=env)
         try:

@@ -30,7 +30,7 @@ from tether.environment import EnvironmentRequest, imported_modules, match_envir
 from tether.errors import ConfigError
 from tether.local import LocalStack
 
-from conftest import tether_cli, wait_for
+from conftest import multi_user_missing, tether_cli, wait_for
 
 #: a pure-Python package at a release other than the one this venv has (25.x)
 PINNED = "packaging==23.2"
@@ -309,3 +309,54 @@ def test_an_endpoint_that_does_not_build_environments_refuses_in_words(stack: Lo
     assert "does not build environments" in text
     assert "environments: {enabled: true}" in text and str(stack.endpoint_dir() / "config.yaml") in text
     assert issubclass(EnvironmentUnavailable, tether.TetherError)
+
+
+# --- a multi-user endpoint: each user's environments are built in that user's account ----------
+def who_and_where():
+    import os
+    import sys
+
+    import packaging
+
+    return os.getuid(), sys.prefix, packaging.__version__
+
+
+@needs_uv_and_312
+@pytest.mark.skipif(bool(multi_user_missing()) and not os.environ.get("CI"), reason=str(multi_user_missing()))
+@pytest.mark.timeout(300)
+def test_a_user_endpoint_builds_environments_in_the_users_account(stack: LocalStack):
+    import pwd
+
+    local = "tether_alice"
+    try:
+        account = pwd.getpwnam(local)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", local], check=True)
+        account = pwd.getpwnam(local)
+    tether_cli(stack.env, "endpoint", "configure", "mu-envs", "--multi-user", "--force")
+    d = stack.endpoint_dir("mu-envs")
+    (d / "identity_mapping.json").write_text(json.dumps([{
+        "DATA_TYPE": "expression_identity_mapping#1.0.0",
+        "mappings": [{"source": "{username}", "match": "envuser", "output": local}]}]))
+    # the administrator's template turns environments on for every user endpoint, with this interpreter
+    interpreter = EnvironmentCache(EnvironmentSettings(), d).find_interpreter(f"{sys.version_info[0]}."
+                                                                           f"{sys.version_info[1]}")
+    template = d / "user_config_template.yaml.j2"
+    template.write_text(template.read_text() + yaml.safe_dump(
+        {"environments": {"enabled": True, "interpreters": [interpreter]}}))
+    added = tether_cli(stack.env, "service", "user-add", f"envuser-{os.getpid()}", "--json", check=False)
+    if added.returncode != 0:
+        pytest.fail(added.stdout + added.stderr)
+    token = json.loads(added.stdout)["token"]
+    (d / "identity_mapping.json").write_text((d / "identity_mapping.json").read_text().replace(
+        '"envuser"', f'"envuser-{os.getpid()}"'))
+    endpoint_id = stack.start_endpoint("mu-envs")
+    try:
+        with Executor(endpoint_id=endpoint_id, service=stack.service_url, token=token,
+                      environment={"python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+                                   "requirements": [PINNED]}) as ex:
+            uid, prefix, version = ex.submit(who_and_where).result(timeout=240)
+    finally:
+        stack.stop_endpoint("mu-envs")
+    assert (uid, version) == (account.pw_uid, "23.2")
+    assert prefix.startswith(account.pw_dir + "/") and Path(prefix).stat().st_uid == account.pw_uid
