@@ -360,3 +360,31 @@ def test_a_user_endpoint_builds_environments_in_the_users_account(stack: LocalSt
         stack.stop_endpoint("mu-envs")
     assert (uid, version) == (account.pw_uid, "23.2")
     assert prefix.startswith(account.pw_dir + "/") and Path(prefix).stat().st_uid == account.pw_uid
+
+
+def leave_a_mark(path):
+    from pathlib import Path
+
+    Path(path).write_text("ran")
+    return "ran"
+
+
+@needs_uv_and_312
+@pytest.mark.timeout(300)
+def test_a_task_cancelled_while_its_environment_builds_never_runs(stack, env_endpoint, tmp_path):
+    from tether import TaskCancelled
+
+    endpoint_id, cache = env_endpoint
+    this = f"{sys.version_info[0]}.{sys.version_info[1]}"  # this client's Python: its pickles load there
+    request = {"python": this, "requirements": ["packaging==22.0"]}
+    key = EnvironmentRequest(python=this, requirements=["packaging==22.0"]).key()
+    mark = tmp_path / "mark"
+    with Executor(endpoint_id=endpoint_id, service=stack.service_url, token=stack.token, environment=request) as ex:
+        doomed = ex.submit(leave_a_mark, str(mark))
+        wait_for(lambda: (cache / key).exists(), timeout=60, what="the build to start")
+        assert doomed.cancel()
+        with pytest.raises(TaskCancelled):
+            doomed.result(timeout=30)
+        # the build goes on and serves the next task; the cancelled one never ran
+        assert ex.submit(leave_a_mark, str(tmp_path / "other")).result(timeout=240) == "ran"
+    assert not mark.exists() and (cache / key / MANIFEST).exists()
