@@ -19,11 +19,12 @@ from __future__ import annotations
 import dis
 import hashlib
 import json
+import re
 import sys
 import types
 from collections.abc import Iterable
 from functools import lru_cache
-from importlib.metadata import PackageNotFoundError, packages_distributions, version
+from importlib.metadata import PackageNotFoundError, packages_distributions, requires, version
 from typing import Annotated, Any
 
 import cloudpickle
@@ -101,6 +102,9 @@ def requirements_for(modules: Iterable[str]) -> list[str]:
     providers = _providers()
     found: set[str] = set()
     for module in modules:
+        if module.startswith("tether."):  # a plugin's code runs there: what its extra installed here
+            found.update(_extra_requirements(module.split(".")[1]))
+            continue
         if module in sys.stdlib_module_names:
             continue
         for dist in providers.get(module, ()):
@@ -111,6 +115,35 @@ def requirements_for(modules: Iterable[str]) -> list[str]:
             except PackageNotFoundError:
                 continue
     return sorted(found)
+
+
+#: the Tether subpackages whose code may be sent to run remotely, and the extra that installs what they need
+_PLUGIN_EXTRAS = {"parsl": "parsl", "dask": "dask"}
+
+
+@lru_cache(maxsize=8)
+def _extra_requirements(subpackage: str) -> tuple[str, ...]:
+    """What Tether's extra for ``tether.<subpackage>`` installed here, pinned to the installed
+    versions (the Parsl plugin's app wrappers need Parsl and lazy-object-proxy where they run)."""
+    extra = _PLUGIN_EXTRAS.get(subpackage)
+    if extra is None:
+        return ()
+    try:
+        declared = requires("tether") or []
+    except PackageNotFoundError:
+        return ()
+    pins = []
+    for line in declared:
+        if f'extra == "{extra}"' not in line:
+            continue
+        head = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?", line)
+        if head is None:
+            continue
+        try:
+            pins.append(f"{head[1]}{head[2] or ''}=={version(head[1])}")
+        except PackageNotFoundError:
+            continue
+    return tuple(pins)
 
 
 @lru_cache(maxsize=1)
@@ -147,6 +180,8 @@ def _add(found: set[str], module: str | None) -> None:
     top = _top(module)
     if top and top not in ("__main__", "builtins", "__mp_main__"):
         found.add(top)
+    if module and module.startswith("tether."):  # a plugin: its extra's packages (see requirements_for)
+        found.add(".".join(module.split(".")[:2]))
 
 
 def _visit(obj: Any, found: set[str], seen: set[int]) -> None:

@@ -216,7 +216,9 @@ class Executor(concurrent.futures.Executor):
                 blobs: list[str] | None = None, keep_over: int | None = None,
                 environment: str | EnvironmentRequest | None = None) -> TetherFuture:
         spec = spec if spec is not None else self.resource_specification
-        wanted = self._environment_for(fid, fn, environment if environment is not None else self.environment)
+        # this call's, else the resource specification's (how the plugins pass it per task), else the Executor's
+        chosen = environment if environment is not None else (spec or {}).get(ENVIRONMENT_KEY) or self.environment
+        wanted = self._environment_for(fid, fn, _check_environment(chosen))
         if wanted is not None:
             spec = {**(spec or {}), ENVIRONMENT_KEY: wanted.as_data()}
         uec = uec if uec is not None else self.user_endpoint_config

@@ -388,3 +388,31 @@ def test_a_task_cancelled_while_its_environment_builds_never_runs(stack, env_end
         # the build goes on and serves the next task; the cancelled one never ran
         assert ex.submit(leave_a_mark, str(tmp_path / "other")).result(timeout=240) == "ran"
     assert not mark.exists() and (cache / key / MANIFEST).exists()
+
+
+# --- through the Parsl plugin: parsl_resource_specification={"environment": "match"} -------------
+@needs_uv_and_312
+@pytest.mark.timeout(400)
+def test_a_parsl_app_runs_in_the_environment_match_computes_for_it(stack, env_endpoint, tmp_path):
+    from importlib.metadata import version
+
+    import parsl
+
+    from parsl_stack import loaded, tether_executor
+
+    endpoint_id, cache = env_endpoint
+
+    @parsl.python_app
+    def where_and_what(parsl_resource_specification=None):  # Parsl passes it only to apps that name it
+        import sys
+
+        import packaging
+
+        return sys.prefix, packaging.__version__
+
+    with loaded(tmp_path, tether_executor(stack, endpoint_id=endpoint_id)):
+        prefix, found = where_and_what(parsl_resource_specification={"environment": "match"}).result(timeout=360)
+    # an environment of the endpoint's, with this client's packaging and Parsl (Parsl's app wrappers run there)
+    assert Path(prefix).parent.parent == cache and found == version("packaging")
+    requirements = json.loads((Path(prefix).parent / MANIFEST).read_text())["requirements"]
+    assert f"parsl=={parsl.__version__}" in requirements and f"packaging=={found}" in requirements
