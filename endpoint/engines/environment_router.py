@@ -47,6 +47,7 @@ class EnvironmentRouter(Engine):
         self.waiting: dict[str, list[TaskSpec]] = {}  # environment key -> tasks waiting for its build
         self.placed: dict[str, str] = {}  # task id -> environment key, while it runs in a pool
         self._watcher: asyncio.Task[None] | None = None
+        self._preparing: set[asyncio.Future[None]] = set()
 
     async def start(self) -> None:
         await self.inner.start()
@@ -88,13 +89,18 @@ class EnvironmentRouter(Engine):
         first = key not in self.waiting
         self.waiting.setdefault(key, []).append(task)
         if first:
-            asyncio.ensure_future(self._prepare(key, request))
+            job = asyncio.ensure_future(self._prepare(key, request))
+            self._preparing.add(job)  # the loop holds tasks weakly: this keeps it alive until done
+            job.add_done_callback(self._preparing.discard)
 
     async def _prepare(self, key: str, request: EnvironmentRequest) -> None:
         """Build (or find) the environment, start its pool, hand it the tasks that waited."""
         try:
             python = await self.cache.ensure(request)
-            pool = EnvironmentPool(python, {"type": "process", "workers": self.settings.workers, "prefetch": 0},
+            config = {"type": "process", "workers": self.settings.workers, "prefetch": 0}
+            if self.inner.config.get("mpi_launcher"):  # an MPIFunction launches its ranks as the endpoint's would
+                config["mpi_launcher"] = self.inner.config["mpi_launcher"]
+            pool = EnvironmentPool(python, config,
                                    self.on_running, self._on_pool_result, self.allowed_methods,
                                    self.retries_on_worker_loss, self.python_sandbox)
             await pool.start()
