@@ -245,6 +245,9 @@ class EnvironmentCache:
                                                     stderr=asyncio.subprocess.STDOUT, env=env)
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), self.settings.build_timeout_s)
+        except asyncio.CancelledError:  # the endpoint is stopping: so does its build
+            proc.kill()
+            raise
         except TimeoutError:
             proc.kill()
             await proc.wait()
@@ -257,6 +260,12 @@ class EnvironmentCache:
         if proc.returncode != 0:
             raise EnvironmentUnavailable(f"building the environment failed: {argv[1]} {argv[2]} said:\n"
                                          f"{text.strip()}")
+
+    def cancel_builds(self) -> None:
+        """Stop the builds under way (the endpoint is stopping); an unfinished one is built again
+        when next asked for."""
+        for build in list(self._builds.values()):
+            build.cancel()
 
     # --- what is cached -----------------------------------------------------------------------
     def entries(self) -> list[CachedEnvironment]:

@@ -56,6 +56,9 @@ class EnvironmentRouter(Engine):
     async def stop(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
+        for job in list(self._preparing):
+            job.cancel()
+        self.cache.cancel_builds()
         for pool in list(self.pools.values()):
             await pool.stop()
         self.pools.clear()
