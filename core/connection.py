@@ -314,7 +314,8 @@ class Connection:
 
     def fetch_kept(self, task_id: str, timeout: float | None = None, progress: bool | None = None) -> Any:
         """The value of a kept result: asked for through the service (the endpoint uploads it as a
-        blob), downloaded here, checked by sha256 and deserialized. Concurrent asks share one fetch."""
+        blob), downloaded here (the service checked its sha256 on arrival) and deserialized.
+        Concurrent asks share one fetch."""
         if self.fatal is not None:
             raise self.fatal
         try:

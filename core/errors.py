@@ -53,6 +53,14 @@ class SerializationError(TetherError):
     """A function, its arguments or its result could not be (de)serialized."""
 
 
+class MethodNotAllowed(SerializationError):
+    """Data serialized with a method the loading side does not allow (``method`` names it)."""
+
+    def __init__(self, message: str, method: str):
+        super().__init__(message)
+        self.method = method
+
+
 class VersionMismatch(SerializationError):
     """Client and endpoint run different Python versions, which pickled code does not survive."""
 

@@ -42,6 +42,8 @@ SCHEMA: dict[str, Any] = {
                     "prefetch": {"type": "integer", "minimum": 0, "maximum": 1000},
                     # how MPIFunction starts ranks on this host (see core/mpi.py)
                     "mpi_launcher": {"enum": ["mpiexec", "srun", "aprun"]},
+                    # workers in a container image (endpoint/container.py)
+                    "container": {"type": "object"},
                 },
                 "additionalProperties": False,
             },
@@ -188,6 +190,15 @@ def parse_config(name: str, text: str, path: str) -> EndpointConfig:
         from .engines.parsl.config import validate_engine
 
         validate_engine(engine, str(path))
+    if "container" in engine:
+        from .container import check_runtime, parse_container
+
+        container = parse_container(engine["container"], str(path))
+        if engine.get("type") == "thread":
+            raise ConfigError(f"{path}: engine.container: the thread engine runs tasks inside the endpoint's own "
+                              f"process, which cannot enter an image; use type: process (or htex, mpi)")
+        if engine.get("type") not in PARSL_ENGINE_TYPES or _local_provider(engine):
+            check_runtime(container, str(path))  # elsewhere, workers start on other hosts
     cfg = EndpointConfig(name=name)
     for key, value in data.items():
         if key == "engine":
@@ -195,9 +206,16 @@ def parse_config(name: str, text: str, path: str) -> EndpointConfig:
                 cfg.engine = {**value, "_endpoint_dir": str(endpoint_dir(name)), "_source": str(path)}
             else:
                 cfg.engine = {"workers": os.cpu_count() or 1, **value}
+                if "container" in value:  # what the container mounts
+                    cfg.engine.update(_endpoint_dir=str(endpoint_dir(name)), _source=str(path))
         else:
             setattr(cfg, key, value)
     return cfg
+
+
+def _local_provider(engine: dict[str, Any]) -> bool:
+    provider = engine.get("provider", "LocalProvider")
+    return (provider.get("type") if isinstance(provider, dict) else provider) == "LocalProvider"
 
 
 def write_default_config(name: str, engine: str = "process", workers: int | None = None) -> Path:
@@ -216,6 +234,7 @@ def write_default_config(name: str, engine: str = "process", workers: int | None
 engine:
   type: {engine}          # thread | process
   workers: {workers}            # tasks that run at once
+  # container: {{type: podman, image: NAME, options: []}}   # workers in an image (docs/endpoint-admin.md)
 heartbeat_s: 5           # how often capacity and versions are reported to the service
 retries_on_worker_loss: 0   # re-run a task whose worker process died under it
 python_sandbox: false    # true: each Python function runs in tasks/<task id>/ (shell commands always do)

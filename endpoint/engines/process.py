@@ -36,10 +36,12 @@ from dataclasses import dataclass, field
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
+from tether.endpoint.container import process_worker_command
 from tether.protocol import Result
 from tether.results import cancelled, failure, unpack
 
 from .base import Engine, TaskSpec
+from .container_worker import ContainerRunner
 from .worker import TaskItem
 from .worker import main as worker_main
 
@@ -92,6 +94,8 @@ class _Worker:
 
 
 class ProcessEngine(Engine):
+    workers_read_blobs = True  # workers on this host: see Engine.workers_read_blobs
+
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.n_workers = int(self.config.get("workers", os.cpu_count() or 1))
@@ -101,6 +105,9 @@ class ProcessEngine(Engine):
         self.workers: list[_Worker] = []
         self.retries: dict[str, int] = {}
         self.stopping = False
+        self.container_argv = process_worker_command(self.config)  # None: workers run on this host
+        # in a container, workers may not reach the service (or see its CA): they read files
+        self.workers_read_blobs = self.container_argv is None
         for _ in range(self.n_workers):
             self.workers.append(self._spawn())
 
@@ -119,12 +126,14 @@ class ProcessEngine(Engine):
         tasks_in, tasks_out = self.ctx.Pipe(duplex=False)
         results_in, results_out = self.ctx.Pipe(duplex=False)
         gate, started, floor = self.ctx.Lock(), self.ctx.RawValue("q", 0), self.ctx.RawValue("q", 0)
+        runner = None if self.container_argv is None else ContainerRunner(
+            self.container_argv, (self.allowed_methods, self.engine_info(), self.python_sandbox))
         # not a daemon process: tasks may start processes of their own (multiprocessing pools,
         # Parsl's resource monitor), which daemonic processes may not; a worker still ends with
         # the endpoint, when its pipe closes or stop() kills its group
         proc = self.ctx.Process(target=worker_main, args=((tasks_in, results_out), self.allowed_methods,
                                                            self.engine_info(), self.python_sandbox,
-                                                           (gate, started, floor)),
+                                                           (gate, started, floor), runner),
                                 daemon=False, name="tether-worker")
         proc.start()
         tasks_in.close()  # the worker's ends: its death shows as EOF on ours, ours as EOF on its
