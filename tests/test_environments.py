@@ -416,3 +416,15 @@ def test_a_parsl_app_runs_in_the_environment_match_computes_for_it(stack, env_en
     assert Path(prefix).parent.parent == cache and found == version("packaging")
     requirements = json.loads((Path(prefix).parent / MANIFEST).read_text())["requirements"]
     assert f"parsl=={parsl.__version__}" in requirements and f"packaging=={found}" in requirements
+
+
+@needs_uv_and_312
+@pytest.mark.timeout(300)
+def test_large_arguments_and_results_cross_into_and_out_of_an_environment(stack, env_endpoint):
+    endpoint_id, _ = env_endpoint
+    this = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    big = os.urandom(1024) * (20 * 1024)  # 20 MiB: over the blob threshold, so it travels as a blob
+    with Executor(endpoint_id=endpoint_id, service=stack.service_url, token=stack.token,
+                  environment={"python": this, "requirements": ["packaging==22.0"]}) as ex:
+        assert ex.submit(len, big).result(timeout=240) == len(big)
+        assert ex.submit(bytes, len(big)).result(timeout=120) == bytes(len(big))
