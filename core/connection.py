@@ -604,7 +604,8 @@ class Connection:
             self._warned.add(endpoint_id)
             text = (f"endpoint {endpoint_id} runs Python {python[0].there} but this client runs Python "
                     f"{python[0].here}: functions pickled here will fail to load there. Use the same Python "
-                    "minor version.")
+                    "minor version, or ask for a matching environment where the endpoint builds them "
+                    "(Executor(..., environment='match'), docs/environments.md).")
             log.warning(text)
             warnings.warn(text, RuntimeWarning, stacklevel=2)
         if not brief.online and ("offline", endpoint_id) not in self._warned:

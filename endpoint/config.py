@@ -80,6 +80,18 @@ SCHEMA: dict[str, Any] = {
         "authentication_policy": {"type": "object", "additionalProperties": False, "properties": {
             "allowed_domains": {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 100},
             "max_session_age_s": {"type": "number", "exclusiveMinimum": 0}}},
+        # environments built for tasks that ask for them (endpoint/environments.py, docs/environments.md)
+        "environments": {"type": "object", "additionalProperties": False, "properties": {
+            "enabled": {"type": "boolean"},
+            "index_url": {"type": "string", "pattern": "^(https?|file)://"},
+            "cache_dir": {"type": "string", "minLength": 1},
+            "max_bytes": {"type": "integer", "minimum": 0},
+            "interpreters": {"type": "array", "items": {"type": "string", "minLength": 1}},
+            "workers": {"type": "integer", "minimum": 1, "maximum": 4096},
+            "idle_timeout_s": {"type": "number", "exclusiveMinimum": 0},
+            "build_timeout_s": {"type": "number", "exclusiveMinimum": 0},
+            "uv": {"type": "string", "minLength": 1},
+            "system_certs": {"type": "boolean"}}},
         # the administrator's commands around the daemon (endpoint/hooks.py)
         "endpoint_setup": {"type": "string", "minLength": 1},
         "endpoint_teardown": {"type": "string", "minLength": 1},
@@ -140,6 +152,9 @@ class EndpointConfig:
     endpoint_setup: str | None = None
     endpoint_teardown: str | None = None
     endpoint_hook_timeout_s: float = 300.0
+    #: {enabled, index_url, cache_dir, max_bytes, interpreters, workers, idle_timeout_s, ...}:
+    #: environments built for tasks that ask for one (endpoint/environments.py); off by default
+    environments: dict[str, Any] = field(default_factory=dict)
 
     @property
     def dir(self) -> Path:

@@ -67,6 +67,7 @@ from tether.versions import installed
 from .config import EndpointConfig
 from .credential import Credential
 from .engines import TaskSpec, make_engine
+from .engines.environment_router import with_environments
 from .execute import Allowlist, arguments_refusal
 from .functions import FunctionStore
 from .inputs import InputFailed, Inputs
@@ -195,12 +196,14 @@ class EndpointDaemon:
         return code
 
     def _make_engine(self) -> Any:
-        return make_engine(
+        engine = make_engine(
             self.config.engine, self._on_running, self._on_result,
             allowed_methods=Allowlist(data=self.allowed_methods, functions=frozenset(self.engine_methods)),
             retries_on_worker_loss=self.config.retries_on_worker_loss,
             python_sandbox=self.config.python_sandbox,
         )
+        # tasks that ask for an environment of their own go to one (or fail saying how to allow it)
+        return with_environments(engine, self.config)
 
     async def _before_stop(self) -> None:
         """Hook: what a subclass must do before the engine stops (the multi-user endpoint stops

@@ -63,6 +63,16 @@ def frame(message: Any, into: bytearray) -> None:
     into += data
 
 
+def task_pipe(fd: int) -> int:
+    """``fd``, the daemon's end of a worker's task pipe, made non-blocking and large."""
+    os.set_blocking(fd, False)
+    try:  # fewer partial writes for large arguments; the default (64 KiB) works too
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    except (AttributeError, OSError):  # not Linux
+        pass
+    return fd
+
+
 class WorkerLost(RuntimeError):
     """The worker process running a task died."""
 
@@ -102,6 +112,17 @@ class ProcessEngine(Engine):
             self.workers.append(self._spawn())
 
     def _spawn(self) -> _Worker:
+        worker = self._start_worker()
+        self.loop.add_reader(worker.conn.fileno(), self._readable, worker)
+        # read with Connection.recv, which needs a blocking pipe: a message larger than the pipe
+        # arrives in parts. uvloop (libuv) makes a watched descriptor non-blocking, and a partial
+        # read then raised BlockingIOError, which looked like a dead worker.
+        os.set_blocking(worker.conn.fileno(), True)
+        return worker
+
+    def _start_worker(self) -> _Worker:
+        """A new worker process (a multiprocessing child of this interpreter; see
+        engines/environment_pool.py for workers in another)."""
         tasks_in, tasks_out = self.ctx.Pipe(duplex=False)
         results_in, results_out = self.ctx.Pipe(duplex=False)
         gate, started, floor = self.ctx.Lock(), self.ctx.RawValue("q", 0), self.ctx.RawValue("q", 0)
@@ -119,18 +140,7 @@ class ProcessEngine(Engine):
         results_out.close()
         tasks_fd = os.dup(tasks_out.fileno())  # written by hand (frame, _flush), not by Connection
         tasks_out.close()
-        os.set_blocking(tasks_fd, False)
-        try:  # fewer partial writes for large arguments; the default (64 KiB) works too
-            fcntl.fcntl(tasks_fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-        except (AttributeError, OSError):  # not Linux
-            pass
-        worker = _Worker(proc, results_in, tasks_fd, gate, started, floor)
-        self.loop.add_reader(results_in.fileno(), self._readable, worker)
-        # read with Connection.recv, which needs a blocking pipe: a message larger than the pipe
-        # arrives in parts. uvloop (libuv) makes a watched descriptor non-blocking, and a partial
-        # read then raised BlockingIOError, which looked like a dead worker.
-        os.set_blocking(results_in.fileno(), True)
-        return worker
+        return _Worker(proc, results_in, task_pipe(tasks_fd), gate, started, floor)
 
     async def stop(self) -> None:
         self.stopping = True
