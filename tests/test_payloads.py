@@ -303,6 +303,19 @@ def test_a_reader_following_an_upload_that_lies_about_its_hash_never_gets_the_wh
         http_.close()
 
 
+def test_a_worker_beside_its_daemon_reads_large_arguments_from_the_service(small: LocalStack, tmp_path: Path) -> None:
+    """The process engine's workers read a task's large arguments from the service themselves
+    (as they are uploaded): the daemon writes no ``<task>.args`` file for them to read back."""
+    started, go = tmp_path / "started", tmp_path / "go"
+    with _executor(small) as ex:
+        fut = ex.submit(helpers.touch_then_wait, str(started), str(go), b"a" * (3 * MiB))
+        wait_for(started.exists, timeout=60, what="the task to start")
+        downloaded = sorted(p.name for p in (small.endpoint_dir() / "blobs").glob("*.args*"))
+        go.touch()
+        assert fut.result(timeout=60) == 3 * MiB
+    assert downloaded == []
+
+
 def test_blobs_are_readable_only_by_their_owner_and_the_endpoint_running_their_task(small: LocalStack) -> None:
     data = b"secret" * MiB
     mine = BlobClient(small.service_url, {"Authorization": f"Bearer {small.token}"}).upload(

@@ -67,6 +67,11 @@ class EnvironmentRouter(Engine):
     def engine_info(self) -> dict[str, Any]:
         return self.inner.engine_info()
 
+    @property  # type: ignore[override]
+    def workers_read_blobs(self) -> bool:
+        """As the wrapped engine's workers (an environment's pool runs on this host too)."""
+        return self.inner.workers_read_blobs
+
     # --- dispatch -----------------------------------------------------------------------------
     def submit(self, task: TaskSpec) -> None:
         wanted = task.spec.get(ENVIRONMENT_KEY) if task.spec else None
