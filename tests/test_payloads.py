@@ -308,11 +308,11 @@ def test_a_worker_beside_its_daemon_reads_large_arguments_from_the_service(small
     (as they are uploaded): the daemon writes no ``<task>.args`` file for them to read back."""
     started, go = tmp_path / "started", tmp_path / "go"
     with _executor(small) as ex:
-        fut = ex.submit(helpers.touch_then_wait, str(started), str(go), b"a" * (3 * MiB))
+        fut = ex.submit(helpers.touch_then_wait, str(started), str(go), b"a" * (10 * MiB))  # over any threshold
         wait_for(started.exists, timeout=60, what="the task to start")
         downloaded = sorted(p.name for p in (small.endpoint_dir() / "blobs").glob("*.args*"))
         go.touch()
-        assert fut.result(timeout=60) == 3 * MiB
+        assert fut.result(timeout=60) == 10 * MiB
     assert downloaded == []
 
 
