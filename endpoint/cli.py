@@ -175,6 +175,9 @@ def endpoint_status(name: Annotated[str, typer.Argument(help="the endpoint's nam
         table.add_row("results spooled", str(info["local"].get("spooled", 0)))
     if ver:
         table.add_row("versions", ", ".join(f"{k} {v}" for k, v in ver.items() if k != "platform"))
+    container = info.get("container")
+    if container:
+        table.add_row("container", f"workers run in {container['type']} image {container['image'] or '(custom)'}")
     envs = info.get("environments")
     if envs and (envs["enabled"] or envs["cached"]):
         table.add_row("environments", f"{'on' if envs['enabled'] else 'off'}, {len(envs['cached'])} cached in "

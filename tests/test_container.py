@@ -6,6 +6,7 @@ engine, the htex engine and through the Parsl plugin. Config mistakes are refuse
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -101,8 +102,16 @@ def test_process_engine_runs_tasks_in_the_image(process_executor: Executor) -> N
     # the function's body reaches a worker once; later tasks of it run too
     futures = [process_executor.submit(inside) for _ in range(6)]
     assert [f.result(timeout=120)["marker"] for f in futures] == [MARKER] * 6
-    # a result past the blob threshold comes back from inside the image
+    # a result past the blob threshold comes back from inside the image; an argument goes in
     assert process_executor.submit(os.urandom, 9 << 20).result(timeout=120).__len__() == 9 << 20
+    assert process_executor.submit(len, b"x" * (9 << 20)).result(timeout=120) == 9 << 20
+
+
+def test_the_endpoints_status_says_its_workers_run_in_the_image(process_stack: LocalStack, image: str) -> None:
+    listed = tether_cli(process_stack.env, "endpoint", "status", process_stack.endpoint_name, "--json")
+    assert json.loads(listed.stdout)["container"] == {"type": "podman", "image": image}
+    shown = tether_cli(process_stack.env, "endpoint", "status", process_stack.endpoint_name).stdout
+    assert "container" in shown and "workers run in podman image" in " ".join(shown.split())
 
 
 @pytest.mark.timeout(240)
