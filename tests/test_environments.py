@@ -437,28 +437,30 @@ needs_uv = pytest.mark.skipif(find_uv() is None and not os.environ.get("CI"),
                               reason="needs uv (pip install 'tether[environments]')")
 
 
-def prefix_and_packaging(offset):
-    import sys
-
-    import packaging
-
-    return sys.prefix, packaging.__version__, offset + 1
-
-
 @needs_uv
 @pytest.mark.timeout(300)
-def test_a_dask_task_runs_in_the_environment_its_cluster_asks_for(stack, env_endpoint):
+@pytest.mark.parametrize("mode", ["proxy", "workers"])
+def test_a_dask_task_runs_in_the_environment_its_cluster_asks_for(stack, env_endpoint, mode):
     from importlib.metadata import version
 
     dask = pytest.importorskip("dask", reason="the Dask plugin needs pip install 'tether[dask]'")
     distributed = pytest.importorskip("distributed", reason="the Dask plugin needs pip install 'tether[dask]'")
     from tether.dask import TetherCluster
 
+    def prefix_and_packaging(offset):  # defined here: worker mode's Dask pickles it by value only then
+        import sys
+
+        import packaging
+
+        return sys.prefix, packaging.__version__, offset + 1
+
     endpoint_id, cache = env_endpoint
-    # what proxy mode's remote function needs: dask and distributed at this client's versions
+    # what runs there (proxy mode's task function, worker mode's dask worker) needs dask and
+    # distributed at this client's versions
     request = {"python": THIS, "requirements": [f"dask=={dask.__version__}",
                                                 f"distributed=={distributed.__version__}", "packaging==23.2"]}
-    with TetherCluster(endpoint_id=endpoint_id, service=stack.service_url, token=stack.token,
+    with TetherCluster(endpoint_id=endpoint_id, service=stack.service_url, token=stack.token, mode=mode,
+                       n_workers=1 if mode == "workers" else 0,
                        resource_specification={"environment": request}) as cluster, \
             distributed.Client(cluster) as client:
         first = client.submit(prefix_and_packaging, 0)  # a task that depends on another: both run there
