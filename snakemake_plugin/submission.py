@@ -76,13 +76,18 @@ def parse_user_endpoint_config(value: Any, where: str) -> dict[str, Any] | None:
     """A user endpoint config given as a JSON object (text) or a dict; ``None``/empty for none."""
     if value in (None, ""):
         return None
+    return _json_object(value, where, '{"partition": "debug"}')
+
+
+def _json_object(value: Any, where: str, example: str) -> dict[str, Any]:
+    """A JSON object given as text or a dict, or a :class:`WorkflowError` showing ``example``."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except ValueError as exc:
             raise WorkflowError(f"{where} is not valid JSON ({exc}): {value!r}") from None
     if not isinstance(value, dict):
-        raise WorkflowError(f"{where} must be a JSON object such as '{{\"partition\": \"debug\"}}', not {value!r}")
+        raise WorkflowError(f"{where} must be a JSON object such as '{example}', not {value!r}")
     return value
 
 
@@ -133,17 +138,8 @@ def submission_for(what: str, resources: Mapping[str, Any], default_endpoint: st
 def job_environment(what: str, value: Any) -> EnvironmentRequest:
     """The environment a ``tether_environment`` resource asks for, with this Python and this
     Snakemake (see the module's docstring)."""
-    where = f"{what}: resources {ENVIRONMENT_RESOURCE}"
-    if value == "match":
-        value = {}
-    elif isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError as exc:
-            raise WorkflowError(f"{where} is not 'match' or valid JSON ({exc}): {value!r}") from None
-    if not isinstance(value, dict):
-        raise WorkflowError(f"{where} must be 'match' or a JSON object such as "
-                            f"'{{\"requirements\": [\"numpy==1.26.4\"]}}', not {value!r}")
+    where = f"{what}: resources {ENVIRONMENT_RESOURCE} ('match' or a JSON object)"
+    value = {} if value == "match" else _json_object(value, where, '{"requirements": ["numpy==1.26.4"]}')
     python = value.get("python", this_python())
     if python != this_python():
         raise WorkflowError(f"{where} asks for Python {python}, but this Snakemake runs on Python {this_python()} "

@@ -306,8 +306,8 @@ def test_unsatisfiable_mpi_request_fails_in_words(snake: SnakeStack, tmp_path: P
     ({"runtime": -1}, "resources runtime=-1 must be a positive number of minutes"),
     ({"tether_user_endpoint_config": "{nope"}, "tether_user_endpoint_config is not valid JSON"),
     ({"tether_user_endpoint_config": "[1]"}, "must be a JSON object"),
-    ({"tether_environment": "{nope"}, "tether_environment is not 'match' or valid JSON"),
-    ({"tether_environment": "[1]"}, "tether_environment must be 'match' or a JSON object"),
+    ({"tether_environment": "{nope"}, "tether_environment ('match' or a JSON object) is not valid JSON"),
+    ({"tether_environment": "[1]"}, "tether_environment ('match' or a JSON object) must be a JSON object such as"),
     ({"tether_environment": '{"python": "3.9"}'}, "asks for Python 3.9, but this Snakemake runs on Python 3."),
     ({"tether_environment": '{"requirements": ["x @ https://example.org/x.whl"]}'}, "installer options are not"),
 ])
