@@ -12,11 +12,19 @@ Snakemake resource             Tether
 ``mpi``                        the launcher the rule's command names (``{resources.mpi}``)
 ``tether_endpoint_id``         the endpoint this rule's jobs run on (default: the setting)
 ``tether_user_endpoint_config`` a JSON object for a multi-user endpoint's config template
+``tether_environment``         the environment the job runs in: ``"match"`` or a JSON object
 =============================  ==========================================================
 
 ``threads`` and ``mem_mb`` travel inside the job command: the remote Snakemake gives the rule
 its ``{threads}`` (capped by the endpoint host's cores) and checks ``mem_mb`` as it does locally.
 Every mistake is a :class:`WorkflowError` that names the rule and the resource.
+
+``tether_environment`` asks the endpoint to run the job in an environment it builds (see
+``docs/environments.md``). The job runs ``python -m snakemake`` there, and its function is pickled
+here, so the environment always has this client's Python and this Snakemake: ``"match"`` asks for
+just that, and a JSON object (``'{"requirements": ["numpy==1.26.4"]}'``) for that plus its
+requirements (``"python"`` may be left out; another Python than this one is refused, since the job's
+function would not load there).
 """
 
 from __future__ import annotations
@@ -24,17 +32,22 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib.metadata import version
 from typing import Any
 
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
 from snakemake_interface_common.exceptions import WorkflowError
 
-from tether.errors import InvalidResourceSpecification
-from tether.resources import validate_resource_specification
+from tether.environment import ENVIRONMENT_KEY, EnvironmentRequest, parse_environment, this_python
+from tether.errors import InvalidEnvironment, InvalidResourceSpecification
+from tether.resources import MPI_KEYS, validate_resource_specification
 
 #: Snakemake resource -> Tether resource specification key
 MPI_RESOURCES = {"tasks": "num_ranks", "nodes": "num_nodes", "tasks_per_node": "ranks_per_node"}
 ENDPOINT_RESOURCE = "tether_endpoint_id"
 UEC_RESOURCE = "tether_user_endpoint_config"
+ENVIRONMENT_RESOURCE = "tether_environment"
 
 
 @dataclass(frozen=True)
@@ -48,7 +61,7 @@ class Submission:
 
     @property
     def mpi(self) -> bool:
-        return bool(self.resource_specification)
+        return any(key in MPI_KEYS for key in self.resource_specification or {})
 
 
 def _positive_int(what: str, name: str, value: Any, meaning: str) -> int:
@@ -63,13 +76,18 @@ def parse_user_endpoint_config(value: Any, where: str) -> dict[str, Any] | None:
     """A user endpoint config given as a JSON object (text) or a dict; ``None``/empty for none."""
     if value in (None, ""):
         return None
+    return _json_object(value, where, '{"partition": "debug"}')
+
+
+def _json_object(value: Any, where: str, example: str) -> dict[str, Any]:
+    """A JSON object given as text or a dict, or a :class:`WorkflowError` showing ``example``."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except ValueError as exc:
             raise WorkflowError(f"{where} is not valid JSON ({exc}): {value!r}") from None
     if not isinstance(value, dict):
-        raise WorkflowError(f"{where} must be a JSON object such as '{{\"partition\": \"debug\"}}', not {value!r}")
+        raise WorkflowError(f"{where} must be a JSON object such as '{example}', not {value!r}")
     return value
 
 
@@ -112,4 +130,25 @@ def submission_for(what: str, resources: Mapping[str, Any], default_endpoint: st
         except InvalidResourceSpecification as exc:
             given = ", ".join(f"{n}={resources[n]}" for n in MPI_RESOURCES if resources.get(n) is not None)
             raise WorkflowError(f"{what}: resources {given} cannot be satisfied: {exc}") from None
+    if resources.get(ENVIRONMENT_RESOURCE):
+        spec[ENVIRONMENT_KEY] = job_environment(what, resources[ENVIRONMENT_RESOURCE]).as_data()
     return Submission(str(endpoint), walltime, spec or None, uec)
+
+
+def job_environment(what: str, value: Any) -> EnvironmentRequest:
+    """The environment a ``tether_environment`` resource asks for, with this Python and this
+    Snakemake (see the module's docstring)."""
+    where = f"{what}: resources {ENVIRONMENT_RESOURCE} ('match' or a JSON object)"
+    value = {} if value == "match" else _json_object(value, where, '{"requirements": ["numpy==1.26.4"]}')
+    python = value.get("python", this_python())
+    if python != this_python():
+        raise WorkflowError(f"{where} asks for Python {python}, but this Snakemake runs on Python {this_python()} "
+                            f"and the job's function is pickled here: leave 'python' out (this one is used)")
+    try:
+        request = parse_environment({**value, "python": python})
+        named = {canonicalize_name(Requirement(r).name) for r in request.requirements}
+    except (InvalidEnvironment, InvalidRequirement) as exc:
+        raise WorkflowError(f"{where}: {exc}") from None
+    if "snakemake" in named:
+        return request
+    return EnvironmentRequest(python=python, requirements=[*request.requirements, f"snakemake=={version('snakemake')}"])

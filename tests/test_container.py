@@ -55,7 +55,9 @@ def inside() -> dict:
     with open("/etc/tether-marker") as fh:  # container_image.MARKER_PATH
         marker = fh.read()
     return {"marker": marker, "task_id": os.environ.get("TETHER_TASK_ID"), "pid": os.getpid(),
-            "sandbox": current_task().sandbox}
+            "sandbox": current_task().sandbox,
+            # how docs/environments.md tells a user to check: podman's own marks in every container
+            "podman": (os.environ.get("container"), os.path.exists("/run/.containerenv"))}
 
 
 SHELL = ShellFunction('cat /etc/tether-marker; echo; echo "$TETHER_TASK_ID"; pwd; echo made > here.txt; cat here.txt',
@@ -66,6 +68,7 @@ def check_task(ex: Executor) -> None:
     fut = ex.submit(inside)
     got = fut.result(timeout=120)
     assert got["marker"] == MARKER  # only the image has this file
+    assert got["podman"] == ("podman", True) and not os.path.exists("/run/.containerenv")  # not on the host
     assert got["task_id"] == fut.task_id
     fut = ex.submit(SHELL)
     r = fut.result(timeout=120)

@@ -428,3 +428,85 @@ def test_large_arguments_and_results_cross_into_and_out_of_an_environment(stack,
                   environment={"python": this, "requirements": ["packaging==22.0"]}) as ex:
         assert ex.submit(len, big).result(timeout=240) == len(big)
         assert ex.submit(bytes, len(big)).result(timeout=120) == bytes(len(big))
+
+
+# --- through the Dask plugin: TetherCluster(resource_specification={"environment": {...}}) ---------
+#: this client's Python: the proxy pickles Dask's task objects here, so they load only there
+THIS = f"{sys.version_info[0]}.{sys.version_info[1]}"
+needs_uv = pytest.mark.skipif(find_uv() is None and not os.environ.get("CI"),
+                              reason="needs uv (pip install 'tether[environments]')")
+
+
+@needs_uv
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", ["proxy", "workers"])
+def test_a_dask_task_runs_in_the_environment_its_cluster_asks_for(stack, env_endpoint, mode):
+    from importlib.metadata import version
+
+    dask = pytest.importorskip("dask", reason="the Dask plugin needs pip install 'tether[dask]'")
+    distributed = pytest.importorskip("distributed", reason="the Dask plugin needs pip install 'tether[dask]'")
+    from tether.dask import TetherCluster
+
+    def prefix_and_packaging(offset):  # defined here: worker mode's Dask pickles it by value only then
+        import sys
+
+        import packaging
+
+        return sys.prefix, packaging.__version__, offset + 1
+
+    endpoint_id, cache = env_endpoint
+    # what runs there (proxy mode's task function, worker mode's dask worker) needs dask and
+    # distributed at this client's versions
+    request = {"python": THIS, "requirements": [f"dask=={dask.__version__}",
+                                                f"distributed=={distributed.__version__}", "packaging==23.2"]}
+    with TetherCluster(endpoint_id=endpoint_id, service=stack.service_url, token=stack.token, mode=mode,
+                       n_workers=1 if mode == "workers" else 0,
+                       resource_specification={"environment": request}) as cluster, \
+            distributed.Client(cluster) as client:
+        first = client.submit(prefix_and_packaging, 0)  # a task that depends on another: both run there
+        prefix, found, value = client.submit(prefix_and_packaging, client.submit(lambda r: r[2], first)
+                                             ).result(timeout=240)
+        assert first.result(timeout=10)[:2] == (prefix, found)
+    assert Path(prefix).parent.parent == cache and Path(prefix).name == "venv"
+    assert (found, value) == ("23.2", 2) and version("packaging") != found  # the environment's, not this venv's
+    manifest = json.loads((Path(prefix).parent / MANIFEST).read_text())
+    assert (manifest["python"], sorted(manifest["requirements"])) == (THIS, sorted(request["requirements"]))
+
+
+# --- through the Snakemake plugin: resources: tether_environment=... --------------------------------
+SNAKEFILE = '''
+rule all:
+    input: "where.json"
+
+rule where:
+    output: "where.json"
+    resources: tether_environment='{"requirements": ["packaging==24.2"]}'
+    run:
+        import json, sys
+        import packaging, snakemake
+        from importlib.metadata import version
+        with open(output[0], "w") as fh:
+            json.dump([sys.prefix, packaging.__version__, version("snakemake")], fh)
+'''
+
+
+@needs_uv
+@pytest.mark.timeout(400)
+def test_a_snakemake_rule_runs_in_the_environment_its_resources_ask_for(stack, env_endpoint, tmp_path):
+    from importlib.metadata import version
+
+    pytest.importorskip("snakemake", reason="the Snakemake plugin needs pip install 'tether[snakemake]'")
+    endpoint_id, cache = env_endpoint
+    (tmp_path / "Snakefile").write_text(SNAKEFILE)
+    env = dict(stack.env, TETHER_SERVICE_URL=stack.service_url, TETHER_TOKEN=stack.token)
+    run = subprocess.run([sys.executable, "-m", "snakemake", "--executor", "tether", "--tether-endpoint-id",
+                          endpoint_id, "--jobs", "1"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=360, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr
+    prefix, found, snakemake_there = json.loads((tmp_path / "where.json").read_text())
+    # the rule's code ran in the environment's Python: its packaging, and this client's Snakemake
+    assert Path(prefix).parent.parent == cache and Path(prefix).name == "venv"
+    assert found == "24.2" and version("packaging") != found and snakemake_there == version("snakemake")
+    manifest = json.loads((Path(prefix).parent / MANIFEST).read_text())
+    assert manifest["python"] == THIS
+    assert sorted(manifest["requirements"]) == ["packaging==24.2", f"snakemake=={version('snakemake')}"]

@@ -306,6 +306,10 @@ def test_unsatisfiable_mpi_request_fails_in_words(snake: SnakeStack, tmp_path: P
     ({"runtime": -1}, "resources runtime=-1 must be a positive number of minutes"),
     ({"tether_user_endpoint_config": "{nope"}, "tether_user_endpoint_config is not valid JSON"),
     ({"tether_user_endpoint_config": "[1]"}, "must be a JSON object"),
+    ({"tether_environment": "{nope"}, "tether_environment ('match' or a JSON object) is not valid JSON"),
+    ({"tether_environment": "[1]"}, "tether_environment ('match' or a JSON object) must be a JSON object such as"),
+    ({"tether_environment": '{"python": "3.9"}'}, "asks for Python 3.9, but this Snakemake runs on Python 3."),
+    ({"tether_environment": '{"requirements": ["x @ https://example.org/x.whl"]}'}, "installer options are not"),
 ])
 def test_bad_resources_are_errors_in_words(resources: dict, message: str) -> None:
     with pytest.raises(WorkflowError, match=re.escape(message)):
@@ -339,6 +343,22 @@ def test_resources_map_to_a_submission() -> None:
     assert not plain.mpi
     with pytest.raises(WorkflowError, match="has no Tether endpoint: pass --tether-endpoint-id"):
         submission_for("rule r", {}, None, None)
+
+
+def test_an_environment_resource_asks_for_this_python_and_this_snakemake() -> None:
+    from importlib.metadata import version
+
+    this, pin = f"{sys.version_info[0]}.{sys.version_info[1]}", f"snakemake=={version('snakemake')}"
+    matched = submission_for("rule r", {"tether_environment": "match"}, "e", None)
+    assert matched.resource_specification == {"environment": {"python": this, "requirements": [pin]}}
+    assert not matched.mpi  # an environment alone asks for no MPI variables
+    more = submission_for("rule r", {"tether_environment": '{"requirements": ["numpy==1.26.4"]}', "tasks": 2},
+                          "e", None)
+    assert more.resource_specification == {"num_ranks": 2, "environment": {
+        "python": this, "requirements": sorted(["numpy==1.26.4", pin])}} and more.mpi
+    own = submission_for("rule r", {"tether_environment": f'{{"python": "{this}", "requirements": '
+                                                          f'["Snakemake>=9"]}}'}, "e", None)
+    assert own.resource_specification == {"environment": {"python": this, "requirements": ["Snakemake>=9"]}}
 
 
 def test_snakemake_version_mismatch_is_reported_in_words(snake: SnakeStack) -> None:
