@@ -66,13 +66,18 @@ from .replica_events import (
     CancelOn,
     Close,
     Forward,
+    Offered,
+    OfferedTo,
+    OwnedTask,
     Refill,
     ReplicaEvent,
+    ResultsPushed,
     ResultsStored,
     StartUser,
     StatusChanged,
     Takeover,
     endpoint_key,
+    replica_key,
     tag_of,
 )
 from .sessions import ClientSession, close_quietly, send_or_drop
@@ -148,6 +153,7 @@ class Relay(Submission):
     async def start(self) -> None:
         """Connect to the bus (a no-op without a broker)."""
         await self.bus.start(self.on_event, self.reconcile)
+        await self.bus.bind(replica_key(self.bus.replica_id))  # tasks for the endpoints held here
 
     async def on_event(self, event: ReplicaEvent) -> None:
         """Act on news from another replica."""
@@ -159,12 +165,21 @@ class Relay(Submission):
             case ResultsStored(user_id=user_id, ids=ids):
                 await self._push_stored(user_id, ids)
                 return
+            case ResultsPushed(results=results):
+                for client in self._push_results(results):
+                    await client.send_results_now()
+                return
+            case OfferedTo(tasks=tasks):
+                await self._offer_to_held(tasks)
+                return
         ep = self.endpoints.get(event.endpoint_id)
         if ep is None:
             return  # it left this replica meanwhile: its new replica reads the database
         match event:
             case Refill(ids=ids):
                 await self._offer_stored(ep, ids)
+            case Offered(tasks=tasks):
+                await self._offer_carried(ep, tasks)
             case CancelOn(ids=ids):
                 await self._cancel_on(ep, ids)
             case Forward(frame=frame):
@@ -179,6 +194,19 @@ class Relay(Submission):
                 del self.endpoints[event.endpoint_id]
                 await self.bus.unbind(endpoint_key(event.endpoint_id))
                 await close_quietly(ep, CLOSE_TRY_AGAIN, "this endpoint connected to another replica")
+
+    async def _offer_to_held(self, tasks: list[OwnedTask]) -> None:
+        """Tasks another replica sent here for the endpoints it read were held here: offered to
+        those that are; the others moved meanwhile, and are sent on to whoever holds them now."""
+        per_endpoint: dict[str, list[OwnedTask]] = defaultdict(list)
+        for item in tasks:
+            per_endpoint[item.task.endpoint].append(item)
+        for endpoint_id, items in per_endpoint.items():
+            ep = self.endpoints.get(endpoint_id)
+            if ep is not None:
+                await self._offer_carried(ep, items)
+            else:
+                await self._tell_endpoint(Offered(endpoint_id=endpoint_id, tasks=items))
 
     async def reconcile(self, watched: bool = True) -> None:
         """Catch up on news the bus may have lost (a broker restart drops what was in flight):

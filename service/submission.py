@@ -23,7 +23,7 @@ from .authentication_policy import Identity
 from .authentication_policy import refusal as authentication_refusal
 from .bus import LocalBus, RabbitBus
 from .policy import Policy, not_admitted_message
-from .replica_events import Refill
+from .replica_events import Offered, OfferedTo, OwnedTask, Refill, inline
 from .sessions import ClientSession
 from .store import json_or_none
 
@@ -89,7 +89,16 @@ class Submission(Policy):
             if ep is not None:
                 await self._offer(ep, user_id, items)
                 continue
-            await self._tell_endpoint(Refill(endpoint_id=endpoint_id, ids=[t.id for t in items]))  # elsewhere, maybe
+            if self.replicated:  # held elsewhere, maybe: small tasks travel whole, larger ones by id
+                carried = [OwnedTask(user_id, t) for t in items if inline(t)]
+                holder = self._holder(rows.get(endpoint_id))
+                if carried and holder:  # one message per batch for every endpoint that replica holds
+                    await self.bus.publish(OfferedTo(replica=holder, tasks=carried))
+                elif carried:
+                    await self._tell_endpoint(Offered(endpoint_id=endpoint_id, tasks=carried))
+                if len(carried) < len(items):
+                    await self._tell_endpoint(Refill(endpoint_id=endpoint_id,
+                                                     ids=[t.id for t in items if not inline(t)]))
             if endpoint_id in user_endpoints:
                 await self._start_user_endpoint(endpoint_id)
         briefs = {eid: await self._endpoint_brief(eid, rows) for eid in {t.endpoint for t in candidates}}
@@ -101,6 +110,14 @@ class Submission(Policy):
             if resubmitted:  # sent again after a reconnect: the client may have missed its news
                 await self._send_current(session, await self.db.get_tasks(user_id, resubmitted))
         return ack
+
+    def _holder(self, row: dict[str, Any] | None) -> str | None:
+        """The other replica that holds an endpoint, as its row (read lately) says; None if
+        unknown. A stale answer costs a forward (the receiver sends on what it does not hold)."""
+        if row is None or not self.is_online(row):
+            return None
+        holder = (json_or_none(row.get("status")) or {}).get("replica")
+        return holder if holder and holder != self.bus.replica_id else None
 
     # --- checks -------------------------------------------------------------------------------
     async def validate_submission(self, user_id: str, msg: Submit, rows: Rows, identity: Identity | None = None
@@ -148,7 +165,11 @@ class Submission(Policy):
         return accepted, rejected, bodies
 
     async def _row(self, rows: Rows, endpoint_id: str) -> dict[str, Any] | None:
-        """An endpoint's row, read at most once per submission (``rows`` holds those read)."""
+        """An endpoint's row, read at most once per submission (``rows`` holds those read).
+
+        Read fresh every time on purpose: a copy kept a second (invalidated by a broadcast on
+        delete) let a submission racing a delete on another replica store a task for the
+        deleted endpoint, which then never ended (tests/test_replicas.py caught it)."""
         if endpoint_id not in rows:
             rows[endpoint_id] = await self.db.get_endpoint(endpoint_id)
         return rows[endpoint_id]
