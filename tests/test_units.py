@@ -305,6 +305,39 @@ def test_a_replica_remembers_tasks_that_ended_so_a_late_copy_is_not_sent_again()
     assert not one_process.ended("t1")
 
 
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_linger_poked_just_after_arming_a_sub_millisecond_send_neither_raises_nor_loses_it(loop_kind: str) -> None:
+    """uvloop makes a timer due in under a millisecond a plain Handle, without ``when()``: a
+    poke that then asked the handle raised in its caller (an endpoint's engine callback, which
+    then left queued tasks unassigned, or its cancel handling, which dropped the link)."""
+    import asyncio
+
+    from tether.linger import Linger
+
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    sends: list[float] = []
+
+    async def burst() -> None:
+        linger = Linger(lambda: sends.append(loop.time()), window=0.05)
+        linger.sent()  # a send just happened: the window is open
+        linger.poke(busy=True, window=0.0002)  # armed, due in 0.2 ms
+        linger.poke(busy=False)  # the burst is over: it goes now, once
+        assert len(sends) == 1
+        await asyncio.sleep(0.02)  # the armed send was withdrawn: nothing goes twice
+        linger.poke(busy=True, window=0.0002)
+        await asyncio.sleep(0.02)  # and a send armed that way fires
+        assert len(sends) == 2
+
+    try:
+        loop.run_until_complete(burst())
+    finally:
+        loop.close()
+
+
 def test_where_a_submitters_file_goes_in_a_tasks_directory() -> None:
     """tether.files: relative paths keep their names; absolute ones (or ones climbing out) are
     kept apart by a digest of where they came from; nothing lands outside the directory."""
