@@ -42,7 +42,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from tether.protocol import (
@@ -65,6 +65,7 @@ from tether.protocol import (
 from .replica_events import (
     CancelOn,
     Close,
+    EndpointEvent,
     Forward,
     Offered,
     OfferedTo,
@@ -80,7 +81,7 @@ from .replica_events import (
     replica_key,
     tag_of,
 )
-from .sessions import ClientSession, close_quietly, send_or_drop
+from .sessions import ClientSession, EndpointSession, close_quietly, send_or_drop
 from .submission import Submission
 
 log = logging.getLogger("tether.service.relay")
@@ -140,12 +141,7 @@ class Relay(Submission):
         for r in rows:
             if r.state != TaskState.WAITING.value or r.endpoint_id in self.endpoints or self.replicated:
                 per_endpoint[r.endpoint_id].append(r.id)
-        for endpoint_id, tids in per_endpoint.items():
-            ep = self.endpoints.get(endpoint_id)
-            if ep is not None:
-                await self._cancel_on(ep, tids)
-            else:
-                await self._tell_endpoint(CancelOn(endpoint_id=endpoint_id, ids=tids))
+        await self._to_holders(per_endpoint, self._cancel_on, lambda eid, ids: CancelOn(endpoint_id=eid, ids=ids))
         self.counters["cancelled"] += len(rows)
         return [r.id for r in rows]
 
@@ -201,12 +197,20 @@ class Relay(Submission):
         per_endpoint: dict[str, list[OwnedTask]] = defaultdict(list)
         for item in tasks:
             per_endpoint[item.task.endpoint].append(item)
+        await self._to_holders(per_endpoint, self._offer_carried,
+                               lambda eid, items: Offered(endpoint_id=eid, tasks=items))
+
+    async def _to_holders(self, per_endpoint: dict[str, list[Any]],
+                          here: Callable[[EndpointSession, list[Any]], Awaitable[None]],
+                          news: Callable[[str, list[Any]], EndpointEvent]) -> None:
+        """Each endpoint's share: acted on here if the endpoint is held here, else published as
+        news for the replica that holds it (dropped by the broker if none does)."""
         for endpoint_id, items in per_endpoint.items():
             ep = self.endpoints.get(endpoint_id)
             if ep is not None:
-                await self._offer_carried(ep, items)
+                await here(ep, items)
             else:
-                await self._tell_endpoint(Offered(endpoint_id=endpoint_id, tasks=items))
+                await self._tell_endpoint(news(endpoint_id, items))
 
     async def reconcile(self, watched: bool = True) -> None:
         """Catch up on news the bus may have lost (a broker restart drops what was in flight):
