@@ -40,6 +40,11 @@ def function_quota_message(fid: str, size: int, quota: int) -> str:
             "function retention: register fewer distinct functions (pass data as arguments, not in closures)")
 
 
+def deleted_refusal(endpoint_id: str) -> Refusal:
+    """The refusal of a task for a deleted endpoint (found when checked, or when stored)."""
+    return Refusal(ErrorCode.ENDPOINT_DELETED, f"endpoint {endpoint_id} was deleted by its owner")
+
+
 class Submission(Policy):
     """Submissions: checks, quotas, routing to user endpoints, storing, acknowledging."""
 
@@ -165,13 +170,12 @@ class Submission(Policy):
         return accepted, rejected, bodies
 
     async def _row(self, rows: Rows, endpoint_id: str) -> dict[str, Any] | None:
-        """An endpoint's row, read at most once per submission (``rows`` holds those read).
-
-        Read fresh every time on purpose: a copy kept a second (invalidated by a broadcast on
-        delete) let a submission racing a delete on another replica store a task for the
-        deleted endpoint, which then never ended (tests/test_replicas.py caught it)."""
+        """An endpoint's row, read at most once per submission (``rows`` holds those read); with
+        several replicas, an ordinary endpoint's at most once a second per replica
+        (``endpoint_rows.py``: safe because the insert checks the endpoint again)."""
         if endpoint_id not in rows:
-            rows[endpoint_id] = await self.db.get_endpoint(endpoint_id)
+            read = self.endpoint_rows.get if self.replicated else self.db.get_endpoint
+            rows[endpoint_id] = await read(endpoint_id)
         return rows[endpoint_id]
 
     async def _endpoint_refusal(self, user_id: str, endpoint_id: str, rows: Rows,
@@ -186,7 +190,7 @@ class Submission(Policy):
             return Refusal(ErrorCode.UNKNOWN_ENDPOINT,
                            f"unknown endpoint {endpoint_id}: no endpoint with this id is visible to you")
         if ep["deleted_at"] is not None:
-            return Refusal(ErrorCode.ENDPOINT_DELETED, f"endpoint {endpoint_id} was deleted by its owner")
+            return deleted_refusal(endpoint_id)
         if ep["parent_id"] and not await self.parent_admits(ep, await self._row(rows, ep["parent_id"])):
             return Refusal(ErrorCode.NOT_ADMITTED, not_admitted_message(ep["parent_id"]))
         # a user endpoint answers to its multi-user endpoint's policy, whichever id the task names
@@ -228,7 +232,9 @@ class Submission(Policy):
         """
         limit = self.max_open_per_user
         if limit is None or not batch:
-            return await self.db.insert_tasks(user_id, batch, received)
+            inserted, resubmitted, taken, gone = await self.db.insert_tasks(user_id, batch, received)
+            self._refuse_deleted(batch, gone, rejected)
+            return inserted, resubmitted, taken
         entry = self._quota_locks.get(user_id)
         if entry is None:
             entry = self._quota_locks[user_id] = [asyncio.Lock(), 0]
@@ -240,16 +246,17 @@ class Submission(Policy):
                     count = await self.db.count_open(user_id)
                     counted_at = time.monotonic()
                 exact = count + len(batch) > limit // 2
-                inserted, resubmitted, taken = await self.db.insert_tasks(
+                inserted, resubmitted, taken, gone = await self.db.insert_tasks(
                     user_id, batch, received, max_open=limit if exact else None)
-                fitted = len(inserted) + len(resubmitted) + len(taken) == len(batch)
+                fitted = len(inserted) + len(resubmitted) + len(taken) + len(gone) == len(batch)
                 count = count + len(inserted) if fitted else limit  # refused ones met a full quota
                 self._open_counts[user_id] = (count, counted_at)
         finally:
             entry[1] -= 1
             if not entry[1]:
                 del self._quota_locks[user_id]
-        settled = {t.id for t in inserted}.union(resubmitted, taken)
+        self._refuse_deleted(batch, gone, rejected)
+        settled = {t.id for t in inserted}.union(resubmitted, taken, gone)
         over = [t for t in batch if t.id not in settled]
         if over:
             self.counters["refused_quota"] += len(over)
@@ -259,6 +266,16 @@ class Submission(Policy):
             for t in over:
                 rejected[t.id] = refusal
         return inserted, resubmitted, taken
+
+    @staticmethod
+    def _refuse_deleted(batch: list[Task], gone: list[str], rejected: dict[str, Refusal]) -> None:
+        """Tasks the store would not keep: their endpoint was deleted after this replica last
+        read its row (on another replica, within the second a row is kept: endpoint_rows.py)."""
+        if not gone:
+            return
+        endpoint_of = {t.id: t.endpoint for t in batch}
+        for tid in gone:
+            rejected[tid] = deleted_refusal(endpoint_of[tid])
 
     # --- where the tasks go -------------------------------------------------------------------
     async def _route_to_user_endpoints(self, user_id: str, batch: list[Task], rows: Rows) -> set[str]:

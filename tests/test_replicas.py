@@ -107,8 +107,8 @@ def test_tasks_states_cancels_stops_and_presence_cross_replicas(replicas: Replic
         wait_for(lambda: client.get_endpoint(endpoint_id)["online"] is False, what="the endpoint to show offline")
 
     # deleted through replica 1, refused at once through replica 0, which had just read the
-    # endpoint's row (a replica keeps rows of endpoints held elsewhere for a second): the
-    # deletion's broadcast dropped it there, so the next task is not stored for a deleted endpoint
+    # endpoint's row (a replica keeps rows of endpoints held elsewhere for a second): its insert
+    # checks the endpoint again, so the next task is not stored for a deleted endpoint
     ex = Executor(endpoint_id=endpoint_id, service=replicas.url(0), token=replicas.token)
     try:
         waiting = ex.submit(helpers.square, 3)  # the endpoint is offline: stored, it waits
