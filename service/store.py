@@ -203,28 +203,28 @@ class Store(Registry):
                 held = conn.execute(select(endpoints.c.id, endpoints.c.deleted_at).where(endpoints.c.id.in_(chunk))
                                     .order_by(endpoints.c.id).with_for_update(read=True))
                 deleted.update(r.id for r in held if r.deleted_at is not None)
-            gone = [t.id for t in batch if t.endpoint in deleted]
-            if gone:
+            refused = [t.id for t in batch if t.endpoint in deleted]  # unless stored before (below)
+            if refused:
                 rows = [r for r, t in zip(rows, batch, strict=True) if t.endpoint not in deleted]
                 batch = [t for t in batch if t.endpoint not in deleted]
             if max_open is not None:
                 self.lock_owner(conn, owner, "tasks")
                 room = max(0, max_open - conn.execute(_COUNT_OPEN, {"owner": owner}).scalar_one())
                 batch, rows = batch[:room], rows[:room]
-            if not rows:
-                return [], [], [], gone
-            inserted_ids = {r.id for r in self._insert(tasks, rows, returning=tasks.c.id)}
+            inserted_ids = {r.id for r in self._insert(tasks, rows, returning=tasks.c.id)} if rows else set()
             links = [{"task_id": t.id, "input_id": x} for t in batch if t.inputs and t.id in inserted_ids
                      for x in set(t.inputs)]
             if links:
                 self._insert(task_inputs, links)
-            existing = [t.id for t in batch if t.id not in inserted_ids]
+            existing = [t.id for t in batch if t.id not in inserted_ids] + refused
             owners: dict[str, str] = {}
             for chunk in chunks(existing):
                 owners.update(conn.execute(select(tasks.c.id, tasks.c.owner_id).where(tasks.c.id.in_(chunk))).all())
         inserted = [t for t in batch if t.id in inserted_ids]
+        # a task for a deleted endpoint that was stored before (a resubmission) is answered as one
+        gone = [tid for tid in refused if tid not in owners]
         mine = [tid for tid in existing if owners.get(tid) == owner]
-        theirs = [tid for tid in existing if owners.get(tid) != owner]
+        theirs = [tid for tid in existing if owners.get(tid) != owner and tid not in gone]
         return inserted, mine, theirs, gone
 
     def set_state(self, stamps: Iterable[tuple[str, float]], state: TaskState) -> None:

@@ -87,18 +87,22 @@ def test_tasks_are_not_stored_for_an_endpoint_whose_delete_commits_first() -> No
             kept, _ = store.register_endpoint(owner, "kept")
             batch = [Task(id=f"t{i}", function="0" * 32, endpoint=doomed if i % 2 else kept, payload=b"")
                      for i in range(4)]
+            earlier = Task(id="t9", function="0" * 32, endpoint=doomed, payload=b"")
+            store.insert_tasks(owner, [earlier])  # stored before the delete: resubmitted, it is answered as such
             with psycopg.connect(f"host=127.0.0.1 user=postgres dbname={name}") as deleting:
                 # the delete's first statement, not committed yet: it holds the endpoint's row
                 deleting.execute("UPDATE endpoints SET deleted_at = 1 WHERE id = %s", (doomed,))
                 answer: list = []
-                inserting = threading.Thread(target=lambda: answer.append(store.insert_tasks(owner, batch)))
+                inserting = threading.Thread(target=lambda: answer.append(store.insert_tasks(owner, [*batch, earlier])))
                 inserting.start()
                 inserting.join(timeout=1.0)
                 assert inserting.is_alive(), "the insert did not wait for the endpoint's row"
                 deleting.commit()
                 inserting.join(timeout=30)
-            inserted, _, _, gone = answer[0]
+            inserted, resubmitted, _, gone = answer[0]
+            assert resubmitted == ["t9"]
             assert [t.id for t in inserted] == ["t0", "t2"] and gone == ["t1", "t3"]
             assert {r.id for r in store.get_tasks(owner, [t.id for t in batch])} == {"t0", "t2"}
+            assert store.insert_tasks(owner, batch[:1]) == ([], ["t0"], [], [])  # an endpoint still there: as before
         finally:
             store.close()
