@@ -314,7 +314,8 @@ class Connection:
 
     def fetch_kept(self, task_id: str, timeout: float | None = None, progress: bool | None = None) -> Any:
         """The value of a kept result: asked for through the service (the endpoint uploads it as a
-        blob), downloaded here, checked by sha256 and deserialized. Concurrent asks share one fetch."""
+        blob), downloaded here (the service checked its sha256 on arrival) and deserialized.
+        Concurrent asks share one fetch."""
         if self.fatal is not None:
             raise self.fatal
         try:
@@ -603,7 +604,8 @@ class Connection:
             self._warned.add(endpoint_id)
             text = (f"endpoint {endpoint_id} runs Python {python[0].there} but this client runs Python "
                     f"{python[0].here}: functions pickled here will fail to load there. Use the same Python "
-                    "minor version.")
+                    "minor version, or ask for a matching environment where the endpoint builds them "
+                    "(Executor(..., environment='match'), docs/environments.md).")
             log.warning(text)
             warnings.warn(text, RuntimeWarning, stacklevel=2)
         if not brief.online and ("offline", endpoint_id) not in self._warned:

@@ -39,8 +39,26 @@ class InvalidResourceSpecification(TetherError, ValueError):
     """A resource specification has unknown keys or values that cannot be satisfied."""
 
 
+class InvalidEnvironment(TetherError, ValueError):
+    """An environment request (``Executor(environment=...)``) is malformed: said before it is sent."""
+
+
+class EnvironmentUnavailable(TetherError):
+    """The endpoint cannot give a task the environment it asked for: environments are off there,
+    no interpreter of that Python version is allowed, or building it failed (the installer's
+    own message is in the text)."""
+
+
 class SerializationError(TetherError):
     """A function, its arguments or its result could not be (de)serialized."""
+
+
+class MethodNotAllowed(SerializationError):
+    """Data serialized with a method the loading side does not allow (``method`` names it)."""
+
+    def __init__(self, message: str, method: str):
+        super().__init__(message)
+        self.method = method
 
 
 class VersionMismatch(SerializationError):
@@ -110,9 +128,11 @@ def task_failed(error: dict[str, Any], original: BaseException | None, task_id: 
     args = (type_name, error.get("message", ""), localize(error.get("traceback") or ""), task_id)
     if isinstance(original, Exception):
         remote_cls: Any = type(original)
-    else:  # the exception did not unpickle here; builtin types can still be matched by name
+    else:  # the exception did not unpickle here (another Python, say); builtin and Tether's own
+        # types can still be matched by name
         module, _, name = type_name.rpartition(".")
-        remote_cls = getattr(builtins, name, None) if module in ("", "builtins") else None
+        remote_cls = (getattr(builtins, name, None) if module in ("", "builtins")
+                      else globals().get(name) if module == __name__ else None)
     if isinstance(remote_cls, type) and issubclass(remote_cls, Exception) and not issubclass(remote_cls, TaskFailed):
         hybrid = _hybrids.get(remote_cls)
         if hybrid is None:

@@ -13,7 +13,8 @@ from typing import Any
 
 from .config import find_service
 from .connection import Connection, spill_dir
-from .errors import ServiceUnreachable, TetherError
+from .environment import ENVIRONMENT_KEY, EnvironmentRequest, match_environment, parse_environment, this_python
+from .errors import InvalidEnvironment, ServiceUnreachable, TetherError
 from .futures import TetherFuture
 from .ids import check_function_id, check_id, new_task_id
 from .protocol import Task, blob_stub
@@ -52,6 +53,16 @@ class _FunctionCache:
         return fid, body
 
 
+def _check_environment(environment: Any) -> str | EnvironmentRequest | None:
+    """``"match"``, a validated request, or ``None``; anything else is refused in words here."""
+    if environment is None or environment == "match":
+        return environment
+    if isinstance(environment, str):
+        raise InvalidEnvironment(f"environment must be 'match' or a dict such as {{'python': '3.12', "
+                                 f"'requirements': ['numpy==1.26.4']}}, not {environment!r}")
+    return parse_environment(environment)
+
+
 class Executor(concurrent.futures.Executor):
     """Run Python callables on a Tether endpoint.
 
@@ -63,6 +74,11 @@ class Executor(concurrent.futures.Executor):
             process can ``Executor(task_group_id=G).reload()`` them.
         resource_specification: per-task resources (MPI ranks, ...), passed to the endpoint.
         user_endpoint_config: values for a multi-user endpoint's config template.
+        environment: the environment tasks run in, built and cached by the endpoint where its
+            administrator allows it (docs/environments.md): ``"match"`` (this client's Python
+            minor version and the installed distributions the function's code uses, at the
+            versions installed here), or ``{"python": "3.12", "requirements": ["numpy==1.26.4"]}``;
+            ``None`` (default): the endpoint's own environment.
         data_serializer: how arguments travel: ``"cloudpickle"`` (any Python object) or
             ``"json"`` (plain data only; endpoints that refuse pickled arguments accept it).
         blob_threshold: arguments and function bodies that serialize to more bytes than this
@@ -102,6 +118,7 @@ class Executor(concurrent.futures.Executor):
         progress: bool | None = None,
         service_timeout: float = 60.0,
         keep_results_over: int | None = None,
+        environment: str | dict[str, Any] | None = None,
     ):
         # ids are checked where they enter: they become file names on the endpoint
         self.endpoint_id = check_id(endpoint_id, "endpoint id") if endpoint_id is not None else None
@@ -111,6 +128,8 @@ class Executor(concurrent.futures.Executor):
         self.data_serializer = data_serializer
         self.resource_specification = resource_specification
         self.user_endpoint_config = user_endpoint_config
+        self.environment = _check_environment(environment)
+        self._matched: dict[str, EnvironmentRequest] = {}  # function id -> what "match" computed for it
         self.batch_size = batch_size
         self.batch_interval = batch_interval
         self._info = find_service(service, token)
@@ -147,16 +166,19 @@ class Executor(concurrent.futures.Executor):
         resource_specification: dict[str, Any] | None = None,
         user_endpoint_config: dict[str, Any] | None = None,
         keep_over: int | None = None,
+        environment: str | dict[str, Any] | None = None,
     ) -> TetherFuture:
         """Submit ``fn(*args, **kwargs)`` with this call's own resource specification, user
-        endpoint config and ``keep_results_over`` (``keep_over``; the Executor's otherwise).
+        endpoint config, ``keep_results_over`` (``keep_over``) and environment (the Executor's
+        otherwise).
 
         Plugins (Parsl, Dask, Snakemake) use this: per-task options travel with the task, so
         no shared attribute is swapped around a submit (which races between threads).
         """
         fid, body, blobs = self._function(fn)
         return self._submit(fid, None if self._conn.known_function(fid) else body, tuple(args), dict(kwargs or {}),
-                            fn, resource_specification, user_endpoint_config, blobs, keep_over)
+                            fn, resource_specification, user_endpoint_config, blobs, keep_over,
+                            _check_environment(environment))
 
     def submit_to_registered_function(
         self, function_id: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
@@ -191,8 +213,14 @@ class Executor(concurrent.futures.Executor):
         return function_id(stub), stub, [ref.id]
     def _submit(self, fid: str, body: bytes | None, args: tuple, kwargs: dict, fn: Any,
                 spec: dict[str, Any] | None = None, uec: dict[str, Any] | None = None,
-                blobs: list[str] | None = None, keep_over: int | None = None) -> TetherFuture:
+                blobs: list[str] | None = None, keep_over: int | None = None,
+                environment: str | EnvironmentRequest | None = None) -> TetherFuture:
         spec = spec if spec is not None else self.resource_specification
+        # this call's, else the resource specification's (how the plugins pass it per task), else the Executor's
+        chosen = environment if environment is not None else (spec or {}).get(ENVIRONMENT_KEY) or self.environment
+        wanted = self._environment_for(fid, fn, _check_environment(chosen))
+        if wanted is not None:
+            spec = {**(spec or {}), ENVIRONMENT_KEY: wanted.as_data()}
         uec = uec if uec is not None else self.user_endpoint_config
         if self._shutdown:
             raise RuntimeError("cannot submit to an Executor after shutdown()")
@@ -233,6 +261,19 @@ class Executor(concurrent.futures.Executor):
             self._conn.submit(task, fut, body)  # may raise (PayloadTooLarge, AuthError): then nothing is tracked
         self._track(fut)
         return fut
+
+    def _environment_for(self, fid: str, fn: Any, environment: str | EnvironmentRequest | None
+                         ) -> EnvironmentRequest | None:
+        """The request a task carries: what "match" computes for ``fn`` (once per function), or
+        the explicit one."""
+        if environment != "match":
+            return environment  # type: ignore[return-value]
+        if fn is None:  # a function registered earlier: its code is not here to look at
+            return EnvironmentRequest(python=this_python())
+        found = self._matched.get(fid)
+        if found is None:
+            found = self._matched[fid] = match_environment(fn)
+        return found
 
     def _as_input(self, obj: Any) -> Any:
         """What an argument becomes: a placeholder for a future or a kept result of this service

@@ -102,6 +102,8 @@ class ErrorCode(StrEnum):
 #: the HTTP response header that names an :class:`ErrorCode` where the status code alone does not
 #: say which error it is (a 409 is a corrupt upload or a blob already uploaded)
 ERROR_HEADER = "Tether-Error"
+#: the sha256 of the bytes a blob download carries (the service checked them when they arrived)
+SHA256_HEADER = "X-Tether-Sha256"
 
 
 # --- field types ------------------------------------------------------------------------------
@@ -194,7 +196,7 @@ class BlobRef(Struct, array_like=True):
     *stub* (:func:`blob_stub`): a serialization header naming the method ``blob`` and this
     record. The stub is what the service stores and what a function id hashes, so content
     addressing and every size limit of the frames work unchanged; the receiver fetches the
-    blob and checks its sha256 before it deserializes anything.
+    blob, whose bytes the service checked against this sha256 as they arrived.
     """
 
     id: Id

@@ -11,7 +11,11 @@ The keys are Parsl's (so a Parsl MPI app's ``parsl_resource_specification`` work
 ``launcher_options``
     extra text inserted after the launcher's own options (``"--bind-to core"``);
 ``priority``
-    Parsl HighThroughputExecutor's task priority (lower runs first), passed through.
+    Parsl HighThroughputExecutor's task priority (lower runs first), passed through;
+``environment``
+    the environment the task runs in (see :mod:`tether.environment`): ``"match"`` or
+    ``{"python": ..., "requirements": [...]}``, as ``Executor(environment=...)`` takes it (this
+    key is how the plugins ask per task, e.g. a Parsl app's ``parsl_resource_specification``).
 
 :func:`validate_resource_specification` is what the client runs at submit, so a mistake is an
 :class:`~tether.errors.InvalidResourceSpecification` naming the key *before* anything is sent;
@@ -24,12 +28,13 @@ import difflib
 from dataclasses import dataclass
 from typing import Any
 
+from .environment import ENVIRONMENT_KEY, parse_environment
 from .errors import InvalidResourceSpecification
 
 MPI_KEYS = ("num_nodes", "ranks_per_node", "num_ranks", "launcher_options")
 #: keys other engines accept and Tether passes through untouched
 PASS_THROUGH_KEYS = ("priority",)
-KNOWN_KEYS = MPI_KEYS + PASS_THROUGH_KEYS
+KNOWN_KEYS = MPI_KEYS + PASS_THROUGH_KEYS + (ENVIRONMENT_KEY,)
 
 _INT_KEYS = ("num_nodes", "ranks_per_node", "num_ranks")
 
@@ -92,6 +97,9 @@ def validate_resource_specification(spec: Any) -> dict[str, Any]:
                 f"resource_specification['priority'] must be a number, not {prio!r}"
             )
         out["priority"] = prio
+    wanted = spec.get(ENVIRONMENT_KEY)
+    if wanted is not None:  # "match" is computed by the Executor, for the function it sends
+        out[ENVIRONMENT_KEY] = "match" if wanted == "match" else parse_environment(wanted).as_data()
     if "num_ranks" in out or "ranks_per_node" in out:
         mpi_layout(out)  # contradictions are errors at submit, not at the endpoint
     return out

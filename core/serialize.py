@@ -16,11 +16,12 @@ import io
 import json
 import pickle
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
 
-from .errors import SerializationError, VersionMismatch
+from .errors import MethodNotAllowed, SerializationError, VersionMismatch
 
 PY_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 DEFAULT_METHOD = "cloudpickle"
@@ -101,9 +102,9 @@ def _check_method(fields: dict[str, str], allowed_methods: frozenset[str] | None
     """The payload's method, if this side allows it and can load it (else the error in words)."""
     method = fields.get("method", "?")
     if allowed_methods is not None and method not in allowed_methods:
-        raise SerializationError(
-            f"serialization method {method!r} is not allowed here (allowed: {', '.join(sorted(allowed_methods))})"
-        )
+        raise MethodNotAllowed(
+            f"serialization method {method!r} is not allowed here (allowed: {', '.join(sorted(allowed_methods))})",
+            method)
     if method not in ("json", DEFAULT_METHOD):
         raise SerializationError(f"unknown serialization method {method!r}")
     if method == DEFAULT_METHOD:
@@ -120,15 +121,8 @@ def _check_method(fields: dict[str, str], allowed_methods: frozenset[str] | None
 def deserialize(data: Any, allowed_methods: frozenset[str] | None = None) -> Any:
     """Inverse of :func:`serialize`; refuses other Python versions and disallowed methods in words."""
     fields, offset = parse_header(data)
-    if _check_method(fields, allowed_methods) == "json":
-        try:
-            return json.loads(memoryview(data)[offset:].tobytes())
-        except ValueError as exc:
-            raise SerializationError(f"cannot deserialize JSON payload: {exc}") from None
-    try:
-        return pickle.loads(memoryview(data)[offset:])
-    except Exception as exc:
-        raise SerializationError(f"cannot deserialize payload: {type(exc).__name__}: {exc}") from exc
+    body = memoryview(data)[offset:]
+    return _decode(_check_method(fields, allowed_methods), body.tobytes, lambda: pickle.loads(body))
 
 
 def deserialize_from(fh: io.BufferedReader, allowed_methods: frozenset[str] | None = None) -> Any:
@@ -136,19 +130,27 @@ def deserialize_from(fh: io.BufferedReader, allowed_methods: frozenset[str] | No
     the payload's start. Pickle reads a large body (bytes, an array's buffer) straight into the
     object it makes with ``readinto``: the bytes are copied once, from the page cache or the
     socket, where unpickling a mapped file copies them out of the map (twice the memory traffic
-    on a gibibyte)."""
+    on a gibibyte). An OSError is the file's or the download's, not the payload's: it is raised
+    as it is, so the caller may read again."""
     fields, offset = parse_header(fh.peek(256)[:256])
     method = _check_method(fields, allowed_methods)
     fh.read(offset)
+    return _decode(method, fh.read, lambda: pickle.load(fh), passed_on=(OSError,))
+
+
+def _decode(method: str, json_text: Callable[[], bytes], unpickle: Callable[[], Any],
+            passed_on: tuple[type[BaseException], ...] = ()) -> Any:
+    """The body of a payload whose header was checked, by ``method``; what fails to decode is a
+    SerializationError that says why (``passed_on`` errors excepted)."""
     if method == "json":
         try:
-            return json.loads(fh.read())
+            return json.loads(json_text())
         except ValueError as exc:
             raise SerializationError(f"cannot deserialize JSON payload: {exc}") from None
     try:
-        return pickle.load(fh)
-    except OSError:
-        raise  # the file or the download failed, not the payload: the caller may read it again
+        return unpickle()
+    except passed_on:
+        raise
     except Exception as exc:
         raise SerializationError(f"cannot deserialize payload: {type(exc).__name__}: {exc}") from exc
 

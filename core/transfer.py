@@ -11,7 +11,9 @@ over plain HTTP(S) with httpx, streaming: nothing here holds a blob whole in mem
 * :class:`BlobClient` uploads in two steps, like S3's multipart or tus: ``POST /v1/blobs``
   declares size and sha256 (the service refuses a blob over its limit, 413, or over the
   user's quota, 429, before any byte moves), then ``PUT /v1/blobs/{id}`` streams the bytes.
-  Downloads stream to a file and are checked against the reference's sha256.
+  Downloads stream to a file, or into the value they make, and are checked for their size: the
+  sha256 is checked once, by the service, where the bytes enter it (a reader following an upload
+  gets its last byte only after that check), so each byte is hashed once per hop, not twice.
 * :func:`file_stub` / :func:`load_file`: how the endpoint hands a downloaded blob to a worker
   (a path, not the bytes: the worker unpickles from the file).
 * :class:`TransferProgress`: a progress bar on a terminal, log lines otherwise.
@@ -37,10 +39,12 @@ from urllib.parse import urlsplit
 
 import certifi
 import httpx
+import msgspec
 
 from .errors import AuthError, BlobCorrupt, PayloadTooLarge, QuotaExceeded, TetherError
-from .protocol import ERROR_HEADER, BlobRef, ErrorCode
+from .protocol import ERROR_HEADER, SHA256_HEADER, BlobRef, ErrorCode
 from .serialize import deserialize_from
+from .urls import tls_context
 
 log = logging.getLogger("tether.transfer")
 
@@ -64,6 +68,8 @@ DOWNLOAD_ATTEMPTS = 3
 DOWNLOAD_TIMEOUT_S = 300.0
 #: the header of a local file stub (endpoint daemon -> its workers; never on the wire)
 FILE_STUB_HEADER = b"tether:1;method=file\n"
+#: the header of a service stub (endpoint daemon -> its workers on its host; never on the wire)
+SERVICE_STUB_HEADER = b"tether:1;method=service\n"
 
 
 class Spill(io.RawIOBase):
@@ -324,14 +330,21 @@ _RETRIED = (OSError, http.client.HTTPException)
 
 
 class BlobReader(io.RawIOBase):
-    """A blob's body as it arrives, hashed piece by piece (at most ``CHUNK`` bytes per read, so
-    each piece is hashed while still in the CPU's cache). :meth:`finish` checks size and sha256."""
+    """A blob's body as it arrives (at most ``CHUNK`` bytes per read). :meth:`finish` checks its
+    size; the content is the service's to vouch for: it hashed the bytes as they were uploaded and
+    refused them unless they matched the declared sha256, names that sha256 in its answer (checked
+    here against the reference), and holds back the last byte of an upload still under way until
+    it verified. Hashing again here cost a second pass over every byte for what TCP (or TLS)
+    already guards."""
 
     def __init__(self, response: http.client.HTTPResponse, ref: BlobRef, what: str, progress: TransferProgress):
         super().__init__()
         self.response, self.ref, self.what, self.progress = response, ref, what, progress
-        self.digest = hashlib.sha256()
         self.size = 0
+        served = response.getheader(SHA256_HEADER)
+        if served is not None and served != ref.sha256:
+            raise BlobCorrupt(f"{what} {ref.id}: the service holds bytes with sha256 {served}, expected "
+                              f"{ref.sha256}; it was not used")
 
     def readable(self) -> bool:
         return True
@@ -344,7 +357,6 @@ class BlobReader(io.RawIOBase):
             raise DownloadBrokeOff(f"{self.what} {self.ref.id}: the download broke off after {self.size} of "
                                    f"{self.ref.size} bytes ({type(exc).__name__})") from exc
         if n:
-            self.digest.update(view[:n])
             self.size += n
             self.progress.update(n)
         elif self.size < self.ref.size:
@@ -353,14 +365,13 @@ class BlobReader(io.RawIOBase):
         return n
 
     def finish(self) -> None:
-        """Read what is left (nothing, for a well-formed value) and check the whole."""
+        """Read what is left (nothing, for a well-formed value) and check the size."""
         spare = bytearray(CHUNK)
         while self.readinto(spare):
             pass
-        if self.size != self.ref.size or self.digest.hexdigest() != self.ref.sha256:
-            raise BlobCorrupt(f"{self.what} {self.ref.id}: received {self.size} bytes with sha256 "
-                              f"{self.digest.hexdigest()}, expected {self.ref.size} bytes with sha256 "
-                              f"{self.ref.sha256}; it was not used")
+        if self.size != self.ref.size:
+            raise BlobCorrupt(f"{self.what} {self.ref.id}: received {self.size} bytes, expected {self.ref.size}; "
+                              "it was not used")
 
 
 class BlobClient:
@@ -505,7 +516,7 @@ class BlobClient:
 
     @contextlib.contextmanager
     def reader(self, ref: BlobRef, what: str = "blob", progress: bool | None = None) -> Iterator[BlobReader]:
-        """Blob ``ref``'s bytes as a raw binary file that hashes what it reads."""
+        """Blob ``ref``'s bytes as a raw binary file that counts what it reads."""
         shown = TransferProgress(f"download {what}", ref.size, self.progress if progress is None else progress)
         conn, response = self._request("GET", ref.id, f"download of {what} {ref.id} refused")
         try:
@@ -548,6 +559,51 @@ def file_of(data: Any) -> tuple[Path, str] | None:
         sha256, _, path = data[len(FILE_STUB_HEADER):].partition(b"\n")
         return Path(os.fsdecode(path)), sha256.decode()
     return None
+
+
+class ServiceBlob(msgspec.Struct, array_like=True, frozen=True):
+    """A blob a worker reads from the service itself, with its endpoint's credential: where the
+    worker runs beside the daemon, arguments go from the service straight into the value they
+    make, as they are uploaded, instead of through a file the daemon writes first."""
+
+    url: str
+    headers: dict[str, str]
+    ca_file: str | None
+    ref: BlobRef
+
+
+_service_blob_decoder = msgspec.msgpack.Decoder(ServiceBlob)
+
+
+def service_stub(url: str, headers: dict[str, str], ca_file: str | None, ref: BlobRef) -> bytes:
+    """Stands for serialized data in blob ``ref``, read from the service by the worker."""
+    return SERVICE_STUB_HEADER + msgspec.msgpack.encode(ServiceBlob(url, headers, ca_file, ref))
+
+
+def service_blob_of(data: Any) -> ServiceBlob | None:
+    """The blob a service stub names, or None for other data (a daemon makes these stubs, and
+    refuses any payload from the wire whose header names a method it does not allow, as
+    ``service`` never is)."""
+    if isinstance(data, bytes) and data.startswith(SERVICE_STUB_HEADER) and len(data) < 16384:
+        return _service_blob_decoder.decode(data[len(SERVICE_STUB_HEADER):])
+    return None
+
+
+_worker_clients: dict[tuple[str, str | None, tuple[tuple[str, str], ...]], BlobClient] = {}
+_worker_clients_lock = threading.Lock()  # (a thread engine's tasks share the process)
+
+
+def load_service_blob(blob: ServiceBlob, allowed_methods: frozenset[str] | None, what: str) -> Any:
+    """Download and deserialize ``blob`` as it arrives (one client per service and credential
+    in this process, so its connections are reused task after task)."""
+    key = (blob.url, blob.ca_file, tuple(sorted(blob.headers.items())))
+    with _worker_clients_lock:
+        client = _worker_clients.get(key)
+        if client is None:
+            _worker_clients.clear()  # a rotated credential: the old client is no longer asked
+            client = _worker_clients[key] = BlobClient(blob.url, blob.headers, tls_context(blob.url, blob.ca_file),
+                                                       progress=False)
+    return client.load(blob.ref, what, progress=False, allowed_methods=allowed_methods)
 
 
 def _file_pieces(path: Path) -> Iterator[memoryview]:

@@ -6,6 +6,7 @@ modules lazily, so a client-only install says which extra a command needs.
 from __future__ import annotations
 
 import json
+import time
 from typing import Annotated, Any
 
 import typer
@@ -174,7 +175,22 @@ def endpoint_status(name: Annotated[str, typer.Argument(help="the endpoint's nam
         table.add_row("results spooled", str(info["local"].get("spooled", 0)))
     if ver:
         table.add_row("versions", ", ".join(f"{k} {v}" for k, v in ver.items() if k != "platform"))
+    container = info.get("container")
+    if container:
+        table.add_row("container", f"workers run in {container['type']} image {container['image'] or '(custom)'}")
+    envs = info.get("environments")
+    if envs and (envs["enabled"] or envs["cached"]):
+        table.add_row("environments", f"{'on' if envs['enabled'] else 'off'}, {len(envs['cached'])} cached in "
+                      f"{envs['cache_dir']}: {_mib(envs['total_bytes'])} of {_mib(envs['max_bytes'])}")
+        for env in envs["cached"]:
+            table.add_row(f"  {env['key']}", f"Python {env['python']} {' '.join(env['requirements'])}: "
+                          f"{_mib(env['bytes'])}, built in {env['build_s']:.1f} s, last used "
+                          f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(env['last_used']))}")
     console.print(table)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 @endpoint_app.command("delete")

@@ -42,6 +42,8 @@ SCHEMA: dict[str, Any] = {
                     "prefetch": {"type": "integer", "minimum": 0, "maximum": 1000},
                     # how MPIFunction starts ranks on this host (see core/mpi.py)
                     "mpi_launcher": {"enum": ["mpiexec", "srun", "aprun"]},
+                    # workers in a container image (endpoint/container.py)
+                    "container": {"type": "object"},
                 },
                 "additionalProperties": False,
             },
@@ -78,6 +80,18 @@ SCHEMA: dict[str, Any] = {
         "authentication_policy": {"type": "object", "additionalProperties": False, "properties": {
             "allowed_domains": {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 100},
             "max_session_age_s": {"type": "number", "exclusiveMinimum": 0}}},
+        # environments built for tasks that ask for them (endpoint/environments.py, docs/environments.md)
+        "environments": {"type": "object", "additionalProperties": False, "properties": {
+            "enabled": {"type": "boolean"},
+            "index_url": {"type": "string", "pattern": "^(https?|file)://"},
+            "cache_dir": {"type": "string", "minLength": 1},
+            "max_bytes": {"type": "integer", "minimum": 0},
+            "interpreters": {"type": "array", "items": {"type": "string", "minLength": 1}},
+            "workers": {"type": "integer", "minimum": 1, "maximum": 4096},
+            "idle_timeout_s": {"type": "number", "exclusiveMinimum": 0},
+            "build_timeout_s": {"type": "number", "exclusiveMinimum": 0},
+            "uv": {"type": "string", "minLength": 1},
+            "system_certs": {"type": "boolean"}}},
         # the administrator's commands around the daemon (endpoint/hooks.py)
         "endpoint_setup": {"type": "string", "minLength": 1},
         "endpoint_teardown": {"type": "string", "minLength": 1},
@@ -138,6 +152,9 @@ class EndpointConfig:
     endpoint_setup: str | None = None
     endpoint_teardown: str | None = None
     endpoint_hook_timeout_s: float = 300.0
+    #: {enabled, index_url, cache_dir, max_bytes, interpreters, workers, idle_timeout_s, ...}:
+    #: environments built for tasks that ask for one (endpoint/environments.py); off by default
+    environments: dict[str, Any] = field(default_factory=dict)
 
     @property
     def dir(self) -> Path:
@@ -173,6 +190,15 @@ def parse_config(name: str, text: str, path: str) -> EndpointConfig:
         from .engines.parsl.config import validate_engine
 
         validate_engine(engine, str(path))
+    if "container" in engine:
+        from .container import check_runtime, parse_container
+
+        container = parse_container(engine["container"], str(path))
+        if engine.get("type") == "thread":
+            raise ConfigError(f"{path}: engine.container: the thread engine runs tasks inside the endpoint's own "
+                              f"process, which cannot enter an image; use type: process (or htex, mpi)")
+        if engine.get("type") not in PARSL_ENGINE_TYPES or _local_provider(engine):
+            check_runtime(container, str(path))  # elsewhere, workers start on other hosts
     cfg = EndpointConfig(name=name)
     for key, value in data.items():
         if key == "engine":
@@ -180,9 +206,16 @@ def parse_config(name: str, text: str, path: str) -> EndpointConfig:
                 cfg.engine = {**value, "_endpoint_dir": str(endpoint_dir(name)), "_source": str(path)}
             else:
                 cfg.engine = {"workers": os.cpu_count() or 1, **value}
+                if "container" in value:  # what the container mounts
+                    cfg.engine.update(_endpoint_dir=str(endpoint_dir(name)), _source=str(path))
         else:
             setattr(cfg, key, value)
     return cfg
+
+
+def _local_provider(engine: dict[str, Any]) -> bool:
+    provider = engine.get("provider", "LocalProvider")
+    return (provider.get("type") if isinstance(provider, dict) else provider) == "LocalProvider"
 
 
 def write_default_config(name: str, engine: str = "process", workers: int | None = None) -> Path:
@@ -201,6 +234,7 @@ def write_default_config(name: str, engine: str = "process", workers: int | None
 engine:
   type: {engine}          # thread | process
   workers: {workers}            # tasks that run at once
+  # container: {{type: podman, image: NAME, options: []}}   # workers in an image (docs/endpoint-admin.md)
 heartbeat_s: 5           # how often capacity and versions are reported to the service
 retries_on_worker_loss: 0   # re-run a task whose worker process died under it
 python_sandbox: false    # true: each Python function runs in tasks/<task id>/ (shell commands always do)

@@ -67,7 +67,8 @@ from tether.versions import installed
 from .config import EndpointConfig
 from .credential import Credential
 from .engines import TaskSpec, make_engine
-from .execute import Allowlist
+from .engines.environment_router import with_environments
+from .execute import Allowlist, arguments_refusal
 from .functions import FunctionStore
 from .inputs import InputFailed, Inputs
 from .kept import KeptResults, keep_result, upload_kept
@@ -143,7 +144,8 @@ class EndpointDaemon:
         self.max_result = config.max_result_bytes
         # large payloads: fetched into (and spilled results written to) blobs/ (endpoint/payloads.py)
         self.payloads = EndpointPayloads(self.dir / "blobs", self.service_url, self.credential.headers,
-                                         self.ssl_context, config.max_payload_bytes, config.max_result_bytes)
+                                         self.ssl_context, config.max_payload_bytes, config.max_result_bytes,
+                                         credential.get("ca_file"))
         self.blob_threshold: int | None = None  # what the service announces; None: it keeps no blobs
         # large results stay here until released (endpoint/kept.py); tasks that take them as
         # inputs read them here (endpoint/inputs.py)
@@ -194,12 +196,14 @@ class EndpointDaemon:
         return code
 
     def _make_engine(self) -> Any:
-        return make_engine(
+        engine = make_engine(
             self.config.engine, self._on_running, self._on_result,
             allowed_methods=Allowlist(data=self.allowed_methods, functions=frozenset(self.engine_methods)),
             retries_on_worker_loss=self.config.retries_on_worker_loss,
             python_sandbox=self.config.python_sandbox,
         )
+        # tasks that ask for an environment of their own go to one (or fail saying how to allow it)
+        return with_environments(engine, self.config)
 
     async def _before_stop(self) -> None:
         """Hook: what a subclass must do before the engine stops (the multi-user endpoint stops
@@ -345,9 +349,7 @@ class EndpointDaemon:
         """TaskRefused unless arguments serialized with ``method`` may be loaded here (the worker
         holds the same line: this is for the message)."""
         if method not in self.allowed_methods:
-            raise TaskRefused(ErrorCode.INVALID_REQUEST, f"arguments serialized with {method!r}, which this endpoint "
-                              f"does not accept (allowed: {', '.join(sorted(self.allowed_methods))}); submit with "
-                              f"Executor(data_serializer='{sorted(self.allowed_methods)[0]}')")
+            raise TaskRefused(ErrorCode.INVALID_REQUEST, arguments_refusal(method, self.allowed_methods))
 
     def _on_tasks(self, msg: Tasks) -> None:
         self._last_activity = time.monotonic()
@@ -391,7 +393,7 @@ class EndpointDaemon:
         tid = task.id
         inputs = None
         try:
-            body, payload = await self.payloads.fetch(task, body, args_ref, body_ref)
+            body, payload = await self.payloads.fetch(task, body, args_ref, body_ref, self.engine.workers_read_blobs)
             if task.inputs:
                 inputs = await self.inputs.gather(tid, task.inputs)
         except InputFailed as exc:
@@ -409,7 +411,7 @@ class EndpointDaemon:
             self.inputs.done(tid)
             return
         self._fetching.discard(tid)
-        if args_ref is not None:
+        if args_ref is not None and not self.engine.workers_read_blobs:  # (else the worker checks, as it reads)
             try:
                 with open(self.payloads.args_path(tid), "rb") as fh:  # the header only, never the whole blob
                     self._check_arguments_method(method_of(fh.read(256)))

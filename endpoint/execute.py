@@ -12,13 +12,13 @@ from typing import Any
 
 from msgspec import Struct
 
-from tether.errors import SerializationError
+from tether.errors import MethodNotAllowed, SerializationError
 from tether.protocol import DEFAULT_BLOB_THRESHOLD, Result, TaskState
 from tether.refs import fill_inputs
 from tether.results import failure, success
 from tether.runtime import TaskContext, set_current, task_id_environment
 from tether.serialize import RESULT, deserialize, serialize, serialize_into
-from tether.transfer import Spill, file_of, file_stub, load_file
+from tether.transfer import Spill, file_of, file_stub, load_file, load_service_blob, service_blob_of
 
 #: the endpoint daemon names a directory here (its ``blobs/``) where workers write results too
 #: large for a frame, so a large result crosses to the daemon as a file, not through a pipe
@@ -75,8 +75,24 @@ def load_function(fid: str, body: bytes | None, allowed_methods: frozenset[str] 
     return fn
 
 
+def arguments_refusal(method: str, allowed_methods: frozenset[str]) -> str:
+    """Why arguments serialized with ``method`` are refused here, and what to do (said the same
+    whether the daemon saw them first or the worker read them from the service)."""
+    allowed = sorted(allowed_methods)
+    return (f"arguments serialized with {method!r}, which this endpoint does not accept (allowed: "
+            f"{', '.join(allowed)}); submit with Executor(data_serializer='{allowed[0]}')")
+
+
 def load_payload(payload: bytes, allowed_methods: frozenset[str] | None) -> Any:
-    """Arguments, inline or (large ones) from the file the daemon downloaded them to."""
+    """Arguments, inline, from the file the daemon downloaded them to, or (large ones, where the
+    worker runs beside its daemon) from the service as they arrive."""
+    blob = service_blob_of(payload)
+    if blob is not None:
+        try:
+            return load_service_blob(blob, allowed_methods, "arguments")
+        except MethodNotAllowed as exc:
+            assert allowed_methods is not None
+            raise PermissionError(arguments_refusal(exc.method, allowed_methods)) from None
     local = file_of(payload)
     return load_file(local[0], allowed_methods) if local else deserialize(payload, allowed_methods)
 

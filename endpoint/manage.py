@@ -24,6 +24,8 @@ from tether.ids import check_name
 from tether.processes import endpoint_commands, is_recorded_process, signal_and_wait
 
 from .config import endpoint_dir, load_config, write_default_config
+from .container import engine_container
+from .environments import cached_environments
 
 
 def configure(name: str, engine: str = "process", workers: int | None = None, force: bool = False,
@@ -266,6 +268,10 @@ def status(name: str) -> dict[str, Any]:
     pid = daemon_pid(name)
     local = local_status(name) if pid else {}
     info: dict[str, Any] = {"name": name, "running": pid is not None, "pid": pid, "local": local}
+    config = load_config(name)
+    info["environments"] = cached_environments(config)
+    container = engine_container(config.engine)
+    info["container"] = None if container is None else {"type": container.type, "image": container.image}
     cred_file = credential_path(name)
     if cred_file.exists():
         cred = json.loads(cred_file.read_text())

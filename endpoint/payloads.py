@@ -26,7 +26,7 @@ from tether.errors import PayloadTooLarge, QuotaExceeded, TetherError
 from tether.ids import child_path
 from tether.protocol import BlobRef, ErrorCode, Result, blob_stub
 from tether.results import failure
-from tether.transfer import BlobClient, file_of, file_stub, sha256_file
+from tether.transfer import BlobClient, file_of, file_stub, service_stub, sha256_file
 from tether.transport import Backoff
 
 from .execute import SPILL_DIR_ENV
@@ -42,8 +42,10 @@ class EndpointPayloads:
     so a rotated credential is picked up) and its limits."""
 
     def __init__(self, directory: Path, service_url: str, headers: Callable[[], dict[str, str]],
-                 ssl_context: ssl.SSLContext | None, max_payload: int | None, max_result: int | None):
+                 ssl_context: ssl.SSLContext | None, max_payload: int | None, max_result: int | None,
+                 ca_file: str | None = None):
         self.dir = directory
+        self.ca_file = ca_file  # for workers that read arguments from the service (service_stub)
         shutil.rmtree(directory, ignore_errors=True)  # what a previous run left is of no use now
         directory.mkdir(parents=True, mode=0o700)
         os.environ[SPILL_DIR_ENV] = str(directory)  # workers inherit it (see execute.serialize_result)
@@ -76,10 +78,13 @@ class EndpointPayloads:
             self.args_path(task_id).unlink(missing_ok=True)
 
     async def fetch(self, task: Any, body: bytes | None, args_ref: BlobRef | None,
-                    body_ref: BlobRef | None) -> tuple[bytes | None, bytes]:
+                    body_ref: BlobRef | None, workers_read_blobs: bool = False) -> tuple[bytes | None, bytes]:
         """(function body, payload) for the engine, with file stubs in place of the blobs, each
-        downloaded and checked by sha256; raises PayloadTooLarge over ``max_payload_bytes``
-        (before any byte moves), or what the transfer raised."""
+        downloaded here; raises PayloadTooLarge over ``max_payload_bytes`` (before any byte
+        moves), or what the transfer raised. ``workers_read_blobs`` (workers on this host): the
+        arguments stay on the service and the payload is a service stub instead, which the worker
+        reads from the service as the bytes arrive (no file written here and read again there,
+        and the worker's unpickling overlaps the upload)."""
         payload = task.payload
         size = (args_ref.size if args_ref else len(payload)) + (body_ref.size if body_ref else 0)
         if self.max_payload is not None and size > self.max_payload:
@@ -87,7 +92,9 @@ class EndpointPayloads:
                                   f"max_payload_bytes ({self.max_payload})")
         if body_ref is not None:
             body = await self._fetch_function(task.function, body_ref)
-        if args_ref is not None:
+        if args_ref is not None and workers_read_blobs:
+            payload = service_stub(self.service_url, self.headers(), self.ca_file, args_ref)
+        elif args_ref is not None:
             path = self.args_path(task.id)
             self._downloaded.add(task.id)  # before the download: a part left by a failure goes too
             await asyncio.to_thread(self.client().download_to, args_ref, path, f"arguments of task {task.id}")

@@ -40,7 +40,7 @@ from sqlalchemy import and_, bindparam, delete, exists, func, select, update
 from starlette.requests import ClientDisconnect
 
 from tether.ids import child_path
-from tether.protocol import ERROR_HEADER, ErrorCode, Task
+from tether.protocol import ERROR_HEADER, SHA256_HEADER, ErrorCode, Task
 from tether.transfer import hash_and_write
 
 from .async_store import AsyncStore
@@ -94,9 +94,9 @@ class Arrival:
     """An upload under way in this process, for readers that stream it as it arrives.
 
     A task's arguments reach its endpoint, and a kept result its client, while they are still
-    being uploaded: the reader follows the upload's file, never ahead of what is written. The
-    reader checks the sha256 it was given at the end, as for any download, so an upload that
-    ends in a mismatch is caught there too; one that breaks off breaks the readers' streams."""
+    being uploaded: the reader follows the upload's file, never ahead of what is written, and
+    receives the last byte only once the whole upload matched its declared sha256: an upload that
+    ends in a mismatch or breaks off breaks the readers' streams (they see them short)."""
 
     def __init__(self) -> None:
         self.written = 0
@@ -348,14 +348,17 @@ async def _receive(request: Request, out: Any, digest: Any, declared: int, blob_
 
 async def _follow(fh: Any, arrival: Arrival, size: int, blob_id: str) -> AsyncIterator[bytes]:
     """A blob's bytes read from its upload's file as they are written: never past what the
-    upload has written, ending with it; an upload that breaks off (or stalls for
-    ``FOLLOW_IDLE_S``) breaks this stream off too, and the reader sees it short."""
+    upload has written, ending with it (the last byte only once the upload's bytes matched their
+    declared sha256); an upload that breaks off, fails that check or stalls for ``FOLLOW_IDLE_S``
+    breaks this stream off too, and the reader sees it short."""
     sent = 0
     try:
         while sent < size:
-            if arrival.written > sent:
-                piece = await asyncio.to_thread(os.pread, fh.fileno(), min(FOLLOW_PIECE, arrival.written - sent),
-                                                sent)
+            # the last byte waits for the upload's sha256 check: a reader never receives a whole
+            # body that did not verify (readers check the size only; see tether.transfer.BlobReader)
+            readable = arrival.written if arrival.ended and arrival.ok else min(arrival.written, size - 1)
+            if readable > sent:
+                piece = await asyncio.to_thread(os.pread, fh.fileno(), min(FOLLOW_PIECE, readable - sent), sent)
                 if not piece:
                     raise OSError(f"blob {blob_id}: its file ended at {sent} bytes")
                 sent += len(piece)
@@ -451,12 +454,12 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
               "description": "the blob's bytes"}, **_errors(404, 409)})
     async def download_blob(blob_id: PathId, who: Principal = Depends(principal)) -> Response:
         """A blob's bytes, streamed from disk. Yours, or (endpoints) named by a task dispatched to you.
-        A blob still being uploaded is streamed as its bytes arrive (the reader checks the sha256
-        at the end); one declared but not yet sent is waited for."""
+        A blob still being uploaded is streamed as its bytes arrive (its last byte once they
+        matched their sha256); one declared but not yet sent is waited for."""
         row = await rows.get(blob_id)
         if not await rows.may_read(who, row):
             raise HTTPException(404, f"unknown blob {blob_id}")
-        headers = {"X-Tether-Sha256": row.sha256}
+        headers = {SHA256_HEADER: row.sha256}
         if row.state == RESERVED and not row.linked:  # nothing names it: nobody is about to send it
             raise HTTPException(409, f"blob {blob_id} is declared but its bytes have not been sent")
         # the task or the answer naming it went ahead of its bytes: follow the upload when it starts

@@ -41,6 +41,15 @@ def touch_then_sleep(marker: str, seconds: float) -> str:
     return "finished"
 
 
+def touch_then_wait(marker: str, go: str, data: bytes, timeout: float = 60.0) -> int:
+    """Record that the task runs, then wait for ``go`` to exist; the length of ``data``."""
+    Path(marker).write_text("running")
+    deadline = time.monotonic() + timeout
+    while not Path(go).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return len(data)
+
+
 def touch(marker: str) -> str:
     Path(marker).write_text("ran")
     return "ran"

@@ -272,6 +272,50 @@ def test_a_task_goes_ahead_of_its_arguments_and_readers_follow_their_upload(smal
         collector.close()
 
 
+def test_a_reader_following_an_upload_that_lies_about_its_hash_never_gets_the_whole_body(small: LocalStack) -> None:
+    """Readers do not hash what they download (the service did, as the bytes arrived): so the last
+    byte of an upload under way waits for that check, and a follower of bytes that do not match
+    their declared sha256 sees its body end short, whole but for nothing it could take for good."""
+    data = os.urandom(3 * MiB)
+    http_ = httpx.Client(base_url=small.service_url, headers={"Authorization": f"Bearer {small.token}"},
+                         trust_env=False, timeout=60)
+    blob_id = http_.post("/v1/blobs", json={"size": len(data), "sha256": "f" * 64}).json()["blob_id"]
+    got_first, out = threading.Event(), []
+    reader = threading.Thread(target=_follow, args=(small.service_url, small.token, blob_id, MiB, got_first, out))
+    uploaded = threading.Event()
+
+    def follows_then_ends() -> Iterator[bytes]:
+        yield data[: 2 * MiB]
+        reader.start()  # the reader asks while the upload is under way
+        assert got_first.wait(30), "the reader did not get bytes of an upload under way"
+        yield data[2 * MiB :]
+        uploaded.set()
+
+    try:
+        answer = http_.put(f"/v1/blobs/{blob_id}", content=follows_then_ends(),
+                           headers={"Content-Length": str(len(data))})
+        assert uploaded.is_set() and answer.status_code == 409 and "not to the" in answer.json()["detail"]
+        reader.join(60)
+        assert isinstance(out[0], http.client.IncompleteRead), out
+        assert len(out[0].partial) + MiB < len(data)  # (it had MiB before; never the last byte)
+    finally:
+        http_.delete(f"/v1/blobs/{blob_id}")
+        http_.close()
+
+
+def test_a_worker_beside_its_daemon_reads_large_arguments_from_the_service(small: LocalStack, tmp_path: Path) -> None:
+    """The process engine's workers read a task's large arguments from the service themselves
+    (as they are uploaded): the daemon writes no ``<task>.args`` file for them to read back."""
+    started, go = tmp_path / "started", tmp_path / "go"
+    with _executor(small) as ex:
+        fut = ex.submit(helpers.touch_then_wait, str(started), str(go), b"a" * (10 * MiB))  # over any threshold
+        wait_for(started.exists, timeout=60, what="the task to start")
+        downloaded = sorted(p.name for p in (small.endpoint_dir() / "blobs").glob("*.args*"))
+        go.touch()
+        assert fut.result(timeout=60) == 10 * MiB
+    assert downloaded == []
+
+
 def test_blobs_are_readable_only_by_their_owner_and_the_endpoint_running_their_task(small: LocalStack) -> None:
     data = b"secret" * MiB
     mine = BlobClient(small.service_url, {"Authorization": f"Bearer {small.token}"}).upload(

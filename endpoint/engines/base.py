@@ -24,6 +24,11 @@ OnResult = Callable[[Result], None]
 class Engine(abc.ABC):
     """Runs tasks. Subclasses must not block the loop in any method."""
 
+    #: whether this engine's workers run beside the daemon, reach the service as it does and
+    #: may hold its credential: then they read large arguments from the service themselves
+    #: (``tether.transfer.service_stub``) instead of from a file the daemon downloads first
+    workers_read_blobs = False
+
     def __init__(self, config: dict[str, Any], on_running: OnRunning, on_result: OnResult,
                  allowed_methods: Allowlist | frozenset[str] | None = None, retries_on_worker_loss: int = 0,
                  python_sandbox: bool = False):

@@ -36,10 +36,12 @@ from dataclasses import dataclass, field
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
+from tether.endpoint.container import process_worker_command
 from tether.protocol import Result
 from tether.results import cancelled, failure, unpack
 
 from .base import Engine, TaskSpec
+from .container_worker import ContainerRunner
 from .worker import TaskItem
 from .worker import main as worker_main
 
@@ -59,6 +61,16 @@ def frame(message: Any, into: bytearray) -> None:
     n = len(data)
     into += struct.pack("!i", n) if n <= 0x7FFFFFFF else struct.pack("!iQ", -1, n)
     into += data
+
+
+def task_pipe(fd: int) -> int:
+    """``fd``, the daemon's end of a worker's task pipe, made non-blocking and large."""
+    os.set_blocking(fd, False)
+    try:  # fewer partial writes for large arguments; the default (64 KiB) works too
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    except (AttributeError, OSError):  # not Linux
+        pass
+    return fd
 
 
 class WorkerLost(RuntimeError):
@@ -82,6 +94,8 @@ class _Worker:
 
 
 class ProcessEngine(Engine):
+    workers_read_blobs = True  # workers on this host: see Engine.workers_read_blobs
+
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.n_workers = int(self.config.get("workers", os.cpu_count() or 1))
@@ -91,37 +105,42 @@ class ProcessEngine(Engine):
         self.workers: list[_Worker] = []
         self.retries: dict[str, int] = {}
         self.stopping = False
+        self.container_argv = process_worker_command(self.config)  # None: workers run on this host
+        # in a container, workers may not reach the service (or see its CA): they read files
+        self.workers_read_blobs = self.container_argv is None
         for _ in range(self.n_workers):
             self.workers.append(self._spawn())
 
     def _spawn(self) -> _Worker:
+        worker = self._start_worker()
+        self.loop.add_reader(worker.conn.fileno(), self._readable, worker)
+        # read with Connection.recv, which needs a blocking pipe: a message larger than the pipe
+        # arrives in parts. uvloop (libuv) makes a watched descriptor non-blocking, and a partial
+        # read then raised BlockingIOError, which looked like a dead worker.
+        os.set_blocking(worker.conn.fileno(), True)
+        return worker
+
+    def _start_worker(self) -> _Worker:
+        """A new worker process (a multiprocessing child of this interpreter; see
+        engines/environment_pool.py for workers in another)."""
         tasks_in, tasks_out = self.ctx.Pipe(duplex=False)
         results_in, results_out = self.ctx.Pipe(duplex=False)
         gate, started, floor = self.ctx.Lock(), self.ctx.RawValue("q", 0), self.ctx.RawValue("q", 0)
+        runner = None if self.container_argv is None else ContainerRunner(
+            self.container_argv, (self.allowed_methods, self.engine_info(), self.python_sandbox))
         # not a daemon process: tasks may start processes of their own (multiprocessing pools,
         # Parsl's resource monitor), which daemonic processes may not; a worker still ends with
         # the endpoint, when its pipe closes or stop() kills its group
         proc = self.ctx.Process(target=worker_main, args=((tasks_in, results_out), self.allowed_methods,
                                                            self.engine_info(), self.python_sandbox,
-                                                           (gate, started, floor)),
+                                                           (gate, started, floor), runner),
                                 daemon=False, name="tether-worker")
         proc.start()
         tasks_in.close()  # the worker's ends: its death shows as EOF on ours, ours as EOF on its
         results_out.close()
         tasks_fd = os.dup(tasks_out.fileno())  # written by hand (frame, _flush), not by Connection
         tasks_out.close()
-        os.set_blocking(tasks_fd, False)
-        try:  # fewer partial writes for large arguments; the default (64 KiB) works too
-            fcntl.fcntl(tasks_fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-        except (AttributeError, OSError):  # not Linux
-            pass
-        worker = _Worker(proc, results_in, tasks_fd, gate, started, floor)
-        self.loop.add_reader(results_in.fileno(), self._readable, worker)
-        # read with Connection.recv, which needs a blocking pipe: a message larger than the pipe
-        # arrives in parts. uvloop (libuv) makes a watched descriptor non-blocking, and a partial
-        # read then raised BlockingIOError, which looked like a dead worker.
-        os.set_blocking(results_in.fileno(), True)
-        return worker
+        return _Worker(proc, results_in, task_pipe(tasks_fd), gate, started, floor)
 
     async def stop(self) -> None:
         self.stopping = True

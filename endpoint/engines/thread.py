@@ -21,6 +21,8 @@ from .base import Engine, TaskSpec
 
 
 class ThreadEngine(Engine):
+    workers_read_blobs = True  # workers on this host: see Engine.workers_read_blobs
+
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.workers = int(self.config.get("workers", 4))

@@ -43,11 +43,12 @@ def _exit_with_parent(parent: int) -> None:
 
 def main(conns: tuple[Connection, Connection], allowed_methods: Allowlist | frozenset[str] | None,
          engine_info: dict[str, Any] | None = None, python_sandbox: bool = False,
-         gate: tuple[Any, Any, Any] | None = None) -> None:
+         gate: tuple[Any, Any, Any] | None = None, runner: Any = None) -> None:
     """Run tasks from ``conns[0]`` in order, sending results on ``conns[1]`` (as msgpack bytes). ``gate`` = (lock,
     started, floor) shared with the engine: a task numbered at or below ``floor`` is skipped (the
     engine gave it to another worker), and ``started`` tells the engine what was begun (see
-    engines/process.py)."""
+    engines/process.py). ``runner``: runs each task elsewhere and returns its packed result (a
+    :class:`~.container_worker.ContainerRunner`: the task runs in a container image)."""
     conn, results = conns
     try:
         os.setsid()
@@ -55,6 +56,8 @@ def main(conns: tuple[Connection, Connection], allowed_methods: Allowlist | froz
         pass
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="tether-worker-watcher",
                      daemon=True).start()
+    if runner is not None:
+        runner.start()
     queue: collections.deque[TaskItem] = collections.deque()
     # function bodies as they arrive, until loaded: the task that brought one may be skipped
     bodies: dict[str, bytes] = {}
@@ -89,4 +92,7 @@ def main(conns: tuple[Connection, Connection], allowed_methods: Allowlist | froz
                 continue
         # a body may have come earlier
         task = TaskSpec(task_id, fid, bodies.pop(fid, body), payload, spec, sandbox, inputs)
-        results.send_bytes(pack(run_task(task, allowed_methods, chdir=python_sandbox, engine=engine_info)))
+        if runner is None:
+            results.send_bytes(pack(run_task(task, allowed_methods, chdir=python_sandbox, engine=engine_info)))
+        else:
+            results.send_bytes(runner(task))

@@ -18,6 +18,7 @@ import inspect
 import logging
 import shlex
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import parsl
@@ -67,16 +68,19 @@ def check_supported() -> None:
 check_supported()
 
 
-def launch_commands() -> tuple[str, list[str]]:
+def launch_commands(in_image: Callable[[str], str] | None = None) -> tuple[str, list[str]]:
     """Worker-pool and interchange commands that run under *this* interpreter, not via PATH.
 
     Relies on ``DEFAULT_LAUNCH_CMD`` (a module constant) starting with the bare script name
     ``process_worker_pool.py``: the module is run with ``python -m`` in its place and the rest of
-    Parsl's template is kept (checked at import).
+    Parsl's template is kept (checked at import). ``in_image``: for workers in a container, turns
+    the worker pool's arguments (``-m MODULE ...``, a template Parsl formats) into the launch
+    command's template, under the image's Python.
     """
     default: str = _htex_module.DEFAULT_LAUNCH_CMD
     module = "parsl.executors.high_throughput.process_worker_pool"
-    launch = f"{shlex.quote(sys.executable)} -m {module}{default[len(_WORKER_POOL_SCRIPT):]}"
+    rest = f" -m {module}{default[len(_WORKER_POOL_SCRIPT):]}"
+    launch = shlex.quote(sys.executable) + rest if in_image is None else in_image(rest)
     return launch, [sys.executable, "-m", "parsl.executors.high_throughput.interchange"]
 
 

@@ -17,6 +17,7 @@ import shlex
 import sys
 import typing
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ ENGINE_KEYS = {
     "strategy": "Parsl scaling strategy: simple (default, as Parsl's), htex_auto_scale, none",
     "max_idletime": "seconds a block may sit idle before htex_auto_scale scales it in (default 120)",
     "strategy_period": "seconds between scaling decisions (default 1)",
+    "container": "run the worker pools in a container image: {type: podman, image: ..., options: [...]}",
 }
 #: Executor arguments the engine sets itself (not configurable).
 RESERVED = {"label", "storage_access", "remote_monitoring_radio", "manager_selector"}
@@ -274,7 +276,7 @@ def build_executor(kind: str, engine: dict[str, Any], run_dir: Path, source: str
     kwargs = executor_kwargs(engine, cls, source)
     provider = build_provider(provider_spec(engine), source)
     local = type(provider).__name__ in LOCAL_PROVIDERS
-    launch, interchange = _compat.launch_commands()
+    launch, interchange = _compat.launch_commands(worker_pool_in_image(engine))
     kwargs.setdefault("launch_cmd", launch)
     if local:
         kwargs.setdefault("address", "127.0.0.1")
@@ -303,6 +305,19 @@ def build_executor(kind: str, engine: dict[str, Any], run_dir: Path, source: str
         provider.script_dir = str(run_dir / "submit_scripts")
         os.makedirs(provider.script_dir, exist_ok=True)
     return executor
+
+
+def worker_pool_in_image(engine: dict[str, Any]) -> Callable[[str], str] | None:
+    """With a ``container:``, the worker pools start in the image (see :mod:`tether.endpoint.container`):
+    the launch command's template from the worker pool's arguments. None: on the host."""
+    from tether.endpoint.container import engine_container, shared_dirs
+
+    container = engine_container(engine)
+    if container is None:
+        return None
+    shared = shared_dirs(engine)
+    return lambda arguments: container.shell_command(shlex.quote(container.python) + arguments, shared,
+                                                      template=True)
 
 
 def _local_mpi_nodefile(provider: Any, run_dir: Path) -> None:
