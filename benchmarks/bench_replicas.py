@@ -1,15 +1,16 @@
-"""Replicas: no-op throughput and p50 on SQLite, PostgreSQL, and PostgreSQL + RabbitMQ with 1-3 replicas.
+"""Replicas: no-op throughput, p50/p99 and recovery from a SIGKILL on SQLite, PostgreSQL, and
+PostgreSQL + RabbitMQ with 1-3 replicas, with 10 and 100 endpoints.
 
-    python benchmarks/bench_replicas.py [--endpoints 100] [--tasks-per-endpoint 50] [--clients 3]
-                                        [--n-latency 200] [--db-threads 4] [--only a,b,c,d,e]
-                                        [--through-haproxy] [--json PATH] [--quick]
+    python benchmarks/bench_replicas.py [--endpoints 10,100] [--tasks 1000 | --tasks-per-endpoint 50]
+                                        [--clients 3] [--n-latency 200] [--kill-tasks 1000] [--db-threads 4]
+                                        [--only a,b,c,d,e] [--through-haproxy] [--json PATH] [--quick]
 
 A fast check: ``python benchmarks/bench_replicas.py --quick``; figures and what they mean are in
 ``docs/benchmarks.md`` (Replicas). Needs ``pip install -e '.[test,bench]'`` (psycopg, aio-pika,
 pytest for the test harness), PostgreSQL on 127.0.0.1:5432 (trust), RabbitMQ on 127.0.0.1:5672 (guest) and haproxy, as
 ``tests/test_replicas.py`` does; each configuration gets a fresh database, dropped after.
 
-Five configurations, measured one after the other with the same workload:
+Five configurations, measured one after the other with the same workload, for each endpoint count:
 
     a  the embedded default: ``tether service start`` on SQLite, one process
     b  one service on PostgreSQL, no broker
@@ -18,20 +19,28 @@ Five configurations, measured one after the other with the same workload:
     e  the same, 3 replicas
 
 Workload: ``--endpoints`` real endpoint daemons (thread engine, one worker each) run in one
-"farm" process, as in ``bench_scale.py``; endpoint ``i`` registers with, and connects directly
-to, replica ``i % n``. ``--clients`` client processes (the same number in every configuration,
-so only the service side changes) connect directly to replica ``j % n``; together they submit
-``--tasks-per-endpoint`` no-ops to every endpoint at once (client ``j`` takes rounds ``r`` with
-``r % clients == j``) and wait for every result: tasks/s is all tasks over first submission to
-last result. With several replicas most tasks therefore cross replicas through the broker, as
-they do behind a load balancer. The latency is ``--n-latency`` sequential round trips from
-this process, connected to replica 0, to endpoint 1, which is on replica 1 when there are
-two or more (so every round trip crosses replicas). ``--through-haproxy`` sends endpoints
-and clients through the balancer instead (placement is then haproxy's round robin).
+"farm" process, as in ``bench_scale.py``; in (c)-(e) they connect through haproxy, as in
+production (so they fail over when a replica dies), and haproxy spreads them over the replicas.
+``--clients`` client processes (the same number in every configuration, so only the service side
+changes) connect directly to replica ``j % n``; together they submit ``--tasks`` no-ops (or
+``--tasks-per-endpoint`` to every endpoint) at once and wait for every result: tasks/s is all
+tasks over first submission to last result. With several replicas most tasks therefore cross
+replicas through the broker. The latency is ``--n-latency`` sequential round trips from this
+process, connected to replica 0, to an endpoint held by another replica when there are two or
+more (so every round trip crosses replicas).
 
-Ratios are to (a): ``tps / a`` < 1 is less throughput than the embedded default, ``p50 / a``
-> 1 a slower round trip. All processes share this machine's cores: on a small machine more
-replicas cannot add capacity, only show what the broker and the shared database cost.
+Then (c)-(e) lose a replica: ``--kill-tasks`` no-ops are submitted through haproxy, and once a
+fifth are done the replica holding the most endpoints is SIGKILLed (with one replica, it is
+started again at once, as a supervisor would). Reported: the time from the kill until the first
+result of a task whose endpoint was on that replica, tasks never resolved (lost) and resolved
+twice (duplicated).
+
+Ratios are to (a) and to (c), among runs with as many endpoints. During the throughput phase the
+benchmark adds up the CPU time of each kind of process (replicas, PostgreSQL, RabbitMQ, haproxy,
+endpoints, clients) and of the whole machine, and names what limited the run: on this project's
+2-core machine every process shares two cores, so more replicas cannot add capacity here; what
+the figures can show is that a replica costs nothing (tasks/s / c near 1). ``--through-haproxy``
+sends the clients through the balancer too.
 """
 
 from __future__ import annotations
@@ -194,6 +203,8 @@ class Service:
     logs: list[Path]
     replicas: int
     holder_of: Any = None  # endpoint id -> replica index, where the database says so
+    group: Any = None  # the Replicas harness (c-e): to SIGKILL and restart a replica
+    endpoint_urls: list[str] | None = None  # where endpoints connect (c-e: haproxy, as in production)
 
 
 @contextlib.contextmanager
@@ -221,7 +232,11 @@ def start_service(key: str, root: Path, args: argparse.Namespace) -> Iterator[Se
     group = Replicas(root, n=n, db_threads=args.db_threads, log_level="warning")
     try:
         urls = [group.lb_url] * n if args.through_haproxy else [group.url(i) for i in range(n)]
-        yield Service(urls, group.token, [root / f"replica-{i}.log" for i in range(n)], n, group.holder_of)
+        # endpoints connect through haproxy, as in production: when a replica is SIGKILLed they
+        # reconnect to a live one (connected to a replica's own port they would wait for it)
+        endpoint_urls = [group.lb_url] * n if args.kill else urls
+        yield Service(urls, group.token, [root / f"replica-{i}.log" for i in range(n)], n, group.holder_of, group,
+                      endpoint_urls)
     finally:
         group.close()
 
@@ -232,7 +247,8 @@ def run_config(key: str, args: argparse.Namespace) -> Result:
     from tether.connection import Connection
 
     label, _database, n = CONFIGS[key]
-    result: Result = {"config": key, "label": label, "replicas": n or 1, "error": None, "log_problems": []}
+    result: Result = {"config": key, "label": label, "replicas": n or 1, "endpoints": args.endpoints, "error": None,
+                      "log_problems": []}
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"bench-replicas-{key}-") as tmp:
         root = Path(tmp)
@@ -263,7 +279,7 @@ def _measure(key: str, service: Service, root: Path, children: Children, args: a
     _log(f"[{key}] service up ({n} replica(s)); starting {args.endpoints} endpoints")
     env = {k: v for k, v in os.environ.items() if k not in ("TETHER_SERVICE_URL", "TETHER_TOKEN")}
     env.update(TETHER_HOME=str(root / "farm"), TETHER_LOG_LEVEL="WARNING")
-    endpoint_urls = [service.urls[i % n] for i in range(args.endpoints)]
+    endpoint_urls = [(service.endpoint_urls or service.urls)[i % n] for i in range(args.endpoints)]
     t0 = time.perf_counter()
     farm = children.start([sys.executable, "-c", FARM, json.dumps(endpoint_urls), service.token], env,
                           root / "farm.log")
@@ -292,6 +308,8 @@ def _measure(key: str, service: Service, root: Path, children: Children, args: a
             raise RuntimeError(f"client {j} exited ({proc.wait()}) before its warm-up finished")
 
     target = endpoint_ids[1 % len(endpoint_ids)]
+    if service.holder_of is not None and n > 1:  # the round trips cross replicas: an endpoint not on r0
+        target = next((e for e in endpoint_ids if service.holder_of(e) not in (0, None)), target)
     if service.holder_of is not None:
         client_side = "client via haproxy" if args.through_haproxy else "client on r0"
         result["latency_path"] = f"{client_side} -> endpoint on r{service.holder_of(target)}"
@@ -301,6 +319,7 @@ def _measure(key: str, service: Service, root: Path, children: Children, args: a
     _log(f"[{key}] p50 {result['latency']['p50_ms']:.2f} ms; throughput, "
          f"{args.endpoints * args.tasks_per_endpoint:,} tasks")
 
+    usage = CpuUsage(service, farm, clients)
     for proc in clients:
         assert proc.stdin is not None
         proc.stdin.write("go\n")
@@ -315,7 +334,142 @@ def _measure(key: str, service: Service, root: Path, children: Children, args: a
     seconds = max(r["t1"] for r in reports) - min(r["t0"] for r in reports)
     result["throughput"] = {"n": tasks, "seconds": seconds, "tasks_per_s": tasks / seconds,
                             "wrong": sum(r["wrong"] for r in reports)}
-    _log(f"[{key}] {tasks / seconds:,.0f} tasks/s, {result['throughput']['wrong']} wrong; stopping")
+    result["cpu"] = usage.shares()
+    _log(f"[{key}] {tasks / seconds:,.0f} tasks/s, {result['throughput']['wrong']} wrong; "
+         f"{limiting_resource(result['cpu'])}")
+    if args.kill and service.group is not None:
+        result["kill"] = kill_a_replica(service, endpoint_ids, args)
+        k = result["kill"]
+        _log(f"[{key}] SIGKILL r{k['victim']}: flowing again after {k['recover_s']:.2f} s, {k['lost']} lost, "
+             f"{k['duplicated']} duplicated")
+    _log(f"[{key}] stopping")
+
+
+class CpuUsage:
+    """CPU seconds spent by each kind of process between its creation and :meth:`shares`: what
+    the throughput phase cost, and so which resource limits it on this machine."""
+
+    def __init__(self, service: Service, farm: subprocess.Popen[str], clients: list[subprocess.Popen[str]]):
+        import psutil
+
+        group = service.group
+        replica_pids = [p.pid for p in group.procs if p is not None] if group is not None else []
+        if group is None:  # a lone service: the process listening on its port
+            replica_pids = [c.pid for c in psutil.net_connections("tcp")
+                            if c.status == "LISTEN" and c.laddr and c.pid
+                            and f":{c.laddr.port}" in service.urls[0]][:1]
+        self.kinds: dict[str, list[Any]] = {
+            "replicas": [psutil.Process(pid) for pid in replica_pids],
+            "endpoints": [psutil.Process(farm.pid)],
+            "clients": [psutil.Process(c.pid) for c in clients],
+            "postgres (all databases)": [p for p in psutil.process_iter(["name"]) if p.info["name"] == "postgres"],
+            "rabbitmq": [p for p in psutil.process_iter(["name"]) if p.info["name"] == "beam.smp"],
+            "haproxy": [psutil.Process(group.lb.pid)] if group is not None and group.lb is not None else [],
+        }
+        self.start = {kind: self._seconds(procs) for kind, procs in self.kinds.items()}
+        self.busy0 = self._machine_busy()
+        self.t0 = time.monotonic()
+
+    @staticmethod
+    def _seconds(procs: list[Any]) -> float:
+        total = 0.0
+        for proc in procs:
+            with contextlib.suppress(Exception):  # gone meanwhile
+                times = proc.cpu_times()
+                total += times.user + times.system + sum(c.cpu_times().user + c.cpu_times().system
+                                                         for c in proc.children(recursive=True))
+        return total
+
+    @staticmethod
+    def _machine_busy() -> float:
+        import psutil
+
+        t = psutil.cpu_times()  # guest time is counted in user already
+        return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+
+    def shares(self) -> dict[str, float]:
+        """Cores used by each kind (1.0 = one core busy all along), and the machine's in all."""
+        wall = max(time.monotonic() - self.t0, 1e-9)
+        out = {kind: (self._seconds(procs) - self.start[kind]) / wall for kind, procs in self.kinds.items()}
+        # /proc/stat ticks are coarse (and this VM's run slightly fast): over a short phase the
+        # machine's figure can pass its core count; it is clamped there
+        out["machine"] = min((self._machine_busy() - self.busy0) / wall, float(os.cpu_count() or 1))
+        out["cores"] = float(os.cpu_count() or 1)
+        return out
+
+
+def limiting_resource(cpu: dict[str, float]) -> str:
+    """What limited the throughput, in words: the CPU when the machine's cores were busy (and
+    who used them), else waiting (commits, round trips) rather than computing."""
+    kinds = {k: v for k, v in cpu.items() if k not in ("machine", "cores")}
+    top = sorted(kinds.items(), key=lambda kv: -kv[1])
+    used = ", ".join(f"{k} {v:.2f}" for k, v in top if v >= 0.05)
+    others = max(0.0, cpu["machine"] - sum(kinds.values()))
+    if cpu["machine"] >= 0.85 * cpu["cores"]:
+        return (f"limited by CPU: {cpu['machine']:.2f} of {cpu['cores']:.0f} cores busy ({used}; "
+                f"other processes {others:.2f})")
+    return (f"not CPU-bound ({cpu['machine']:.2f} of {cpu['cores']:.0f} cores busy: {used}; other processes "
+            f"{others:.2f}): waiting on commits and round trips")
+
+
+def kill_a_replica(service: Service, endpoint_ids: list[str], args: argparse.Namespace) -> Result:
+    """SIGKILL the replica holding the most endpoints mid-batch (with one replica: restart it at
+    once, as systemd would) and see what users see: how long until results of its endpoints
+    flow again, and whether any task is lost or resolved twice.
+
+    The client connects through haproxy, as the endpoints do: a client or endpoint of the dead
+    replica reconnects to a live one (or to the restarted one).
+    """
+    from collections import Counter
+
+    from tether import Executor
+
+    group = service.group
+    holders = {e: group.holder_of(e) for e in endpoint_ids}
+    counts = Counter(h for h in holders.values() if h is not None)
+    victim = counts.most_common(1)[0][0] if counts else 0
+    on_victim = {e for e, h in holders.items() if h == victim}
+    per_endpoint = max(1, args.kill_tasks // len(endpoint_ids))
+    executors = {e: Executor(endpoint_id=e, service=group.lb_url, token=service.token) for e in endpoint_ids}
+    resolved: Counter[str] = Counter()
+    done_at: dict[str, float] = {}
+
+    def on_done(fut: Any) -> None:
+        resolved[fut.task_id] += 1
+        done_at.setdefault(fut.task_id, time.monotonic())
+
+    try:
+        futures = []
+        for r in range(per_endpoint):
+            for e, ex in executors.items():
+                fut = ex.submit(peers.noop, r)
+                fut.add_done_callback(on_done)
+                futures.append((e, r, fut))
+        deadline = time.monotonic() + 300
+        while sum(f.done() for _, _, f in futures) < len(futures) // 5 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        t_kill = time.monotonic()
+        group.kill(victim, signal.SIGKILL)
+        if service.replicas == 1:
+            group.start(victim)  # the only replica: back as fast as a supervisor restarts it
+        pending_on_victim = [f for e, _, f in futures if e in on_victim and not f.done()]
+        wrong = lost = 0
+        for _e, r, fut in futures:
+            try:
+                wrong += fut.result(timeout=300) != r
+            except Exception:  # noqa: BLE001 - a future that never resolves is a lost task
+                lost += 1
+        t_all = time.monotonic()
+        time.sleep(0.2)  # a second resolution would come with the first's frame or just after
+        after = sorted(done_at[f.task_id] for f in pending_on_victim if f.task_id in done_at)
+        return {"victim": victim, "replicas": service.replicas, "tasks": len(futures),
+                "pending_on_victim": len(pending_on_victim),
+                "recover_s": (after[0] - t_kill) if after else float("nan"),
+                "all_done_s": t_all - t_kill, "lost": lost, "wrong": wrong,
+                "duplicated": sum(c - 1 for c in resolved.values() if c > 1)}
+    finally:
+        for ex in executors.values():
+            ex.shutdown(wait=False)
 
 
 #: what marks a log line worth reporting: service errors, and the endpoints' and clients' own
@@ -338,41 +492,50 @@ def _log_problems(logs: list[Path]) -> list[str]:
 
 
 def add_ratios(results: list[Result]) -> None:
-    """Ratios to the embedded default (a), when it produced figures."""
-    base = next((r for r in results if r["config"] == "a" and not r["error"]), None)
+    """Ratios to the embedded default (a) and to one replica (c), among runs with as many endpoints."""
+    def ratio(r: Result, base: Result | None, kind: str, key: str) -> float | None:
+        if base and r.get(kind) and base.get(kind):
+            return r[kind][key] / base[kind][key]
+        return None
+
     for r in results:
-        r["p50_ratio"] = r["tps_ratio"] = None
-        if base and r.get("latency") and base.get("latency"):
-            r["p50_ratio"] = r["latency"]["p50_ms"] / base["latency"]["p50_ms"]
-        if base and r.get("throughput") and base.get("throughput"):
-            r["tps_ratio"] = r["throughput"]["tasks_per_s"] / base["throughput"]["tasks_per_s"]
+        peers_ = [b for b in results if b["endpoints"] == r["endpoints"] and not b["error"]]
+        a = next((b for b in peers_ if b["config"] == "a"), None)
+        c = next((b for b in peers_ if b["config"] == "c"), None)
+        r["p50_ratio"], r["tps_ratio"] = ratio(r, a, "latency", "p50_ms"), ratio(r, a, "throughput", "tasks_per_s")
+        r["p50_vs_c"], r["tps_vs_c"] = ratio(r, c, "latency", "p50_ms"), ratio(r, c, "throughput", "tasks_per_s")
 
 
-HEADERS = ["config", "replicas", "endpoints", "online s", "p50 ms", "p99 ms", "tasks/s", "p50 / a", "tasks/s / a"]
+HEADERS = ["config", "endpoints", "p50 ms", "p99 ms", "tasks/s", "tasks/s / a", "tasks/s / c", "p50 / c",
+           "SIGKILL: recover s", "lost", "dup", "cores busy (replicas, postgres)"]
 
 
-def _rows(results: list[Result], endpoints: int) -> list[list[str]]:
+def _rows(results: list[Result]) -> list[list[str]]:
     def fmt(value: float | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
+        return "-" if value is None or value != value else format(value, spec)
 
     rows = []
     for r in results:
-        lat, thr = r.get("latency") or {}, r.get("throughput") or {}
+        lat, thr, kill, cpu = r.get("latency") or {}, r.get("throughput") or {}, r.get("kill") or {}, r.get("cpu")
         name = f"{r['config']}: {r['label']}" + (f" (FAILED: {r['error']})" if r["error"] else "")
-        if thr.get("wrong"):
-            name += f" ({thr['wrong']} WRONG)"
-        rows.append([name, str(r["replicas"]), str(endpoints), fmt(r.get("online_s"), ".1f"),
-                     fmt(lat.get("p50_ms"), ".2f"), fmt(lat.get("p99_ms"), ".2f"), fmt(thr.get("tasks_per_s"), ",.0f"),
-                     fmt(r["p50_ratio"], ".2f"), fmt(r["tps_ratio"], ".2f")])
+        if thr.get("wrong") or kill.get("wrong"):
+            name += f" ({thr.get('wrong', 0) + kill.get('wrong', 0)} WRONG)"
+        busy = "-" if not cpu else (f"{cpu['machine']:.2f}/{cpu['cores']:.0f} "
+                                    f"({cpu['replicas']:.2f}, {cpu['postgres (all databases)']:.2f})")
+        rows.append([name, str(r["endpoints"]), fmt(lat.get("p50_ms"), ".2f"), fmt(lat.get("p99_ms"), ".2f"),
+                     fmt(thr.get("tasks_per_s"), ",.0f"), fmt(r["tps_ratio"], ".2f"), fmt(r["tps_vs_c"], ".2f"),
+                     fmt(r["p50_vs_c"], ".2f"), fmt(kill.get("recover_s"), ".2f"),
+                     str(kill["lost"]) if kill else "-", str(kill["duplicated"]) if kill else "-", busy])
     return rows
 
 
 def print_table(results: list[Result], args: argparse.Namespace) -> None:
-    """Render with rich when installed, else as aligned plain text."""
-    title = (f"no-op tasks: {args.endpoints} endpoints x {args.tasks_per_endpoint} tasks, {args.clients} clients, "
-             f"latency n={args.n_latency} ({os.cpu_count()} CPUs, "
-             f"{'through haproxy' if args.through_haproxy else 'direct to replicas'})")
-    rows = _rows(results, args.endpoints)
+    """Render with rich when installed, else as aligned plain text; then what limited each run."""
+    title = (f"no-op tasks: {args.tasks or args.tasks_per_endpoint} {'in all' if args.tasks else 'per endpoint'}, "
+             f"{args.clients} clients, latency n={args.n_latency} "
+             f"({os.cpu_count()} CPUs, clients {'through haproxy' if args.through_haproxy else 'direct to replicas'}"
+             f"{', endpoints through haproxy' if args.kill else ''})")
+    rows = _rows(results)
     try:
         from rich.console import Console
         from rich.table import Table
@@ -382,19 +545,29 @@ def print_table(results: list[Result], args: argparse.Namespace) -> None:
         for line in [HEADERS, ["-" * w for w in widths], *rows]:
             cells = zip(line, widths, strict=True)
             print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells)))
-        return
-    table = Table(title=title)
-    for i, h in enumerate(HEADERS):
-        table.add_column(h, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*row)
-    Console(width=200).print(table)
+    else:
+        table = Table(title=title)
+        for i, h in enumerate(HEADERS):
+            table.add_column(h, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+        Console(width=220).print(table)
+    print("What limited each run (cores busy during the throughput phase, by kind of process):")
+    for r in results:
+        if r.get("cpu"):
+            print(f"  {r['config']} ({r['endpoints']} endpoints): {limiting_resource(r['cpu'])}")
+    print(f"All of it shares this machine's {os.cpu_count()} cores: replicas, PostgreSQL, RabbitMQ, haproxy, the "
+          "endpoints and the clients. A second replica adds no core here; what it can show is that replicas "
+          "cost nothing (tasks/s / c near 1), not that they add capacity.")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--endpoints", type=int, default=100, help="endpoint daemons (thread engine, 1 worker each)")
+    p.add_argument("--endpoints", default="10,100",
+                   help="endpoint daemons (thread engine, 1 worker each); a comma list runs each count")
     p.add_argument("--tasks-per-endpoint", type=int, default=50, help="throughput: no-ops sent to each endpoint")
+    p.add_argument("--tasks", type=int, default=1000,
+                   help="throughput: this many no-ops in all, whatever the endpoint count (0: --tasks-per-endpoint)")
     p.add_argument("--clients", type=int, default=3, help="client processes, spread over the replicas")
     p.add_argument("--n-latency", type=int, default=200, help="timed sequential round trips")
     p.add_argument("--warmup-latency", type=int, default=20)
@@ -402,17 +575,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default="a,b,c,d,e", help="configurations to run, of: " + ",".join(CONFIGS))
     p.add_argument("--through-haproxy", action="store_true",
                    help="(c)-(e): endpoints and clients connect through haproxy, not to a replica directly")
+    p.add_argument("--kill-tasks", type=int, default=1000,
+                   help="(c)-(e): tasks in flight when a replica is SIGKILLed (0: no kill)")
     p.add_argument("--quick", action="store_true", help="a fast check: 10 endpoints, 10 tasks each, 50 round trips")
     p.add_argument("--json", metavar="PATH", help="also write raw figures as JSON")
     p.add_argument("--_client", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.endpoints, args.tasks_per_endpoint, args.n_latency, args.warmup_latency = 10, 10, 50, 10
+        args.endpoints, args.tasks, args.n_latency, args.warmup_latency = "10", 100, 50, 10
+        args.kill_tasks = min(args.kill_tasks, 200)
+    args.endpoint_counts = [int(x) for x in str(args.endpoints).split(",") if x.strip()]
+    args.per_endpoint = {n: max(1, args.tasks // n) if args.tasks else args.tasks_per_endpoint
+                         for n in args.endpoint_counts}
+    args.kill = args.kill_tasks > 0
     args.configs = [c.strip() for c in args.only.split(",") if c.strip()]
     unknown = sorted(set(args.configs) - set(CONFIGS))
     if unknown:
         p.error(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
-    if args.endpoints < 2:
+    if min(args.endpoint_counts) < 2:
         p.error("--endpoints must be at least 2 (the latency goes to endpoint 1)")
     return args
 
@@ -431,7 +611,10 @@ def main(argv: list[str] | None = None) -> int:
     if any(CONFIGS[c][1] == "postgres" for c in args.configs) and (why := missing()):
         print(f"cannot run the PostgreSQL configurations: {why}", file=sys.stderr)
         return 2
-    results = [run_config(key, args) for key in args.configs]
+    results = []
+    for count in args.endpoint_counts:
+        args.endpoints, args.tasks_per_endpoint = count, args.per_endpoint[count]
+        results.extend(run_config(key, args) for key in args.configs)
     add_ratios(results)
     print_table(results, args)
     for r in results:
@@ -441,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"argv": sys.argv[1:], "python": sys.version.split()[0], "platform": platform.platform(),
                 "cpu_count": os.cpu_count(), "unix_time": time.time()}
         Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    failed = any(r["error"] or (r.get("throughput") or {}).get("wrong") for r in results)
+    failed = any(r["error"] or (r.get("throughput") or {}).get("wrong")
+                 or any((r.get("kill") or {}).get(k) for k in ("lost", "duplicated", "wrong")) for r in results)
     return 1 if failed else 0
 
 

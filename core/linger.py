@@ -13,6 +13,12 @@ else travels with must not wait. So, like Nagle's algorithm in time instead of b
   burst of it becomes one frame.
 
 ``send`` is called on the event loop, with nothing: it takes what has gathered itself.
+
+The armed send's due time is kept here, not asked of its handle: uvloop returns a plain
+``Handle`` (no ``when()``) for a timer due in under a millisecond, so a poke just after such an
+arming raised ``AttributeError`` in whatever called it: an endpoint's engine callback then
+skipped handing queued tasks to its idle workers, or its link dropped in the middle of a cancel
+frame (tests/test_cancel_races.py's flake).
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ class Linger:
         self.window = window
         self.eager = eager
         self._last = float("-inf")  # loop time of the last send
-        self._handle: asyncio.TimerHandle | None = None
+        self._handle: asyncio.Handle | None = None
+        self._due = float("-inf")  # loop time the armed send is due at
 
     def poke(self, busy: bool = True, window: float | None = None) -> None:
         """Something gathered: send it now or arm the send (``busy``: other work is in flight, so
@@ -38,19 +45,23 @@ class Linger:
         now = loop.time()
         if not self.eager:
             if self._handle is None:
-                self._handle = loop.call_at(now + window, self._fire)
+                self._arm(loop, now + window)
             return
         delay = window - (now - self._last) if busy else 0.0
         if self._handle is not None:
-            if delay > 0 or self._handle.when() <= now:
+            if delay > 0 or self._due <= now:
                 return  # the armed send takes this too
             self._handle.cancel()  # the burst is over: what lingers goes now
             self._handle = None
         if delay > 0:
-            self._handle = loop.call_at(now + delay, self._fire)
+            self._arm(loop, now + delay)
         else:
             self.sent()
             self._send()
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
+        self._due = due
+        self._handle = loop.call_at(due, self._fire)
 
     def sent(self) -> None:
         """A send happened (here, or by a caller that flushed on its own): the window starts now."""

@@ -5,19 +5,22 @@ which client sessions watch which tasks. Several replicas behind one URL share t
 but an endpoint is connected to one replica and the client that waits for its results maybe to
 another. The bus carries the *news* between them; the database stays the only truth:
 
-* ``ep.<endpoint id>``: work was stored for an endpoint (``Refill``: the ids of the new tasks,
-  which that replica sends at once if the endpoint has room), a frame must reach it
+* ``ep.<endpoint id>``: work was stored for an endpoint (``Offered``: small tasks whole, which
+  that replica offers as its own submissions; ``Refill``: the ids of larger ones, read back), a frame must reach it
   (``Forward``: a stop, an audit record), one of its user endpoints is to be started
   (``StartUser``), tasks were cancelled (``CancelOn``), it must be disconnected (``Close``), or
   it connected elsewhere (``Takeover``). Bound by the replica that holds the endpoint's WebSocket.
-* ``user.<user id>``: results were stored (``ResultsStored``: ids; the receiver reads them from
-  the database) or tasks changed state (``StatusChanged``). Bound by every replica with a client
-  session of that user.
+* ``user.<user id>``: results were stored (``ResultsPushed``: small results whole;
+  ``ResultsStored``: ids, read back) or tasks changed state (``StatusChanged``). Bound by every
+  replica with a client session of that user.
+* ``replica.<replica id>``: small tasks for the endpoints one replica holds (``OfferedTo``),
+  one message per batch; bound by that replica.
 
 The events are typed records (:mod:`tether.service.replica_events`), each tagged with its kind
 and the bus version: a replica decodes them in one place and matches on their type.
 
-Events are hints, not payloads: losing one delays news and never loses work or results. Each
+Events are hints: losing one delays news and never loses work or results (small tasks and
+results ride in their events to spare the receiver a read, but each was stored first). Each
 replica re-reads the database when the broker reconnects and at a slow interval (see
 :meth:`tether.service.relay.Relay.reconcile`), and tasks and results live in the database.
 Messages are acknowledged after the relay has acted on them, in order, one at a time.
@@ -124,10 +127,20 @@ class RabbitBus:
         # notice that its previous connection is dead (the queue is exclusive to that connection)
         self._queue = await channel.declare_queue(f"tether.replica.{self.replica_id}.{uuid.uuid4().hex[:8]}",
                                                   exclusive=True, auto_delete=True)
-        await self._queue.consume(self._inbox.put_nowait)
+        await self._queue.consume(self._arrived)
         self._worker = asyncio.get_running_loop().create_task(self._work(handler))
         self._sender = asyncio.get_running_loop().create_task(self._send_outbox())
         log.info("replica %s connected to the message broker", self.replica_id)
+
+    async def _arrived(self, message: Any) -> None:
+        """Hand a delivery to :meth:`_work`, in order.
+
+        A coroutine on purpose: aio-pika warns about a plain callback on *every* delivery, and
+        builds that warning's text first, with the repr of the bound method's queue: every
+        message waiting in the inbox, pretty-printed. Under load that was quadratic, and took 90%
+        of a busy replica's event loop (py-spy, bench_replicas.py, 2 replicas).
+        """
+        self._inbox.put_nowait(message)
 
     async def _work(self, handler: Handler) -> None:
         """Act on events in arrival order; acknowledge each once acted on."""
@@ -186,8 +199,9 @@ class RabbitBus:
                 for part in parts:
                     part.origin = self.replica_id
                     body = encode_event(part)
-                    try:
-                        await self._exchange.publish(aio_pika.Message(body), routing_key=key)
+                    try:  # not mandatory: news for an endpoint no replica holds (yet) is dropped, not
+                        # returned to us and logged as an error by aiormq (its replica reads the store)
+                        await self._exchange.publish(aio_pika.Message(body), routing_key=key, mandatory=False)
                     except Exception as exc:  # noqa: BLE001 - broker down: news waits for the reconciliation
                         self.publish_failures += 1
                         log.warning("could not publish '%s' for %s on the message broker: %s", tag_of(part), key,

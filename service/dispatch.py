@@ -42,7 +42,7 @@ from tether.protocol import (
 from .async_store import AsyncStore
 from .bus import LocalBus, RabbitBus
 from .fetches import Fetches
-from .replica_events import Forward
+from .replica_events import Forward, OwnedTask, ResultsPushed, inline
 from .routing import Routes
 from .sessions import PEER_MAX_FRAME, EndpointSession, failed_result, send_or_drop
 from .store import json_or_none
@@ -67,7 +67,7 @@ class Dispatch(Subscriptions):
         self.endpoints: dict[str, EndpointSession] = {}
         #: kept results asked for by clients and endpoints (service/fetches.py)
         self.fetches = Fetches(db, self.endpoints)
-        self.routes = Routes()
+        self.routes = Routes(remember_ended=self.replicated)
         # State changes that are not worth a commit each (a lost one is re-derived: the task is
         # re-dispatched, or its result carries the times): written in bulk by flush_deferred().
         self._deferred: dict[TaskState, dict[str, float]] = {TaskState.DISPATCHED: {}, TaskState.RUNNING: {}}
@@ -221,6 +221,21 @@ class Dispatch(Subscriptions):
         if len(now) < len(ids):  # no room for the rest: they wait in the store, paged to it in order
             await self._refill_from_store(ep)
 
+    async def _offer_carried(self, ep: EndpointSession, carried: list[OwnedTask]) -> None:
+        """Stored tasks another replica sent whole for an endpoint held here: offered as this
+        replica's own submissions are (no read of the store), except those the endpoint holds
+        already (a page of the store sent them) or that ended here lately (cancelled, or run
+        and reported from such a page)."""
+        if ep.multi_user:
+            return
+        per_owner: dict[str, list[Task]] = defaultdict(list)
+        for item in carried:
+            tid = item.task.id
+            if tid not in ep.sent and not self.routes.ended(tid):
+                per_owner[item.owner].append(item.task)
+        for owner, items in per_owner.items():
+            await self._offer(ep, owner, items)
+
     async def _dispatch(self, ep: EndpointSession, owner: str, items: list[Task]) -> None:
         """Send tasks of one owner to an endpoint, with the function bodies it has not seen, in
         frames bounded in bytes; a task too large for any frame fails alone."""
@@ -245,6 +260,7 @@ class Dispatch(Subscriptions):
     async def _cancel_on(self, ep: EndpointSession, ids: list[str]) -> None:
         """Cancelled tasks of an endpoint held here: never sent if still queued; killed if running."""
         cancelled = set(ids)
+        self.routes.forget(ids)  # a copy of one still on its way from another replica is not sent
         if ep.queue:
             ep.queue = deque(item for item in ep.queue if item[1].id not in cancelled)
             ep.queue_bytes = sum(wire_size(t) for _, t in ep.queue)
@@ -339,7 +355,12 @@ class Dispatch(Subscriptions):
         stored_ids = {r.id for r in stored}
         again = [r.id for r in results if r.id not in stored_ids and r.id not in foreign]
         await self._push_stored(session.owner_id, again)
-        await self._tell_results(session.owner_id, [*stored_ids, *again])
+        if self.replicated:  # small results travel whole: the client's replica need not read them back
+            carried = [r for r in stored if inline(r)]
+            if carried:
+                await self.bus.publish(ResultsPushed(user_id=session.owner_id, results=carried))
+            named = [r.id for r in stored if not inline(r)]
+            await self._tell_results(session.owner_id, [*named, *again])
         return stored
 
     async def _audit(self, session: EndpointSession, events: list[tuple[str, str, float]]) -> None:

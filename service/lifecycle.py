@@ -46,6 +46,7 @@ from tether.protocol import (
 from .async_store import AsyncStore
 from .bus import LocalBus, RabbitBus
 from .dispatch import Dispatch
+from .endpoint_rows import EndpointRows
 from .replica_events import Close, Forward, StartUser, Takeover, endpoint_key
 from .sessions import EndpointSession, close_quietly, send_or_drop
 from .store import json_or_none
@@ -65,6 +66,8 @@ class EndpointLifecycle(Dispatch):
     def __init__(self, db: AsyncStore, bus: LocalBus | RabbitBus | None = None, prefetch: int = DEFAULT_PREFETCH):
         super().__init__(db, bus, prefetch)
         self._start_requested: dict[str, float] = {}  # user endpoint id -> when its start was asked for
+        #: with several replicas: rows of endpoints held elsewhere, read once a second at most (endpoint_rows.py)
+        self.endpoint_rows = EndpointRows(db)
         self.fetches.wake = self._wake_user_endpoint
 
     async def endpoint_message(self, session: EndpointSession, msg: Any) -> None:
@@ -261,7 +264,9 @@ class EndpointLifecycle(Dispatch):
         return True
 
     async def disconnect_endpoint(self, endpoint_id: str, code: int, reason: str) -> None:
-        """Close an endpoint's connection, on whichever replica holds it."""
+        """Close an endpoint's connection, on whichever replica holds it (its row changed: this
+        replica's copy of it is dropped; the others' age out, see endpoint_rows.py)."""
+        self.endpoint_rows.forget(endpoint_id)
         await self._disconnect_here(endpoint_id, code, reason)
         await self._tell_endpoint(Close(endpoint_id=endpoint_id, code=code, reason=reason))
 

@@ -42,7 +42,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from tether.protocol import (
@@ -65,17 +65,23 @@ from tether.protocol import (
 from .replica_events import (
     CancelOn,
     Close,
+    EndpointEvent,
     Forward,
+    Offered,
+    OfferedTo,
+    OwnedTask,
     Refill,
     ReplicaEvent,
+    ResultsPushed,
     ResultsStored,
     StartUser,
     StatusChanged,
     Takeover,
     endpoint_key,
+    replica_key,
     tag_of,
 )
-from .sessions import ClientSession, close_quietly, send_or_drop
+from .sessions import ClientSession, EndpointSession, close_quietly, send_or_drop
 from .submission import Submission
 
 log = logging.getLogger("tether.service.relay")
@@ -135,12 +141,7 @@ class Relay(Submission):
         for r in rows:
             if r.state != TaskState.WAITING.value or r.endpoint_id in self.endpoints or self.replicated:
                 per_endpoint[r.endpoint_id].append(r.id)
-        for endpoint_id, tids in per_endpoint.items():
-            ep = self.endpoints.get(endpoint_id)
-            if ep is not None:
-                await self._cancel_on(ep, tids)
-            else:
-                await self._tell_endpoint(CancelOn(endpoint_id=endpoint_id, ids=tids))
+        await self._to_holders(per_endpoint, self._cancel_on, lambda eid, ids: CancelOn(endpoint_id=eid, ids=ids))
         self.counters["cancelled"] += len(rows)
         return [r.id for r in rows]
 
@@ -148,6 +149,7 @@ class Relay(Submission):
     async def start(self) -> None:
         """Connect to the bus (a no-op without a broker)."""
         await self.bus.start(self.on_event, self.reconcile)
+        await self.bus.bind(replica_key(self.bus.replica_id))  # tasks for the endpoints held here
 
     async def on_event(self, event: ReplicaEvent) -> None:
         """Act on news from another replica."""
@@ -159,12 +161,21 @@ class Relay(Submission):
             case ResultsStored(user_id=user_id, ids=ids):
                 await self._push_stored(user_id, ids)
                 return
+            case ResultsPushed(results=results):
+                for client in self._push_results(results):
+                    await client.send_results_now()
+                return
+            case OfferedTo(tasks=tasks):
+                await self._offer_to_held(tasks)
+                return
         ep = self.endpoints.get(event.endpoint_id)
         if ep is None:
             return  # it left this replica meanwhile: its new replica reads the database
         match event:
             case Refill(ids=ids):
                 await self._offer_stored(ep, ids)
+            case Offered(tasks=tasks):
+                await self._offer_carried(ep, tasks)
             case CancelOn(ids=ids):
                 await self._cancel_on(ep, ids)
             case Forward(frame=frame):
@@ -179,6 +190,27 @@ class Relay(Submission):
                 del self.endpoints[event.endpoint_id]
                 await self.bus.unbind(endpoint_key(event.endpoint_id))
                 await close_quietly(ep, CLOSE_TRY_AGAIN, "this endpoint connected to another replica")
+
+    async def _offer_to_held(self, tasks: list[OwnedTask]) -> None:
+        """Tasks another replica sent here for the endpoints it read were held here: offered to
+        those that are; the others moved meanwhile, and are sent on to whoever holds them now."""
+        per_endpoint: dict[str, list[OwnedTask]] = defaultdict(list)
+        for item in tasks:
+            per_endpoint[item.task.endpoint].append(item)
+        await self._to_holders(per_endpoint, self._offer_carried,
+                               lambda eid, items: Offered(endpoint_id=eid, tasks=items))
+
+    async def _to_holders(self, per_endpoint: dict[str, list[Any]],
+                          here: Callable[[EndpointSession, list[Any]], Awaitable[None]],
+                          news: Callable[[str, list[Any]], EndpointEvent]) -> None:
+        """Each endpoint's share: acted on here if the endpoint is held here, else published as
+        news for the replica that holds it (dropped by the broker if none does)."""
+        for endpoint_id, items in per_endpoint.items():
+            ep = self.endpoints.get(endpoint_id)
+            if ep is not None:
+                await here(ep, items)
+            else:
+                await self._tell_endpoint(news(endpoint_id, items))
 
     async def reconcile(self, watched: bool = True) -> None:
         """Catch up on news the bus may have lost (a broker restart drops what was in flight):

@@ -6,9 +6,14 @@ the record its tag names, and the receiver (:meth:`tether.service.relay.Relay.on
 matches on its type. Replicas of one deployment run one version; a replica of another version
 (or an old untagged message) is refused in words and logged, never misread.
 
+Small tasks and results travel in their events (``offer``, ``result_items``): a replica that
+re-read each batch from the database put two reads on every task that crossed replicas. What is
+larger is named by id, and the database stays the only truth either way.
+
 Events name their target: an endpoint (``ep.<id>``, heard by the replica that holds its
-WebSocket) or a user (``user.<id>``, heard by every replica with a client of that user). Events
-are hints, not payloads: losing one delays news and never loses work (see ``bus.py``).
+WebSocket), a replica (``replica.<id>``: tasks for the endpoints it holds, in one message), a
+user (``user.<id>``, heard by every replica with a client of that user). Events are hints:
+losing one delays news and never loses work (see ``bus.py``).
 """
 
 from __future__ import annotations
@@ -18,13 +23,29 @@ from typing import Any, ClassVar
 import msgspec
 from msgspec import Struct
 
+from tether.protocol import Result, Task, wire_size
+
 #: bumped when an event changes shape; replicas of one deployment run one version
-BUS_VERSION = 1
+BUS_VERSION = 2
+#: a task or result at most this large (``wire_size``) travels in its event; a larger one is
+#: named by id and read from the database by the receiver. Bounds a merged message (10,000
+#: items) to ~40 MB, and keeps the broker out of the data plane.
+INLINE_BYTES = 4096
+
+
+def inline(item: Task | Result) -> bool:
+    """Whether a task or result is small enough to travel in an event (saves the receiver a read)."""
+    return wire_size(item) <= INLINE_BYTES
 
 
 def endpoint_key(endpoint_id: str) -> str:
     """The routing key of an endpoint's news."""
     return f"ep.{endpoint_id}"
+
+
+def replica_key(replica_id: str) -> str:
+    """The routing key of news for one replica (bound by it alone)."""
+    return f"replica.{replica_id}"
 
 
 def user_key(user_id: str) -> str:
@@ -73,6 +94,36 @@ class Refill(EndpointEvent, tag="refill"):
     merged: ClassVar[str | None] = "ids"
 
 
+class OwnedTask(Struct, array_like=True):
+    """A stored task and its owner, as an :class:`Offered` event carries it."""
+
+    owner: str
+    task: Task
+
+
+class Offered(EndpointEvent, tag="offer"):
+    """Small tasks were stored for the endpoint, carried whole: the replica holding it offers
+    them as it does its own submissions (sent at once if it has room, else queued), without
+    reading them back. Larger ones travel as a :class:`Refill`."""
+
+    tasks: list[OwnedTask]
+    merged: ClassVar[str | None] = "tasks"
+
+
+class OfferedTo(Event, tag="offer_to"):
+    """Small tasks for endpoints that one replica holds (as the sender last read it): one message
+    per batch for all of them, not one per endpoint (a batch spread over 100 endpoints was ~50
+    messages). The receiver offers those it holds and forwards the others as :class:`Offered`."""
+
+    replica: str
+    tasks: list[OwnedTask]
+    merged: ClassVar[str | None] = "tasks"
+
+    @property
+    def key(self) -> str:
+        return replica_key(self.replica)
+
+
 class CancelOn(EndpointEvent, tag="cancel"):
     """Tasks of the endpoint were cancelled: never sent if still queued, killed if running."""
 
@@ -119,7 +170,16 @@ class ResultsStored(UserEvent, tag="results"):
     merged: ClassVar[str | None] = "ids"
 
 
-ReplicaEvent = Refill | CancelOn | Forward | StartUser | Close | Takeover | StatusChanged | ResultsStored
+class ResultsPushed(UserEvent, tag="result_items"):
+    """Small results of the user's tasks were stored, carried whole: the receiver pushes them
+    without reading them back (larger ones travel as :class:`ResultsStored`)."""
+
+    results: list[Result]
+    merged: ClassVar[str | None] = "results"
+
+
+ReplicaEvent = (Refill | Offered | OfferedTo | CancelOn | Forward | StartUser | Close | Takeover | StatusChanged
+                | ResultsStored | ResultsPushed)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(ReplicaEvent)

@@ -16,12 +16,35 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+#: ended tasks remembered (oldest forgotten first): enough to cover a bus message in flight
+RECENTLY_ENDED = 100_000
+
 
 class Routes:
     """Task id -> endpoint id, for open tasks this process dispatched (or looked up)."""
 
-    def __init__(self) -> None:
+    def __init__(self, remember_ended: bool = False) -> None:
         self._open: dict[str, str] = {}
+        #: with several replicas only: one process has no copies of tasks on their way to it
+        self._remember_ended = remember_ended
+        #: tasks that ended here lately (insertion-ordered, bounded): a task offered by another
+        #: replica after it was cancelled, or after its result came back through a page of the
+        #: store, is not sent again (the store answered that for re-read tasks; carried ones
+        #: are not re-read)
+        self._ended: dict[str, None] = {}
+
+    def _end(self, ids: Iterable[str]) -> None:
+        if not self._remember_ended:
+            return
+        ended = self._ended
+        for tid in ids:
+            ended[tid] = None
+        while len(ended) > RECENTLY_ENDED:
+            del ended[next(iter(ended))]
+
+    def ended(self, tid: str) -> bool:
+        """Whether this task ended here lately (a result, a cancel)."""
+        return tid in self._ended
 
     def unknown(self, ids: Iterable[str]) -> list[str]:
         """The ids this process does not remember (the store is asked about those)."""
@@ -59,12 +82,15 @@ class Routes:
                 wanted.discard(r.id)  # a second result for the same task in one frame is a duplicate
                 if self._open.pop(r.id, None) is not None:
                     fresh.append(r)
+        if self._remember_ended:
+            self._end(r.id for r in fresh)
         return fresh
 
     def unclaim(self, endpoint_id: str, results: Iterable[Any]) -> None:
         """Claimed results that were not stored: their tasks are open (and the endpoint's) again."""
         for r in results:
             self._open[r.id] = endpoint_id
+            self._ended.pop(r.id, None)
 
     def track(self, endpoint_id: str, ids: Iterable[str]) -> None:
         """These open tasks were sent to this endpoint: its reports on them need no SELECT."""
@@ -78,5 +104,7 @@ class Routes:
 
     def forget(self, ids: Iterable[str]) -> None:
         """These tasks ended (a result, a cancel, a failure the service raised itself)."""
+        ids = list(ids)
         for tid in ids:
             self._open.pop(tid, None)
+        self._end(ids)

@@ -161,15 +161,20 @@ class Store(Registry):
 
     # --- tasks -------------------------------------------------------------------------------
     def insert_tasks(self, owner: str, batch: list[Any], now: float | None = None,
-                     max_open: int | None = None) -> tuple[list[Any], list[str], list[str]]:
+                     max_open: int | None = None) -> tuple[list[Any], list[str], list[str], list[str]]:
         """Store submitted tasks as waiting-for-endpoint, idempotently by task id.
 
         Returns (inserted tasks, ids the owner had already submitted, ids that belong to
-        someone else). Only the first are new work; the second are a resubmission after a
-        reconnect; the third are refused: an id is never merged into another owner's task.
+        someone else, ids of tasks for endpoints deleted meanwhile). Only the first are new
+        work; the second are a resubmission after a reconnect; the third and fourth are
+        refused: an id is never merged into another owner's task, and no task is stored for a
+        deleted endpoint (nothing would ever end it). The endpoints' rows are read and held
+        (``FOR SHARE`` on PostgreSQL) in the same transaction, so a delete on another replica
+        either commits first (these tasks are refused) or waits for this one (and then fails
+        them): the caller may have checked the endpoint against a copy a second old.
         With ``max_open``, the owner's open tasks are counted under the owner's lock in the
-        same transaction, and only the tasks that fit are inserted (the rest are neither of
-        the three: the caller refuses them): the quota holds however many replicas submit.
+        same transaction, and only the tasks that fit are inserted (the rest are none of the
+        four: the caller refuses them): the quota holds however many replicas submit.
         """
         now = now or time.time()
         rows = [
@@ -191,27 +196,36 @@ class Store(Registry):
             for t in batch
         ]
         if not rows:
-            return [], [], []
+            return [], [], [], []
         with self._tx() as conn:
+            deleted: set[str] = set()
+            for chunk in chunks(sorted({t.endpoint for t in batch})):  # sorted: locks always taken in one order
+                held = conn.execute(select(endpoints.c.id, endpoints.c.deleted_at).where(endpoints.c.id.in_(chunk))
+                                    .order_by(endpoints.c.id).with_for_update(read=True))
+                deleted.update(r.id for r in held if r.deleted_at is not None)
+            refused = [t.id for t in batch if t.endpoint in deleted]  # unless stored before (below)
+            if refused:
+                rows = [r for r, t in zip(rows, batch, strict=True) if t.endpoint not in deleted]
+                batch = [t for t in batch if t.endpoint not in deleted]
             if max_open is not None:
                 self.lock_owner(conn, owner, "tasks")
                 room = max(0, max_open - conn.execute(_COUNT_OPEN, {"owner": owner}).scalar_one())
                 batch, rows = batch[:room], rows[:room]
-                if not rows:
-                    return [], [], []
-            inserted_ids = {r.id for r in self._insert(tasks, rows, returning=tasks.c.id)}
+            inserted_ids = {r.id for r in self._insert(tasks, rows, returning=tasks.c.id)} if rows else set()
             links = [{"task_id": t.id, "input_id": x} for t in batch if t.inputs and t.id in inserted_ids
                      for x in set(t.inputs)]
             if links:
                 self._insert(task_inputs, links)
-            existing = [t.id for t in batch if t.id not in inserted_ids]
+            existing = [t.id for t in batch if t.id not in inserted_ids] + refused
             owners: dict[str, str] = {}
             for chunk in chunks(existing):
                 owners.update(conn.execute(select(tasks.c.id, tasks.c.owner_id).where(tasks.c.id.in_(chunk))).all())
         inserted = [t for t in batch if t.id in inserted_ids]
+        # a task for a deleted endpoint that was stored before (a resubmission) is answered as one
+        gone = [tid for tid in refused if tid not in owners]
         mine = [tid for tid in existing if owners.get(tid) == owner]
-        theirs = [tid for tid in existing if owners.get(tid) != owner]
-        return inserted, mine, theirs
+        theirs = [tid for tid in existing if owners.get(tid) != owner and tid not in gone]
+        return inserted, mine, theirs, gone
 
     def set_state(self, stamps: Iterable[tuple[str, float]], state: TaskState) -> None:
         """Move open tasks to a non-terminal state at the given times (terminal tasks never move again)."""

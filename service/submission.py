@@ -23,7 +23,7 @@ from .authentication_policy import Identity
 from .authentication_policy import refusal as authentication_refusal
 from .bus import LocalBus, RabbitBus
 from .policy import Policy, not_admitted_message
-from .replica_events import Refill
+from .replica_events import Offered, OfferedTo, OwnedTask, Refill, inline
 from .sessions import ClientSession
 from .store import json_or_none
 
@@ -38,6 +38,11 @@ def function_quota_message(fid: str, size: int, quota: int) -> str:
     return (f"function {fid} ({size} bytes) would take the function bodies you keep on this service past its "
             f"limit of {quota} bytes per user; bodies no stored task names are deleted after the service's "
             "function retention: register fewer distinct functions (pass data as arguments, not in closures)")
+
+
+def deleted_refusal(endpoint_id: str) -> Refusal:
+    """The refusal of a task for a deleted endpoint (found when checked, or when stored)."""
+    return Refusal(ErrorCode.ENDPOINT_DELETED, f"endpoint {endpoint_id} was deleted by its owner")
 
 
 class Submission(Policy):
@@ -89,7 +94,16 @@ class Submission(Policy):
             if ep is not None:
                 await self._offer(ep, user_id, items)
                 continue
-            await self._tell_endpoint(Refill(endpoint_id=endpoint_id, ids=[t.id for t in items]))  # elsewhere, maybe
+            if self.replicated:  # held elsewhere, maybe: small tasks travel whole, larger ones by id
+                carried = [OwnedTask(user_id, t) for t in items if inline(t)]
+                holder = self._holder(rows.get(endpoint_id))
+                if carried and holder:  # one message per batch for every endpoint that replica holds
+                    await self.bus.publish(OfferedTo(replica=holder, tasks=carried))
+                elif carried:
+                    await self._tell_endpoint(Offered(endpoint_id=endpoint_id, tasks=carried))
+                if len(carried) < len(items):
+                    await self._tell_endpoint(Refill(endpoint_id=endpoint_id,
+                                                     ids=[t.id for t in items if not inline(t)]))
             if endpoint_id in user_endpoints:
                 await self._start_user_endpoint(endpoint_id)
         briefs = {eid: await self._endpoint_brief(eid, rows) for eid in {t.endpoint for t in candidates}}
@@ -101,6 +115,14 @@ class Submission(Policy):
             if resubmitted:  # sent again after a reconnect: the client may have missed its news
                 await self._send_current(session, await self.db.get_tasks(user_id, resubmitted))
         return ack
+
+    def _holder(self, row: dict[str, Any] | None) -> str | None:
+        """The other replica that holds an endpoint, as its row (read lately) says; None if
+        unknown. A stale answer costs a forward (the receiver sends on what it does not hold)."""
+        if row is None or not self.is_online(row):
+            return None
+        holder = (json_or_none(row.get("status")) or {}).get("replica")
+        return holder if holder and holder != self.bus.replica_id else None
 
     # --- checks -------------------------------------------------------------------------------
     async def validate_submission(self, user_id: str, msg: Submit, rows: Rows, identity: Identity | None = None
@@ -148,9 +170,12 @@ class Submission(Policy):
         return accepted, rejected, bodies
 
     async def _row(self, rows: Rows, endpoint_id: str) -> dict[str, Any] | None:
-        """An endpoint's row, read at most once per submission (``rows`` holds those read)."""
+        """An endpoint's row, read at most once per submission (``rows`` holds those read); with
+        several replicas, an ordinary endpoint's at most once a second per replica
+        (``endpoint_rows.py``: safe because the insert checks the endpoint again)."""
         if endpoint_id not in rows:
-            rows[endpoint_id] = await self.db.get_endpoint(endpoint_id)
+            read = self.endpoint_rows.get if self.replicated else self.db.get_endpoint
+            rows[endpoint_id] = await read(endpoint_id)
         return rows[endpoint_id]
 
     async def _endpoint_refusal(self, user_id: str, endpoint_id: str, rows: Rows,
@@ -165,7 +190,7 @@ class Submission(Policy):
             return Refusal(ErrorCode.UNKNOWN_ENDPOINT,
                            f"unknown endpoint {endpoint_id}: no endpoint with this id is visible to you")
         if ep["deleted_at"] is not None:
-            return Refusal(ErrorCode.ENDPOINT_DELETED, f"endpoint {endpoint_id} was deleted by its owner")
+            return deleted_refusal(endpoint_id)
         if ep["parent_id"] and not await self.parent_admits(ep, await self._row(rows, ep["parent_id"])):
             return Refusal(ErrorCode.NOT_ADMITTED, not_admitted_message(ep["parent_id"]))
         # a user endpoint answers to its multi-user endpoint's policy, whichever id the task names
@@ -207,7 +232,9 @@ class Submission(Policy):
         """
         limit = self.max_open_per_user
         if limit is None or not batch:
-            return await self.db.insert_tasks(user_id, batch, received)
+            inserted, resubmitted, taken, gone = await self.db.insert_tasks(user_id, batch, received)
+            self._refuse_deleted(batch, gone, rejected)
+            return inserted, resubmitted, taken
         entry = self._quota_locks.get(user_id)
         if entry is None:
             entry = self._quota_locks[user_id] = [asyncio.Lock(), 0]
@@ -219,16 +246,17 @@ class Submission(Policy):
                     count = await self.db.count_open(user_id)
                     counted_at = time.monotonic()
                 exact = count + len(batch) > limit // 2
-                inserted, resubmitted, taken = await self.db.insert_tasks(
+                inserted, resubmitted, taken, gone = await self.db.insert_tasks(
                     user_id, batch, received, max_open=limit if exact else None)
-                fitted = len(inserted) + len(resubmitted) + len(taken) == len(batch)
+                fitted = len(inserted) + len(resubmitted) + len(taken) + len(gone) == len(batch)
                 count = count + len(inserted) if fitted else limit  # refused ones met a full quota
                 self._open_counts[user_id] = (count, counted_at)
         finally:
             entry[1] -= 1
             if not entry[1]:
                 del self._quota_locks[user_id]
-        settled = {t.id for t in inserted}.union(resubmitted, taken)
+        self._refuse_deleted(batch, gone, rejected)
+        settled = {t.id for t in inserted}.union(resubmitted, taken, gone)
         over = [t for t in batch if t.id not in settled]
         if over:
             self.counters["refused_quota"] += len(over)
@@ -238,6 +266,16 @@ class Submission(Policy):
             for t in over:
                 rejected[t.id] = refusal
         return inserted, resubmitted, taken
+
+    @staticmethod
+    def _refuse_deleted(batch: list[Task], gone: list[str], rejected: dict[str, Refusal]) -> None:
+        """Tasks the store would not keep: their endpoint was deleted after this replica last
+        read its row (on another replica, within the second a row is kept: endpoint_rows.py)."""
+        if not gone:
+            return
+        endpoint_of = {t.id: t.endpoint for t in batch}
+        for tid in gone:
+            rejected[tid] = deleted_refusal(endpoint_of[tid])
 
     # --- where the tasks go -------------------------------------------------------------------
     async def _route_to_user_endpoints(self, user_id: str, batch: list[Task], rows: Rows) -> set[str]:

@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from tether import Client, Executor
-from tether.errors import TaskCancelled
+from tether.errors import TaskCancelled, TaskFailed, UnknownEndpoint
 
 import helpers
 from conftest import multi_user_missing, tether_cli, wait_for
@@ -105,6 +105,22 @@ def test_tasks_states_cancels_stops_and_presence_cross_replicas(replicas: Replic
              timeout=60, what="the endpoint on replica 1 to stop when asked through replica 0")
     with Client(replicas.url(0), replicas.token) as client:
         wait_for(lambda: client.get_endpoint(endpoint_id)["online"] is False, what="the endpoint to show offline")
+
+    # deleted through replica 1, refused at once through replica 0, which had just read the
+    # endpoint's row (a replica keeps rows of endpoints held elsewhere for a second): its insert
+    # checks the endpoint again, so the next task is not stored for a deleted endpoint
+    ex = Executor(endpoint_id=endpoint_id, service=replicas.url(0), token=replicas.token)
+    try:
+        waiting = ex.submit(helpers.square, 3)  # the endpoint is offline: stored, it waits
+        wait_for(lambda: waiting.state == "waiting-for-endpoint", timeout=30, what="the task to wait for its endpoint")
+        with Client(replicas.url(1), replicas.token) as client:
+            client.delete_endpoint(endpoint_id)
+        with pytest.raises(UnknownEndpoint, match="deleted"):
+            ex.submit(helpers.square, 4).result(timeout=30)
+        with pytest.raises(TaskFailed, match="deleted"):
+            waiting.result(timeout=30)
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)  # a task stored for a deleted endpoint would never end
 
 
 def test_a_replica_killed_mid_batch_loses_nothing(replicas: Replicas) -> None:

@@ -264,6 +264,80 @@ def test_replica_events_travel_as_tagged_records_and_another_version_is_refused(
         decode_event(encode_event(Close(endpoint_id="e", code=4000, reason="r", v=BUS_VERSION + 1)))
 
 
+def test_small_tasks_and_results_cross_replicas_whole_and_large_ones_by_id() -> None:
+    """What another replica receives: a small task or result whole (no read of the database),
+    a large one only named; tasks for one replica's endpoints go to that replica's key."""
+    import uuid
+
+    from tether.protocol import Result, Task
+    from tether.service.replica_events import (
+        INLINE_BYTES,
+        OfferedTo,
+        OwnedTask,
+        ResultsPushed,
+        decode_event,
+        encode_event,
+        inline,
+    )
+
+    task = Task(id=str(uuid.uuid4()), function="f" * 32, endpoint=str(uuid.uuid4()), payload=b"args")
+    event = decode_event(encode_event(OfferedTo(replica="r2", tasks=[OwnedTask("alice", task)])))
+    assert isinstance(event, OfferedTo) and event.key == "replica.r2" and event.tasks[0].task == task
+    result = Result(id=task.id, state="success", data=b"42", times={"success": 2.0})
+    pushed = decode_event(encode_event(ResultsPushed(user_id="alice", results=[result])))
+    assert isinstance(pushed, ResultsPushed) and pushed.results == [result] and pushed.key == "user.alice"
+    assert inline(task) and inline(result)
+    assert not inline(Task(id=task.id, function=task.function, endpoint=task.endpoint, payload=b"x" * INLINE_BYTES))
+
+
+def test_a_replica_remembers_tasks_that_ended_so_a_late_copy_is_not_sent_again() -> None:
+    from tether.protocol import Result
+    from tether.service.routing import Routes
+
+    routes = Routes(remember_ended=True)
+    routes.track("ep", ["t1", "t2"])
+    fresh = routes.claim(["t1"], [Result(id="t1", state="success")])
+    routes.forget(["t2"])  # cancelled
+    assert [r.id for r in fresh] == ["t1"] and routes.ended("t1") and routes.ended("t2")
+    one_process = Routes()  # no copies travel to a lone service: nothing to remember
+    one_process.track("ep", ["t1"])
+    one_process.claim(["t1"], [Result(id="t1", state="success")])
+    assert not one_process.ended("t1")
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_linger_poked_just_after_arming_a_sub_millisecond_send_neither_raises_nor_loses_it(loop_kind: str) -> None:
+    """uvloop makes a timer due in under a millisecond a plain Handle, without ``when()``: a
+    poke that then asked the handle raised in its caller (an endpoint's engine callback, which
+    then left queued tasks unassigned, or its cancel handling, which dropped the link)."""
+    import asyncio
+
+    from tether.linger import Linger
+
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    sends: list[float] = []
+
+    async def burst() -> None:
+        linger = Linger(lambda: sends.append(loop.time()), window=0.05)
+        linger.sent()  # a send just happened: the window is open
+        linger.poke(busy=True, window=0.0002)  # armed, due in 0.2 ms
+        linger.poke(busy=False)  # the burst is over: it goes now, once
+        assert len(sends) == 1
+        await asyncio.sleep(0.02)  # the armed send was withdrawn: nothing goes twice
+        linger.poke(busy=True, window=0.0002)
+        await asyncio.sleep(0.02)  # and a send armed that way fires
+        assert len(sends) == 2
+
+    try:
+        loop.run_until_complete(burst())
+    finally:
+        loop.close()
+
+
 def test_where_a_submitters_file_goes_in_a_tasks_directory() -> None:
     """tether.files: relative paths keep their names; absolute ones (or ones climbing out) are
     kept apart by a digest of where they came from; nothing lands outside the directory."""
