@@ -153,16 +153,27 @@ class EndpointLifecycle(Dispatch):
                 await send_or_drop(session, encode(Cancel(ids=ended[start : start + MAX_IDS])))
 
     async def endpoint_disconnected(self, session: EndpointSession) -> None:
-        if self.endpoints.get(session.endpoint_id) is session:
-            del self.endpoints[session.endpoint_id]
-            await self.bus.unbind(endpoint_key(session.endpoint_id))
-            ep = await self.db.get_endpoint(session.endpoint_id)
-            if ep is None or ep["deleted_at"] is not None:
-                return
-            holder = (json_or_none(ep["status"]) or {}).get("replica")
-            if holder in (None, self.bus.replica_id):  # not if it reconnected to another replica meanwhile
-                await self._save_presence(session, online=False)
-                await self._wait_again(session)
+        """The endpoint's tasks wait for it again, and it shows offline, unless it reconnected
+        meanwhile: here (a newer session, possibly while this one's teardown awaited the bus or
+        the store; its connect wrote its presence and dispatched what it holds, which must not be
+        undone) or to another replica (its row names that one)."""
+        eid = session.endpoint_id
+        if self.endpoints.get(eid) is not session:
+            return
+        del self.endpoints[eid]
+        await self.bus.unbind(endpoint_key(eid))
+        ep = await self.db.get_endpoint(eid)
+        if ep is None or ep["deleted_at"] is not None or eid in self.endpoints:
+            return
+        holder = (json_or_none(ep["status"]) or {}).get("replica")
+        if holder not in (None, self.bus.replica_id):
+            return
+        await self._save_presence(session, online=False)
+        newer = self.endpoints.get(eid)
+        if newer is not None:  # it came back while that was written: online it is
+            await self._save_presence(newer, online=True)
+            return
+        await self._wait_again(session)
 
     async def _wait_again(self, session: EndpointSession) -> None:
         """The tasks a departed endpoint held wait for it again, and say so (in the store and to
