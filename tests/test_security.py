@@ -487,3 +487,37 @@ def test_endpoint_credential_rotation_keeps_a_running_endpoint_serving(stack) ->
             stale.close()
     finally:
         stack.stop_endpoint("rotating")
+
+
+def test_a_payload_posing_as_the_daemons_own_stub_is_refused(stack, tmp_path: Path) -> None:
+    """The daemon hands large arguments to its workers as stubs: a local file to unpickle, or a
+    service blob to read with the endpoint's credential. A payload from the wire that poses as
+    one is refused like any method the endpoint does not accept: no worker reads the file or
+    asks the URL it names."""
+    import base64
+    import socket
+
+    from tether.protocol import BlobRef
+    from tether.transfer import file_stub, service_stub
+
+    listener = socket.create_server(("127.0.0.1", 0))  # would see a worker that followed the stub
+    listener.setblocking(False)
+    secret = tmp_path / "not-yours.pickle"
+    secret.write_bytes(serialize(((7,), {})))
+    ref = BlobRef(id=str(uuid.uuid4()), size=10, sha256="0" * 64)
+    forged = [file_stub(secret), service_stub(f"http://127.0.0.1:{listener.getsockname()[1]}",
+                                              {"Authorization": "Bearer stolen"}, None, ref)]
+    with httpx.Client(base_url=stack.service_url, headers={"Authorization": f"Bearer {stack.token}"},
+                      trust_env=False, timeout=30) as http:
+        fid = http.post("/v1/functions", json={"function": base64.b64encode(serialize(helpers.square)).decode()})
+        tids = [str(uuid.uuid4()) for _ in forged]
+        answer = http.post("/v1/tasks", json={"tasks": [
+            {"task_id": tid, "endpoint_id": stack.endpoint_id, "function_id": fid.json()["function_id"],
+             "payload": base64.b64encode(stub).decode()} for tid, stub in zip(tids, forged, strict=True)]})
+        assert answer.status_code == 200 and sorted(answer.json()["accepted"]) == sorted(tids), answer.text
+        for tid in tids:
+            assert wait_for(lambda tid=tid: http.get(f"/v1/tasks/{tid}").json()["state"] == "failed", timeout=60)
+            assert "which this endpoint does not accept" in json.dumps(http.get(f"/v1/tasks/{tid}").json()["error"])
+    with pytest.raises(BlockingIOError):
+        listener.accept()
+    listener.close()
