@@ -217,9 +217,11 @@ class Executor(concurrent.futures.Executor):
                 environment: str | EnvironmentRequest | None = None) -> TetherFuture:
         spec = spec if spec is not None else self.resource_specification
         # this call's, else the resource specification's (how the plugins pass it per task), else the Executor's
-        chosen = environment if environment is not None else (spec or {}).get(ENVIRONMENT_KEY) or self.environment
+        # (a specification that is no dict is refused below, in words, by _check_call)
+        asked = spec.get(ENVIRONMENT_KEY) if isinstance(spec, dict) else None
+        chosen = environment if environment is not None else asked or self.environment
         wanted = self._environment_for(fid, fn, _check_environment(chosen))
-        if wanted is not None:
+        if wanted is not None and (spec is None or isinstance(spec, dict)):
             spec = {**(spec or {}), ENVIRONMENT_KEY: wanted.as_data()}
         uec = uec if uec is not None else self.user_endpoint_config
         if self._shutdown:
