@@ -19,6 +19,9 @@ The daemon never blocks on a worker's pipe. Tasks travel on one pipe and results
 the daemon's end of the task pipe is non-blocking, and what a full pipe does not take waits in
 a buffer, written as the pipe drains. With one blocking two-way pipe, a worker sending a large
 result while the daemon sent it large arguments left each waiting on the other for ever.
+
+Workers outlive a restarting or killed daemon, and the next one adopts what they run
+(engines/adoption.py): ``detach`` instead of ``stop`` when the daemon restarts.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from tether.endpoint.container import process_worker_command
 from tether.protocol import Result
 from tether.results import cancelled, failure, unpack
 
+from .adoption import Orphan, WorkerRecords, kill_group
 from .base import Engine, TaskSpec
 from .container_worker import ContainerRunner
 from .worker import TaskItem
@@ -52,6 +56,12 @@ DEFAULT_PREFETCH = 8
 
 #: bytes a task pipe holds before writes wait (Linux lets an unprivileged process ask for 1 MiB)
 PIPE_BYTES = 1 << 20
+
+#: seconds a restarting daemon waits for its workers to say what they run (a task that ignores
+#: SIGUSR1's handler for longer, in native code, say, is killed and sent again)
+DETACH_WAIT_S = 10.0
+#: seconds between looks at workers adopted from the previous daemon
+POLL_ORPHANS_S = 0.2
 
 
 def frame(message: Any, into: bytearray) -> None:
@@ -108,8 +118,39 @@ class ProcessEngine(Engine):
         self.container_argv = process_worker_command(self.config)  # None: workers run on this host
         # in a container, workers may not reach the service (or see its CA): they read files
         self.workers_read_blobs = self.container_argv is None
-        for _ in range(self.n_workers):
+        # workers left by a previous daemon (a restart): theirs run on; fresh ones fill the rest
+        self.records = WorkerRecords(self.state_dir / "workers") if self.state_dir is not None else None
+        self.orphans: list[Orphan] = []
+        self.orphan_results: list[Result] = []
+        if self.records is not None:
+            self.orphans, self.orphan_results = await self.records.collect()
+            if self.orphans or self.orphan_results:
+                log.info("adopted %d running task(s) and %d result(s) from the previous daemon's workers",
+                         len(self.orphans), len(self.orphan_results))
+        for _ in range(max(0, self.n_workers - len(self.orphans))):
             self.workers.append(self._spawn())
+        self._watching = asyncio.ensure_future(self._watch_orphans()) if self.orphans or self.orphan_results \
+            else None
+
+    def adopted(self) -> set[str]:
+        return {o.task for o in self.orphans if o.task is not None} | {r.id for r in self.orphan_results}
+
+    async def _watch_orphans(self) -> None:
+        """Report adopted tasks' results as they come; a fresh worker replaces each adopted one."""
+        results, self.orphan_results = self.orphan_results, []
+        for result in results:
+            self.on_result(result)
+        while self.orphans and not self.stopping:
+            await asyncio.sleep(POLL_ORPHANS_S)
+            for orphan in list(self.orphans):
+                result = self.records.ended(orphan) if self.records is not None else None
+                if result is None:
+                    continue
+                self.orphans.remove(orphan)
+                if not self.stopping:
+                    self.on_result(result)
+                    self.workers.append(self._spawn())
+            self._assign()
 
     def _spawn(self) -> _Worker:
         worker = self._start_worker()
@@ -131,11 +172,14 @@ class ProcessEngine(Engine):
         # not a daemon process: tasks may start processes of their own (multiprocessing pools,
         # Parsl's resource monitor), which daemonic processes may not; a worker still ends with
         # the endpoint, when its pipe closes or stop() kills its group
+        adopt_dir = None if self.records is None else str(self.records.dir)
         proc = self.ctx.Process(target=worker_main, args=((tasks_in, results_out), self.allowed_methods,
                                                            self.engine_info(), self.python_sandbox,
-                                                           (gate, started, floor), runner),
+                                                           (gate, started, floor), runner, adopt_dir),
                                 daemon=False, name="tether-worker")
         proc.start()
+        if self.records is not None:
+            self.records.record(proc.pid)
         tasks_in.close()  # the worker's ends: its death shows as EOF on ours, ours as EOF on its
         results_out.close()
         tasks_fd = os.dup(tasks_out.fileno())  # written by hand (frame, _flush), not by Connection
@@ -147,11 +191,61 @@ class ProcessEngine(Engine):
         for w in self.workers:
             self._kill(w)
         self.workers.clear()
+        for orphan in self.orphans:  # a real stop ends the adopted tasks too
+            kill_group(orphan.pid)
+            if self.records is not None:
+                self.records.forget(orphan.pid)
+        self.orphans.clear()
+
+    async def detach(self) -> None:
+        """Leave the workers running for the next daemon (see engines/adoption.py): nothing more
+        begins, each worker declares what it runs (after any result it sent, which is read here
+        and reported), and the daemon exits without waiting for them."""
+        if self.records is None:
+            await self.stop()
+            return
+        self.stopping = True
+        alive = [w for w in self.workers if w.alive]
+        for w in alive:
+            with w.gate:  # tasks queued on it are the service's to send again
+                w.floor.value = w.next_seq - 1
+            for remove in (lambda w=w: self.loop.remove_reader(w.conn.fileno()),
+                           lambda w=w: self.loop.remove_writer(w.tasks_fd)):
+                try:
+                    remove()
+                except (ValueError, OSError):
+                    pass
+            try:
+                os.kill(w.proc.pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + DETACH_WAIT_S
+        waiting = list(alive)
+        while waiting and time.monotonic() < deadline:
+            waiting = [w for w in waiting if self.records.declaration(w.proc.pid) is None and w.proc.is_alive()]
+            if waiting:
+                await asyncio.sleep(0.01)
+        for w in alive:  # declared: whatever it sent is whole in the pipe
+            try:
+                while w.conn.poll():
+                    self._on_finished(w, unpack(w.conn.recv_bytes()))
+            except (EOFError, OSError):
+                pass
+            if w in waiting:  # never declared (stuck): it cannot be adopted; its task is sent again
+                self._kill(w)
+                continue
+            w.alive = False
+            w.conn.close()
+            os.close(w.tasks_fd)
+            multiprocessing.process._children.discard(w.proc)  # the daemon's exit must not wait for it
+        self.workers.clear()
 
     def _kill(self, w: _Worker) -> None:
         if not w.alive:
             return
         w.alive = False
+        if self.records is not None:
+            self.records.forget(w.proc.pid)
         for remove in (lambda: self.loop.remove_reader(w.conn.fileno()),
                        lambda: self.loop.remove_writer(w.tasks_fd)):
             try:
@@ -304,6 +398,16 @@ class ProcessEngine(Engine):
     # --- cancellation -------------------------------------------------------------------------
     def cancel(self, task_id: str) -> None:
         now = time.time()
+        for orphan in self.orphans:  # adopted from the previous daemon: its worker ends
+            if orphan.task == task_id:
+                self.orphans.remove(orphan)
+                kill_group(orphan.pid)
+                if self.records is not None:
+                    self.records.forget(orphan.pid)
+                self.on_result(cancelled(task_id, now))
+                self.workers.append(self._spawn())
+                self._assign()
+                return
         for t in self.queue:
             if t.id == task_id:
                 self.queue.remove(t)
@@ -330,7 +434,7 @@ class ProcessEngine(Engine):
                 return
 
     def capacity(self) -> dict[str, Any]:
-        running = sum(1 for w in self.workers if w.alive and w.assigned)
+        running = sum(1 for w in self.workers if w.alive and w.assigned) + len(self.orphans)
         return {
             "engine": "process",
             "workers_total": self.n_workers,
