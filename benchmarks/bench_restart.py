@@ -98,7 +98,8 @@ def main() -> None:
     began_after = [float(line.split()[1]) for lines in runs for line in lines if float(line.split()[1]) > restart_at]
     gap = (min(began_after) - restart_at) if began_after else None
     report = {
-        "tasks": args.tasks, "seconds": args.seconds, "workers": args.workers, "how": "kill" if args.kill else "restart",
+        "tasks": args.tasks, "seconds": args.seconds, "workers": args.workers,
+        "how": "kill" if args.kill else "restart",
         "done_at_restart": done_at_restart, "killed": killed, "lost": lost, "run_twice": twice,
         "restart_command_s": round(restart_s, 2), "dispatch_gap_s": None if gap is None else round(gap, 2),
         "probe_wait_s": round(probe_s, 2), "total_s": round(total_s, 1),

@@ -3,8 +3,9 @@
 ``tether endpoint restart`` (or an upgrade followed by one, or a daemon killed by SIGKILL) must
 kill no running task and lose no result. A process-engine worker therefore runs in a session of
 its own and, when its daemon goes away, *detaches* (engines/worker.py): it begins nothing more,
-declares the task it runs in ``workers/PID.adopt`` and, when that ends, writes its result to
-``workers/PID.result``, then exits. Tasks it held but had not begun are not declared: the
+and when its task ends writes the result to ``workers/PID.result``, then exits. What it runs is
+declared in ``workers/PID.adopt``: by the restarting daemon (ProcessEngine.detach), or by the
+worker's watcher when the daemon died. Tasks it held but had not begun are not declared: the
 service sends them again (they run once, on the next daemon's workers).
 
 The engine records each worker it starts here (``workers/PID``, whose mtime tells a live worker

@@ -46,7 +46,7 @@ from tether.results import cancelled, failure, unpack
 from .adoption import Orphan, WorkerRecords, kill_group
 from .base import Engine, TaskSpec
 from .container_worker import ContainerRunner
-from .worker import TaskItem
+from .worker import DETACHED, TaskItem, declare
 from .worker import main as worker_main
 
 log = logging.getLogger("tether.endpoint.process")
@@ -57,9 +57,6 @@ DEFAULT_PREFETCH = 8
 #: bytes a task pipe holds before writes wait (Linux lets an unprivileged process ask for 1 MiB)
 PIPE_BYTES = 1 << 20
 
-#: seconds a restarting daemon waits for its workers to say what they run (a task that ignores
-#: SIGUSR1's handler for longer, in native code, say, is killed and sent again)
-DETACH_WAIT_S = 10.0
 #: seconds between looks at workers adopted from the previous daemon
 POLL_ORPHANS_S = 0.2
 
@@ -198,47 +195,46 @@ class ProcessEngine(Engine):
         self.orphans.clear()
 
     async def detach(self) -> None:
-        """Leave the workers running for the next daemon (see engines/adoption.py): nothing more
-        begins, each worker declares what it runs (after any result it sent, which is read here
-        and reported), and the daemon exits without waiting for them."""
+        """Leave the workers running for the next daemon (see engines/adoption.py): under each
+        worker's lock its floor becomes DETACHED, so it begins nothing more and sends no result
+        after; what it sent before is read here and reported, what it runs is declared for it,
+        and the daemon exits without waiting for it."""
         if self.records is None:
             await self.stop()
             return
         self.stopping = True
-        alive = [w for w in self.workers if w.alive]
-        for w in alive:
-            with w.gate:  # tasks queued on it are the service's to send again
-                w.floor.value = w.next_seq - 1
+        for w in [w for w in self.workers if w.alive]:
             for remove in (lambda w=w: self.loop.remove_reader(w.conn.fileno()),
                            lambda w=w: self.loop.remove_writer(w.tasks_fd)):
                 try:
                     remove()
                 except (ValueError, OSError):
                     pass
+            # the worker holds its lock while it sends: read what it sends until it lets go
+            while not w.gate.acquire(False):
+                self._read_all(w)
+                await asyncio.sleep(0.001)
             try:
-                os.kill(w.proc.pid, signal.SIGUSR1)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + DETACH_WAIT_S
-        waiting = list(alive)
-        while waiting and time.monotonic() < deadline:
-            waiting = [w for w in waiting if self.records.declaration(w.proc.pid) is None and w.proc.is_alive()]
-            if waiting:
-                await asyncio.sleep(0.01)
-        for w in alive:  # declared: whatever it sent is whole in the pipe
-            try:
-                while w.conn.poll():
-                    self._on_finished(w, unpack(w.conn.recv_bytes()))
-            except (EOFError, OSError):
-                pass
-            if w in waiting:  # never declared (stuck): it cannot be adopted; its task is sent again
-                self._kill(w)
-                continue
+                w.floor.value = DETACHED
+                started = w.started.value
+            finally:
+                w.gate.release()
+            self._read_all(w)
+            running = next((t.id for t in w.assigned if w.seq.get(t.id) == started), None)
+            declare(str(self.records.dir), w.proc.pid, running)
             w.alive = False
             w.conn.close()
             os.close(w.tasks_fd)
             multiprocessing.process._children.discard(w.proc)  # the daemon's exit must not wait for it
         self.workers.clear()
+
+    def _read_all(self, w: _Worker) -> None:
+        """Report the results ``w`` has sent (a frame begun is read whole: it is being written)."""
+        try:
+            while w.conn.poll():
+                self._on_finished(w, unpack(w.conn.recv_bytes()))
+        except (EOFError, OSError):
+            pass
 
     def _kill(self, w: _Worker) -> None:
         if not w.alive:
@@ -334,9 +330,14 @@ class ProcessEngine(Engine):
         victim = max(alive, key=lambda w: len(w.assigned))
         if len(victim.assigned) < 2:
             return
-        with victim.gate:
+        if not victim.gate.acquire(False):  # it is sending a result (see worker.py): try again soon
+            self.loop.call_later(0.005, self._assign)
+            return
+        try:
             started = victim.started.value
             victim.floor.value = victim.next_seq - 1  # it skips all it holds and has not begun
+        finally:
+            victim.gate.release()
         withdrawn = [t for t in victim.assigned if victim.seq[t.id] > started]
         if not withdrawn:
             return

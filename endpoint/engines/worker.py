@@ -10,13 +10,13 @@ two thread wake-ups per task, which on a two-core machine was most of a no-op ta
 small watcher thread, asleep nearly always, notices when the endpoint daemon is gone while a
 task runs.
 
-A worker outlives its daemon (see engines/adoption.py): when the daemon restarts (it signals
-SIGUSR1) or dies (the watcher sees a new parent), the worker *detaches*: it begins no further
-task, declares what it runs in its file beside the endpoint (``workers/PID.adopt``), and when that
-task ends writes its result there too (``workers/PID.result``) for the next daemon, then exits.
-The declaration is always written after any result sent on the pipe (both happen on the main
-thread; the signal handler defers it while a result is being sent), so the daemon that waits for
-it before exiting has read every result sent to it.
+A worker outlives its daemon (see engines/adoption.py). It sends each result holding its gate's
+lock, and begins no task once the floor says ``DETACHED``: a restarting daemon sets that under
+the lock, so every result sent before is whole in the pipe, where it reads it, and none is sent
+after. When the daemon dies instead (SIGKILL), the watcher sets it and says what runs. Either
+way the running task ends in this process, its result goes to ``workers/PID.result`` for the
+next daemon, and the worker exits. Nothing here waits for a signal handler, which a task busy in
+native code would hold off.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import signal
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -43,40 +42,16 @@ PARENT_CHECK_S = 1.0
 TaskItem = tuple[int, str, str, bytes | None, bytes, dict[str, Any] | None, str | None, dict[str, bytes] | None]
 
 
-class _Life:
-    """What the main thread and the detach paths (signal handler, watcher) share. The handler
-    runs on the main thread between bytecodes; the watcher's thread is ordered by the GIL."""
-
-    def __init__(self, adopt_dir: str | None, lock: Any):
-        self.adopt_dir = adopt_dir  # None: no daemon adopts this worker (it exits with the daemon)
-        self.lock = lock  # held while a task begins, so a detach never misses one
-        self.detached = False
-        self.current: str | None = None  # the task running
-        self.sending = False  # a result is on its way to the pipe: the declaration waits for it
-        self.declare_pending = False
-
-    def path(self, suffix: str) -> str:
-        return os.path.join(self.adopt_dir or "", f"{os.getpid()}.{suffix}")
-
-    def detach(self) -> None:
-        """Begin nothing more; declare the running task (now, or once a result being sent is sent)."""
-        if self.detached:
-            return
-        self.detached = True
-        if self.sending:
-            self.declare_pending = True
-        else:
-            self.declare()
-
-    def declare(self) -> None:
-        _write_atomic(self.path("adopt"), json.dumps({"pid": os.getpid(), "task": self.current}).encode())
-
-    def keep(self, packed: bytes) -> None:
-        """The result of the task that ran while the daemon was away: for the next one."""
-        _write_atomic(self.path("result"), packed)
+#: the floor of a worker whose daemon is gone: it begins nothing more, and keeps its result
+DETACHED = 1 << 62
 
 
-def _write_atomic(path: str, data: bytes) -> None:
+def declare(adopt_dir: str, pid: int, task: str | None) -> None:
+    """Say what worker ``pid`` runs (``task``, or None: nothing), for the next daemon."""
+    write_atomic(os.path.join(adopt_dir, f"{pid}.adopt"), json.dumps({"pid": pid, "task": task}).encode())
+
+
+def write_atomic(path: str, data: bytes) -> None:
     tmp = path + ".tmp"
     with open(tmp, "wb") as fh:
         fh.write(data)
@@ -85,17 +60,28 @@ def _write_atomic(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _watch_parent(parent: int, life: _Life) -> None:
-    """The daemon died (SIGKILL, say) while a task runs: detach (or, with no daemon to adopt this
-    worker, end as the pipe's EOF would have)."""
+class _Running:
+    """The task this worker runs (set and read under the gate's lock: the watcher reads it)."""
+
+    task: str | None = None
+
+
+def _watch_parent(parent: int, gate: tuple[Any, Any, Any] | None, adopt_dir: str | None,
+                  running: _Running) -> None:
+    """The daemon died (SIGKILL, say) while a task runs: detach and say what runs (or, with no
+    daemon to adopt this worker, end as the pipe's EOF would have)."""
     while True:
         time.sleep(PARENT_CHECK_S)
-        if os.getppid() != parent:
-            if life.adopt_dir is None:
-                os._exit(0)
-            with life.lock:  # not while the main thread begins a task
-                life.detach()
-            return
+        if os.getppid() == parent:
+            continue
+        if gate is None or adopt_dir is None:
+            os._exit(0)
+        lock, _, floor = gate
+        with lock:
+            if floor.value != DETACHED:  # (a restarting daemon has said it already)
+                floor.value = DETACHED
+                declare(adopt_dir, os.getpid(), running.task)
+        return
 
 
 def main(conns: tuple[Connection, Connection], allowed_methods: Allowlist | frozenset[str] | None,
@@ -106,18 +92,16 @@ def main(conns: tuple[Connection, Connection], allowed_methods: Allowlist | froz
     engine gave it to another worker), and ``started`` tells the engine what was begun (see
     engines/process.py). ``runner``: runs each task elsewhere and returns its packed result (a
     :class:`~.container_worker.ContainerRunner`: the task runs in a container image). ``adopt_dir``:
-    where this worker declares what it runs when its daemon goes away, so that the next one adopts
-    it (see the module's docstring); None: it exits with the daemon."""
+    where this worker leaves its result when its daemon is gone, for the next one (see the
+    module's docstring); None: it exits with the daemon."""
     conn, results = conns
     try:
         os.setsid()
     except OSError:  # already a group leader
         pass
-    life = _Life(adopt_dir, gate[0] if gate is not None else threading.Lock())
-    if adopt_dir is not None:
-        signal.signal(signal.SIGUSR1, lambda *_: life.detach())  # the daemon restarts
-    threading.Thread(target=_watch_parent, args=(os.getppid(), life), name="tether-worker-watcher",
-                     daemon=True).start()
+    running = _Running()
+    threading.Thread(target=_watch_parent, args=(os.getppid(), gate, adopt_dir, running),
+                     name="tether-worker-watcher", daemon=True).start()
     if runner is not None:
         runner.start()
     queue: collections.deque[TaskItem] = collections.deque()
@@ -144,44 +128,37 @@ def main(conns: tuple[Connection, Connection], allowed_methods: Allowlist | froz
         except (EOFError, OSError):
             os._exit(0)  # the endpoint is gone: so are we
         seq, task_id, fid, body, payload, spec, sandbox, inputs = queue.popleft()
-        with life.lock:
-            if life.detached:  # the daemon is gone: queued tasks are its service's to send again
-                os._exit(0)
-            withdrawn = False
-            if gate is not None:
-                withdrawn = seq <= gate[2].value
+        if gate is not None:
+            lock, started, floor = gate
+            with lock:
+                if floor.value == DETACHED:  # the daemon is gone: queued tasks are the service's to resend
+                    os._exit(0)
+                withdrawn = seq <= floor.value
                 if not withdrawn:
-                    gate[1].value = seq
-            life.current = task_id
-        if withdrawn:
-            continue
+                    started.value = seq
+                    running.task = task_id
+            if withdrawn:
+                continue
         # a body may have come earlier
         task = TaskSpec(task_id, fid, bodies.pop(fid, body), payload, spec, sandbox, inputs)
         if runner is None:
             packed = pack(run_task(task, allowed_methods, chdir=python_sandbox, engine=engine_info))
         else:
             packed = runner(task)
-        _deliver(life, results, packed)
-
-
-def _deliver(life: _Life, results: Connection, packed: bytes) -> None:
-    """Send a result to the daemon, or keep it for the next one (see the module's docstring)."""
-    life.sending = True
-    if life.detached:
-        life.keep(packed)
-    else:
-        try:
+        if gate is None or adopt_dir is None:
             results.send_bytes(packed)
-        except OSError:  # the daemon died: the next one reads it
-            if life.adopt_dir is None:
-                os._exit(0)
-            life.keep(packed)
-            with life.lock:
-                life.detach()
-    life.current = None
-    life.sending = False
-    if life.declare_pending:
-        life.declare_pending = False
-        life.declare()
-    if life.detached:
+            continue
+        with gate[0]:  # see the module's docstring
+            running.task = None
+            undeclared = False
+            if gate[2].value != DETACHED:
+                try:
+                    results.send_bytes(packed)
+                    continue
+                except OSError:  # the daemon died before the watcher noticed
+                    gate[2].value = DETACHED
+                    undeclared = True
+            write_atomic(os.path.join(adopt_dir, f"{os.getpid()}.result"), packed)
+            if undeclared:  # after the result: a declaration of nothing lets the next daemon forget this one
+                declare(adopt_dir, os.getpid(), None)
         os._exit(0)
