@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tether.processes import process_start_time
+from tether.processes import process_command, process_start_time
 from tether.protocol import Result
 from tether.results import failure, unpack
 
@@ -78,7 +78,8 @@ class WorkerRecords:
             recorded = (self.dir / str(pid)).stat().st_mtime
         except FileNotFoundError:
             return False
-        return started is not None and started <= recorded + _START_SLACK_S
+        # (a zombie has no command line: an orphan whose new parent does not reap it has ended)
+        return started is not None and started <= recorded + _START_SLACK_S and process_command(pid) is not None
 
     def recorded(self) -> list[int]:
         return sorted(int(p.name) for p in self.dir.iterdir() if p.name.isdigit())

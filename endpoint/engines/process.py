@@ -210,15 +210,19 @@ class ProcessEngine(Engine):
                     remove()
                 except (ValueError, OSError):
                     pass
-            # the worker holds its lock while it sends: read what it sends until it lets go
-            while not w.gate.acquire(False):
+            # the worker holds its lock while it sends: read what it sends until it lets go (a
+            # worker that died holding it never will, and needs no lock to be told anything)
+            locked = w.gate.acquire(False)
+            while not locked and w.proc.is_alive():
                 self._read_all(w)
                 await asyncio.sleep(0.001)
+                locked = w.gate.acquire(False)
             try:
                 w.floor.value = DETACHED
                 started = w.started.value
             finally:
-                w.gate.release()
+                if locked:
+                    w.gate.release()
             self._read_all(w)
             running = next((t.id for t in w.assigned if w.seq.get(t.id) == started), None)
             declare(str(self.records.dir), w.proc.pid, running)
