@@ -95,3 +95,20 @@ def test_stop_still_ends_running_tasks(fresh_stack: LocalStack, tmp_path: Path) 
     ex.shutdown(wait=False)
     assert not [p for p in (fresh_stack.endpoint_dir() / "workers").iterdir() if p.name.isdigit()
                 and pid_alive(int(p.name))], os.listdir(fresh_stack.endpoint_dir() / "workers")
+
+
+@pytest.mark.timeout(60)
+def test_an_adopted_task_can_be_cancelled(fresh_stack: LocalStack, tmp_path: Path) -> None:
+    marker = tmp_path / "task"
+    ex = Executor(endpoint_id=fresh_stack.endpoint_id, service=fresh_stack.service_url, token=fresh_stack.token)
+    future = ex.submit(marked_sleep, str(marker), 60, 0)
+    wait_for(lambda: _lines(marker), what="the task to start")
+    _restart(fresh_stack)
+    pid = _lines(marker)[0]
+    assert pid_alive(pid)
+    assert future.cancel()
+    wait_for(lambda: not pid_alive(pid), timeout=10, what="the cancel to end the adopted task")
+    assert future.cancelled()
+    # its worker is replaced: the endpoint runs the next task
+    assert ex.submit(marked_sleep, str(tmp_path / "next"), 0, 1).result(timeout=30)[1] == 1
+    ex.shutdown(wait=False)
