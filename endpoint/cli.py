@@ -106,7 +106,8 @@ def endpoint_start(
 
 @endpoint_app.command("stop")
 def endpoint_stop(name: EndpointName) -> None:
-    """Stop a running endpoint (its unfinished tasks run again at the next start)."""
+    """Stop a running endpoint: running tasks are killed (they run again at the next start);
+    'restart' keeps them running."""
     from tether.endpoint import manage
 
     if _endpoint_call(manage.stop, name):
@@ -117,10 +118,11 @@ def endpoint_stop(name: EndpointName) -> None:
 
 @endpoint_app.command("restart")
 def endpoint_restart(name: EndpointName) -> None:
-    """Stop, then start in the background."""
+    """Stop, then start in the background. Running tasks keep running and the new daemon adopts
+    them (process engine; other engines' tasks are sent again); 'stop' ends them."""
     from tether.endpoint import manage
 
-    _endpoint_call(manage.stop, name)
+    _endpoint_call(manage.stop, name, keep_tasks=True)
     cred = _endpoint_call(manage.ensure_registered, name)
     _endpoint_call(manage.apply_policy, name, cred)
     status = _endpoint_call(manage.start_detached, name)

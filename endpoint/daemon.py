@@ -158,6 +158,7 @@ class EndpointDaemon:
         self._keep_over: dict[str, int] = {}  # tasks whose results stay here above a size of their own
         self.ws: Any = None
         self.stopping = asyncio.Event()
+        self.detaching = False  # stopping for a restart (SIGUSR1): see _restarting
         # reports not yet sent, task id -> when: "received" and "running" (see _flush_reports)
         self._reports: dict[str, dict[str, float]] = {"received": {}, "running": {}}
         self._reports_linger = Linger(self._flush_reports, STATE_WINDOW, eager=False)
@@ -173,8 +174,12 @@ class EndpointDaemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGUSR1, self._restarting)
         self.engine = self._make_engine()
         await self.engine.start()
+        # tasks the previous daemon's workers still run (or finished since): held here, so the
+        # service neither sends them again nor waits for them (engines/adoption.py)
+        self.inflight.update(self.engine.adopted())
         self._write_status("starting")
         link = asyncio.create_task(self._link())
         beat = asyncio.create_task(self._heartbeats())
@@ -189,18 +194,28 @@ class EndpointDaemon:
         for task in (link, beat, stop):
             task.cancel()
         await self._before_stop()
-        await self.engine.stop()
+        if self.detaching:  # a restart: the workers run on, the next daemon adopts them
+            await self.engine.detach()
+            self._flush()  # what they sent before detaching: spooled, sent by the next daemon
+        else:
+            await self.engine.stop()
         if self.ws is not None:
             await self.ws.close()
         self._write_status("stopped")
         return code
+
+    def _restarting(self) -> None:
+        """SIGUSR1 (``tether endpoint restart``): stop, leaving running tasks running."""
+        log.info("restarting: running tasks stay with their workers for the next daemon")
+        self.detaching = True
+        self.stopping.set()
 
     def _make_engine(self) -> Any:
         engine = make_engine(
             self.config.engine, self._on_running, self._on_result,
             allowed_methods=Allowlist(data=self.allowed_methods, functions=frozenset(self.engine_methods)),
             retries_on_worker_loss=self.config.retries_on_worker_loss,
-            python_sandbox=self.config.python_sandbox,
+            python_sandbox=self.config.python_sandbox, state_dir=self.dir,
         )
         # tasks that ask for an environment of their own go to one (or fail saying how to allow it)
         return with_environments(engine, self.config)

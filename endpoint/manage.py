@@ -206,15 +206,19 @@ def start_detached(name: str, timeout: float = 60.0) -> dict[str, Any]:
                       f"see {log_path}")
 
 
-def stop(name: str, timeout: float = 20.0) -> bool:
-    """SIGTERM the daemon and wait for it to exit (SIGKILL after ``timeout``). False if not running."""
+def stop(name: str, timeout: float = 20.0, keep_tasks: bool = False) -> bool:
+    """SIGTERM the daemon and wait for it to exit (SIGKILL after ``timeout``). False if not running.
+
+    ``keep_tasks`` (a restart): SIGUSR1 instead, and the daemon exits leaving its running tasks
+    running, for the next daemon to adopt (engines/adoption.py); what they would lose if it had
+    to be killed, they lose no more than from a crash (they are adopted the same way)."""
     if not (endpoint_dir(name) / "config.yaml").exists():
         raise ConfigError(f"no endpoint named {name!r} under {tether_home() / 'endpoints'}; "
                           "'tether endpoint list' shows those configured here")
     pid = daemon_pid(name)
     if pid is None:
         return False
-    if not signal_and_wait(pid, signal.SIGTERM, timeout):
+    if not signal_and_wait(pid, signal.SIGUSR1 if keep_tasks else signal.SIGTERM, timeout):
         signal_and_wait(pid, signal.SIGKILL, 5)
     return True
 

@@ -77,6 +77,11 @@ class NoEngine:
 
     async def stop(self) -> None: ...
 
+    async def detach(self) -> None: ...
+
+    def adopted(self) -> set[str]:
+        return set()
+
     def submit(self, task: TaskSpec) -> None:  # the service never dispatches tasks here
         self.on_result(failure(task.id, PermissionError("a multi-user endpoint runs no tasks itself")))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from tether.endpoint.execute import Allowlist, TaskSpec
@@ -31,8 +32,9 @@ class Engine(abc.ABC):
 
     def __init__(self, config: dict[str, Any], on_running: OnRunning, on_result: OnResult,
                  allowed_methods: Allowlist | frozenset[str] | None = None, retries_on_worker_loss: int = 0,
-                 python_sandbox: bool = False):
+                 python_sandbox: bool = False, state_dir: Path | None = None):
         self.config = config
+        self.state_dir = state_dir  # the endpoint's directory: where workers that outlive the daemon say so
         self.python_sandbox = python_sandbox  # chdir into TaskSpec.sandbox for Python functions
         self.on_running = on_running
         self.on_result = on_result
@@ -52,6 +54,17 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def stop(self) -> None:
         """Stop at once: kill what runs (the service re-dispatches it to the next run)."""
+
+    async def detach(self) -> None:
+        """The daemon restarts: leave what runs running for the next daemon to adopt (see
+        engines/adoption.py). Engines that cannot stop instead (what runs is sent again)."""
+        await self.stop()
+
+    def adopted(self) -> set[str]:
+        """Tasks this engine took over from a previous daemon at start (running, or ended with a
+        result it will report): the daemon holds them, so the service neither resends them nor
+        waits for them."""
+        return set()
 
     @abc.abstractmethod
     def submit(self, task: TaskSpec) -> None: ...

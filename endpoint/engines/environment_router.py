@@ -54,6 +54,10 @@ class EnvironmentRouter(Engine):
         self._watcher = asyncio.ensure_future(self._stop_idle_pools())
 
     async def stop(self) -> None:
+        await self._stop_pools()
+        await self.inner.stop()
+
+    async def _stop_pools(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
         for job in list(self._preparing):
@@ -62,7 +66,14 @@ class EnvironmentRouter(Engine):
         for pool in list(self.pools.values()):
             await pool.stop()
         self.pools.clear()
-        await self.inner.stop()
+
+    async def detach(self) -> None:
+        """Environment pools stop (what they run is sent again); the engine's workers stay."""
+        await self._stop_pools()
+        await self.inner.detach()
+
+    def adopted(self) -> set[str]:
+        return self.inner.adopted()
 
     def engine_info(self) -> dict[str, Any]:
         return self.inner.engine_info()

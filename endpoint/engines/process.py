@@ -19,6 +19,9 @@ The daemon never blocks on a worker's pipe. Tasks travel on one pipe and results
 the daemon's end of the task pipe is non-blocking, and what a full pipe does not take waits in
 a buffer, written as the pipe drains. With one blocking two-way pipe, a worker sending a large
 result while the daemon sent it large arguments left each waiting on the other for ever.
+
+Workers outlive a restarting or killed daemon, and the next one adopts what they run
+(engines/adoption.py): ``detach`` instead of ``stop`` when the daemon restarts.
 """
 
 from __future__ import annotations
@@ -40,9 +43,10 @@ from tether.endpoint.container import process_worker_command
 from tether.protocol import Result
 from tether.results import cancelled, failure, unpack
 
+from .adoption import Orphan, WorkerRecords, kill_group
 from .base import Engine, TaskSpec
 from .container_worker import ContainerRunner
-from .worker import TaskItem
+from .worker import DETACHED, TaskItem, declare
 from .worker import main as worker_main
 
 log = logging.getLogger("tether.endpoint.process")
@@ -52,6 +56,9 @@ DEFAULT_PREFETCH = 8
 
 #: bytes a task pipe holds before writes wait (Linux lets an unprivileged process ask for 1 MiB)
 PIPE_BYTES = 1 << 20
+
+#: seconds between looks at workers adopted from the previous daemon
+POLL_ORPHANS_S = 0.2
 
 
 def frame(message: Any, into: bytearray) -> None:
@@ -108,8 +115,39 @@ class ProcessEngine(Engine):
         self.container_argv = process_worker_command(self.config)  # None: workers run on this host
         # in a container, workers may not reach the service (or see its CA): they read files
         self.workers_read_blobs = self.container_argv is None
-        for _ in range(self.n_workers):
+        # workers left by a previous daemon (a restart): theirs run on; fresh ones fill the rest
+        self.records = WorkerRecords(self.state_dir / "workers") if self.state_dir is not None else None
+        self.orphans: list[Orphan] = []
+        self.orphan_results: list[Result] = []
+        if self.records is not None:
+            self.orphans, self.orphan_results = await self.records.collect()
+            if self.orphans or self.orphan_results:
+                log.info("adopted %d running task(s) and %d result(s) from the previous daemon's workers",
+                         len(self.orphans), len(self.orphan_results))
+        for _ in range(max(0, self.n_workers - len(self.orphans))):
             self.workers.append(self._spawn())
+        self._watching = asyncio.ensure_future(self._watch_orphans()) if self.orphans or self.orphan_results \
+            else None
+
+    def adopted(self) -> set[str]:
+        return {o.task for o in self.orphans if o.task is not None} | {r.id for r in self.orphan_results}
+
+    async def _watch_orphans(self) -> None:
+        """Report adopted tasks' results as they come; a fresh worker replaces each adopted one."""
+        results, self.orphan_results = self.orphan_results, []
+        for result in results:
+            self.on_result(result)
+        while self.orphans and not self.stopping:
+            await asyncio.sleep(POLL_ORPHANS_S)
+            for orphan in list(self.orphans):
+                result = self.records.ended(orphan) if self.records is not None else None
+                if result is None:
+                    continue
+                self.orphans.remove(orphan)
+                if not self.stopping:
+                    self.on_result(result)
+                    self.workers.append(self._spawn())
+            self._assign()
 
     def _spawn(self) -> _Worker:
         worker = self._start_worker()
@@ -131,11 +169,14 @@ class ProcessEngine(Engine):
         # not a daemon process: tasks may start processes of their own (multiprocessing pools,
         # Parsl's resource monitor), which daemonic processes may not; a worker still ends with
         # the endpoint, when its pipe closes or stop() kills its group
+        adopt_dir = None if self.records is None else str(self.records.dir)
         proc = self.ctx.Process(target=worker_main, args=((tasks_in, results_out), self.allowed_methods,
                                                            self.engine_info(), self.python_sandbox,
-                                                           (gate, started, floor), runner),
+                                                           (gate, started, floor), runner, adopt_dir),
                                 daemon=False, name="tether-worker")
         proc.start()
+        if self.records is not None:
+            self.records.record(proc.pid)
         tasks_in.close()  # the worker's ends: its death shows as EOF on ours, ours as EOF on its
         results_out.close()
         tasks_fd = os.dup(tasks_out.fileno())  # written by hand (frame, _flush), not by Connection
@@ -147,11 +188,64 @@ class ProcessEngine(Engine):
         for w in self.workers:
             self._kill(w)
         self.workers.clear()
+        for orphan in self.orphans:  # a real stop ends the adopted tasks too
+            kill_group(orphan.pid)
+            if self.records is not None:
+                self.records.forget(orphan.pid)
+        self.orphans.clear()
+
+    async def detach(self) -> None:
+        """Leave the workers running for the next daemon (see engines/adoption.py): under each
+        worker's lock its floor becomes DETACHED, so it begins nothing more and sends no result
+        after; what it sent before is read here and reported, what it runs is declared for it,
+        and the daemon exits without waiting for it."""
+        if self.records is None:
+            await self.stop()
+            return
+        self.stopping = True
+        for w in [w for w in self.workers if w.alive]:
+            for remove in (lambda w=w: self.loop.remove_reader(w.conn.fileno()),
+                           lambda w=w: self.loop.remove_writer(w.tasks_fd)):
+                try:
+                    remove()
+                except (ValueError, OSError):
+                    pass
+            # the worker holds its lock while it sends: read what it sends until it lets go (a
+            # worker that died holding it never will, and needs no lock to be told anything)
+            locked = w.gate.acquire(False)
+            while not locked and w.proc.is_alive():
+                self._read_all(w)
+                await asyncio.sleep(0.001)
+                locked = w.gate.acquire(False)
+            try:
+                w.floor.value = DETACHED
+                started = w.started.value
+            finally:
+                if locked:
+                    w.gate.release()
+            self._read_all(w)
+            running = next((t.id for t in w.assigned if w.seq.get(t.id) == started), None)
+            declare(str(self.records.dir), w.proc.pid, running)
+            w.alive = False
+            w.conn.close()
+            os.close(w.tasks_fd)
+            multiprocessing.process._children.discard(w.proc)  # the daemon's exit must not wait for it
+        self.workers.clear()
+
+    def _read_all(self, w: _Worker) -> None:
+        """Report the results ``w`` has sent (a frame begun is read whole: it is being written)."""
+        try:
+            while w.conn.poll():
+                self._on_finished(w, unpack(w.conn.recv_bytes()))
+        except (EOFError, OSError):
+            pass
 
     def _kill(self, w: _Worker) -> None:
         if not w.alive:
             return
         w.alive = False
+        if self.records is not None:
+            self.records.forget(w.proc.pid)
         for remove in (lambda: self.loop.remove_reader(w.conn.fileno()),
                        lambda: self.loop.remove_writer(w.tasks_fd)):
             try:
@@ -240,9 +334,14 @@ class ProcessEngine(Engine):
         victim = max(alive, key=lambda w: len(w.assigned))
         if len(victim.assigned) < 2:
             return
-        with victim.gate:
+        if not victim.gate.acquire(False):  # it is sending a result (see worker.py): try again soon
+            self.loop.call_later(0.005, self._assign)
+            return
+        try:
             started = victim.started.value
             victim.floor.value = victim.next_seq - 1  # it skips all it holds and has not begun
+        finally:
+            victim.gate.release()
         withdrawn = [t for t in victim.assigned if victim.seq[t.id] > started]
         if not withdrawn:
             return
@@ -304,6 +403,16 @@ class ProcessEngine(Engine):
     # --- cancellation -------------------------------------------------------------------------
     def cancel(self, task_id: str) -> None:
         now = time.time()
+        for orphan in self.orphans:  # adopted from the previous daemon: its worker ends
+            if orphan.task == task_id:
+                self.orphans.remove(orphan)
+                kill_group(orphan.pid)
+                if self.records is not None:
+                    self.records.forget(orphan.pid)
+                self.on_result(cancelled(task_id, now))
+                self.workers.append(self._spawn())
+                self._assign()
+                return
         for t in self.queue:
             if t.id == task_id:
                 self.queue.remove(t)
@@ -330,7 +439,7 @@ class ProcessEngine(Engine):
                 return
 
     def capacity(self) -> dict[str, Any]:
-        running = sum(1 for w in self.workers if w.alive and w.assigned)
+        running = sum(1 for w in self.workers if w.alive and w.assigned) + len(self.orphans)
         return {
             "engine": "process",
             "workers_total": self.n_workers,

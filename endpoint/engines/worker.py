@@ -7,13 +7,22 @@ One thread does everything: before each task it takes whatever messages have alr
 (so a queued task cancelled meanwhile is withdrawn before it ever starts) and it blocks on the
 pipe only when it has nothing to run. A reader thread handing tasks to a runner thread cost
 two thread wake-ups per task, which on a two-core machine was most of a no-op task's cost. A
-small watcher thread, asleep nearly always, ends the worker when the endpoint daemon is gone
-while a task runs.
+small watcher thread, asleep nearly always, notices when the endpoint daemon is gone while a
+task runs.
+
+A worker outlives its daemon (see engines/adoption.py). It sends each result holding its gate's
+lock, and begins no task once the floor says ``DETACHED``: a restarting daemon sets that under
+the lock, so every result sent before is whole in the pipe, where it reads it, and none is sent
+after. When the daemon dies instead (SIGKILL), the watcher sets it and says what runs. Either
+way the running task ends in this process, its result goes to ``workers/PID.result`` for the
+next daemon, and the worker exits. Nothing here waits for a signal handler, which a task busy in
+native code would hold off.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import os
 import threading
 import time
@@ -33,29 +42,66 @@ PARENT_CHECK_S = 1.0
 TaskItem = tuple[int, str, str, bytes | None, bytes, dict[str, Any] | None, str | None, dict[str, bytes] | None]
 
 
-def _exit_with_parent(parent: int) -> None:
-    """The daemon died (SIGKILL, say) while a task runs: end as the pipe's EOF would have."""
+#: the floor of a worker whose daemon is gone: it begins nothing more, and keeps its result
+DETACHED = 1 << 62
+
+
+def declare(adopt_dir: str, pid: int, task: str | None) -> None:
+    """Say what worker ``pid`` runs (``task``, or None: nothing), for the next daemon."""
+    write_atomic(os.path.join(adopt_dir, f"{pid}.adopt"), json.dumps({"pid": pid, "task": task}).encode())
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class _Running:
+    """The task this worker runs (set and read under the gate's lock: the watcher reads it)."""
+
+    task: str | None = None
+
+
+def _watch_parent(parent: int, gate: tuple[Any, Any, Any] | None, adopt_dir: str | None,
+                  running: _Running) -> None:
+    """The daemon died (SIGKILL, say) while a task runs: detach and say what runs (or, with no
+    daemon to adopt this worker, end as the pipe's EOF would have)."""
     while True:
         time.sleep(PARENT_CHECK_S)
-        if os.getppid() != parent:
+        if os.getppid() == parent:
+            continue
+        if gate is None or adopt_dir is None:
             os._exit(0)
+        lock, _, floor = gate
+        with lock:
+            if floor.value != DETACHED:  # (a restarting daemon has said it already)
+                floor.value = DETACHED
+                declare(adopt_dir, os.getpid(), running.task)
+        return
 
 
 def main(conns: tuple[Connection, Connection], allowed_methods: Allowlist | frozenset[str] | None,
          engine_info: dict[str, Any] | None = None, python_sandbox: bool = False,
-         gate: tuple[Any, Any, Any] | None = None, runner: Any = None) -> None:
+         gate: tuple[Any, Any, Any] | None = None, runner: Any = None, adopt_dir: str | None = None) -> None:
     """Run tasks from ``conns[0]`` in order, sending results on ``conns[1]`` (as msgpack bytes). ``gate`` = (lock,
     started, floor) shared with the engine: a task numbered at or below ``floor`` is skipped (the
     engine gave it to another worker), and ``started`` tells the engine what was begun (see
     engines/process.py). ``runner``: runs each task elsewhere and returns its packed result (a
-    :class:`~.container_worker.ContainerRunner`: the task runs in a container image)."""
+    :class:`~.container_worker.ContainerRunner`: the task runs in a container image). ``adopt_dir``:
+    where this worker leaves its result when its daemon is gone, for the next one (see the
+    module's docstring); None: it exits with the daemon."""
     conn, results = conns
     try:
         os.setsid()
     except OSError:  # already a group leader
         pass
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="tether-worker-watcher",
-                     daemon=True).start()
+    running = _Running()
+    threading.Thread(target=_watch_parent, args=(os.getppid(), gate, adopt_dir, running),
+                     name="tether-worker-watcher", daemon=True).start()
     if runner is not None:
         runner.start()
     queue: collections.deque[TaskItem] = collections.deque()
@@ -85,14 +131,34 @@ def main(conns: tuple[Connection, Connection], allowed_methods: Allowlist | froz
         if gate is not None:
             lock, started, floor = gate
             with lock:
+                if floor.value == DETACHED:  # the daemon is gone: queued tasks are the service's to resend
+                    os._exit(0)
                 withdrawn = seq <= floor.value
                 if not withdrawn:
                     started.value = seq
+                    running.task = task_id
             if withdrawn:
                 continue
         # a body may have come earlier
         task = TaskSpec(task_id, fid, bodies.pop(fid, body), payload, spec, sandbox, inputs)
         if runner is None:
-            results.send_bytes(pack(run_task(task, allowed_methods, chdir=python_sandbox, engine=engine_info)))
+            packed = pack(run_task(task, allowed_methods, chdir=python_sandbox, engine=engine_info))
         else:
-            results.send_bytes(runner(task))
+            packed = runner(task)
+        if gate is None or adopt_dir is None:
+            results.send_bytes(packed)
+            continue
+        with gate[0]:  # see the module's docstring
+            running.task = None
+            undeclared = False
+            if gate[2].value != DETACHED:
+                try:
+                    results.send_bytes(packed)
+                    continue
+                except OSError:  # the daemon died before the watcher noticed
+                    gate[2].value = DETACHED
+                    undeclared = True
+            write_atomic(os.path.join(adopt_dir, f"{os.getpid()}.result"), packed)
+            if undeclared:  # after the result: a declaration of nothing lets the next daemon forget this one
+                declare(adopt_dir, os.getpid(), None)
+        os._exit(0)

@@ -1,0 +1,114 @@
+"""Restart under load (issue 24): ``tether endpoint restart`` in the middle of a batch kills no
+running task, loses no result and runs no task twice.
+
+Usage::
+
+    python benchmarks/bench_restart.py [--tasks 1000] [--seconds 2] [--workers 4] [--at 0.3]
+                                       [--kill] [--json PATH]
+
+A local service and a process-engine endpoint run ``--tasks`` tasks of ``--seconds`` each; when
+``--at`` of them are done the endpoint restarts (``--kill``: its daemon is SIGKILLed and started
+again instead). Each task appends ``pid start end`` to a file of its own, so the counts come
+from what the tasks did, not from what the system says:
+
+- killed: tasks that began and never ended in the process that began them (a line without end);
+- run twice: tasks with more than one line;
+- lost: futures that did not resolve to the task's value;
+- the dispatch gap: how long no task began, from the restart command until the first task that
+  began after it (new submissions wait that long, and the restart command takes that long);
+- a probe: a task submitted once the restart command returned, then its wait for a worker
+  (behind the backlog the service holds: the whole batch is submitted at once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tether import Executor
+from tether.local import local_stack
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from conftest import tether_cli  # noqa: E402  (needs the sys.path line above)
+
+
+def marked_sleep(marker: str, seconds: float, value: int) -> int:
+    """Record this run's start (and, if it is not killed, its end), then return ``value``."""
+    import os
+    import time
+
+    with open(marker, "a") as fh:
+        fh.write(f"{os.getpid()} {time.time()}")
+        fh.flush()
+        time.sleep(seconds)
+        fh.write(f" {time.time()}\n")
+    return value
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", type=int, default=1000)
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--at", type=float, default=0.3, help="fraction of tasks done when the endpoint restarts")
+    ap.add_argument("--kill", action="store_true", help="SIGKILL the daemon and start it, instead of restart")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    marks = Path(tempfile.mkdtemp(prefix="tether-restart-"))
+    with local_stack(workers=args.workers) as stack:
+        ex = Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token)
+        t0 = time.time()
+        futures = [ex.submit(marked_sleep, str(marks / f"t{i}"), args.seconds, i) for i in range(args.tasks)]
+        while sum(f.done() for f in futures) < args.at * args.tasks:
+            time.sleep(0.05)
+        done_at_restart = sum(f.done() for f in futures)
+        restart_at = time.time()
+        if args.kill:
+            stack.kill_endpoint()
+            stack.start_endpoint()
+        else:
+            tether_cli(stack.env, "endpoint", "restart", stack.endpoint_name)
+        restart_s = time.time() - restart_at
+        probe_at = time.time()
+        probe = ex.submit(marked_sleep, str(marks / "probe"), 0.0, -1)
+        lost = 0
+        for i, f in enumerate(futures):
+            try:
+                lost += f.result(timeout=args.tasks * args.seconds + 300) != i
+            except Exception:  # noqa: BLE001 - a failure or a timeout is a lost task
+                lost += 1
+        probe.result(timeout=600)
+        probe_s = time.time() - probe_at
+        total_s = time.time() - t0
+        ex.shutdown()
+    runs = [(marks / f"t{i}").read_text().splitlines() for i in range(args.tasks)]
+    killed = sum(1 for lines in runs if any(len(line.split()) < 3 for line in lines))
+    twice = sum(1 for lines in runs if len(lines) > 1)
+    shutil.rmtree(marks)
+    began_after = [float(line.split()[1]) for lines in runs for line in lines if float(line.split()[1]) > restart_at]
+    gap = (min(began_after) - restart_at) if began_after else None
+    report = {
+        "tasks": args.tasks, "seconds": args.seconds, "workers": args.workers,
+        "how": "kill" if args.kill else "restart",
+        "done_at_restart": done_at_restart, "killed": killed, "lost": lost, "run_twice": twice,
+        "restart_command_s": round(restart_s, 2), "dispatch_gap_s": None if gap is None else round(gap, 2),
+        "probe_wait_s": round(probe_s, 2), "total_s": round(total_s, 1),
+        "ideal_s": round(args.tasks * args.seconds / args.workers, 1),
+    }
+    print(json.dumps(report, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Restarting the endpoint kills no running task (issue 24): ``tether endpoint restart`` and a
+SIGKILL of the daemon leave the process engine's workers running, the next daemon adopts them,
+and every task runs once; ``tether endpoint stop`` still ends what runs. Real daemons, started
+by the CLI; each task appends its pid to a marker file, so a second run shows as a second line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+from tether import Executor
+from tether.local import LocalStack
+
+from conftest import pid_alive, tether_cli, wait_for
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+LONG_S = 6.0
+QUEUED = 6
+
+
+def marked_sleep(marker: str, seconds: float, value: int) -> tuple[int, int]:
+    """Say that this task began (and in which process), then sleep."""
+    import os
+    import time
+
+    with open(marker, "a") as fh:
+        fh.write(f"{os.getpid()}\n")
+    time.sleep(seconds)
+    return os.getpid(), value
+
+
+def _lines(path: Path) -> list[int]:
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+def _restart(stack: LocalStack) -> None:
+    tether_cli(stack.env, "endpoint", "restart", stack.endpoint_name)
+
+
+def _kill_and_start(stack: LocalStack) -> None:
+    stack.kill_endpoint()
+    stack.start_endpoint()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("interrupt", [_restart, _kill_and_start], ids=["restart", "sigkill"])
+def test_running_tasks_survive_a_restart_and_queued_ones_run_once(
+        fresh_stack: LocalStack, tmp_path: Path, interrupt: Callable[[LocalStack], None]) -> None:
+    # two workers (the fixture's), both running a long task; the short ones queue behind them
+    marks = [tmp_path / f"task{i}" for i in range(2 + QUEUED)]
+    with Executor(endpoint_id=fresh_stack.endpoint_id, service=fresh_stack.service_url,
+                  token=fresh_stack.token) as ex:
+        futures = [ex.submit(marked_sleep, str(marks[i]), LONG_S, i) for i in range(2)]
+        futures += [ex.submit(marked_sleep, str(marks[i]), 0.1, i) for i in range(2, 2 + QUEUED)]
+        wait_for(lambda: _lines(marks[0]) and _lines(marks[1]), what="the long tasks to start")
+        running = [_lines(marks[0])[0], _lines(marks[1])[0]]
+        old_daemon = fresh_stack.endpoint_pid()
+        interrupt(fresh_stack)
+        assert fresh_stack.endpoint_pid() != old_daemon
+        assert all(pid_alive(pid) for pid in running), "a running task was killed by the restart"
+        results = [f.result(timeout=60) for f in futures]
+        counts = {f.task_id: 0 for f in futures}
+        for f in futures:
+            f.add_done_callback(lambda f: counts.__setitem__(f.task_id, counts[f.task_id] + 1))
+        wait_for(lambda: all(counts.values()), timeout=10, what="every done-callback")
+    assert [value for _, value in results] == list(range(2 + QUEUED))
+    # the long tasks finished in the processes that began them, and every task began once
+    assert [pid for pid, _ in results[:2]] == running
+    assert [len(_lines(m)) for m in marks] == [1] * len(marks), [_lines(m) for m in marks]
+    assert set(counts.values()) == {1}
+    # adopted workers are replaced by fresh ones: the endpoint has its two workers again
+    with Executor(endpoint_id=fresh_stack.endpoint_id, service=fresh_stack.service_url,
+                  token=fresh_stack.token) as ex:
+        pids = {pid for pid, _ in (f.result(timeout=60) for f in
+                                   [ex.submit(marked_sleep, str(tmp_path / "after"), 1.0, 0) for _ in range(2)])}
+    assert len(pids) == 2 and not pids & set(running)
+    assert not any((fresh_stack.endpoint_dir() / "workers").glob("*.result")), "a result was left behind"
+
+
+@pytest.mark.timeout(60)
+def test_stop_still_ends_running_tasks(fresh_stack: LocalStack, tmp_path: Path) -> None:
+    marker = tmp_path / "task"
+    ex = Executor(endpoint_id=fresh_stack.endpoint_id, service=fresh_stack.service_url, token=fresh_stack.token)
+    ex.submit(marked_sleep, str(marker), 60, 0)
+    wait_for(lambda: _lines(marker), what="the task to start")
+    fresh_stack.stop_endpoint()
+    pid = _lines(marker)[0]
+    wait_for(lambda: not pid_alive(pid), timeout=10, what="stop to end the running task")
+    ex.shutdown(wait=False)
+    assert not [p for p in (fresh_stack.endpoint_dir() / "workers").iterdir() if p.name.isdigit()
+                and pid_alive(int(p.name))], os.listdir(fresh_stack.endpoint_dir() / "workers")
+
+
+@pytest.mark.timeout(60)
+def test_an_adopted_task_can_be_cancelled(fresh_stack: LocalStack, tmp_path: Path) -> None:
+    marker = tmp_path / "task"
+    ex = Executor(endpoint_id=fresh_stack.endpoint_id, service=fresh_stack.service_url, token=fresh_stack.token)
+    future = ex.submit(marked_sleep, str(marker), 60, 0)
+    wait_for(lambda: _lines(marker), what="the task to start")
+    _restart(fresh_stack)
+    pid = _lines(marker)[0]
+    assert pid_alive(pid)
+    assert future.cancel()
+    wait_for(lambda: not pid_alive(pid), timeout=10, what="the cancel to end the adopted task")
+    assert future.cancelled()
+    # its worker is replaced: the endpoint runs the next task
+    assert ex.submit(marked_sleep, str(tmp_path / "next"), 0, 1).result(timeout=30)[1] == 1
+    ex.shutdown(wait=False)
