@@ -141,15 +141,23 @@ def test_cancel_kills_the_running_command(executor: Executor, tmp_path: Path) ->
     assert executor.submit(ShellFunction("echo {x}"), x="after").result(timeout=30).stdout == "after\n"
 
 
-def test_stopping_the_endpoint_kills_running_commands(fresh_stack, tmp_path: Path) -> None:
+def test_a_killed_daemons_command_runs_on_and_stopping_the_endpoint_kills_it(fresh_stack, tmp_path: Path) -> None:
+    """A SIGKILL of the daemon leaves a running command running (its worker says so in
+    ``workers/``, for the next daemon to adopt: tests/test_restart.py); ``tether endpoint stop``
+    of that next daemon ends it, and the lifeline kills what the command started."""
     pidfile = tmp_path / "pid"
     with Executor(endpoint_id=fresh_stack.endpoint_id, service=fresh_stack.service_url,
                   token=fresh_stack.token) as ex:
         fut = ex.submit(SLEEPER, p=str(pidfile))
         wait_for(pidfile.exists, timeout=30, what="the command to start")
         pid = int(pidfile.read_text())
-        fresh_stack.kill_endpoint()  # SIGKILL: the daemon cannot clean up; the lifeline must
-        wait_for(lambda: not pid_alive(pid), timeout=15, what="the orphaned command to die")
+        fresh_stack.kill_endpoint()  # SIGKILL: the daemon cannot clean up
+        workers = fresh_stack.endpoint_dir() / "workers"
+        wait_for(lambda: list(workers.glob("*.adopt")), timeout=30, what="the worker to say what it runs")
+        assert pid_alive(pid), "a SIGKILL of the daemon killed a running command"
+        fresh_stack.start_endpoint()  # adopts it
+        fresh_stack.stop_endpoint()  # a real stop: what runs ends
+        wait_for(lambda: not pid_alive(pid), timeout=15, what="the command to die with the stop")
         fut.cancel()
 
 
