@@ -15,7 +15,9 @@ over plain HTTP(S) with httpx, streaming: nothing here holds a blob whole in mem
   sha256 is checked once, by the service, where the bytes enter it (a reader following an upload
   gets its last byte only after that check), so each byte is hashed once per hop, not twice.
 * :func:`file_stub` / :func:`load_file`: how the endpoint hands a downloaded blob to a worker
-  (a path, not the bytes: the worker unpickles from the file).
+  (a path, not the bytes: the worker unpickles from the file); :func:`service_stub` /
+  :func:`load_service_blob`: how it hands one to a worker beside it that reads the blob from
+  the service itself.
 * :class:`TransferProgress`: a progress bar on a terminal, log lines otherwise.
 """
 
