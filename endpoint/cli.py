@@ -170,7 +170,7 @@ def endpoint_status(name: Annotated[str, typer.Argument(help="the endpoint's nam
         table.add_row("service", "[green]online[/]" if svc.get("online") else "[red]offline[/]")
     elif "service_error" in info:
         table.add_row("service", f"[red]unreachable[/]: {info['service_error']}")
-    for key in ("engine", "workers_total", "workers_idle", "tasks_queued", "tasks_running"):
+    for key in ("engine", "workers_total", "workers_idle", "tasks_queued", "tasks_running", "workers_replaced"):
         if key in cap:
             table.add_row(key.replace("_", " "), str(cap[key]))
     if info["local"]:

@@ -155,3 +155,30 @@ def test_results_racing_cancels_raise_nothing_in_any_thread(executor: Executor, 
     assert not errors, [(e.exc_type, e.exc_value) for e in errors]
     assert not [r for r in caplog.records if r.name.startswith("tether")], caplog.text
     assert Connection.get(executor._info)._thread.is_alive()
+
+
+def test_cancelling_tasks_no_worker_has_begun_replaces_no_worker(fresh_stack) -> None:
+    """A cancel storm over a deep queue kills only the workers that run a cancelled task.
+
+    The two running tasks are cancelled first: their workers are killed and replaced, and the
+    fresh workers are handed the queued tasks while they still start up. Cancelling those must
+    take them back, not kill the fresh workers in turn (it did: one worker started per cancel).
+    """
+    stack = fresh_stack
+    with Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token) as ex:
+        running = [ex.submit(helpers.sleep_then, 60, "slept") for _ in range(2)]  # both workers
+        wait_for(lambda: all(f.running() for f in running), what="both workers to be busy")
+        queued = [ex.submit(helpers.sleep_then, 60, "slept") for _ in range(200)]
+        wait_for(lambda: all(f.state == "dispatched" for f in queued[:16]), what="the workers to hold tasks")
+        for f in running + queued:
+            f.cancel()
+        for f in running + queued:
+            with pytest.raises(TaskCancelled):
+                f.result(timeout=60)
+        assert ex.submit(helpers.square, 4).result(timeout=60) == 16  # the pool still serves
+    home_status = stack.endpoint_dir() / "status.json"
+    stamp = time.time()
+    wait_for(lambda: json.loads(home_status.read_text())["updated"] > stamp, timeout=30,
+             what="the daemon's next heartbeat")
+    replaced = json.loads(home_status.read_text())["capacity"]["workers_replaced"]
+    assert replaced <= 4, f"{replaced} workers were started to cancel 2 running and 200 queued tasks"

@@ -112,6 +112,8 @@ class ProcessEngine(Engine):
         self.workers: list[_Worker] = []
         self.retries: dict[str, int] = {}
         self.stopping = False
+        #: workers started in place of one killed (a running task cancelled) or dead, since start
+        self.replaced = 0
         self.container_argv = process_worker_command(self.config)  # None: workers run on this host
         # in a container, workers may not reach the service (or see its CA): they read files
         self.workers_read_blobs = self.container_argv is None
@@ -334,22 +336,31 @@ class ProcessEngine(Engine):
         victim = max(alive, key=lambda w: len(w.assigned))
         if len(victim.assigned) < 2:
             return
-        if not victim.gate.acquire(False):  # it is sending a result (see worker.py): try again soon
+        withdrawn = self._withdraw(victim)
+        if withdrawn is None:  # it is sending a result (see worker.py): try again soon
             self.loop.call_later(0.005, self._assign)
             return
+        if withdrawn:
+            self.queue.extendleft(reversed(withdrawn))
+            self._assign()
+
+    def _withdraw(self, w: _Worker) -> list[TaskSpec] | None:
+        """Take back every task ``w`` holds and has not begun (it will skip them: its floor is
+        raised under its lock), in order; None when that cannot be known without waiting on it:
+        its lock is busy (it is sending a result, see worker.py), or it has none (a worker in
+        another interpreter, engines/environment_pool.py)."""
+        if w.gate is None or not w.gate.acquire(False):
+            return None
         try:
-            started = victim.started.value
-            victim.floor.value = victim.next_seq - 1  # it skips all it holds and has not begun
+            started = w.started.value
+            w.floor.value = w.next_seq - 1  # it skips all it holds and has not begun
         finally:
-            victim.gate.release()
-        withdrawn = [t for t in victim.assigned if victim.seq[t.id] > started]
-        if not withdrawn:
-            return
+            w.gate.release()
+        withdrawn = [t for t in w.assigned if w.seq[t.id] > started]
         for t in withdrawn:
-            victim.assigned.remove(t)
-            del victim.seq[t.id]
-        self.queue.extendleft(reversed(withdrawn))
-        self._assign()
+            w.assigned.remove(t)
+            del w.seq[t.id]
+        return withdrawn
 
     def _readable(self, w: _Worker) -> None:
         try:
@@ -397,8 +408,14 @@ class ProcessEngine(Engine):
                     f"the worker process (pid {w.proc.pid}) {how} while running this task "
                     f"(out of memory, a crash in native code, or os._exit in the task?)"
                 )))
-        self.workers[self.workers.index(w)] = self._spawn()
+        self._replace(w)
         self._assign()
+
+    def _replace(self, w: _Worker) -> None:
+        """Kill ``w`` (if it still runs) and start a fresh worker in its place."""
+        self._kill(w)
+        self.workers[self.workers.index(w)] = self._spawn()
+        self.replaced += 1
 
     # --- cancellation -------------------------------------------------------------------------
     def cancel(self, task_id: str) -> None:
@@ -422,16 +439,26 @@ class ProcessEngine(Engine):
             for t in w.assigned:
                 if t.id != task_id:
                     continue
-                w.seq.pop(task_id, None)
                 if w.assigned[0].id == task_id:
-                    # running (or about to): kill the process group, requeue the worker's other tasks
+                    withdrawn = self._withdraw(w)
+                    if withdrawn and withdrawn[0].id == task_id:
+                        # not begun yet (a worker just given it, or just started): it skips it and
+                        # the rest it holds, which go back to the queue; no worker is killed
+                        self.queue.extendleft(reversed(withdrawn[1:]))
+                        self.on_result(cancelled(task_id, now))
+                        self._assign()
+                        return
+                    if withdrawn:  # taken back from a worker that runs the task: queue them again
+                        self.queue.extendleft(reversed(withdrawn))
+                    # running: kill the process group, requeue the worker's other tasks
+                    w.seq.pop(task_id, None)
                     w.assigned.remove(t)
                     for other in reversed(w.assigned):
                         self.queue.appendleft(other)
                     w.assigned.clear()
-                    self._kill(w)
-                    self.workers[self.workers.index(w)] = self._spawn()
+                    self._replace(w)
                 else:
+                    w.seq.pop(task_id, None)
                     w.assigned.remove(t)
                     self._send(w, ("cancel", task_id))
                 self.on_result(cancelled(task_id, now))
@@ -446,4 +473,5 @@ class ProcessEngine(Engine):
             "workers_idle": self.n_workers - running,
             "tasks_queued": len(self.queue) + sum(max(0, len(w.assigned) - 1) for w in self.workers),
             "tasks_running": running,
+            "workers_replaced": self.replaced,
         }
