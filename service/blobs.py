@@ -61,6 +61,8 @@ DEFAULT_ORPHAN_S = 3600.0
 _STORED_BYTES = select(func.coalesce(func.sum(blobs.c.size), 0)).where(blobs.c.owner_id == bindparam("owner"))
 
 RESERVED, UPLOADING, COMPLETE = "reserved", "uploading", "complete"
+#: bytes after a blob's own in an upload whose sha256 is declared at its end (its hex digest)
+DIGEST_AT_END = 64
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,8 @@ class BlobIndex:
             raise HTTPException(413, f"a blob of {body.size} bytes is over this service's limit of {self.max_blob} "
                                      "bytes per blob (--max-blob-bytes)")
         blob_id = str(uuid.uuid4())
-        row = {"id": blob_id, "owner_id": owner, "uploader": who.uploader, "size": body.size, "sha256": body.sha256,
+        row = {"id": blob_id, "owner_id": owner, "uploader": who.uploader, "size": body.size,
+               "sha256": body.sha256 or "",  # none: declared at the end of the upload ("" until then)
                "state": RESERVED, "created_at": time.time(), "linked": body.task_id is not None}
         with self.store.transaction() as conn:
             # the check and the insert are one step (concurrent uploads cannot all fit one gap)
@@ -209,10 +212,13 @@ class BlobIndex:
                             tasks.c.endpoint_id == who.endpoint["id"], tasks.c.t_done.is_(None))).limit(1)
             ).first() is not None
 
-    def set_state(self, blob_id: str, state: str, expected: str) -> bool:
+    def set_state(self, blob_id: str, state: str, expected: str, sha256: str | None = None) -> bool:
+        """Move a blob from state ``expected`` to ``state`` (and record the sha256 its upload
+        declared at its end, if given); False if it was not in ``expected``."""
+        values = {"state": state} if sha256 is None else {"state": state, "sha256": sha256}
         with self.store.transaction() as conn:
             res = conn.execute(update(blobs).where(and_(blobs.c.id == blob_id, blobs.c.state == expected))
-                               .values(state=state))
+                               .values(**values))
         return bool(res.rowcount)
 
     def forget(self, blob_ids: Iterable[str]) -> None:
@@ -296,12 +302,16 @@ def _hash_and_write_all(pieces: list[bytes], digest: Any, out: Any) -> None:
     out.flush()  # readers following the upload read the file
 
 
-async def _receive(request: Request, out: Any, digest: Any, declared: int, blob_id: str, arrival: Arrival) -> None:
+async def _receive(request: Request, out: Any, digest: Any, declared: int, blob_id: str, arrival: Arrival,
+                   tail: bytearray | None = None) -> None:
     """Hash and write a request body as it arrives, in batches handed to a thread: the event
     loop (every other client's frames) never waits on the disk or on hashing, and receiving
     the next batch overlaps writing the last. A batch is the server's own pieces, kept as they
     came: the bytes are not copied again on their way to the file (at most two batches, about
-    ``2 * WRITE_BATCH`` bytes, are held per upload)."""
+    ``2 * WRITE_BATCH`` bytes, are held per upload). ``tail``: the body goes on past the
+    declared size with the sha256 declared at the end (:data:`DIGEST_AT_END` bytes), which is
+    gathered there instead of written."""
+    allowed = declared + (DIGEST_AT_END if tail is not None else 0)
     batch: list[bytes] = []
     batched = received = 0
     pending: Any = None
@@ -330,8 +340,12 @@ async def _receive(request: Request, out: Any, digest: Any, declared: int, blob_
     try:
         async for chunk in request.stream():
             received += len(chunk)
-            if received > declared:
+            if received > allowed:
                 raise HTTPException(409, f"more bytes than the {declared} declared for blob {blob_id}")
+            if tail is not None and received > declared:  # past the blob's bytes: its sha256
+                mine = max(0, len(chunk) - (received - declared))
+                tail += chunk[mine:]
+                chunk = chunk[:mine]
             if chunk:
                 batch.append(chunk)
                 batched += len(chunk)
@@ -413,7 +427,9 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
                     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
     async def upload_blob(blob_id: PathId, request: Request, who: Principal = Depends(principal)) -> BlobInfo:
         """Stream a declared blob's bytes. Written to disk and hashed as they arrive; refused (and
-        deleted) if they are not exactly the declared size and sha256, or if the upload breaks off."""
+        deleted) if they are not exactly the declared size and sha256, or if the upload breaks off.
+        A blob declared without its sha256 has it at the end of the body: its bytes, then their hex
+        sha256 (64 bytes; the body is that much longer than the declared size)."""
         row = await rows.get(blob_id)
         if row is None or row.uploader != who.uploader:
             raise HTTPException(404, f"unknown blob {blob_id}")
@@ -421,22 +437,24 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
             raise HTTPException(409, f"blob {blob_id} is already uploaded, or being uploaded")
         part = index.path(blob_id, part=True)
         digest, size, done = hashlib.sha256(), 0, False
+        tail = bytearray() if not row.sha256 else None  # the sha256 comes after the bytes
         arrival = index.arriving[blob_id] = Arrival()
         started = index.awaited.pop(blob_id, None)
         if started is not None:
             started.set()
         try:
             with open(part, "wb") as out:
-                await _receive(request, out, digest, row.size, blob_id, arrival)
+                await _receive(request, out, digest, row.size, blob_id, arrival, tail)
                 size = out.tell()
-            if size != row.size:
-                raise HTTPException(409, f"the upload ended after {size} of the {row.size} bytes declared",
-                                    headers=_CORRUPT)
-            if digest.hexdigest() != row.sha256:
+            if size != row.size or (tail is not None and len(tail) != DIGEST_AT_END):
+                raise HTTPException(409, f"the upload ended after {size} of the {row.size} bytes declared"
+                                    + (" (and before their sha256)" if size == row.size else ""), headers=_CORRUPT)
+            declared = row.sha256 if tail is None else tail.decode("ascii", "replace")
+            if digest.hexdigest() != declared:
                 raise HTTPException(409, f"the bytes received hash to sha256 {digest.hexdigest()}, not to the "
-                                         f"{row.sha256} declared; the blob was not stored", headers=_CORRUPT)
+                                         f"{declared[:64]!r} declared; the blob was not stored", headers=_CORRUPT)
             os.replace(part, index.path(blob_id))
-            await rows.set_state(blob_id, COMPLETE, UPLOADING)
+            await rows.set_state(blob_id, COMPLETE, UPLOADING, digest.hexdigest() if tail is not None else None)
             done = True
         except ClientDisconnect:
             log.info("upload of blob %s broke off before its %d bytes; its bytes are deleted", blob_id, row.size)
@@ -459,7 +477,8 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
         row = await rows.get(blob_id)
         if not await rows.may_read(who, row):
             raise HTTPException(404, f"unknown blob {blob_id}")
-        headers = {SHA256_HEADER: row.sha256}
+        # (a blob whose sha256 comes at the end of its upload has none to name while it arrives)
+        headers = {SHA256_HEADER: row.sha256} if row.sha256 else {}
         if row.state == RESERVED and not row.linked:  # nothing names it: nobody is about to send it
             raise HTTPException(409, f"blob {blob_id} is declared but its bytes have not been sent")
         # the task or the answer naming it went ahead of its bytes: follow the upload when it starts
