@@ -23,6 +23,7 @@ one declared or stored but never named by a task is deleted after ``orphan_s``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
@@ -90,6 +91,8 @@ FOLLOW_IDLE_S = 60.0
 FOLLOW_ELSEWHERE_S = 1800.0
 #: bytes per read while following an upload
 FOLLOW_PIECE = 1024 * 1024
+#: bytes of an upload's latest pieces kept in memory for its readers (see :class:`Arrival`)
+RECENT_BYTES = 8 * 1024 * 1024
 
 
 class Arrival:
@@ -98,17 +101,42 @@ class Arrival:
     A task's arguments reach its endpoint, and a kept result its client, while they are still
     being uploaded: the reader follows the upload's file, never ahead of what is written, and
     receives the last byte only once the whole upload matched its declared sha256: an upload that
-    ends in a mismatch or breaks off breaks the readers' streams (they see them short)."""
+    ends in a mismatch or breaks off breaks the readers' streams (they see them short).
+
+    The latest pieces written (:data:`RECENT_BYTES` of them) stay here, as the server received
+    them: a reader keeping up with the upload is sent those very objects, instead of bytes read
+    back from the file into new ones (a copy, and a thread hop, per mebibyte); one that falls
+    behind reads the file."""
 
     def __init__(self) -> None:
         self.written = 0
         self.ended = False
         self.ok = False
         self._changed = asyncio.Event()
+        self._recent: collections.deque[tuple[int, bytes]] = collections.deque()  # (offset, piece)
+        self._recent_bytes = 0
 
-    def advance(self, written: int) -> None:
+    def advance(self, written: int, pieces: list[bytes]) -> None:
+        """``pieces`` (ending at offset ``written``) are in the file now."""
+        offset = written - sum(len(piece) for piece in pieces)
+        for piece in pieces:
+            self._recent.append((offset, piece))
+            offset += len(piece)
+            self._recent_bytes += len(piece)
+        while self._recent_bytes > RECENT_BYTES:
+            self._recent_bytes -= len(self._recent.popleft()[1])
         self.written = written
         self._wake()
+
+    def piece_at(self, offset: int, end: int) -> bytes | memoryview | None:
+        """The bytes from ``offset`` (up to ``end`` at most) that are still here, without a copy;
+        None if they are not (the reader reads the file)."""
+        for start, piece in self._recent:
+            if start <= offset < start + len(piece):
+                if offset == start and start + len(piece) <= end:
+                    return piece
+                return memoryview(piece)[offset - start : end - start]
+        return None
 
     def end(self, ok: bool) -> None:
         self.ended, self.ok = True, ok
@@ -323,10 +351,10 @@ async def _receive(request: Request, out: Any, digest: Any, declared: int, blob_
             await pending
             pending = None
 
-    def written_to(upto: int) -> Callable[[Any], None]:
+    def written_to(upto: int, pieces: list[bytes]) -> Callable[[Any], None]:
         def advance(done: Any) -> None:
             if not done.cancelled() and done.exception() is None:
-                arrival.advance(upto)  # readers may have these bytes now, while the next batch arrives
+                arrival.advance(upto, pieces)  # readers may have these bytes now, while the next batch arrives
         return advance
 
     async def flush() -> None:
@@ -334,7 +362,7 @@ async def _receive(request: Request, out: Any, digest: Any, declared: int, blob_
         await settle()  # one batch in the thread at a time, in order
         pending = asyncio.ensure_future(asyncio.to_thread(_hash_and_write_all, batch, digest, out))
         written += batched
-        pending.add_done_callback(written_to(written))
+        pending.add_done_callback(written_to(written, batch))
         batch, batched = [], 0
 
     try:
@@ -360,7 +388,7 @@ async def _receive(request: Request, out: Any, digest: Any, declared: int, blob_
     await settle()
 
 
-async def _follow(fh: Any, arrival: Arrival, size: int, blob_id: str) -> AsyncIterator[bytes]:
+async def _follow(fh: Any, arrival: Arrival, size: int, blob_id: str) -> AsyncIterator[bytes | memoryview]:
     """A blob's bytes read from its upload's file as they are written: never past what the
     upload has written, ending with it (the last byte only once the upload's bytes matched their
     declared sha256); an upload that breaks off, fails that check or stalls for ``FOLLOW_IDLE_S``
@@ -372,7 +400,9 @@ async def _follow(fh: Any, arrival: Arrival, size: int, blob_id: str) -> AsyncIt
             # body that did not verify (readers check the size only; see tether.transfer.BlobReader)
             readable = arrival.written if arrival.ended and arrival.ok else min(arrival.written, size - 1)
             if readable > sent:
-                piece = await asyncio.to_thread(os.pread, fh.fileno(), min(FOLLOW_PIECE, readable - sent), sent)
+                piece = arrival.piece_at(sent, readable)  # kept up: the server's own piece
+                if piece is None:  # fell behind: from the file
+                    piece = await asyncio.to_thread(os.pread, fh.fileno(), min(FOLLOW_PIECE, readable - sent), sent)
                 if not piece:
                     raise OSError(f"blob {blob_id}: its file ended at {sent} bytes")
                 sent += len(piece)
