@@ -116,31 +116,42 @@ def _round_trips(submit: Callable[..., Any], data: bytes, repeat: int) -> float:
 
 
 class _CPUSeconds:
-    """CPU seconds (user + system) spent by this process, the service, the endpoint and its
-    workers: what a round trip costs whatever else the host is running (wall times on a shared
-    machine are not)."""
+    """CPU seconds (user + system) spent by this process (the client), the service, the endpoint
+    daemon and its workers: what a round trip costs whatever else the host is running (wall
+    times on a shared machine are not), in all and per process, to see where it goes."""
 
     def __init__(self, service_pid: int, endpoint_pid: int | None):
         import psutil
 
-        self.processes = [psutil.Process(), psutil.Process(service_pid)]
+        self.roles = [("client", psutil.Process()), ("service", psutil.Process(service_pid))]
         if endpoint_pid:
-            self.processes.append(psutil.Process(endpoint_pid))
-        self.start = self._total()
+            self.roles.append(("endpoint", psutil.Process(endpoint_pid)))
+        self.start = self._per_role()
 
-    def _total(self) -> float:
-        every = {p.pid: p for process in self.processes for p in [process, *process.children(recursive=True)]}
-        total = 0.0
-        for p in every.values():  # each once, whichever is whose child
-            try:
-                times = p.cpu_times()
-            except Exception:  # noqa: BLE001 - a worker that just ended
-                continue
-            total += times.user + times.system
-        return total
+    def _per_role(self) -> dict[str, float]:
+        """Seconds per role: a process's children count with it (the endpoint's workers are
+        ``workers``; each process once, whichever is whose child)."""
+        seen: set[int] = set()
+        spent: dict[str, float] = {}
+        for role, process in self.roles:
+            for i, p in enumerate([process, *process.children(recursive=True)]):
+                if p.pid in seen:
+                    continue
+                seen.add(p.pid)
+                try:
+                    times = p.cpu_times()
+                except Exception:  # noqa: BLE001 - a worker that just ended
+                    continue
+                name = "workers" if role == "endpoint" and i else role
+                spent[name] = spent.get(name, 0.0) + times.user + times.system
+        return spent
 
     def spent(self) -> float:
-        return self._total() - self.start
+        return sum(self.per_role().values())
+
+    def per_role(self) -> dict[str, float]:
+        now = self._per_role()
+        return {role: now[role] - self.start.get(role, 0.0) for role in now}
 
 
 class _PeakRSS:
@@ -183,7 +194,9 @@ def run(sizes: list[int], peer_max: int, repeat: int, only: set[str]) -> list[di
                 rounds = 1 if row["MiB"] >= 1024 else repeat
                 cpu = _CPUSeconds(stack.service_pid(), stack.endpoint_pid())
                 row["tether_s"] = _round_trips(ex.submit, payloads[row["MiB"]], rounds)
-                row["tether_cpu_s"] = round(cpu.spent() / rounds, 2)  # the warm-up's share is negligible
+                per_role = cpu.per_role()
+                row["tether_cpu_s"] = round(sum(per_role.values()) / rounds, 2)  # the warm-up's share is negligible
+                row["tether_cpu_by_process_s"] = {role: round(s / rounds, 2) for role, s in per_role.items()}
                 row["service_rss_growth_MiB"] = round(rss.growth() / MiB, 1)
                 row["service_rss_peak_MiB"] = round(rss.peak / MiB, 1)
     for name, factory in (("parsl_htex", peers.parsl_htex), ("dask_local", peers.dask_local)):
@@ -201,6 +214,14 @@ def run(sizes: list[int], peer_max: int, repeat: int, only: set[str]) -> list[di
     return rows
 
 
+def _cpu(row: dict[str, Any]) -> str:
+    """The CPU seconds of a round trip, and of each process: '12.7 (client 2.8, service 6.0, ...)'."""
+    if "tether_cpu_s" not in row:
+        return "-"
+    each = ", ".join(f"{role} {s}" for role, s in row.get("tether_cpu_by_process_s", {}).items())
+    return f"{row['tether_cpu_s']} ({each})" if each else str(row["tether_cpu_s"])
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     head = ("MiB", "loopback s", "cat copy s", "tether s", "tether/loopback", "vs cat", "tether MiB/s", "tether CPU s",
             "service RSS +MiB", "service RSS peak MiB", "parsl s", "dask s")
@@ -215,7 +236,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
             str(r["MiB"]), fmt(r["loopback_s"]), fmt(r["cat_copy_s"]), fmt(tether),
             "-" if tether is None else f"{tether / r['loopback_s']:.1f}x",
             "-" if tether is None else f"{2 * r['cat_copy_s'] / tether:.2f}",
-            "-" if tether is None else f"{r['MiB'] / tether:.0f}", str(r.get("tether_cpu_s", "-")),
+            "-" if tether is None else f"{r['MiB'] / tether:.0f}", _cpu(r),
             str(r.get("service_rss_growth_MiB", "-")), str(r.get("service_rss_peak_MiB", "-")),
             fmt(r.get("parsl_htex_s")), fmt(r.get("dask_local_s")),
         ]))

@@ -127,6 +127,10 @@ def fit_short(text: str, limit: int = SHORT_STR_MAX) -> str:
     head = (limit - len(marker)) // 2
     return text[:head] + marker + text[len(text) - (limit - len(marker) - head):]
 Sha256 = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+#: a sha256, or "" where it is not known yet: a blob whose uploader hashes it while sending and
+#: declares its digest at the end of the upload (the service checks it there), a kept result not
+#: hashed until it is uploaded
+Sha256OrLater = Annotated[str, Meta(pattern=r"^([0-9a-f]{64})?$")]
 
 
 # --- records carried inside frames ------------------------------------------------------------
@@ -196,12 +200,15 @@ class BlobRef(Struct, array_like=True):
     *stub* (:func:`blob_stub`): a serialization header naming the method ``blob`` and this
     record. The stub is what the service stores and what a function id hashes, so content
     addressing and every size limit of the frames work unchanged; the receiver fetches the
-    blob, whose bytes the service checked against this sha256 as they arrived.
+    blob, whose bytes the service checked against this sha256 as they arrived. An empty sha256:
+    the uploader declared it at the end of its upload (hashing while it sent, instead of
+    before), and the service checked the bytes against it there, before their last byte went to
+    any reader.
     """
 
     id: Id
     size: Count
-    sha256: Sha256
+    sha256: Sha256OrLater
 
 
 #: the header of a blob stub: tether.serialize's format, with a method no serializer produces
@@ -237,12 +244,15 @@ class KeptRef(Struct, array_like=True):
     A result over the blob threshold stays on its endpoint: its frame carries a *kept stub*
     (:func:`kept_stub`) instead of the bytes. A task on the same endpoint that takes it as an
     input reads it there; anyone else asks for it (``fetch``) and the endpoint uploads it as a
-    blob then, once. The stub is what the service stores as the task's result.
+    blob then, once. The stub is what the service stores as the task's result. Its sha256 is
+    empty: the worker writes the result without hashing it (the bytes may never leave the
+    endpoint), and the endpoint hashes them when it uploads them, declaring the digest at the
+    end of the upload.
     """
 
     endpoint: Id
     size: Count
-    sha256: Sha256
+    sha256: Sha256OrLater
     #: the value's type (``module.QualName``), so a proxy can answer ``isinstance`` unfetched
     type: Annotated[str, Meta(max_length=256)] = ""
 

@@ -4,13 +4,15 @@ Shared by the client and the endpoint, which both talk to the service's ``/v1/bl
 over plain HTTP(S) with httpx, streaming: nothing here holds a blob whole in memory.
 
 * :class:`Spill` is where a large value is serialized to: memory while small, a file once it
-  passes the threshold, hashed (sha256) as it is written, so the digest the service will check
-  is known before the upload starts. The client's spills keep large ``bytes`` by reference
+  passes the threshold. It does not hash what it writes: the upload does, as it sends (a kept
+  result may never be uploaded at all). The client's spills keep large ``bytes`` by reference
   instead of writing them out (they cannot change, and the caller holds them anyway): an
   upload streams them from memory.
 * :class:`BlobClient` uploads in two steps, like S3's multipart or tus: ``POST /v1/blobs``
-  declares size and sha256 (the service refuses a blob over its limit, 413, or over the
-  user's quota, 429, before any byte moves), then ``PUT /v1/blobs/{id}`` streams the bytes.
+  declares the size, and the sha256 when it is known (the service refuses a blob over its
+  limit, 413, or over the user's quota, 429, before any byte moves), then ``PUT /v1/blobs/{id}``
+  streams the bytes; a blob declared without its sha256 is hashed as it is sent and its digest
+  follows its last byte, so no pass over a gibibyte precedes the first byte moving.
   Downloads stream to a file, or into the value they make, and are checked for their size: the
   sha256 is checked once, by the service, where the bytes enter it (a reader following an upload
   gets its last byte only after that check), so each byte is hashed once per hop, not twice.
@@ -68,6 +70,8 @@ SEND_ATTEMPTS = 3
 DOWNLOAD_ATTEMPTS = 3
 #: seconds a download may wait for its next bytes
 DOWNLOAD_TIMEOUT_S = 300.0
+#: bytes of the hex sha256 that follows a blob's bytes when it is declared at the end of the upload
+DIGEST_AT_END = 64
 #: the header of a local file stub (endpoint daemon -> its workers; never on the wire)
 FILE_STUB_HEADER = b"tether:1;method=file\n"
 #: the header of a service stub (endpoint daemon -> its workers on its host; never on the wire)
@@ -82,10 +86,11 @@ class Spill(io.RawIOBase):
     in memory (the object) and once on disk (its pickle), never twice in memory.
 
     It sits on every task's path (each argument tuple and each result goes through one), so it
-    costs nothing until it spills: no hashing, no file-system call. ``directory`` may be a
-    callable, resolved (and the directory made) only on the first spill; one that names no
-    directory (None) keeps the value in memory. The sha256 of a spilled value is computed as it
-    is written, that of a small one only when asked for.
+    costs nothing until it spills: no file-system call. ``directory`` may be a callable, resolved
+    (and the directory made) only on the first spill; one that names no directory (None) keeps
+    the value in memory. Nothing spilled is hashed here: an upload hashes the bytes as it sends
+    them (:meth:`BlobClient.send`), in the same pass; a kept result that is never uploaded is
+    never hashed. The sha256 of a small value is computed when asked for.
     """
 
     def __init__(self, threshold: int, directory: Path | str | Callable[[], Path | str | None],
@@ -97,7 +102,6 @@ class Spill(io.RawIOBase):
         self.path: Path | None = None
         self._buffer: io.BytesIO | None = io.BytesIO()
         self._file: Any = None
-        self._hash: Any = None
         self._size = 0  # bytes written past the threshold, to the file or kept (the buffer knows its own)
         # by_reference: the value, in order, as runs of the file (their lengths) and kept bytes objects;
         # only for a reader in this process (a worker's result is read by the daemon: it goes whole to the file)
@@ -117,10 +121,9 @@ class Spill(io.RawIOBase):
                 return buffer.write(data)
         self._size += len(data)
         if kept:  # immutable, and alive as long as the caller's value: no need for a copy on disk
-            self._hash.update(data)
             self._parts.append(data)
         else:
-            hash_and_write(data, self._hash, self._file)
+            write_sliced(data, self._file)
             if self._parts and isinstance(self._parts[-1], int):
                 self._parts[-1] += len(data)
             else:
@@ -128,8 +131,8 @@ class Spill(io.RawIOBase):
         return len(data)
 
     def _move_to_file(self) -> bool:
-        """Past the threshold: what was buffered goes to the file, and hashing starts. False
-        (and everything stays in memory) if ``directory`` is a callable that names none."""
+        """Past the threshold: what was buffered goes to the file. False (and everything stays
+        in memory) if ``directory`` is a callable that names none."""
         assert self._buffer is not None
         named = self._directory() if callable(self._directory) else self._directory
         if named is None:
@@ -139,9 +142,8 @@ class Spill(io.RawIOBase):
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = directory / self.name_in_dir
         self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
-        self._hash = hashlib.sha256()
         held = self._buffer.getbuffer()
-        hash_and_write(held, self._hash, self._file)
+        self._file.write(held)
         self._size = len(held)
         self._parts = [len(held)]
         del held
@@ -158,9 +160,11 @@ class Spill(io.RawIOBase):
 
     @property
     def sha256(self) -> str:
+        """The sha256 of a value that stayed in memory; "" for a spilled one (its upload hashes it
+        as it sends it, and declares the digest at the end)."""
         if self._buffer is not None:
             return hashlib.sha256(self._buffer.getbuffer()).hexdigest()
-        return self._hash.hexdigest()
+        return ""
 
     def getvalue(self) -> bytes:
         """The bytes written, when they stayed in memory."""
@@ -200,6 +204,15 @@ class Spill(io.RawIOBase):
                     view = memoryview(part)
                     for start in range(0, len(view), CHUNK):
                         yield view[start : start + CHUNK]
+
+
+def write_sliced(data: Any, out: Any) -> None:
+    """Write ``data`` to ``out`` in slices of ``CHUNK`` bytes. One write of a gibibyte into a file
+    costs the kernel 1.2-1.6 s the first time in a process on the project's machine (it maps
+    the page cache in large pieces), 256 KiB slices 0.25 s every time."""
+    view = memoryview(data).cast("B")
+    for start in range(0, len(view), CHUNK):
+        out.write(view[start : start + CHUNK])
 
 
 def hash_and_write(data: Any, digest: Any, out: Any) -> None:
@@ -344,7 +357,7 @@ class BlobReader(io.RawIOBase):
         self.response, self.ref, self.what, self.progress = response, ref, what, progress
         self.size = 0
         served = response.getheader(SHA256_HEADER)
-        if served is not None and served != ref.sha256:
+        if served and ref.sha256 and served != ref.sha256:  # (no sha256 in ref: declared at the end of the upload)
             raise BlobCorrupt(f"{what} {ref.id}: the service holds bytes with sha256 {served}, expected "
                               f"{ref.sha256}; it was not used")
 
@@ -396,10 +409,11 @@ class BlobClient:
     def close(self) -> None:
         self._http.close()
 
-    def upload(self, source: Path | bytes | Spill, size: int, sha256: str, *, task_id: str | None = None,
+    def upload(self, source: Path | bytes | Spill, size: int, sha256: str | None, *, task_id: str | None = None,
                what: str = "blob", progress: bool | None = None) -> BlobRef:
-        """Store ``source`` (a file, bytes, or a spilled :class:`Spill`) on the service; its size and
-        sha256 are declared first, so a refusal (413 too large, 429 over quota) costs no transfer."""
+        """Store ``source`` (a file, bytes, or a spilled :class:`Spill`) on the service; its size
+        (and its sha256, if known: else it is hashed as it is sent, see :meth:`send`) is declared
+        first, so a refusal (413 too large, 429 over quota) costs no transfer."""
         ref = self.declare(size, sha256, task_id=task_id, what=what)
         try:
             self.send(ref, source, what=what, progress=progress)
@@ -411,27 +425,39 @@ class BlobClient:
             raise
         return ref
 
-    def declare(self, size: int, sha256: str, *, task_id: str | None = None, what: str = "blob") -> BlobRef:
+    def declare(self, size: int, sha256: str | None = None, *, task_id: str | None = None,
+                what: str = "blob") -> BlobRef:
         """Declare a blob (``POST /v1/blobs``): the limits are checked, no byte moves. The
         reference may be handed on at once (a task naming its arguments, a kept result's answer):
-        a reader's download follows the upload (:meth:`send`) as it happens."""
-        body: dict[str, Any] = {"size": size, "sha256": sha256}
+        a reader's download follows the upload (:meth:`send`) as it happens. Without ``sha256``
+        the reference has none ("") and :meth:`send` declares it at the end of the upload."""
+        body: dict[str, Any] = {"size": size}
+        if sha256:
+            body["sha256"] = sha256
         if task_id is not None:
             body["task_id"] = task_id
         created = self._http.post(BLOBS_PATH, json=body)
         _raise_for(created, f"{what} ({size} bytes) refused by the service")
-        return BlobRef(id=created.json()["blob_id"], size=size, sha256=sha256)
+        return BlobRef(id=created.json()["blob_id"], size=size, sha256=sha256 or "")
 
     def send(self, ref: BlobRef, source: Path | bytes | Spill, *, what: str = "blob", progress: bool | None = None,
              attempts: int = 1) -> None:
         """Stream a declared blob's bytes (``PUT /v1/blobs/{id}``). A network failure is tried
         again, up to ``attempts`` times in all (the declaration stays: the same blob is sent
-        again, and a reader that was following it asks again); a refusal is raised at once."""
+        again, and a reader that was following it asks again); a refusal is raised at once.
+
+        A blob declared without its sha256 is hashed piece by piece as it is sent (each piece
+        while it is in the CPU's cache, on its way to the socket) and the hex digest follows
+        its last byte: the service checks it there, before any reader gets that byte."""
         def once() -> None:
             shown = TransferProgress(f"upload {what}", ref.size, self.progress if progress is None else progress)
+            body = self._chunks(source, shown)
+            length = ref.size
+            if not ref.sha256:
+                body, length = _digest_at_end(body), length + DIGEST_AT_END
             try:
-                conn, response = self._request("PUT", ref.id, f"upload of {what} failed", self._chunks(source, shown),
-                                               {"Content-Length": str(ref.size),
+                conn, response = self._request("PUT", ref.id, f"upload of {what} failed", body,
+                                               {"Content-Length": str(length),
                                                 "Content-Type": "application/octet-stream"})
                 response.read()
                 conn.close()
@@ -531,6 +557,15 @@ class BlobClient:
         _raise_for(self._http.delete(f"{BLOBS_PATH}/{blob_id}"), f"delete of blob {blob_id}")
 
 
+def _digest_at_end(pieces: Iterator[memoryview]) -> Iterator[memoryview | bytes]:
+    """``pieces``, each hashed before it is passed on, then their hex sha256."""
+    digest = hashlib.sha256()
+    for piece in pieces:
+        digest.update(piece)
+        yield piece
+    yield digest.hexdigest().encode()
+
+
 def _again_if_broken(transfer: Callable[[], Any], what: str, attempts: int = 0) -> Any:
     """Run ``transfer`` (``attempts`` times at most: :data:`DOWNLOAD_ATTEMPTS` if not given), again
     while the network breaks it; a refusal or a bad sha256 is final."""
@@ -614,14 +649,6 @@ def _file_pieces(path: Path) -> Iterator[memoryview]:
     with open(path, "rb", buffering=0) as fh:
         while n := fh.readinto(buffer):
             yield memoryview(buffer)[:n]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while piece := fh.read(CHUNK):
-            digest.update(piece)
-    return digest.hexdigest()
 
 
 def load_file(path: Path, allowed_methods: frozenset[str] | None = None) -> Any:

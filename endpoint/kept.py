@@ -32,7 +32,7 @@ import msgspec
 from tether.errors import PayloadTooLarge, QuotaExceeded
 from tether.ids import InvalidIdentifier, check_id, child_path
 from tether.protocol import ErrorCode, ErrorInfo, Fetched, KeptRef, Result, blob_stub, kept_stub
-from tether.transfer import file_of, sha256_file
+from tether.transfer import file_of
 
 if TYPE_CHECKING:
     from .payloads import EndpointPayloads
@@ -82,7 +82,8 @@ class KeptResults:
         return self._sizes.get(task_id)
 
     def sha256(self, task_id: str) -> str | None:
-        """The digest recorded when it was kept (None for one read back after a restart)."""
+        """The digest recorded when it was kept: "" when it was not hashed (a worker's file: its upload
+        hashes it), None for one read back after a restart."""
         return self._sha256.get(task_id)
 
     def room_for(self, size: int) -> bool:
@@ -161,9 +162,10 @@ async def keep_result(kept: KeptResults, result: Result, endpoint_id: str, max_r
     data = result.data
     local = file_of(data)
     if local is not None:  # the worker wrote it to a file: moved into the store, not copied
+        # nor hashed (the worker did not either): it may never leave the endpoint, and an upload
+        # hashes it as it sends it (the sha256 declared at the end of the upload)
         path, sha256 = local
         size = path.stat().st_size
-        sha256 = sha256 or await asyncio.to_thread(sha256_file, path)
         source: Path | bytes = path
     else:
         assert data is not None
@@ -192,8 +194,8 @@ async def upload_kept(kept: KeptResults, payloads: EndpointPayloads, endpoint_id
         try:
             path = kept.path(tid)
             size = path.stat().st_size
-            sha256 = kept.sha256(tid) or await asyncio.to_thread(sha256_file, path)
-            ref = await payloads.declare_result(tid, size, sha256)
+            # not hashed yet (the usual case): hashed as it is sent, the digest declared at the end
+            ref = await payloads.declare_result(tid, size, kept.sha256(tid) or None)
         except Exception as exc:  # noqa: BLE001 - the asker gets the reason in words
             kept.unpin(tid)
             code = (ErrorCode.QUOTA_EXCEEDED if isinstance(exc, QuotaExceeded) else ErrorCode.PAYLOAD_TOO_LARGE

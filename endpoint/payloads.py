@@ -26,7 +26,7 @@ from tether.errors import PayloadTooLarge, QuotaExceeded, TetherError
 from tether.ids import child_path
 from tether.protocol import BlobRef, ErrorCode, Result, blob_stub
 from tether.results import failure
-from tether.transfer import BlobClient, file_of, file_stub, service_stub, sha256_file
+from tether.transfer import BlobClient, file_of, file_stub, service_stub
 from tether.transport import Backoff
 
 from .execute import SPILL_DIR_ENV
@@ -126,10 +126,10 @@ class EndpointPayloads:
         local = file_of(data)
         try:
             if local is not None:
-                path, sha256 = local
+                path, known = local
                 source: Any = path
                 size = path.stat().st_size
-                sha256 = sha256 or await asyncio.to_thread(sha256_file, path)
+                sha256 = known or None  # the worker did not hash it: the upload does, as it sends
             else:
                 source, size, sha256 = data, len(data), hashlib.sha256(data).hexdigest()
             if self.max_result is not None and size > self.max_result:
@@ -144,13 +144,13 @@ class EndpointPayloads:
                 local[0].unlink(missing_ok=True)
 
 
-    async def upload_result(self, tid: str, source: Path | bytes, size: int, sha256: str) -> BlobRef:
+    async def upload_result(self, tid: str, source: Path | bytes, size: int, sha256: str | None) -> BlobRef:
         """Store a task's result as a blob of its owner: network failures are retried a few times,
-        a refusal (too large, over quota) is raised at once."""
+        a refusal (too large, over quota) is raised at once. No ``sha256``: hashed as it is sent."""
         return await self._retried(tid, self.client().upload, source, size, sha256, task_id=tid,
                                    what=f"result of task {tid}")
 
-    async def declare_result(self, tid: str, size: int, sha256: str) -> BlobRef:
+    async def declare_result(self, tid: str, size: int, sha256: str | None) -> BlobRef:
         """Declare a task's result as a blob of its owner (no byte moves yet: see :meth:`send_result`),
         retried like :meth:`upload_result`."""
         return await self._retried(tid, self.client().declare, size, sha256, task_id=tid, what=f"result of task {tid}")

@@ -23,6 +23,7 @@ one declared or stored but never named by a task is deleted after ``orphan_s``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
@@ -61,6 +62,8 @@ DEFAULT_ORPHAN_S = 3600.0
 _STORED_BYTES = select(func.coalesce(func.sum(blobs.c.size), 0)).where(blobs.c.owner_id == bindparam("owner"))
 
 RESERVED, UPLOADING, COMPLETE = "reserved", "uploading", "complete"
+#: bytes after a blob's own in an upload whose sha256 is declared at its end (its hex digest)
+DIGEST_AT_END = 64
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,8 @@ FOLLOW_IDLE_S = 60.0
 FOLLOW_ELSEWHERE_S = 1800.0
 #: bytes per read while following an upload
 FOLLOW_PIECE = 1024 * 1024
+#: bytes of an upload's latest pieces kept in memory for its readers (see :class:`Arrival`)
+RECENT_BYTES = 8 * 1024 * 1024
 
 
 class Arrival:
@@ -96,17 +101,42 @@ class Arrival:
     A task's arguments reach its endpoint, and a kept result its client, while they are still
     being uploaded: the reader follows the upload's file, never ahead of what is written, and
     receives the last byte only once the whole upload matched its declared sha256: an upload that
-    ends in a mismatch or breaks off breaks the readers' streams (they see them short)."""
+    ends in a mismatch or breaks off breaks the readers' streams (they see them short).
+
+    The latest pieces written (:data:`RECENT_BYTES` of them) stay here, as the server received
+    them: a reader keeping up with the upload is sent those very objects, instead of bytes read
+    back from the file into new ones (a copy, and a thread hop, per mebibyte); one that falls
+    behind reads the file."""
 
     def __init__(self) -> None:
         self.written = 0
         self.ended = False
         self.ok = False
         self._changed = asyncio.Event()
+        self._recent: collections.deque[tuple[int, bytes]] = collections.deque()  # (offset, piece)
+        self._recent_bytes = 0
 
-    def advance(self, written: int) -> None:
+    def advance(self, written: int, pieces: list[bytes]) -> None:
+        """``pieces`` (ending at offset ``written``) are in the file now."""
+        offset = written - sum(len(piece) for piece in pieces)
+        for piece in pieces:
+            self._recent.append((offset, piece))
+            offset += len(piece)
+            self._recent_bytes += len(piece)
+        while self._recent_bytes > RECENT_BYTES:
+            self._recent_bytes -= len(self._recent.popleft()[1])
         self.written = written
         self._wake()
+
+    def piece_at(self, offset: int, end: int) -> bytes | memoryview | None:
+        """The bytes from ``offset`` (up to ``end`` at most) that are still here, without a copy;
+        None if they are not (the reader reads the file)."""
+        for start, piece in self._recent:
+            if start <= offset < start + len(piece):
+                if offset == start and start + len(piece) <= end:
+                    return piece
+                return memoryview(piece)[offset - start : end - start]
+        return None
 
     def end(self, ok: bool) -> None:
         self.ended, self.ok = True, ok
@@ -170,7 +200,8 @@ class BlobIndex:
             raise HTTPException(413, f"a blob of {body.size} bytes is over this service's limit of {self.max_blob} "
                                      "bytes per blob (--max-blob-bytes)")
         blob_id = str(uuid.uuid4())
-        row = {"id": blob_id, "owner_id": owner, "uploader": who.uploader, "size": body.size, "sha256": body.sha256,
+        row = {"id": blob_id, "owner_id": owner, "uploader": who.uploader, "size": body.size,
+               "sha256": body.sha256 or "",  # none: declared at the end of the upload ("" until then)
                "state": RESERVED, "created_at": time.time(), "linked": body.task_id is not None}
         with self.store.transaction() as conn:
             # the check and the insert are one step (concurrent uploads cannot all fit one gap)
@@ -209,10 +240,13 @@ class BlobIndex:
                             tasks.c.endpoint_id == who.endpoint["id"], tasks.c.t_done.is_(None))).limit(1)
             ).first() is not None
 
-    def set_state(self, blob_id: str, state: str, expected: str) -> bool:
+    def set_state(self, blob_id: str, state: str, expected: str, sha256: str | None = None) -> bool:
+        """Move a blob from state ``expected`` to ``state`` (and record the sha256 its upload
+        declared at its end, if given); False if it was not in ``expected``."""
+        values = {"state": state} if sha256 is None else {"state": state, "sha256": sha256}
         with self.store.transaction() as conn:
             res = conn.execute(update(blobs).where(and_(blobs.c.id == blob_id, blobs.c.state == expected))
-                               .values(state=state))
+                               .values(**values))
         return bool(res.rowcount)
 
     def forget(self, blob_ids: Iterable[str]) -> None:
@@ -296,12 +330,16 @@ def _hash_and_write_all(pieces: list[bytes], digest: Any, out: Any) -> None:
     out.flush()  # readers following the upload read the file
 
 
-async def _receive(request: Request, out: Any, digest: Any, declared: int, blob_id: str, arrival: Arrival) -> None:
+async def _receive(request: Request, out: Any, digest: Any, declared: int, blob_id: str, arrival: Arrival,
+                   tail: bytearray | None = None) -> None:
     """Hash and write a request body as it arrives, in batches handed to a thread: the event
     loop (every other client's frames) never waits on the disk or on hashing, and receiving
     the next batch overlaps writing the last. A batch is the server's own pieces, kept as they
     came: the bytes are not copied again on their way to the file (at most two batches, about
-    ``2 * WRITE_BATCH`` bytes, are held per upload)."""
+    ``2 * WRITE_BATCH`` bytes, are held per upload). ``tail``: the body goes on past the
+    declared size with the sha256 declared at the end (:data:`DIGEST_AT_END` bytes), which is
+    gathered there instead of written."""
+    allowed = declared + (DIGEST_AT_END if tail is not None else 0)
     batch: list[bytes] = []
     batched = received = 0
     pending: Any = None
@@ -313,10 +351,10 @@ async def _receive(request: Request, out: Any, digest: Any, declared: int, blob_
             await pending
             pending = None
 
-    def written_to(upto: int) -> Callable[[Any], None]:
+    def written_to(upto: int, pieces: list[bytes]) -> Callable[[Any], None]:
         def advance(done: Any) -> None:
             if not done.cancelled() and done.exception() is None:
-                arrival.advance(upto)  # readers may have these bytes now, while the next batch arrives
+                arrival.advance(upto, pieces)  # readers may have these bytes now, while the next batch arrives
         return advance
 
     async def flush() -> None:
@@ -324,14 +362,18 @@ async def _receive(request: Request, out: Any, digest: Any, declared: int, blob_
         await settle()  # one batch in the thread at a time, in order
         pending = asyncio.ensure_future(asyncio.to_thread(_hash_and_write_all, batch, digest, out))
         written += batched
-        pending.add_done_callback(written_to(written))
+        pending.add_done_callback(written_to(written, batch))
         batch, batched = [], 0
 
     try:
         async for chunk in request.stream():
             received += len(chunk)
-            if received > declared:
+            if received > allowed:
                 raise HTTPException(409, f"more bytes than the {declared} declared for blob {blob_id}")
+            if tail is not None and received > declared:  # past the blob's bytes: its sha256
+                mine = max(0, len(chunk) - (received - declared))
+                tail += chunk[mine:]
+                chunk = chunk[:mine]
             if chunk:
                 batch.append(chunk)
                 batched += len(chunk)
@@ -346,7 +388,7 @@ async def _receive(request: Request, out: Any, digest: Any, declared: int, blob_
     await settle()
 
 
-async def _follow(fh: Any, arrival: Arrival, size: int, blob_id: str) -> AsyncIterator[bytes]:
+async def _follow(fh: Any, arrival: Arrival, size: int, blob_id: str) -> AsyncIterator[bytes | memoryview]:
     """A blob's bytes read from its upload's file as they are written: never past what the
     upload has written, ending with it (the last byte only once the upload's bytes matched their
     declared sha256); an upload that breaks off, fails that check or stalls for ``FOLLOW_IDLE_S``
@@ -358,7 +400,9 @@ async def _follow(fh: Any, arrival: Arrival, size: int, blob_id: str) -> AsyncIt
             # body that did not verify (readers check the size only; see tether.transfer.BlobReader)
             readable = arrival.written if arrival.ended and arrival.ok else min(arrival.written, size - 1)
             if readable > sent:
-                piece = await asyncio.to_thread(os.pread, fh.fileno(), min(FOLLOW_PIECE, readable - sent), sent)
+                piece = arrival.piece_at(sent, readable)  # kept up: the server's own piece
+                if piece is None:  # fell behind: from the file
+                    piece = await asyncio.to_thread(os.pread, fh.fileno(), min(FOLLOW_PIECE, readable - sent), sent)
                 if not piece:
                     raise OSError(f"blob {blob_id}: its file ended at {sent} bytes")
                 sent += len(piece)
@@ -413,7 +457,9 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
                     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
     async def upload_blob(blob_id: PathId, request: Request, who: Principal = Depends(principal)) -> BlobInfo:
         """Stream a declared blob's bytes. Written to disk and hashed as they arrive; refused (and
-        deleted) if they are not exactly the declared size and sha256, or if the upload breaks off."""
+        deleted) if they are not exactly the declared size and sha256, or if the upload breaks off.
+        A blob declared without its sha256 has it at the end of the body: its bytes, then their hex
+        sha256 (64 bytes; the body is that much longer than the declared size)."""
         row = await rows.get(blob_id)
         if row is None or row.uploader != who.uploader:
             raise HTTPException(404, f"unknown blob {blob_id}")
@@ -421,22 +467,24 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
             raise HTTPException(409, f"blob {blob_id} is already uploaded, or being uploaded")
         part = index.path(blob_id, part=True)
         digest, size, done = hashlib.sha256(), 0, False
+        tail = bytearray() if not row.sha256 else None  # the sha256 comes after the bytes
         arrival = index.arriving[blob_id] = Arrival()
         started = index.awaited.pop(blob_id, None)
         if started is not None:
             started.set()
         try:
             with open(part, "wb") as out:
-                await _receive(request, out, digest, row.size, blob_id, arrival)
+                await _receive(request, out, digest, row.size, blob_id, arrival, tail)
                 size = out.tell()
-            if size != row.size:
-                raise HTTPException(409, f"the upload ended after {size} of the {row.size} bytes declared",
-                                    headers=_CORRUPT)
-            if digest.hexdigest() != row.sha256:
+            if size != row.size or (tail is not None and len(tail) != DIGEST_AT_END):
+                raise HTTPException(409, f"the upload ended after {size} of the {row.size} bytes declared"
+                                    + (" (and before their sha256)" if size == row.size else ""), headers=_CORRUPT)
+            declared = row.sha256 if tail is None else tail.decode("ascii", "replace")
+            if digest.hexdigest() != declared:
                 raise HTTPException(409, f"the bytes received hash to sha256 {digest.hexdigest()}, not to the "
-                                         f"{row.sha256} declared; the blob was not stored", headers=_CORRUPT)
+                                         f"{declared[:64]!r} declared; the blob was not stored", headers=_CORRUPT)
             os.replace(part, index.path(blob_id))
-            await rows.set_state(blob_id, COMPLETE, UPLOADING)
+            await rows.set_state(blob_id, COMPLETE, UPLOADING, digest.hexdigest() if tail is not None else None)
             done = True
         except ClientDisconnect:
             log.info("upload of blob %s broke off before its %d bytes; its bytes are deleted", blob_id, row.size)
@@ -459,7 +507,8 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
         row = await rows.get(blob_id)
         if not await rows.may_read(who, row):
             raise HTTPException(404, f"unknown blob {blob_id}")
-        headers = {SHA256_HEADER: row.sha256}
+        # (a blob whose sha256 comes at the end of its upload has none to name while it arrives)
+        headers = {SHA256_HEADER: row.sha256} if row.sha256 else {}
         if row.state == RESERVED and not row.linked:  # nothing names it: nobody is about to send it
             raise HTTPException(409, f"blob {blob_id} is declared but its bytes have not been sent")
         # the task or the answer naming it went ahead of its bytes: follow the upload when it starts

@@ -227,8 +227,10 @@ class BlobCreate(Body):
     refused upload costs no transfer."""
 
     size: JsonInt = Field(ge=0, le=2**62, description="exact number of bytes that will be sent")
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex sha256 of those bytes; the upload is refused "
-                        "if they hash to anything else")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$", description=(
+        "hex sha256 of those bytes; the upload is refused if they hash to anything else. Omitted: "
+        "declared at the end of the upload instead (the body of `PUT /v1/blobs/{blob_id}` is then the "
+        "bytes followed by their 64-character hex sha256), so the uploader hashes while it sends"))
     task_id: IdStr | None = Field(default=None, description="endpoints only: the task whose result this is (a "
                                   "task dispatched to the endpoint and still open)")
 
@@ -236,7 +238,7 @@ class BlobCreate(Body):
 class BlobInfo(BaseModel):
     blob_id: str
     size: int
-    sha256: str
+    sha256: str = Field(description="hex sha256 of the bytes; empty until they are uploaded when it was not declared")
     state: str = Field(description="reserved (declared, no bytes yet), uploading, or complete")
 
 
