@@ -4,9 +4,11 @@ running task, loses no result and runs no task twice.
 Usage::
 
     python benchmarks/bench_restart.py [--tasks 1000] [--seconds 2] [--workers 4] [--at 0.3]
-                                       [--kill] [--json PATH]
+                                       [--kill] [--engine process|htex] [--json PATH]
 
-A local service and a process-engine endpoint run ``--tasks`` tasks of ``--seconds`` each; when
+A local service and an endpoint (the process engine, or ``--engine htex``: Parsl's
+HighThroughputExecutor with LocalProvider, one block of ``--workers`` workers) run ``--tasks``
+tasks of ``--seconds`` each; when
 ``--at`` of them are done the endpoint restarts (``--kill``: its daemon is SIGKILLed and started
 again instead). Each task appends ``pid start end`` to a file of its own, so the counts come
 from what the tasks did, not from what the system says:
@@ -29,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from tether import Executor
 from tether.local import local_stack
@@ -52,6 +55,23 @@ def marked_sleep(marker: str, seconds: float, value: int) -> int:
     return value
 
 
+HTEX = """
+engine:
+  type: htex
+  max_workers_per_node: {workers}
+  provider: {{type: LocalProvider, init_blocks: 1, min_blocks: 1, max_blocks: 1}}
+"""
+
+
+def stack_for(engine: str, workers: int, scratch: Path) -> Any:
+    """A service and an endpoint of ``engine`` with ``workers`` workers."""
+    if engine == "process":
+        return local_stack(workers=workers)
+    from parsl_stack import engine_stack
+
+    return engine_stack(scratch / "home", HTEX.format(workers=workers))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=1000)
@@ -59,13 +79,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--at", type=float, default=0.3, help="fraction of tasks done when the endpoint restarts")
     ap.add_argument("--kill", action="store_true", help="SIGKILL the daemon and start it, instead of restart")
+    ap.add_argument("--engine", choices=("process", "htex"), default="process")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     marks = Path(tempfile.mkdtemp(prefix="tether-restart-"))
-    with local_stack(workers=args.workers) as stack:
+    with stack_for(args.engine, args.workers, marks) as stack:
         ex = Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token)
         t0 = time.time()
         futures = [ex.submit(marked_sleep, str(marks / f"t{i}"), args.seconds, i) for i in range(args.tasks)]
@@ -94,11 +115,11 @@ def main() -> None:
     runs = [(marks / f"t{i}").read_text().splitlines() for i in range(args.tasks)]
     killed = sum(1 for lines in runs if any(len(line.split()) < 3 for line in lines))
     twice = sum(1 for lines in runs if len(lines) > 1)
-    shutil.rmtree(marks)
+    shutil.rmtree(marks, ignore_errors=True)
     began_after = [float(line.split()[1]) for lines in runs for line in lines if float(line.split()[1]) > restart_at]
     gap = (min(began_after) - restart_at) if began_after else None
     report = {
-        "tasks": args.tasks, "seconds": args.seconds, "workers": args.workers,
+        "engine": args.engine, "tasks": args.tasks, "seconds": args.seconds, "workers": args.workers,
         "how": "kill" if args.kill else "restart",
         "done_at_restart": done_at_restart, "killed": killed, "lost": lost, "run_twice": twice,
         "restart_command_s": round(restart_s, 2), "dispatch_gap_s": None if gap is None else round(gap, 2),

@@ -384,7 +384,9 @@ def test_interchange_death_fails_tasks_in_words_not_a_hang(tmp_path: Path) -> No
         with Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token) as ex:
             assert ex.submit(helpers.square, 3).result(timeout=60) == 9
             daemon = psutil.Process(stack.endpoint_pid())
-            (interchange,) = [p for p in daemon.children() if "interchange" in " ".join(p.cmdline())]
+            # (the engine host's child, see engines/parsl/host.py)
+            (interchange,) = [p for p in daemon.children(recursive=True)
+                              if "HTEX interchange" in " ".join(p.cmdline())]
             running = ex.submit(helpers.sleep_then, 30)
             wait_for(running.running, timeout=30, what="the task to run")
             interchange.kill()

@@ -133,7 +133,7 @@ def _engine_processes(stack: LocalStack) -> dict[str, object]:
 
     host = int((stack.endpoint_dir() / "engine-host.pid").read_text().split()[0])
     children = psutil.Process(host).children(recursive=True)
-    interchange = [p.pid for p in children if "interchange" in " ".join(p.cmdline())]
+    interchange = [p.pid for p in children if "HTEX interchange" in " ".join(p.cmdline())]
     return {"host": host, "interchange": interchange, "all": [host, *(p.pid for p in children)]}
 
 
