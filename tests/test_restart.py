@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cloudpickle
 import pytest
@@ -39,6 +40,20 @@ def _lines(path: Path) -> list[int]:
     return [int(line) for line in path.read_text().split()] if path.exists() else []
 
 
+def _each_ran_once(futures: list[Any], marks: list[Path], running: list[int]) -> None:
+    """Every future resolves to its value, once; the long tasks (the first two) finished in the
+    processes that began them; every task began once."""
+    results = [f.result(timeout=60) for f in futures]
+    counts = {f.task_id: 0 for f in futures}
+    for f in futures:
+        f.add_done_callback(lambda f: counts.__setitem__(f.task_id, counts[f.task_id] + 1))
+    wait_for(lambda: all(counts.values()), timeout=10, what="every done-callback")
+    assert [value for _, value in results] == list(range(len(futures)))
+    assert [pid for pid, _ in results[:2]] == running
+    assert [len(_lines(m)) for m in marks] == [1] * len(marks), [_lines(m) for m in marks]
+    assert set(counts.values()) == {1}
+
+
 def _restart(stack: LocalStack) -> None:
     tether_cli(stack.env, "endpoint", "restart", stack.endpoint_name)
 
@@ -64,16 +79,7 @@ def test_running_tasks_survive_a_restart_and_queued_ones_run_once(
         interrupt(fresh_stack)
         assert fresh_stack.endpoint_pid() != old_daemon
         assert all(pid_alive(pid) for pid in running), "a running task was killed by the restart"
-        results = [f.result(timeout=60) for f in futures]
-        counts = {f.task_id: 0 for f in futures}
-        for f in futures:
-            f.add_done_callback(lambda f: counts.__setitem__(f.task_id, counts[f.task_id] + 1))
-        wait_for(lambda: all(counts.values()), timeout=10, what="every done-callback")
-    assert [value for _, value in results] == list(range(2 + QUEUED))
-    # the long tasks finished in the processes that began them, and every task began once
-    assert [pid for pid, _ in results[:2]] == running
-    assert [len(_lines(m)) for m in marks] == [1] * len(marks), [_lines(m) for m in marks]
-    assert set(counts.values()) == {1}
+        _each_ran_once(futures, marks, running)
     # adopted workers are replaced by fresh ones: the endpoint has its two workers again
     with Executor(endpoint_id=fresh_stack.endpoint_id, service=fresh_stack.service_url,
                   token=fresh_stack.token) as ex:
@@ -116,17 +122,6 @@ def test_an_adopted_task_can_be_cancelled(fresh_stack: LocalStack, tmp_path: Pat
 
 # --- the Parsl engines: the engine host outlives the daemon (engines/parsl/host.py) ----------------
 
-HTEX = """
-engine:
-  type: htex
-  max_workers_per_node: 2
-  heartbeat_period: 1
-  heartbeat_threshold: 5
-  provider: {type: LocalProvider, init_blocks: 1, min_blocks: 0, max_blocks: 1}
-heartbeat_s: 0.5
-"""
-
-
 def _engine_processes(stack: LocalStack) -> dict[str, object]:
     """The engine host's pid and the pids of everything it started (interchange, worker pools, workers)."""
     import psutil
@@ -141,10 +136,14 @@ def _engine_processes(stack: LocalStack) -> dict[str, object]:
 @pytest.mark.parametrize("interrupt", [_restart, _kill_and_start], ids=["restart", "sigkill"])
 def test_htex_tasks_survive_a_restart_and_run_once(tmp_path: Path, interrupt: Callable[[LocalStack], None]) -> None:
     pytest.importorskip("parsl", reason="the htex engine needs Parsl")
+    from test_htex import HTEX_LOCAL
+
     from parsl_stack import engine_stack
 
+    config = HTEX_LOCAL % 0  # LocalProvider, one block of two workers
+
     marks = [tmp_path / f"task{i}" for i in range(2 + QUEUED)]
-    with engine_stack(tmp_path / "home", HTEX) as stack:
+    with engine_stack(tmp_path / "home", config) as stack:
         ex = Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token)
         # two workers, both running a long task; the short ones wait in Parsl's interchange
         futures = [ex.submit(marked_sleep, str(marks[i]), LONG_S, i) for i in range(2)]
@@ -159,16 +158,7 @@ def test_htex_tasks_survive_a_restart_and_run_once(tmp_path: Path, interrupt: Ca
         assert all(pid_alive(pid) for pid in running), "a running task was killed by the restart"
         assert all(pid_alive(pid) for pid in before["all"]), "the engine host, interchange or workers ended"
         assert _engine_processes(stack)["host"] == before["host"], "the new daemon started another engine host"
-        results = [f.result(timeout=60) for f in futures]
-        counts = {f.task_id: 0 for f in futures}
-        for f in futures:
-            f.add_done_callback(lambda f: counts.__setitem__(f.task_id, counts[f.task_id] + 1))
-        wait_for(lambda: all(counts.values()), timeout=10, what="every done-callback")
-        assert [value for _, value in results] == list(range(2 + QUEUED))
-        # the long tasks finished in the workers that began them, and every task began once
-        assert [pid for pid, _ in results[:2]] == running
-        assert [len(_lines(m)) for m in marks] == [1] * len(marks), [_lines(m) for m in marks]
-        assert set(counts.values()) == {1}
+        _each_ran_once(futures, marks, running)
         # new tasks run, on the same workers
         assert ex.submit(marked_sleep, str(tmp_path / "after"), 0, 99).result(timeout=30)[1] == 99
         ex.shutdown(wait=False)
@@ -181,10 +171,14 @@ def test_htex_tasks_survive_a_restart_and_run_once(tmp_path: Path, interrupt: Ca
 @pytest.mark.timeout(120)
 def test_htex_stop_after_a_sigkill_ends_the_engine_host(tmp_path: Path) -> None:
     pytest.importorskip("parsl", reason="the htex engine needs Parsl")
+    from test_htex import HTEX_LOCAL
+
     from parsl_stack import engine_stack
 
+    config = HTEX_LOCAL % 0  # LocalProvider, one block of two workers
+
     marker = tmp_path / "task"
-    with engine_stack(tmp_path / "home", HTEX) as stack:
+    with engine_stack(tmp_path / "home", config) as stack:
         ex = Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token)
         ex.submit(marked_sleep, str(marker), 60, 0)
         wait_for(lambda: _lines(marker), what="the task to start")

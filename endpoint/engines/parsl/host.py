@@ -37,33 +37,12 @@ import msgspec
 from tether.endpoint.execute import Allowlist
 from tether.protocol import Result
 
-from .hostwire import (
-    LOCK_NAME,
-    PID_NAME,
-    SOCKET_NAME,
-    WIRE_VERSION,
-    Ack,
-    AskCapacity,
-    Attach,
-    Attached,
-    CancelTasks,
-    Capacity,
-    Done,
-    HostArgs,
-    Shutdown,
-    Started,
-    Stopped,
-    Submit,
-    frame,
-    read_frame,
-    socket_path,
-    to_host,
-)
+from . import hostwire as wire
 
 log = logging.getLogger("tether.endpoint.parsl.host")
 
 
-def allowed_methods(args: HostArgs) -> Allowlist | frozenset[str] | None:
+def allowed_methods(args: wire.HostArgs) -> Allowlist | frozenset[str] | None:
     if args.allowed_plain is not None:
         return frozenset(args.allowed_plain)
     if args.allowed_data is None and args.allowed_functions is None:
@@ -75,7 +54,7 @@ def allowed_methods(args: HostArgs) -> Allowlist | frozenset[str] | None:
 class EngineHost:
     """Serves one daemon at a time; keeps what it cannot deliver until the next one attaches."""
 
-    def __init__(self, args: HostArgs, directory: Path):
+    def __init__(self, args: wire.HostArgs, directory: Path):
         self.args = args
         self.dir = directory
         self.writer: asyncio.StreamWriter | None = None
@@ -98,9 +77,9 @@ class EngineHost:
                            retries_on_worker_loss=self.args.retries_on_worker_loss,
                            python_sandbox=self.args.python_sandbox, state_dir=Path(self.args.state_dir))
         await self.engine.start()
-        path, fd = socket_path(self.dir)
+        path, fd = wire.socket_path(self.dir)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.dir / SOCKET_NAME)
+            os.unlink(self.dir / wire.SOCKET_NAME)
         old = os.umask(0o077)
         try:
             server = await asyncio.start_unix_server(self._serve_daemon, path=path)
@@ -108,16 +87,17 @@ class EngineHost:
             os.umask(old)
             if fd is not None:
                 os.close(fd)
-        log.info("engine host %s ready: %s engine, socket %s", os.getpid(), self.engine.kind, self.dir / SOCKET_NAME)
+        log.info("engine host %s ready: %s engine, socket %s", os.getpid(), self.engine.kind,
+                 self.dir / wire.SOCKET_NAME)
         await self.finished.wait()
         server.close()
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.dir / SOCKET_NAME)
+            os.unlink(self.dir / wire.SOCKET_NAME)
 
     # --- the engine's callbacks -------------------------------------------------------------------
     def _on_running(self, task_id: str, ts: float) -> None:
         self.running_since[task_id] = ts
-        self._send(Started(task_id, ts))
+        self._send(wire.Started(task_id, ts))
 
     def _on_result(self, result: Result) -> None:
         self.unacked[result.id] = result
@@ -133,20 +113,20 @@ class EngineHost:
         self._flush_scheduled = False
         results, self._results_out = self._results_out, []
         if results:
-            self._send(Done(results))
+            self._send(wire.Done(results))
 
     def _send(self, message: Any) -> None:
         if self.writer is not None:
-            self.writer.write(frame(message))
+            self.writer.write(wire.frame(message))
 
     # --- the daemon's connection --------------------------------------------------------------------
     async def _serve_daemon(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        first = await read_frame(reader)
+        first = await wire.read_frame(reader)
         try:
-            hello = to_host.decode(first) if first is not None else None
+            hello = wire.to_host.decode(first) if first is not None else None
         except msgspec.DecodeError:
             hello = None
-        if not isinstance(hello, Attach) or self.stopping:
+        if not isinstance(hello, wire.Attach) or self.stopping:
             writer.close()
             return
         if self.writer is not None:  # (a daemon that went away without its socket closing yet)
@@ -154,33 +134,33 @@ class EngineHost:
         self.writer = writer
         self._results_out.clear()  # all of them go in the answer below
         engine = self.engine
-        writer.write(frame(Attached(
-            pid=os.getpid(), key=self.args.key, version=WIRE_VERSION, held=list(engine.tasks),
+        writer.write(wire.frame(wire.Attached(
+            pid=os.getpid(), key=self.args.key, version=wire.WIRE_VERSION, held=list(engine.tasks),
             running={t: self.running_since[t] for t in engine.tasks if t in self.running_since},
             results=list(self.unacked.values()), capacity=engine.capacity(), failed=engine.failed_state)))
         log.info("a daemon attached: %d task(s) held, %d result(s) to deliver", len(engine.tasks), len(self.unacked))
         while True:
-            body = await read_frame(reader)
+            body = await wire.read_frame(reader)
             if body is None:
                 break
             try:
-                msg = to_host.decode(body)
+                msg = wire.to_host.decode(body)
             except msgspec.DecodeError as exc:
                 log.warning("dropping a frame the daemon sent: %s", exc)
                 continue
-            if isinstance(msg, Submit):
+            if isinstance(msg, wire.Submit):
                 for task in msg.tasks:
                     if task.id not in engine.tasks and task.id not in self.unacked:  # never twice at once
                         engine.submit(task)
-            elif isinstance(msg, CancelTasks):
+            elif isinstance(msg, wire.CancelTasks):
                 for tid in msg.ids:
                     engine.cancel(tid)
-            elif isinstance(msg, Ack):
+            elif isinstance(msg, wire.Ack):
                 for tid in msg.ids:
                     self.unacked.pop(tid, None)
-            elif isinstance(msg, AskCapacity):
-                self._send(Capacity(engine.capacity()))
-            elif isinstance(msg, Shutdown):
+            elif isinstance(msg, wire.AskCapacity):
+                self._send(wire.Capacity(engine.capacity()))
+            elif isinstance(msg, wire.Shutdown):
                 await self.shutdown()
                 return
         if self.writer is writer:
@@ -201,7 +181,7 @@ class EngineHost:
         finally:
             writer, self.writer = self.writer, None
             if writer is not None:
-                writer.write(frame(Stopped()))
+                writer.write(wire.frame(wire.Stopped()))
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(writer.drain(), 5)
                 writer.close()
@@ -210,18 +190,18 @@ class EngineHost:
 
 def main(argv: list[str]) -> int:
     directory = Path(argv[1])
-    args = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=HostArgs)
+    args = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=wire.HostArgs)
     level = logging.DEBUG if os.environ.get("TETHER_LOG_LEVEL", "").upper() == "DEBUG" else logging.INFO
     logging.basicConfig(stream=sys.stderr, level=level,
                         format="%(asctime)s %(levelname)s %(name)s [host %(process)d]: %(message)s")
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    lock = open(directory / LOCK_NAME, "a")  # noqa: SIM115 - held (locked) for the host's lifetime
+    lock = open(directory / wire.LOCK_NAME, "a")  # noqa: SIM115 - held (locked) for the host's lifetime
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         log.error("another engine host runs for %s; exiting", directory)
         return 3
-    (directory / PID_NAME).write_text(f"{os.getpid()} {time.time()}")
+    (directory / wire.PID_NAME).write_text(f"{os.getpid()} {time.time()}")
     try:
         asyncio.run(EngineHost(args, directory).serve())
     except Exception:
@@ -229,7 +209,7 @@ def main(argv: list[str]) -> int:
         return 1
     finally:
         with contextlib.suppress(FileNotFoundError):
-            (directory / PID_NAME).unlink()
+            (directory / wire.PID_NAME).unlink()
     log.info("engine host %s exits", os.getpid())
     return 0
 
