@@ -189,3 +189,25 @@ def test_htex_stop_after_a_sigkill_ends_the_engine_host(tmp_path: Path) -> None:
         wait_for(lambda: not any(pid_alive(pid) for pid in engine["all"]), timeout=30,
                  what="'tether endpoint stop' to end the orphaned engine host and its task")
         ex.shutdown(wait=False)
+
+
+@pytest.mark.timeout(90)
+def test_an_adopted_htex_task_can_be_cancelled(tmp_path: Path) -> None:
+    pytest.importorskip("parsl", reason="the htex engine needs Parsl")
+    from parsl_stack import engine_stack
+    from test_htex import HTEX_LOCAL
+
+    marker = tmp_path / "task"
+    with engine_stack(tmp_path / "home", HTEX_LOCAL % 0) as stack:
+        ex = Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token)
+        future = ex.submit(marked_sleep, str(marker), 60, 0)
+        wait_for(lambda: _lines(marker), what="the task to start")
+        _restart(stack)
+        pid = _lines(marker)[0]
+        assert pid_alive(pid)
+        assert future.cancel()
+        wait_for(lambda: not pid_alive(pid), timeout=10, what="the cancel to end the adopted task's worker")
+        assert future.cancelled()
+        # Parsl replaces the worker: the endpoint runs the next task
+        assert ex.submit(marked_sleep, str(tmp_path / "next"), 0, 1).result(timeout=30)[1] == 1
+        ex.shutdown(wait=False)
