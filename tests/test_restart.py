@@ -194,8 +194,9 @@ def test_htex_stop_after_a_sigkill_ends_the_engine_host(tmp_path: Path) -> None:
 @pytest.mark.timeout(90)
 def test_an_adopted_htex_task_can_be_cancelled(tmp_path: Path) -> None:
     pytest.importorskip("parsl", reason="the htex engine needs Parsl")
-    from parsl_stack import engine_stack
     from test_htex import HTEX_LOCAL
+
+    from parsl_stack import engine_stack
 
     marker = tmp_path / "task"
     with engine_stack(tmp_path / "home", HTEX_LOCAL % 0) as stack:

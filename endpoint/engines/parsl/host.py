@@ -34,6 +34,7 @@ from typing import Any
 
 import msgspec
 
+from tether import event_loop
 from tether.endpoint.execute import Allowlist
 from tether.protocol import Result
 
@@ -137,7 +138,8 @@ class EngineHost:
         writer.write(wire.frame(wire.Attached(
             pid=os.getpid(), key=self.args.key, version=wire.WIRE_VERSION, held=list(engine.tasks),
             running={t: self.running_since[t] for t in engine.tasks if t in self.running_since},
-            results=list(self.unacked.values()), capacity=engine.capacity(), failed=engine.failed_state)))
+            results=list(self.unacked.values()), capacity=engine.capacity(), failed=engine.failed_state,
+            run_mark=engine._run_mark)))
         log.info("a daemon attached: %d task(s) held, %d result(s) to deliver", len(engine.tasks), len(self.unacked))
         while True:
             body = await wire.read_frame(reader)
@@ -203,7 +205,7 @@ def main(argv: list[str]) -> int:
         return 3
     (directory / wire.PID_NAME).write_text(f"{os.getpid()} {time.time()}")
     try:
-        asyncio.run(EngineHost(args, directory).serve())
+        event_loop.run(EngineHost(args, directory).serve())  # uvloop where installed, as the daemon
     except Exception:
         log.exception("the engine host failed")
         return 1

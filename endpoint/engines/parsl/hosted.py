@@ -99,6 +99,7 @@ class HostedParslEngine(Engine):
         args = self._host_args()
         reader, self.writer, attached = await self._attach(args)
         self.host_pid = attached.pid
+        self.run_mark = attached.run_mark
         self._cap = attached.capacity
         self.held.update(attached.held)
         self._adopted = set(attached.held) | {r.id for r in attached.results}
@@ -257,6 +258,12 @@ class HostedParslEngine(Engine):
         for tid in sorted(self.held):
             self.on_result(failure(tid, WorkerLost(self.failed_state)))
         self.held.clear()
+        # what its Parsl started here is orphaned: the interchange is in the host's process group
+        # (its process title hides its environment), worker pools and workers carry the run mark
+        with contextlib.suppress(OSError):
+            os.killpg(self.host_pid, signal.SIGKILL)
+        if self.run_mark:
+            self._ending = asyncio.ensure_future(asyncio.to_thread(_end_marked, self.run_mark))
 
     def _write(self, message: Any) -> None:
         if self.writer is not None:
@@ -347,6 +354,8 @@ class HostedParslEngine(Engine):
                 await asyncio.wait_for(self._stopped.wait(), HOST_STOP_S)
             writer.close()
         await asyncio.to_thread(_wait_exit, self.dir, self.host_pid)
+        if getattr(self, "_ending", None) is not None:
+            await self._ending
         proc = getattr(self, "_proc", None)
         if proc is not None:
             with contextlib.suppress(Exception):
@@ -408,6 +417,16 @@ def end_orphaned_host(directory: Path, timeout: float = HOST_STOP_S) -> bool:
         with contextlib.suppress(OSError):
             os.killpg(pid, signal.SIGKILL)
     return True
+
+
+def _end_marked(run_mark: str) -> None:
+    """Kill the processes a dead host's Parsl left on this host (they carry its run mark)."""
+    from .engine import RUN_MARK, marked_processes
+
+    for proc in marked_processes(RUN_MARK, run_mark):
+        log.warning("killing pid %s, left behind by the engine host", proc.pid)
+        with contextlib.suppress(Exception):
+            proc.kill()
 
 
 def _tail(path: Path, lines: int = 15) -> str:

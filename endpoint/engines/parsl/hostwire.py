@@ -85,6 +85,9 @@ class Attached(msgspec.Struct, tag="attached"):
     results: list[Result]  # results no daemon has acknowledged yet
     capacity: dict[str, Any]
     failed: str | None = None
+    #: the mark in the environment of every process the host's Parsl starts on this host: what
+    #: the daemon ends if the host itself dies (engine.py, RUN_MARK)
+    run_mark: str | None = None
 
 
 class Started(msgspec.Struct, tag="started"):
