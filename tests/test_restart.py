@@ -212,3 +212,31 @@ def test_an_adopted_htex_task_can_be_cancelled(tmp_path: Path) -> None:
         # Parsl replaces the worker: the endpoint runs the next task
         assert ex.submit(marked_sleep, str(tmp_path / "next"), 0, 1).result(timeout=30)[1] == 1
         ex.shutdown(wait=False)
+
+
+@pytest.mark.timeout(120)
+def test_mpi_engine_tasks_survive_a_restart(tmp_path: Path) -> None:
+    pytest.importorskip("parsl", reason="the mpi engine needs Parsl")
+    from parsl_stack import engine_stack
+
+    config = """
+engine:
+  type: mpi
+  mpi_launcher: mpiexec
+  max_workers_per_block: 1
+  heartbeat_period: 1
+  provider: {type: LocalProvider, init_blocks: 1, max_blocks: 1, launcher: {type: SimpleLauncher}}
+"""
+    marks = [tmp_path / "long", tmp_path / "queued"]
+    with engine_stack(tmp_path / "home", config) as stack:
+        ex = Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token)
+        futures = [ex.submit(marked_sleep, str(marks[0]), LONG_S, 0)]
+        wait_for(lambda: _lines(marks[0]), timeout=60, what="the long task to start")
+        futures.append(ex.submit(marked_sleep, str(marks[1]), 0.1, 1))  # waits: one MPI app at a time
+        running = _lines(marks[0])[0]
+        _restart(stack)
+        assert pid_alive(running), "a running task was killed by the restart"
+        assert [f.result(timeout=60) for f in futures][0] == (running, 0)
+        assert futures[1].result(timeout=30)[1] == 1
+        assert [len(_lines(m)) for m in marks] == [1, 1], [_lines(m) for m in marks]
+        ex.shutdown(wait=False)
