@@ -397,12 +397,14 @@ def test_interchange_death_fails_tasks_in_words_not_a_hang(tmp_path: Path) -> No
             ex.shutdown(wait=False, cancel_futures=True)
 
 
+@pytest.mark.timeout(120)
 def test_engine_host_death_fails_tasks_in_words_and_a_restart_recovers(tmp_path: Path) -> None:
     with engine_stack(tmp_path / "home", HTEX_LOCAL % 0) as stack:
-        with Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token) as ex:
+        ex = Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token)
+        try:
             marker = tmp_path / "started"
             running = ex.submit(helpers.touch_then_sleep, str(marker), 120)
-            wait_for(marker.exists, timeout=30, what="the task to start")
+            wait_for(lambda: marker.exists() and marker.read_text(), timeout=30, what="the task to start")
             worker = int(marker.read_text().split()[0])
             host = psutil.Process(int((stack.endpoint_dir() / "engine-host.pid").read_text().split()[0]))
             parsl_procs = host.children(recursive=True)
@@ -419,4 +421,5 @@ def test_engine_host_death_fails_tasks_in_words_and_a_restart_recovers(tmp_path:
             subprocess.run([sys.executable, "-m", "tether.cli", "endpoint", "restart", stack.endpoint_name],
                            env=stack.env, check=True, capture_output=True, timeout=120)
             assert ex.submit(helpers.square, 5).result(timeout=60) == 25
+        finally:
             ex.shutdown(wait=False, cancel_futures=True)

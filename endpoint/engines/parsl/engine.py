@@ -1,4 +1,4 @@
-"""The htex and mpi engines' lifecycle: start Parsl's executor inside the daemon, scale its
+"""The htex and mpi engines' lifecycle: start Parsl's executor (in the engine host, see host.py), scale its
 blocks, hand it tasks, turn its outcomes into results, and stop everything it started.
 
 Parsl runs without its DataFlowKernel here, so the engine does what the DFK would: it drives

@@ -344,7 +344,7 @@ class HostedParslEngine(Engine):
 
     async def stop(self) -> None:
         """A real stop: the host stops the engine (every task, every block), then exits."""
-        if not hasattr(self, "writer"):
+        if not hasattr(self, "host_pid"):  # never attached
             return
         self.stopping = True
         writer, self.writer = self.writer, None
