@@ -243,6 +243,7 @@ class HostedParslEngine(Engine):
         self._delivered.add(result.id)
         if result.id in self.held or result.id in self._adopted:
             self.held.discard(result.id)
+            self._adopted.discard(result.id)
             self.on_result(result)
         else:  # (not ours to report: a duplicate) nothing to spool, so acknowledged at once
             self.results_kept([result.id])
