@@ -223,20 +223,22 @@ def test_mpi_engine_runs_mpi_functions_with_srun_in_the_pilot_job(slurm_ready: N
 
 
 @pytest.mark.timeout(300)
-def test_a_restart_keeps_the_pilot_job_and_its_running_task(slurm_stack: LocalStack, tmp_path: Path) -> None:
+def test_a_restart_keeps_the_pilot_job_and_its_running_task(slurm_ready: None, tmp_path: Path) -> None:
     from conftest import tether_cli
 
     marker = tmp_path / "started"
-    with Executor(endpoint_id=slurm_stack.endpoint_id, service=slurm_stack.service_url, token=slurm_stack.token) as ex:
-        fut = ex.submit(marked_sleep_in_pilot_job, str(marker), 8)
-        wait_for(lambda: marker.exists() and marker.read_text(), timeout=120, what="the task to start in a pilot job")
-        pid, job = marker.read_text().split()
-        assert squeue(job), "the pilot job should be in squeue"
-        tether_cli(slurm_stack.env, "endpoint", "restart", slurm_stack.endpoint_name)
-        assert squeue(job), "the restart ended the pilot job"
-        info = fut.result(timeout=60)
-        # the task finished in the process (and the pilot job) that began it, and began once
-        assert (info["SLURM_JOB_ID"], info["pid"]) == (job, int(pid))
-        assert marker.read_text().splitlines() == [f"{pid} {job}"]
-        # new work runs in the same pilot job, through the new daemon
-        assert ex.submit(slurm_job).result(timeout=60)["SLURM_JOB_ID"] == job
+    with engine_stack(tmp_path / "home", SLURM_HTEX) as stack:
+        with Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token) as ex:
+            fut = ex.submit(marked_sleep_in_pilot_job, str(marker), 8)
+            wait_for(lambda: marker.exists() and marker.read_text(), timeout=120,
+                     what="the task to start in a pilot job")
+            pid, job = marker.read_text().split()
+            assert squeue(job), "the pilot job should be in squeue"
+            tether_cli(stack.env, "endpoint", "restart", stack.endpoint_name)
+            assert squeue(job), "the restart ended the pilot job"
+            info = fut.result(timeout=60)
+            # the task finished in the process (and the pilot job) that began it, and began once
+            assert (info["SLURM_JOB_ID"], info["pid"]) == (job, int(pid))
+            assert marker.read_text().splitlines() == [f"{pid} {job}"]
+            # new work runs in the same pilot job, through the new daemon
+            assert ex.submit(slurm_job).result(timeout=60)["SLURM_JOB_ID"] == job
