@@ -10,6 +10,10 @@ Usage::
   measured ``--first`` times on fresh endpoints, then the no-op latency once the block is up.
 
 No-ops are sequential (submit, wait), as in ``bench_noop.py``.
+
+``--host-ab ROUNDS``: htex + LocalProvider with Parsl in the engine host (the default, which
+outlives the daemon) and inside the daemon (``outlive_daemon: false``, as before 2026-12-07),
+alternately, ROUNDS times each: the cost of the host's extra hop.
 """
 
 from __future__ import annotations
@@ -88,8 +92,20 @@ def main() -> None:
     ap.add_argument("--first", type=int, default=3)
     ap.add_argument("--only", default="local,slurm")
     ap.add_argument("--json")
+    ap.add_argument("--host-ab", type=int, default=0, metavar="ROUNDS")
     args = ap.parse_args()
     out: dict = {}
+    if args.host_ab:
+        runs: dict[str, list[float]] = {"engine_host": [], "in_daemon": []}
+        for _ in range(args.host_ab):
+            for name, extra in (("in_daemon", "  outlive_daemon: false\n"), ("engine_host", "")):
+                config = LOCAL.replace("  type: htex\n", "  type: htex\n" + extra)
+                with executor(config) as ex:
+                    p50 = latency(ex, args.n, args.warmup)["p50_ms"]
+                runs[name].append(round(p50, 2))
+                print(name, "p50_ms", round(p50, 2), flush=True)
+        out["host_ab_p50_ms"] = runs
+        print(json.dumps(runs), flush=True)
     if "local" in args.only:
         with executor(LOCAL) as ex:
             out["htex_local"] = latency(ex, args.n, args.warmup)

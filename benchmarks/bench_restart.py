@@ -4,15 +4,19 @@ running task, loses no result and runs no task twice.
 Usage::
 
     python benchmarks/bench_restart.py [--tasks 1000] [--seconds 2] [--workers 4] [--at 0.3]
-                                       [--kill] [--json PATH]
+                                       [--kill] [--engine process|htex|htex-in-daemon] [--json PATH]
 
-A local service and a process-engine endpoint run ``--tasks`` tasks of ``--seconds`` each; when
+A local service and an endpoint (the process engine, or ``--engine htex``: Parsl's
+HighThroughputExecutor with LocalProvider, one block of ``--workers`` workers; ``htex-in-daemon``:
+the same with ``outlive_daemon: false``, as before 2026-12-07) run ``--tasks``
+tasks of ``--seconds`` each; when
 ``--at`` of them are done the endpoint restarts (``--kill``: its daemon is SIGKILLed and started
-again instead). Each task appends ``pid start end`` to a file of its own, so the counts come
+again instead). Each task appends ``begin PID T`` and ``end PID T`` to a file of its own, so the counts come
 from what the tasks did, not from what the system says:
 
-- killed: tasks that began and never ended in the process that began them (a line without end);
-- run twice: tasks with more than one line;
+- killed: tasks that began and never ended in the process that began them (a ``begin`` line
+  without its ``end``);
+- run twice: tasks with more than one ``begin`` line;
 - lost: futures that did not resolve to the task's value;
 - the dispatch gap: how long no task began, from the restart command until the first task that
   began after it (new submissions wait that long, and the restart command takes that long);
@@ -29,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from tether import Executor
 from tether.local import local_stack
@@ -40,16 +45,39 @@ from conftest import tether_cli  # noqa: E402  (needs the sys.path line above)
 
 
 def marked_sleep(marker: str, seconds: float, value: int) -> int:
-    """Record this run's start (and, if it is not killed, its end), then return ``value``."""
+    """Record this run's start (and, if it is not killed, its end), then return ``value``: lines
+    ``begin PID T`` and ``end PID T``, each written whole (a run killed between the two leaves a
+    ``begin`` alone, and a second run begins a line of its own)."""
     import os
     import time
 
     with open(marker, "a") as fh:
-        fh.write(f"{os.getpid()} {time.time()}")
+        fh.write(f"begin {os.getpid()} {time.time()}\n")
         fh.flush()
         time.sleep(seconds)
-        fh.write(f" {time.time()}\n")
+        fh.write(f"end {os.getpid()} {time.time()}\n")
     return value
+
+
+#: cores_per_worker below 1: HTEX otherwise starts no more workers than the host has cores
+HTEX = """
+engine:
+  type: htex
+  max_workers_per_node: {workers}
+  cores_per_worker: 0.01
+  outlive_daemon: {outlive}
+  provider: {{type: LocalProvider, init_blocks: 1, min_blocks: 1, max_blocks: 1}}
+"""
+
+
+def stack_for(engine: str, workers: int, scratch: Path) -> Any:
+    """A service and an endpoint of ``engine`` with ``workers`` workers."""
+    if engine == "process":
+        return local_stack(workers=workers)
+    from parsl_stack import engine_stack
+
+    outlive = "false" if engine == "htex-in-daemon" else "true"
+    return engine_stack(scratch / "home", HTEX.format(workers=workers, outlive=outlive))
 
 
 def main() -> None:
@@ -59,13 +87,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--at", type=float, default=0.3, help="fraction of tasks done when the endpoint restarts")
     ap.add_argument("--kill", action="store_true", help="SIGKILL the daemon and start it, instead of restart")
+    ap.add_argument("--engine", choices=("process", "htex", "htex-in-daemon"), default="process")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     marks = Path(tempfile.mkdtemp(prefix="tether-restart-"))
-    with local_stack(workers=args.workers) as stack:
+    with stack_for(args.engine, args.workers, marks) as stack:
         ex = Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token)
         t0 = time.time()
         futures = [ex.submit(marked_sleep, str(marks / f"t{i}"), args.seconds, i) for i in range(args.tasks)]
@@ -91,14 +120,17 @@ def main() -> None:
         probe_s = time.time() - probe_at
         total_s = time.time() - t0
         ex.shutdown()
-    runs = [(marks / f"t{i}").read_text().splitlines() for i in range(args.tasks)]
-    killed = sum(1 for lines in runs if any(len(line.split()) < 3 for line in lines))
-    twice = sum(1 for lines in runs if len(lines) > 1)
-    shutil.rmtree(marks)
-    began_after = [float(line.split()[1]) for lines in runs for line in lines if float(line.split()[1]) > restart_at]
+    runs = [[line.split() for line in (marks / f"t{i}").read_text().splitlines()] for i in range(args.tasks)]
+    def pids(lines: list[list[str]], kind: str) -> set[str]:
+        return {pid for k, pid, _ in lines if k == kind}
+
+    killed = sum(1 for lines in runs if pids(lines, "begin") - pids(lines, "end"))
+    twice = sum(1 for lines in runs if sum(kind == "begin" for kind, _, _ in lines) > 1)
+    shutil.rmtree(marks, ignore_errors=True)
+    began_after = [float(t) for lines in runs for kind, _, t in lines if kind == "begin" and float(t) > restart_at]
     gap = (min(began_after) - restart_at) if began_after else None
     report = {
-        "tasks": args.tasks, "seconds": args.seconds, "workers": args.workers,
+        "engine": args.engine, "tasks": args.tasks, "seconds": args.seconds, "workers": args.workers,
         "how": "kill" if args.kill else "restart",
         "done_at_restart": done_at_restart, "killed": killed, "lost": lost, "run_twice": twice,
         "restart_command_s": round(restart_s, 2), "dispatch_gap_s": None if gap is None else round(gap, 2),

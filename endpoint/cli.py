@@ -119,7 +119,7 @@ def endpoint_stop(name: EndpointName) -> None:
 @endpoint_app.command("restart")
 def endpoint_restart(name: EndpointName) -> None:
     """Stop, then start in the background. Running tasks keep running and the new daemon adopts
-    them (process engine; other engines' tasks are sent again); 'stop' ends them."""
+    them (process, htex and mpi engines; the thread engine's tasks are sent again); 'stop' ends them."""
     from tether.endpoint import manage
 
     _endpoint_call(manage.stop, name, keep_tasks=True)

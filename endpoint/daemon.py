@@ -179,7 +179,7 @@ class EndpointDaemon:
         await self.engine.start()
         # tasks the previous daemon's workers still run (or finished since): held here, so the
         # service neither sends them again nor waits for them (engines/adoption.py)
-        self.inflight.update(self.engine.adopted())
+        self.inflight.update(t for t in self.engine.adopted() if t not in self.spool)
         self._write_status("starting")
         link = asyncio.create_task(self._link())
         beat = asyncio.create_task(self._heartbeats())
@@ -195,6 +195,7 @@ class EndpointDaemon:
             task.cancel()
         await self._before_stop()
         if self.detaching:  # a restart: the workers run on, the next daemon adopts them
+            self._flush()  # (spooled, and acknowledged to an engine that keeps results until then)
             await self.engine.detach()
             self._flush()  # what they sent before detaching: spooled, sent by the next daemon
         else:
@@ -492,6 +493,7 @@ class EndpointDaemon:
     def _on_result(self, result: Result) -> None:
         tid = result.id
         if tid in self.spool:
+            self.engine.results_kept([tid])  # (an engine's second delivery: spooled already)
             return
         self.payloads.discard(tid)
         keep_over = self._keep_over.pop(tid, None) if self._keep_over else None
@@ -538,6 +540,7 @@ class EndpointDaemon:
         if self._result_buf:
             results, self._result_buf = self._result_buf, []
             self.spool.write(results)
+            self.engine.results_kept([r.id for r in results])
             for frame in self._result_frames(results):
                 asyncio.ensure_future(self._send(frame))
 

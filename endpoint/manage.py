@@ -216,11 +216,19 @@ def stop(name: str, timeout: float = 20.0, keep_tasks: bool = False) -> bool:
         raise ConfigError(f"no endpoint named {name!r} under {tether_home() / 'endpoints'}; "
                           "'tether endpoint list' shows those configured here")
     pid = daemon_pid(name)
-    if pid is None:
-        return False
-    if not signal_and_wait(pid, signal.SIGUSR1 if keep_tasks else signal.SIGTERM, timeout):
+    if pid is not None and not signal_and_wait(pid, signal.SIGUSR1 if keep_tasks else signal.SIGTERM, timeout):
         signal_and_wait(pid, signal.SIGKILL, 5)
-    return True
+    # the htex/mpi engine host a killed daemon left (engines/parsl/hosted.py) ends with a real stop
+    host = False if keep_tasks else _end_engine_host(endpoint_dir(name))
+    return pid is not None or host
+
+
+def _end_engine_host(directory: Path) -> bool:
+    if not (directory / "engine-host.lock").exists():  # never had one: Parsl need not be imported
+        return False
+    from .engines.parsl.hosted import end_orphaned_host
+
+    return end_orphaned_host(directory)
 
 
 def list_endpoints() -> list[dict[str, Any]]:

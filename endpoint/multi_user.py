@@ -82,6 +82,8 @@ class NoEngine:
     def adopted(self) -> set[str]:
         return set()
 
+    def results_kept(self, ids: list[str]) -> None: ...
+
     def submit(self, task: TaskSpec) -> None:  # the service never dispatches tasks here
         self.on_result(failure(task.id, PermissionError("a multi-user endpoint runs no tasks itself")))
 

@@ -384,7 +384,9 @@ def test_interchange_death_fails_tasks_in_words_not_a_hang(tmp_path: Path) -> No
         with Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token) as ex:
             assert ex.submit(helpers.square, 3).result(timeout=60) == 9
             daemon = psutil.Process(stack.endpoint_pid())
-            (interchange,) = [p for p in daemon.children() if "interchange" in " ".join(p.cmdline())]
+            # (the engine host's child, see engines/parsl/host.py)
+            (interchange,) = [p for p in daemon.children(recursive=True)
+                              if "HTEX interchange" in " ".join(p.cmdline())]
             running = ex.submit(helpers.sleep_then, 30)
             wait_for(running.running, timeout=30, what="the task to run")
             interchange.kill()
@@ -392,4 +394,32 @@ def test_interchange_death_fails_tasks_in_words_not_a_hang(tmp_path: Path) -> No
                 running.result(timeout=30)
             with pytest.raises(TaskFailed, match=r"Restart the endpoint"):
                 ex.submit(helpers.square, 4).result(timeout=30)
+            ex.shutdown(wait=False, cancel_futures=True)
+
+
+@pytest.mark.timeout(120)
+def test_engine_host_death_fails_tasks_in_words_and_a_restart_recovers(tmp_path: Path) -> None:
+    with engine_stack(tmp_path / "home", HTEX_LOCAL % 0) as stack:
+        ex = Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token)
+        try:
+            marker = tmp_path / "started"
+            running = ex.submit(helpers.touch_then_sleep, str(marker), 120)
+            wait_for(lambda: marker.exists() and marker.read_text(), timeout=30, what="the task to start")
+            worker = int(marker.read_text().split()[0])
+            host = psutil.Process(int((stack.endpoint_dir() / "engine-host.pid").read_text().split()[0]))
+            parsl_procs = host.children(recursive=True)
+            host.kill()  # the process that runs Parsl for the endpoint (engines/parsl/host.py)
+            with pytest.raises(TaskFailed, match=r"engine host \(pid \d+\) that runs Parsl .* ended") as info:
+                running.result(timeout=30)
+            assert info.value.remote_type.endswith("WorkerLost")
+            # what its Parsl started is ended too, the task's worker included
+            wait_for(lambda: not any(pid_alive(p.pid) for p in parsl_procs), timeout=20,
+                     what="the dead host's interchange and workers to be ended")
+            assert not pid_alive(worker)
+            with pytest.raises(TaskFailed, match=r"Restart the endpoint"):
+                ex.submit(helpers.square, 4).result(timeout=30)
+            subprocess.run([sys.executable, "-m", "tether.cli", "endpoint", "restart", stack.endpoint_name],
+                           env=stack.env, check=True, capture_output=True, timeout=120)
+            assert ex.submit(helpers.square, 5).result(timeout=60) == 25
+        finally:
             ex.shutdown(wait=False, cancel_futures=True)

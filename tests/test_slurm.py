@@ -49,6 +49,14 @@ def slurm_job() -> dict:
     }
 
 
+def marked_sleep_in_pilot_job(marker: str, seconds: float) -> dict:
+    """Say that this task began (in which process, in which pilot job), sleep, then what slurm_job says."""
+    with open(marker, "a") as fh:
+        fh.write(f"{os.getpid()} {os.environ.get('SLURM_JOB_ID')}\n")
+    time.sleep(seconds)
+    return slurm_job()
+
+
 def parsl_env() -> dict:
     return {k: v for k, v in os.environ.items() if k.startswith("PARSL_")}
 
@@ -212,3 +220,25 @@ def test_mpi_engine_runs_mpi_functions_with_srun_in_the_pilot_job(slurm_ready: N
             env = ex.submit(parsl_env).result(timeout=60)  # what Parsl's MPI mode gives a task
             assert env["PARSL_MPI_PREFIX"].startswith("srun --ntasks 2 --ntasks-per-node 2 --nodelist "), env
             ex.shutdown(wait=False, cancel_futures=True)
+
+
+@pytest.mark.timeout(300)
+def test_a_restart_keeps_the_pilot_job_and_its_running_task(slurm_ready: None, tmp_path: Path) -> None:
+    from conftest import tether_cli
+
+    marker = tmp_path / "started"
+    with engine_stack(tmp_path / "home", SLURM_HTEX) as stack:
+        with Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token) as ex:
+            fut = ex.submit(marked_sleep_in_pilot_job, str(marker), 8)
+            wait_for(lambda: marker.exists() and marker.read_text(), timeout=120,
+                     what="the task to start in a pilot job")
+            pid, job = marker.read_text().split()
+            assert squeue(job), "the pilot job should be in squeue"
+            tether_cli(stack.env, "endpoint", "restart", stack.endpoint_name)
+            assert squeue(job), "the restart ended the pilot job"
+            info = fut.result(timeout=60)
+            # the task finished in the process (and the pilot job) that began it, and began once
+            assert (info["SLURM_JOB_ID"], info["pid"]) == (job, int(pid))
+            assert marker.read_text().splitlines() == [f"{pid} {job}"]
+            # new work runs in the same pilot job, through the new daemon
+            assert ex.submit(slurm_job).result(timeout=60)["SLURM_JOB_ID"] == job

@@ -20,6 +20,10 @@ def make_engine(config: dict[str, Any], on_running: OnRunning, on_result: OnResu
 
         return ProcessEngine(config, on_running, on_result, **kwargs)
     if kind in ("htex", "mpi"):
+        if kwargs.get("state_dir") is not None and config.get("outlive_daemon", True):
+            from .parsl.hosted import HostedParslEngine  # Parsl runs in the engine host (parsl/host.py)
+
+            return HostedParslEngine(config, on_running, on_result, **kwargs)
         from .parsl.engine import HtexEngine, MPIEngine  # on demand: Parsl is an optional extra
 
         return (HtexEngine if kind == "htex" else MPIEngine)(config, on_running, on_result, **kwargs)

@@ -66,6 +66,11 @@ class Engine(abc.ABC):
         waits for them."""
         return set()
 
+    def results_kept(self, ids: list[str]) -> None:
+        """The daemon has spooled these results (it calls this for every result it spools): an
+        engine that keeps results for a later daemon until then may forget them now."""
+        return None
+
     @abc.abstractmethod
     def submit(self, task: TaskSpec) -> None: ...
 

@@ -75,6 +75,9 @@ class EnvironmentRouter(Engine):
     def adopted(self) -> set[str]:
         return self.inner.adopted()
 
+    def results_kept(self, ids: list[str]) -> None:
+        self.inner.results_kept(ids)
+
     def engine_info(self) -> dict[str, Any]:
         return self.inner.engine_info()
 

@@ -1,8 +1,9 @@
 """The Parsl engines: ``htex`` (Parsl's HighThroughputExecutor) and ``mpi`` (Parsl's MPIExecutor).
 
 Execution at scale is Parsl's: the engine builds the executor and the provider named in the
-endpoint's YAML, starts it inside the endpoint daemon, drives block scaling with Parsl's own
-``Strategy`` and hands every task to ``executor.submit`` as a call of
+endpoint's YAML, starts it in the endpoint's engine host (``host.py``: a process of its own that
+outlives the daemon, so a restart kills no task; ``hosted.py`` is the daemon's side), drives
+block scaling with Parsl's own ``Strategy`` and hands every task to ``executor.submit`` as a call of
 :func:`~.worker.run_in_worker`, a wrapper around :func:`tether.endpoint.execute.run_task`. So a
 task behaves on a Parsl worker exactly as on the one-host engines (sandbox, ``TETHER_TASK_ID``,
 task context, result record).
@@ -38,5 +39,6 @@ endpoint's ``retries_on_worker_loss`` times. Parsl notices a dead worker within 
 One idea per module: ``worker.py`` runs inside Parsl's workers (and must stay cheap to import
 there, so this package imports nothing here); ``config.py`` turns YAML into Parsl objects;
 ``engine.py`` is the lifecycle; ``cancel.py`` reaches tasks on workers; ``_compat.py`` is every
-use of Parsl's private API, with the versions it was checked against.
+use of Parsl's private API, with the versions it was checked against; ``host.py``, ``hosted.py``
+and ``hostwire.py`` are the engine host, the daemon's side of it and what they say.
 """

@@ -32,6 +32,8 @@ ENGINE_KEYS = {
     "max_idletime": "seconds a block may sit idle before htex_auto_scale scales it in (default 120)",
     "strategy_period": "seconds between scaling decisions (default 1)",
     "container": "run the worker pools in a container image: {type: podman, image: ..., options: [...]}",
+    "outlive_daemon": "true (default): Parsl runs in an engine host process that outlives the daemon, so a restart "
+                      "or a killed daemon kills no task; false: inside the daemon, and a restart stops it",
 }
 #: Executor arguments the engine sets itself (not configurable).
 RESERVED = {"label", "storage_access", "remote_monitoring_radio", "manager_selector"}

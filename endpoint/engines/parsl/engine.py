@@ -1,4 +1,4 @@
-"""The htex and mpi engines' lifecycle: start Parsl's executor inside the daemon, scale its
+"""The htex and mpi engines' lifecycle: start Parsl's executor (in the engine host, see host.py), scale its
 blocks, hand it tasks, turn its outcomes into results, and stop everything it started.
 
 Parsl runs without its DataFlowKernel here, so the engine does what the DFK would: it drives
@@ -175,7 +175,7 @@ class ParslEngine(Engine):
 
         deadline = time.monotonic() + grace
         while True:
-            left = _marked_processes(RUN_MARK, self._run_mark)
+            left = marked_processes(RUN_MARK, self._run_mark)
             if not left or time.monotonic() >= deadline:
                 break
             time.sleep(0.1)
@@ -402,7 +402,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _marked_processes(name: str, value: str) -> list[Any]:
+def marked_processes(name: str, value: str) -> list[Any]:
     """This user's live processes (not this one) whose environment has ``name=value``."""
     import psutil
 
