@@ -516,6 +516,8 @@ class EndpointDaemon:
         if received is not None:
             result.times.setdefault(TaskState.DISPATCHED.value, received)
         self._reports["running"].pop(tid, None)  # the worker's own time is in the result
+        if not self._reports["received"] and not self._reports["running"]:
+            self._reports_linger.cancel()  # nothing left to report: no wake-up STATE_WINDOW from now
         data = result.data
         too_big = self.max_result is not None and data is not None and len(data) > self.max_result
         if too_big and result.state == TaskState.SUCCESS.value:

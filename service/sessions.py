@@ -87,6 +87,8 @@ class ClientSession:
 
     async def send_held_acks(self) -> None:
         """Send the held acknowledgements now (before any frame that may concern their tasks)."""
+        if self._acks:
+            self._acks_linger.cancel()  # nothing left for it: no wake-up SUBMIT_ACK_WINDOW from now
         while self._acks:
             acks, self._acks = self._acks, []
             for frame in acks:
