@@ -86,7 +86,7 @@ from .protocol import (
 from .refs import RemoteValue
 from .serialize import deserialize, function_id
 from .transfer import BlobClient, sha256_of
-from .transport import Backoff, open_ws
+from .transport import Backoff, open_ws, send_now
 from .versions import Needed, differences
 
 log = logging.getLogger("tether.client")
@@ -163,6 +163,7 @@ class Connection:
         self._wake_pending = False
         self._closed = False
         self._ws: Any = None
+        self._queued_sends = 0  # frames in send tasks not yet written (see _send_soon)
         #: since when (time.monotonic) the service has not been reachable, and the last reason;
         #: None while connected (what a future that times out, or a waiting shutdown, says)
         self.down_since: float | None = time.monotonic()
@@ -487,16 +488,16 @@ class Connection:
                 continue
             # sent by tasks, in order, never awaited here: the reading loop must start at once, or
             # with megabytes to resend neither side reads and both wait on full socket buffers
-            self._loop.create_task(self._send(data, "submit"))
+            self._send_soon(data, "submit")
         self._outbox.extendleft(reversed(requeue))
         unacked_ids = {t.id for frame in self._unacked.values() for t in frame.tasks}
         # list() copies in one step: user threads append to the deque while this runs
         queued_ids = {t.id for t in list(self._outbox)}
         follow = [tid for tid in list(self.futures) if tid not in unacked_ids and tid not in queued_ids]
         for start in range(0, len(follow), MAX_IDS):
-            self._loop.create_task(self._send(encode(Subscribe(ids=follow[start : start + MAX_IDS]))))
+            self._send_soon(encode(Subscribe(ids=follow[start : start + MAX_IDS])))
         for frame in self._kept.frames_to_resend():  # asked before the cut: ask again
-            self._loop.create_task(self._send(frame))
+            self._send_soon(frame)
 
     def _flush(self) -> None:
         """Drain queued control frames and tasks into frames on the socket (runs on the loop)."""
@@ -520,30 +521,45 @@ class Connection:
                     self._functions_to_send.pop(fid, None)
                 frame = Submit(ref=next(self._refs), tasks=batch, functions=functions)
                 self._unacked[frame.ref] = frame
-                self._loop.create_task(self._send(encode(frame), "submit"))
+                self._send_soon(encode(frame), "submit")
         # control frames (cancel, subscribe) after the tasks they may refer to: frames arrive in order
         while self._control:
-            self._loop.create_task(self._send(self._control.popleft()))
+            self._send_soon(self._control.popleft())
         if self._cancels and not self._holding_cancels:
             cancels = [self._cancels.popleft() for _ in range(len(self._cancels))]  # never a swap: an
             # append racing a swap would land in the list already sent
             for start in range(0, len(cancels), MAX_IDS):
-                self._loop.create_task(self._send(encode(Cancel(ids=cancels[start : start + MAX_IDS])), "cancel"))
+                self._send_soon(encode(Cancel(ids=cancels[start : start + MAX_IDS])), "cancel")
 
     def _fail_task(self, task_id: str, exc: TetherError) -> None:
         fut = self.futures.pop(task_id, None)
         if fut is not None:
             fut._settle(exception=exc)
 
-    async def _send(self, frame: bytes, kind: str = "control") -> None:
+    def _send_soon(self, frame: bytes, kind: str = "control") -> None:
+        """Send ``frame`` after those already on their way: written now when none is (a lone
+        task's submission leaves in this loop iteration), else in a task of its own, in order.
+        Never waits: the reading loop must go on (with megabytes to send, neither side reading
+        would leave both waiting on full socket buffers)."""
         ws = self._ws
-        if ws is None:
+        if ws is not None and not self._queued_sends and send_now(ws, frame):
+            self.frames_sent[kind] += 1
             return
+        self._queued_sends += 1
+        self._loop.create_task(self._send(frame, kind))
+
+    async def _send(self, frame: bytes, kind: str = "control") -> None:
         try:
-            await ws.send(frame)
-        except ConnectionClosed:
-            return  # _maintain reconnects; unacked batches are resent from there
-        self.frames_sent[kind] += 1
+            ws = self._ws
+            if ws is None:
+                return
+            try:
+                await ws.send(frame)
+            except ConnectionClosed:
+                return  # _maintain reconnects; unacked batches are resent from there
+            self.frames_sent[kind] += 1
+        finally:
+            self._queued_sends -= 1
 
     def _handle(self, frame: bytes) -> None:
         msg = _frames.decode(frame)

@@ -60,7 +60,7 @@ from tether.protocol import (
 )
 from tether.results import failure, result_frames, too_large
 from tether.serialize import function_id, method_of
-from tether.transport import Backoff, open_ws
+from tether.transport import Backoff, open_ws, send_now
 from tether.urls import tls_context
 from tether.versions import installed
 
@@ -157,6 +157,7 @@ class EndpointDaemon:
         self._fetching: set[str] = set()  # tasks whose blobs are being downloaded
         self._keep_over: dict[str, int] = {}  # tasks whose results stay here above a size of their own
         self.ws: Any = None
+        self._queued_sends = 0  # frames in send tasks not yet written (see _send_soon)
         self.stopping = asyncio.Event()
         self.detaching = False  # stopping for a restart (SIGUSR1): see _restarting
         # reports not yet sent, task id -> when: "received" and "running" (see _flush_reports)
@@ -459,7 +460,19 @@ class EndpointDaemon:
         self._last_activity = time.monotonic()
 
     def _send_soon(self, frame: bytes) -> None:
-        asyncio.ensure_future(self._send(frame))
+        """Send ``frame`` after those already on their way: written now when none is (a result
+        leaves in this loop iteration), else in a task of its own, in order."""
+        ws = self.ws
+        if ws is not None and not self._queued_sends and send_now(ws, frame):
+            return
+        self._queued_sends += 1
+        asyncio.ensure_future(self._send_queued(frame))
+
+    async def _send_queued(self, frame: bytes) -> None:
+        try:
+            await self._send(frame)
+        finally:
+            self._queued_sends -= 1
 
     async def _store_then_finish(self, result: Result) -> None:
         self._finish(await self.payloads.store_result(result))
@@ -488,7 +501,7 @@ class EndpointDaemon:
             for start in range(0, len(ids), MAX_IDS):
                 chunk = ids[start : start + MAX_IDS]
                 ts = min(pending[tid] for tid in chunk)
-                asyncio.ensure_future(self._send(encode(frame_type(ids=chunk, ts=ts))))
+                self._send_soon(encode(frame_type(ids=chunk, ts=ts)))
 
     def _on_result(self, result: Result) -> None:
         tid = result.id
@@ -518,6 +531,8 @@ class EndpointDaemon:
         if received is not None:
             result.times.setdefault(TaskState.DISPATCHED.value, received)
         self._reports["running"].pop(tid, None)  # the worker's own time is in the result
+        if not self._reports["received"] and not self._reports["running"]:
+            self._reports_linger.cancel()  # nothing left to report: no wake-up STATE_WINDOW from now
         data = result.data
         too_big = self.max_result is not None and data is not None and len(data) > self.max_result
         if too_big and result.state == TaskState.SUCCESS.value:
@@ -542,7 +557,7 @@ class EndpointDaemon:
             self.spool.write(results)
             self.engine.results_kept([r.id for r in results])
             for frame in self._result_frames(results):
-                asyncio.ensure_future(self._send(frame))
+                self._send_soon(frame)
 
     def _result_frames(self, results: Iterable[Result]) -> Iterator[bytes]:
         """RESULT frames within the service's limits; a result too large for any frame is

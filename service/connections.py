@@ -14,7 +14,8 @@ which adds three checks and nothing else:
   pings find dead peers);
 * a WebSocket's ASGI scope carries the transport's ``abort`` and its write-buffer size
   (``scope["extensions"]["tether.transport"]``), so a session can drop a peer that stopped
-  reading without waiting on it (see ``outbound.py``).
+  reading without waiting on it (see ``outbound.py``), and, with uvicorn's sans-I/O
+  WebSocket protocol, a way to write several messages in one write (``send_frames``).
 """
 
 from __future__ import annotations
@@ -132,9 +133,28 @@ def guarded_protocols(limits: ConnectionLimits, http_base: type, ws_base: type) 
     class GuardedWebSocket(ws_base):  # type: ignore[misc, valid-type]
         async def run_asgi(self) -> None:
             transport = self.transport
-            self.scope.setdefault("extensions", {})[SCOPE_KEY] = {
+            hooks = self.scope.setdefault("extensions", {})[SCOPE_KEY] = {
                 "abort": transport.abort, "buffered": transport.get_write_buffer_size}
+            conn = getattr(self, "conn", None)  # uvicorn's sans-I/O implementation: a websockets protocol
+            if hasattr(conn, "send_binary") and hasattr(conn, "data_to_send"):
+                hooks["send_frames"] = self._tether_send_frames
             await super().run_asgi()
+
+        def _tether_send_frames(self, frames: list[bytes]) -> bool:
+            """Write binary messages in one write to the socket (one syscall here, one wake-up of
+            the peer), as uvicorn's ``websocket.send`` writes each; False, having written
+            nothing, where that would refuse (not open, closing, paused): the caller sends them
+            one by one through ASGI, which says why."""
+            if (not self.handshake_complete or self.close_sent or self.disconnected
+                    or self.initial_response is not None or not self.writable.is_set()):
+                return False
+            try:
+                for frame in frames:
+                    self.conn.send_binary(frame)
+            except Exception:  # noqa: BLE001 - InvalidState: the connection is closing
+                return False
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            return True
 
         def connection_lost(self, exc: Exception | None) -> None:
             limits.release(getattr(self, "transport", None))

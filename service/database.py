@@ -91,6 +91,8 @@ class Database:
         self._function_cache: BoundedCache[tuple[str, str], bytes] = BoundedCache(
             max_items=4096, max_bytes=256 * 1024 * 1024)
         self._inserts: dict[tuple[str, str | None], Any] = {}  # see _insert
+        #: the task path's statements go to SQLite's driver directly (service/store_sqlite.py)
+        self._driver_sql = self.engine.dialect.name == "sqlite"
 
     @property
     def _conn(self) -> Connection:
@@ -113,6 +115,11 @@ class Database:
             conn.rollback()
         with conn.begin():
             yield conn
+
+    def _sqlite_driver(self, conn: Connection) -> Any:
+        """The ``sqlite3`` connection under ``conn`` (in its transaction), for the task path's
+        statements (``store_sqlite.py``); None on other databases."""
+        return conn.connection.dbapi_connection if self._driver_sql else None
 
     def transaction(self) -> Any:
         """:meth:`_tx` for modules that keep tables of their own here (service/blobs.py)."""

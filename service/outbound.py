@@ -43,6 +43,7 @@ class Outbound:
         hooks = ws.scope.get("extensions", {}).get(SCOPE_KEY) or {}
         self._abort = hooks.get("abort")
         self._buffered = hooks.get("buffered")
+        self._send_frames = hooks.get("send_frames")
         self._frames: collections.deque[bytes] = collections.deque()
         self._queued = 0
         self._writer: asyncio.Task[None] | None = None
@@ -69,6 +70,15 @@ class Outbound:
         self._queued += len(frame)
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._write())
+
+    async def send_frames(self, frames: list[bytes]) -> None:
+        """Send ``frames`` in order; while the line is free, in one write to the socket (a
+        submission's acknowledgement and its task's result wake the peer once, not twice)."""
+        if len(frames) > 1 and self._send_frames is not None and self.closed is None and self._line_free() \
+                and self._send_frames(frames):
+            return
+        for frame in frames:
+            await self.send(frame)
 
     async def _write(self) -> None:
         try:

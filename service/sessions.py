@@ -51,6 +51,8 @@ RESULT_CHUNK = 1000  # results per frame to a client
 class Sender(Protocol):
     async def send(self, frame: bytes) -> None: ...
 
+    async def send_frames(self, frames: list[bytes]) -> None: ...
+
     async def close(self, code: int, reason: str) -> None: ...
 
 
@@ -76,8 +78,12 @@ class ClientSession:
                                    eager=False)
         self._updates_linger = Linger(self._flush_updates, STATUS_WINDOW, eager=False)
 
-    async def send(self, frame: bytes) -> None:
-        await self.sender.send(frame)
+    async def send(self, frame: bytes | list[bytes]) -> None:
+        """Send a frame, or frames in order (in one write to the socket while it takes them)."""
+        if isinstance(frame, list):
+            await self.sender.send_frames(frame)
+        else:
+            await self.sender.send(frame)
 
     def hold_ack(self, frame: bytes) -> None:
         """Send a submission's acknowledgement with the next frame to this client, or after
@@ -88,9 +94,15 @@ class ClientSession:
     async def send_held_acks(self) -> None:
         """Send the held acknowledgements now (before any frame that may concern their tasks)."""
         while self._acks:
-            acks, self._acks = self._acks, []
-            for frame in acks:
-                await send_or_drop(self, frame)
+            await send_or_drop(self, self._take_acks())
+
+    def _take_acks(self) -> list[bytes]:
+        """The held acknowledgements, now no longer held (their timer is disarmed: nothing is
+        left for it, so no wake-up SUBMIT_ACK_WINDOW from now)."""
+        acks, self._acks = self._acks, []
+        if acks:
+            self._acks_linger.cancel()
+        return acks
 
     def push(self, key: str, items: list[Any]) -> None:
         if key == "updates":
@@ -120,13 +132,14 @@ class ClientSession:
             asyncio.ensure_future(self.send_results_now())
 
     async def send_results_now(self) -> None:
-        """Send buffered results in this coroutine (the scheduled flush then finds nothing)."""
-        await self.send_held_acks()
-        while self._results:
+        """Send buffered results in this coroutine (the scheduled flush then finds nothing),
+        after the held acknowledgements and in the same write: the client wakes once for both."""
+        while self._acks or self._results:
+            frames = self._take_acks()
             results, self._results = self._results, []
             # a result too large for any frame reaches the client as the failure that says so
-            for frame in result_frames(results, PEER_MAX_FRAME, RESULT_CHUNK):
-                await send_or_drop(self, frame)
+            frames.extend(result_frames(results, PEER_MAX_FRAME, RESULT_CHUNK))
+            await send_or_drop(self, frames)
 
 
 class EndpointSession:
@@ -193,8 +206,9 @@ def failed_result(task_id: str, code: ErrorCode, message: str) -> Result:
                                   message=message, code=code.value))
 
 
-async def send_or_drop(session: Any, frame: bytes) -> None:
-    """Send, tolerating a peer that went away: its state is durable, it will catch up on reconnect."""
+async def send_or_drop(session: Any, frame: bytes | list[bytes]) -> None:
+    """Send (a frame, or frames to a client session), tolerating a peer that went away: its state
+    is durable, it will catch up on reconnect."""
     try:
         await session.send(frame)
     except Exception as exc:  # noqa: BLE001 - any transport error means the peer is gone

@@ -30,6 +30,7 @@ from sqlalchemy import (
 
 from tether.protocol import ErrorInfo, Result, TaskState, kept_ref_of
 
+from . import store_sqlite
 from .database import chunks
 from .registry import Registry
 from .tables import endpoints, task_inputs, tasks
@@ -77,6 +78,8 @@ _STORE_RESULT = (
         payload=None,  # the arguments are not needed once a result exists
     )
 )
+#: _STORE_RESULT's parameters, in the order write_results builds them (store_sqlite's order)
+_RESULT_KEYS = ("b_state", "b_result", "b_error", "b_dispatched", "b_running", "b_done", "b_id")
 _SET_STATE = {
     state: update(tasks).where(and_(tasks.c.id == bindparam("b_id"), _OPEN))
     .values({"state": state.value, _TIME_COLUMN[state]: bindparam("b_ts")})
@@ -176,50 +179,56 @@ class Store(Registry):
         same transaction, and only the tasks that fit are inserted (the rest are none of the
         four: the caller refuses them): the quota holds however many replicas submit.
         """
-        now = now or time.time()
-        rows = [
-            {
-                "id": t.id,
-                "owner_id": owner,
-                "endpoint_id": t.endpoint,
-                "function_id": t.function,
-                "group_id": t.group,
-                "state": TaskState.WAITING.value,
-                "payload": t.payload,
-                "spec": json.dumps(t.spec) if t.spec else None,
-                "uec": json.dumps(t.uec) if t.uec else None,
-                "inputs": json.dumps(t.inputs) if t.inputs else None,
-                "keep_over": t.keep,
-                "t_received": now,
-                "t_waiting": now,
-            }
-            for t in batch
-        ]
-        if not rows:
+        return self._insert_tasks(owner, batch, now or time.time(), max_open)
+
+    def _insert_tasks(self, owner: str, batch: list[Any], now: float, max_open: int | None,
+                      driver_ok: bool = True) -> tuple[list[Any], list[str], list[str], list[str]]:
+        if not batch:
             return [], [], [], []
-        with self._tx() as conn:
-            deleted: set[str] = set()
-            for chunk in chunks(sorted({t.endpoint for t in batch})):  # sorted: locks always taken in one order
-                held = conn.execute(select(endpoints.c.id, endpoints.c.deleted_at).where(endpoints.c.id.in_(chunk))
-                                    .order_by(endpoints.c.id).with_for_update(read=True))
-                deleted.update(r.id for r in held if r.deleted_at is not None)
-            refused = [t.id for t in batch if t.endpoint in deleted]  # unless stored before (below)
-            if refused:
-                rows = [r for r, t in zip(rows, batch, strict=True) if t.endpoint not in deleted]
-                batch = [t for t in batch if t.endpoint not in deleted]
-            if max_open is not None:
-                self.lock_owner(conn, owner, "tasks")
-                room = max(0, max_open - conn.execute(_COUNT_OPEN, {"owner": owner}).scalar_one())
-                batch, rows = batch[:room], rows[:room]
-            inserted_ids = {r.id for r in self._insert(tasks, rows, returning=tasks.c.id)} if rows else set()
-            links = [{"task_id": t.id, "input_id": x} for t in batch if t.inputs and t.id in inserted_ids
-                     for x in set(t.inputs)]
-            if links:
-                self._insert(task_inputs, links)
-            existing = [t.id for t in batch if t.id not in inserted_ids] + refused
-            owners: dict[str, str] = {}
-            for chunk in chunks(existing):
-                owners.update(conn.execute(select(tasks.c.id, tasks.c.owner_id).where(tasks.c.id.in_(chunk))).all())
+        submitted = batch
+        waiting = TaskState.WAITING.value
+        rows = [(t.id, owner, t.endpoint, t.function, t.group, waiting, t.payload,
+                 json.dumps(t.spec) if t.spec else None, json.dumps(t.uec) if t.uec else None,
+                 json.dumps(t.inputs) if t.inputs else None, t.keep, now, now, False) for t in batch]
+        try:
+            with self._tx() as conn:
+                driver = self._sqlite_driver(conn) if driver_ok else None
+                deleted: set[str] = set()
+                for chunk in chunks(sorted({t.endpoint for t in batch})):  # sorted: locks always taken in one order
+                    if driver is not None:
+                        deleted |= store_sqlite.deleted_endpoints(driver, chunk)
+                        continue
+                    held = conn.execute(select(endpoints.c.id, endpoints.c.deleted_at)
+                                        .where(endpoints.c.id.in_(chunk))
+                                        .order_by(endpoints.c.id).with_for_update(read=True))
+                    deleted.update(r.id for r in held if r.deleted_at is not None)
+                refused = [t.id for t in batch if t.endpoint in deleted]  # unless stored before (below)
+                if refused:
+                    rows = [r for r, t in zip(rows, batch, strict=True) if t.endpoint not in deleted]
+                    batch = [t for t in batch if t.endpoint not in deleted]
+                if max_open is not None:
+                    self.lock_owner(conn, owner, "tasks")
+                    room = max(0, max_open - conn.execute(_COUNT_OPEN, {"owner": owner}).scalar_one())
+                    batch, rows = batch[:room], rows[:room]
+                if not rows:
+                    inserted_ids: set[str] = set()
+                elif driver is not None:
+                    inserted_ids = store_sqlite.insert_tasks(driver, rows)
+                else:
+                    inserted_ids = {r.id for r in self._insert(
+                        tasks, [dict(zip(store_sqlite.TASK_COLUMNS, r, strict=True)) for r in rows],
+                        returning=tasks.c.id)}
+                links = [{"task_id": t.id, "input_id": x} for t in batch if t.inputs and t.id in inserted_ids
+                         for x in set(t.inputs)]
+                if links:
+                    self._insert(task_inputs, links)
+                existing = [t.id for t in batch if t.id not in inserted_ids] + refused
+                owners: dict[str, str] = {}
+                for chunk in chunks(existing):
+                    owners.update(store_sqlite.existing(driver, chunk) if driver is not None else
+                                  conn.execute(select(tasks.c.id, tasks.c.owner_id).where(tasks.c.id.in_(chunk))).all())
+        except store_sqlite.Raced:  # (rolled back) another writer meanwhile: the general way
+            return self._insert_tasks(owner, submitted, now, max_open, driver_ok=False)
         inserted = [t for t in batch if t.id in inserted_ids]
         # a task for a deleted endpoint that was stored before (a resubmission) is answered as one
         gone = [tid for tid in refused if tid not in owners]
@@ -273,25 +282,22 @@ class Store(Registry):
         params = []
         for r in fresh:
             times = r.times
-            params.append(
-                {
-                    "b_id": r.id,
-                    "b_state": r.state,
-                    "b_result": r.data,
-                    "b_error": json.dumps(_error_dict(r.error)) if r.error else None,
-                    "b_dispatched": times.get(TaskState.DISPATCHED.value),
-                    "b_running": times.get(TaskState.RUNNING.value),
-                    "b_done": times.get(r.state) or now,
-                }
-            )
+            params.append((r.state, r.data, json.dumps(_error_dict(r.error)) if r.error else None,
+                           times.get(TaskState.DISPATCHED.value), times.get(TaskState.RUNNING.value),
+                           times.get(r.state) or now, r.id))
         with self._tx() as conn:
+            driver = self._sqlite_driver(conn)
             still_open: set[str] = set()
             for chunk in chunks(sorted(r.id for r in fresh)):  # locked in id order, as set_state does
-                still_open.update(conn.execute(_LOCK_OPEN_AMONG, {"ids": chunk}).scalars())
-            params = sorted((p for p in params if p["b_id"] in still_open), key=lambda p: p["b_id"])
+                still_open.update(store_sqlite.open_among(driver, chunk) if driver is not None else
+                                  conn.execute(_LOCK_OPEN_AMONG, {"ids": chunk}).scalars())
+            params = sorted((p for p in params if p[-1] in still_open), key=lambda p: p[-1])
             if not params:
                 return []
-            conn.execute(_STORE_RESULT, params)
+            if driver is not None:
+                store_sqlite.store_results(driver, params)
+            else:
+                conn.execute(_STORE_RESULT, [dict(zip(_RESULT_KEYS, p, strict=True)) for p in params])
         return [r for r in fresh if r.id in still_open]
 
     def open_task_page(self, endpoint_id: str, after: tuple[float, str] | None, limit: int) -> list[Any]:

@@ -32,6 +32,7 @@ import fcntl
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import struct
 import time
@@ -98,6 +99,9 @@ class _Worker:
     functions: set[str] = field(default_factory=set)
     alive: bool = True
     outbox: bytearray = field(default_factory=bytearray)  # framed messages the pipe has not taken
+    #: whether more results wait on ``conn``: one poll(2), where ``Connection.poll`` built a
+    #: selector each time (two per result, on the daemon's loop)
+    more: Any = None
 
 
 class ProcessEngine(Engine):
@@ -158,6 +162,8 @@ class ProcessEngine(Engine):
         # arrives in parts. uvloop (libuv) makes a watched descriptor non-blocking, and a partial
         # read then raised BlockingIOError, which looked like a dead worker.
         os.set_blocking(worker.conn.fileno(), True)
+        worker.more = select.poll()
+        worker.more.register(worker.conn.fileno(), select.POLLIN)
         return worker
 
     def _start_worker(self) -> _Worker:
@@ -363,9 +369,12 @@ class ProcessEngine(Engine):
         return withdrawn
 
     def _readable(self, w: _Worker) -> None:
+        """The loop saw ``w``'s result pipe readable: read every result waiting there."""
         try:
-            while w.alive and w.conn.poll():
+            while w.alive:
                 self._on_finished(w, unpack(w.conn.recv_bytes()))
+                if not w.alive or not w.more.poll(0):
+                    break
         except (EOFError, OSError):
             self._worker_died(w)
             return

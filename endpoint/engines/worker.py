@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import select
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -121,9 +122,12 @@ def main(conns: tuple[Connection, Connection], allowed_methods: Allowlist | froz
         elif msg[0] == "exit":
             os._exit(0)
 
+    # whether more tasks wait on the pipe: one poll(2) (Connection.poll builds a selector each time)
+    more = select.poll()
+    more.register(conn.fileno(), select.POLLIN)
     while True:
         try:
-            while not queue or conn.poll():  # block only with nothing to run
+            while not queue or more.poll(0):  # block only with nothing to run
                 take(conn.recv())
         except (EOFError, OSError):
             os._exit(0)  # the endpoint is gone: so are we
