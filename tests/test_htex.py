@@ -33,6 +33,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: Parsl notices a dead worker within heartbeat_period (its default is 30 s) and a silent worker pool
 #: after heartbeat_threshold (120 s)
+#: the mpi engine on this host: one block, one worker that launches MPI tasks with mpiexec
+MPI_LOCAL = """
+engine:
+  type: mpi
+  mpi_launcher: mpiexec
+  max_workers_per_block: 1
+  heartbeat_period: 1
+  provider: {type: LocalProvider, init_blocks: 1, max_blocks: 1, launcher: {type: SimpleLauncher}}
+"""
 HTEX_LOCAL = """
 engine:
   type: htex
@@ -348,14 +357,7 @@ def _mpi_missing() -> str | None:
 def test_mpi_engine_runs_mpi_functions_with_parsls_prefix(tmp_path: Path) -> None:
     from tether import MPIFunction
 
-    config = """
-engine:
-  type: mpi
-  mpi_launcher: mpiexec
-  max_workers_per_block: 1
-  heartbeat_period: 1
-  provider: {type: LocalProvider, init_blocks: 1, max_blocks: 1, launcher: {type: SimpleLauncher}}
-"""
+    config = MPI_LOCAL
     bindir = str(Path(sys.executable).parent)
     rank = MPIFunction(
         f"{sys.executable} -c 'from mpi4py import MPI; c = MPI.COMM_WORLD; print(c.rank, c.size)'",

@@ -103,21 +103,26 @@ def test_stop_still_ends_running_tasks(fresh_stack: LocalStack, tmp_path: Path) 
                 and pid_alive(int(p.name))], os.listdir(fresh_stack.endpoint_dir() / "workers")
 
 
-@pytest.mark.timeout(60)
-def test_an_adopted_task_can_be_cancelled(fresh_stack: LocalStack, tmp_path: Path) -> None:
+def _cancel_an_adopted_task(stack: LocalStack, tmp_path: Path) -> None:
+    """A task adopted across a restart is cancelled: its worker ends, and the next task runs."""
     marker = tmp_path / "task"
-    ex = Executor(endpoint_id=fresh_stack.endpoint_id, service=fresh_stack.service_url, token=fresh_stack.token)
+    ex = Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token)
     future = ex.submit(marked_sleep, str(marker), 60, 0)
     wait_for(lambda: _lines(marker), what="the task to start")
-    _restart(fresh_stack)
+    _restart(stack)
     pid = _lines(marker)[0]
     assert pid_alive(pid)
     assert future.cancel()
     wait_for(lambda: not pid_alive(pid), timeout=10, what="the cancel to end the adopted task")
     assert future.cancelled()
-    # its worker is replaced: the endpoint runs the next task
+    # its worker is replaced (by the engine, or by Parsl): the endpoint runs the next task
     assert ex.submit(marked_sleep, str(tmp_path / "next"), 0, 1).result(timeout=30)[1] == 1
     ex.shutdown(wait=False)
+
+
+@pytest.mark.timeout(60)
+def test_an_adopted_task_can_be_cancelled(fresh_stack: LocalStack, tmp_path: Path) -> None:
+    _cancel_an_adopted_task(fresh_stack, tmp_path)
 
 
 # --- the Parsl engines: the engine host outlives the daemon (engines/parsl/host.py) ----------------
@@ -198,35 +203,18 @@ def test_an_adopted_htex_task_can_be_cancelled(tmp_path: Path) -> None:
 
     from parsl_stack import engine_stack
 
-    marker = tmp_path / "task"
     with engine_stack(tmp_path / "home", HTEX_LOCAL % 0) as stack:
-        ex = Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token)
-        future = ex.submit(marked_sleep, str(marker), 60, 0)
-        wait_for(lambda: _lines(marker), what="the task to start")
-        _restart(stack)
-        pid = _lines(marker)[0]
-        assert pid_alive(pid)
-        assert future.cancel()
-        wait_for(lambda: not pid_alive(pid), timeout=10, what="the cancel to end the adopted task's worker")
-        assert future.cancelled()
-        # Parsl replaces the worker: the endpoint runs the next task
-        assert ex.submit(marked_sleep, str(tmp_path / "next"), 0, 1).result(timeout=30)[1] == 1
-        ex.shutdown(wait=False)
+        _cancel_an_adopted_task(stack, tmp_path)
 
 
 @pytest.mark.timeout(120)
 def test_mpi_engine_tasks_survive_a_restart(tmp_path: Path) -> None:
     pytest.importorskip("parsl", reason="the mpi engine needs Parsl")
+    from test_htex import MPI_LOCAL
+
     from parsl_stack import engine_stack
 
-    config = """
-engine:
-  type: mpi
-  mpi_launcher: mpiexec
-  max_workers_per_block: 1
-  heartbeat_period: 1
-  provider: {type: LocalProvider, init_blocks: 1, max_blocks: 1, launcher: {type: SimpleLauncher}}
-"""
+    config = MPI_LOCAL
     marks = [tmp_path / "long", tmp_path / "queued"]
     with engine_stack(tmp_path / "home", config) as stack:
         ex = Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token)
