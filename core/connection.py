@@ -85,7 +85,8 @@ from .protocol import (
 )
 from .refs import RemoteValue
 from .serialize import deserialize, function_id
-from .transfer import BlobClient, sha256_of
+from .spill import sha256_of
+from .transfer import BlobClient
 from .transport import Backoff, open_ws, send_now
 from .versions import Needed, differences
 

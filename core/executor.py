@@ -21,7 +21,8 @@ from .protocol import Task, blob_stub
 from .refs import RemoteValue, TaskInput, swap_inputs
 from .resources import validate_resource_specification
 from .serialize import DATA_METHODS, function_id, serialize, serialize_into
-from .transfer import SEND_ATTEMPTS, Spill
+from .spill import Spill
+from .transfer import SEND_ATTEMPTS
 
 log = logging.getLogger("tether.executor")
 

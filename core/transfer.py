@@ -3,11 +3,10 @@
 Shared by the client and the endpoint, which both talk to the service's ``/v1/blobs`` routes
 over plain HTTP(S) with httpx, streaming: nothing here holds a blob whole in memory.
 
-* :class:`Spill` is where a large value is serialized to: memory while small, a file once it
-  passes the threshold. It does not hash what it writes: the upload does, as it sends (a kept
-  result may never be uploaded at all). The client's spills keep large ``bytes`` by reference
-  instead of writing them out (they cannot change, and the caller holds them anyway): an
-  upload streams them from memory.
+* What it moves was serialized into a :class:`~tether.spill.Spill` (memory while small, a
+  file once large; not hashed there: an upload hashes as it sends, and a kept result may never
+  be uploaded at all). The client's spills keep large ``bytes`` by reference: an upload
+  streams them from memory.
 * :class:`BlobClient` uploads in two steps, like S3's multipart or tus: ``POST /v1/blobs``
   declares the size, and the sha256 when it is known (the service refuses a blob over its
   limit, 413, or over the user's quota, 429, before any byte moves), then ``PUT /v1/blobs/{id}``
@@ -20,7 +19,7 @@ over plain HTTP(S) with httpx, streaming: nothing here holds a blob whole in mem
   (a path, not the bytes: the worker unpickles from the file); :func:`service_stub` /
   :func:`load_service_blob`: how it hands one to a worker beside it that reads the blob from
   the service itself.
-* :class:`TransferProgress`: a progress bar on a terminal, log lines otherwise.
+* Large transfers show their progress (:class:`tether.progress.TransferProgress`).
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ import json
 import logging
 import os
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,23 +44,14 @@ import httpx
 import msgspec
 
 from .errors import AuthError, BlobCorrupt, PayloadTooLarge, QuotaExceeded, TetherError
+from .progress import TransferProgress
 from .protocol import ERROR_HEADER, SHA256_HEADER, BlobRef, ErrorCode
 from .serialize import deserialize_from
+from .spill import CHUNK, Spill, hash_and_write, sha256_of
 from .urls import tls_context
 
 log = logging.getLogger("tether.transfer")
 
-#: bytes per read and write while streaming, and per slice hashed then written: small enough to
-#: stay in the CPU's cache between the two (on the project's machine a gibibyte costs 0.9 CPU
-#: seconds to hash and write in 256 KiB slices, 2.5 s in slices of 1 MiB or more: each byte is
-#: then read from memory twice)
-CHUNK = 256 * 1024
-#: a ``bytes`` this large that a by-reference Spill is given is kept, not written to its file
-BY_REFERENCE_MIN = 1024 * 1024
-#: a transfer this large gets a progress display (a bar or log lines)
-PROGRESS_MIN = 64 * 1024 * 1024
-#: seconds between progress log lines when stderr is not a terminal
-LOG_EVERY_S = 10.0
 BLOBS_PATH = "/v1/blobs"
 #: times a client sends a declared blob before it gives up (network failures only)
 SEND_ATTEMPTS = 3
@@ -76,239 +65,6 @@ DIGEST_AT_END = 64
 FILE_STUB_HEADER = b"tether:1;method=file\n"
 #: the header of a service stub (endpoint daemon -> its workers on its host; never on the wire)
 SERVICE_STUB_HEADER = b"tether:1;method=service\n"
-
-
-class Spill(io.RawIOBase):
-    """A write-only binary file that stays in memory up to ``threshold`` bytes and moves to
-    ``directory/name`` beyond.
-
-    Serializing into it (``tether.serialize.serialize_into``) means a large value exists once
-    in memory (the object) and once on disk (its pickle), never twice in memory.
-
-    It sits on every task's path (each argument tuple and each result goes through one), so it
-    costs nothing until it spills: no file-system call. ``directory`` may be a callable, resolved
-    (and the directory made) only on the first spill; one that names no directory (None) keeps
-    the value in memory. Nothing spilled is hashed here: an upload hashes the bytes as it sends
-    them (:meth:`BlobClient.send`), in the same pass; a kept result that is never uploaded is
-    never hashed. The sha256 of a small value is computed when asked for.
-    """
-
-    def __init__(self, threshold: int, directory: Path | str | Callable[[], Path | str | None],
-                 name: str, *, by_reference: bool = False):
-        super().__init__()
-        self.threshold = threshold
-        self._directory = directory
-        self.name_in_dir = name
-        self.path: Path | None = None
-        self._buffer: io.BytesIO | None = io.BytesIO()
-        self._file: Any = None
-        self._size = 0  # bytes written past the threshold, to the file or kept (the buffer knows its own)
-        # by_reference: the value, in order, as runs of the file (their lengths) and kept bytes objects;
-        # only for a reader in this process (a worker's result is read by the daemon: it goes whole to the file)
-        self._by_reference = by_reference
-        self._parts: list[int | bytes] = []
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        kept = self._by_reference and type(data) is bytes and len(data) >= BY_REFERENCE_MIN
-        if not isinstance(data, bytes):  # pickle also writes memoryviews and PickleBuffers
-            data = memoryview(data).cast("B")
-        buffer = self._buffer
-        if buffer is not None:
-            if buffer.tell() + len(data) <= self.threshold or not self._move_to_file():
-                return buffer.write(data)
-        self._size += len(data)
-        if kept:  # immutable, and alive as long as the caller's value: no need for a copy on disk
-            self._parts.append(data)
-        else:
-            write_sliced(data, self._file)
-            if self._parts and isinstance(self._parts[-1], int):
-                self._parts[-1] += len(data)
-            else:
-                self._parts.append(len(data))
-        return len(data)
-
-    def _move_to_file(self) -> bool:
-        """Past the threshold: what was buffered goes to the file. False (and everything stays
-        in memory) if ``directory`` is a callable that names none."""
-        assert self._buffer is not None
-        named = self._directory() if callable(self._directory) else self._directory
-        if named is None:
-            self.threshold = sys.maxsize
-            return False
-        directory = Path(named)
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.path = directory / self.name_in_dir
-        self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
-        held = self._buffer.getbuffer()
-        self._file.write(held)
-        self._size = len(held)
-        self._parts = [len(held)]
-        del held
-        self._buffer = None
-        return True
-
-    @property
-    def spilled(self) -> bool:
-        return self.path is not None
-
-    @property
-    def size(self) -> int:
-        return self._buffer.tell() if self._buffer is not None else self._size
-
-    @property
-    def sha256(self) -> str:
-        """The sha256 of a value that stayed in memory; "" for a spilled one (its upload hashes it
-        as it sends it, and declares the digest at the end)."""
-        if self._buffer is not None:
-            return hashlib.sha256(self._buffer.getbuffer()).hexdigest()
-        return ""
-
-    def getvalue(self) -> bytes:
-        """The bytes written, when they stayed in memory."""
-        assert self._buffer is not None, "spilled to a file: read it from .path"
-        return self._buffer.getvalue()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        super().close()
-
-    def discard(self) -> None:
-        """Close and delete the spilled file, if any, and let go of the bytes kept by reference."""
-        self.close()
-        self._parts = []
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
-
-    def pieces(self) -> Iterator[memoryview]:
-        """The spilled value, in order, in pieces of at most ``CHUNK`` bytes: the file's runs read
-        into one reused buffer, the bytes kept by reference sliced without a copy. Each piece is
-        valid only until the next one is asked for."""
-        assert self.path is not None, "not spilled: use getvalue()"
-        self.close()
-        buffer = bytearray(CHUNK)
-        with open(self.path, "rb", buffering=0) as fh:
-            for part in self._parts:
-                if isinstance(part, int):
-                    left = part
-                    while left:
-                        n = fh.readinto(memoryview(buffer)[: min(CHUNK, left)])
-                        if not n:
-                            raise OSError(f"{self.path} ended {left} bytes early")
-                        left -= n
-                        yield memoryview(buffer)[:n]
-                else:
-                    view = memoryview(part)
-                    for start in range(0, len(view), CHUNK):
-                        yield view[start : start + CHUNK]
-
-
-def write_sliced(data: Any, out: Any) -> None:
-    """Write ``data`` to ``out`` in slices of ``CHUNK`` bytes. One write of a gibibyte into a file
-    costs the kernel 1.2-1.6 s the first time in a process on the project's machine (it maps
-    the page cache in large pieces), 256 KiB slices 0.25 s every time."""
-    view = memoryview(data).cast("B")
-    for start in range(0, len(view), CHUNK):
-        out.write(view[start : start + CHUNK])
-
-
-def hash_and_write(data: Any, digest: Any, out: Any) -> None:
-    """Hash ``data`` and write it to ``out``, slice by slice (``CHUNK``): each slice is written
-    while the hashing has left it in the CPU's cache, so the bytes are read from memory once."""
-    view = memoryview(data).cast("B")
-    for start in range(0, len(view), CHUNK):
-        piece = view[start : start + CHUNK]
-        digest.update(piece)
-        out.write(piece)
-
-
-def sha256_of(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-# --- progress ----------------------------------------------------------------------------------
-class _SharedBar:
-    """One rich progress display per process (rich allows one live display at a time), shared by
-    concurrent transfers and stopped when the last one ends."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.progress: Any = None
-        self.users = 0
-
-    def add(self, description: str, total: int) -> Any:
-        with self.lock:
-            if self.progress is None:
-                from rich.console import Console
-                from rich.progress import (
-                    BarColumn,
-                    DownloadColumn,
-                    Progress,
-                    TextColumn,
-                    TimeRemainingColumn,
-                    TransferSpeedColumn,
-                )
-
-                self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                         TransferSpeedColumn(), TimeRemainingColumn(),
-                                         console=Console(stderr=True), transient=True)
-                self.progress.start()
-            self.users += 1
-            return self.progress.add_task(description, total=total)
-
-    def remove(self, task_id: Any) -> None:
-        with self.lock:
-            self.progress.remove_task(task_id)
-            self.users -= 1
-            if self.users == 0:
-                self.progress.stop()
-                self.progress = None
-
-
-_bar = _SharedBar()
-
-
-class TransferProgress:
-    """Progress of one transfer, shown the way a mature command-line tool does it: a bar on
-    stderr when stderr is a terminal, an INFO log line every ``LOG_EVERY_S`` otherwise.
-
-    ``mode``: True (always a bar), False (nothing but a debug line), None (decide by the
-    terminal and the size: transfers under ``PROGRESS_MIN`` stay quiet).
-    """
-
-    def __init__(self, description: str, total: int, mode: bool | None = None):
-        self.description, self.total = description, total
-        self.done = 0
-        self.started = self._last_log = time.monotonic()
-        quiet = mode is False or (mode is None and total < PROGRESS_MIN)
-        self._bar_task = None
-        self._log = not quiet and not (mode is True or sys.stderr.isatty())
-        if not quiet and not self._log:
-            self._bar_task = _bar.add(description, total)
-        if self._log:
-            log.info("%s: %.1f MiB to transfer", description, total / 2**20)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self._bar_task is not None:
-            _bar.progress.update(self._bar_task, completed=self.done)
-        elif self._log and time.monotonic() - self._last_log >= LOG_EVERY_S:
-            self._last_log = now = time.monotonic()
-            mib, total = self.done / 2**20, self.total / 2**20
-            log.info("%s: %.0f%% (%.1f of %.1f MiB, %.1f MiB/s)", self.description, 100 * mib / max(1e-9, total),
-                     mib, total, mib / max(1e-9, now - self.started))
-
-    def close(self) -> None:
-        elapsed = max(1e-9, time.monotonic() - self.started)
-        if self._bar_task is not None:
-            _bar.remove(self._bar_task)
-            self._bar_task = None
-        level = logging.INFO if self._log else logging.DEBUG
-        log.log(level, "%s: %.1f MiB in %.1f s (%.1f MiB/s)", self.description, self.done / 2**20, elapsed,
-                self.done / 2**20 / elapsed)
 
 
 # --- the HTTP side -----------------------------------------------------------------------------

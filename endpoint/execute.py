@@ -18,7 +18,8 @@ from tether.refs import fill_inputs
 from tether.results import failure, success
 from tether.runtime import TaskContext, set_current, task_id_environment
 from tether.serialize import RESULT, deserialize, serialize, serialize_into
-from tether.transfer import Spill, file_of, file_stub, load_file, load_service_blob, service_blob_of
+from tether.spill import Spill
+from tether.transfer import file_of, file_stub, load_file, load_service_blob, service_blob_of
 
 #: the endpoint daemon names a directory here (its ``blobs/``) where workers write results too
 #: large for a frame, so a large result crosses to the daemon as a file, not through a pipe

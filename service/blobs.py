@@ -42,7 +42,7 @@ from starlette.requests import ClientDisconnect
 
 from tether.ids import child_path
 from tether.protocol import ERROR_HEADER, SHA256_HEADER, ErrorCode, Task
-from tether.transfer import hash_and_write
+from tether.spill import hash_and_write
 
 from .async_store import AsyncStore
 from .guard import bearer

@@ -26,7 +26,8 @@ from tether.errors import BlobCorrupt, PayloadTooLarge, QuotaExceeded
 from tether.local import LocalStack, local_stack
 from tether.protocol import Collected, ErrorCode, Submit, SubmitAck, Task, blob_stub
 from tether.serialize import function_id, serialize
-from tether.transfer import BlobClient, _raise_for, sha256_of
+from tether.spill import sha256_of
+from tether.transfer import BlobClient, _raise_for
 
 import helpers
 from conftest import wait_for

@@ -129,7 +129,7 @@ def test_a_spill_holds_what_pickle_writes_in_memory_or_on_disk(tmp_path, thresho
     import numpy as np
 
     from tether.serialize import serialize_into
-    from tether.transfer import Spill
+    from tether.spill import Spill
 
     value = {"array": np.arange(100_000), "text": "x" * 100}
     asked: list[int] = []
@@ -155,7 +155,7 @@ def test_a_client_spill_keeps_large_bytes_by_reference_and_streams_them_in_order
     pickle, in order (an upload hashes them as it sends them); a mutable buffer still goes to
     the file, since it could change before the upload."""
     from tether.serialize import serialize_into
-    from tether.transfer import BY_REFERENCE_MIN, Spill
+    from tether.spill import BY_REFERENCE_MIN, Spill
 
     big = bytes(range(256)) * (3 * BY_REFERENCE_MIN // 256)
     value = ({"big": big, "mutable": bytearray(2 * BY_REFERENCE_MIN), "again": big, "small": b"x" * 10}, {})
