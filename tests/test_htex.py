@@ -183,6 +183,7 @@ def test_worker_killed_mid_task_fails_it_in_words(ex: Executor) -> None:
     assert ex.submit(helpers.square, 5).result(timeout=60) == 25  # the pool replaced the worker
 
 
+@pytest.mark.slow
 def test_worker_lost_mid_task_is_retried_when_configured(tmp_path: Path) -> None:
     with engine_stack(tmp_path / "home", HTEX_LOCAL % 1) as stack:
         with Executor(endpoint_id=stack.endpoint_id, service=stack.service_url, token=stack.token) as ex:
@@ -399,6 +400,7 @@ def test_interchange_death_fails_tasks_in_words_not_a_hang(tmp_path: Path) -> No
             ex.shutdown(wait=False, cancel_futures=True)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_engine_host_death_fails_tasks_in_words_and_a_restart_recovers(tmp_path: Path) -> None:
     with engine_stack(tmp_path / "home", HTEX_LOCAL % 0) as stack:

@@ -137,6 +137,7 @@ def _engine_processes(stack: LocalStack) -> dict[str, object]:
     return {"host": host, "interchange": interchange, "all": [host, *(p.pid for p in children)]}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("interrupt", [_restart, _kill_and_start], ids=["restart", "sigkill"])
 def test_htex_tasks_survive_a_restart_and_run_once(tmp_path: Path, interrupt: Callable[[LocalStack], None]) -> None:
@@ -207,6 +208,7 @@ def test_an_adopted_htex_task_can_be_cancelled(tmp_path: Path) -> None:
         _cancel_an_adopted_task(stack, tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_mpi_engine_tasks_survive_a_restart(tmp_path: Path) -> None:
     pytest.importorskip("parsl", reason="the mpi engine needs Parsl")

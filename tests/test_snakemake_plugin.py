@@ -89,6 +89,7 @@ def test_snakemake_finds_the_plugin(snake: SnakeStack) -> None:
     assert "SNAKEMAKE_TETHER_ENDPOINT_ID" in out.stdout
 
 
+@pytest.mark.slow
 @needs_mpi
 @pytest.mark.timeout(240)
 def test_issue_workflow(snake: SnakeStack, tmp_path: Path) -> None:
