@@ -61,15 +61,15 @@ class EngineHost:
         self.writer: asyncio.StreamWriter | None = None
         self.unacked: dict[str, Result] = {}  # results produced and not yet spooled by a daemon
         self.running_since: dict[str, float] = {}
-        self._results_out: list[Result] = []
-        self._flush_scheduled = False
+        #: the results of one loop turn travel in one frame
+        self._results_out: wire.Gather[Result] = wire.Gather(lambda results: self._send(wire.Done(results)))
         self.finished = asyncio.Event()
         self.stopping = False
 
     async def serve(self) -> None:
         from .engine import HtexEngine, MPIEngine
 
-        loop = self.loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.shutdown()))
         kind = HtexEngine if self.args.config.get("type", "htex") == "htex" else MPIEngine
@@ -105,16 +105,7 @@ class EngineHost:
         self.running_since.pop(result.id, None)
         if self.writer is None:
             return
-        self._results_out.append(result)
-        if not self._flush_scheduled:  # the results of one loop turn travel in one frame
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush_results)
-
-    def _flush_results(self) -> None:
-        self._flush_scheduled = False
-        results, self._results_out = self._results_out, []
-        if results:
-            self._send(wire.Done(results))
+        self._results_out.add([result])
 
     def _send(self, message: Any) -> None:
         if self.writer is not None:

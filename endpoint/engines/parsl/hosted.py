@@ -52,6 +52,7 @@ from .hostwire import (
     CancelTasks,
     Capacity,
     Done,
+    Gather,
     HostArgs,
     Shutdown,
     Started,
@@ -87,9 +88,9 @@ class HostedParslEngine(Engine):
         self.dir = Path(self.state_dir)
         self.held: set[str] = set()  # handed to the host, no result yet
         self._delivered: set[str] = set()  # results from the host, not acknowledged yet
-        self._tasks_out: list[TaskSpec] = []
-        self._acks: list[str] = []
-        self._tasks_scheduled = self._acks_scheduled = False
+        #: the tasks of one loop turn travel in one frame; acknowledgements gather for ACK_WINDOW_S
+        self._tasks_out: Gather[TaskSpec] = Gather(lambda tasks: self._write(Submit(tasks)))
+        self._acks: Gather[str] = Gather(lambda ids: self._write(Ack(ids)), ACK_WINDOW_S)
         self._cap: dict[str, Any] = {}
         self._cap_asked = 0.0
         self._stopped = asyncio.Event()
@@ -277,20 +278,11 @@ class HostedParslEngine(Engine):
                 f"the {self.kind} engine failed and runs no more tasks: {self.failed_state}")))
             return
         self.held.add(task.id)
-        self._tasks_out.append(task)
-        if not self._tasks_scheduled:  # the tasks of one loop turn travel in one frame
-            self._tasks_scheduled = True
-            self.loop.call_soon(self._send_tasks)
-
-    def _send_tasks(self) -> None:
-        self._tasks_scheduled = False
-        tasks, self._tasks_out = self._tasks_out, []
-        if tasks:
-            self._write(Submit(tasks))
+        self._tasks_out.add([task])
 
     def cancel(self, task_id: str) -> None:
         if task_id in self.held:
-            self._send_tasks()  # (it may not have left yet)
+            self._tasks_out.flush()  # (it may not have left yet)
             self._write(CancelTasks([task_id]))  # the host answers with its cancelled result
 
     def results_kept(self, ids: list[str]) -> None:
@@ -298,16 +290,7 @@ class HostedParslEngine(Engine):
         if not mine:
             return
         self._delivered.difference_update(mine)
-        self._acks.extend(mine)
-        if not self._acks_scheduled:
-            self._acks_scheduled = True
-            self.loop.call_later(ACK_WINDOW_S, self._send_acks)
-
-    def _send_acks(self) -> None:
-        self._acks_scheduled = False
-        acks, self._acks = self._acks, []
-        if acks:
-            self._write(Ack(acks))
+        self._acks.add(mine)
 
     def capacity(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -335,8 +318,8 @@ class HostedParslEngine(Engine):
         if self.writer is None:
             return
         self.stopping = True
-        self._send_tasks()
-        self._send_acks()
+        self._tasks_out.flush()
+        self._acks.flush()
         writer, self.writer = self.writer, None
         with contextlib.suppress(Exception):
             await asyncio.wait_for(writer.drain(), 10)

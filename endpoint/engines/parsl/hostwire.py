@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import msgspec
 
@@ -27,6 +28,8 @@ SOCKET_NAME, LOCK_NAME, PID_NAME, LOG_NAME = "engine.sock", "engine-host.lock", 
 _LENGTH = struct.Struct(">I")
 #: a frame larger than this is a broken peer, not a message (task batches are capped by the daemon)
 MAX_FRAME = 1 << 31
+
+T = TypeVar("T")
 
 
 class HostArgs(msgspec.Struct, frozen=True):
@@ -132,6 +135,39 @@ async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
         return None
 
 
+class Gather(Generic[T]):
+    """Items bound for the peer, sent as one batch ``delay`` seconds after the first (0: at the end
+    of this turn of the event loop), so a burst costs one frame, not one per item. Call on the
+    loop."""
+
+    def __init__(self, send: Callable[[list[T]], None], delay: float = 0.0):
+        self._send = send
+        self._delay = delay
+        self._items: list[T] = []
+        self._armed = False
+
+    def add(self, items: Iterable[T]) -> None:
+        self._items.extend(items)
+        if self._items and not self._armed:
+            self._armed = True
+            loop = asyncio.get_running_loop()
+            if self._delay:
+                loop.call_later(self._delay, self.flush)
+            else:
+                loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Send what gathered now (a later armed call finds nothing, or what came since)."""
+        self._armed = False
+        items, self._items = self._items, []
+        if items:
+            self._send(items)
+
+    def clear(self) -> None:
+        """Drop what gathered (it reaches the peer another way)."""
+        self._items.clear()
+
+
 def socket_path(directory: Path) -> tuple[str, int | None]:
     """Where the host's socket is, as a path ``bind``/``connect`` accept (at most 107 bytes): the
     plain path when short enough, else the same file reached through an open descriptor of its
@@ -143,6 +179,6 @@ def socket_path(directory: Path) -> tuple[str, int | None]:
     return f"/proc/self/fd/{fd}/{SOCKET_NAME}", fd
 
 
-__all__ = ["Ack", "AskCapacity", "Attach", "Attached", "CancelTasks", "Capacity", "Done", "HostArgs", "Started",
-           "Stopped", "Submit", "Shutdown", "ToDaemon", "ToHost", "WIRE_VERSION", "frame", "read_frame",
+__all__ = ["Ack", "AskCapacity", "Attach", "Attached", "CancelTasks", "Capacity", "Done", "Gather", "HostArgs",
+           "Started", "Stopped", "Submit", "Shutdown", "ToDaemon", "ToHost", "WIRE_VERSION", "frame", "read_frame",
            "socket_path", "to_daemon", "to_host"]
