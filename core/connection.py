@@ -87,7 +87,7 @@ from .refs import RemoteValue
 from .serialize import deserialize, function_id
 from .spill import sha256_of
 from .transfer import BlobClient
-from .transport import Backoff, open_ws, send_now
+from .transport import Backoff, ThreadSender, open_ws, send_now
 from .versions import Needed, differences
 
 log = logging.getLogger("tether.client")
@@ -161,9 +161,11 @@ class Connection:
         #: results kept on endpoints: fetches waiting for their answer, releases to send (core/kept.py)
         self._kept = KeptAsks(self.send_control)
         self._warned: set[Any] = set()
+        self._python_of: dict[str, str | None] = {}  # endpoint -> the Python its last brief named
         self._wake_pending = False
         self._closed = False
         self._ws: Any = None
+        self._direct: ThreadSender | None = None  # a lone task's submission, written by its own thread
         self._queued_sends = 0  # frames in send tasks not yet written (see _send_soon)
         #: since when (time.monotonic) the service has not been reachable, and the last reason;
         #: None while connected (what a future that times out, or a waiting shutdown, says)
@@ -207,8 +209,32 @@ class Connection:
             if fid not in self._known_functions:
                 self._functions_to_send[fid] = function_body
         self.futures[task.id] = future
+        if self._send_direct(task):
+            return
         self._outbox.append(task)
         self._wake()
+
+    def _send_direct(self, task: Task) -> bool:
+        """Write a lone task's submission from the submitting thread (see ThreadSender): only on
+        a quiet line, where the loop would send it at once anyway (nothing else in flight,
+        queued or about to be sent), so it overtakes nothing; False to hand it to the loop."""
+        direct = self._direct
+        if (direct is None or self.down_since is not None or len(self.futures) != 1 or self._outbox
+                or self._control or self._cancels or self._wake_pending or self._queued_sends):
+            return False
+        body = self._functions_to_send.get(task.function)
+        frame = Submit(ref=next(self._refs), tasks=[task], functions={task.function: body} if body is not None else {})
+        data = encode(frame)
+        if len(data) > self._frame_limit():
+            return False
+        self._unacked[frame.ref] = frame  # before it is written: its acknowledgement may come at once
+        if not direct.send(data):
+            self._unacked.pop(frame.ref, None)
+            return False
+        if body is not None:
+            self._functions_to_send.pop(task.function, None)
+        self.frames_sent["submit"] += 1
+        return True
 
     def watch(self, futures: list[TetherFuture]) -> None:
         """Follow tasks submitted elsewhere (a reloaded task group)."""
@@ -442,6 +468,7 @@ class Connection:
                 self.down_since = None
                 self._wake_pending = False
                 self._flush()
+                self._direct = ThreadSender.install(ws, self._loop)
                 async for frame in ws:
                     self._handle(frame)
             except ConnectionClosed as exc:
@@ -457,6 +484,9 @@ class Connection:
                 await ws.close()
             finally:
                 self._ws = None
+                if self._direct is not None:
+                    self._direct.close()
+                    self._direct = None
                 if self.down_since is None:
                     self.down_since, self.down_reason = time.monotonic(), "the connection was lost"
             if not self._closed:
@@ -470,7 +500,7 @@ class Connection:
     def _frame_refused(self) -> None:
         """The service closed the link on a frame too big for it (its limit is below what it
         announced): stay below the largest frame it may have refused, so resending converges."""
-        sizes = [len(encode(f)) for f in self._unacked.values()]
+        sizes = [len(encode(f)) for f in list(self._unacked.values())]
         if sizes:
             self._refused_size = min(max(sizes), self._refused_size or max(sizes))
             log.warning("the service refused a %d-byte frame; sending smaller frames", self._refused_size)
@@ -491,7 +521,7 @@ class Connection:
             # with megabytes to resend neither side reads and both wait on full socket buffers
             self._send_soon(data, "submit")
         self._outbox.extendleft(reversed(requeue))
-        unacked_ids = {t.id for frame in self._unacked.values() for t in frame.tasks}
+        unacked_ids = {t.id for frame in list(self._unacked.values()) for t in frame.tasks}
         # list() copies in one step: user threads append to the deque while this runs
         queued_ids = {t.id for t in list(self._outbox)}
         follow = [tid for tid in list(self.futures) if tid not in unacked_ids and tid not in queued_ids]
@@ -616,7 +646,11 @@ class Connection:
     def _check_endpoint(self, endpoint_id: str, brief: EndpointBrief) -> None:
         """Say once, in words, what will go wrong on an endpoint before its tasks fail."""
         self.endpoint_versions[endpoint_id] = brief.versions
-        python = differences(PICKLED, {"python": brief.python} if brief.python else {})
+        if self._python_of.get(endpoint_id, "?") == brief.python:
+            python = None  # compared at an earlier acknowledgement (every one carries the brief)
+        else:
+            self._python_of[endpoint_id] = brief.python
+            python = differences(PICKLED, {"python": brief.python} if brief.python else {})
         if python and endpoint_id not in self._warned:
             self._warned.add(endpoint_id)
             text = (f"endpoint {endpoint_id} runs Python {python[0].there} but this client runs Python "

@@ -60,7 +60,9 @@ class Outbound:
         if self.closed is not None:
             return
         if self._line_free():
-            await self.ws.send_bytes(frame)
+            # one write past ASGI's layers where uvicorn's protocol allows it (send_frames)
+            if self._send_frames is None or not self._send_frames([frame]):
+                await self.ws.send_bytes(frame)
             return
         if self._queued + len(frame) > self.max_queued and self._frames:
             self._drop(f"it stopped reading: {self._queued + len(frame)} bytes waited for it "
@@ -74,8 +76,7 @@ class Outbound:
     async def send_frames(self, frames: list[bytes]) -> None:
         """Send ``frames`` in order; while the line is free, in one write to the socket (a
         submission's acknowledgement and its task's result wake the peer once, not twice)."""
-        if len(frames) > 1 and self._send_frames is not None and self.closed is None and self._line_free() \
-                and self._send_frames(frames):
+        if self._send_frames is not None and self.closed is None and self._line_free() and self._send_frames(frames):
             return
         for frame in frames:
             await self.send(frame)

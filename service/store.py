@@ -190,6 +190,9 @@ class Store(Registry):
         rows = [(t.id, owner, t.endpoint, t.function, t.group, waiting, t.payload,
                  json.dumps(t.spec) if t.spec else None, json.dumps(t.uec) if t.uec else None,
                  json.dumps(t.inputs) if t.inputs else None, t.keep, now, now, False) for t in batch]
+        if driver_ok and max_open is None and self._driver_sql and not any(t.inputs for t in batch) \
+                and self._insert_fresh_sqlite(batch, rows):
+            return batch, [], [], []
         try:
             with self._tx() as conn:
                 driver = self._sqlite_driver(conn) if driver_ok else None
@@ -235,6 +238,18 @@ class Store(Registry):
         mine = [tid for tid in existing if owners.get(tid) == owner]
         theirs = [tid for tid in existing if owners.get(tid) != owner and tid not in gone]
         return inserted, mine, theirs, gone
+
+    def _insert_fresh_sqlite(self, batch: list[Any], rows: list[tuple[Any, ...]]) -> bool:
+        """The common submission on SQLite (tasks never seen, endpoints not deleted, no quota
+        count, no inputs to link): the deleted-endpoint check, one INSERT and the commit, on the
+        driver, with no look for stored ids first. False (rolled back, nothing written) when
+        any of that does not hold: the caller takes the general way, which tells each case apart."""
+        with self._driver_tx() as db:
+            if store_sqlite.deleted_endpoints(db, sorted({t.endpoint for t in batch})) \
+                    or not store_sqlite.insert_all_fresh(db, rows):
+                db.rollback()
+                return False
+        return True
 
     def set_state(self, stamps: Iterable[tuple[str, float]], state: TaskState) -> None:
         """Move open tasks to a non-terminal state at the given times (terminal tasks never move again)."""
@@ -285,6 +300,10 @@ class Store(Registry):
             params.append((r.state, r.data, json.dumps(_error_dict(r.error)) if r.error else None,
                            times.get(TaskState.DISPATCHED.value), times.get(TaskState.RUNNING.value),
                            times.get(r.state) or now, r.id))
+        if self._driver_sql:  # the common case first: every task still open (see _store_open_sqlite)
+            params.sort(key=lambda p: p[-1])  # rows locked in id order, as set_state does
+            if self._store_open_sqlite(params):
+                return list(fresh)
         with self._tx() as conn:
             driver = self._sqlite_driver(conn)
             still_open: set[str] = set()
@@ -299,6 +318,16 @@ class Store(Registry):
             else:
                 conn.execute(_STORE_RESULT, [dict(zip(_RESULT_KEYS, p, strict=True)) for p in params])
         return [r for r in fresh if r.id in still_open]
+
+    def _store_open_sqlite(self, params: list[tuple[Any, ...]]) -> bool:
+        """Results on SQLite whose tasks are all still open (the common case): one guarded UPDATE
+        and the commit, on the driver, with no look first. False (rolled back, nothing written)
+        if any task had a result already: the caller looks first, to say which were stored."""
+        with self._driver_tx() as db:
+            if not store_sqlite.store_all_open(db, params):
+                db.rollback()
+                return False
+        return True
 
     def open_task_page(self, endpoint_id: str, after: tuple[float, str] | None, limit: int) -> list[Any]:
         """The next ``limit`` open tasks of an endpoint after ``after`` = (t_received, id), in

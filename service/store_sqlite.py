@@ -71,6 +71,25 @@ def insert_tasks(db: Any, rows: list[tuple[Any, ...]]) -> set[str]:
     return seen
 
 
+def insert_all_fresh(db: Any, rows: list[tuple[Any, ...]]) -> bool:
+    """Insert task rows (``TASK_COLUMNS`` order) in one statement, with no look first; True if
+    every row was inserted (none was stored before: the common case, a first submission).
+    False if one was (a resubmission after a reconnect, an id taken) or ids repeat: the caller
+    rolls back and takes the way that tells those apart (:func:`insert_tasks`)."""
+    if len({r[0] for r in rows}) != len(rows):
+        return False
+    return bool(db.executemany(_INSERT, rows).rowcount == len(rows))
+
+
+def store_all_open(db: Any, params: list[tuple[Any, ...]]) -> bool:
+    """Store results (as :func:`store_results`) with no look first; True if each one's task was
+    still open, so each was stored (the common case). False if one's task had a result already
+    (the guard left it alone) or ids repeat: the caller rolls back and looks first."""
+    if len({p[-1] for p in params}) != len(params):
+        return False
+    return bool(db.executemany(_STORE_RESULT, params).rowcount == len(params))
+
+
 def open_among(db: Any, ids: Sequence[str]) -> set[str]:
     """The tasks among ``ids`` that have no result yet."""
     return _ids_among(db, "SELECT id FROM tasks WHERE id IN ({}) AND t_done IS NULL", ids)
