@@ -246,7 +246,11 @@ class Dispatch(Subscriptions):
             if fid not in ep.sent_functions:
                 needed[fid] = await self.db.get_function(owner, fid)
 
+        first = True
         for batch in task_frames(items, needed.get, PEER_MAX_FRAME, DISPATCH_CHUNK):
+            if not first:
+                await asyncio.sleep(0)  # a large backlog never holds the loop for long (a lone frame: no extra turn)
+            first = False
             if isinstance(batch, TooLarge):
                 ep.sent.discard(batch.item.id)
                 await self._fail_task(owner, batch.item.id, ErrorCode.PAYLOAD_TOO_LARGE,
@@ -255,7 +259,6 @@ class Dispatch(Subscriptions):
             chunk, bodies = batch
             ep.sent_functions.update(bodies)
             await send_or_drop(ep, encode(Tasks(tasks=chunk, functions=bodies)))
-            await asyncio.sleep(0)  # a large backlog never holds the loop for long
 
     async def _cancel_on(self, ep: EndpointSession, ids: list[str]) -> None:
         """Cancelled tasks of an endpoint held here: never sent if still queued; killed if running."""
