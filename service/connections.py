@@ -15,7 +15,9 @@ which adds three checks and nothing else:
 * a WebSocket's ASGI scope carries the transport's ``abort`` and its write-buffer size
   (``scope["extensions"]["tether.transport"]``), so a session can drop a peer that stopped
   reading without waiting on it (see ``outbound.py``), and, with uvicorn's sans-I/O
-  WebSocket protocol, a way to write several messages in one write (``send_frames``).
+  WebSocket protocol, a way to write several messages in one write (``send_frames``);
+* with that protocol, reading pauses only once a received message waits for the app, not
+  after each one (see ``send_receive_event_to_app``).
 """
 
 from __future__ import annotations
@@ -145,6 +147,24 @@ def guarded_protocols(limits: ConnectionLimits, http_base: type, ws_base: type) 
                     and all(hasattr(self, name) for name in _SANS_IO_STATE)):
                 hooks["send_frames"] = self._tether_send_frames
             await super().run_asgi()
+
+        def send_receive_event_to_app(self) -> None:
+            """uvicorn's sans-I/O protocol pauses reading after every message it queues for the
+            app and resumes once the app takes it: two epoll changes (libuv submits them through
+            io_uring, a syscall each turn of the loop) per frame, on every task's path. Here
+            reading pauses only once a message already waits (the app is behind): the queue
+            still holds at most what one read brought in besides the one the app has yet to
+            take, as it did (what one read delivers was queued whole before, too). A uvicorn
+            without that state (``queue``, ``read_paused``) is left as it is."""
+            queue = getattr(self, "queue", None)
+            if queue is None or not hasattr(self, "read_paused") or self.read_paused or queue.qsize():
+                super().send_receive_event_to_app()
+                return
+            self.read_paused = True  # (so the method below queues the message without pausing)
+            try:
+                super().send_receive_event_to_app()
+            finally:
+                self.read_paused = False
 
         def _tether_send_frames(self, frames: list[bytes]) -> bool:
             """Write binary messages in one write to the socket (one syscall here, one wake-up of
