@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import subprocess
 import sys
 import textwrap
@@ -237,3 +238,34 @@ def test_endpoint_runs_only_allowed_functions(fresh_stack) -> None:
         assert ex.submit(helpers.square, 5).result(timeout=30) == 25
         with pytest.raises(PermissionError, match="not in this endpoint's allowed_functions"):
             ex.submit(helpers.add, 1, 2).result(timeout=30)
+
+
+def test_lone_submissions_written_by_the_user_thread_arrive_whole_and_in_order(fresh_stack) -> None:
+    """A lone task's submission is written by the thread that submits it (core/transport.py
+    ThreadSender). With the socket's send buffer shrunk, most of each large submission does not
+    fit at once: the rest must go out through the client's loop before any other frame, or the
+    service would read a torn stream. Every task must come back with its own arguments, and
+    the socket must stay the one it was (no reconnect, which would hide a torn frame)."""
+    import socket
+
+    from tether.connection import Connection
+
+    with Executor(endpoint_id=fresh_stack.endpoint_id, service=fresh_stack.service_url,
+                  token=fresh_stack.token) as ex:
+        assert ex.submit(helpers.add, 1, 2).result(timeout=30) == 3  # connected
+        conn = Connection.get(ex._conn.info)
+        direct = conn._direct
+        assert direct is not None, "a plain ws:// connection gets a ThreadSender"
+        sock = socket.socket(fileno=os.dup(direct._fd))
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        finally:
+            sock.close()
+        sent_before = conn.frames_sent["submit"]
+        chunk = 300_000  # far past the shrunk buffer, under the blob threshold: it travels inline
+        for i in range(12):  # one at a time: each is alone on the line, so its own thread writes it
+            payload = bytes([i]) * chunk
+            assert ex.submit(bytes, payload).result(timeout=60) == payload
+            ex.submit(helpers.add, i, 1).result(timeout=30)  # a small one right behind it
+        assert conn.frames_sent["submit"] - sent_before == 24
+        assert conn._direct is direct, "the connection was not cut and remade"
