@@ -99,7 +99,8 @@ def serve(cfg: ServiceConfig) -> None:
         sys.exit(f"tether service: cannot use the database {redact(db_url)}: {str(exc.orig).strip()}")
     finally:
         engine.dispose()
-    settings = Settings(db_url=db_url, globus=globus, broker_url=cfg.broker_url, replica_id=cfg.replica_id)
+    settings = Settings(db_url=db_url, globus=globus, broker_url=cfg.broker_url, replica_id=cfg.replica_id,
+                        advertise_url=cfg.advertise_url.rstrip("/") if cfg.broker_url and cfg.advertise_url else None)
     for name in ("max_payload_bytes", "prefetch", "max_open_tasks_per_user", "result_retention_s",
                  "uncollected_retention_s", "purge_interval_s", "db_threads", "blob_threshold_bytes",
                  "max_blob_bytes", "blob_quota_bytes", "blob_orphan_s", "send_timeout_s",
@@ -180,6 +181,9 @@ def parser() -> argparse.ArgumentParser:
                    help="PostgreSQL: upgrade an outdated schema at start instead of refusing")
     p.add_argument("--broker-url", default=None, help="RabbitMQ between replicas: amqp://user:password@host/vhost")
     p.add_argument("--replica-id", default=None, help="this replica's name in logs and on the broker (default: random)")
+    p.add_argument("--advertise-url", default=None, metavar="URL",
+                   help="with a broker: the URL at which clients reach this replica itself (https://host:port); "
+                        "clients then send an endpoint's tasks to the replica that holds it (see docs/deploy.md)")
     p.add_argument("--max-payload-bytes", type=int, default=None)
     p.add_argument("--log-level", default=None)
     p.add_argument("--log-format", choices=["text", "json"], default=None)

@@ -105,6 +105,9 @@ class Replicas:
         # by others on the same RabbitMQ) never contend for one exclusive queue
         self.replica_ids = [f"r{i}-{self.dbname[-10:]}" for i in range(n)]
         self.ports = [free_port() for _ in range(n)]
+        #: the URL each replica advertises to clients (its own port: clients then send an endpoint's
+        #: tasks to the replica holding it); a test may set one unreachable before start
+        self.advertise = [self.url(i) for i in range(n)]
         self.procs: list[subprocess.Popen | None] = [None] * n
         self.lb_port = free_port()
         self.lb: subprocess.Popen | None = None
@@ -131,7 +134,8 @@ class Replicas:
         threads = ("--db-threads", str(self.db_threads)) if self.db_threads else ()
         self.procs[i] = subprocess.Popen(
             [sys.executable, "-m", "tether.service.server", "--port", str(self.ports[i]), "--db-url", self.db_url,
-             "--broker-url", AMQP_URL, "--replica-id", self.replica_ids[i], "--log-level", self.log_level, *threads],
+             "--broker-url", AMQP_URL, "--replica-id", self.replica_ids[i], "--log-level", self.log_level,
+             "--advertise-url", self.advertise[i], *threads],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         wait_for(lambda: self.healthy(i), timeout=60, what=f"replica {i} to answer /healthz")
