@@ -3,7 +3,7 @@ PostgreSQL + RabbitMQ with 1-3 replicas, with 10 and 100 endpoints.
 
     python benchmarks/bench_replicas.py [--endpoints 10,100] [--tasks 1000 | --tasks-per-endpoint 50]
                                         [--clients 3] [--n-latency 200] [--kill-tasks 1000] [--db-threads 4]
-                                        [--only a,b,c,d,e] [--through-haproxy] [--json PATH] [--quick]
+                                        [--only a,b,c,d,e] [--through-haproxy] [--bus-only] [--json PATH] [--quick]
 
 A fast check: ``python benchmarks/bench_replicas.py --quick``; figures and what they mean are in
 ``docs/benchmarks.md`` (Replicas). Needs ``pip install -e '.[test,bench]'`` (psycopg, aio-pika,
@@ -24,10 +24,12 @@ production (so they fail over when a replica dies), and haproxy spreads them ove
 ``--clients`` client processes (the same number in every configuration, so only the service side
 changes) connect directly to replica ``j % n``; together they submit ``--tasks`` no-ops (or
 ``--tasks-per-endpoint`` to every endpoint) at once and wait for every result: tasks/s is all
-tasks over first submission to last result. With several replicas most tasks therefore cross
-replicas through the broker. The latency is ``--n-latency`` sequential round trips from this
-process, connected to replica 0, to an endpoint held by another replica when there are two or
-more (so every round trip crosses replicas).
+tasks over first submission to last result. The latency is ``--n-latency`` sequential round
+trips from this process, connected to replica 0, to an endpoint held by another replica when
+there are two or more. Each replica advertises its own URL (``--advertise-url``), so a client
+sends an endpoint's tasks over a direct connection to the replica holding it once the first
+acknowledgement named it (docs/deploy.md); with ``--bus-only`` replicas advertise nothing, and
+every task whose endpoint is held by another replica crosses through the broker, both ways.
 
 Then (c)-(e) lose a replica: ``--kill-tasks`` no-ops are submitted through haproxy, and once a
 fifth are done the replica holding the most endpoints is SIGKILLed (with one replica, it is
@@ -229,7 +231,7 @@ def start_service(key: str, root: Path, args: argparse.Namespace) -> Iterator[Se
         return
     from replicas import Replicas
 
-    group = Replicas(root, n=n, db_threads=args.db_threads, log_level="warning")
+    group = Replicas(root, n=n, db_threads=args.db_threads, log_level="warning", advertise=not args.bus_only)
     try:
         urls = [group.lb_url] * n if args.through_haproxy else [group.url(i) for i in range(n)]
         # endpoints connect through haproxy, as in production: when a replica is SIGKILLed they
@@ -312,7 +314,10 @@ def _measure(key: str, service: Service, root: Path, children: Children, args: a
         target = next((e for e in endpoint_ids if service.holder_of(e) not in (0, None)), target)
     if service.holder_of is not None:
         client_side = "client via haproxy" if args.through_haproxy else "client on r0"
-        result["latency_path"] = f"{client_side} -> endpoint on r{service.holder_of(target)}"
+        holder = service.holder_of(target)
+        steered = n > 1 and holder not in (0, None) and not args.bus_only
+        result["latency_path"] = (f"{client_side} -> endpoint on r{holder}"
+                                  + (f" (tasks sent to r{holder} directly)" if steered else ""))
     _log(f"[{key}] clients warm; latency n={args.n_latency} ({result.get('latency_path', 'one service')})")
     with Executor(endpoint_id=target, service=service.urls[0], token=service.token) as ex:
         result["latency"] = peers.measure_latency(ex.submit, n=args.n_latency, warmup=args.warmup_latency)
@@ -534,7 +539,8 @@ def print_table(results: list[Result], args: argparse.Namespace) -> None:
     title = (f"no-op tasks: {args.tasks or args.tasks_per_endpoint} {'in all' if args.tasks else 'per endpoint'}, "
              f"{args.clients} clients, latency n={args.n_latency} "
              f"({os.cpu_count()} CPUs, clients {'through haproxy' if args.through_haproxy else 'direct to replicas'}"
-             f"{', endpoints through haproxy' if args.kill else ''})")
+             f"{', endpoints through haproxy' if args.kill else ''}"
+             f"{', no direct connections: cross-replica tasks through the broker' if args.bus_only else ''})")
     rows = _rows(results)
     try:
         from rich.console import Console
@@ -575,6 +581,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default="a,b,c,d,e", help="configurations to run, of: " + ",".join(CONFIGS))
     p.add_argument("--through-haproxy", action="store_true",
                    help="(c)-(e): endpoints and clients connect through haproxy, not to a replica directly")
+    p.add_argument("--bus-only", action="store_true",
+                   help="(c)-(e): replicas advertise no URL, so clients stay on their replica and tasks for "
+                        "endpoints held elsewhere cross through the broker (the path before direct connections)")
     p.add_argument("--kill-tasks", type=int, default=1000,
                    help="(c)-(e): tasks in flight when a replica is SIGKILLed (0: no kill)")
     p.add_argument("--quick", action="store_true", help="a fast check: 10 endpoints, 10 tasks each, 50 round trips")
