@@ -96,6 +96,7 @@ from .serialize import deserialize, function_id
 from .spill import sha256_of
 from .transfer import BlobClient
 from .transport import Backoff, open_ws, send_now
+from .urls import check_transport
 from .versions import Needed, differences
 
 log = logging.getLogger("tether.client")
@@ -274,11 +275,16 @@ class Connection:
                 self._steer[endpoint_id] = url
 
     def _may_steer_to(self, url: str) -> bool:
-        """Whether tasks may go to this replica URL: never from https to plain http (the token
-        travels there), and to at most MAX_DIRECT replicas."""
+        """Whether tasks may go to this replica URL: the token travels there, so never from https
+        to plain http, nor to plain http beyond loopback unless allowed (``check_transport``);
+        and to at most MAX_DIRECT replicas."""
         if self.info.url.startswith("https://") and not url.startswith("https://"):
             return False
         if not url.startswith(("https://", "http://")):
+            return False
+        try:
+            check_transport(url)
+        except TetherError:
             return False
         return url in self._steer.values() or len(set(self._steer.values())) < MAX_DIRECT
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -59,6 +60,12 @@ def serve(cfg: ServiceConfig) -> None:
     the port is bound, so a replica that would misread its database never takes a connection.
     """
     where = f" (in {cfg.source})" if cfg.source else ""
+    if cfg.advertise_url and not re.fullmatch(r"https?://[^/?#\s]+/?", cfg.advertise_url):
+        sys.exit(f"tether service: advertise_url must be a replica's own base URL, http(s)://host:port, not "
+                 f"{cfg.advertise_url!r}{where}")
+    if cfg.advertise_url and cfg.advertise_url.startswith("http://") and cfg.tls_cert:
+        sys.exit(f"tether service: this replica serves TLS: its advertise_url must be https://, not "
+                 f"{cfg.advertise_url!r}{where}")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         sys.exit(f"tether service: give both a TLS certificate and its key (tls.cert and tls.key, or --tls-cert "
                  f"and --tls-key), or neither{where}")
