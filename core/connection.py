@@ -232,6 +232,10 @@ class Connection:
         if direct is not None:
             if function_body is None and not direct.known_function(task.function):
                 function_body = self._bodies.get(task.function)  # None: the service has it stored
+            if future._on_cancel is not None:
+                # its cancel follows its submission on one socket, in order: sent here, a cancel
+                # could reach the service before the task and miss it
+                future._on_cancel = direct.cancel
             direct.submit(task, future, function_body)
             return
         if self.max_payload is not None and len(task.payload) > self.max_payload:
@@ -523,6 +527,9 @@ class Connection:
                 continue
             try:
                 welcome = _frames.decode(await ws.recv())
+                if isinstance(welcome, Error) and direct:  # not this deployment's replica, somehow
+                    await ws.close()
+                    continue  # left in the finally below: through the service's own URL
                 if isinstance(welcome, Error):
                     self._fail_all(AuthError(welcome.message or "authentication failed"))
                     await ws.close()
@@ -543,7 +550,7 @@ class Connection:
                 async for frame in ws:
                     self._handle(frame)
             except ConnectionClosed as exc:
-                if exc.rcvd is not None and exc.rcvd.code == CLOSE_AUTH_FAILED:
+                if exc.rcvd is not None and exc.rcvd.code == CLOSE_AUTH_FAILED and not direct:
                     self._fail_all(AuthError(exc.rcvd.reason or "authentication failed"))
                     return
                 if exc.rcvd is not None and exc.rcvd.code == CLOSE_MESSAGE_TOO_BIG:

@@ -163,6 +163,16 @@ def test_an_endpoints_tasks_go_to_the_replica_that_holds_it(replicas: Replicas) 
         futures = [ex.submit(helpers.square, i) for i in range(300)]
         assert [f.result(timeout=60) for f in futures] == [i * i for i in range(300)]
         assert _events(replicas, 1, *BUS_TASKS) == tasks_before  # no task reached replica 1 through the broker
+        # a cancel right after the submission follows it on the same (direct) connection: the
+        # task never holds a worker, so both of the endpoint's workers are free at once
+        for _ in range(2):
+            doomed = ex.submit(helpers.sleep_then, 120, "never")
+            assert doomed.cancel()
+            with pytest.raises(TaskCancelled):
+                doomed.result(timeout=30)
+        t0 = time.monotonic()
+        assert [f.result(timeout=60) for f in [ex.submit(helpers.sleep_then, 1, i) for i in range(2)]] == [0, 1]
+        assert time.monotonic() - t0 < 30
 
 
 def test_a_replica_advertising_an_unreachable_url_is_reached_through_the_broker(replicas: Replicas) -> None:
