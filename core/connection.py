@@ -402,8 +402,11 @@ class Connection:
 
     # --- results kept on endpoints -------------------------------------------------------------
     def kept_value(self, task_id: str, kept: KeptRef) -> RemoteValue:
-        """The handle of a result its endpoint keeps: fetched on demand, released when dropped."""
-        return RemoteValue(task_id, kept.endpoint, kept.size, self.fetch_kept, self._kept.released.append, kept.type)
+        """The handle of a result its endpoint keeps: fetched on demand, released when dropped.
+        A direct connection's handles are its service connection's: passed to another task, they
+        are recognised as this service's (``Executor._as_input``) and travel as a reference."""
+        owner = self._origin()
+        return RemoteValue(task_id, kept.endpoint, kept.size, owner.fetch_kept, owner._kept.released.append, kept.type)
 
     def fetch_kept(self, task_id: str, timeout: float | None = None, progress: bool | None = None) -> Any:
         """The value of a kept result: asked for through the service (the endpoint uploads it as a
