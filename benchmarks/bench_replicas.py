@@ -3,7 +3,7 @@ PostgreSQL + RabbitMQ with 1-3 replicas, with 10 and 100 endpoints.
 
     python benchmarks/bench_replicas.py [--endpoints 10,100] [--tasks 1000 | --tasks-per-endpoint 50]
                                         [--clients 3] [--n-latency 200] [--kill-tasks 1000] [--db-threads 4]
-                                        [--only a,b,c,d,e] [--through-haproxy] [--json PATH] [--quick]
+                                        [--only a,b,c,d,e] [--through-haproxy] [--bus-only] [--json PATH] [--quick]
 
 A fast check: ``python benchmarks/bench_replicas.py --quick``; figures and what they mean are in
 ``docs/benchmarks.md`` (Replicas). Needs ``pip install -e '.[test,bench]'`` (psycopg, aio-pika,
@@ -24,10 +24,12 @@ production (so they fail over when a replica dies), and haproxy spreads them ove
 ``--clients`` client processes (the same number in every configuration, so only the service side
 changes) connect directly to replica ``j % n``; together they submit ``--tasks`` no-ops (or
 ``--tasks-per-endpoint`` to every endpoint) at once and wait for every result: tasks/s is all
-tasks over first submission to last result. With several replicas most tasks therefore cross
-replicas through the broker. The latency is ``--n-latency`` sequential round trips from this
-process, connected to replica 0, to an endpoint held by another replica when there are two or
-more (so every round trip crosses replicas).
+tasks over first submission to last result. The latency is ``--n-latency`` sequential round
+trips from this process, connected to replica 0, to an endpoint held by another replica when
+there are two or more. Each replica advertises its own URL (``--advertise-url``), so a client
+sends an endpoint's tasks over a direct connection to the replica holding it once the first
+acknowledgement named it (docs/deploy.md); with ``--bus-only`` replicas advertise nothing, and
+every task whose endpoint is held by another replica crosses through the broker, both ways.
 
 Then (c)-(e) lose a replica: ``--kill-tasks`` no-ops are submitted through haproxy, and once a
 fifth are done the replica holding the most endpoints is SIGKILLed (with one replica, it is
@@ -229,7 +231,7 @@ def start_service(key: str, root: Path, args: argparse.Namespace) -> Iterator[Se
         return
     from replicas import Replicas
 
-    group = Replicas(root, n=n, db_threads=args.db_threads, log_level="warning")
+    group = Replicas(root, n=n, db_threads=args.db_threads, log_level="warning", advertise=not args.bus_only)
     try:
         urls = [group.lb_url] * n if args.through_haproxy else [group.url(i) for i in range(n)]
         # endpoints connect through haproxy, as in production: when a replica is SIGKILLed they
@@ -312,7 +314,10 @@ def _measure(key: str, service: Service, root: Path, children: Children, args: a
         target = next((e for e in endpoint_ids if service.holder_of(e) not in (0, None)), target)
     if service.holder_of is not None:
         client_side = "client via haproxy" if args.through_haproxy else "client on r0"
-        result["latency_path"] = f"{client_side} -> endpoint on r{service.holder_of(target)}"
+        holder = service.holder_of(target)
+        steered = n > 1 and holder not in (0, None) and not args.bus_only
+        result["latency_path"] = (f"{client_side} -> endpoint on r{holder}"
+                                  + (f" (tasks sent to r{holder} directly)" if steered else ""))
     _log(f"[{key}] clients warm; latency n={args.n_latency} ({result.get('latency_path', 'one service')})")
     with Executor(endpoint_id=target, service=service.urls[0], token=service.token) as ex:
         result["latency"] = peers.measure_latency(ex.submit, n=args.n_latency, warmup=args.warmup_latency)
@@ -488,6 +493,75 @@ def _log_problems(logs: list[Path]) -> list[str]:
     return problems
 
 
+# --------------------------------------------------------------------------- paired latency
+
+
+def paired_latency(args: argparse.Namespace) -> list[Result]:
+    """Every configuration of ``--only`` up at once (and, for 2-3 replicas, the same without
+    direct connections: ``--bus-only``), then ``--n-latency`` rounds of one sequential round trip
+    to each in turn: the load other processes put on the machine falls on all of them alike, so
+    their p50 ratios hold within the run (a p50 measured a minute later, in the next
+    configuration, moved 2-3x with that load alone).
+
+    Each configuration's client connects to replica 0 and sends to an endpoint held by another
+    replica (as the sequential benchmark does); endpoints connect to the replicas directly."""
+    from tether import Client, Executor
+    from tether.connection import Connection
+
+    variants: list[tuple[str, str, bool]] = []  # (label, configuration, bus only)
+    for key in args.configs:
+        replicas = CONFIGS[key][2]
+        variants.append((key, key, args.bus_only))
+        if replicas and replicas > 1 and not args.bus_only:
+            variants.append((f"{key} --bus-only", key, True))
+    results: list[Result] = []
+    with contextlib.ExitStack() as stack:
+        targets: dict[str, Any] = {}
+        for label, key, bus_only in variants:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-paired-{key}-")))
+            variant_args = argparse.Namespace(**{**vars(args), "bus_only": bus_only, "kill": False})
+            service = stack.enter_context(start_service(key, root, variant_args))
+            children = Children()
+            stack.callback(children.stop_all)
+            n = service.replicas
+            env = {k: v for k, v in os.environ.items() if k not in ("TETHER_SERVICE_URL", "TETHER_TOKEN")}
+            env.update(TETHER_HOME=str(root / "farm"), TETHER_LOG_LEVEL="WARNING")
+            urls = [service.urls[i % n] for i in range(args.endpoints)]
+            farm = children.start([sys.executable, "-c", FARM, json.dumps(urls), service.token], env, root / "farm.log")
+            line = farm.stdout.readline() if farm.stdout else ""
+            if not line:
+                raise RuntimeError(f"[{label}] the endpoint farm exited ({farm.wait()}) before registering")
+            ids: list[str] = json.loads(line)
+            with Client(service.urls[0], service.token) as client:
+                while sum(e["online"] for e in client.list_endpoints()) < args.endpoints:
+                    time.sleep(0.1)
+            target = ids[1 % len(ids)]
+            if service.holder_of is not None and n > 1:
+                target = next((e for e in ids if service.holder_of(e) not in (0, None)), target)
+            ex = Executor(endpoint_id=target, service=service.urls[0], token=service.token)
+            stack.callback(ex.shutdown, wait=False)
+            for i in range(args.warmup_latency):
+                ex.submit(peers.noop, i).result(timeout=peers.TASK_TIMEOUT_S)
+            targets[label] = ex
+            _log(f"[paired] {label}: {args.endpoints} endpoints online, warm")
+        stack.callback(Connection.close_all)
+        samples: dict[str, list[float]] = {label: [] for label in targets}
+        for i in range(args.n_latency):
+            for label, ex in targets.items():
+                t0 = time.perf_counter()
+                if ex.submit(peers.noop, i).result(timeout=peers.TASK_TIMEOUT_S) != i:
+                    raise RuntimeError(f"[{label}] noop({i}) returned a wrong value")
+                samples[label].append((time.perf_counter() - t0) * 1000.0)
+        for label, key, _bus_only in variants:
+            s = sorted(samples[label])
+            results.append({"config": label, "endpoints": args.endpoints, "replicas": CONFIGS[key][2] or 1,
+                            "p50_ms": s[len(s) // 2], "p99_ms": s[min(len(s) - 1, int(len(s) * 0.99))]})
+    base = next((r for r in results if r["config"] == "c"), None)
+    for r in results:
+        r["p50_vs_c"] = r["p50_ms"] / base["p50_ms"] if base else None
+    return results
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -534,7 +608,8 @@ def print_table(results: list[Result], args: argparse.Namespace) -> None:
     title = (f"no-op tasks: {args.tasks or args.tasks_per_endpoint} {'in all' if args.tasks else 'per endpoint'}, "
              f"{args.clients} clients, latency n={args.n_latency} "
              f"({os.cpu_count()} CPUs, clients {'through haproxy' if args.through_haproxy else 'direct to replicas'}"
-             f"{', endpoints through haproxy' if args.kill else ''})")
+             f"{', endpoints through haproxy' if args.kill else ''}"
+             f"{', no direct connections: cross-replica tasks through the broker' if args.bus_only else ''})")
     rows = _rows(results)
     try:
         from rich.console import Console
@@ -575,6 +650,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default="a,b,c,d,e", help="configurations to run, of: " + ",".join(CONFIGS))
     p.add_argument("--through-haproxy", action="store_true",
                    help="(c)-(e): endpoints and clients connect through haproxy, not to a replica directly")
+    p.add_argument("--bus-only", action="store_true",
+                   help="(c)-(e): replicas advertise no URL, so clients stay on their replica and tasks for "
+                        "endpoints held elsewhere cross through the broker (the path before direct connections)")
+    p.add_argument("--paired-latency", action="store_true",
+                   help="latency only: every configuration of --only up at once (2-3 replicas also with "
+                        "--bus-only), round trips to each in turn, so their ratios share the machine's load")
     p.add_argument("--kill-tasks", type=int, default=1000,
                    help="(c)-(e): tasks in flight when a replica is SIGKILLed (0: no kill)")
     p.add_argument("--quick", action="store_true", help="a fast check: 10 endpoints, 10 tasks each, 50 round trips")
@@ -611,6 +692,20 @@ def main(argv: list[str] | None = None) -> int:
     if any(CONFIGS[c][1] == "postgres" for c in args.configs) and (why := missing()):
         print(f"cannot run the PostgreSQL configurations: {why}", file=sys.stderr)
         return 2
+    if args.paired_latency:
+        paired = []
+        for count in args.endpoint_counts:
+            args.endpoints = count
+            paired.extend(paired_latency(args))
+        print(f"sequential no-op round trips, n={args.n_latency} per configuration, interleaved one by one "
+              "(client on r0, endpoint on another replica when there are several)")
+        for r in paired:
+            ratio = "-" if r["p50_vs_c"] is None else f"{r['p50_vs_c']:.2f}"
+            print(f"  {r['config']:<14} {r['endpoints']:>4} endpoints  p50 {r['p50_ms']:6.2f} ms  "
+                  f"p99 {r['p99_ms']:6.2f} ms  p50 / c {ratio}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"argv": sys.argv[1:], "paired": paired}, indent=2) + "\n")
+        return 0
     results = []
     for count in args.endpoint_counts:
         args.endpoints, args.tasks_per_endpoint = count, args.per_endpoint[count]

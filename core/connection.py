@@ -6,6 +6,13 @@ SUBMIT frame (so batches form by themselves under load, and a lone task goes out
 keeps every frame that the service has not acknowledged, and after a reconnect resends those
 (task ids make that idempotent) and re-subscribes to every task still pending. Results are
 pushed by the service, never polled.
+
+With several service replicas behind one URL (a balancer), the service may say which replica
+holds an endpoint (``EndpointBrief.service``, its advertised URL): that endpoint's later tasks
+go over a *direct* connection to that replica, so neither a task nor its result crosses the
+broker between replicas (a hop each way, ~1-2 ms of a 3-4 ms round trip). A direct connection
+that cannot reach its replica (or loses it) reconnects through the balancer instead and is
+not steered to for DIRECT_AVOID_S: tasks then take the broker's path, as without steering.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import atexit
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -88,6 +96,7 @@ from .serialize import deserialize, function_id
 from .spill import sha256_of
 from .transfer import BlobClient
 from .transport import Backoff, ThreadSender, open_ws, send_now
+from .urls import check_transport
 from .versions import Needed, differences
 
 log = logging.getLogger("tether.client")
@@ -104,6 +113,15 @@ CLOSE_MESSAGE_TOO_BIG = 1009
 
 _frames = FrameDecoder(TO_CLIENT_FRAMES, "the service")
 
+#: replicas one connection sends tasks to directly (distinct URLs), and endpoints it remembers a
+#: replica of: beyond either, tasks go through the first connection (and the broker) as before
+MAX_DIRECT = 16
+MAX_STEERED = 65536
+#: seconds a direct connection may take to open before its replica counts as unreachable, and how
+#: long an unreachable (or lost) replica is not steered to
+DIRECT_OPEN_TIMEOUT = 2.0
+DIRECT_AVOID_S = 30.0
+
 
 class Connection:
     """The process-wide link to one service for one token. Get it with :meth:`Connection.get`."""
@@ -112,12 +130,14 @@ class Connection:
     _lock = threading.Lock()
 
     @classmethod
-    def get(cls, info: ServiceInfo) -> Connection:
+    def get(cls, info: ServiceInfo, fallback: ServiceInfo | None = None) -> Connection:
+        """The connection to ``info``'s service; ``fallback`` (for a direct connection to one
+        replica) is where it connects instead when that replica cannot be reached."""
         key = (os.getpid(), info.url, info.token, info.ca_file)  # a forked child gets its own connection
         with cls._lock:
             conn = cls._instances.get(key)
             if conn is None or conn._closed:
-                conn = cls._instances[key] = cls(info)
+                conn = cls._instances[key] = cls(info, fallback=fallback)
             return conn
 
     @classmethod
@@ -125,12 +145,23 @@ class Connection:
         """Close this process's connections (to ``url`` only, if given), e.g. before a service stops."""
         with cls._lock:
             for key, conn in list(cls._instances.items()):
-                if url is None or key[1] == url.rstrip("/"):
+                fallback = conn.fallback.url if conn.fallback is not None else None
+                if url is None or url.rstrip("/") in (key[1], fallback):  # a direct connection goes with its service
                     conn.close()
                     del cls._instances[key]
 
-    def __init__(self, info: ServiceInfo, batch_size: int = 512, batch_interval: float = 0.002):
+    def __init__(self, info: ServiceInfo, batch_size: int = 512, batch_interval: float = 0.002,
+                 fallback: ServiceInfo | None = None):
         self.info = info
+        #: a direct connection to one replica: the service's URL (the balancer), used when the
+        #: replica cannot be reached; None for a connection to the service itself
+        self.fallback = fallback
+        #: a direct connection: until when (time.monotonic) its replica is not steered to (it
+        #: could not be reached, or the connection to it was lost)
+        self.avoid_until = 0.0
+        #: endpoint id -> the advertised URL of the replica holding it (its tasks go there directly)
+        self._steer: dict[str, str] = {}
+        self._steer_lock = threading.Lock()  # written from this and its direct connections' loops
         self.batch_size = batch_size
         self._linger = Linger(self._flush, batch_interval)  # tasks: at once when quiet, else gathered
         self._cancel_linger = Linger(self._flush, CANCEL_LINGER, eager=False)
@@ -165,7 +196,7 @@ class Connection:
         self._wake_pending = False
         self._closed = False
         self._ws: Any = None
-        self._direct: ThreadSender | None = None  # a lone task's submission, written by its own thread
+        self._thread_sender: ThreadSender | None = None  # a lone task's submission, written by its own thread
         self._queued_sends = 0  # frames in send tasks not yet written (see _send_soon)
         #: since when (time.monotonic) the service has not been reachable, and the last reason;
         #: None while connected (what a future that times out, or a waiting shutdown, says)
@@ -195,9 +226,20 @@ class Connection:
 
     # --- called from user threads ------------------------------------------------------------
     def submit(self, task: Task, future: TetherFuture, function_body: bytes | None) -> None:
-        """Queue a task; the background loop sends it with whatever else is waiting."""
+        """Queue a task; the background loop sends it with whatever else is waiting (on the
+        direct connection to the replica holding its endpoint, when the service named one)."""
         if self.fatal is not None:
             raise self.fatal
+        direct = self._direct_for(task.endpoint) if self._steer else None
+        if direct is not None:
+            if function_body is None and not direct.known_function(task.function):
+                function_body = self._bodies.get(task.function)  # None: the service has it stored
+            if future._on_cancel is not None:
+                # its cancel follows its submission on one socket, in order: sent here, a cancel
+                # could reach the service before the task and miss it
+                future._on_cancel = direct.cancel
+            direct.submit(task, future, function_body)
+            return
         if self.max_payload is not None and len(task.payload) > self.max_payload:
             raise PayloadTooLarge(
                 f"arguments serialize to {len(task.payload)} bytes; this service accepts at most "
@@ -209,17 +251,17 @@ class Connection:
             if fid not in self._known_functions:
                 self._functions_to_send[fid] = function_body
         self.futures[task.id] = future
-        if self._send_direct(task):
+        if self._send_from_thread(task):
             return
         self._outbox.append(task)
         self._wake()
 
-    def _send_direct(self, task: Task) -> bool:
+    def _send_from_thread(self, task: Task) -> bool:
         """Write a lone task's submission from the submitting thread (see ThreadSender): only on
         a quiet line, where the loop would send it at once anyway (nothing else in flight,
         queued or about to be sent), so it overtakes nothing; False to hand it to the loop."""
-        direct = self._direct
-        if (direct is None or self.down_since is not None or len(self.futures) != 1 or self._outbox
+        sender = self._thread_sender
+        if (sender is None or self.down_since is not None or len(self.futures) != 1 or self._outbox
                 or self._control or self._cancels or self._wake_pending or self._queued_sends):
             return False
         body = self._functions_to_send.get(task.function)
@@ -228,13 +270,62 @@ class Connection:
         if len(data) > self._frame_limit():
             return False
         self._unacked[frame.ref] = frame  # before it is written: its acknowledgement may come at once
-        if not direct.send(data):
+        if not sender.send(data):
             self._unacked.pop(frame.ref, None)
             return False
         if body is not None:
             self._functions_to_send.pop(task.function, None)
         self.frames_sent["submit"] += 1
         return True
+
+    def _direct_for(self, endpoint_id: str) -> Connection | None:
+        """The direct connection to the replica holding ``endpoint_id``, or None to send here:
+        unknown, unreachable lately, or a connection that failed for good."""
+        url = self._steer.get(endpoint_id)
+        if url is None:
+            return None
+        direct = Connection.get(dataclasses.replace(self.info, url=url), fallback=self.info)
+        if direct.fatal is not None or direct.avoid_until > time.monotonic():
+            return None
+        return direct
+
+    def _learn_route(self, endpoint_id: str, url: str | None) -> None:
+        """The service said which replica holds an endpoint (None: none, or it advertises no URL).
+        Called on a connection's loop with what its acknowledgements say; a direct connection
+        tells the connection it is the direct one of (its tasks were handed to it there)."""
+        origin = self._origin()
+        if origin is not self:
+            origin._learn_route(endpoint_id, url)
+            return
+        url = url.rstrip("/") if url else None
+        with self._steer_lock:
+            if url is None or url == self.info.url.rstrip("/") or not self._may_steer_to(url):
+                self._steer.pop(endpoint_id, None)
+            elif endpoint_id in self._steer or len(self._steer) < MAX_STEERED:
+                self._steer[endpoint_id] = url
+
+    def _may_steer_to(self, url: str) -> bool:
+        """Whether tasks may go to this replica URL: the token travels there, so never from https
+        to plain http, nor to plain http beyond loopback unless allowed (``check_transport``);
+        and to at most MAX_DIRECT replicas."""
+        if self.info.url.startswith("https://") and not url.startswith("https://"):
+            return False
+        if not url.startswith(("https://", "http://")):
+            return False
+        try:
+            check_transport(url)
+        except TetherError:
+            return False
+        return url in self._steer.values() or len(set(self._steer.values())) < MAX_DIRECT
+
+    def _origin(self) -> Connection:
+        """The connection to the service itself that this direct connection serves (itself if it is one)."""
+        if self.fallback is None:
+            return self
+        with Connection._lock:
+            origin = Connection._instances.get((os.getpid(), self.fallback.url, self.fallback.token,
+                                                self.fallback.ca_file))
+        return origin if origin is not None else self
 
     def watch(self, futures: list[TetherFuture]) -> None:
         """Follow tasks submitted elsewhere (a reloaded task group)."""
@@ -337,8 +428,11 @@ class Connection:
 
     # --- results kept on endpoints -------------------------------------------------------------
     def kept_value(self, task_id: str, kept: KeptRef) -> RemoteValue:
-        """The handle of a result its endpoint keeps: fetched on demand, released when dropped."""
-        return RemoteValue(task_id, kept.endpoint, kept.size, self.fetch_kept, self._kept.released.append, kept.type)
+        """The handle of a result its endpoint keeps: fetched on demand, released when dropped.
+        A direct connection's handles are its service connection's: passed to another task, they
+        are recognised as this service's (``Executor._as_input``) and travel as a reference."""
+        owner = self._origin()
+        return RemoteValue(task_id, kept.endpoint, kept.size, owner.fetch_kept, owner._kept.released.append, kept.type)
 
     def fetch_kept(self, task_id: str, timeout: float | None = None, progress: bool | None = None) -> Any:
         """The value of a kept result: asked for through the service (the endpoint uploads it as a
@@ -427,12 +521,23 @@ class Connection:
 
     async def _maintain(self) -> None:
         backoff = Backoff()
-        url = self.info.ws_url + CLIENT_WS_PATH
         headers = {"Authorization": f"Bearer {self.info.token}"}
         warned = False
         while not self._closed:
+            # a direct connection tries its replica first, briefly; when that replica is away, the
+            # service's own URL (its balancer sends the connection to a live replica)
+            direct = self.fallback is not None and self.avoid_until <= time.monotonic()
+            info = self.info if self.fallback is None or direct else self.fallback
+            url = info.ws_url + CLIENT_WS_PATH
             try:
-                ws = await open_ws(url, headers, ssl_context=self.info.ssl_context())
+                try:
+                    ws = await open_ws(url, headers, ssl_context=info.ssl_context(),
+                                       open_timeout=DIRECT_OPEN_TIMEOUT if direct else None)
+                except Exception as exc:
+                    if not direct:
+                        raise
+                    self._leave_replica(f"cannot reach it ({type(exc).__name__}: {exc})")
+                    continue
             except ssl.SSLCertVerificationError as exc:  # retrying cannot help: say so at once
                 self._fail_all(TetherError(
                     f"the TLS certificate of {self.info.url} cannot be verified ({exc.verify_message}); if it is "
@@ -451,6 +556,9 @@ class Connection:
                 continue
             try:
                 welcome = _frames.decode(await ws.recv())
+                if isinstance(welcome, Error) and direct:  # not this deployment's replica, somehow
+                    await ws.close()
+                    continue  # left in the finally below: through the service's own URL
                 if isinstance(welcome, Error):
                     self._fail_all(AuthError(welcome.message or "authentication failed"))
                     await ws.close()
@@ -468,11 +576,11 @@ class Connection:
                 self.down_since = None
                 self._wake_pending = False
                 self._flush()
-                self._direct = ThreadSender.install(ws, self._loop)
+                self._thread_sender = ThreadSender.install(ws, self._loop)
                 async for frame in ws:
                     self._handle(frame)
             except ConnectionClosed as exc:
-                if exc.rcvd is not None and exc.rcvd.code == CLOSE_AUTH_FAILED:
+                if exc.rcvd is not None and exc.rcvd.code == CLOSE_AUTH_FAILED and not direct:
                     self._fail_all(AuthError(exc.rcvd.reason or "authentication failed"))
                     return
                 if exc.rcvd is not None and exc.rcvd.code == CLOSE_MESSAGE_TOO_BIG:
@@ -484,14 +592,23 @@ class Connection:
                 await ws.close()
             finally:
                 self._ws = None
-                if self._direct is not None:
-                    self._direct.close()
-                    self._direct = None
+                if self._thread_sender is not None:
+                    self._thread_sender.close()
+                    self._thread_sender = None
                 if self.down_since is None:
                     self.down_since, self.down_reason = time.monotonic(), "the connection was lost"
+                if direct:  # its replica stopped (or drains): reconnect through the service's URL at once
+                    self._leave_replica("the connection to it was lost")
             if not self._closed:
                 log.info("reconnecting to %s", self.info.url)
                 await asyncio.sleep(backoff.next())
+
+    def _leave_replica(self, why: str) -> None:
+        """A direct connection's replica is away: connect through the service's URL instead, and
+        send no new task this way for DIRECT_AVOID_S (they go through the first connection)."""
+        self.avoid_until = time.monotonic() + DIRECT_AVOID_S
+        log.info("replica %s: %s; connecting through %s", self.info.url, why,
+                 self.fallback.url if self.fallback is not None else "")
 
     def _frame_limit(self) -> int:
         limit = self.max_frame
@@ -614,6 +731,7 @@ class Connection:
     def _on_ack(self, msg: SubmitAck) -> None:
         for endpoint_id, brief in msg.endpoints.items():
             self._check_endpoint(endpoint_id, brief)
+            self._learn_route(endpoint_id, brief.service)
         batch = self._unacked.pop(msg.ref, None) if msg.ref is not None else None
         if batch is not None:
             self._known_functions.update(batch.functions)

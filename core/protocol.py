@@ -285,6 +285,10 @@ class EndpointBrief(Struct, omit_defaults=True):
     online: bool
     python: str | None = None
     versions: dict[str, str] = {}
+    #: with several replicas: the URL of the replica that holds the endpoint's connection, as it
+    #: advertises it (``advertise_url``); a client may send that endpoint's tasks there directly
+    #: and spare each task a hop between replicas each way (None: no such replica, or no URL)
+    service: Annotated[str, Meta(max_length=2048)] | None = None
 
 
 Capacity = Annotated[dict[Annotated[str, Meta(max_length=64)], Scalar], Meta(max_length=64)]

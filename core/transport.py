@@ -18,7 +18,7 @@ from .protocol import DEFAULT_MAX_FRAME
 
 
 async def open_ws(url: str, headers: dict[str, str], max_size: int = DEFAULT_MAX_FRAME,
-                  ssl_context: ssl.SSLContext | None = None) -> ClientConnection:
+                  ssl_context: ssl.SSLContext | None = None, open_timeout: float | None = None) -> ClientConnection:
     """Open a WebSocket with the settings Tether needs.
 
     Compression is off (payloads are pickles; deflate costs more than it saves on a LAN),
@@ -31,7 +31,7 @@ async def open_ws(url: str, headers: dict[str, str], max_size: int = DEFAULT_MAX
         "compression": None,
         "ping_interval": 20,
         "ping_timeout": 60,
-        "open_timeout": 10,
+        "open_timeout": open_timeout or 10,
         "close_timeout": 2,
         "max_queue": 256,
     }

@@ -49,6 +49,7 @@ def create_app(settings: Settings) -> FastAPI:
     relay = Relay(db, settings.max_payload_bytes, settings.prefetch, authenticator,
                   make_bus(settings.broker_url, settings.replica_id), settings.max_open_tasks_per_user,
                   settings.function_quota_bytes)
+    relay.advertise_url = settings.advertise_url if relay.replicated else None
     blob_dir = Path(settings.blob_dir) if settings.blob_dir else tether_home() / "service" / "blobs"
     blob_index = BlobIndex(store, blob_dir, settings.max_blob_bytes, settings.blob_quota_bytes,
                            settings.blob_orphan_s)

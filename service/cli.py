@@ -67,6 +67,8 @@ def service_start(
                                       "start instead of refusing to start", show_default=False),
     broker_url: str = typer.Option(None, help="RabbitMQ between replicas: amqp://user:password@host/vhost"),
     replica_id: str = typer.Option(None, help="this replica's name in logs and on the broker (default: random)"),
+    advertise_url: str = typer.Option(None, help="with a broker: the URL at which clients reach this replica itself "
+                                      "(https://host:port); clients then send an endpoint's tasks to its replica"),
     max_payload_bytes: int = typer.Option(None, help="largest task argument/result accepted"),
     prefetch: int = typer.Option(None, help="tasks an endpoint is sent beyond its workers (flow control)"),
     max_open_tasks_per_user: int = typer.Option(None, help="tasks a user may have waiting or running at once "
@@ -114,7 +116,8 @@ def service_start(
         "host": host, "port": port, "home": str(Path(home).resolve()) if home else None, "db_url": db_url,
         "db_threads": db_threads,
         "auto_migrate": auto_migrate or None, "broker_url": broker_url,
-        "replica_id": replica_id, "max_payload_bytes": max_payload_bytes, "prefetch": prefetch,
+        "replica_id": replica_id, "advertise_url": advertise_url, "max_payload_bytes": max_payload_bytes,
+        "prefetch": prefetch,
         "max_open_tasks_per_user": max_open_tasks_per_user,
         "result_retention_s": result_retention, "uncollected_retention_s": uncollected_retention,
         "purge_interval_s": purge_interval, "blob_threshold_bytes": blob_threshold_bytes,

@@ -56,6 +56,9 @@ class Settings:
     broker_url: str | None = None
     #: this process's name among the replicas (default: random); shows in logs and queue names
     replica_id: str | None = None
+    #: with a broker: the URL at which clients reach this replica itself (clients are told it with
+    #: the endpoints held here, and send those endpoints' tasks here directly); None: never told
+    advertise_url: str | None = None
     #: threads (database connections) per process for a database other than SQLite
     db_threads: int = DEFAULT_DB_THREADS
     #: bytes that may wait for one peer that reads slowly, and how long it may take one frame,

@@ -192,7 +192,8 @@ class EndpointLifecycle(Dispatch):
     async def _save_presence(self, session: EndpointSession, online: bool) -> None:
         """Write an endpoint's status (capacity, versions, online, which replica holds it)."""
         await self.db.save_endpoint_status(session.endpoint_id, {**session.status, "online": online,
-                                                                 "replica": self.bus.replica_id})
+                                                                 "replica": self.bus.replica_id,
+                                                                 "replica_url": self.advertise_url})
 
     # --- user endpoints ------------------------------------------------------------------------
     async def _wake_user_endpoint(self, endpoint_id: str) -> bool:

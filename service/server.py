@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -59,6 +60,12 @@ def serve(cfg: ServiceConfig) -> None:
     the port is bound, so a replica that would misread its database never takes a connection.
     """
     where = f" (in {cfg.source})" if cfg.source else ""
+    if cfg.advertise_url and not re.fullmatch(r"https?://[^/?#\s]+/?", cfg.advertise_url):
+        sys.exit(f"tether service: advertise_url must be a replica's own base URL, http(s)://host:port, not "
+                 f"{cfg.advertise_url!r}{where}")
+    if cfg.advertise_url and cfg.advertise_url.startswith("http://") and cfg.tls_cert:
+        sys.exit(f"tether service: this replica serves TLS: its advertise_url must be https://, not "
+                 f"{cfg.advertise_url!r}{where}")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         sys.exit(f"tether service: give both a TLS certificate and its key (tls.cert and tls.key, or --tls-cert "
                  f"and --tls-key), or neither{where}")
@@ -99,7 +106,8 @@ def serve(cfg: ServiceConfig) -> None:
         sys.exit(f"tether service: cannot use the database {redact(db_url)}: {str(exc.orig).strip()}")
     finally:
         engine.dispose()
-    settings = Settings(db_url=db_url, globus=globus, broker_url=cfg.broker_url, replica_id=cfg.replica_id)
+    settings = Settings(db_url=db_url, globus=globus, broker_url=cfg.broker_url, replica_id=cfg.replica_id,
+                        advertise_url=cfg.advertise_url.rstrip("/") if cfg.broker_url and cfg.advertise_url else None)
     for name in ("max_payload_bytes", "prefetch", "max_open_tasks_per_user", "result_retention_s",
                  "uncollected_retention_s", "purge_interval_s", "db_threads", "blob_threshold_bytes",
                  "max_blob_bytes", "blob_quota_bytes", "blob_orphan_s", "send_timeout_s",
@@ -180,6 +188,9 @@ def parser() -> argparse.ArgumentParser:
                    help="PostgreSQL: upgrade an outdated schema at start instead of refusing")
     p.add_argument("--broker-url", default=None, help="RabbitMQ between replicas: amqp://user:password@host/vhost")
     p.add_argument("--replica-id", default=None, help="this replica's name in logs and on the broker (default: random)")
+    p.add_argument("--advertise-url", default=None, metavar="URL",
+                   help="with a broker: the URL at which clients reach this replica itself (https://host:port); "
+                        "clients then send an endpoint's tasks to the replica that holds it (see docs/deploy.md)")
     p.add_argument("--max-payload-bytes", type=int, default=None)
     p.add_argument("--log-level", default=None)
     p.add_argument("--log-format", choices=["text", "json"], default=None)

@@ -41,6 +41,7 @@ SCHEMA: dict[str, Any] = {
         "db_threads": {"type": "integer", "minimum": 1, "maximum": 256},
         "broker_url": {"type": "string", "pattern": "^amqps?://"},
         "replica_id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
+        "advertise_url": {"type": "string", "pattern": "^https?://[^/?#]+$", "maxLength": 2048},
         "max_payload_bytes": {"type": "integer", "minimum": 1024},
         "prefetch": {"type": "integer", "minimum": 0, "maximum": 100000},
         "max_open_tasks_per_user": {"type": "integer", "minimum": 1},
@@ -104,6 +105,9 @@ class ServiceConfig:
     broker_url: str | None = None
     #: this replica's name in logs and on the broker; unique per replica (default: random)
     replica_id: str | None = None
+    #: with a broker: the URL at which clients reach this replica itself (not the balancer); told to
+    #: clients with the endpoints this replica holds, so their tasks come here directly (None: never)
+    advertise_url: str | None = None
     max_payload_bytes: int | None = None
     prefetch: int | None = None
     max_open_tasks_per_user: int | None = None

@@ -306,10 +306,13 @@ class Submission(Policy):
         """Online state and versions, so the client can warn of a mismatch before any task runs."""
         session = self.endpoints.get(endpoint_id)
         if session is not None:
-            status, online = session.status, True
+            status, online, holder = session.status, True, self.advertise_url
         else:
             ep = await self._row(rows, endpoint_id)
             status = json_or_none(ep["status"]) if ep and ep.get("status") else {}
             online = ep is not None and self.is_online(ep)
+            # the replica holding it, as its row says (written by that replica, never by the endpoint)
+            holder = status.get("replica_url") if online and self.replicated else None
         versions = status.get("versions") or {}
-        return EndpointBrief(online=online, python=versions.get("python"), versions=versions)
+        return EndpointBrief(online=online, python=versions.get("python"), versions=versions,
+                             service=holder if isinstance(holder, str) else None)

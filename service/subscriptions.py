@@ -33,6 +33,9 @@ class Subscriptions:
         self.db = db
         self.bus = bus or LocalBus()
         self.replicated = self.bus.remote
+        #: with several replicas: the URL at which clients reach this replica itself, written in the
+        #: rows of the endpoints held here and told to clients with them (see _endpoint_brief)
+        self.advertise_url: str | None = None
         self.clients: set[ClientSession] = set()
         self.watchers: dict[str, set[ClientSession]] = defaultdict(set)
         self._user_sessions: dict[str, int] = defaultdict(int)  # connected client sessions per user

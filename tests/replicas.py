@@ -81,11 +81,14 @@ class Replicas:
     """``n`` replicas on a fresh database, haproxy in front; everything stopped by :meth:`close`."""
 
     def __init__(self, root: Path, n: int = 2, db_threads: int | None = None, log_level: str = "info",
-                 database_settings: dict[str, str] | None = None):
+                 database_settings: dict[str, str] | None = None, advertise: bool = True):
         """``log_level`` is the replicas' (tests read their logs at ``info``; benchmarks keep the
         default ``warning`` of a real service so logging costs what it costs in production).
         ``database_settings`` are set on the fresh database only (``ALTER DATABASE ... SET``), so
-        a benchmark can try, say, ``synchronous_commit = off`` without touching the server."""
+        a benchmark can try, say, ``synchronous_commit = off`` without touching the server.
+        ``advertise``: each replica advertises its own URL (``--advertise-url``), so clients send
+        an endpoint's tasks to the replica holding it; False keeps every client on the replica it
+        connected to (tasks for endpoints held elsewhere cross through the broker)."""
         import psycopg
 
         self.root = root
@@ -105,6 +108,9 @@ class Replicas:
         # by others on the same RabbitMQ) never contend for one exclusive queue
         self.replica_ids = [f"r{i}-{self.dbname[-10:]}" for i in range(n)]
         self.ports = [free_port() for _ in range(n)]
+        #: the URL each replica advertises to clients (its own port: clients then send an endpoint's
+        #: tasks to the replica holding it); a test may set one unreachable before start
+        self.advertise: list[str | None] = [self.url(i) if advertise else None for i in range(n)]
         self.procs: list[subprocess.Popen | None] = [None] * n
         self.lb_port = free_port()
         self.lb: subprocess.Popen | None = None
@@ -131,7 +137,8 @@ class Replicas:
         threads = ("--db-threads", str(self.db_threads)) if self.db_threads else ()
         self.procs[i] = subprocess.Popen(
             [sys.executable, "-m", "tether.service.server", "--port", str(self.ports[i]), "--db-url", self.db_url,
-             "--broker-url", AMQP_URL, "--replica-id", self.replica_ids[i], "--log-level", self.log_level, *threads],
+             "--broker-url", AMQP_URL, "--replica-id", self.replica_ids[i], "--log-level", self.log_level,
+             *(("--advertise-url", url) if (url := self.advertise[i]) else ()), *threads],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         wait_for(lambda: self.healthy(i), timeout=60, what=f"replica {i} to answer /healthz")

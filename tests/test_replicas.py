@@ -45,6 +45,27 @@ def replicas(tmp_path: Path) -> Iterator[Replicas]:
         group.close()
 
 
+@pytest.fixture
+def bus_replicas(tmp_path: Path) -> Iterator[Replicas]:
+    """Replicas that advertise no URL: a client stays on the replica it connected to, and every
+    task for an endpoint held by the other crosses through the broker, both ways."""
+    group = Replicas(tmp_path, n=2, advertise=False)
+    try:
+        yield group
+    finally:
+        group.close()
+
+
+def _events(replicas: Replicas, i: int, *names: str) -> float:
+    """The sum of replica ``i``'s task-event counters ``names`` on /metrics (0 if none yet)."""
+    text = httpx.get(replicas.url(i) + "/metrics", timeout=10).text
+    total = 0.0
+    for name in names:
+        prefix = f'tether_task_events_total{{event="{name}"}}'
+        total += sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(prefix))
+    return total
+
+
 def _count_results(futures: list) -> Counter:
     """How many times each future was resolved (a done callback runs once per resolution)."""
     seen: Counter = Counter()
@@ -71,7 +92,8 @@ def _batch_in_flight(replicas: Replicas, name: str, n: int) -> Iterator[tuple[Ex
         yield ex, futures
 
 
-def test_tasks_states_cancels_stops_and_presence_cross_replicas(replicas: Replicas) -> None:
+def test_tasks_states_cancels_stops_and_presence_cross_replicas(bus_replicas: Replicas) -> None:
+    replicas = bus_replicas
     endpoint_id = replicas.start_endpoint("far", replicas.url(1))
     wait_for(lambda: replicas.holder_of(endpoint_id) == 1, what="the endpoint to connect to replica 1")
     with Client(replicas.url(0), replicas.token) as client:
@@ -121,6 +143,56 @@ def test_tasks_states_cancels_stops_and_presence_cross_replicas(replicas: Replic
             waiting.result(timeout=30)
     finally:
         ex.shutdown(wait=False, cancel_futures=True)  # a task stored for a deleted endpoint would never end
+
+
+#: what a replica counts when tasks reach it through the broker
+BUS_TASKS = ("bus_offer_to", "bus_offer", "bus_refill")
+
+
+def test_an_endpoints_tasks_go_to_the_replica_that_holds_it(replicas: Replicas) -> None:
+    """The client connects to replica 0, the endpoint to replica 1: once the first
+    acknowledgement names replica 1, tasks go there directly instead of crossing the broker, and
+    replica 1 pushes their results on the same connection (its news of them to replica 0, where
+    the client's first connection is, remains: a hint nobody waits for)."""
+    endpoint_id = replicas.start_endpoint("near", replicas.url(1))
+    wait_for(lambda: replicas.holder_of(endpoint_id) == 1, what="the endpoint to connect to replica 1")
+    with Executor(endpoint_id=endpoint_id, service=replicas.url(0), token=replicas.token) as ex:
+        assert ex.submit(helpers.square, 2).result(timeout=60) == 4  # its acknowledgement names replica 1
+        tasks_before = _events(replicas, 1, *BUS_TASKS)
+        assert [ex.submit(helpers.square, i).result(timeout=60) for i in range(20)] == [i * i for i in range(20)]
+        futures = [ex.submit(helpers.square, i) for i in range(300)]
+        assert [f.result(timeout=60) for f in futures] == [i * i for i in range(300)]
+        assert _events(replicas, 1, *BUS_TASKS) == tasks_before  # no task reached replica 1 through the broker
+        # a cancel right after the submission follows it on the same (direct) connection: the
+        # task never holds a worker, so both of the endpoint's workers are free at once
+        for _ in range(2):
+            doomed = ex.submit(helpers.sleep_then, 120, "never")
+            assert doomed.cancel()
+            with pytest.raises(TaskCancelled):
+                doomed.result(timeout=30)
+        t0 = time.monotonic()
+        assert [f.result(timeout=60) for f in [ex.submit(helpers.sleep_then, 1, i) for i in range(2)]] == [0, 1]
+        assert time.monotonic() - t0 < 30
+
+
+def test_a_replica_advertising_an_unreachable_url_is_reached_through_the_broker(replicas: Replicas) -> None:
+    """Replica 1 advertises a URL nobody listens on (a wrong ``advertise_url``): the client's
+    direct connection fails, and tasks go through replica 0 and the broker as without one."""
+    replicas.kill(1, signal.SIGTERM)
+    from replicas import free_port
+
+    replicas.advertise[1] = f"http://127.0.0.1:{free_port()}"
+    replicas.start(1)
+    endpoint_id = replicas.start_endpoint("astray", replicas.url(1))
+    wait_for(lambda: replicas.holder_of(endpoint_id) == 1, what="the endpoint to connect to replica 1")
+    with Executor(endpoint_id=endpoint_id, service=replicas.url(0), token=replicas.token) as ex:
+        assert ex.submit(helpers.square, 2).result(timeout=60) == 4
+        t0 = time.monotonic()
+        assert [ex.submit(helpers.square, i).result(timeout=60) for i in range(20)] == [i * i for i in range(20)]
+        assert time.monotonic() - t0 < 30  # a refused direct connection costs a refusal, not a timeout each
+        futures = [ex.submit(helpers.square, i) for i in range(300)]
+        assert [f.result(timeout=60) for f in futures] == [i * i for i in range(300)]
+    assert _events(replicas, 1, *BUS_TASKS) > 0  # they crossed through the broker
 
 
 def test_a_replica_killed_mid_batch_loses_nothing(replicas: Replicas) -> None:
