@@ -254,7 +254,7 @@ def test_lone_submissions_written_by_the_user_thread_arrive_whole_and_in_order(f
                   token=fresh_stack.token) as ex:
         assert ex.submit(helpers.add, 1, 2).result(timeout=30) == 3  # connected
         conn = Connection.get(ex._conn.info)
-        direct = conn._direct
+        direct = conn._thread_sender
         assert direct is not None, "a plain ws:// connection gets a ThreadSender"
         sock = socket.socket(fileno=os.dup(direct._fd))
         try:
@@ -268,4 +268,4 @@ def test_lone_submissions_written_by_the_user_thread_arrive_whole_and_in_order(f
             assert ex.submit(bytes, payload).result(timeout=60) == payload
             ex.submit(helpers.add, i, 1).result(timeout=30)  # a small one right behind it
         assert conn.frames_sent["submit"] - sent_before == 24
-        assert conn._direct is direct, "the connection was not cut and remade"
+        assert conn._thread_sender is direct, "the connection was not cut and remade"
