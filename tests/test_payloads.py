@@ -9,6 +9,7 @@ import http.client
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -225,6 +226,43 @@ def test_a_sha256_declared_at_the_end_of_the_upload_is_checked_there(small: Loca
     assert cut.status_code == 409 and "before their sha256" in cut.json()["detail"]
     assert not [p for p in _blob_files(small) if p.name.startswith((lying, short))]
     for blob_id in (good["blob_id"], lying, short):
+        api.delete(f"/v1/blobs/{blob_id}")
+    api.close()
+
+
+def test_a_large_upload_on_the_connection_itself_is_stored_whole_or_not_at_all(small: LocalStack) -> None:
+    """A body of a mebibyte or more with a Content-Length is received on its connection's socket
+    (service/connections.py RawConnection) and written past the page cache in aligned batches:
+    a size no batch divides comes back byte for byte, with and without its sha256 at the end; a
+    body cut off mid-way leaves no bytes, gets no answer, and may be sent again."""
+    api = httpx.Client(base_url=small.service_url, headers={"Authorization": f"Bearer {small.token}"},
+                        trust_env=False, timeout=60)
+    data = os.urandom(3 * MiB + 4097)  # three aligned batches, a page, and one byte
+    ahead = api.post("/v1/blobs", json={"size": len(data), "sha256": sha256_of(data)}).json()["blob_id"]
+    assert api.put(f"/v1/blobs/{ahead}", content=data).json()["state"] == "complete"
+    at_end = api.post("/v1/blobs", json={"size": len(data)}).json()["blob_id"]
+    stored = api.put(f"/v1/blobs/{at_end}", content=data + sha256_of(data).encode()).json()
+    assert stored["sha256"] == sha256_of(data)
+    for blob_id in (ahead, at_end):
+        assert api.get(f"/v1/blobs/{blob_id}").content == data
+        assert (small.home / "service" / "blobs" / blob_id).stat().st_size == len(data)
+
+    cut = api.post("/v1/blobs", json={"size": len(data), "sha256": sha256_of(data)}).json()["blob_id"]
+    parts = urlsplit(small.service_url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    conn.putrequest("PUT", f"/v1/blobs/{cut}")
+    for name, value in (("Authorization", f"Bearer {small.token}"), ("Content-Length", str(len(data)))):
+        conn.putheader(name, value)
+    conn.endheaders()
+    conn.send(data[: 2 * MiB])
+    conn.sock.shutdown(socket.SHUT_WR)  # the rest never comes
+    with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+        conn.getresponse()
+    conn.close()
+    wait_for(lambda: not [p for p in _blob_files(small) if p.name.startswith(cut)], timeout=30)
+    wait_for(lambda: api.put(f"/v1/blobs/{cut}", content=data).status_code == 200, timeout=30)  # sent again
+    assert api.get(f"/v1/blobs/{cut}").content == data
+    for blob_id in (ahead, at_end, cut):
         api.delete(f"/v1/blobs/{blob_id}")
     api.close()
 
