@@ -26,6 +26,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import logging
 import mmap
@@ -121,6 +122,10 @@ class Arrival:
         self.ended = False
         self.ok = False
         self._changed = asyncio.Event()
+        #: guards ``_recent`` and ``version``: raw downloads read them from their threads
+        self._lock = threading.Condition()
+        #: counts changes, for a thread waiting for the next (:meth:`wait_changed`)
+        self.version = 0
         self._recent: collections.deque[tuple[int, bytes]] = collections.deque()  # (offset, piece)
         self._recent_bytes = 0
 
@@ -128,12 +133,13 @@ class Arrival:
         """``pieces`` (ending at offset ``written``) have arrived, and the file holds ``on_file``
         bytes (``written`` if not given)."""
         offset = written - sum(len(piece) for piece in pieces)
-        for piece in pieces:
-            self._recent.append((offset, piece))
-            offset += len(piece)
-            self._recent_bytes += len(piece)
-        while self._recent_bytes > RECENT_BYTES:
-            self._recent_bytes -= len(self._recent.popleft()[1])
+        with self._lock:
+            for piece in pieces:
+                self._recent.append((offset, piece))
+                offset += len(piece)
+                self._recent_bytes += len(piece)
+            while self._recent_bytes > RECENT_BYTES:
+                self._recent_bytes -= len(self._recent.popleft()[1])
         self.written = written
         self.on_file = written if on_file is None else on_file
         self._wake()
@@ -141,11 +147,12 @@ class Arrival:
     def piece_at(self, offset: int, end: int) -> bytes | memoryview | None:
         """The bytes from ``offset`` (up to ``end`` at most) that are still here, without a copy;
         None if they are not (the reader reads the file)."""
-        for start, piece in self._recent:
-            if start <= offset < start + len(piece):
-                if offset == start and start + len(piece) <= end:
-                    return piece
-                return memoryview(piece)[offset - start : end - start]
+        with self._lock:
+            for start, piece in self._recent:
+                if start <= offset < start + len(piece):
+                    if offset == start and start + len(piece) <= end:
+                        return piece
+                    return memoryview(piece)[offset - start : end - start]
         return None
 
     def end(self, ok: bool) -> None:
@@ -157,6 +164,14 @@ class Arrival:
     def _wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+        with self._lock:
+            self.version += 1
+            self._lock.notify_all()
+
+    def wait_changed(self, seen: int, timeout: float) -> bool:
+        """(In a thread) wait for a change after version ``seen``; False if none came in ``timeout``."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self.version != seen, timeout)
 
     async def changed(self, timeout: float) -> bool:
         """Wait for the next change; False if none came within ``timeout``."""
@@ -407,6 +422,8 @@ RAW_MIN_BYTES = 1024 * 1024
 RAW_THREADS = 64
 #: seconds a raw upload waits for its next bytes before it is dropped as broken off
 RAW_IDLE_S = 60.0
+#: seconds a raw download waits for its reader to take more bytes before it is dropped
+DOWNLOAD_SEND_TIMEOUT_S = 300.0
 _raw_pool = concurrent.futures.ThreadPoolExecutor(RAW_THREADS, thread_name_prefix="tether-blob")
 
 
@@ -609,6 +626,67 @@ async def _in_raw_thread(raw: RawConnection, path: Path, digest: Any, declared: 
         raise
 
 
+def _send_following(raw: RawConnection, fh: Any, arrival: Arrival, size: int, blob_id: str) -> None:
+    """:func:`_follow` in a thread, onto a taken connection: the pieces kept in memory with
+    ``sendall``, the file (a reader fallen behind) with ``sendfile``; the same rules (never past
+    what arrived, the last byte once the upload verified, broken off with the upload)."""
+    sent = 0
+    while sent < size:
+        seen = arrival.version
+        readable = arrival.written if arrival.ended and arrival.ok else min(arrival.written, size - 1)
+        if readable > sent:
+            piece = arrival.piece_at(sent, readable)
+            if piece is not None:
+                raw.sock.sendall(piece)
+                sent += len(piece)
+                continue
+            if arrival.on_file > sent:
+                sent += raw.sock.sendfile(fh, sent, min(FOLLOW_PIECE, min(readable, arrival.on_file) - sent)) or 0
+                continue
+        elif arrival.ended:
+            if not arrival.ok or arrival.written <= sent:
+                raise _BrokeOff(f"blob {blob_id}: its upload broke off at {arrival.written} of {size} bytes")
+            continue
+        if not arrival.wait_changed(seen, FOLLOW_IDLE_S):
+            raise _BrokeOff(f"blob {blob_id}: no bytes arrived for {FOLLOW_IDLE_S:g} s")
+
+
+def _send_file(raw: RawConnection, fh: Any, size: int) -> None:
+    """A complete blob onto a taken connection, from the page cache to the socket (``sendfile``)."""
+    sent = 0
+    while sent < size:
+        n = raw.sock.sendfile(fh, sent, size - sent)
+        if not n:
+            raise _BrokeOff(f"the file ended at {sent} of {size} bytes")
+        sent += n
+
+
+async def _send_raw(raw: RawConnection, headers: dict[str, str], body: Callable[[], None]) -> None:
+    """Answer a download on a taken connection: the head, then ``body()``, in a thread of
+    :data:`_raw_pool`, then close it; a body that fails breaks the connection off (the reader
+    sees it short, as through ASGI). Cancelled: the connection is dropped and the thread awaited."""
+    head = ["HTTP/1.1 200 OK", "content-type: application/octet-stream", "connection: close",
+            *(f"{name.lower()}: {value}" for name, value in headers.items())]
+
+    def send() -> None:
+        raw.sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        body()
+
+    loop = asyncio.get_running_loop()
+    moving = loop.run_in_executor(_raw_pool, send)
+    try:
+        await asyncio.shield(moving)
+    except asyncio.CancelledError:
+        raw.abort()
+        await asyncio.gather(moving, return_exceptions=True)
+        raise
+    except (OSError, _BrokeOff) as exc:
+        log.info("download broke off: %s", exc)
+        raw.abort()
+        return
+    raw.finish()
+
+
 async def _follow(fh: Any, arrival: Arrival, size: int, blob_id: str) -> AsyncIterator[bytes | memoryview]:
     """A blob's bytes read from its upload's file as they are written: never past what the
     upload has written, ending with it (the last byte only once the upload's bytes matched their
@@ -746,7 +824,7 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
     @router.get("/v1/blobs/{blob_id}", response_class=FileResponse, responses={
         200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
               "description": "the blob's bytes"}, **_errors(404, 409)})
-    async def download_blob(blob_id: PathId, who: Principal = Depends(principal)) -> Response:
+    async def download_blob(blob_id: PathId, request: Request, who: Principal = Depends(principal)) -> Response:
         """A blob's bytes, streamed from disk. Yours, or (endpoints) named by a task dispatched to you.
         A blob still being uploaded is streamed as its bytes arrive (its last byte once they
         matched their sha256); one declared but not yet sent is waited for."""
@@ -757,6 +835,13 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
         headers = {SHA256_HEADER: row.sha256} if row.sha256 else {}
         if row.state == RESERVED and not row.linked:  # nothing names it: nobody is about to send it
             raise HTTPException(409, f"blob {blob_id} is declared but its bytes have not been sent")
+        def take_raw_download(size: int) -> RawConnection | None:
+            """A large download is sent on the connection's socket from a thread (see
+            RawConnection); a ranged request is left to Starlette's file response."""
+            if size < RAW_MIN_BYTES or "range" in request.headers:
+                return None
+            return take_raw(request.scope, DOWNLOAD_SEND_TIMEOUT_S)
+
         # the task or the answer naming it went ahead of its bytes: follow the upload when it starts
         # (here: in ``arriving``; on another replica: its row), giving up if it does not
         started = time.monotonic()
@@ -771,6 +856,14 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
                         raise HTTPException(404, f"unknown blob {blob_id}") from None
                     continue
                 headers["Content-Length"] = str(row.size)
+                raw = take_raw_download(row.size)
+                if raw is not None:
+                    try:
+                        await _send_raw(raw, headers,
+                                        functools.partial(_send_following, raw, fh, arrival, row.size, blob_id))
+                    finally:
+                        fh.close()
+                    return Response()  # (not sent: the connection was answered and closed)
                 return StreamingResponse(_follow(fh, arrival, row.size, blob_id),
                                          media_type="application/octet-stream", headers=headers)
             waited = time.monotonic() - started
@@ -785,6 +878,19 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
             row = await rows.get(blob_id)
             if row is None:
                 raise HTTPException(404, f"unknown blob {blob_id}")
+        raw = take_raw_download(row.size)
+        if raw is not None:
+            try:
+                fh = open(index.path(blob_id), "rb")  # noqa: SIM115 - closed below
+            except FileNotFoundError:  # deleted just now
+                raw.reply_json(404, {"detail": f"unknown blob {blob_id}"})
+                raise HTTPException(404, f"unknown blob {blob_id}") from None
+            try:
+                await _send_raw(raw, {**headers, "Content-Length": str(row.size)},
+                                functools.partial(_send_file, raw, fh, row.size))
+            finally:
+                fh.close()
+            return Response()  # (not sent: the connection was answered and closed)
         return _BlobFile(index.path(blob_id), media_type="application/octet-stream", headers=headers)
 
     @router.delete("/v1/blobs/{blob_id}", status_code=204, response_class=Response, responses=_errors(404, 409))

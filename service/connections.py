@@ -139,6 +139,13 @@ class RawConnection:
         """Close the duplicate descriptor (the transport keeps the connection until :meth:`reply`)."""
         self.sock.close()
 
+    def finish(self) -> None:
+        """Close the connection after a response sent on :attr:`sock` (the bytes written are
+        delivered before the close)."""
+        self.replied = True
+        self.close_socket()
+        self._transport.close()
+
     def abort(self) -> None:
         """Drop the connection without an answer (the peer went away, or the service stops): a
         thread blocked on the socket wakes up (shutdown, then close)."""

@@ -262,7 +262,37 @@ def test_a_large_upload_on_the_connection_itself_is_stored_whole_or_not_at_all(s
     wait_for(lambda: not [p for p in _blob_files(small) if p.name.startswith(cut)], timeout=30)
     wait_for(lambda: api.put(f"/v1/blobs/{cut}", content=data).status_code == 200, timeout=30)  # sent again
     assert api.get(f"/v1/blobs/{cut}").content == data
-    for blob_id in (ahead, at_end, cut):
+
+    # a reader that stops reading while the upload goes on past the pieces kept in memory (8 MiB)
+    # gets the rest from the file
+    large = os.urandom(24 * MiB)
+    behind = api.post("/v1/blobs", json={"size": len(large), "sha256": sha256_of(large)}).json()["blob_id"]
+    got_first, go, out = threading.Event(), threading.Event(), []
+
+    def slow_reader() -> None:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        conn.request("GET", f"/v1/blobs/{behind}", headers={"Authorization": f"Bearer {small.token}"})
+        response = conn.getresponse()
+        head = response.read(MiB)
+        got_first.set()
+        go.wait(60)
+        out.append(head + response.read())
+        conn.close()
+
+    reader = threading.Thread(target=slow_reader)
+
+    def uploads_past_the_reader() -> Iterator[bytes]:
+        yield large[: 2 * MiB]
+        reader.start()
+        assert got_first.wait(30), "the reader did not get bytes of an upload under way"
+        yield large[2 * MiB :]
+
+    assert api.put(f"/v1/blobs/{behind}", content=uploads_past_the_reader(),
+                   headers={"Content-Length": str(len(large))}).status_code == 200
+    go.set()
+    reader.join(60)
+    assert out and out[0] == large
+    for blob_id in (ahead, at_end, cut, behind):
         api.delete(f"/v1/blobs/{blob_id}")
     api.close()
 
