@@ -126,6 +126,9 @@ class Arrival:
         self._lock = threading.Condition()
         #: counts changes, for a thread waiting for the next (:meth:`wait_changed`)
         self.version = 0
+        #: where each reader following the upload is (bytes sent), and those it no longer waits for
+        self._readers: dict[int, int] = {}
+        self._left_behind: set[int] = set()
         self._recent: collections.deque[tuple[int, bytes]] = collections.deque()  # (offset, piece)
         self._recent_bytes = 0
 
@@ -167,6 +170,37 @@ class Arrival:
         with self._lock:
             self.version += 1
             self._lock.notify_all()
+
+    def reader_at(self, reader: int, sent: int | None) -> None:
+        """Reader ``reader`` has sent ``sent`` bytes on (None: it is done)."""
+        with self._lock:
+            if sent is None:
+                self._readers.pop(reader, None)
+            else:
+                self._readers[reader] = sent
+            self._lock.notify_all()
+
+    def wait_for_readers(self, upto: int, timeout: float) -> None:
+        """(In a raw upload's thread, before the pieces up to ``upto`` are kept) wait until every
+        reader following the upload is within the pieces kept in memory, so it is sent those and
+        never reads back a file written past the page cache (from the disk). A reader that makes
+        no progress for ``timeout`` seconds is left behind: it reads the file, and the upload
+        goes on at its own pace. An upload then goes no faster than its readers, as a pipe."""
+        floor = upto - RECENT_BYTES
+        last: dict[int, int] | None = None
+        deadline = 0.0
+        with self._lock:
+            while True:
+                lagging = {k: v for k, v in self._readers.items() if v < floor and k not in self._left_behind}
+                if not lagging:
+                    return
+                if lagging != last:
+                    last, deadline = lagging, time.monotonic() + timeout
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._left_behind.update(lagging)
+                    return
+                self._lock.wait(left)
 
     def wait_changed(self, seen: int, timeout: float) -> bool:
         """(In a thread) wait for a change after version ``seen``; False if none came in ``timeout``."""
@@ -422,6 +456,9 @@ RAW_MIN_BYTES = 1024 * 1024
 RAW_THREADS = 64
 #: seconds a raw upload waits for its next bytes before it is dropped as broken off
 RAW_IDLE_S = 60.0
+#: seconds without progress after which a raw upload stops waiting for a reader that fell behind
+#: the pieces kept in memory (it reads the file instead; see Arrival.wait_for_readers)
+READER_STALL_S = 2.0
 #: seconds a raw download waits for its reader to take more bytes before it is dropped
 DOWNLOAD_SEND_TIMEOUT_S = 300.0
 _raw_pool = concurrent.futures.ThreadPoolExecutor(RAW_THREADS, thread_name_prefix="tether-blob")
@@ -553,7 +590,7 @@ class _DirectFile:
 
 
 def _receive_raw(raw: RawConnection, path: Path, digest: Any, declared: int, tail: bytearray | None,
-                 advance: Callable[[int, list[Any], int], None]) -> int:
+                 advance: Callable[[int, list[Any], int], None], wait_for_readers: Callable[[int], None]) -> int:
     """Receive a body on a taken connection (in a thread of :data:`_raw_pool`) into ``path``;
     returns the blob bytes received. Each piece of ``CHUNK`` bytes is received into a buffer
     of its own, hashed, staged for the file (:class:`_DirectFile`) while it is in the CPU's
@@ -596,6 +633,7 @@ def _receive_raw(raw: RawConnection, path: Path, digest: Any, declared: int, tai
                 batch.append(view)
                 batched += mine
             if batched >= WRITE_BATCH:
+                wait_for_readers(received)
                 advance(received, batch, out.offset)
                 batch, batched = [], 0
         out.close()
@@ -617,7 +655,11 @@ async def _in_raw_thread(raw: RawConnection, path: Path, digest: Any, declared: 
     def advance(written: int, pieces: list[Any], on_file: int) -> None:
         loop.call_soon_threadsafe(arrival.advance, written, pieces, on_file)
 
-    moving = loop.run_in_executor(_raw_pool, _receive_raw, raw, path, digest, declared, tail, advance)
+    def wait_for_readers(upto: int) -> None:
+        arrival.wait_for_readers(upto, READER_STALL_S)
+
+    moving = loop.run_in_executor(_raw_pool, _receive_raw, raw, path, digest, declared, tail, advance,
+                                  wait_for_readers)
     try:
         return await asyncio.shield(moving)
     except asyncio.CancelledError:
@@ -631,24 +673,31 @@ def _send_following(raw: RawConnection, fh: Any, arrival: Arrival, size: int, bl
     ``sendall``, the file (a reader fallen behind) with ``sendfile``; the same rules (never past
     what arrived, the last byte once the upload verified, broken off with the upload)."""
     sent = 0
-    while sent < size:
-        seen = arrival.version
-        readable = arrival.written if arrival.ended and arrival.ok else min(arrival.written, size - 1)
-        if readable > sent:
-            piece = arrival.piece_at(sent, readable)
-            if piece is not None:
-                raw.sock.sendall(piece)
-                sent += len(piece)
+    me = id(raw)
+    arrival.reader_at(me, 0)
+    try:
+        while sent < size:
+            seen = arrival.version
+            readable = arrival.written if arrival.ended and arrival.ok else min(arrival.written, size - 1)
+            if readable > sent:
+                piece = arrival.piece_at(sent, readable)
+                if piece is not None:
+                    raw.sock.sendall(piece)
+                    sent += len(piece)
+                    arrival.reader_at(me, sent)
+                    continue
+                if arrival.on_file > sent:
+                    sent += raw.sock.sendfile(fh, sent, min(FOLLOW_PIECE, min(readable, arrival.on_file) - sent)) or 0
+                    arrival.reader_at(me, sent)
+                    continue
+            elif arrival.ended:
+                if not arrival.ok or arrival.written <= sent:
+                    raise _BrokeOff(f"blob {blob_id}: its upload broke off at {arrival.written} of {size} bytes")
                 continue
-            if arrival.on_file > sent:
-                sent += raw.sock.sendfile(fh, sent, min(FOLLOW_PIECE, min(readable, arrival.on_file) - sent)) or 0
-                continue
-        elif arrival.ended:
-            if not arrival.ok or arrival.written <= sent:
-                raise _BrokeOff(f"blob {blob_id}: its upload broke off at {arrival.written} of {size} bytes")
-            continue
-        if not arrival.wait_changed(seen, FOLLOW_IDLE_S):
-            raise _BrokeOff(f"blob {blob_id}: no bytes arrived for {FOLLOW_IDLE_S:g} s")
+            if not arrival.wait_changed(seen, FOLLOW_IDLE_S):
+                raise _BrokeOff(f"blob {blob_id}: no bytes arrived for {FOLLOW_IDLE_S:g} s")
+    finally:
+        arrival.reader_at(me, None)
 
 
 def _send_file(raw: RawConnection, fh: Any, size: int) -> None:
@@ -693,6 +742,8 @@ async def _follow(fh: Any, arrival: Arrival, size: int, blob_id: str) -> AsyncIt
     declared sha256); an upload that breaks off, fails that check or stalls for ``FOLLOW_IDLE_S``
     breaks this stream off too, and the reader sees it short."""
     sent = 0
+    me = id(fh)
+    arrival.reader_at(me, 0)
     try:
         while sent < size:
             # the last byte waits for the upload's sha256 check: a reader never receives a whole
@@ -710,12 +761,14 @@ async def _follow(fh: Any, arrival: Arrival, size: int, blob_id: str) -> AsyncIt
                     raise OSError(f"blob {blob_id}: its file ended at {sent} bytes")
                 sent += len(piece)
                 yield piece
+                arrival.reader_at(me, sent)
             elif arrival.ended:
                 if not arrival.ok or arrival.written <= sent:
                     raise OSError(f"blob {blob_id}: its upload broke off at {arrival.written} of {size} bytes")
             elif not await arrival.changed(FOLLOW_IDLE_S):
                 raise OSError(f"blob {blob_id}: no bytes arrived for {FOLLOW_IDLE_S:g} s")
     finally:
+        arrival.reader_at(me, None)
         fh.close()
 
 
