@@ -26,6 +26,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import errno
 import functools
 import hashlib
 import logging
@@ -558,7 +559,21 @@ class _DirectFile:
     def _pwrite(self, data: memoryview, offset: int) -> None:
         done = 0
         while done < len(data):
-            done += os.pwrite(self.fd, data[done:], offset + done)
+            try:
+                done += os.pwrite(self.fd, data[done:], offset + done)
+            except OSError as exc:  # a file system that took O_DIRECT at open but wants another alignment
+                if exc.errno != errno.EINVAL or not self._buffered():
+                    raise
+
+    def _buffered(self) -> bool:
+        """Write through the page cache from now on; False if the file already does."""
+        if not self.direct:
+            return False
+        import fcntl  # (Linux only, as O_DIRECT)
+
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self.direct = False
+        return True
 
     def close(self) -> None:
         """Wait for the batches on their way, write what is left (through the cache: it need not
@@ -572,9 +587,7 @@ class _DirectFile:
                 if self._error is not None:
                     raise self._error
                 if self.staged:
-                    import fcntl  # (Linux only, as O_DIRECT)
-
-                    fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                    self._buffered()
                     self._pwrite(memoryview(self._stage)[: self.staged], self._queued)
                     self._queued += self.staged
                     self.staged = 0
