@@ -453,7 +453,9 @@ async def _receive(request: Request, out: Any, digest: Any, declared: int, blob_
 #: uploads at least this large are received on their connection's socket, in a thread
 #: (:class:`~tether.service.connections.RawConnection`); smaller ones through ASGI
 RAW_MIN_BYTES = 1024 * 1024
-#: threads moving raw uploads at once (each holds one for its whole upload); uploads beyond wait
+#: threads moving raw uploads at once, and as many for raw downloads (each holds one for its
+#: whole transfer); a transfer beyond them goes through ASGI, as a small one does, rather than
+#: wait (a download following an upload that waits for a thread would wait for nothing)
 RAW_THREADS = 64
 #: seconds a raw upload waits for its next bytes before it is dropped as broken off
 RAW_IDLE_S = 60.0
@@ -462,7 +464,21 @@ RAW_IDLE_S = 60.0
 READER_STALL_S = 2.0
 #: seconds a raw download waits for its reader to take more bytes before it is dropped
 DOWNLOAD_SEND_TIMEOUT_S = 300.0
-_raw_pool = concurrent.futures.ThreadPoolExecutor(RAW_THREADS, thread_name_prefix="tether-blob")
+_raw_uploads = concurrent.futures.ThreadPoolExecutor(RAW_THREADS, thread_name_prefix="tether-blob-in")
+_raw_downloads = concurrent.futures.ThreadPoolExecutor(RAW_THREADS, thread_name_prefix="tether-blob-out")
+#: raw transfers under way per pool (on the event loop: no lock)
+_raw_busy: dict[Any, int] = {_raw_uploads: 0, _raw_downloads: 0}
+
+
+def _take_raw_for(pool: Any, scope: dict, timeout: float) -> RawConnection | None:
+    """:func:`take_raw` while ``pool`` has a thread free for the transfer (else None: ASGI)."""
+    if _raw_busy[pool] >= RAW_THREADS:
+        return None
+    raw = take_raw(scope, timeout)
+    if raw is not None:
+        _raw_busy[pool] += 1
+        raw.on_done(lambda: _raw_busy.__setitem__(pool, _raw_busy[pool] - 1))
+    return raw
 
 
 class _BrokeOff(Exception):
@@ -604,7 +620,7 @@ class _DirectFile:
 
 def _receive_raw(raw: RawConnection, path: Path, digest: Any, declared: int, tail: bytearray | None,
                  advance: Callable[[int, list[Any], int], None], wait_for_readers: Callable[[int], None]) -> int:
-    """Receive a body on a taken connection (in a thread of :data:`_raw_pool`) into ``path``;
+    """Receive a body on a taken connection (in a thread of :data:`_raw_uploads`) into ``path``;
     returns the blob bytes received. Each piece of ``CHUNK`` bytes is received into a buffer
     of its own, hashed, staged for the file (:class:`_DirectFile`) while it is in the CPU's
     cache, and handed to ``advance`` (readers following the upload, every mebibyte): one
@@ -660,7 +676,7 @@ def _receive_raw(raw: RawConnection, path: Path, digest: Any, declared: int, tai
 
 async def _in_raw_thread(raw: RawConnection, path: Path, digest: Any, declared: int, tail: bytearray | None,
                          arrival: Arrival) -> int:
-    """:func:`_receive_raw` in a thread of :data:`_raw_pool`; readers following the upload are
+    """:func:`_receive_raw` in a thread of :data:`_raw_uploads`; readers following the upload are
     told on the event loop. Cancelled (the service stopping): the connection is dropped and
     the thread waited for, so it never writes to a file about to be deleted."""
     loop = asyncio.get_running_loop()
@@ -671,7 +687,7 @@ async def _in_raw_thread(raw: RawConnection, path: Path, digest: Any, declared: 
     def wait_for_readers(upto: int) -> None:
         arrival.wait_for_readers(upto, READER_STALL_S)
 
-    moving = loop.run_in_executor(_raw_pool, _receive_raw, raw, path, digest, declared, tail, advance,
+    moving = loop.run_in_executor(_raw_uploads, _receive_raw, raw, path, digest, declared, tail, advance,
                                   wait_for_readers)
     try:
         return await asyncio.shield(moving)
@@ -725,7 +741,7 @@ def _send_file(raw: RawConnection, fh: Any, size: int) -> None:
 
 async def _send_raw(raw: RawConnection, headers: dict[str, str], body: Callable[[], None]) -> None:
     """Answer a download on a taken connection: the head, then ``body()``, in a thread of
-    :data:`_raw_pool`, then close it; a body that fails breaks the connection off (the reader
+    :data:`_raw_downloads`, then close it; a body that fails breaks the connection off (the reader
     sees it short, as through ASGI). Cancelled: the connection is dropped and the thread awaited."""
     head = ["HTTP/1.1 200 OK", "content-type: application/octet-stream", "connection: close",
             *(f"{name.lower()}: {value}" for name, value in headers.items())]
@@ -735,7 +751,7 @@ async def _send_raw(raw: RawConnection, headers: dict[str, str], body: Callable[
         body()
 
     loop = asyncio.get_running_loop()
-    moving = loop.run_in_executor(_raw_pool, send)
+    moving = loop.run_in_executor(_raw_downloads, send)
     try:
         await asyncio.shield(moving)
     except asyncio.CancelledError:
@@ -842,7 +858,7 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
         if started is not None:
             started.set()
         # a large body is received on the connection's socket, in a thread (see RawConnection)
-        raw = take_raw(request.scope, RAW_IDLE_S) if row.size >= RAW_MIN_BYTES else None
+        raw = _take_raw_for(_raw_uploads, request.scope, RAW_IDLE_S) if row.size >= RAW_MIN_BYTES else None
         allowed = row.size + (DIGEST_AT_END if tail is not None else 0)
         refusal: HTTPException | None = None
         try:
@@ -882,7 +898,12 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
             if raw is not None and not done:  # answered once the bytes are gone (an error of ours: 500)
                 raw.reply_json(refusal.status_code, {"detail": refusal.detail}, refusal.headers) if refusal \
                     else raw.reply_json(500, {"detail": "Internal Server Error"})
-        stored = info(await rows.get(blob_id))
+        try:
+            stored = info(await rows.get(blob_id))
+        except BaseException:
+            if raw is not None:  # (never left open)
+                raw.reply_json(500, {"detail": "Internal Server Error"})
+            raise
         if raw is not None:
             raw.reply(200, stored.model_dump_json().encode())  # (closes the duplicate socket too)
         return stored
@@ -906,7 +927,7 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
             RawConnection); a ranged request is left to Starlette's file response."""
             if size < RAW_MIN_BYTES or "range" in request.headers:
                 return None
-            return take_raw(request.scope, DOWNLOAD_SEND_TIMEOUT_S)
+            return _take_raw_for(_raw_downloads, request.scope, DOWNLOAD_SEND_TIMEOUT_S)
 
         # the task or the answer naming it went ahead of its bytes: follow the upload when it starts
         # (here: in ``arriving``; on another replica: its row), giving up if it does not

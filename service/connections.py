@@ -117,6 +117,16 @@ class RawConnection:
         self.length = length
         self._transport = transport
         self.replied = False
+        self._done: list[Any] = []
+
+    def on_done(self, callback: Any) -> None:
+        """Call ``callback()`` once, when the connection is answered, finished or dropped."""
+        self._done.append(callback)
+
+    def _ended(self) -> None:
+        done, self._done = self._done, []
+        for callback in done:
+            callback()
 
     def reply(self, status: int, body: bytes, headers: dict[str, str] | None = None,
               reason: str = "") -> None:
@@ -131,6 +141,7 @@ class RawConnection:
         if not self._transport.is_closing():
             self._transport.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
         self._transport.close()
+        self._ended()
 
     def reply_json(self, status: int, value: object, headers: dict[str, str] | None = None) -> None:
         self.reply(status, json.dumps(value).encode(), headers)
@@ -145,6 +156,7 @@ class RawConnection:
         self.replied = True
         self.close_socket()
         self._transport.close()
+        self._ended()
 
     def abort(self) -> None:
         """Drop the connection without an answer (the peer went away, or the service stops): a
@@ -154,6 +166,7 @@ class RawConnection:
             self.sock.shutdown(socket.SHUT_RDWR)
         self.close_socket()
         self._transport.abort()
+        self._ended()
 
 
 _REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
