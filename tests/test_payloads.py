@@ -9,6 +9,7 @@ import http.client
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -225,6 +226,73 @@ def test_a_sha256_declared_at_the_end_of_the_upload_is_checked_there(small: Loca
     assert cut.status_code == 409 and "before their sha256" in cut.json()["detail"]
     assert not [p for p in _blob_files(small) if p.name.startswith((lying, short))]
     for blob_id in (good["blob_id"], lying, short):
+        api.delete(f"/v1/blobs/{blob_id}")
+    api.close()
+
+
+def test_a_large_upload_on_the_connection_itself_is_stored_whole_or_not_at_all(small: LocalStack) -> None:
+    """A body of a mebibyte or more with a Content-Length is received on its connection's socket
+    (service/connections.py RawConnection) and written past the page cache in aligned batches:
+    a size no batch divides comes back byte for byte, with and without its sha256 at the end; a
+    body cut off mid-way leaves no bytes, gets no answer, and may be sent again."""
+    api = httpx.Client(base_url=small.service_url, headers={"Authorization": f"Bearer {small.token}"},
+                        trust_env=False, timeout=60)
+    data = os.urandom(3 * MiB + 4097)  # three aligned batches, a page, and one byte
+    ahead = api.post("/v1/blobs", json={"size": len(data), "sha256": sha256_of(data)}).json()["blob_id"]
+    assert api.put(f"/v1/blobs/{ahead}", content=data).json()["state"] == "complete"
+    at_end = api.post("/v1/blobs", json={"size": len(data)}).json()["blob_id"]
+    stored = api.put(f"/v1/blobs/{at_end}", content=data + sha256_of(data).encode()).json()
+    assert stored["sha256"] == sha256_of(data)
+    for blob_id in (ahead, at_end):
+        assert api.get(f"/v1/blobs/{blob_id}").content == data
+        assert (small.home / "service" / "blobs" / blob_id).stat().st_size == len(data)
+
+    cut = api.post("/v1/blobs", json={"size": len(data), "sha256": sha256_of(data)}).json()["blob_id"]
+    parts = urlsplit(small.service_url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    conn.putrequest("PUT", f"/v1/blobs/{cut}")
+    for name, value in (("Authorization", f"Bearer {small.token}"), ("Content-Length", str(len(data)))):
+        conn.putheader(name, value)
+    conn.endheaders()
+    conn.send(data[: 2 * MiB])
+    conn.sock.shutdown(socket.SHUT_WR)  # the rest never comes
+    with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+        conn.getresponse()
+    conn.close()
+    wait_for(lambda: not [p for p in _blob_files(small) if p.name.startswith(cut)], timeout=30)
+    wait_for(lambda: api.put(f"/v1/blobs/{cut}", content=data).status_code == 200, timeout=30)  # sent again
+    assert api.get(f"/v1/blobs/{cut}").content == data
+
+    # a reader that stops reading while the upload goes on past the pieces kept in memory (8 MiB)
+    # gets the rest from the file
+    large = os.urandom(24 * MiB)
+    behind = api.post("/v1/blobs", json={"size": len(large), "sha256": sha256_of(large)}).json()["blob_id"]
+    got_first, go, out = threading.Event(), threading.Event(), []
+
+    def slow_reader() -> None:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        conn.request("GET", f"/v1/blobs/{behind}", headers={"Authorization": f"Bearer {small.token}"})
+        response = conn.getresponse()
+        head = response.read(MiB)
+        got_first.set()
+        go.wait(60)
+        out.append(head + response.read())
+        conn.close()
+
+    reader = threading.Thread(target=slow_reader)
+
+    def uploads_past_the_reader() -> Iterator[bytes]:
+        yield large[: 2 * MiB]
+        reader.start()
+        assert got_first.wait(30), "the reader did not get bytes of an upload under way"
+        yield large[2 * MiB :]
+
+    assert api.put(f"/v1/blobs/{behind}", content=uploads_past_the_reader(),
+                   headers={"Content-Length": str(len(large))}).status_code == 200
+    go.set()
+    reader.join(60)
+    assert out and out[0] == large
+    for blob_id in (ahead, at_end, cut, behind):
         api.delete(f"/v1/blobs/{blob_id}")
     api.close()
 
