@@ -3,7 +3,7 @@ the two WebSocket data-plane routes, /healthz and Prometheus /metrics.
 
 :func:`create_app` builds one service process (store, relay, authenticator, blob index: a
 :class:`~tether.service.context.Services`), assembles the routes (``service/routes/``, one
-module per resource, plus the blob routes of ``blobs.py``), and runs the background loops.
+module per resource, plus the blob routes of ``blobs/routes.py``), and runs the background loops.
 Routes stay thin: authentication and input validation there (every id checked against the one
 definition in :mod:`tether.ids`, every frame decoded into a typed record by
 :mod:`tether.protocol`), everything durable and every ownership rule in the relay
@@ -28,7 +28,8 @@ from tether.protocol import CLIENT_FRAMES, ENDPOINT_FRAMES, FrameDecoder, servic
 
 from .async_store import AsyncStore
 from .auth import Authenticator
-from .blobs import BlobIndex, blob_routes
+from .blobs.index import BlobIndex
+from .blobs.routes import blob_routes
 from .bus import make_bus
 from .context import Services, Settings
 from .guard import BodyGuard

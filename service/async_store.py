@@ -50,7 +50,7 @@ def awaited(method: Callable[Concatenate[Store, P], R]) -> Callable[Concatenate[
 class Offloaded:
     """Every public method of ``target``, as a coroutine with the same arguments: run inline, or
     in ``pool`` (a method that touches the database must not run on the event loop). Untyped:
-    for the blob index's queries (``service/blobs.py``); the store itself is :class:`AsyncStore`."""
+    for the blob index's queries (``service/blobs/index.py``); the store itself is :class:`AsyncStore`."""
 
     def __init__(self, target: Any, pool: ThreadPoolExecutor | None):
         self._target = target

@@ -20,7 +20,7 @@ from tether.protocol import DEFAULT_BLOB_THRESHOLD, DEFAULT_PREFETCH, FrameDecod
 
 from .async_store import DEFAULT_DB_THREADS, AsyncStore
 from .auth import Authenticator, GlobusSettings
-from .blobs import DEFAULT_MAX_BLOB, DEFAULT_ORPHAN_S, DEFAULT_QUOTA, BlobIndex
+from .blobs.index import DEFAULT_MAX_BLOB, DEFAULT_ORPHAN_S, DEFAULT_QUOTA, BlobIndex
 from .models import DashboardInfo
 from .outbound import DEFAULT_MAX_QUEUED, DEFAULT_SEND_TIMEOUT
 from .relay import Relay
@@ -45,7 +45,7 @@ class Settings:
     credential_check_s: float = 1.0
     #: Globus Auth: accept Globus access tokens as well as the service's own (None: only its own)
     globus: GlobusSettings | None = None
-    #: large payloads (service/blobs.py): where blob files live, what travels as a blob, the limits
+    #: large payloads (service/blobs/): where blob files live, what travels as a blob, the limits
     blob_dir: str | None = None  # None: $TETHER_HOME/service/blobs (never the working directory)
     blob_threshold_bytes: int = DEFAULT_BLOB_THRESHOLD
     max_blob_bytes: int = DEFAULT_MAX_BLOB

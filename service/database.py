@@ -141,7 +141,7 @@ class Database:
         return conn.connection.dbapi_connection if self._driver_sql else None
 
     def transaction(self) -> Any:
-        """:meth:`_tx` for modules that keep tables of their own here (service/blobs.py)."""
+        """:meth:`_tx` for modules that keep tables of their own here (service/blobs/index.py)."""
         return self._tx()
 
     def lock_owner(self, conn: Connection, owner: str, what: str) -> None:

@@ -53,7 +53,7 @@ class Fetches:
     def __init__(self, db: AsyncStore, endpoints: dict[str, EndpointSession], blobs: Any = None):
         self.db = db
         self.endpoints = endpoints
-        self.blobs = blobs  # service/blobs.py BlobIndex: lets an endpoint read an input's blob
+        self.blobs = blobs  # service/blobs/index.py BlobIndex: lets an endpoint read an input's blob
         #: starts a user endpoint that is not running (stopped after its idle timeout) and says
         #: whether it is one: its kept results are asked for once it connects
         self.wake: Callable[[str], Awaitable[bool]] | None = None

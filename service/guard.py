@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 #: methods whose requests carry a body
 WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
-#: routes that authenticate users and endpoints themselves, before reading (service/blobs.py)
+#: routes that authenticate users and endpoints themselves, before reading (service/blobs/routes.py)
 BLOB_PREFIX = "/v1/blobs"
 
 

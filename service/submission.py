@@ -58,7 +58,7 @@ class Submission(Policy):
         self._open_counts: dict[str, tuple[int, float]] = {}  # user -> (open tasks, when counted)
         #: user -> [lock, submissions holding or awaiting it], while any is here
         self._quota_locks: dict[str, list[Any]] = {}
-        #: large payloads (service/blobs.py BlobIndex): checks that tasks name only their owner's blobs
+        #: large payloads (service/blobs/index.py BlobIndex): checks that tasks name only their owner's blobs
         self.blobs: Any = None
 
     async def submit(self, session: ClientSession | None, user_id: str, msg: Submit, token: str = "") -> SubmitAck:

@@ -1,7 +1,7 @@
 """The service's tables: what the store keeps, column by column (SQLAlchemy Core).
 
 The schema's one definition: :mod:`tether.service.store` queries these tables, the blob index
-(:mod:`tether.service.blobs`) owns the two blob tables, and the migrations in
+(:mod:`tether.service.blobs.index`) owns the two blob tables, and the migrations in
 ``service/migrations/`` must arrive at exactly this (``tests/test_migrations.py`` compares them).
 """
 
@@ -99,7 +99,7 @@ Index("ix_tasks_owner_recent", tasks.c.owner_id, tasks.c.t_received)
 Index("ix_tasks_owner_open", tasks.c.owner_id,
       sqlite_where=tasks.c.t_done.is_(None), postgresql_where=tasks.c.t_done.is_(None))
 
-# --- blobs: large payloads on the service's disk (service/blobs.py owns these two tables) -------
+# --- blobs: large payloads on the service's disk (service/blobs/index.py owns these two) -------
 #: One row per blob: who owns it (counted against their quota), what it must hash to, and where
 #: its upload stands (reserved -> uploading -> complete). The bytes are a file named by the id.
 blobs = Table(

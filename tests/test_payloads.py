@@ -232,7 +232,7 @@ def test_a_sha256_declared_at_the_end_of_the_upload_is_checked_there(small: Loca
 
 def test_a_large_upload_on_the_connection_itself_is_stored_whole_or_not_at_all(small: LocalStack) -> None:
     """A body of a mebibyte or more with a Content-Length is received on its connection's socket
-    (service/connections.py RawConnection) and written past the page cache in aligned batches:
+    (service/raw_connection.py RawConnection) and written past the page cache in aligned batches:
     a size no batch divides comes back byte for byte, with and without its sha256 at the end; a
     body cut off mid-way leaves no bytes, gets no answer, and may be sent again."""
     api = httpx.Client(base_url=small.service_url, headers={"Authorization": f"Bearer {small.token}"},

@@ -3,7 +3,7 @@
 Revision ID: 0003_blobs
 Revises: 0002_owner_open_index
 
-Two new tables (``service/blobs.py`` owns them): ``blobs``, one row per blob (owner, who may
+Two new tables (``service/blobs/index.py`` owns them): ``blobs``, one row per blob (owner, who may
 upload its bytes, declared size and sha256, upload state), and ``task_blobs``, which tasks name
 which blobs (a blob is deleted once no remaining task names it). Adding tables is safe for a
 rolling upgrade: replicas still on the previous release never read them.
