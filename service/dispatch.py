@@ -258,7 +258,7 @@ class Dispatch(Subscriptions):
                 continue
             chunk, bodies = batch
             ep.sent_functions.update(bodies)
-            await send_or_drop(ep, encode(Tasks(tasks=chunk, functions=bodies)))
+            await ep.send_tasks(encode(Tasks(tasks=chunk, functions=bodies)))
 
     async def _cancel_on(self, ep: EndpointSession, ids: list[str]) -> None:
         """Cancelled tasks of an endpoint held here: never sent if still queued; killed if running."""
