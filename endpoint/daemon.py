@@ -554,18 +554,19 @@ class EndpointDaemon:
                                   window=DEEP_FLUSH_WINDOW if len(self.inflight) > DEEP_QUEUE else FLUSH_WINDOW)
 
     def _flush(self) -> None:
-        """Send, then spool, what the engine produced since the last flush, as one frame each.
+        """Spool, then send, what the engine produced since the last flush, as one frame each.
 
-        Sent first: the service has it a file write sooner. Nothing is less safe for it: the
-        service's acknowledgement is read by this loop after this returns (so never before
-        the spool has it), and a crash between the two loses only what a crash before the send
-        would have lost, the service may even have it."""
+        Spooled first, so that the result the service is sent is always the one this endpoint
+        would send again after a crash: the service shows a client a result before it commits
+        it, and were both killed in between, the result re-sent from the spool is the one the
+        client saw (sent first, the task could run again and store another). Sending first
+        measured no faster (0.97x paired, bench_hops)."""
         if self._result_buf:
             results, self._result_buf = self._result_buf, []
-            for frame in self._result_frames(results):
-                self._send_soon(frame)
             self.spool.write(results)
             self.engine.results_kept([r.id for r in results])
+            for frame in self._result_frames(results):
+                self._send_soon(frame)
 
     def _result_frames(self, results: Iterable[Result]) -> Iterator[bytes]:
         """RESULT frames within the service's limits; a result too large for any frame is
