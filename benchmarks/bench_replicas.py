@@ -274,27 +274,42 @@ def run_config(key: str, args: argparse.Namespace) -> Result:
     return result
 
 
+
+def _bench_env(root: Path) -> dict[str, str]:
+    """The environment of a benchmark's children: no service of the caller's, homes under ``root``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TETHER_SERVICE_URL", "TETHER_TOKEN")}
+    env.update(TETHER_HOME=str(root / "farm"), TETHER_LOG_LEVEL="WARNING")
+    return env
+
+
+def start_farm(children: Children, service: Service, env: dict[str, str], root: Path, urls: list[str],
+               label: str) -> tuple[Any, list[str]]:
+    """Start the endpoint farm (one endpoint per URL of ``urls``) and wait until every endpoint
+    is online: (the farm's process, the endpoints' ids in ``urls``' order)."""
+    from tether import Client
+
+    farm = children.start([sys.executable, "-c", FARM, json.dumps(urls), service.token], env, root / "farm.log")
+    line = farm.stdout.readline() if farm.stdout else ""
+    if not line:
+        raise RuntimeError(f"[{label}] the endpoint farm exited ({farm.wait()}) before registering")
+    ids: list[str] = json.loads(line)
+    with Client(service.urls[0], service.token) as client:
+        while sum(e["online"] for e in client.list_endpoints()) < len(urls):
+            if farm.poll() is not None:
+                raise RuntimeError(f"[{label}] the endpoint farm exited ({farm.returncode})")
+            time.sleep(0.1)
+    return farm, ids
+
 def _measure(key: str, service: Service, root: Path, children: Children, args: argparse.Namespace,
              result: Result, Client: Any, Executor: Any) -> None:  # noqa: N803 - classes passed in
     """The measurement of :func:`run_config`, with its processes already in place."""
     n = service.replicas
     _log(f"[{key}] service up ({n} replica(s)); starting {args.endpoints} endpoints")
-    env = {k: v for k, v in os.environ.items() if k not in ("TETHER_SERVICE_URL", "TETHER_TOKEN")}
-    env.update(TETHER_HOME=str(root / "farm"), TETHER_LOG_LEVEL="WARNING")
+    env = _bench_env(root)
     endpoint_urls = [(service.endpoint_urls or service.urls)[i % n] for i in range(args.endpoints)]
     t0 = time.perf_counter()
-    farm = children.start([sys.executable, "-c", FARM, json.dumps(endpoint_urls), service.token], env,
-                          root / "farm.log")
     service.logs.append(root / "farm.log")
-    line = farm.stdout.readline() if farm.stdout else ""
-    if not line:
-        raise RuntimeError(f"the endpoint farm exited ({farm.wait()}) before registering")
-    endpoint_ids: list[str] = json.loads(line)
-    with Client(service.urls[0], service.token) as client:
-        while sum(e["online"] for e in client.list_endpoints()) < args.endpoints:
-            if farm.poll() is not None:
-                raise RuntimeError(f"the endpoint farm exited ({farm.returncode})")
-            time.sleep(0.1)
+    farm, endpoint_ids = start_farm(children, service, env, root, endpoint_urls, key)
     result["online_s"] = time.perf_counter() - t0
     _log(f"[{key}] {args.endpoints} endpoints online in {result['online_s']:.1f}s; starting {args.clients} clients")
 
@@ -505,7 +520,7 @@ def paired_latency(args: argparse.Namespace) -> list[Result]:
 
     Each configuration's client connects to replica 0 and sends to an endpoint held by another
     replica (as the sequential benchmark does); endpoints connect to the replicas directly."""
-    from tether import Client, Executor
+    from tether import Executor
     from tether.connection import Connection
 
     variants: list[tuple[str, str, bool]] = []  # (label, configuration, bus only)
@@ -524,17 +539,8 @@ def paired_latency(args: argparse.Namespace) -> list[Result]:
             children = Children()
             stack.callback(children.stop_all)
             n = service.replicas
-            env = {k: v for k, v in os.environ.items() if k not in ("TETHER_SERVICE_URL", "TETHER_TOKEN")}
-            env.update(TETHER_HOME=str(root / "farm"), TETHER_LOG_LEVEL="WARNING")
             urls = [service.urls[i % n] for i in range(args.endpoints)]
-            farm = children.start([sys.executable, "-c", FARM, json.dumps(urls), service.token], env, root / "farm.log")
-            line = farm.stdout.readline() if farm.stdout else ""
-            if not line:
-                raise RuntimeError(f"[{label}] the endpoint farm exited ({farm.wait()}) before registering")
-            ids: list[str] = json.loads(line)
-            with Client(service.urls[0], service.token) as client:
-                while sum(e["online"] for e in client.list_endpoints()) < args.endpoints:
-                    time.sleep(0.1)
+            _, ids = start_farm(children, service, _bench_env(root), root, urls, label)
             target = ids[1 % len(ids)]
             if service.holder_of is not None and n > 1:
                 target = next((e for e in ids if service.holder_of(e) not in (0, None)), target)
