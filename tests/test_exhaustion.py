@@ -118,8 +118,10 @@ def test_closing_a_connection_never_waits_on_a_peer_that_stopped_reading(tmp_pat
         bob = raw_client(stack.service_url, _user(stack, "bob")["token"])
         try:
             _flood_unread(mallory, frames=60)  # ~24 MB: past any socket buffers, under 64 MiB
-            t0 = time.monotonic()
             _cli(stack, "service", "token-revoke", "mallory")
+            # timed from here: one CLI process and the once-a-second check, not two CLI starts
+            # (each ~2 s on a loaded 2-core machine); waiting on Mallory would cost 30 s
+            t0 = time.monotonic()
             _cli(stack, "service", "token-revoke", "bob")
             closed = bob.closed(timeout=20)
             assert closed.rcvd is not None and closed.rcvd.code == CLOSE_AUTH_FAILED
