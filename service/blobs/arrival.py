@@ -85,6 +85,18 @@ class Arrival:
                     return memoryview(piece)[offset - start : end - start]
         return None
 
+    def readable(self, size: int) -> int:
+        """How far a reader of this ``size``-byte blob may be sent now: what has arrived, but the
+        last byte only once the upload's bytes matched their declared sha256 (a reader never
+        receives a whole body that did not verify: readers check the size only, see
+        tether.transfer.BlobReader)."""
+        return self.written if self.ended and self.ok else min(self.written, size - 1)
+
+    def broke_off(self, sent: int) -> bool:
+        """Whether a reader that was sent ``sent`` bytes (and may be sent no more: see
+        :meth:`readable`) will never get the rest: the upload ended without them, or failed."""
+        return self.ended and (not self.ok or self.written <= sent)
+
     def end(self, ok: bool) -> None:
         self.ended, self.ok = True, ok
         if ok:

@@ -131,8 +131,16 @@ async def in_raw_thread(raw: RawConnection, path: Path, digest: Any, declared: i
     def wait_for_readers(upto: int) -> None:
         arrival.wait_for_readers(upto, READER_STALL_S)
 
-    moving = loop.run_in_executor(raw_uploads, _receive_raw, raw, path, digest, declared, tail, advance,
-                                  wait_for_readers)
+    return await _in_pool(raw, raw_uploads, _receive_raw, raw, path, digest, declared, tail, advance,
+                          wait_for_readers)
+
+
+async def _in_pool(raw: RawConnection, pool: concurrent.futures.ThreadPoolExecutor, fn: Callable[..., Any],
+                   *args: Any) -> Any:
+    """``fn(*args)`` in a thread of ``pool``, moving ``raw``'s bytes. Cancelled (the service
+    stopping): the connection is dropped, so a thread blocked on it wakes, and the thread is
+    waited for (it never touches a file or a socket about to go)."""
+    moving = asyncio.get_running_loop().run_in_executor(pool, fn, *args)
     try:
         return await asyncio.shield(moving)
     except asyncio.CancelledError:
@@ -152,7 +160,7 @@ def send_following(raw: RawConnection, fh: Any, arrival: Arrival, size: int, blo
     try:
         while sent < size:
             seen = arrival.version
-            readable = arrival.written if arrival.ended and arrival.ok else min(arrival.written, size - 1)
+            readable = arrival.readable(size)
             if readable > sent:
                 piece = arrival.piece_at(sent, readable)
                 if piece is not None:
@@ -165,7 +173,7 @@ def send_following(raw: RawConnection, fh: Any, arrival: Arrival, size: int, blo
                     arrival.reader_at(me, sent)
                     continue
             elif arrival.ended:
-                if not arrival.ok or arrival.written <= sent:
+                if arrival.broke_off(sent):
                     raise BrokeOff(f"blob {blob_id}: its upload broke off at {arrival.written} of {size} bytes")
                 continue
             if not arrival.wait_changed(seen, FOLLOW_IDLE_S):
@@ -195,14 +203,8 @@ async def send_raw(raw: RawConnection, headers: dict[str, str], body: Callable[[
         raw.sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
         body()
 
-    loop = asyncio.get_running_loop()
-    moving = loop.run_in_executor(raw_downloads, send)
     try:
-        await asyncio.shield(moving)
-    except asyncio.CancelledError:
-        raw.abort()
-        await asyncio.gather(moving, return_exceptions=True)
-        raise
+        await _in_pool(raw, raw_downloads, send)
     except (OSError, BrokeOff) as exc:
         log.info("download broke off: %s", exc)
         raw.abort()

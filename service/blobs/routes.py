@@ -138,9 +138,7 @@ async def _follow(fh: Any, arrival: Arrival, size: int, blob_id: str) -> AsyncIt
     arrival.reader_at(me, 0)
     try:
         while sent < size:
-            # the last byte waits for the upload's sha256 check: a reader never receives a whole
-            # body that did not verify (readers check the size only; see tether.transfer.BlobReader)
-            readable = arrival.written if arrival.ended and arrival.ok else min(arrival.written, size - 1)
+            readable = arrival.readable(size)
             if readable > sent:
                 piece = arrival.piece_at(sent, readable)  # kept up: the server's own piece
                 if piece is None and arrival.on_file <= sent:  # (not possible: the file lags less than
@@ -155,7 +153,7 @@ async def _follow(fh: Any, arrival: Arrival, size: int, blob_id: str) -> AsyncIt
                 yield piece
                 arrival.reader_at(me, sent)
             elif arrival.ended:
-                if not arrival.ok or arrival.written <= sent:
+                if arrival.broke_off(sent):
                     raise OSError(f"blob {blob_id}: its upload broke off at {arrival.written} of {size} bytes")
             elif not await arrival.changed(FOLLOW_IDLE_S):
                 raise OSError(f"blob {blob_id}: no bytes arrived for {FOLLOW_IDLE_S:g} s")
