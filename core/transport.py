@@ -43,6 +43,16 @@ async def open_ws(url: str, headers: dict[str, str], max_size: int = DEFAULT_MAX
         return await connect(url, **kwargs)
 
 
+def _line_clear(ws: Any) -> bool:
+    """Whether a whole message may be written to ``ws`` now, past its ``send``: the connection
+    has websockets' sans-I/O ``protocol`` and ``send_data`` (14-17), is open, sends no fragmented
+    message, and its socket took everything written so far (no flow-control wait is due)."""
+    protocol, transport = getattr(ws, "protocol", None), getattr(ws, "transport", None)
+    return not (protocol is None or transport is None or not hasattr(ws, "send_data")
+                or getattr(ws, "send_in_progress", True) is not None
+                or protocol.state is not State.OPEN or transport.get_write_buffer_size())
+
+
 def send_now(ws: Any, frame: bytes) -> bool:
     """Write a binary message at once, from the event loop, when nothing stands before it: the
     connection is open, no fragmented message is being sent, and the socket took everything
@@ -55,11 +65,9 @@ def send_now(ws: Any, frame: bytes) -> bool:
     (websockets 14-17); a connection without them takes the ordinary way. A caller that queues
     sends in tasks must call this only while none is pending, or frames would overtake them.
     """
-    protocol, transport = getattr(ws, "protocol", None), getattr(ws, "transport", None)
-    if (protocol is None or transport is None or not hasattr(ws, "send_data")
-            or getattr(ws, "send_in_progress", True) is not None
-            or protocol.state is not State.OPEN or transport.get_write_buffer_size()):
+    if not _line_clear(ws):
         return False
+    protocol, transport = ws.protocol, ws.transport
     protocol.send_binary(frame)
     try:
         ws.send_data()
@@ -131,9 +139,8 @@ class ThreadSender:
         connection is lost: as for a frame the loop wrote, the caller's resend covers it)."""
         ws = self._ws
         with self._lock:
-            if (self._fd < 0 or self._rest or getattr(ws, "send_in_progress", True) is not None
-                    or ws.protocol.state is not State.OPEN or ws.protocol.expect_continuation_frame
-                    or ws.transport.is_closing() or ws.transport.get_write_buffer_size()):
+            if (self._fd < 0 or self._rest or not _line_clear(ws) or ws.protocol.expect_continuation_frame
+                    or ws.transport.is_closing()):
                 return False
             data = Frame(Opcode.BINARY, frame).serialize(mask=ws.protocol.side is Side.CLIENT)
             try:
