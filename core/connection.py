@@ -40,6 +40,7 @@ from websockets.exceptions import ConnectionClosed
 from . import event_loop
 from .bounded import BoundedCache
 from .config import ServiceInfo
+from .digest import digest_of
 from .errors import (
     AuthError,
     PayloadTooLarge,
@@ -93,7 +94,6 @@ from .protocol import (
 )
 from .refs import RemoteValue
 from .serialize import deserialize, function_id
-from .spill import sha256_of
 from .transfer import BlobClient
 from .transport import Backoff, ThreadSender, open_ws, send_now
 from .urls import check_transport
@@ -375,7 +375,7 @@ class Connection:
         with self._blob_lock:
             ref = self._function_blobs.get(fid)
         if ref is None:
-            ref = self.blobs().upload(body, len(body), sha256_of(body), what=f"function {fid}", progress=progress)
+            ref = self.blobs().upload(body, len(body), digest_of(body), what=f"function {fid}", progress=progress)
             with self._blob_lock:
                 ref = self._function_blobs.setdefault(fid, ref)
                 self._function_sources[ref.id] = (fid, body)
@@ -436,7 +436,7 @@ class Connection:
 
     def fetch_kept(self, task_id: str, timeout: float | None = None, progress: bool | None = None) -> Any:
         """The value of a kept result: asked for through the service (the endpoint uploads it as a
-        blob), downloaded here (the service checked its sha256 on arrival) and deserialized.
+        blob), downloaded here (the service checked its digest on arrival) and deserialized.
         Concurrent asks share one fetch."""
         if self.fatal is not None:
             raise self.fatal

@@ -204,7 +204,7 @@ class Executor(concurrent.futures.Executor):
     def _function(self, fn: Any) -> tuple[str, bytes, list[str]]:
         """(function id, body as it travels in frames, blobs it names). A body over the blob
         threshold is uploaded once and travels as a stub; the stub's hash is the function id,
-        and since the stub holds the body's sha256 the id still names the content."""
+        and since the stub holds the body's digest the id still names the content."""
         fid, body = self._functions.get(fn)
         threshold = self._threshold()
         if threshold is None or len(body) <= threshold:
@@ -305,7 +305,7 @@ class Executor(concurrent.futures.Executor):
             assert spill.path is not None
             blobs = self._conn.blobs()
             what = f"arguments of task {task.id}"
-            ref = blobs.declare(spill.size, spill.sha256, what=what)
+            ref = blobs.declare(spill.size, spill.digest, what=what)
             task.payload = blob_stub(ref)
             task.blobs = [*task.blobs, ref.id]
             if fut.done():

@@ -22,7 +22,7 @@ from msgspec import Meta, Struct
 from .ids import FUNCTION_ID_PATTERN, ID_PATTERN
 
 #: Bumped on any incompatible change to frames or records. Peers refuse other versions in words.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 #: Largest frame a client or an endpoint accepts, and so the most the service sends them (bytes).
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
@@ -93,7 +93,7 @@ class ErrorCode(StrEnum):
     USER_ENDPOINT_FAILED = "user_endpoint_failed"  # a multi-user endpoint could not start the user's endpoint
     QUOTA_EXCEEDED = "quota_exceeded"  # a per-user limit of the service (tasks waiting or running)
     NOT_ADMITTED = "not_admitted"  # a multi-user endpoint's policy no longer admits the user
-    BLOB_CORRUPT = "blob_corrupt"  # an upload's bytes are not the size or sha256 declared (HTTP: see ERROR_HEADER)
+    BLOB_CORRUPT = "blob_corrupt"  # an upload's bytes are not the size or digest declared (HTTP: see ERROR_HEADER)
     INPUT_FAILED = "input_failed"  # a task this one takes as input failed or was cancelled
     RESULT_LOST = "result_lost"  # a result kept on an endpoint is no longer there (released, expired, evicted)
     ENDPOINT_OFFLINE = "endpoint_offline"  # what was asked for is on an endpoint that is not connected
@@ -102,8 +102,8 @@ class ErrorCode(StrEnum):
 #: the HTTP response header that names an :class:`ErrorCode` where the status code alone does not
 #: say which error it is (a 409 is a corrupt upload or a blob already uploaded)
 ERROR_HEADER = "Tether-Error"
-#: the sha256 of the bytes a blob download carries (the service checked them when they arrived)
-SHA256_HEADER = "X-Tether-Sha256"
+#: the digest of the bytes a blob download carries (the service checked them when they arrived)
+DIGEST_HEADER = "X-Tether-Digest"
 
 
 # --- field types ------------------------------------------------------------------------------
@@ -126,11 +126,12 @@ def fit_short(text: str, limit: int = SHORT_STR_MAX) -> str:
     marker = " [...] "
     head = (limit - len(marker)) // 2
     return text[:head] + marker + text[len(text) - (limit - len(marker) - head):]
-Sha256 = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
-#: a sha256, or "" where it is not known yet: a blob whose uploader hashes it while sending and
+#: a blob's BLAKE3 digest in hex (:mod:`tether.digest`)
+Digest = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+#: a digest, or "" where it is not known yet: a blob whose uploader hashes it while sending and
 #: declares its digest at the end of the upload (the service checks it there), a kept result not
 #: hashed until it is uploaded
-Sha256OrLater = Annotated[str, Meta(pattern=r"^([0-9a-f]{64})?$")]
+DigestOrLater = Annotated[str, Meta(pattern=r"^([0-9a-f]{64})?$")]
 
 
 # --- records carried inside frames ------------------------------------------------------------
@@ -194,13 +195,13 @@ class Result(Struct, omit_defaults=True):
 
 
 class BlobRef(Struct, array_like=True):
-    """Where bytes too large for a frame are: a blob on the service, its size and sha256.
+    """Where bytes too large for a frame are: a blob on the service, its size and digest.
 
     A payload, a result's data or a function body that went as a blob travels in its frame as a
     *stub* (:func:`blob_stub`): a serialization header naming the method ``blob`` and this
     record. The stub is what the service stores and what a function id hashes, so content
     addressing and every size limit of the frames work unchanged; the receiver fetches the
-    blob, whose bytes the service checked against this sha256 as they arrived. An empty sha256:
+    blob, whose bytes the service checked against this digest as they arrived. An empty digest:
     the uploader declared it at the end of its upload (hashing while it sent, instead of
     before), and the service checked the bytes against it there, before their last byte went to
     any reader.
@@ -208,7 +209,7 @@ class BlobRef(Struct, array_like=True):
 
     id: Id
     size: Count
-    sha256: Sha256OrLater
+    digest: DigestOrLater
 
 
 #: the header of a blob stub: tether.serialize's format, with a method no serializer produces
@@ -239,12 +240,12 @@ def _ref_in_stub(data: bytes | None, header: bytes, decoder: msgspec.msgpack.Dec
 
 
 class KeptRef(Struct, array_like=True):
-    """A result the endpoint that computed it keeps (``endpoint``), its size and sha256.
+    """A result the endpoint that computed it keeps (``endpoint``), its size and digest.
 
     A result over the blob threshold stays on its endpoint: its frame carries a *kept stub*
     (:func:`kept_stub`) instead of the bytes. A task on the same endpoint that takes it as an
     input reads it there; anyone else asks for it (``fetch``) and the endpoint uploads it as a
-    blob then, once. The stub is what the service stores as the task's result. Its sha256 is
+    blob then, once. The stub is what the service stores as the task's result. Its digest is
     empty: the worker writes the result without hashing it (the bytes may never leave the
     endpoint), and the endpoint hashes them when it uploads them, declaring the digest at the
     end of the upload.
@@ -252,7 +253,7 @@ class KeptRef(Struct, array_like=True):
 
     endpoint: Id
     size: Count
-    sha256: Sha256OrLater
+    digest: DigestOrLater
     #: the value's type (``module.QualName``), so a proxy can answer ``isinstance`` unfetched
     type: Annotated[str, Meta(max_length=256)] = ""
 

@@ -8,12 +8,13 @@ how large bytes reach a file here and in the service's blob store (in 256 KiB sl
 
 from __future__ import annotations
 
-import hashlib
 import io
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from .digest import digest_of
 
 #: bytes per read and write while streaming, and per slice hashed then written: small enough to
 #: stay in the CPU's cache between the two (on the project's machine a gibibyte costs 0.9 CPU
@@ -36,7 +37,7 @@ class Spill(io.RawIOBase):
     (and the directory made) only on the first spill; one that names no directory (None) keeps
     the value in memory. Nothing spilled is hashed here: an upload hashes the bytes as it sends
     them (:meth:`BlobClient.send`), in the same pass; a kept result that is never uploaded is
-    never hashed. The sha256 of a small value is computed when asked for.
+    never hashed. The digest of a small value is computed when asked for.
     """
 
     def __init__(self, threshold: int, directory: Path | str | Callable[[], Path | str | None],
@@ -105,11 +106,11 @@ class Spill(io.RawIOBase):
         return self._buffer.tell() if self._buffer is not None else self._size
 
     @property
-    def sha256(self) -> str:
-        """The sha256 of a value that stayed in memory; "" for a spilled one (its upload hashes it
+    def digest(self) -> str:
+        """The digest of a value that stayed in memory; "" for a spilled one (its upload hashes it
         as it sends it, and declares the digest at the end)."""
         if self._buffer is not None:
-            return hashlib.sha256(self._buffer.getbuffer()).hexdigest()
+            return digest_of(self._buffer.getbuffer())
         return ""
 
     def getvalue(self) -> bytes:
@@ -170,6 +171,3 @@ def hash_and_write(data: Any, digest: Any, out: Any) -> None:
         digest.update(piece)
         out.write(piece)
 
-
-def sha256_of(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

@@ -8,12 +8,12 @@ over plain HTTP(S) with httpx, streaming: nothing here holds a blob whole in mem
   be uploaded at all). The client's spills keep large ``bytes`` by reference: an upload
   streams them from memory.
 * :class:`BlobClient` uploads in two steps, like S3's multipart or tus: ``POST /v1/blobs``
-  declares the size, and the sha256 when it is known (the service refuses a blob over its
+  declares the size, and the digest when it is known (the service refuses a blob over its
   limit, 413, or over the user's quota, 429, before any byte moves), then ``PUT /v1/blobs/{id}``
-  streams the bytes; a blob declared without its sha256 is hashed as it is sent and its digest
+  streams the bytes; a blob declared without its digest is hashed as it is sent and its digest
   follows its last byte, so no pass over a gibibyte precedes the first byte moving.
   Downloads stream to a file, or into the value they make, and are checked for their size: the
-  sha256 is checked once, by the service, where the bytes enter it (a reader following an upload
+  digest is checked once, by the service, where the bytes enter it (a reader following an upload
   gets its last byte only after that check), so each byte is hashed once per hop, not twice.
 * :func:`file_stub` / :func:`load_file`: how the endpoint hands a downloaded blob to a worker
   (a path, not the bytes: the worker unpickles from the file); :func:`service_stub` /
@@ -25,7 +25,6 @@ over plain HTTP(S) with httpx, streaming: nothing here holds a blob whole in mem
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.client
 import io
 import json
@@ -43,11 +42,12 @@ import certifi
 import httpx
 import msgspec
 
+from .digest import digest_of, new_digest
 from .errors import AuthError, BlobCorrupt, PayloadTooLarge, QuotaExceeded, TetherError
 from .progress import TransferProgress
-from .protocol import ERROR_HEADER, SHA256_HEADER, BlobRef, ErrorCode
+from .protocol import DIGEST_HEADER, ERROR_HEADER, BlobRef, ErrorCode
 from .serialize import deserialize_from
-from .spill import CHUNK, Spill, hash_and_write, sha256_of
+from .spill import CHUNK, Spill, hash_and_write
 from .urls import tls_context
 
 log = logging.getLogger("tether.transfer")
@@ -59,7 +59,7 @@ SEND_ATTEMPTS = 3
 DOWNLOAD_ATTEMPTS = 3
 #: seconds a download may wait for its next bytes
 DOWNLOAD_TIMEOUT_S = 300.0
-#: bytes of the hex sha256 that follows a blob's bytes when it is declared at the end of the upload
+#: bytes of the hex digest that follows a blob's bytes when it is declared at the end of the upload
 DIGEST_AT_END = 64
 #: the header of a local file stub (endpoint daemon -> its workers; never on the wire)
 FILE_STUB_HEADER = b"tether:1;method=file\n"
@@ -103,7 +103,7 @@ _RETRIED = (OSError, http.client.HTTPException)
 class BlobReader(io.RawIOBase):
     """A blob's body as it arrives (at most ``CHUNK`` bytes per read). :meth:`finish` checks its
     size; the content is the service's to vouch for: it hashed the bytes as they were uploaded and
-    refused them unless they matched the declared sha256, names that sha256 in its answer (checked
+    refused them unless they matched the declared digest, names that digest in its answer (checked
     here against the reference), and holds back the last byte of an upload still under way until
     it verified. Hashing again here cost a second pass over every byte for what TCP (or TLS)
     already guards."""
@@ -112,10 +112,10 @@ class BlobReader(io.RawIOBase):
         super().__init__()
         self.response, self.ref, self.what, self.progress = response, ref, what, progress
         self.size = 0
-        served = response.getheader(SHA256_HEADER)
-        if served and ref.sha256 and served != ref.sha256:  # (no sha256 in ref: declared at the end of the upload)
-            raise BlobCorrupt(f"{what} {ref.id}: the service holds bytes with sha256 {served}, expected "
-                              f"{ref.sha256}; it was not used")
+        served = response.getheader(DIGEST_HEADER)
+        if served and ref.digest and served != ref.digest:  # (no digest in ref: declared at the end of the upload)
+            raise BlobCorrupt(f"{what} {ref.id}: the service holds bytes with digest {served}, expected "
+                              f"{ref.digest}; it was not used")
 
     def readable(self) -> bool:
         return True
@@ -165,12 +165,12 @@ class BlobClient:
     def close(self) -> None:
         self._http.close()
 
-    def upload(self, source: Path | bytes | Spill, size: int, sha256: str | None, *, task_id: str | None = None,
+    def upload(self, source: Path | bytes | Spill, size: int, digest: str | None, *, task_id: str | None = None,
                what: str = "blob", progress: bool | None = None) -> BlobRef:
         """Store ``source`` (a file, bytes, or a spilled :class:`Spill`) on the service; its size
-        (and its sha256, if known: else it is hashed as it is sent, see :meth:`send`) is declared
+        (and its digest, if known: else it is hashed as it is sent, see :meth:`send`) is declared
         first, so a refusal (413 too large, 429 over quota) costs no transfer."""
-        ref = self.declare(size, sha256, task_id=task_id, what=what)
+        ref = self.declare(size, digest, task_id=task_id, what=what)
         try:
             self.send(ref, source, what=what, progress=progress)
         except Exception:
@@ -181,20 +181,20 @@ class BlobClient:
             raise
         return ref
 
-    def declare(self, size: int, sha256: str | None = None, *, task_id: str | None = None,
+    def declare(self, size: int, digest: str | None = None, *, task_id: str | None = None,
                 what: str = "blob") -> BlobRef:
         """Declare a blob (``POST /v1/blobs``): the limits are checked, no byte moves. The
         reference may be handed on at once (a task naming its arguments, a kept result's answer):
-        a reader's download follows the upload (:meth:`send`) as it happens. Without ``sha256``
+        a reader's download follows the upload (:meth:`send`) as it happens. Without ``digest``
         the reference has none ("") and :meth:`send` declares it at the end of the upload."""
         body: dict[str, Any] = {"size": size}
-        if sha256:
-            body["sha256"] = sha256
+        if digest:
+            body["digest"] = digest
         if task_id is not None:
             body["task_id"] = task_id
         created = self._http.post(BLOBS_PATH, json=body)
         _raise_for(created, f"{what} ({size} bytes) refused by the service")
-        return BlobRef(id=created.json()["blob_id"], size=size, sha256=sha256 or "")
+        return BlobRef(id=created.json()["blob_id"], size=size, digest=digest or "")
 
     def send(self, ref: BlobRef, source: Path | bytes | Spill, *, what: str = "blob", progress: bool | None = None,
              attempts: int = 1) -> None:
@@ -202,14 +202,14 @@ class BlobClient:
         again, up to ``attempts`` times in all (the declaration stays: the same blob is sent
         again, and a reader that was following it asks again); a refusal is raised at once.
 
-        A blob declared without its sha256 is hashed piece by piece as it is sent (each piece
+        A blob declared without its digest is hashed piece by piece as it is sent (each piece
         while it is in the CPU's cache, on its way to the socket) and the hex digest follows
         its last byte: the service checks it there, before any reader gets that byte."""
         def once() -> None:
             shown = TransferProgress(f"upload {what}", ref.size, self.progress if progress is None else progress)
             body = self._chunks(source, shown)
             length = ref.size
-            if not ref.sha256:
+            if not ref.digest:
                 body, length = _digest_at_end(body), length + DIGEST_AT_END
             try:
                 conn, response = self._request("PUT", ref.id, f"upload of {what} failed", body,
@@ -266,7 +266,7 @@ class BlobClient:
         return conn, response
 
     def download_to(self, ref: BlobRef, path: Path, what: str = "blob", progress: bool | None = None) -> Path:
-        """Stream blob ``ref`` into ``path`` and check its size and sha256 (BlobCorrupt, and no
+        """Stream blob ``ref`` into ``path`` and check its size and digest (BlobCorrupt, and no
         file, if they differ)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".part")
@@ -314,8 +314,8 @@ class BlobClient:
 
 
 def _digest_at_end(pieces: Iterator[memoryview]) -> Iterator[memoryview | bytes]:
-    """``pieces``, each hashed before it is passed on, then their hex sha256."""
-    digest = hashlib.sha256()
+    """``pieces``, each hashed before it is passed on, then their hex digest."""
+    digest = new_digest()
     for piece in pieces:
         digest.update(piece)
         yield piece
@@ -324,7 +324,7 @@ def _digest_at_end(pieces: Iterator[memoryview]) -> Iterator[memoryview | bytes]
 
 def _again_if_broken(transfer: Callable[[], Any], what: str, attempts: int = 0) -> Any:
     """Run ``transfer`` (``attempts`` times at most: :data:`DOWNLOAD_ATTEMPTS` if not given), again
-    while the network breaks it; a refusal or a bad sha256 is final."""
+    while the network breaks it; a refusal or a bad digest is final."""
     attempts = attempts or DOWNLOAD_ATTEMPTS
     for attempt in range(attempts):
         try:
@@ -340,17 +340,17 @@ def _again_if_broken(transfer: Callable[[], Any], what: str, attempts: int = 0) 
 
 
 # --- endpoint daemon -> worker -------------------------------------------------------------------
-def file_stub(path: Path, sha256: str = "") -> bytes:
+def file_stub(path: Path, digest: str = "") -> bytes:
     """Stands for serialized data in a local file (a downloaded argument, a spilled result);
-    ``sha256``, when the writer knows it, spares the reader hashing the file again."""
-    return FILE_STUB_HEADER + sha256.encode() + b"\n" + os.fsencode(path)
+    ``digest``, when the writer knows it, spares the reader hashing the file again."""
+    return FILE_STUB_HEADER + digest.encode() + b"\n" + os.fsencode(path)
 
 
 def file_of(data: Any) -> tuple[Path, str] | None:
-    """(the file a local file stub names, its sha256 or ""), or None for other data."""
+    """(the file a local file stub names, its digest or ""), or None for other data."""
     if isinstance(data, bytes) and data.startswith(FILE_STUB_HEADER) and len(data) < 8192:
-        sha256, _, path = data[len(FILE_STUB_HEADER):].partition(b"\n")
-        return Path(os.fsdecode(path)), sha256.decode()
+        digest, _, path = data[len(FILE_STUB_HEADER):].partition(b"\n")
+        return Path(os.fsdecode(path)), digest.decode()
     return None
 
 
@@ -416,4 +416,4 @@ def load_file(path: Path, allowed_methods: frozenset[str] | None = None) -> Any:
 
 
 __all__ = ["BlobClient", "Spill", "TransferProgress", "file_of", "file_stub", "hash_and_write", "load_file",
-           "sha256_of"]
+           "digest_of"]

@@ -114,7 +114,7 @@ def serialize_result(task_id: str, value: Any) -> bytes:
         spill.discard()
         raise
     spill.close()
-    return file_stub(spill.path, spill.sha256) if spill.path is not None else spill.getvalue()
+    return file_stub(spill.path, spill.digest) if spill.path is not None else spill.getvalue()
 
 
 def run_task(task: TaskSpec, allowed_methods: Allowlist | frozenset[str] | None = None, *, chdir: bool = True,

@@ -89,7 +89,7 @@ class Inputs:
                 downloads.append(path)
                 await asyncio.to_thread(self.payloads.client().download_to, ref, path,
                                         f"input {tid} of task {task_id}")
-                data = file_stub(path, ref.sha256)
+                data = file_stub(path, ref.digest)
             values[tid] = data
         return values
 
@@ -97,7 +97,7 @@ class Inputs:
         """A kept result as a task's input: pinned until the task ends, handed over as a file stub."""
         self.kept.pin(tid)
         pinned.append(tid)
-        return file_stub(self.kept.path(tid), self.kept.sha256(tid) or "")
+        return file_stub(self.kept.path(tid), self.kept.digest(tid) or "")
 
     def produced(self, result: Result) -> None:
         """A task here ended: the tasks waiting for its result go on (or fail, in words)."""

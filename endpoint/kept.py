@@ -19,7 +19,6 @@ lost with the process that computed it.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import time
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from tether.digest import digest_of
 from tether.errors import PayloadTooLarge, QuotaExceeded
 from tether.ids import InvalidIdentifier, check_id, child_path
 from tether.protocol import ErrorCode, ErrorInfo, Fetched, KeptRef, Result, blob_stub, kept_stub
@@ -48,7 +48,7 @@ class KeptResults:
         self.max_bytes = max_bytes
         self.retention_s = retention_s
         self._sizes: dict[str, int] = {}
-        self._sha256: dict[str, str] = {}
+        self._digests: dict[str, str] = {}
         self._pins: dict[str, int] = {}
         self._released: set[str] = set()  # released while pinned: freed when the last pin goes
         self.bytes = 0
@@ -81,15 +81,15 @@ class KeptResults:
     def size(self, task_id: str) -> int | None:
         return self._sizes.get(task_id)
 
-    def sha256(self, task_id: str) -> str | None:
+    def digest(self, task_id: str) -> str | None:
         """The digest recorded when it was kept: "" when it was not hashed (a worker's file: its upload
         hashes it), None for one read back after a restart."""
-        return self._sha256.get(task_id)
+        return self._digests.get(task_id)
 
     def room_for(self, size: int) -> bool:
         return self.max_bytes > 0 and self.bytes + size <= self.max_bytes
 
-    def keep(self, task_id: str, source: Path | bytes, sha256: str) -> bool:
+    def keep(self, task_id: str, source: Path | bytes, digest: str) -> bool:
         """Take a result: a file the worker wrote (moved, not copied) or bytes; False when it
         would pass ``kept_results_max_bytes`` (the caller sends it to the service instead)."""
         size = source.stat().st_size if isinstance(source, Path) else len(source)
@@ -103,7 +103,7 @@ class KeptResults:
             part.write_bytes(source)
             os.replace(part, dest)
         self._sizes[task_id] = size
-        self._sha256[task_id] = sha256
+        self._digests[task_id] = digest
         self.bytes += size
         return True
 
@@ -151,7 +151,7 @@ class KeptResults:
 
     def _free(self, task_id: str) -> None:
         size = self._sizes.pop(task_id, 0)
-        self._sha256.pop(task_id, None)
+        self._digests.pop(task_id, None)
         self.bytes -= size
         self.path(task_id).unlink(missing_ok=True)
 
@@ -163,19 +163,19 @@ async def keep_result(kept: KeptResults, result: Result, endpoint_id: str, max_r
     local = file_of(data)
     if local is not None:  # the worker wrote it to a file: moved into the store, not copied
         # nor hashed (the worker did not either): it may never leave the endpoint, and an upload
-        # hashes it as it sends it (the sha256 declared at the end of the upload)
-        path, sha256 = local
+        # hashes it as it sends it (the digest declared at the end of the upload)
+        path, digest = local
         size = path.stat().st_size
         source: Path | bytes = path
     else:
         assert data is not None
         source, size = data, len(data)
-        sha256 = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+        digest = await asyncio.to_thread(lambda: digest_of(data))
     if (max_result is not None and size > max_result) or not kept.room_for(size):
         return None
-    if not await asyncio.to_thread(kept.keep, result.id, source, sha256):
+    if not await asyncio.to_thread(kept.keep, result.id, source, digest):
         return None
-    ref = KeptRef(endpoint=endpoint_id, size=size, sha256=sha256, type=result.kind or "")
+    ref = KeptRef(endpoint=endpoint_id, size=size, digest=digest, type=result.kind or "")
     return msgspec.structs.replace(result, kind=None, data=kept_stub(ref))
 
 
@@ -195,7 +195,7 @@ async def upload_kept(kept: KeptResults, payloads: EndpointPayloads, endpoint_id
             path = kept.path(tid)
             size = path.stat().st_size
             # not hashed yet (the usual case): hashed as it is sent, the digest declared at the end
-            ref = await payloads.declare_result(tid, size, kept.sha256(tid) or None)
+            ref = await payloads.declare_result(tid, size, kept.digest(tid) or None)
         except Exception as exc:  # noqa: BLE001 - the asker gets the reason in words
             kept.unpin(tid)
             code = (ErrorCode.QUOTA_EXCEEDED if isinstance(exc, QuotaExceeded) else ErrorCode.PAYLOAD_TOO_LARGE

@@ -11,7 +11,6 @@ crosses the worker's pipe or sits in the daemon's memory.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import shutil
@@ -22,6 +21,7 @@ from typing import Any
 
 import msgspec
 
+from tether.digest import digest_of
 from tether.errors import PayloadTooLarge, QuotaExceeded, TetherError
 from tether.ids import child_path
 from tether.protocol import BlobRef, ErrorCode, Result, blob_stub
@@ -98,7 +98,7 @@ class EndpointPayloads:
             path = self.args_path(task.id)
             self._downloaded.add(task.id)  # before the download: a part left by a failure goes too
             await asyncio.to_thread(self.client().download_to, args_ref, path, f"arguments of task {task.id}")
-            payload = file_stub(path, args_ref.sha256)
+            payload = file_stub(path, args_ref.digest)
         return body, payload
 
     async def _fetch_function(self, fid: str, ref: BlobRef) -> bytes:
@@ -109,7 +109,7 @@ class EndpointPayloads:
 
             async def download() -> bytes:
                 await asyncio.to_thread(self.client().download_to, ref, path, f"function {fid}")
-                return file_stub(path, ref.sha256)
+                return file_stub(path, ref.digest)
 
             fetch = self._functions[fid] = asyncio.ensure_future(download())
         return await asyncio.shield(fetch)
@@ -129,13 +129,13 @@ class EndpointPayloads:
                 path, known = local
                 source: Any = path
                 size = path.stat().st_size
-                sha256 = known or None  # the worker did not hash it: the upload does, as it sends
+                digest = known or None  # the worker did not hash it: the upload does, as it sends
             else:
-                source, size, sha256 = data, len(data), hashlib.sha256(data).hexdigest()
+                source, size, digest = data, len(data), digest_of(data)
             if self.max_result is not None and size > self.max_result:
                 raise PayloadTooLarge(f"result is {size} bytes, over this endpoint's max_result_bytes "
                                       f"({self.max_result})")
-            ref = await self.upload_result(tid, source, size, sha256)
+            ref = await self.upload_result(tid, source, size, digest)
             return msgspec.structs.replace(result, data=blob_stub(ref))
         except Exception as exc:  # noqa: BLE001 - the task fails with the reason, in words
             return blob_failure(tid, exc, "its result could not be stored on the service")
@@ -144,16 +144,16 @@ class EndpointPayloads:
                 local[0].unlink(missing_ok=True)
 
 
-    async def upload_result(self, tid: str, source: Path | bytes, size: int, sha256: str | None) -> BlobRef:
+    async def upload_result(self, tid: str, source: Path | bytes, size: int, digest: str | None) -> BlobRef:
         """Store a task's result as a blob of its owner: network failures are retried a few times,
-        a refusal (too large, over quota) is raised at once. No ``sha256``: hashed as it is sent."""
-        return await self._retried(tid, self.client().upload, source, size, sha256, task_id=tid,
+        a refusal (too large, over quota) is raised at once. No ``digest``: hashed as it is sent."""
+        return await self._retried(tid, self.client().upload, source, size, digest, task_id=tid,
                                    what=f"result of task {tid}")
 
-    async def declare_result(self, tid: str, size: int, sha256: str | None) -> BlobRef:
+    async def declare_result(self, tid: str, size: int, digest: str | None) -> BlobRef:
         """Declare a task's result as a blob of its owner (no byte moves yet: see :meth:`send_result`),
         retried like :meth:`upload_result`."""
-        return await self._retried(tid, self.client().declare, size, sha256, task_id=tid, what=f"result of task {tid}")
+        return await self._retried(tid, self.client().declare, size, digest, task_id=tid, what=f"result of task {tid}")
 
     async def send_result(self, ref: BlobRef, source: Path) -> None:
         """Send a declared result's bytes (readers of the blob follow them as they arrive)."""

@@ -227,10 +227,10 @@ class BlobCreate(Body):
     refused upload costs no transfer."""
 
     size: JsonInt = Field(ge=0, le=2**62, description="exact number of bytes that will be sent")
-    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$", description=(
-        "hex sha256 of those bytes; the upload is refused if they hash to anything else. Omitted: "
+    digest: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$", description=(
+        "hex BLAKE3 digest of those bytes; the upload is refused if they hash to anything else. Omitted: "
         "declared at the end of the upload instead (the body of `PUT /v1/blobs/{blob_id}` is then the "
-        "bytes followed by their 64-character hex sha256), so the uploader hashes while it sends"))
+        "bytes followed by their 64-character hex digest), so the uploader hashes while it sends"))
     task_id: IdStr | None = Field(default=None, description="endpoints only: the task whose result this is (a "
                                   "task dispatched to the endpoint and still open)")
 
@@ -238,7 +238,8 @@ class BlobCreate(Body):
 class BlobInfo(BaseModel):
     blob_id: str
     size: int
-    sha256: str = Field(description="hex sha256 of the bytes; empty until they are uploaded when it was not declared")
+    digest: str = Field(description=(
+        "hex BLAKE3 digest of the bytes; empty until they are uploaded when it was not declared"))
     state: str = Field(description="reserved (declared, no bytes yet), uploading, or complete")
 
 
@@ -249,7 +250,7 @@ _DESCRIPTIONS = {
     404: "No such object visible to you",
     413: "The declared blob is larger than this service accepts (its max blob size)",
     409: "The id is taken (by another user, or by something deleted), or the endpoint is not of the kind the "
-         "request needs; or a blob's bytes differ from its declared size or sha256, or are not all there yet",
+         "request needs; or a blob's bytes differ from its declared size or digest, or are not all there yet",
     429: "A per-user limit of this service is reached (the message names it: open tasks, or stored blob bytes); "
          "try again once some of your tasks have finished",
 }

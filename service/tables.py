@@ -109,7 +109,7 @@ blobs = Table(
     Column("owner_id", String(64), nullable=False, index=True),
     Column("uploader", String(80), nullable=False),  # "user:<id>" or "endpoint:<id>": who may send the bytes
     Column("size", BigInteger, nullable=False),
-    Column("sha256", String(64), nullable=False),
+    Column("digest", String(64), nullable=False),
     Column("state", String(16), nullable=False),
     Column("created_at", Float, nullable=False),
     Column("linked", Boolean, nullable=False),  # ever named by a task: deleted with its last task

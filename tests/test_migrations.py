@@ -26,7 +26,7 @@ from tether import Client
 from conftest import home_env, needs_pg, pg_database, tether_cli
 
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
-HEAD = "0006_task_indexes"
+HEAD = "0007_blob_digest"
 
 
 def legacy_schema(blob: str, older: bool = False) -> list[str]:

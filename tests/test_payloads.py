@@ -1,5 +1,5 @@
 """Large payloads (issue 11): arguments, results and function bodies far beyond a frame travel
-as blobs, streamed through the service's disk, checked by sha256, within per-service and
+as blobs, streamed through the service's disk, checked by their BLAKE3 digest, within per-service and
 per-endpoint limits, readable only by who may, and deleted with their tasks."""
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import psutil
 import pytest
 
 from tether import Client, Executor
+from tether.digest import digest_of
 from tether.errors import BlobCorrupt, PayloadTooLarge, QuotaExceeded
 from tether.local import LocalStack, local_stack
 from tether.protocol import Collected, ErrorCode, Submit, SubmitAck, Task, blob_stub
 from tether.serialize import function_id, serialize
-from tether.spill import sha256_of
 from tether.transfer import BlobClient, _raise_for
 
 import helpers
@@ -153,10 +153,10 @@ def test_the_quota_is_checked_on_the_declared_size_before_any_byte_moves(small: 
     wait_for(lambda: not _blob_files(small), timeout=30, what="earlier tests' blobs to expire (they count)")
     try:
         for _ in range(3):  # 90 of the 100 MiB, declared: no byte sent
-            answer = http.post("/v1/blobs", json={"size": 30 * MiB, "sha256": "0" * 64})
+            answer = http.post("/v1/blobs", json={"size": 30 * MiB, "digest": "0" * 64})
             assert answer.status_code == 201, answer.text
             reserved.append(answer.json()["blob_id"])
-        refused = http.post("/v1/blobs", json={"size": 30 * MiB, "sha256": "0" * 64})
+        refused = http.post("/v1/blobs", json={"size": 30 * MiB, "digest": "0" * 64})
         assert refused.status_code == 429
         assert "would take you over your quota of 104857600 stored bytes" in refused.json()["detail"]
         with _executor(small) as ex, pytest.raises(QuotaExceeded, match="quota"):
@@ -164,7 +164,7 @@ def test_the_quota_is_checked_on_the_declared_size_before_any_byte_moves(small: 
     finally:
         for blob_id in reserved:  # an upload given up on is deleted (and its bytes leave the quota)
             assert http.delete(f"/v1/blobs/{blob_id}").status_code == 204
-    ref = blobs.upload(b"z" * (30 * MiB), 30 * MiB, sha256_of(b"z" * (30 * MiB)))
+    ref = blobs.upload(b"z" * (30 * MiB), 30 * MiB, digest_of(b"z" * (30 * MiB)))
     assert http.get(f"/v1/blobs/{ref.id}").status_code == 200
     http.delete(f"/v1/blobs/{ref.id}")
 
@@ -173,11 +173,11 @@ def test_the_bytes_of_an_upload_that_breaks_off_or_lies_about_its_hash_are_delet
     http = httpx.Client(base_url=small.service_url, headers={"Authorization": f"Bearer {small.token}"},
                         trust_env=False)
     data = b"d" * (2 * MiB)
-    declared = http.post("/v1/blobs", json={"size": len(data), "sha256": sha256_of(data)}).json()
+    declared = http.post("/v1/blobs", json={"size": len(data), "digest": digest_of(data)}).json()
     short = http.put(f"/v1/blobs/{declared['blob_id']}", content=iter([data[: MiB]]))  # chunked, ends early
     assert short.status_code == 409 and "ended after 1048576 of the 2097152 bytes" in short.json()["detail"]
     assert http.get(f"/v1/blobs/{declared['blob_id']}").status_code == 409  # declared, no bytes
-    lying = http.post("/v1/blobs", json={"size": len(data), "sha256": "f" * 64}).json()
+    lying = http.post("/v1/blobs", json={"size": len(data), "digest": "f" * 64}).json()
     answer = http.put(f"/v1/blobs/{lying['blob_id']}", content=data)
     assert answer.status_code == 409 and "not to the" in answer.json()["detail"]
     assert short.headers["Tether-Error"] == answer.headers["Tether-Error"] == "blob_corrupt"
@@ -189,8 +189,8 @@ def test_the_bytes_of_an_upload_that_breaks_off_or_lies_about_its_hash_are_delet
         assert http.delete(f"/v1/blobs/{blob_id}").status_code == 204
 
 
-def test_a_sha256_declared_at_the_end_of_the_upload_is_checked_there(small: LocalStack) -> None:
-    """A blob declared without its sha256 (the uploader hashes while it sends) carries it after its
+def test_a_digest_declared_at_the_end_of_the_upload_is_checked_there(small: LocalStack) -> None:
+    """A blob declared without its digest (the uploader hashes while it sends) carries it after its
     bytes: the service stores the bytes that match it and names it afterwards; a digest that
     does not match, or a body that ends before it, is refused in words and the bytes deleted, and
     a reader following such an upload never gets its last byte."""
@@ -198,11 +198,11 @@ def test_a_sha256_declared_at_the_end_of_the_upload_is_checked_there(small: Loca
                         trust_env=False, timeout=60)
     data = os.urandom(3 * MiB)
     good = api.post("/v1/blobs", json={"size": len(data)}).json()
-    assert good["sha256"] == "" and good["state"] == "reserved"
-    stored = api.put(f"/v1/blobs/{good['blob_id']}", content=data + sha256_of(data).encode())
-    assert stored.status_code == 200 and stored.json()["sha256"] == sha256_of(data), stored.text
+    assert good["digest"] == "" and good["state"] == "reserved"
+    stored = api.put(f"/v1/blobs/{good['blob_id']}", content=data + digest_of(data).encode())
+    assert stored.status_code == 200 and stored.json()["digest"] == digest_of(data), stored.text
     back = api.get(f"/v1/blobs/{good['blob_id']}")
-    assert back.content == data and back.headers["X-Tether-Sha256"] == sha256_of(data)
+    assert back.content == data and back.headers["X-Tether-Digest"] == digest_of(data)
 
     lying = api.post("/v1/blobs", json={"size": len(data)}).json()["blob_id"]
     got_first, out = threading.Event(), []
@@ -212,7 +212,7 @@ def test_a_sha256_declared_at_the_end_of_the_upload_is_checked_there(small: Loca
         yield data[: 2 * MiB]
         reader.start()
         assert got_first.wait(30), "the reader did not get bytes of an upload under way"
-        yield data[2 * MiB :] + sha256_of(b"other").encode()
+        yield data[2 * MiB :] + digest_of(b"other").encode()
 
     refused = api.put(f"/v1/blobs/{lying}", content=follows_then_lies(),
                        headers={"Content-Length": str(len(data) + 64)})
@@ -222,8 +222,8 @@ def test_a_sha256_declared_at_the_end_of_the_upload_is_checked_there(small: Loca
     assert isinstance(out[0], http.client.IncompleteRead) and len(out[0].partial) + MiB < len(data), out
 
     short = api.post("/v1/blobs", json={"size": len(data)}).json()["blob_id"]
-    cut = api.put(f"/v1/blobs/{short}", content=iter([data, sha256_of(data).encode()[:10]]))  # chunked, ends early
-    assert cut.status_code == 409 and "before their sha256" in cut.json()["detail"]
+    cut = api.put(f"/v1/blobs/{short}", content=iter([data, digest_of(data).encode()[:10]]))  # chunked, ends early
+    assert cut.status_code == 409 and "before their digest" in cut.json()["detail"]
     assert not [p for p in _blob_files(small) if p.name.startswith((lying, short))]
     for blob_id in (good["blob_id"], lying, short):
         api.delete(f"/v1/blobs/{blob_id}")
@@ -233,21 +233,21 @@ def test_a_sha256_declared_at_the_end_of_the_upload_is_checked_there(small: Loca
 def test_a_large_upload_on_the_connection_itself_is_stored_whole_or_not_at_all(small: LocalStack) -> None:
     """A body of a mebibyte or more with a Content-Length is received on its connection's socket
     (service/raw_connection.py RawConnection) and written past the page cache in aligned batches:
-    a size no batch divides comes back byte for byte, with and without its sha256 at the end; a
+    a size no batch divides comes back byte for byte, with and without its digest at the end; a
     body cut off mid-way leaves no bytes, gets no answer, and may be sent again."""
     api = httpx.Client(base_url=small.service_url, headers={"Authorization": f"Bearer {small.token}"},
                         trust_env=False, timeout=60)
     data = os.urandom(3 * MiB + 4097)  # three aligned batches, a page, and one byte
-    ahead = api.post("/v1/blobs", json={"size": len(data), "sha256": sha256_of(data)}).json()["blob_id"]
+    ahead = api.post("/v1/blobs", json={"size": len(data), "digest": digest_of(data)}).json()["blob_id"]
     assert api.put(f"/v1/blobs/{ahead}", content=data).json()["state"] == "complete"
     at_end = api.post("/v1/blobs", json={"size": len(data)}).json()["blob_id"]
-    stored = api.put(f"/v1/blobs/{at_end}", content=data + sha256_of(data).encode()).json()
-    assert stored["sha256"] == sha256_of(data)
+    stored = api.put(f"/v1/blobs/{at_end}", content=data + digest_of(data).encode()).json()
+    assert stored["digest"] == digest_of(data)
     for blob_id in (ahead, at_end):
         assert api.get(f"/v1/blobs/{blob_id}").content == data
         assert (small.home / "service" / "blobs" / blob_id).stat().st_size == len(data)
 
-    cut = api.post("/v1/blobs", json={"size": len(data), "sha256": sha256_of(data)}).json()["blob_id"]
+    cut = api.post("/v1/blobs", json={"size": len(data), "digest": digest_of(data)}).json()["blob_id"]
     parts = urlsplit(small.service_url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
     conn.putrequest("PUT", f"/v1/blobs/{cut}")
@@ -266,7 +266,7 @@ def test_a_large_upload_on_the_connection_itself_is_stored_whole_or_not_at_all(s
     # a reader that stops reading while the upload goes on past the pieces kept in memory (8 MiB)
     # gets the rest from the file
     large = os.urandom(24 * MiB)
-    behind = api.post("/v1/blobs", json={"size": len(large), "sha256": sha256_of(large)}).json()["blob_id"]
+    behind = api.post("/v1/blobs", json={"size": len(large), "digest": digest_of(large)}).json()["blob_id"]
     got_first, go, out = threading.Event(), threading.Event(), []
 
     def slow_reader() -> None:
@@ -297,17 +297,17 @@ def test_a_large_upload_on_the_connection_itself_is_stored_whole_or_not_at_all(s
     api.close()
 
 
-def test_a_client_declares_the_sha256_of_large_arguments_at_the_end_of_their_upload(small: LocalStack) -> None:
+def test_a_client_declares_the_digest_of_large_arguments_at_the_end_of_their_upload(small: LocalStack) -> None:
     """A large argument is not hashed before its upload starts (a gibibyte took about a second of
-    that, before any byte moved): it is declared without its sha256, hashed as it is sent, and
+    that, before any byte moved): it is declared without its digest, hashed as it is sent, and
     the service names the digest once the bytes matched it; the worker gets the bytes sent."""
     data = os.urandom(12 * MiB)
     blobs = BlobClient(small.service_url, {"Authorization": f"Bearer {small.token}"})
     ref = blobs.upload(data, len(data), None)
-    assert ref.sha256 == ""
+    assert ref.digest == ""
     api = httpx.Client(base_url=small.service_url, headers={"Authorization": f"Bearer {small.token}"},
                        trust_env=False)
-    assert api.get(f"/v1/blobs/{ref.id}").headers["X-Tether-Sha256"] == sha256_of(data)
+    assert api.get(f"/v1/blobs/{ref.id}").headers["X-Tether-Digest"] == digest_of(data)
     api.delete(f"/v1/blobs/{ref.id}")
     api.close()
     with _executor(small) as ex:
@@ -339,7 +339,7 @@ def test_a_task_goes_ahead_of_its_arguments_and_readers_follow_their_upload(smal
     value = os.urandom(4 * MiB)
     data = serialize(((value,), {}))
     blobs = BlobClient(small.service_url, {"Authorization": f"Bearer {small.token}"})
-    ref = blobs.declare(len(data), sha256_of(data))
+    ref = blobs.declare(len(data), digest_of(data))
     body = serialize(helpers.sha256_hex)
     client = raw_client(small.service_url, small.token)
     tid = str(uuid.uuid4())
@@ -402,11 +402,11 @@ def test_a_task_goes_ahead_of_its_arguments_and_readers_follow_their_upload(smal
 def test_a_reader_following_an_upload_that_lies_about_its_hash_never_gets_the_whole_body(small: LocalStack) -> None:
     """Readers do not hash what they download (the service did, as the bytes arrived): so the last
     byte of an upload under way waits for that check, and a follower of bytes that do not match
-    their declared sha256 sees its body end short, whole but for nothing it could take for good."""
+    their declared digest sees its body end short, whole but for nothing it could take for good."""
     data = os.urandom(3 * MiB)
     http_ = httpx.Client(base_url=small.service_url, headers={"Authorization": f"Bearer {small.token}"},
                          trust_env=False, timeout=60)
-    blob_id = http_.post("/v1/blobs", json={"size": len(data), "sha256": "f" * 64}).json()["blob_id"]
+    blob_id = http_.post("/v1/blobs", json={"size": len(data), "digest": "f" * 64}).json()["blob_id"]
     got_first, out = threading.Event(), []
     reader = threading.Thread(target=_follow, args=(small.service_url, small.token, blob_id, MiB, got_first, out))
     uploaded = threading.Event()
@@ -446,7 +446,7 @@ def test_a_worker_beside_its_daemon_reads_large_arguments_from_the_service(small
 def test_blobs_are_readable_only_by_their_owner_and_the_endpoint_running_their_task(small: LocalStack) -> None:
     data = b"secret" * MiB
     mine = BlobClient(small.service_url, {"Authorization": f"Bearer {small.token}"}).upload(
-        data, len(data), sha256_of(data))
+        data, len(data), digest_of(data))
     mallory = _user(small, f"mallory-{uuid.uuid4().hex[:6]}")
     theirs = httpx.Client(base_url=small.service_url, headers={"Authorization": f"Bearer {mallory}"},
                           trust_env=False)
@@ -474,11 +474,11 @@ def test_blobs_are_readable_only_by_their_owner_and_the_endpoint_running_their_t
         running = ex.submit(helpers.sleep_then, 2.0, "done")
         assert ex.submit(helpers.sha256_hex, data).result(timeout=60) == hashlib.sha256(data).hexdigest()
         # an endpoint stores result blobs only for tasks it holds: not for another endpoint's task
-        forged = theirs.post("/v1/blobs", json={"size": 10, "sha256": "0" * 64, "task_id": running.task_id},
+        forged = theirs.post("/v1/blobs", json={"size": 10, "digest": "0" * 64, "task_id": running.task_id},
                              headers={"Authorization": f"Bearer {cred['secret']}",
                                       "X-Tether-Endpoint": cred["endpoint_id"]})
         assert forged.status_code == 404 and "no open task with this id is dispatched to this endpoint" in forged.text
-        assert theirs.post("/v1/blobs", json={"size": 10, "sha256": "0" * 64, "task_id": running.task_id}
+        assert theirs.post("/v1/blobs", json={"size": 10, "digest": "0" * 64, "task_id": running.task_id}
                            ).status_code == 403  # a user token never stores a task's result
         assert running.result(timeout=60) == "done"
     assert httpx.delete(f"{small.service_url}/v1/blobs/{mine.id}", headers={"Authorization": f"Bearer {small.token}"},

@@ -98,7 +98,7 @@ def test_concurrent_submissions_and_uploads_never_overshoot_a_quota(tmp_path: Pa
             return clients[i].post("/v1/tasks", json={"tasks": [task]})
 
         def declare(i: int) -> httpx.Response:
-            blob = {"size": 300_000, "sha256": hashlib.sha256(str(i).encode()).hexdigest()}
+            blob = {"size": 300_000, "digest": hashlib.sha256(str(i).encode()).hexdigest()}
             return clients[i].post("/v1/blobs", json=blob)
 
         codes = at_once(submit, 30)

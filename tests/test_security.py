@@ -116,7 +116,7 @@ def test_nobody_else_fetches_or_releases_a_kept_result(stack, executor, evil_end
     answer, _ = evil_endpoint.recv_until(lambda m: isinstance(m, Fetched))
     assert not answer.data and answer.errors[fut.task_id].code == ErrorCode.UNKNOWN_TASK
     assert "not an input of a task this endpoint holds" in answer.errors[fut.task_id].message
-    upload = httpx.post(f"{stack.service_url}/v1/blobs", json={"size": 10, "sha256": "0" * 64,
+    upload = httpx.post(f"{stack.service_url}/v1/blobs", json={"size": 10, "digest": "0" * 64,
                                                                "task_id": fut.task_id},
                         headers=evil_endpoint.headers, trust_env=False)
     assert upload.status_code == 404
@@ -132,7 +132,7 @@ def test_an_endpoint_cannot_answer_for_a_result_it_was_not_asked_for(stack, exec
     size = 9 * 1024 * 1024
     fut = executor.submit(bytes, size)
     assert fut.exception(timeout=60) is None and fut.remote_value() is not None
-    forged = blob_stub(BlobRef(id=str(uuid.uuid4()), size=10, sha256="0" * 64))
+    forged = blob_stub(BlobRef(id=str(uuid.uuid4()), size=10, digest="0" * 64))
     evil_endpoint.send(Fetched(data={fut.task_id: forged}))
     # frames arrive in order: once a report on an unknown task is refused, the forgery was handled
     evil_endpoint.send(Received(ids=["after-forged-upload"]))
@@ -504,7 +504,7 @@ def test_a_payload_posing_as_the_daemons_own_stub_is_refused(stack, tmp_path: Pa
     listener.setblocking(False)
     secret = tmp_path / "not-yours.pickle"
     secret.write_bytes(serialize(((7,), {})))
-    ref = BlobRef(id=str(uuid.uuid4()), size=10, sha256="0" * 64)
+    ref = BlobRef(id=str(uuid.uuid4()), size=10, digest="0" * 64)
     forged = [file_stub(secret), service_stub(f"http://127.0.0.1:{listener.getsockname()[1]}",
                                               {"Authorization": "Bearer stolen"}, None, ref)]
     with httpx.Client(base_url=stack.service_url, headers={"Authorization": f"Bearer {stack.token}"},

@@ -6,6 +6,7 @@ import msgpack
 import pytest
 
 from tether import TaskFailed
+from tether.digest import digest_of
 from tether.errors import SerializationError, VersionMismatch, task_failed
 from tether.protocol import (
     CLIENT_FRAMES,
@@ -124,7 +125,6 @@ def test_a_spill_holds_what_pickle_writes_in_memory_or_on_disk(tmp_path, thresho
     """Pickle writes bytes, memoryviews and (protocol 5) PickleBuffers; a small value stays in
     memory and touches no directory, a large one lands in a file; a small one hashes to what it
     holds, a large one is not hashed at all (its upload hashes it as it sends it)."""
-    import hashlib
 
     import numpy as np
 
@@ -144,7 +144,7 @@ def test_a_spill_holds_what_pickle_writes_in_memory_or_on_disk(tmp_path, thresho
     data = spill.path.read_bytes() if spill.spilled else spill.getvalue()
     assert spill.spilled == (threshold == 4096) and bool(asked) == spill.spilled
     assert spill.size == len(data)
-    assert spill.sha256 == ("" if spill.spilled else hashlib.sha256(data).hexdigest())
+    assert spill.digest == ("" if spill.spilled else digest_of(data))
     loaded = deserialize(data)
     assert (loaded["array"] == value["array"]).all() and loaded["text"] == value["text"]
 
@@ -163,7 +163,7 @@ def test_a_client_spill_keeps_large_bytes_by_reference_and_streams_them_in_order
     serialize_into(value, spill)
     spill.close()
     sent = b"".join(bytes(piece) for piece in spill.pieces())
-    assert len(sent) == spill.size and spill.sha256 == ""  # hashed by the upload, not before
+    assert len(sent) == spill.size and spill.digest == ""  # hashed by the upload, not before
     assert spill.path.stat().st_size == spill.size - len(big)  # all but the bytes object (pickled once)
     assert deserialize(sent) == value
     spill.discard()

@@ -33,7 +33,7 @@ class Arrival:
 
     A task's arguments reach its endpoint, and a kept result its client, while they are still
     being uploaded: the reader follows the upload's file, never ahead of what is written, and
-    receives the last byte only once the whole upload matched its declared sha256: an upload that
+    receives the last byte only once the whole upload matched its declared digest: an upload that
     ends in a mismatch or breaks off breaks the readers' streams (they see them short).
 
     The latest pieces written (:data:`RECENT_BYTES` of them) stay here, as the server received
@@ -87,7 +87,7 @@ class Arrival:
 
     def readable(self, size: int) -> int:
         """How far a reader of this ``size``-byte blob may be sent now: what has arrived, but the
-        last byte only once the upload's bytes matched their declared sha256 (a reader never
+        last byte only once the upload's bytes matched their declared digest (a reader never
         receives a whole body that did not verify: readers check the size only, see
         tether.transfer.BlobReader)."""
         return self.written if self.ended and self.ok else min(self.written, size - 1)

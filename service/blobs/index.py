@@ -95,7 +95,7 @@ class BlobIndex:
                                      "bytes per blob (--max-blob-bytes)")
         blob_id = str(uuid.uuid4())
         row = {"id": blob_id, "owner_id": owner, "uploader": who.uploader, "size": body.size,
-               "sha256": body.sha256 or "",  # none: declared at the end of the upload ("" until then)
+               "digest": body.digest or "",  # none: declared at the end of the upload ("" until then)
                "state": RESERVED, "created_at": time.time(), "linked": body.task_id is not None}
         with self.store.transaction() as conn:
             # the check and the insert are one step (concurrent uploads cannot all fit one gap)
@@ -134,10 +134,10 @@ class BlobIndex:
                             tasks.c.endpoint_id == who.endpoint["id"], tasks.c.t_done.is_(None))).limit(1)
             ).first() is not None
 
-    def set_state(self, blob_id: str, state: str, expected: str, sha256: str | None = None) -> bool:
-        """Move a blob from state ``expected`` to ``state`` (and record the sha256 its upload
+    def set_state(self, blob_id: str, state: str, expected: str, digest: str | None = None) -> bool:
+        """Move a blob from state ``expected`` to ``state`` (and record the digest its upload
         declared at its end, if given); False if it was not in ``expected``."""
-        values = {"state": state} if sha256 is None else {"state": state, "sha256": sha256}
+        values = {"state": state} if digest is None else {"state": state, "digest": digest}
         with self.store.transaction() as conn:
             res = conn.execute(update(blobs).where(and_(blobs.c.id == blob_id, blobs.c.state == expected))
                                .values(**values))

@@ -94,7 +94,7 @@ def _receive_raw(raw: RawConnection, path: Path, digest: Any, declared: int, tai
                 filled += n
             body_left -= len(piece)
             mine = min(len(piece), blob_left)
-            if mine < len(piece):  # past the blob's bytes: its sha256 (DIGEST_AT_END bytes)
+            if mine < len(piece):  # past the blob's bytes: its digest (DIGEST_AT_END bytes)
                 if tail is not None:
                     tail += view[mine:]
                 view = view[:mine]

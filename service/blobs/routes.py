@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import logging
 import os
 import time
@@ -24,7 +23,8 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from tether.protocol import ERROR_HEADER, SHA256_HEADER, ErrorCode
+from tether.digest import new_digest
+from tether.protocol import DIGEST_HEADER, ERROR_HEADER, ErrorCode
 from tether.spill import hash_and_write
 
 from ..async_store import AsyncStore
@@ -53,7 +53,7 @@ log = logging.getLogger("tether.service.blobs")
 #: names the refusal of an upload whose bytes are not what was declared (the client raises BlobCorrupt)
 _CORRUPT = {ERROR_HEADER: ErrorCode.BLOB_CORRUPT.value}
 
-#: bytes after a blob's own in an upload whose sha256 is declared at its end (its hex digest)
+#: bytes after a blob's own in an upload whose digest is declared at its end (its hex digest)
 DIGEST_AT_END = 64
 
 
@@ -77,7 +77,7 @@ async def _receive(request: Request, out: Any, digest: Any, declared: int, blob_
     the next batch overlaps writing the last. A batch is the server's own pieces, kept as they
     came: the bytes are not copied again on their way to the file (at most two batches, about
     ``2 * WRITE_BATCH`` bytes, are held per upload). ``tail``: the body goes on past the
-    declared size with the sha256 declared at the end (:data:`DIGEST_AT_END` bytes), which is
+    declared size with the digest declared at the end (:data:`DIGEST_AT_END` bytes), which is
     gathered there instead of written."""
     allowed = declared + (DIGEST_AT_END if tail is not None else 0)
     batch: list[bytes] = []
@@ -110,7 +110,7 @@ async def _receive(request: Request, out: Any, digest: Any, declared: int, blob_
             received += len(chunk)
             if received > allowed:
                 raise HTTPException(409, f"more bytes than the {declared} declared for blob {blob_id}")
-            if tail is not None and received > declared:  # past the blob's bytes: its sha256
+            if tail is not None and received > declared:  # past the blob's bytes: its digest
                 mine = max(0, len(chunk) - (received - declared))
                 tail += chunk[mine:]
                 chunk = chunk[:mine]
@@ -131,7 +131,7 @@ async def _receive(request: Request, out: Any, digest: Any, declared: int, blob_
 async def _follow(fh: Any, arrival: Arrival, size: int, blob_id: str) -> AsyncIterator[bytes | memoryview]:
     """A blob's bytes read from its upload's file as they are written: never past what the
     upload has written, ending with it (the last byte only once the upload's bytes matched their
-    declared sha256); an upload that breaks off, fails that check or stalls for ``FOLLOW_IDLE_S``
+    declared digest); an upload that breaks off, fails that check or stalls for ``FOLLOW_IDLE_S``
     breaks this stream off too, and the reader sees it short."""
     sent = 0
     me = id(fh)
@@ -185,7 +185,7 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
         return Principal(user_id=user)
 
     def info(row: Any) -> BlobInfo:
-        return BlobInfo(blob_id=row.id, size=row.size, sha256=row.sha256, state=row.state)
+        return BlobInfo(blob_id=row.id, size=row.size, digest=row.digest, state=row.state)
 
     # the document states the service's own limit, so what it calls valid is what it accepts
     create_schema = BlobCreate.model_json_schema()
@@ -194,7 +194,7 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
     @router.post("/v1/blobs", response_model=BlobInfo, status_code=201, responses=_errors(400, 403, 404, 413, 429),
                  openapi_extra={"requestBody": {"content": {"application/json": {"schema": create_schema}}}})
     async def create_blob(body: BlobCreate, who: Principal = Depends(principal)) -> BlobInfo:
-        """Declare a blob (size, sha256); then send its bytes with ``PUT /v1/blobs/{blob_id}``.
+        """Declare a blob (size, digest); then send its bytes with ``PUT /v1/blobs/{blob_id}``.
         Limits are checked here, before any byte moves."""
         return info(await rows.reserve(who, body))
 
@@ -203,17 +203,17 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
                     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
     async def upload_blob(blob_id: PathId, request: Request, who: Principal = Depends(principal)) -> BlobInfo:
         """Stream a declared blob's bytes. Written to disk and hashed as they arrive; refused (and
-        deleted) if they are not exactly the declared size and sha256, or if the upload breaks off.
-        A blob declared without its sha256 has it at the end of the body: its bytes, then their hex
-        sha256 (64 bytes; the body is that much longer than the declared size)."""
+        deleted) if they are not exactly the declared size and digest, or if the upload breaks off.
+        A blob declared without its digest has it at the end of the body: its bytes, then their hex
+        digest (64 bytes; the body is that much longer than the declared size)."""
         row = await rows.get(blob_id)
         if row is None or row.uploader != who.uploader:
             raise HTTPException(404, f"unknown blob {blob_id}")
         if not await rows.set_state(blob_id, UPLOADING, RESERVED):
             raise HTTPException(409, f"blob {blob_id} is already uploaded, or being uploaded")
         part = index.path(blob_id, part=True)
-        digest, size, done = hashlib.sha256(), 0, False
-        tail = bytearray() if not row.sha256 else None  # the sha256 comes after the bytes
+        digest, size, done = new_digest(), 0, False
+        tail = bytearray() if not row.digest else None  # the digest comes after the bytes
         arrival = index.arriving[blob_id] = Arrival()
         started = index.awaited.pop(blob_id, None)
         if started is not None:
@@ -234,10 +234,10 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
                     size = out.tell()
             if size != row.size or (tail is not None and len(tail) != DIGEST_AT_END):
                 raise HTTPException(409, f"the upload ended after {size} of the {row.size} bytes declared"
-                                    + (" (and before their sha256)" if size == row.size else ""), headers=_CORRUPT)
-            declared = row.sha256 if tail is None else tail.decode("ascii", "replace")
+                                    + (" (and before their digest)" if size == row.size else ""), headers=_CORRUPT)
+            declared = row.digest if tail is None else tail.decode("ascii", "replace")
             if digest.hexdigest() != declared:
-                raise HTTPException(409, f"the bytes received hash to sha256 {digest.hexdigest()}, not to the "
+                raise HTTPException(409, f"the bytes received hash to {digest.hexdigest()} (BLAKE3), not to the "
                                          f"{declared[:64]!r} declared; the blob was not stored", headers=_CORRUPT)
             os.replace(part, index.path(blob_id))
             await rows.set_state(blob_id, COMPLETE, UPLOADING, digest.hexdigest() if tail is not None else None)
@@ -275,12 +275,12 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
     async def download_blob(blob_id: PathId, request: Request, who: Principal = Depends(principal)) -> Response:
         """A blob's bytes, streamed from disk. Yours, or (endpoints) named by a task dispatched to you.
         A blob still being uploaded is streamed as its bytes arrive (its last byte once they
-        matched their sha256); one declared but not yet sent is waited for."""
+        matched their digest); one declared but not yet sent is waited for."""
         row = await rows.get(blob_id)
         if not await rows.may_read(who, row):
             raise HTTPException(404, f"unknown blob {blob_id}")
-        # (a blob whose sha256 comes at the end of its upload has none to name while it arrives)
-        headers = {SHA256_HEADER: row.sha256} if row.sha256 else {}
+        # (a blob whose digest comes at the end of its upload has none to name while it arrives)
+        headers = {DIGEST_HEADER: row.digest} if row.digest else {}
         if row.state == RESERVED and not row.linked:  # nothing names it: nobody is about to send it
             raise HTTPException(409, f"blob {blob_id} is declared but its bytes have not been sent")
         def take_raw_download(size: int) -> RawConnection | None:
