@@ -47,7 +47,7 @@ from .errors import AuthError, BlobCorrupt, PayloadTooLarge, QuotaExceeded, Teth
 from .progress import TransferProgress
 from .protocol import DIGEST_HEADER, ERROR_HEADER, BlobRef, ErrorCode
 from .serialize import deserialize_from
-from .spill import CHUNK, Spill, hash_and_write
+from .spill import CHUNK, PIECE, Spill, hash_and_write
 from .urls import tls_context
 
 log = logging.getLogger("tether.transfer")
@@ -101,7 +101,7 @@ _RETRIED = (OSError, http.client.HTTPException)
 
 
 class BlobReader(io.RawIOBase):
-    """A blob's body as it arrives (at most ``CHUNK`` bytes per read). :meth:`finish` checks its
+    """A blob's body as it arrives (at most ``PIECE`` bytes per read). :meth:`finish` checks its
     size; the content is the service's to vouch for: it hashed the bytes as they were uploaded and
     refused them unless they matched the declared digest, names that digest in its answer (checked
     here against the reference), and holds back the last byte of an upload still under way until
@@ -121,7 +121,7 @@ class BlobReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")[:CHUNK]
+        view = memoryview(buffer).cast("B")[:PIECE]
         try:
             n = self.response.readinto(view)
         except http.client.HTTPException as exc:  # IncompleteRead: the body ended early
@@ -137,7 +137,7 @@ class BlobReader(io.RawIOBase):
 
     def finish(self) -> None:
         """Read what is left (nothing, for a well-formed value) and check the size."""
-        spare = bytearray(CHUNK)
+        spare = bytearray(PIECE)
         while self.readinto(spare):
             pass
         if self.size != self.ref.size:
@@ -230,7 +230,7 @@ class BlobClient:
             pieces = source.pieces()
         elif isinstance(source, bytes | bytearray | memoryview):
             view = memoryview(source)
-            pieces = (view[start : start + CHUNK] for start in range(0, len(view), CHUNK))
+            pieces = (view[start : start + PIECE] for start in range(0, len(view), PIECE))
         else:
             pieces = _file_pieces(Path(source))
         for piece in pieces:
@@ -292,7 +292,7 @@ class BlobClient:
         a value whose bytes do not match is dropped (BlobCorrupt)."""
         def once() -> Any:
             with self.reader(ref, what, progress) as body:
-                value = deserialize_from(io.BufferedReader(body, CHUNK), allowed_methods)
+                value = deserialize_from(io.BufferedReader(body, PIECE), allowed_methods)
                 body.finish()
             return value
 
@@ -400,8 +400,8 @@ def load_service_blob(blob: ServiceBlob, allowed_methods: frozenset[str] | None,
 
 
 def _file_pieces(path: Path) -> Iterator[memoryview]:
-    """A file in pieces of ``CHUNK`` bytes read into one reused buffer (valid until the next)."""
-    buffer = bytearray(CHUNK)
+    """A file in pieces of ``PIECE`` bytes read into one reused buffer (valid until the next)."""
+    buffer = bytearray(PIECE)
     with open(path, "rb", buffering=0) as fh:
         while n := fh.readinto(buffer):
             yield memoryview(buffer)[:n]

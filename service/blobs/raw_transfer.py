@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tether.spill import CHUNK
+from tether.spill import PIECE
 
 from ..raw_connection import RawConnection, take_raw
 from .arrival import FOLLOW_IDLE_S, FOLLOW_PIECE, WRITE_BATCH, Arrival
@@ -65,7 +65,7 @@ class BrokeOff(Exception):
 def _receive_raw(raw: RawConnection, path: Path, digest: Any, declared: int, tail: bytearray | None,
                  advance: Callable[[int, list[Any], int], None], wait_for_readers: Callable[[int], None]) -> int:
     """Receive a body on a taken connection (in a thread of :data:`raw_uploads`) into ``path``;
-    returns the blob bytes received. Each piece of ``CHUNK`` bytes is received into a buffer
+    returns the blob bytes received. Each piece of ``PIECE`` bytes is received into a buffer
     of its own, hashed, staged for the file (:class:`DirectFile`) while it is in the CPU's
     cache, and handed to ``advance`` (readers following the upload, every mebibyte): one
     copy out of the socket, against four through the HTTP stack, and no event loop in the way.
@@ -79,7 +79,7 @@ def _receive_raw(raw: RawConnection, path: Path, digest: Any, declared: int, tai
     out = DirectFile(path)
     try:
         while body_left:
-            piece = bytearray(min(CHUNK, body_left))
+            piece = bytearray(min(PIECE, body_left))
             view = memoryview(piece)
             filled = min(len(early), len(piece))
             view[:filled] = early[:filled]
