@@ -15,6 +15,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -69,13 +70,16 @@ def _receive_raw(raw: RawConnection, path: Path, digest: Any, declared: int, tai
     of its own, hashed, staged for the file (:class:`DirectFile`) while it is in the CPU's
     cache, and handed to ``advance`` (readers following the upload, every mebibyte): one
     copy out of the socket, against four through the HTTP stack, and no event loop in the way.
-    The receives, the hashing and the writes release the GIL."""
+    The receives, the hashing and the writes release the GIL. The socket's low-water mark is
+    the piece: the thread wakes once per mebibyte, not per segment (a third of the receive
+    calls, each with its poll)."""
     assert raw.length is not None
     blob_left = declared
     body_left = raw.length
     early = memoryview(raw.early)
     batch: list[Any] = []
     batched = received = 0
+    lowat = 1
     out = DirectFile(path)
     try:
         while body_left:
@@ -84,6 +88,11 @@ def _receive_raw(raw: RawConnection, path: Path, digest: Any, declared: int, tai
             filled = min(len(early), len(piece))
             view[:filled] = early[:filled]
             early = early[filled:]
+            want = len(piece) - filled
+            if want != lowat:  # the socket wakes this thread once the whole piece is there
+                with contextlib.suppress(OSError):
+                    raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+                lowat = want
             while filled < len(piece):
                 try:
                     n = raw.sock.recv_into(view[filled:])
