@@ -16,8 +16,8 @@ from typing import Any
 
 from .digest import digest_of
 
-#: bytes per read and write while streaming, and per slice hashed then written: small enough to
-#: stay in the CPU's cache between the two (on the project's machine a gibibyte costs 0.9 CPU
+#: bytes per slice written to a file, hashed first where it is hashed: small enough to stay in
+#: the CPU's cache between the two (on the project's machine a gibibyte costs 0.9 CPU
 #: seconds to hash and write in 256 KiB slices, 2.5 s in slices of 1 MiB or more: each byte is
 #: then read from memory twice)
 CHUNK = 256 * 1024

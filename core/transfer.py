@@ -42,7 +42,7 @@ import certifi
 import httpx
 import msgspec
 
-from .digest import digest_of, new_digest
+from .digest import new_digest
 from .errors import AuthError, BlobCorrupt, PayloadTooLarge, QuotaExceeded, TetherError
 from .progress import TransferProgress
 from .protocol import DIGEST_HEADER, ERROR_HEADER, BlobRef, ErrorCode
@@ -415,5 +415,4 @@ def load_file(path: Path, allowed_methods: frozenset[str] | None = None) -> Any:
         return deserialize_from(fh, allowed_methods)
 
 
-__all__ = ["BlobClient", "Spill", "TransferProgress", "file_of", "file_stub", "hash_and_write", "load_file",
-           "digest_of"]
+__all__ = ["BlobClient", "Spill", "TransferProgress", "file_of", "file_stub", "hash_and_write", "load_file"]
