@@ -8,6 +8,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .blobs.raw_transfer import raw_in_use
 from .relay import Relay
 
 
@@ -40,6 +41,12 @@ class RelayCollector:
         yield events
         yield GaugeMetricFamily("tether_tasks_watched", "Tasks whose results connected clients are waiting for.",
                                 value=len(self.relay.watchers))
+        raw = GaugeMetricFamily("tether_blob_raw_transfers", "Large blob transfers moving on their own socket in a "
+                                "thread of this replica (RAW_THREADS per direction; more go through ASGI).",
+                                labels=["direction"])
+        for direction, busy in raw_in_use().items():
+            raw.add_metric([direction], busy)
+        yield raw
         bus = self.relay.bus
         if bus.remote:  # several replicas: is the broker keeping up?
             messages = CounterMetricFamily("tether_bus_messages", "Events between replicas (RabbitMQ) since this "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from tether import Client, Executor
+from tether.digest import digest_of
 from tether.local import LocalStack, local_stack
 from tether.protocol import CLOSE_AUTH_FAILED, Error, ErrorCode, Subscribe
 
@@ -237,3 +239,51 @@ def test_oversized_hellos_from_many_endpoints_neither_stall_nor_grow_the_service
         assert p99 < BYSTANDER_P99_S, f"another tenant's p99 was {p99:.2f} s during the attack"
         grown = service.memory_info().rss - rss_before
         assert grown < 64 << 20, f"the service grew by {grown >> 20} MiB answering hellos"
+
+
+def _raw_uploads(stack: LocalStack) -> int:
+    """Large uploads moving on their own socket in a thread of the service (its /metrics)."""
+    text = httpx.get(f"{stack.service_url}/metrics", timeout=10).text
+    line = next(ln for ln in text.splitlines() if ln.startswith('tether_blob_raw_transfers{direction="upload"}'))
+    return int(float(line.split()[-1]))
+
+
+def _held_upload(stack: LocalStack, token: str, size: int) -> socket.socket:
+    """A blob of ``size`` bytes declared by the holder of ``token``, its PUT sent with the whole
+    body's Content-Length and its first KiB, then nothing more: a connection holding an upload."""
+    declared = httpx.post(f"{stack.service_url}/v1/blobs", json={"size": size},
+                          headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert declared.status_code == 201, declared.text
+    host, port = stack.service_url.removeprefix("http://").split(":")
+    conn = socket.create_connection((host, int(port)), timeout=10)
+    head = (f"PUT /v1/blobs/{declared.json()['blob_id']} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: application/octet-stream\r\nContent-Length: {size + 64}\r\n\r\n")  # + its digest at the end
+    conn.sendall(head.encode() + b"\0" * 1024)
+    return conn
+
+
+def test_one_user_holds_at_most_a_quarter_of_the_large_upload_threads(tmp_path: Path) -> None:
+    """Mallory starts more large uploads than her share of the service's upload threads and holds
+    them open: she gets RAW_PER_USER threads and no more, Bob's upload still gets one, and a
+    whole upload of Mallory's past her share still completes (through ASGI), with the right bytes."""
+    from tether.service.blobs.raw_transfer import RAW_PER_USER
+
+    with _stack(tmp_path) as (stack, _ex):
+        mallory, bob = _user(stack, "mallory")["token"], _user(stack, "bob")["token"]
+        held: list[socket.socket] = []
+        try:
+            held += [_held_upload(stack, mallory, 4 * 1024 * 1024) for _ in range(RAW_PER_USER + 2)]
+            wait_for(lambda: _raw_uploads(stack) == RAW_PER_USER, 30, "Mallory's share of the upload threads")
+            held.append(_held_upload(stack, bob, 4 * 1024 * 1024))
+            wait_for(lambda: _raw_uploads(stack) == RAW_PER_USER + 1, 30, "Bob's upload on a thread of its own")
+            assert _raw_uploads(stack) == RAW_PER_USER + 1  # (not her two extra ones, had they waited)
+            data = os.urandom(2 * 1024 * 1024)
+            api = httpx.Client(base_url=stack.service_url, headers={"Authorization": f"Bearer {mallory}"}, timeout=60)
+            blob_id = api.post("/v1/blobs", json={"size": len(data), "digest": digest_of(data)}).json()["blob_id"]
+            stored = api.put(f"/v1/blobs/{blob_id}", content=data)
+            assert stored.status_code == 200, stored.text
+            assert api.get(f"/v1/blobs/{blob_id}").content == data
+        finally:
+            for conn in held:
+                conn.close()
+        wait_for(lambda: _raw_uploads(stack) == 0, 30, "the held uploads to end with their connections")

@@ -42,21 +42,43 @@ RAW_IDLE_S = 60.0
 READER_STALL_S = 2.0
 #: seconds a raw download waits for its reader to take more bytes before it is dropped
 DOWNLOAD_SEND_TIMEOUT_S = 300.0
+#: of those, the most the blobs of one user may hold at once, per direction: a user moving many
+#: large blobs leaves the rest of the pool to the others (their own transfers beyond it go
+#: through ASGI, slower, as every transfer beyond the pool does)
+RAW_PER_USER = RAW_THREADS // 4
 raw_uploads = concurrent.futures.ThreadPoolExecutor(RAW_THREADS, thread_name_prefix="tether-blob-in")
 raw_downloads = concurrent.futures.ThreadPoolExecutor(RAW_THREADS, thread_name_prefix="tether-blob-out")
-#: raw transfers under way per pool (on the event loop: no lock)
+#: raw transfers under way per pool, in all and per owner of the blob (on the event loop: no lock)
 _raw_busy: dict[Any, int] = {raw_uploads: 0, raw_downloads: 0}
+_raw_owned: dict[tuple[Any, str], int] = {}
 
 
-def take_raw_for(pool: Any, scope: dict, timeout: float) -> RawConnection | None:
-    """:func:`take_raw` while ``pool`` has a thread free for the transfer (else None: ASGI)."""
-    if _raw_busy[pool] >= RAW_THREADS:
+def take_raw_for(pool: Any, scope: dict, timeout: float, owner: str) -> RawConnection | None:
+    """:func:`take_raw` while ``pool`` has a thread free for the transfer and the blob's
+    ``owner`` holds fewer than :data:`RAW_PER_USER` of them (else None: ASGI)."""
+    key = (pool, owner)
+    if _raw_busy[pool] >= RAW_THREADS or _raw_owned.get(key, 0) >= RAW_PER_USER:
         return None
     raw = take_raw(scope, timeout)
     if raw is not None:
         _raw_busy[pool] += 1
-        raw.on_done(lambda: _raw_busy.__setitem__(pool, _raw_busy[pool] - 1))
+        _raw_owned[key] = _raw_owned.get(key, 0) + 1
+
+        def done() -> None:
+            _raw_busy[pool] -= 1
+            left = _raw_owned[key] - 1
+            if left:
+                _raw_owned[key] = left
+            else:
+                del _raw_owned[key]
+
+        raw.on_done(done)
     return raw
+
+
+def raw_in_use() -> dict[str, int]:
+    """Raw transfers under way, by direction (for the service's metrics)."""
+    return {"upload": _raw_busy[raw_uploads], "download": _raw_busy[raw_downloads]}
 
 
 class BrokeOff(Exception):

@@ -219,7 +219,7 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
         if started is not None:
             started.set()
         # a large body is received on the connection's socket, in a thread (see RawConnection)
-        raw = take_raw_for(raw_uploads, request.scope, RAW_IDLE_S) if row.size >= RAW_MIN_BYTES else None
+        raw = take_raw_for(raw_uploads, request.scope, RAW_IDLE_S, row.owner_id) if row.size >= RAW_MIN_BYTES else None
         allowed = row.size + (DIGEST_AT_END if tail is not None else 0)
         refusal: HTTPException | None = None
         try:
@@ -288,7 +288,7 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
             RawConnection); a ranged request is left to Starlette's file response."""
             if size < RAW_MIN_BYTES or "range" in request.headers:
                 return None
-            return take_raw_for(raw_downloads, request.scope, DOWNLOAD_SEND_TIMEOUT_S)
+            return take_raw_for(raw_downloads, request.scope, DOWNLOAD_SEND_TIMEOUT_S, row.owner_id)
 
         # the task or the answer naming it went ahead of its bytes: follow the upload when it starts
         # (here: in ``arriving``; on another replica: its row), giving up if it does not
