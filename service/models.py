@@ -12,7 +12,7 @@ import json
 from typing import Annotated, Any
 
 from fastapi import Path
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from tether.ids import FUNCTION_ID_PATTERN, ID_PATTERN, NAME_PATTERN
 from tether.protocol import MAX_BATCH, MAX_IDS
@@ -233,6 +233,17 @@ class BlobCreate(Body):
         "bytes followed by their 64-character hex digest), so the uploader hashes while it sends"))
     task_id: IdStr | None = Field(default=None, description="endpoints only: the task whose result this is (a "
                                   "task dispatched to the endpoint and still open)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_sha256(cls, value: Any) -> Any:
+        """An uploader written for protocol 2 declared ``sha256``: told what to send instead, rather
+        than having the field ignored and its upload refused later for a missing digest."""
+        if isinstance(value, dict) and "sha256" in value:
+            raise ValueError("blobs are named by their BLAKE3 digest since protocol 3: declare `digest` (64 hex "
+                             "characters, tether.digest.digest_of) instead of `sha256`, or leave it out and send it "
+                             "after the bytes")
+        return value
 
 
 class BlobInfo(BaseModel):

@@ -189,6 +189,17 @@ def test_the_bytes_of_an_upload_that_breaks_off_or_lies_about_its_hash_are_delet
         assert http.delete(f"/v1/blobs/{blob_id}").status_code == 204
 
 
+def test_an_uploader_that_declares_a_sha256_is_told_to_declare_the_digest(small: LocalStack) -> None:
+    """Protocol 2 named blobs by sha256; such a declaration is refused in words that say what to
+    send, rather than ignored (which would fail its upload later, for a missing digest)."""
+    http = httpx.Client(base_url=small.service_url, headers={"Authorization": f"Bearer {small.token}"},
+                        trust_env=False)
+    data = b"s" * MiB
+    old = http.post("/v1/blobs", json={"size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    assert old.status_code == 422 and "declare `digest`" in old.text and "BLAKE3" in old.text, old.text
+    assert http.post("/v1/blobs", json={"size": len(data), "digest": digest_of(data)}).status_code == 201
+
+
 def test_a_digest_declared_at_the_end_of_the_upload_is_checked_there(small: LocalStack) -> None:
     """A blob declared without its digest (the uploader hashes while it sends) carries it after its
     bytes: the service stores the bytes that match it and names it afterwards; a digest that
