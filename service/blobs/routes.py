@@ -162,6 +162,144 @@ async def _follow(fh: Any, arrival: Arrival, size: int, blob_id: str) -> AsyncIt
         fh.close()
 
 
+def _info(row: Any) -> BlobInfo:
+    return BlobInfo(blob_id=row.id, size=row.size, digest=row.digest, state=row.state)
+
+
+async def _receive_upload(index: BlobIndex, rows: Any, row: Any, request: Request) -> BlobInfo:
+    """The body of ``PUT /v1/blobs/{id}`` for blob ``row``, just marked uploading: received on the
+    connection's socket in a thread when large (see RawConnection), else through ASGI; hashed
+    and written as it arrives, followed by readers, then stored, or refused and its bytes
+    deleted. ``rows``: the index with its queries awaited."""
+    blob_id = row.id
+    part = index.path(blob_id, part=True)
+    digest, size, done = new_digest(), 0, False
+    tail = bytearray() if not row.digest else None  # the digest comes after the bytes
+    arrival = index.arriving[blob_id] = Arrival()
+    started = index.awaited.pop(blob_id, None)
+    if started is not None:
+        started.set()
+    # a large body is received on the connection's socket, in a thread (see RawConnection)
+    raw = take_raw_for(raw_uploads, request.scope, RAW_IDLE_S, row.owner_id) if row.size >= RAW_MIN_BYTES else None
+    allowed = row.size + (DIGEST_AT_END if tail is not None else 0)
+    refusal: HTTPException | None = None
+    try:
+        if raw is not None and (raw.length is None or raw.length > allowed):
+            raise HTTPException(409, f"more bytes than the {row.size} declared for blob {blob_id}"
+                                if raw.length else "send the upload's Content-Length")
+        if raw is not None:
+            size = await in_raw_thread(raw, part, digest, row.size, tail, arrival)
+        else:
+            with open(part, "wb") as out:
+                await _receive(request, out, digest, row.size, blob_id, arrival, tail)
+                size = out.tell()
+        if size != row.size or (tail is not None and len(tail) != DIGEST_AT_END):
+            raise HTTPException(409, f"the upload ended after {size} of the {row.size} bytes declared"
+                                + (" (and before their digest)" if size == row.size else ""), headers=_CORRUPT)
+        declared = row.digest if tail is None else tail.decode("ascii", "replace")
+        if digest.hexdigest() != declared:
+            raise HTTPException(409, f"the bytes received hash to {digest.hexdigest()} (BLAKE3), not to the "
+                                     f"{declared[:64]!r} declared; the blob was not stored", headers=_CORRUPT)
+        os.replace(part, index.path(blob_id))
+        await rows.set_state(blob_id, COMPLETE, UPLOADING, digest.hexdigest() if tail is not None else None)
+        done = True
+    except (ClientDisconnect, BrokeOff):
+        log.info("upload of blob %s broke off before its %d bytes; its bytes are deleted", blob_id, row.size)
+        if raw is not None:
+            raw.abort()
+        raise HTTPException(400, "the upload broke off") from None
+    except HTTPException as exc:
+        refusal = exc
+        raise
+    finally:
+        index.arriving.pop(blob_id, None)
+        arrival.end(done)  # readers following the upload finish, or break off
+        if not done:  # the bytes go at once; the declaration may be uploaded again (or expires, orphan_s)
+            part.unlink(missing_ok=True)
+            await rows.set_state(blob_id, RESERVED, UPLOADING)
+        if raw is not None and not done:  # answered once the bytes are gone (an error of ours: 500)
+            raw.reply_json(refusal.status_code, {"detail": refusal.detail}, refusal.headers) if refusal \
+                else raw.reply_json(500, {"detail": "Internal Server Error"})
+    try:
+        stored = _info(await rows.get(blob_id))
+    except BaseException:
+        if raw is not None:  # (never left open)
+            raw.reply_json(500, {"detail": "Internal Server Error"})
+        raise
+    if raw is not None:
+        raw.reply(200, stored.model_dump_json().encode())  # (closes the duplicate socket too)
+    return stored
+
+
+async def _send_blob(index: BlobIndex, rows: Any, row: Any, request: Request) -> Response:
+    """The answer to ``GET /v1/blobs/{id}`` for blob ``row``, which the asker may read: the file of
+    a complete blob, or the bytes of one still arriving as they arrive (waited for while it is
+    declared but not yet sent); sent on the connection's socket in a thread when large."""
+    blob_id = row.id
+    # (a blob whose digest comes at the end of its upload has none to name while it arrives)
+    headers = {DIGEST_HEADER: row.digest} if row.digest else {}
+    if row.state == RESERVED and not row.linked:  # nothing names it: nobody is about to send it
+        raise HTTPException(409, f"blob {blob_id} is declared but its bytes have not been sent")
+
+    def take_raw_download(size: int) -> RawConnection | None:
+        """A large download is sent on the connection's socket from a thread (see
+        RawConnection); a ranged request is left to Starlette's file response."""
+        if size < RAW_MIN_BYTES or "range" in request.headers:
+            return None
+        return take_raw_for(raw_downloads, request.scope, DOWNLOAD_SEND_TIMEOUT_S, row.owner_id)
+
+    # the task or the answer naming it went ahead of its bytes: follow the upload when it starts
+    # (here: in ``arriving``; on another replica: its row), giving up if it does not
+    started = time.monotonic()
+    while row.state != COMPLETE:
+        arrival = index.arriving.get(blob_id)
+        if arrival is not None:
+            try:
+                fh = open(index.path(blob_id, part=True), "rb")  # noqa: SIM115 - closed by _follow
+            except FileNotFoundError:  # it ended just now (renamed to its final name): read the row again
+                row = await rows.get(blob_id)
+                if row is None:
+                    raise HTTPException(404, f"unknown blob {blob_id}") from None
+                continue
+            headers["Content-Length"] = str(row.size)
+            raw = take_raw_download(row.size)
+            if raw is not None:
+                try:
+                    await send_raw(raw, headers,
+                                    functools.partial(send_following, raw, fh, arrival, row.size, blob_id))
+                finally:
+                    fh.close()
+                return Response()  # (not sent: the connection was answered and closed)
+            return StreamingResponse(_follow(fh, arrival, row.size, blob_id),
+                                     media_type="application/octet-stream", headers=headers)
+        waited = time.monotonic() - started
+        if waited > (FOLLOW_ELSEWHERE_S if row.state == UPLOADING else FOLLOW_IDLE_S):
+            index.awaited.pop(blob_id, None)  # (readers still waiting make a new one)
+            raise HTTPException(409, f"blob {blob_id}: its bytes did not arrive within {waited:.0f} s "
+                                     "(the upload has not started, or stopped); ask again later")
+        # woken when the upload starts here; its row is read again each second (another replica's)
+        event = index.awaited.setdefault(blob_id, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), 1.0)
+        row = await rows.get(blob_id)
+        if row is None:
+            raise HTTPException(404, f"unknown blob {blob_id}")
+    raw = take_raw_download(row.size)
+    if raw is not None:
+        try:
+            fh = open(index.path(blob_id), "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:  # deleted just now
+            raw.reply_json(404, {"detail": f"unknown blob {blob_id}"})
+            raise HTTPException(404, f"unknown blob {blob_id}") from None
+        try:
+            await send_raw(raw, {**headers, "Content-Length": str(row.size)},
+                            functools.partial(send_file, raw, fh, row.size))
+        finally:
+            fh.close()
+        return Response()  # (not sent: the connection was answered and closed)
+    return _BlobFile(index.path(blob_id), media_type="application/octet-stream", headers=headers)
+
+
 def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRouter:
     """The ``/v1/blobs`` routes. ``rows`` is the index with its queries awaited (off the event loop
     on PostgreSQL, see :mod:`tether.service.async_store`); file paths come from ``index``."""
@@ -184,9 +322,6 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
             raise HTTPException(401, "invalid token: it is unknown to this service, was revoked, or has expired")
         return Principal(user_id=user)
 
-    def info(row: Any) -> BlobInfo:
-        return BlobInfo(blob_id=row.id, size=row.size, digest=row.digest, state=row.state)
-
     # the document states the service's own limit, so what it calls valid is what it accepts
     create_schema = BlobCreate.model_json_schema()
     create_schema["properties"]["size"]["maximum"] = index.max_blob
@@ -196,7 +331,7 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
     async def create_blob(body: BlobCreate, who: Principal = Depends(principal)) -> BlobInfo:
         """Declare a blob (size, digest); then send its bytes with ``PUT /v1/blobs/{blob_id}``.
         Limits are checked here, before any byte moves."""
-        return info(await rows.reserve(who, body))
+        return _info(await rows.reserve(who, body))
 
     @router.put("/v1/blobs/{blob_id}", response_model=BlobInfo, responses=_errors(400, 404, 409),
                 openapi_extra={"requestBody": {"required": True, "content": {
@@ -211,63 +346,7 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
             raise HTTPException(404, f"unknown blob {blob_id}")
         if not await rows.set_state(blob_id, UPLOADING, RESERVED):
             raise HTTPException(409, f"blob {blob_id} is already uploaded, or being uploaded")
-        part = index.path(blob_id, part=True)
-        digest, size, done = new_digest(), 0, False
-        tail = bytearray() if not row.digest else None  # the digest comes after the bytes
-        arrival = index.arriving[blob_id] = Arrival()
-        started = index.awaited.pop(blob_id, None)
-        if started is not None:
-            started.set()
-        # a large body is received on the connection's socket, in a thread (see RawConnection)
-        raw = take_raw_for(raw_uploads, request.scope, RAW_IDLE_S, row.owner_id) if row.size >= RAW_MIN_BYTES else None
-        allowed = row.size + (DIGEST_AT_END if tail is not None else 0)
-        refusal: HTTPException | None = None
-        try:
-            if raw is not None and (raw.length is None or raw.length > allowed):
-                raise HTTPException(409, f"more bytes than the {row.size} declared for blob {blob_id}"
-                                    if raw.length else "send the upload's Content-Length")
-            if raw is not None:
-                size = await in_raw_thread(raw, part, digest, row.size, tail, arrival)
-            else:
-                with open(part, "wb") as out:
-                    await _receive(request, out, digest, row.size, blob_id, arrival, tail)
-                    size = out.tell()
-            if size != row.size or (tail is not None and len(tail) != DIGEST_AT_END):
-                raise HTTPException(409, f"the upload ended after {size} of the {row.size} bytes declared"
-                                    + (" (and before their digest)" if size == row.size else ""), headers=_CORRUPT)
-            declared = row.digest if tail is None else tail.decode("ascii", "replace")
-            if digest.hexdigest() != declared:
-                raise HTTPException(409, f"the bytes received hash to {digest.hexdigest()} (BLAKE3), not to the "
-                                         f"{declared[:64]!r} declared; the blob was not stored", headers=_CORRUPT)
-            os.replace(part, index.path(blob_id))
-            await rows.set_state(blob_id, COMPLETE, UPLOADING, digest.hexdigest() if tail is not None else None)
-            done = True
-        except (ClientDisconnect, BrokeOff):
-            log.info("upload of blob %s broke off before its %d bytes; its bytes are deleted", blob_id, row.size)
-            if raw is not None:
-                raw.abort()
-            raise HTTPException(400, "the upload broke off") from None
-        except HTTPException as exc:
-            refusal = exc
-            raise
-        finally:
-            index.arriving.pop(blob_id, None)
-            arrival.end(done)  # readers following the upload finish, or break off
-            if not done:  # the bytes go at once; the declaration may be uploaded again (or expires, orphan_s)
-                part.unlink(missing_ok=True)
-                await rows.set_state(blob_id, RESERVED, UPLOADING)
-            if raw is not None and not done:  # answered once the bytes are gone (an error of ours: 500)
-                raw.reply_json(refusal.status_code, {"detail": refusal.detail}, refusal.headers) if refusal \
-                    else raw.reply_json(500, {"detail": "Internal Server Error"})
-        try:
-            stored = info(await rows.get(blob_id))
-        except BaseException:
-            if raw is not None:  # (never left open)
-                raw.reply_json(500, {"detail": "Internal Server Error"})
-            raise
-        if raw is not None:
-            raw.reply(200, stored.model_dump_json().encode())  # (closes the duplicate socket too)
-        return stored
+        return await _receive_upload(index, rows, row, request)
 
     @router.get("/v1/blobs/{blob_id}", response_class=FileResponse, responses={
         200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
@@ -279,67 +358,7 @@ def blob_routes(index: BlobIndex, authenticator: Any, db: AsyncStore) -> APIRout
         row = await rows.get(blob_id)
         if not await rows.may_read(who, row):
             raise HTTPException(404, f"unknown blob {blob_id}")
-        # (a blob whose digest comes at the end of its upload has none to name while it arrives)
-        headers = {DIGEST_HEADER: row.digest} if row.digest else {}
-        if row.state == RESERVED and not row.linked:  # nothing names it: nobody is about to send it
-            raise HTTPException(409, f"blob {blob_id} is declared but its bytes have not been sent")
-        def take_raw_download(size: int) -> RawConnection | None:
-            """A large download is sent on the connection's socket from a thread (see
-            RawConnection); a ranged request is left to Starlette's file response."""
-            if size < RAW_MIN_BYTES or "range" in request.headers:
-                return None
-            return take_raw_for(raw_downloads, request.scope, DOWNLOAD_SEND_TIMEOUT_S, row.owner_id)
-
-        # the task or the answer naming it went ahead of its bytes: follow the upload when it starts
-        # (here: in ``arriving``; on another replica: its row), giving up if it does not
-        started = time.monotonic()
-        while row.state != COMPLETE:
-            arrival = index.arriving.get(blob_id)
-            if arrival is not None:
-                try:
-                    fh = open(index.path(blob_id, part=True), "rb")  # noqa: SIM115 - closed by _follow
-                except FileNotFoundError:  # it ended just now (renamed to its final name): read the row again
-                    row = await rows.get(blob_id)
-                    if row is None:
-                        raise HTTPException(404, f"unknown blob {blob_id}") from None
-                    continue
-                headers["Content-Length"] = str(row.size)
-                raw = take_raw_download(row.size)
-                if raw is not None:
-                    try:
-                        await send_raw(raw, headers,
-                                        functools.partial(send_following, raw, fh, arrival, row.size, blob_id))
-                    finally:
-                        fh.close()
-                    return Response()  # (not sent: the connection was answered and closed)
-                return StreamingResponse(_follow(fh, arrival, row.size, blob_id),
-                                         media_type="application/octet-stream", headers=headers)
-            waited = time.monotonic() - started
-            if waited > (FOLLOW_ELSEWHERE_S if row.state == UPLOADING else FOLLOW_IDLE_S):
-                index.awaited.pop(blob_id, None)  # (readers still waiting make a new one)
-                raise HTTPException(409, f"blob {blob_id}: its bytes did not arrive within {waited:.0f} s "
-                                         "(the upload has not started, or stopped); ask again later")
-            # woken when the upload starts here; its row is read again each second (another replica's)
-            event = index.awaited.setdefault(blob_id, asyncio.Event())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), 1.0)
-            row = await rows.get(blob_id)
-            if row is None:
-                raise HTTPException(404, f"unknown blob {blob_id}")
-        raw = take_raw_download(row.size)
-        if raw is not None:
-            try:
-                fh = open(index.path(blob_id), "rb")  # noqa: SIM115 - closed below
-            except FileNotFoundError:  # deleted just now
-                raw.reply_json(404, {"detail": f"unknown blob {blob_id}"})
-                raise HTTPException(404, f"unknown blob {blob_id}") from None
-            try:
-                await send_raw(raw, {**headers, "Content-Length": str(row.size)},
-                                functools.partial(send_file, raw, fh, row.size))
-            finally:
-                fh.close()
-            return Response()  # (not sent: the connection was answered and closed)
-        return _BlobFile(index.path(blob_id), media_type="application/octet-stream", headers=headers)
+        return await _send_blob(index, rows, row, request)
 
     @router.delete("/v1/blobs/{blob_id}", status_code=204, response_class=Response, responses=_errors(404, 409))
     async def delete_blob(blob_id: PathId, who: Principal = Depends(principal)) -> Response:
