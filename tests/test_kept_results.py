@@ -195,6 +195,19 @@ def test_keep_results_over_keeps_smaller_results_too(fresh_stack):
         assert large.result(timeout=60) == b"y" * 4096
 
 
+def test_results_just_over_a_mebibyte_are_fetched_whole_several_at_once(fresh_stack):
+    """What a Dask shuffle does: several kept results a little over a mebibyte (an upload taken
+    off the HTTP stack, a first piece and a short last one, a reader following each) fetched
+    together, each whole and in time (a receive that waited for a whole piece on a fresh
+    connection once stalled every one of them)."""
+    size = MIB + 252_502
+    with Executor(endpoint_id=fresh_stack.endpoint_id, service=fresh_stack.service_url, token=fresh_stack.token,
+                  keep_results_over=64 * 1024) as ex:
+        futures = [ex.submit(make_bytes, size, seed) for seed in range(6)]
+        for seed, fut in enumerate(futures):
+            assert fut.result(timeout=30) == make_bytes(size, seed)
+
+
 def test_the_rest_client_fetches_a_kept_result(fresh_stack, ex):
     from tether import Client
 

@@ -15,7 +15,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -92,16 +91,15 @@ def _receive_raw(raw: RawConnection, path: Path, digest: Any, declared: int, tai
     of its own, hashed, staged for the file (:class:`DirectFile`) while it is in the CPU's
     cache, and handed to ``advance`` (readers following the upload, every mebibyte): one
     copy out of the socket, against four through the HTTP stack, and no event loop in the way.
-    The receives, the hashing and the writes release the GIL. The socket's low-water mark is
-    the piece: the thread wakes once per mebibyte, not per segment (a third of the receive
-    calls, each with its poll)."""
+    The receives, the hashing and the writes release the GIL. (The socket's low-water mark is
+    left alone: set to a piece, it let a fresh connection's window stay below it, and the
+    upload stalled with the piece unfinished.)"""
     assert raw.length is not None
     blob_left = declared
     body_left = raw.length
     early = memoryview(raw.early)
     batch: list[Any] = []
     batched = received = 0
-    lowat = 1
     out = DirectFile(path)
     try:
         while body_left:
@@ -110,11 +108,6 @@ def _receive_raw(raw: RawConnection, path: Path, digest: Any, declared: int, tai
             filled = min(len(early), len(piece))
             view[:filled] = early[:filled]
             early = early[filled:]
-            want = len(piece) - filled
-            if want != lowat:  # the socket wakes this thread once the whole piece is there
-                with contextlib.suppress(OSError):
-                    raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
-                lowat = want
             while filled < len(piece):
                 try:
                     n = raw.sock.recv_into(view[filled:])
