@@ -58,7 +58,7 @@ from tether.protocol import (
     encode,
     wire_size,
 )
-from tether.results import failure, result_frames, too_large
+from tether.results import cancelled, failure, result_frames, too_large
 from tether.serialize import function_id, method_of
 from tether.transport import Backoff, open_ws, send_now
 from tether.urls import tls_context
@@ -78,6 +78,10 @@ from .spool import ResultSpool
 log = logging.getLogger("tether.endpoint")
 
 RESULT_CHUNK = 500
+#: cancels remembered for tasks this daemon was not sent (yet), the most recent ones: on the
+#: service a cancel can overtake its task (the task waits there for its function's body from
+#: the store while the cancel goes straight out), and such a task is then dropped, not run
+CANCELLED_UNSEEN_MAX = 10_000
 FLUSH_WINDOW = 0.005  # seconds; see EndpointDaemon._finish
 #: how often kept results are checked against kept_results_retention_s
 KEPT_EXPIRE_EVERY_S = 600.0
@@ -156,6 +160,7 @@ class EndpointDaemon:
         self._inputs_asked = time.monotonic()
         self.inputs = Inputs(self.kept, self.payloads, self.inflight.__contains__, self._send_soon)
         self._fetching: set[str] = set()  # tasks whose blobs are being downloaded
+        self._cancelled_unseen: dict[str, None] = {}  # see CANCELLED_UNSEEN_MAX (insertion-ordered)
         self._keep_over: dict[str, int] = {}  # tasks whose results stay here above a size of their own
         self.ws: Any = None
         self._queued_sends = 0  # frames in send tasks not yet written (see _send_soon)
@@ -320,6 +325,10 @@ class EndpointDaemon:
                         self._keep_over.pop(tid, None)
                     elif tid in self.inflight:
                         self.engine.cancel(tid)
+                    elif tid not in self.spool:
+                        self._cancelled_unseen[tid] = None
+                        if len(self._cancelled_unseen) > CANCELLED_UNSEEN_MAX:
+                            del self._cancelled_unseen[next(iter(self._cancelled_unseen))]
             elif isinstance(msg, Stop):
                 log.info("stop requested by the service")
                 self.stopping.set()
@@ -379,6 +388,11 @@ class EndpointDaemon:
             received.setdefault(tid, now)
             if tid in self.inflight or tid in self.spool:
                 continue  # a re-dispatch of a task we already hold: at-least-once, not twice at once
+            if self._cancelled_unseen and tid in self._cancelled_unseen:  # its cancel came first
+                del self._cancelled_unseen[tid]
+                self.inflight.add(tid)
+                self._finish(cancelled(tid, now))
+                continue
             try:
                 self._check_task(t)
                 # a valid id has no separator and is no dot-name: it names a directory in the root
