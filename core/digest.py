@@ -20,11 +20,6 @@ from typing import Any
 
 from blake3 import blake3
 
-#: what the service, the clients and the endpoints hash blobs with (docs/payloads.md)
-ALGORITHM = "blake3"
-#: length of a digest in hex
-HEX_LENGTH = 64
-
 
 def new_digest() -> Any:
     """A running digest: ``update(bytes-like)`` piece by piece, then ``hexdigest()``."""
@@ -36,4 +31,4 @@ def digest_of(data: Any) -> str:
     return blake3(data).hexdigest()
 
 
-__all__ = ["ALGORITHM", "HEX_LENGTH", "digest_of", "new_digest"]
+__all__ = ["digest_of", "new_digest"]
